@@ -1,0 +1,35 @@
+"""lora: low-rank adaptation for PyTorch.
+
+A drop-in for loralib (``import lora`` where code says ``import loralib as lora``), plus model
+surgery, PEFT-format adapter files and a Phi-3 fine-tuning tool. See docs/.
+"""
+
+from .layers import (
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    Embedding,
+    Linear,
+    LoRALayer,
+    MergedLinear,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALayer",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "merge",
+    "unmerge",
+]

@@ -1,0 +1,128 @@
+"""LoRA for ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``.
+
+Factorisation (the same as PEFT's, so conv adapters export to its format unchanged):
+
+    lora_A: (r, in/groups, *kernel_size)    a convolution with the layer's own kernel, stride,
+                                            padding, dilation and padding mode, r output channels
+    lora_B: (out, r, 1, ..., 1)             a 1×1 convolution back to out channels
+    ΔW    = s · (B.view(out, r) @ A.view(r, -1)).view(out, in/groups, *kernel_size)
+
+ΔW has W's shape, rank ≤ r as an (out × in/groups·∏kernel) matrix. Grouped convolutions run the
+same two stages per group (A shared across groups, B's rows in their output group), which is
+exactly ``conv(x, ΔW, groups)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional as LF
+from .base import LoRALayer
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d"]
+
+
+class _ConvLoRA(LoRALayer):
+    """Mixin for nn.ConvNd: the base keys stay exactly ``weight`` and ``bias``."""
+
+    _conv_fn = None  # F.conv1d / conv2d / conv3d, set by each subclass
+
+    def _init_conv_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        if self.r > 0:
+            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            ones = (1,) * len(self.kernel_size)
+            self.lora_A = nn.Parameter(torch.empty(self.r, self.in_channels // self.groups, *self.kernel_size, **factory))
+            self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r, *ones, **factory))
+            self.weight.requires_grad_(False)
+            self.reset_lora_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if "lora_A" in self._parameters:
+            nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return LF.conv_delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self._conv_forward(x, self.weight, self.bias)
+        if self.r == 0 or self.merged:
+            return result
+        h = self.lora_dropout(x)
+        if h.dtype != self.lora_A.dtype:
+            h = h.to(self.lora_A.dtype)
+        a = self.lora_A if self.groups == 1 else self.lora_A.repeat(self.groups, *([1] * (self.lora_A.dim() - 1)))
+        hidden = self._conv_forward(h, a, None)  # (N, r·groups, *spatial): stride, padding, dilation applied here
+        adapter = self._conv_fn(hidden, self.lora_B, None, 1, 0, 1, self.groups)
+        if adapter.dtype != result.dtype:
+            adapter = adapter.to(result.dtype)
+        return torch.add(result, adapter, alpha=self.scaling)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # loralib's ConvLoRA wraps the conv as `.conv`: accept its base keys as ours.
+        for name in ("weight", "bias"):
+            old = prefix + "conv." + name
+            if old in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_groups(in_channels, out_channels, groups) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups={groups!r}: expected a positive int")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups={groups}: must divide in_channels={in_channels} and out_channels={out_channels}"
+        )
+
+
+class Conv1d(_ConvLoRA, nn.Conv1d):
+    """``nn.Conv1d`` with a low-rank update of its kernel (factorisation: see :mod:`lora.layers.conv`).
+
+    Args: in_channels, out_channels, kernel_size and ``**kwargs`` (stride, padding, dilation,
+    groups, bias, padding_mode, device, dtype) as ``nn.Conv1d``; r, lora_alpha, lora_dropout,
+    merge_weights, use_rslora as :class:`lora.Linear`. Parameters: ``weight``, ``bias`` (the base
+    keys, so a pretrained ``nn.Conv1d`` state dict loads), ``lora_A`` (r, in/groups, k),
+    ``lora_B`` (out, r, 1). Raises ``ValueError`` when groups does not divide the channel counts.
+    """
+
+    _conv_fn = staticmethod(F.conv1d)
+
+    def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
+                 merge_weights=True, use_rslora=False, **kwargs):
+        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
+        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+
+
+class Conv2d(_ConvLoRA, nn.Conv2d):
+    """``nn.Conv2d`` with a low-rank update of its kernel; as :class:`Conv1d`, with
+    ``lora_A`` (r, in/groups, kh, kw) and ``lora_B`` (out, r, 1, 1)."""
+
+    _conv_fn = staticmethod(F.conv2d)
+
+    def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
+                 merge_weights=True, use_rslora=False, **kwargs):
+        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+
+
+class Conv3d(_ConvLoRA, nn.Conv3d):
+    """``nn.Conv3d`` with a low-rank update of its kernel; as :class:`Conv1d`, with
+    ``lora_A`` (r, in/groups, kd, kh, kw) and ``lora_B`` (out, r, 1, 1, 1)."""
+
+    _conv_fn = staticmethod(F.conv3d)
+
+    def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
+                 merge_weights=True, use_rslora=False, **kwargs):
+        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
+        nn.Conv3d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)

@@ -1,0 +1,71 @@
+"""LoRA for ``nn.Embedding``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as LF
+from .base import LoRALayer
+
+__all__ = ["Embedding"]
+
+
+class Embedding(LoRALayer, nn.Embedding):
+    """``nn.Embedding`` whose table is ``W + s·(B A)ᵀ``.
+
+    Args:
+        num_embeddings, embedding_dim, **kwargs: as ``nn.Embedding`` (padding_idx, max_norm,
+            norm_type, scale_grad_by_freq, sparse, _weight, device, dtype).
+        r, lora_alpha, merge_weights, use_rslora: as :class:`lora.Linear`.
+
+    Parameters: ``weight`` (num_embeddings, dim), ``lora_A`` (r, num_embeddings) initialised to
+    zeros and ``lora_B`` (dim, r) normal, as loralib, so loralib checkpoints mean the same here.
+    ``padding_idx`` rows get no gradient (in W or A); ``max_norm`` renormalises looked-up rows of
+    the effective table, out of place (the frozen W is never rewritten, unlike nn.Embedding's
+    in-place renorm). With ``sparse=True`` the base weight's gradient is sparse, the adapter's dense.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ):
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
+        if self.r > 0:
+            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            self.lora_A = nn.Parameter(torch.empty(self.r, num_embeddings, **factory))
+            self.lora_B = nn.Parameter(torch.empty(embedding_dim, self.r, **factory))
+            self.weight.requires_grad_(False)
+            self.reset_lora_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.Embedding.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if "lora_A" in self._parameters:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return LF.embedding_delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.r == 0:
+            return nn.Embedding.forward(self, x)
+        if self.merged:
+            out = nn.functional.embedding(
+                x, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse
+            )
+            return out if self.max_norm is None else LF.renorm_rows(out, self.max_norm, self.norm_type)
+        return LF.lora_embedding(
+            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.padding_idx,
+            self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse,
+        )

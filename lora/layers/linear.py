@@ -1,0 +1,195 @@
+"""LoRA for dense layers: :class:`Linear` and the fused-projection :class:`MergedLinear`."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional as LF
+from .base import LoRALayer
+
+__all__ = ["Linear", "MergedLinear"]
+
+
+class _LinearBase(LoRALayer, nn.Linear):
+    """What Linear and MergedLinear share: ``fan_in_fan_out`` storage and the base forward."""
+
+    fan_in_fan_out: bool = False
+
+    def _store_fan_in_fan_out(self, fan_in_fan_out: bool) -> None:
+        # GPT-2's Conv1D checkpoints store the weight as (in, out); keep that layout so they load.
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        if self.fan_in_fan_out:
+            self.weight = nn.Parameter(self.weight.detach().T.contiguous(), requires_grad=self.weight.requires_grad)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the base weight (as nn.Linear does) and the LoRA parameters (A Kaiming, B zero)."""
+        if self.fan_in_fan_out:
+            # Initialise through the (out, in) view so the fan-in is in_features, as for nn.Linear.
+            nn.init.kaiming_uniform_(self.weight.T, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+        else:
+            nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if "lora_A" in self._parameters:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+
+
+class Linear(_LinearBase):
+    """``nn.Linear`` with a low-rank update: ``y = x (W + s·B A)ᵀ + b``.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        r: rank (0 means a plain ``nn.Linear``: no LoRA parameters, weight trainable).
+        lora_alpha: ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input, p in [0, 1).
+        fan_in_fan_out: store ``weight`` as (in, out), as GPT-2's Conv1D does.
+        merge_weights: merge on ``eval()`` and unmerge on ``train()`` (loralib's behaviour).
+
+    Parameters: ``weight`` (out, in), ``bias`` (out,), ``lora_A`` (r, in), ``lora_B`` (out, r).
+    A is Kaiming-uniform (a=√5), B is zero, so a fresh layer computes exactly its base layer.
+    Raises ``TypeError``/``ValueError`` naming the argument for a bad r, lora_alpha or lora_dropout.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        use_rslora: bool = False,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self._store_fan_in_fan_out(fan_in_fan_out)
+        if self.r > 0:
+            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
+            self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
+            self.weight.requires_grad_(False)
+            self.reset_lora_parameters()
+
+    def delta_weight(self) -> Tensor:
+        return LF.linear_delta_weight(self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.r > 0 and not self.merged:
+            return LF.lora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                self._dropout_or_none(), self.fan_in_fan_out,
+            )
+        return self._base_forward(x)
+
+
+def _check_split(out_features: int, enable_lora, split_sizes) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or len(enable_lora) == 0:
+        raise ValueError(f"enable_lora={enable_lora!r}: expected a non-empty sequence of bools, one per fused slice")
+    enabled = tuple(bool(e) for e in enable_lora)
+    n = len(enabled)
+    if split_sizes is None:
+        if out_features % n != 0:
+            raise ValueError(
+                f"enable_lora={list(enable_lora)!r}: its length {n} must divide out_features={out_features} "
+                "(or pass split_sizes for unequal slices)"
+            )
+        return enabled, (out_features // n,) * n
+    try:
+        sizes = tuple(operator.index(s) for s in split_sizes)
+    except TypeError:
+        raise TypeError(f"split_sizes={split_sizes!r}: expected a sequence of positive ints") from None
+    if len(sizes) != n:
+        raise ValueError(
+            f"split_sizes={list(sizes)!r}: expected {n} sizes, one per entry of enable_lora={list(enable_lora)!r}"
+        )
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"split_sizes={list(sizes)!r}: expected positive sizes")
+    if sum(sizes) != out_features:
+        raise ValueError(f"split_sizes={list(sizes)!r}: they sum to {sum(sizes)}, expected out_features={out_features}")
+    return enabled, sizes
+
+
+class MergedLinear(_LinearBase):
+    """A fused projection (e.g. attention's qkv) with LoRA on chosen slices of its output.
+
+    The output rows are split into ``len(enable_lora)`` slices: equal ones (loralib), or
+    ``split_sizes`` (grouped-query attention: q = heads·head_dim, k = v = kv_heads·head_dim).
+    Each enabled slice i gets its own rank-r adapter ``B_i A_i``; disabled slices are untouched.
+
+    Parameters (k = number of enabled slices): ``lora_A`` (r·k, in), ``lora_B`` (Σ enabled sizes, r),
+    A_i being rows i·r:(i+1)·r of ``lora_A`` and B_i the i-th block of rows of ``lora_B``: for equal
+    slices exactly loralib's shapes, so loralib checkpoints load. The forward costs two thin
+    matmuls; the (out × in) delta is built only by :meth:`merge`.
+
+    Raises ``ValueError`` when ``len(enable_lora)`` does not divide out_features (without
+    split_sizes), or split_sizes does not match enable_lora's length or sum to out_features.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        bias: bool = True,
+        split_sizes: Sequence[int] | None = None,
+        device=None,
+        dtype=None,
+        use_rslora: bool = False,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self.enable_lora, self.split_sizes = _check_split(out_features, enable_lora, split_sizes)
+        self._store_fan_in_fan_out(fan_in_fan_out)
+        k = sum(self.enable_lora)
+        if self.r > 0 and k > 0:
+            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            enabled_rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
+            self.lora_A = nn.Parameter(torch.empty(self.r * k, in_features, **factory))
+            self.lora_B = nn.Parameter(torch.empty(enabled_rows, self.r, **factory))
+            self.weight.requires_grad_(False)
+            self.reset_lora_parameters()
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.r > 0 and any(self.enable_lora)
+
+    def expanded_lora_B(self) -> Tensor:
+        """(out, r·k): ``lora_B``'s blocks placed on their slices' rows, zeros elsewhere."""
+        return LF.merged_lora_B(self.lora_B, self.split_sizes, self.enable_lora, self.r)
+
+    def delta_weight(self) -> Tensor:
+        return LF.linear_delta_weight(self.lora_A, self.expanded_lora_B(), self.scaling, self.fan_in_fan_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.has_adapter and not self.merged:
+            return LF.lora_linear(
+                x, self.weight, self.bias, self.lora_A, self.expanded_lora_B(), self.scaling,
+                self._dropout_or_none(), self.fan_in_fan_out,
+            )
+        return self._base_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, enable_lora={list(self.enable_lora)}, split_sizes={list(self.split_sizes)}"

@@ -1,0 +1,74 @@
+"""Model-wide helpers with loralib's names and semantics: trainability, state dicts, merging."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LoRALayer
+
+__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _check_bias(bias) -> None:
+    if bias not in _BIAS_MODES:
+        raise ValueError(f"bias={bias!r}: expected one of {', '.join(repr(b) for b in _BIAS_MODES)}")
+
+
+def lora_layers(model: nn.Module):
+    """Yield ``(name, module)`` for every LoRA layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze every parameter whose name lacks ``lora_``; then unfreeze biases per ``bias``.
+
+    ``bias``: "none"; "all" (every parameter named ``*bias*``); "lora_only" (the biases of LoRA
+    layers, conv layers included). Raises ``ValueError`` for any other value.
+    """
+    _check_bias(bias)
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.requires_grad = False
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.requires_grad = True
+    elif bias == "lora_only":
+        for _, m in lora_layers(model):
+            if getattr(m, "bias", None) is not None:
+                m.bias.requires_grad = True
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    """The entries of ``model.state_dict()`` that hold LoRA parameters (keys containing ``lora_``),
+    plus biases per ``bias`` ("none", "all", or "lora_only": the biases of LoRA layers)."""
+    _check_bias(bias)
+    state = model.state_dict()
+    if bias == "none":
+        return {k: v for k, v in state.items() if "lora_" in k}
+    if bias == "all":
+        return {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
+    keep = {k for k in state if "lora_" in k}
+    for name, m in lora_layers(model):
+        if m.has_adapter and getattr(m, "bias", None) is not None:
+            keep.add(f"{name}.bias" if name else "bias")
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer of ``model`` (``layer.merge()``); returns ``model``."""
+    for _, m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Unmerge every LoRA layer of ``model``, restoring the base weights bit-exactly; returns ``model``."""
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
