@@ -18,6 +18,16 @@ from .layers import (
     unmerge,
 )
 
+from .config import LoRAConfig
+from .surgery import (
+    InjectionError,
+    fused_splits,
+    inject,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameters,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -32,4 +42,11 @@ __all__ = [
     "lora_state_dict",
     "merge",
     "unmerge",
+    "LoRAConfig",
+    "inject",
+    "merge_and_unload",
+    "fused_splits",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "InjectionError",
 ]

@@ -14,7 +14,7 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tests use tiny tensors: one thread avoids contention overhead
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,17 @@ class _ConvLoRA(LoRALayer):
             self.weight.requires_grad_(False)
             self.reset_lora_parameters()
 
+    @classmethod
+    def from_base(cls, base: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                  merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
+                  init_lora_weights: bool = True, **_ignored):
+        """Wrap an existing ``nn.ConvNd`` of the same dimensionality, sharing its weight and bias (no copy)."""
+        layer = cls(base.in_channels, base.out_channels, base.kernel_size, r=r, lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout, merge_weights=merge_weights, use_rslora=use_rslora,
+                    stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups,
+                    bias=False, padding_mode=base.padding_mode, device="meta", dtype=base.weight.dtype)
+        return layer._adopt_base(base, lora_dtype, init_lora_weights)
+
     def reset_parameters(self) -> None:
         super().reset_parameters()
         self.reset_lora_parameters()

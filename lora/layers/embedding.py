@@ -45,6 +45,17 @@ class Embedding(LoRALayer, nn.Embedding):
             self.weight.requires_grad_(False)
             self.reset_lora_parameters()
 
+    @classmethod
+    def from_base(cls, base: nn.Embedding, r: int, lora_alpha: float = 1, merge_weights: bool = False,
+                  use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
+                  init_lora_weights: bool = True, **_ignored) -> "Embedding":
+        """Wrap an existing ``nn.Embedding``, sharing its weight (no copy). Dropout does not apply."""
+        layer = cls(base.num_embeddings, base.embedding_dim, r=r, lora_alpha=lora_alpha,
+                    merge_weights=merge_weights, use_rslora=use_rslora, padding_idx=base.padding_idx,
+                    max_norm=base.max_norm, norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                    sparse=base.sparse, device="meta", dtype=base.weight.dtype)
+        return layer._adopt_base(base, lora_dtype, init_lora_weights)
+
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
         self.reset_lora_parameters()

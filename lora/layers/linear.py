@@ -88,6 +88,18 @@ class Linear(_LinearBase):
             self.weight.requires_grad_(False)
             self.reset_lora_parameters()
 
+    @classmethod
+    def from_base(cls, base: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                  fan_in_fan_out: bool = False, merge_weights: bool = False, use_rslora: bool = False,
+                  lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> "Linear":
+        """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
+        sharing its weight and bias tensors: no copy, same device and dtype."""
+        in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
+        layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                    fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
+                    device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
+        return layer._adopt_base(base, lora_dtype, init_lora_weights)
+
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
 
@@ -143,6 +155,8 @@ class MergedLinear(_LinearBase):
     split_sizes), or split_sizes does not match enable_lora's length or sum to out_features.
     """
 
+    _adapter_fields = LoRALayer._adapter_fields + ("enable_lora", "split_sizes")
+
     def __init__(
         self,
         in_features: int,
@@ -171,6 +185,18 @@ class MergedLinear(_LinearBase):
             self.lora_B = nn.Parameter(torch.empty(enabled_rows, self.r, **factory))
             self.weight.requires_grad_(False)
             self.reset_lora_parameters()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, r: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None = None,
+                  lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
+                  merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
+                  init_lora_weights: bool = True) -> "MergedLinear":
+        """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy)."""
+        in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
+        layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, enable_lora=enable_lora,
+                    fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
+                    split_sizes=split_sizes, device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
+        return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @property
     def has_adapter(self) -> bool:

@@ -1,0 +1,5 @@
+"""Models as plain PyTorch modules, with transformers-compatible parameter names and checkpoints."""
+
+from lora.models.phi3 import CausalLMOutput, Phi3Config, Phi3ForCausalLM
+
+__all__ = ["Phi3Config", "Phi3ForCausalLM", "CausalLMOutput"]

@@ -1,0 +1,962 @@
+"""Phi-3 as plain PyTorch: the whole `phi3` family as Hugging Face transformers implements it.
+
+Covered: Phi-3-mini-4k / -128k, Phi-3-medium-4k / -128k, Phi-3.5-mini, Phi-4-mini. One file, read
+top to bottom in the order data flows: config, norm, rotary embedding, attention, MLP, decoder
+layer, the decoder stack, and the causal-LM head with loss, generation and checkpoint I/O.
+
+Parameter names equal transformers' (``model.layers.0.self_attn.qkv_proj.weight`` ...), so a
+transformers checkpoint directory loads as is, and what ``save_pretrained`` writes loads in
+transformers. Every projection is a plain ``nn.Linear(bias=False)``; the fused ones declare their
+slices in ``Phi3ForCausalLM.fused_splits`` so that a surgery pass can adapt part of them. This
+module knows nothing of LoRA.
+
+Shape letters: b batch, s / q query length, kv key length (past + current), h hidden_size,
+H query heads, KV key/value heads, d head_dim, r rotary dims, V vocab_size, I intermediate_size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lora._io import atomic_write_json
+from lora.models import checkpoint as ckpt
+
+__all__ = [
+    "Phi3Config",
+    "RopeSettings",
+    "Phi3RMSNorm",
+    "Phi3RotaryEmbedding",
+    "AttentionMask",
+    "build_attention_mask",
+    "Phi3Attention",
+    "Phi3MLP",
+    "Phi3DecoderLayer",
+    "Phi3Model",
+    "CausalLMOutput",
+    "KVCache",
+    "Phi3ForCausalLM",
+]
+
+IGNORE_INDEX = -100  # label value that takes no part in the loss (transformers' convention)
+
+# Per layer: (keys, values), each (b, KV, kv, d), keys already rotated. Layer i at index i.
+KVCache = tuple[tuple[Tensor, Tensor], ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Optional keys whose value None means "not given": left out of to_dict() when None.
+_OMIT_WHEN_NONE = (
+    "partial_rotary_factor",
+    "rope_parameters",
+    "original_max_position_embeddings",
+    "torch_dtype",
+    "dtype",
+)
+
+
+class RopeSettings(NamedTuple):
+    """The rotary embedding a config asks for, resolved from its rope keys (see ``Phi3Config.rope``)."""
+
+    rope_type: str  # "default" or "longrope"
+    theta: float
+    rotary_dim: int  # int(head_dim * partial_rotary_factor): channels rotated at the start of each head
+    original_max_position_embeddings: int | None  # longrope: the short/long switch point
+    short_factor: tuple[float, ...] | None  # longrope: rotary_dim // 2 divisors of the frequencies
+    long_factor: tuple[float, ...] | None
+    attention_factor: float  # cos and sin are multiplied by it (1.0 for default rope)
+
+
+@dataclass(init=False)
+class Phi3Config:
+    """A Phi-3 checkpoint's config.json, as a dataclass.
+
+    ``Phi3Config(**json.load(f))`` takes the keys as a checkpoint writes them, old (``rope_scaling``,
+    ``rope_theta``, ``torch_dtype``) and transformers-5 (``rope_parameters``, ``dtype``) alike. Keys
+    this class does not know (``architectures``, ``auto_map``, ``attention_bias``, ...) are kept in
+    ``extra``, ignored, and written back by ``to_dict()``. Defaults are transformers'.
+
+    Raises:
+        ValueError: a required key (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+            num_attention_heads) is missing, or a value is out of range or inconsistent (the message
+            names the key, the value and what was expected).
+    """
+
+    # The shape of the network: required.
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    # Optional, with transformers' defaults.
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (multi-head attention)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int | None = None  # longrope switch point; None: rope dict's, else 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # a value inside rope_scaling / rope_parameters wins
+    partial_rotary_factor: float | None = None  # likewise; None: 1.0
+    rope_scaling: dict | None = None  # legacy name of rope_parameters; wins when both are given
+    rope_parameters: dict | None = None
+    sliding_window: int | None = None  # a token sees itself and the sliding_window - 1 tokens before it
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0  # kept for the round trip; transformers' Phi-3 does not use it, nor do we
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 32000
+    pad_token_id: int | None = 32000
+    torch_dtype: str | None = None  # the checkpoint's dtype; transformers 5 writes it as "dtype"
+    dtype: str | None = None
+    model_type: str = "phi3"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, init=False)  # unknown keys, kept verbatim
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = copy.deepcopy(kwargs)
+        missing = [k for k in _REQUIRED_KEYS if kwargs.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"Phi3Config: missing required key(s) {', '.join(map(repr, missing))}; a Phi-3 config.json "
+                f"must give {', '.join(_REQUIRED_KEYS)}"
+            )
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = kwargs.pop(f.name) if f.name in kwargs else f.default
+            setattr(self, f.name, value)
+        self.extra = kwargs  # whatever is left, including a key literally named "extra"
+        self._validate()
+
+    def _validate(self) -> None:
+        for key in _REQUIRED_KEYS + ("max_position_embeddings",):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Phi3Config: {key}={value!r}; expected a positive int")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"Phi3Config: hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; expected a multiple (or give head_dim)"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"Phi3Config: num_key_value_heads={self.num_key_value_heads}; expected a positive divisor of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.model_type != "phi3":
+            raise ValueError(f"Phi3Config: model_type={self.model_type!r}; expected 'phi3'")
+        if self.hidden_act != "silu":
+            raise ValueError(f"Phi3Config: hidden_act={self.hidden_act!r}; expected 'silu' (the only one Phi-3 uses)")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"Phi3Config: sliding_window={self.sliding_window!r}; expected None or a positive int")
+        _ = self.rope  # resolves and checks the rope keys
+
+    @property
+    def rope(self) -> RopeSettings:
+        """The rotary embedding, resolved as transformers does.
+
+        The rope dict is ``rope_scaling`` if given, else ``rope_parameters``. Its ``rope_type`` (or legacy
+        ``type``) is "default" or "longrope" ("su" and "yarn" are old names of longrope). ``rope_theta`` and
+        ``partial_rotary_factor`` inside it win over the top-level keys. For longrope, ``factor`` defaults
+        to max_position_embeddings / original_max_position_embeddings and ``attention_factor`` to
+        sqrt(1 + ln(factor) / ln(original_max_position_embeddings)), or 1.0 when factor <= 1.
+        """
+        source = "rope_scaling" if self.rope_scaling else "rope_parameters"
+        params = self.rope_scaling or self.rope_parameters or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"Phi3Config: {source}={params!r}; expected a dict or null")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        rope_type = {"su": "longrope", "yarn": "longrope"}.get(rope_type, rope_type)
+        if rope_type not in ("default", "longrope"):
+            raise ValueError(
+                f"Phi3Config: {source}['rope_type']={rope_type!r}; "
+                "expected 'default' or 'longrope' (or legacy 'su'/'yarn')"
+            )
+        theta = float(params.get("rope_theta", self.rope_theta))
+        top_partial = 1.0 if self.partial_rotary_factor is None else self.partial_rotary_factor
+        partial = float(params.get("partial_rotary_factor", top_partial))
+        rotary_dim = int(self.head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > self.head_dim:
+            raise ValueError(
+                f"Phi3Config: partial_rotary_factor={partial} gives {rotary_dim} rotary dims of head_dim="
+                f"{self.head_dim}; expected an even number between 2 and head_dim"
+            )
+        if rope_type == "default":
+            return RopeSettings("default", theta, rotary_dim, None, None, None, 1.0)
+
+        original_max = self.original_max_position_embeddings or params.get("original_max_position_embeddings") or 4096
+        factors = {}
+        for key in ("short_factor", "long_factor"):
+            value = params.get(key)
+            if value is None:
+                raise ValueError(
+                    f"Phi3Config: {source} of type longrope has no {key!r}; "
+                    f"expected a list of {rotary_dim // 2} numbers"
+                )
+            if len(value) != rotary_dim // 2:
+                raise ValueError(
+                    f"Phi3Config: {source}['{key}'] has {len(value)} entries; "
+                    f"expected rotary_dim // 2 = {rotary_dim // 2}"
+                )
+            factors[key] = tuple(float(x) for x in value)
+        factor = params.get("factor") or self.max_position_embeddings / original_max
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+        return RopeSettings(
+            "longrope",
+            theta,
+            rotary_dim,
+            int(original_max),
+            factors["short_factor"],
+            factors["long_factor"],
+            float(attention_factor),
+        )
+
+    # -- serialisation ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All keys, known and unknown, as config.json holds them; ``Phi3Config(**c.to_dict()) == c``."""
+        out = {}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.name in _OMIT_WHEN_NONE:
+                continue
+            out[f.name] = copy.deepcopy(value)
+        out.update(copy.deepcopy(self.extra))
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "Phi3Config":
+        """Read a config.json (or the config.json inside a directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / ckpt.CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Phi3Config.from_json_file: path={str(path)!r} does not exist; expected a config.json"
+            )
+        with open(path, encoding="utf-8") as f:
+            return cls(**json.load(f))
+
+    def save(self, path_or_dir: str | os.PathLike) -> Path:
+        """Write config.json atomically: into ``path_or_dir`` if it is a directory (or has no .json suffix),
+        else to that file. Returns the path written."""
+        path = Path(path_or_dir)
+        if path.is_dir() or path.suffix != ".json":
+            path = path / ckpt.CONFIG_NAME
+        atomic_write_json(path, self.to_dict())
+        return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules, in the order data flows through them
+# ----------------------------------------------------------------------------------------------
+
+
+class Phi3RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)), the normalisation in fp32, cast back before the weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Phi3RotaryEmbedding(nn.Module):
+    """cos and sin tables for rotary position embedding, from position ids.
+
+    Frequencies are non-persistent fp32 buffers (not in the state dict). ``inv_freq`` holds the
+    default frequencies, or longrope's short ones; ``long_inv_freq`` longrope's long ones (else None).
+    They are recomputed in fp32 whenever the module moves or is cast (``.to``, ``.half()``,
+    ``to_empty``), so a bf16 model keeps exact frequencies.
+    """
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.settings = config.rope
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.register_buffer("long_inv_freq", None, persistent=False)
+        self.reset_buffers()
+
+    def _frequencies(self, factors: Sequence[float] | None, device: torch.device | str | None) -> Tensor:
+        """(r/2,) fp32: theta^(-2i/r), each divided by factors[i] when given (longrope)."""
+        r = self.settings.rotary_dim
+        wavelengths = self.settings.theta ** (torch.arange(0, r, 2, dtype=torch.float32, device=device) / r)
+        if factors is not None:
+            wavelengths = torch.tensor(factors, dtype=torch.float32, device=device) * wavelengths
+        return 1.0 / wavelengths
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the frequency buffers in fp32 on ``device`` (default: where they are now)."""
+        if device is None and self.inv_freq is not None:
+            device = self.inv_freq.device
+        self.inv_freq = self._frequencies(self.settings.short_factor, device)
+        if self.settings.rope_type == "longrope":
+            self.long_inv_freq = self._frequencies(self.settings.long_factor, device)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.inv_freq is not None and self.inv_freq.device.type != "meta":
+            self.reset_buffers()  # undo any dtype cast: frequencies stay fp32
+        return self
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """position_ids (b|1, s) -> cos, sin, each (b|1, s, r), fp32.
+
+        longrope picks the long frequencies for the whole call when max(position_ids) + 1 >
+        original_max_position_embeddings, the short ones otherwise; both are scaled by attention_factor.
+        """
+        inv_freq = self.inv_freq
+        if self.long_inv_freq is not None:
+            is_long = position_ids.max() + 1 > self.settings.original_max_position_embeddings
+            inv_freq = torch.where(is_long, self.long_inv_freq, self.inv_freq)  # no host sync
+        freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (b, s, r): rotate-half layout
+        scale = self.settings.attention_factor
+        return angles.cos() * scale, angles.sin() * scale
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first r channels of each head: x (b, heads, s, d), cos/sin (b|1, s, r) -> (b, heads, s, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class AttentionMask(NamedTuple):
+    """What ``F.scaled_dot_product_attention`` gets, built once per forward and shared by all layers."""
+
+    mask: Tensor | None  # (b|1, 1, q, kv) bool, True = may attend; None when is_causal or nothing is masked
+    is_causal: bool
+    empty_rows: Tensor | None  # (b|1, 1, q, 1) bool: queries with no key to attend to; their output is zeroed
+
+
+def build_attention_mask(
+    attention_mask: Tensor | None,
+    batch: int,
+    q_len: int,
+    past_len: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionMask:
+    """The causal (+ sliding window) mask, ANDed with a padding or custom mask.
+
+    Query i sits at index past_len + i of the keys; it may attend key j when j <= past_len + i and,
+    with a sliding window W, past_len + i - j < W (itself and the W - 1 keys before it).
+
+    Args:
+        attention_mask: None; a 2D (b, kv) padding mask, nonzero = real token, covering past and current
+            keys; or a 4D bool (b|1, 1, q, kv) mask, True = may attend (e.g. packed documents).
+        batch, q_len, past_len: the query batch, its length, and the number of cached keys before it.
+
+    Raises:
+        ValueError: a mask of the wrong shape; TypeError: a 4D mask that is not bool.
+    """
+    kv_len = past_len + q_len
+    padding = custom = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (batch, kv_len):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + current keys) = "
+                    f"({batch}, {kv_len})"
+                )
+            padding = attention_mask.to(device=device, dtype=torch.bool)
+            if bool(padding.all()):
+                padding = None  # nothing padded: keep the fast causal path
+        elif attention_mask.dim() == 4:
+            if attention_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"attention_mask is 4D of dtype {attention_mask.dtype}; expected torch.bool (True = may attend)"
+                )
+            b, h, q, kv = attention_mask.shape
+            if b not in (1, batch) or h != 1 or q != q_len or kv != kv_len:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; "
+                    "expected (batch|1, 1, q_len, past + q_len) = "
+                    f"({batch}, 1, {q_len}, {kv_len})"
+                )
+            custom = attention_mask.to(device)
+        else:
+            raise ValueError(
+                f"attention_mask has {attention_mask.dim()} dims; expected 2 (batch, keys) or 4 (batch, 1, q, keys)"
+            )
+
+    window_bites = sliding_window is not None and kv_len > sliding_window
+    if padding is None and custom is None and not window_bites:
+        if q_len == kv_len:
+            return AttentionMask(None, q_len > 1, None)
+        if q_len == 1:  # one new token sees every cached key
+            return AttentionMask(None, False, None)
+
+    q_idx = torch.arange(past_len, kv_len, device=device)[:, None]
+    kv_idx = torch.arange(kv_len, device=device)[None, :]
+    allowed = kv_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (kv_idx > q_idx - sliding_window)
+    mask = allowed[None, None]  # (1, 1, q, kv)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    if custom is not None:
+        mask = mask & custom
+    empty_rows = None
+    if padding is not None or custom is not None:
+        # A left-padding query may see nothing. Let it attend everywhere (finite on every torch
+        # version) and zero its output afterwards, which is what torch >= 2.5 SDPA itself returns.
+        empty_rows = ~mask.any(dim=-1, keepdim=True)
+        mask = mask | empty_rows
+    return AttentionMask(mask, False, empty_rows)
+
+
+class Phi3Attention(nn.Module):
+    """Grouped-query self-attention with a fused qkv projection.
+
+    qkv_proj's output rows are [q: H*d | k: KV*d | v: KV*d]; query head h reads key/value head
+    h // (H / KV). Attention runs through ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+        self.split_sizes = [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        ]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMask, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (b, s, h) -> (b, s, h), and this layer's (keys, values) including the past, (b, KV, kv, d)."""
+        b, s, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, s, d)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, s, d)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (b, KV, kv, d)
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        if self.num_kv_heads != self.num_heads:
+            groups = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(groups, dim=1)  # (b, H, kv, d): head h <- kv head h // groups
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn.mask,
+            is_causal=attn.is_causal,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )  # (b, H, s, d)
+        if attn.empty_rows is not None:
+            out = out.masked_fill(attn.empty_rows, 0.0)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out), present
+
+
+class Phi3MLP(nn.Module):
+    """down_proj(up * silu(gate)), with gate_up_proj's output rows [gate: I | up: I]."""
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (b, s, I)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Phi3DecoderLayer(nn.Module):
+    """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.input_layernorm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Phi3Attention(config)
+        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
+        self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = Phi3MLP(config)
+        self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMask, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, attn, past)
+        x = x + self.resid_attn_dropout(h)
+        x = x + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x, present
+
+
+def _packed_document_mask(position_ids: Tensor, batch: int) -> Tensor | None:
+    """(b|1, s) position ids that restart (a step other than +1) -> (b, 1, s, s) same-document mask, else None.
+
+    transformers 5 infers packed documents this way when no attention mask and no cache are given.
+    """
+    position_ids = position_ids.expand(batch, -1)
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    document = (step != 1).cumsum(-1)  # (b, s): document index of each token
+    if not bool(document[:, -1].any()):
+        return None
+    return document[:, None, :, None] == document[:, None, None, :]
+
+
+class Phi3Model(nn.Module):
+    """Embedding, decoder layers and the final norm: input ids (b, s) -> hidden states (b, s, h)."""
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id
+        # As transformers: the pad row of the embedding gets no gradient (when the id is in the vocabulary).
+        padding_idx = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Phi3RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, KVCache | None]:
+        """See ``Phi3ForCausalLM.forward``. Returns hidden states (b, s, h) and the new cache (or None)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, seq_len) with seq_len >= 1"
+            )
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(
+                f"past_key_values has {len(past_key_values)} layers; expected {len(self.layers)} (num_hidden_layers)"
+            )
+        batch, q_len = input_ids.shape
+        device = input_ids.device
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                # As transformers' generate: count real tokens, so left padding starts each row at 0.
+                real = attention_mask.to(device=device, dtype=torch.long)
+                position_ids = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + q_len, device=device)[None]
+        else:
+            position_ids = position_ids.to(device)
+            if position_ids.dim() == 1:
+                position_ids = position_ids[None]
+            if position_ids.shape[-1] != q_len or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)}; "
+                    f"expected (batch|1, seq_len) = ({batch}, {q_len})"
+                )
+            if attention_mask is None and past_len == 0:
+                attention_mask = _packed_document_mask(position_ids, batch)
+
+        x = self.embed_tokens(input_ids)  # (b, s, h)
+        attn = build_attention_mask(attention_mask, batch, q_len, past_len, self.config.sliding_window, device)
+        cos, sin = self.rotary_emb(position_ids)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training:
+                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=False)
+            else:
+                x, present = layer(x, cos, sin, attn, past)
+            if use_cache:
+                presents.append(present)
+        return self.norm(x), (tuple(presents) if use_cache else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The causal language model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CausalLMOutput:
+    """What ``Phi3ForCausalLM.forward`` returns.
+
+    loss: scalar fp32 mean cross-entropy over counted labels, or None without labels.
+    logits: (b, s, V) in the model's dtype (the last ``logits_to_keep`` positions if set); None when
+        labels are given, unless ``return_logits=True``.
+    past_key_values: the KV cache including this call's tokens when ``use_cache``, else None.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch.dtype:
+    """dtype argument -> torch.dtype: a dtype, a name ("bfloat16", "torch.float16", "auto"), or None / "auto"
+    for the config's ``dtype`` / ``torch_dtype``, else float32."""
+    if dtype is None or dtype == "auto":
+        dtype = config.dtype or config.torch_dtype or "float32"
+        if dtype == "auto":
+            dtype = "float32"
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r}; expected a floating torch.dtype or its name, e.g. torch.bfloat16 or 'bfloat16'"
+        )
+    return resolved
+
+
+class Phi3ForCausalLM(nn.Module):
+    """Phi-3 decoder with a language-model head: ``model`` (Phi3Model) and ``lm_head``.
+
+    Build from a config (weights drawn from N(0, initializer_range), norms at 1) or load a checkpoint
+    directory with ``from_pretrained``. With ``tie_word_embeddings`` (Phi-4-mini) ``lm_head.weight``
+    is the embedding matrix itself.
+    """
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, Phi3RMSNorm):
+            nn.init.ones_(module.weight)
+
+    # -- small API ------------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        """With ``config.tie_word_embeddings``: make ``lm_head.weight`` the embedding Parameter. Else a no-op."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, tied ones counted once (works on the meta device)."""
+        skip = {id(self.model.embed_tokens.weight), id(self.lm_head.weight)} if exclude_embeddings else set()
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
+
+    @property
+    def fused_splits(self) -> "OrderedDict[str, OrderedDict[str, int]]":
+        """Slices of the fused projections, in output-row order: ``{"qkv_proj": {"q": H*d, "k": KV*d, "v": KV*d},
+        "gate_up_proj": {"gate": I, "up": I}}``. A surgery pass uses it to adapt e.g. ``"qkv_proj[q,v]"``."""
+        c = self.config
+        return OrderedDict(
+            qkv_proj=OrderedDict(
+                q=c.num_attention_heads * c.head_dim,
+                k=c.num_key_value_heads * c.head_dim,
+                v=c.num_key_value_heads * c.head_dim,
+            ),
+            gate_up_proj=OrderedDict(gate=c.intermediate_size, up=c.intermediate_size),
+        )
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether decoder layers recompute activations in backward (only while ``self.training``)."""
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.model.gradient_checkpointing = bool(value)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint each decoder layer (``torch.utils.checkpoint``, use_reentrant=False) while training."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    # -- forward and loss -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        *,
+        return_logits: bool = False,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Run the model on input_ids (b, s).
+
+        Args:
+            attention_mask: 2D (b, past + s) padding mask (nonzero = real token), or 4D bool
+                (b|1, 1, s, past + s) with True = may attend (packed documents). The causal mask and the
+                sliding window are always ANDed on top.
+            position_ids: (b|1, s). None: from a 2D mask, the count of real tokens before each one
+                (left padding starts at 0, as transformers' generate); otherwise past + arange(s).
+                Given without any mask and without a cache, position ids that restart mark packed
+                documents that do not see each other (as transformers 5).
+            labels: (b, s) token ids, -100 = ignored. Position t predicts labels[t + 1]. The loss is the
+                fp32 mean cross-entropy over counted labels (0.0 when none counts), and lm_head then runs
+                only at the counted positions: ``logits`` is None unless ``return_logits=True``.
+            past_key_values: a cache returned by a previous call with ``use_cache=True``.
+            use_cache: return the cache, extended by this call's keys and values.
+            return_logits: with labels, also compute the full logits.
+            logits_to_keep: >0: logits only for the last that many positions (generation); 0: all.
+            num_items_in_batch: divide the summed loss by this instead of this batch's counted labels
+                (gradient accumulation over micro-batches).
+
+        Raises:
+            ValueError: inputs of the wrong shape (the message names the argument, its shape and the
+            expected one); TypeError: a 4D attention_mask that is not bool.
+        """
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        loss = logits = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels has shape {tuple(labels.shape)}; expected input_ids' shape {tuple(input_ids.shape)}"
+                )
+            loss = self._loss(hidden, labels.to(hidden.device), num_items_in_batch)
+        if labels is None or return_logits:
+            logits = self.lm_head(hidden if logits_to_keep <= 0 else hidden[:, -logits_to_keep:])
+        return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache)
+
+    def _loss(self, hidden: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
+        """Cross-entropy with lm_head run only where a label counts: (N, h) -> (N, V) instead of (b, s, V)."""
+        targets = labels[:, 1:]  # (b, s-1): position t predicts token t+1
+        counted = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][counted]).float()  # (N, V)
+        total = F.cross_entropy(logits, targets[counted], reduction="sum")
+        denominator = counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return total / denominator
+
+    # -- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        pad_token_id: int | None = None,
+    ) -> Tensor:
+        """Extend input_ids (b, s) by up to max_new_tokens tokens with the KV cache; returns (b, s + n).
+
+        temperature 0 is greedy (argmax); > 0 samples from softmax(logits / temperature), restricted to
+        the top_k tokens and/or the smallest set whose probability reaches top_p. A row stops at any of
+        eos_token_id (None: never stops early); after that it is filled with pad_token_id (default:
+        config.pad_token_id, else the first eos id). Generation ends when every row has stopped.
+        attention_mask (b, s) marks left padding of a batch of prompts. Runs in eval mode (restored
+        afterwards) and without autograd. Under longrope, once the sequence grows past
+        original_max_position_embeddings the cache (built with the short factors) is recomputed once
+        with the long ones, as transformers does.
+
+        Raises:
+            ValueError: a bad argument (named, with its value and what was expected).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, seq_len)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature}; expected 0 (greedy) or > 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k}; expected None or >= 1")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p}; expected None or in (0, 1]")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; "
+                f"expected input_ids' shape {tuple(input_ids.shape)}"
+            )
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+        device = input_ids.device
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+        rope = self.config.rope
+        switch_at = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+
+        was_training = self.training
+        self.eval()
+        try:
+            sequences = input_ids
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+            cache: KVCache | None = None
+            cache_is_long = False
+            for _ in range(max_new_tokens):
+                total = sequences.shape[1]
+                if cache is not None and switch_at is not None and not cache_is_long and total > switch_at:
+                    cache = None  # keys were rotated with the short factors: recompute them all
+                step_ids = sequences if cache is None else sequences[:, cache[0][0].shape[2] :]
+                out = self(
+                    step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+                cache = out.past_key_values
+                cache_is_long = switch_at is not None and total > switch_at
+                next_token = self._pick(out.logits[:, -1].float(), temperature, top_k, top_p, generator)
+                next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+                sequences = torch.cat((sequences, next_token[:, None]), dim=1)
+                if attention_mask is not None:
+                    attention_mask = torch.cat(
+                        (attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1
+                    )
+                if eos:
+                    finished = finished | torch.isin(next_token, eos_ids)
+                    if bool(finished.all()):
+                        break
+            return sequences
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _pick(
+        logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """(b, V) fp32 logits -> (b,) next token ids."""
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the more likely ones alone already reach top_p (the top one always stays)
+            drop = probs.cumsum(dim=-1) - probs >= top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+    # -- checkpoint directories -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> "Phi3ForCausalLM":
+        """Load a checkpoint directory: config.json plus model.safetensors, or shards listed in
+        model.safetensors.index.json. Never unpickles.
+
+        The model is built on the meta device and each tensor is read, cast and assigned one at a time,
+        so peak memory is about one copy of the weights. dtype: None (or "auto") takes the config's
+        ``dtype`` / ``torch_dtype``, else float32; a torch.dtype or its name ("bfloat16") forces one.
+        device: default "cpu". Rope frequencies are computed after loading. A tied config ignores a
+        checkpoint's lm_head.weight. Returns the model in eval mode, parameters requiring grad.
+
+        Raises:
+            FileNotFoundError: no config.json or no safetensors weights in ``path``.
+            CheckpointError: tensors missing, unexpected or of the wrong shape (all named), checked
+                from the file headers before any weight is read.
+        """
+        path = Path(path)
+        config = Phi3Config.from_json_file(ckpt.require_file(path, ckpt.CONFIG_NAME))
+        dtype = _resolve_dtype(dtype, config)
+        device = torch.device(device if device is not None else "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        skip = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        ckpt.load_into(
+            model,
+            path,
+            dtype=dtype,
+            device=device,
+            skip=skip,
+            ignore_unexpected=(r"(^|\.)rotary_emb\.inv_freq$",),  # frequencies some old checkpoints stored
+        )
+        model.tie_weights()
+        model.model.rotary_emb.reset_buffers(device)
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
+        """Write config.json and the weights as safetensors, in transformers' layout: one
+        model.safetensors, or model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json
+        when the weights exceed max_shard_size (bytes, or "2GB" / "500MB" / "2GiB"). Every file is
+        written atomically; weight files of an earlier save that the new one does not use are removed.
+        A tied lm_head.weight is not written (as transformers). Returns the weight files written.
+        """
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        written = ckpt.save_state_dict(state, path, max_shard_size=max_shard_size)
+        config = self.config.to_dict()
+        if len(dtypes) == 1:
+            name = str(dtypes.pop()).removeprefix("torch.")
+            config["torch_dtype"] = name
+            if "dtype" in config:
+                config["dtype"] = name
+        config.setdefault("architectures", ["Phi3ForCausalLM"])
+        atomic_write_json(Path(path) / ckpt.CONFIG_NAME, config)
+        return written
