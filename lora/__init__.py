@@ -27,6 +27,16 @@ from .surgery import (
     print_trainable_parameters,
     trainable_parameters,
 )
+from .adapters import AdapterError, load_adapter, save_adapter
+from .multi import (
+    active_adapter,
+    adapter_names,
+    add_weighted_adapter,
+    delete_adapter,
+    disabled,
+    mixed_batch,
+    set_adapter,
+)
 
 __version__ = "0.1.0"
 
@@ -49,4 +59,14 @@ __all__ = [
     "trainable_parameters",
     "print_trainable_parameters",
     "InjectionError",
+    "save_adapter",
+    "load_adapter",
+    "AdapterError",
+    "set_adapter",
+    "active_adapter",
+    "adapter_names",
+    "disabled",
+    "delete_adapter",
+    "add_weighted_adapter",
+    "mixed_batch",
 ]

@@ -1,0 +1,728 @@
+"""Adapter files in PEFT's LoRA format: save, load with a strict check, into one model or several.
+
+A directory, as PEFT writes it (docs/adapters.md has the details):
+
+    adapter_config.json          PEFT's LoraConfig: peft_type "LORA", r, lora_alpha, target_modules,
+                                 rank_pattern, alpha_pattern, use_rslora, lora_dropout, bias, ...
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight   (r, in)     conv: (r, in, *kernel)
+                                 base_model.model.<module>.lora_B.weight   (out, r)    conv: (out, r, 1, ...)
+                                 base_model.model.<module>.lora_embedding_A  (r, num_embeddings)
+                                 base_model.model.<module>.lora_embedding_B  (embedding_dim, r)
+                                 base_model.model.<module>.<param>         modules_to_save, biases
+                                 (a targeted module's own bias / embedding weight: <module>.base_layer.<param>)
+
+A :class:`~lora.MergedLinear` adapter (say qkv_proj with slices q and v, rank r each) is written as
+the one LoRA over the fused matrix it equals: A (r·k, in) as is, B (out, r·k) with each slice's
+block on its rows and zeros elsewhere, and exact-name rank_pattern / alpha_pattern entries (rank
+r·k, alpha α·k, or α·√k with use_rslora) so that the scaling is unchanged. PEFT loads it as any
+adapter; :func:`load_adapter` reads the original config from the safetensors header
+(``lora.config``) and restores the MergedLinear.
+
+Loading never unpickles: safetensors, or ``torch.load(weights_only=True)`` for a legacy
+``adapter_model.bin`` or a loralib ``.pt`` file. Everything is read and checked before the model is
+touched, so a bad file leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as LF
+from . import multi
+from ._io import atomic_save_safetensors, atomic_write_json
+from .config import _PEFT_INERT, LoRAConfig, _pattern_value, parse_target
+from .layers import Embedding, Linear, LoRALayer, MergedLinear
+from .layers.base import AdapterWeights
+from .layers.conv import _ConvLoRA
+from .layers.utils import lora_layers
+from .surgery import _CONV, InjectionError, _is_gpt2_conv1d, _lora_dtype, _modules_to_save, _Plan
+from .surgery import _set_submodule, fused_splits, inject
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."  # PEFT's: PeftModel.base_model (LoraModel) .model (the wrapped model)
+FORMAT_VERSION = "1"
+# The adapter_config.json keys save_adapter rewrites for fused slices; the safetensors header keeps
+# the values it wrote, so the loader can tell whether the JSON was edited since.
+_STRUCTURAL = ("target_modules", "exclude_modules", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
+_LORA_KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
+# init_lora_weights values that only say how a fresh adapter starts (its trained tensors replace that).
+_INIT_ONLY = (True, False, "gaussian")
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be read, or that does not fit the model (the message names the
+    file and the keys or modules)."""
+
+
+# ================================================================================================
+# Reading files (never unpickles)
+# ================================================================================================
+@dataclass
+class AdapterFiles:
+    """What an adapter directory holds: the config's JSON body, the tensors (keys as in the file),
+    the safetensors header metadata, and where each came from."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    config_path: Path
+    weights_path: Path
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFiles:
+    """Read an adapter directory (or its ``adapter_model.safetensors``): config and every tensor.
+
+    Raises :class:`AdapterError` naming the file when the config is missing or not JSON, or the
+    weights are missing, truncated, corrupt, or (legacy ``.bin``) hold anything but tensors.
+    """
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: no such file; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{config_path}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    weights_path = directory / WEIGHTS_NAME
+    if weights_path.is_file():
+        tensors, metadata = read_safetensors(weights_path)
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        weights_path = directory / LEGACY_WEIGHTS_NAME
+        tensors, metadata = read_torch_file(weights_path), {}
+    else:
+        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter directory")
+    return AdapterFiles(config, tensors, metadata, config_path, weights_path)
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (in memory, CPU) and its header metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{file}: not a valid safetensors file, truncated or corrupt ({e})") from None
+    return tensors, metadata
+
+
+def read_torch_file(file: Path) -> dict[str, Tensor]:
+    """A legacy ``.bin`` / ``.pt`` state dict through ``torch.load(weights_only=True)``: tensors and
+    containers only, so no code in the file runs. Anything else is an :class:`AdapterError`."""
+    try:
+        state = torch.load(os.fspath(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zipfile errors ...: all mean "refused"
+        raise AdapterError(
+            f"{file}: refused or unreadable as a weights-only torch file ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise AdapterError(f"{file}: expected a dict of str -> tensor (a state dict)")
+    return state
+
+
+# ================================================================================================
+# Config: PEFT's JSON <-> LoRAConfig
+# ================================================================================================
+def config_from_files(files: AdapterFiles) -> LoRAConfig:
+    """The LoRAConfig an adapter directory describes; with lora's fused-slice metadata (and a JSON
+    not edited since) the original config, whose targets name the slices."""
+    body = dict(files.config)
+    known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    for key in list(body):
+        # Keys newer PEFT versions add for features that are off (None, False, {} or []) mean nothing here.
+        if key not in known and key not in _PEFT_INERT and body[key] in (None, False, {}, []):
+            del body[key]
+    if body.get("init_lora_weights", True) in _INIT_ONLY:
+        body["init_lora_weights"] = True
+    try:
+        config = LoRAConfig.from_peft_dict(body)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{files.config_path}: {e}") from None
+
+    if "lora.config" not in files.metadata:
+        return config
+    try:
+        ours = LoRAConfig(**json.loads(files.metadata["lora.config"]))
+        written = json.loads(files.metadata["lora.exported"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})") from None
+    now = {k: _json_normal(files.config.get(k)) for k in written}
+    if now != _json_normal(written):
+        edited = sorted(k for k in written if now.get(k) != _json_normal(written[k]))
+        warnings.warn(
+            f"{files.config_path}: {edited} differ from what lora.save_adapter wrote; loading the adapter as "
+            "PEFT would (fused slices as one LoRA over the fused matrix)",
+            stacklevel=3,
+        )
+        return config
+    return dataclasses.replace(
+        config, **{k: getattr(ours, k) for k in _STRUCTURAL + ("fan_in_fan_out", "merge_weights")}
+    )
+
+
+def _json_normal(value):
+    return json.loads(json.dumps(value))
+
+
+def _peft_config_dict(model: nn.Module, config: LoRAConfig, modules: dict[str, tuple[int, float]],
+                      use_rslora: bool, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The adapter_config.json body under which PEFT builds, for each module in ``modules``, an
+    adapter of exactly that (rank, alpha), and none elsewhere."""
+    d = config.to_peft_dict()
+    targets = config.target_modules
+    if isinstance(targets, list):
+        targets = list(dict.fromkeys(parse_target(t)[0] for t in targets))  # slices: the whole fused module
+    exclude = config.exclude_modules
+    if set(_peft_targets(model, targets, exclude)) != set(modules):
+        # Rank-0 patterns or slices leave modules out: name the modules one by one instead.
+        targets, exclude = list(modules), None
+    d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
+    d["rank_pattern"] = _exact_pattern(modules, {k: v for k, v in config.rank_pattern.items() if v}, config.r, 0)
+    d["alpha_pattern"] = _exact_pattern(modules, config.alpha_pattern, config.lora_alpha, 1)
+    d["base_model_name_or_path"] = base_model_name_or_path
+    return d
+
+
+def _peft_targets(model: nn.Module, targets, exclude) -> list[str]:
+    try:
+        return list(_Plan(model, LoRAConfig(target_modules=targets, exclude_modules=exclude), existing_ok=True).targets)
+    except InjectionError:
+        return []
+
+
+def _exact_pattern(modules: dict[str, tuple[int, float]], pattern: dict, default, which: int) -> dict:
+    # PEFT takes the first key k with re.match(rf"(.*\.)?({k})$", name): exact names go first.
+    exact = {}
+    for name, values in modules.items():
+        if _pattern_value(pattern, name, default) != values[which]:
+            exact[re.escape(name)] = values[which]
+    return {**exact, **pattern}
+
+
+# ================================================================================================
+# What a config asks of each module
+# ================================================================================================
+@dataclass(frozen=True)
+class _Spec:
+    """The adapter a config puts on one module. ``kind``: "linear", "merged" (slices of a fused
+    Linear: r per enabled slice), "embedding" or "conv". In the file a merged adapter is one LoRA of
+    rank r·k; ``file_shapes`` are the (A, B) shapes the file must hold."""
+
+    kind: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    file_shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    enable_lora: tuple[bool, ...] = ()
+    split_sizes: tuple[int, ...] = ()
+
+    @property
+    def scaling(self) -> float:
+        return LF.lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    @property
+    def file_rank(self) -> int:
+        return self.r * sum(self.enable_lora) if self.kind == "merged" else self.r
+
+    def file_keys(self, module: str) -> tuple[str, str]:
+        a, b = _LORA_KEYS["embedding" if self.kind == "embedding" else "linear"]
+        return f"{module}.{a}", f"{module}.{b}"
+
+    def describe(self) -> str:
+        if self.kind == "merged":
+            return f"slices {list(self.enable_lora)} of r={self.r} each, scaling {self.scaling:g}"
+        return f"{self.kind} r={self.r}, scaling {self.scaling:g}"
+
+
+def _linear_dims(m: nn.Module, config: LoRAConfig) -> tuple[int, int]:
+    if isinstance(m, (Linear, MergedLinear)):
+        return m.in_features, m.out_features
+    fifo = config.fan_in_fan_out or _is_gpt2_conv1d(m)
+    rows, cols = m.weight.shape
+    return (rows, cols) if fifo else (cols, rows)
+
+
+def _spec_for(name: str, m: nn.Module, slices, config: LoRAConfig, splits) -> _Spec:
+    r, alpha, rs = config.rank_for(name), config.alpha_for(name), config.use_rslora
+    if isinstance(m, nn.Embedding):
+        return _Spec("embedding", r, alpha, rs, ((r, m.num_embeddings), (m.embedding_dim, r)))
+    if isinstance(m, tuple(_CONV)):
+        ones = (1,) * len(m.kernel_size)
+        return _Spec("conv", r, alpha, rs, ((r, m.in_channels // m.groups, *m.kernel_size), (m.out_channels, r, *ones)))
+    in_f, out_f = _linear_dims(m, config)
+    if slices is None:
+        return _Spec("linear", r, alpha, rs, ((r, in_f), (out_f, r)))
+    known = splits[name.rpartition(".")[2]]
+    enable = tuple(s in slices for s in known)
+    k = sum(enable)
+    return _Spec("merged", r, alpha, rs, ((r * k, in_f), (out_f, r * k)), enable, tuple(known.values()))
+
+
+def _specs(model: nn.Module, config: LoRAConfig, where: str) -> dict[str, _Spec]:
+    try:
+        plan = _Plan(model, config, existing_ok=True)
+    except InjectionError as e:
+        raise AdapterError(f"{where}: the adapter does not fit {type(model).__name__}: {e}") from None
+    splits = fused_splits(model)
+    return {
+        n: _spec_for(n, plan.modules[n], slices, config, splits)
+        for n, slices in plan.targets.items()
+        if config.rank_for(n) > 0
+    }
+
+
+def _peft_incompatible(layer: nn.Module) -> str | None:
+    """Why PEFT's LoRA layer for this module computes something else than ours, or None."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        if layer.groups != 1:
+            return f"groups={layer.groups} (PEFT's conv lora_A is not grouped)"
+        if any(d != 1 for d in layer.dilation):
+            return f"dilation={layer.dilation} (PEFT's conv lora_A ignores dilation)"
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r} (PEFT's conv lora_A pads with zeros)"
+    if isinstance(layer, nn.Embedding) and layer.max_norm is not None:
+        return "max_norm (PEFT renormalises the adapter's rows, not the adapted table's)"
+    return None
+
+
+# ================================================================================================
+# Saving
+# ================================================================================================
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 adapter_name: str | None = None) -> Path:
+    """Write adapter ``adapter_name`` (default: the active one) of ``model`` to directory ``path`` in
+    PEFT's LoRA format: ``adapter_model.safetensors`` and ``adapter_config.json``. Returns the path.
+
+    The config comes from the adapter's LoRAConfig (``model.lora_config`` after :func:`lora.inject`),
+    or is derived from the layers for models built by hand. ``base_model_name_or_path`` is recorded
+    (default: ``model.name_or_path`` when the model has one). LoRA tensors are saved in their own
+    dtype; modules_to_save and biases (per ``config.bias``) in the model's. Each file is written
+    atomically, the tensors first.
+
+    Raises :class:`AdapterError` when the model holds no such adapter, or a layer computes something
+    PEFT's LoRA cannot express (conv with groups > 1, dilation or non-zero padding; embedding max_norm).
+    """
+    name = adapter_name if adapter_name is not None else multi.active_adapter(model)
+    if name is None:
+        names = multi.adapter_names(model)
+        raise AdapterError(f"save_adapter: {type(model).__name__} has no active adapter (adapters: {names}); "
+                           "pass adapter_name")
+    held = list(multi.adapter_layers(model, name))
+    if not held:
+        raise AdapterError(f"save_adapter: {type(model).__name__} has no adapter {name!r} "
+                           f"(adapters: {multi.adapter_names(model)})")
+    config = multi.adapter_config(model, name) or multi.config_from_layers(model, name)
+
+    tensors: dict[str, Tensor] = {}
+    modules: dict[str, tuple[int, float]] = {}
+    rslora, fused = set(), False
+    for module_name, layer, adapter in held:
+        reason = _peft_incompatible(layer)
+        if reason is not None:
+            raise AdapterError(
+                f"save_adapter: module {module_name!r} has {reason}; PEFT's format cannot hold it exactly"
+            )
+        A, B, scaling = multi.as_one_lora(layer, adapter)
+        rank = A.shape[0]
+        k = sum(adapter.enable_lora) if isinstance(layer, MergedLinear) else 1
+        alpha = multi.alpha_for_slices(adapter.lora_alpha, k, adapter.use_rslora)
+        if not math.isclose(LF.lora_scaling(rank, alpha, adapter.use_rslora), scaling, rel_tol=1e-12):
+            raise AdapterError(f"save_adapter: module {module_name!r}: scaling {scaling} does not follow from "
+                               f"r={adapter.r}, lora_alpha={adapter.lora_alpha}")
+        fused |= isinstance(layer, MergedLinear) and len(adapter.split_sizes) > 1
+        rslora.add(bool(adapter.use_rslora))
+        modules[module_name] = (rank, alpha)
+        kind = "embedding" if isinstance(layer, Embedding) else "linear"
+        for key, t in zip(_LORA_KEYS[kind], (A, B)):
+            tensors[f"{PREFIX}{module_name}.{key}"] = t.detach().to("cpu")
+    if len(rslora) > 1:
+        raise AdapterError(f"save_adapter: adapter {name!r} mixes use_rslora values; PEFT's config holds one")
+    for key, t in _base_places(model, config, set(modules)).items():
+        tensors[PREFIX + key] = t.detach().to("cpu")
+
+    if base_model_name_or_path is None:
+        candidate = getattr(model, "name_or_path", None)
+        base_model_name_or_path = candidate if isinstance(candidate, str) and candidate else None
+    body = _peft_config_dict(model, config, modules, rslora.pop(), base_model_name_or_path)
+    metadata = {"format": "pt"}
+    if fused and isinstance(config.target_modules, list) and any("[" in t for t in config.target_modules):
+        metadata.update({
+            "lora.version": FORMAT_VERSION,
+            "lora.config": json.dumps(config.to_dict()),
+            "lora.exported": json.dumps({k: body[k] for k in _STRUCTURAL}),
+        })
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata=metadata)
+    atomic_write_json(path / CONFIG_NAME, body)
+    return path
+
+
+def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
+                 required_only: bool = True) -> dict[str, Tensor]:
+    """The model tensors an adapter file of this config holds besides LoRA's, by file key (no prefix):
+    modules_to_save (``<module>.<param>``) and biases per ``config.bias`` (a targeted module's as
+    ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also each targeted
+    module's ``base_layer.weight``, which PEFT saves for targeted embeddings."""
+    places: dict[str, Tensor] = {}
+    for module_name, module in _modules_to_save(model, config).items():
+        for key, t in module.state_dict(keep_vars=True).items():
+            places[f"{module_name}.{key}"] = t
+    if config.bias != "none":
+        modules = dict(model.named_modules())
+        for module_name in modules:
+            module = modules[module_name]
+            bias = module._parameters.get("bias")
+            if bias is None or (config.bias == "lora_only" and module_name not in adapted):
+                continue
+            key = f"{module_name}.base_layer.bias" if module_name in adapted else f"{module_name}.bias"
+            places.setdefault(key, bias)
+    if not required_only:
+        for module_name in adapted:
+            places.setdefault(f"{module_name}.base_layer.weight", model.get_submodule(module_name).weight)
+    return places
+
+
+# ================================================================================================
+# Loading
+# ================================================================================================
+@dataclass
+class _Load:
+    """One module's checked tensors, ready to copy: A and B in the layout of the adapter receiving them."""
+
+    module: str
+    spec: _Spec
+    A: Tensor
+    B: Tensor  # as in the file: (out, r·k) for a merged adapter
+    B_blocks: Tensor | None  # a merged adapter's B as MergedLinear holds it (Σ enabled sizes, r)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Load an adapter directory written by :func:`save_adapter` or by PEFT into ``model``.
+
+    - The model has no LoRA layers: its modules are injected as the config says (``lora.inject``,
+      fused slices restored from lora's metadata) and the adapter is loaded; it is named
+      ``adapter_name`` (default "default") and active.
+    - The model holds an adapter of that name (default: the active one): the tensors are copied into
+      its parameters in place (resume). The adapter must have the same modules, kinds, ranks and scalings.
+    - Otherwise the adapter is added under ``adapter_name``, inactive (:func:`lora.set_adapter`).
+
+    Strict: every tensor must find its place with the right shape, and every LoRA parameter of the
+    adapter (and each modules_to_save / bias tensor its config asks for) must receive one. A named
+    adapter added next to others may not change the base model they share: its modules_to_save or
+    bias tensors must equal the model's. A single ``.pt`` / ``.bin`` / ``.safetensors`` file with no
+    ``adapter_config.json`` beside it is a loralib ``lora_state_dict``, loaded strictly into the
+    active adapter.
+
+    Returns ``model``. Raises :class:`AdapterError` naming the file and the keys or modules that do not
+    match; the model is left unchanged when it does.
+    """
+    p = Path(path)
+    if p.is_file() and not (p.parent / CONFIG_NAME).is_file():
+        return _load_lora_state_dict(model, p)
+    files = read_adapter(p)
+    config = config_from_files(files)
+    existing = multi.adapter_names(model)
+    has_layers = any(True for _ in lora_layers(model))
+    if adapter_name is None:
+        adapter_name = multi.active_adapter(model) if existing else "default"
+        if adapter_name is None:
+            raise AdapterError(f"load_adapter: {type(model).__name__} has adapters {existing} but none is active; "
+                               "pass adapter_name")
+    multi.check_adapter_name(adapter_name)
+    mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
+
+    specs = _specs(model, config, str(files.config_path))
+    # Unmerged, every weight is the base weight (checks compare with it); merged again on the way out.
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    try:
+        problems: list[str] = []
+        targets = _targets(model, adapter_name, specs, mode, problems)
+        loads = _check_lora_tensors(files, specs, targets, problems)
+        base = _check_base_tensors(model, files, config, specs, mode, problems)
+        if problems:
+            raise AdapterError(_report(files, problems))
+        _apply(model, adapter_name, config, mode, loads, base)
+    finally:
+        for layer in merged:
+            layer.merge()
+    return model
+
+
+@torch.no_grad()
+def _apply(model, adapter_name, config, mode, loads, base) -> None:
+    """Change the model, once everything is checked: inject or add, then copy the tensors."""
+    if mode == "fresh":
+        inject(model, config)
+        for _, layer in lora_layers(model):
+            layer.adapter_name = adapter_name
+        model.lora_configs = {adapter_name: config}
+    if mode == "add":
+        _add_adapter(model, adapter_name, config, loads)
+        multi.register_adapter(model, adapter_name, config)
+    else:
+        for load in loads:
+            layer = model.get_submodule(load.module)
+            _copy_into(layer, multi.layer_adapter(layer, adapter_name), load)
+    for place, tensor in base.values():
+        place.copy_(tensor)
+
+
+def _targets(model, adapter_name, specs, mode, problems) -> dict[str, tuple]:
+    """For each module: (layer or None, the adapter receiving the tensors or None). In place, the
+    model's adapter must be the file's, module for module."""
+    modules = dict(model.named_modules())
+    out = {}
+    for n, spec in specs.items():
+        reason = _peft_incompatible(modules[n])
+        if reason is not None:
+            problems.append(f"module {n}: has {reason}; a PEFT-format adapter for it would compute something else here")
+        layer = modules[n] if isinstance(modules[n], LoRALayer) else None
+        out[n] = (layer, multi.layer_adapter(layer, adapter_name) if layer is not None else None)
+    if mode != "in_place":
+        return out
+    held = {n for n, _, _ in multi.adapter_layers(model, adapter_name)}
+    for n in sorted(held - set(specs)):
+        problems.append(f"module {n}: adapter {adapter_name!r} of the model adapts it; the file does not")
+    for n, spec in specs.items():
+        layer, adapter = out[n]
+        if adapter is None:
+            problems.append(f"module {n}: the file adapts it ({spec.describe()}); "
+                            f"adapter {adapter_name!r} of the model does not")
+        elif not _same_adapter(layer, adapter, spec):
+            problems.append(f"module {n}: the file's adapter is {spec.describe()}; the model's {adapter_name!r} is "
+                            f"{_describe(layer, adapter)}")
+    return out
+
+
+def _structure(layer: LoRALayer, adapter) -> tuple:
+    if isinstance(layer, MergedLinear):
+        if len(adapter.split_sizes) == 1:
+            return ("linear", adapter.r)
+        return ("merged", adapter.r, tuple(adapter.enable_lora), tuple(adapter.split_sizes))
+    if isinstance(layer, Embedding):
+        return ("embedding", adapter.r)
+    if isinstance(layer, _ConvLoRA):
+        return ("conv", adapter.r)
+    return ("linear", adapter.r)
+
+
+def _same_adapter(layer, adapter, spec: _Spec) -> bool:
+    mine = _structure(layer, adapter)
+    theirs = ("merged", spec.r, spec.enable_lora, spec.split_sizes) if spec.kind == "merged" else (spec.kind, spec.r)
+    if mine != theirs and not (mine[0] == "merged" and spec.kind == "linear" and spec.r == mine[1] * sum(mine[2])):
+        return False
+    return math.isclose(adapter.scaling, spec.scaling, rel_tol=1e-9)
+
+
+def _describe(layer, adapter) -> str:
+    s = _structure(layer, adapter)
+    if s[0] == "merged":
+        return f"slices {list(s[2])} of r={s[1]} each, scaling {adapter.scaling:g}"
+    return f"{s[0]} r={s[1]}, scaling {adapter.scaling:g}"
+
+
+def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_Load]:
+    tensors = {k[len(PREFIX):]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
+    loads = []
+    for n, spec in specs.items():
+        keys = spec.file_keys(n)
+        missing = [PREFIX + k for k in keys if k not in tensors]
+        if missing:
+            problems.append(f"missing {missing} (the config adapts {n}: {spec.describe()})")
+            continue
+        A, B = tensors[keys[0]], tensors[keys[1]]
+        bad = False
+        for key, t, want in zip(keys, (A, B), spec.file_shapes):
+            if tuple(t.shape) != want:
+                problems.append(f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {want} "
+                                f"(rank {spec.file_rank} for {n} in the config)")
+                bad = True
+            elif not t.is_floating_point():
+                problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
+                bad = True
+        if bad:
+            continue
+        blocks = None
+        layer, adapter = targets[n]
+        blocky = spec.kind == "merged" or (adapter is not None and _structure(layer, adapter)[0] == "merged")
+        if blocky:
+            enable, split, r = (spec.enable_lora, spec.split_sizes, spec.r) if spec.kind == "merged" else (
+                adapter.enable_lora, adapter.split_sizes, adapter.r)
+            blocks = _blocks(B, split, enable, r)
+            if not torch.equal(LF.merged_lora_B(blocks, split, enable, r), B):
+                problems.append(f"{PREFIX}{keys[1]}: non-zero entries outside the blocks of slices {list(enable)}; "
+                                "it is not the fused-slice adapter the config names")
+                continue
+        loads.append(_Load(n, spec, A, B, blocks))
+    claimed = {k for n, spec in specs.items() for k in spec.file_keys(n)}
+    extra = [k for k in tensors if k not in claimed and _is_lora_key(k)]
+    for k in extra:
+        owner = k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+        problems.append(f"{PREFIX}{k}: no place for it (the config does not adapt {owner})")
+    return loads
+
+
+def _is_lora_key(key: str) -> bool:
+    return any(key.endswith("." + s) for pair in _LORA_KEYS.values() for s in pair)
+
+
+def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
+    """Inverse of LF.merged_lora_B: the (Σ enabled sizes, r) blocks of an expanded (out, r·k) B."""
+    rows, row, col = [], 0, 0
+    for size, enabled in zip(split_sizes, enable_lora):
+        if enabled:
+            rows.append(B[row : row + size, col : col + r])
+            col += r
+        row += size
+    return torch.cat(rows, dim=0)
+
+
+def _check_base_tensors(model, files, config, specs, mode, problems) -> dict[str, tuple[Tensor, Tensor]]:
+    """Non-LoRA tensors: each must be a modules_to_save / bias place the config names (or a targeted
+    module's base_layer.weight), with its shape; every required place must be in the file."""
+    try:
+        required = _base_places(model, config, set(specs))
+    except InjectionError as e:
+        problems.append(f"{e}")
+        return {}
+    optional = _base_places(model, config, set(specs), required_only=False)
+    tensors = {k[len(PREFIX):]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
+    out = {}
+    for key, t in tensors.items():
+        if _is_lora_key(key):
+            continue
+        place = optional.get(key)
+        if place is None:
+            problems.append(f"{PREFIX}{key}: no place for it (not a LoRA tensor, and the config's modules_to_save "
+                            f"and bias={config.bias!r} do not name it)")
+        elif place.shape != t.shape:
+            problems.append(f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
+        elif mode == "add" and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype)):
+            problems.append(f"{PREFIX}{key}: differs from the model's; a named adapter added next to others may not "
+                            "change the base model they share (load it alone)")
+        else:
+            out[key] = (place, t)
+    for key in required:
+        if key not in tensors:
+            problems.append(f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)")
+    for key in files.tensors:
+        if not key.startswith(PREFIX):
+            problems.append(f"{key}: no place for it (PEFT's keys start with {PREFIX!r})")
+    return out
+
+
+def _report(files: AdapterFiles, problems: list[str]) -> str:
+    shown = problems[:20]
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return (f"{files.weights_path} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
+            + "\n  ".join(shown) + more)
+
+
+@torch.no_grad()
+def _copy_into(layer: LoRALayer, adapter, load: _Load) -> None:
+    adapter.lora_A.copy_(load.A)
+    merged = _structure(layer, adapter)[0] == "merged"
+    adapter.lora_B.copy_(load.B_blocks if merged else load.B)
+
+
+def _add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig, loads: list[_Load]) -> None:
+    """Put each module's tensors in a new inactive AdapterWeights, wrapping plain modules first."""
+    for load in loads:
+        spec, n = load.spec, load.module
+        layer = model.get_submodule(n)
+        if not isinstance(layer, LoRALayer):
+            layer = _wrap_without_adapter(layer, spec, config)
+            _set_submodule(model, n, layer)
+        dtype = _lora_dtype(layer.weight, "auto")
+        device = layer.weight.device
+        fields = {"r": spec.r, "lora_alpha": spec.lora_alpha, "use_rslora": spec.use_rslora, "scaling": spec.scaling}
+        A, B = load.A, load.B
+        if spec.kind == "merged" and isinstance(layer, MergedLinear):
+            fields.update(enable_lora=spec.enable_lora, split_sizes=spec.split_sizes)
+            B = load.B_blocks
+        elif isinstance(layer, (Linear, MergedLinear)):  # one LoRA over the whole weight
+            k = sum(spec.enable_lora) if spec.kind == "merged" else 1
+            fields.update(r=spec.file_rank, lora_alpha=multi.alpha_for_slices(spec.lora_alpha, k, spec.use_rslora))
+            if isinstance(layer, MergedLinear):
+                fields.update(enable_lora=(True,), split_sizes=(layer.out_features,))
+        A, B = (nn.Parameter(t.to(device=device, dtype=dtype).clone()) for t in (A, B))
+        slot = AdapterWeights(adapter_name, fields, A, B, multi.dropout_for(layer, config.lora_dropout))
+        multi.store_adapter(layer, slot)
+
+
+def _wrap_without_adapter(module: nn.Module, spec: _Spec, config: LoRAConfig) -> LoRALayer:
+    """The LoRA layer class for ``module`` with no adapter of its own (r = 0): it computes ``module``."""
+    if type(module) is nn.Embedding:
+        layer = Embedding.from_base(module, r=0)
+    elif type(module) in _CONV:
+        layer = _CONV[type(module)].from_base(module, r=0)
+    else:
+        fifo = config.fan_in_fan_out or _is_gpt2_conv1d(module)
+        if spec.kind == "merged":
+            layer = MergedLinear.from_base(module, r=0, enable_lora=spec.enable_lora, split_sizes=spec.split_sizes,
+                                           fan_in_fan_out=fifo)
+        else:
+            layer = Linear.from_base(module, r=0, fan_in_fan_out=fifo)
+    layer.adapter_name = None
+    return layer
+
+
+# --- loralib checkpoints --------------------------------------------------------------------------
+def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
+    """A loralib ``lora_state_dict`` file (model state-dict keys) into the model's active adapter:
+    every key must be a LoRA parameter or bias of the model with its shape, and every LoRA parameter
+    of the active adapter must receive a tensor."""
+    if file.suffix == ".safetensors":
+        tensors, _ = read_safetensors(file)
+    else:
+        tensors = read_torch_file(file)
+    params = {}
+    for module_name, layer in lora_layers(model):
+        if layer.has_adapter:
+            for p in ("lora_A", "lora_B"):
+                params[f"{module_name}.{p}" if module_name else p] = getattr(layer, p)
+    if not params:
+        raise AdapterError(f"{file}: {type(model).__name__} has no active LoRA adapter to load a lora_state_dict into "
+                           "(inject or build the LoRA layers first)")
+    state = dict(model.named_parameters())
+    problems = [f"missing {k}" for k in params if k not in tensors]
+    for k, t in tensors.items():
+        place = params.get(k) if k in params else (state.get(k) if k.endswith("bias") else None)
+        if place is None:
+            problems.append(f"{k}: no place for it (not a LoRA parameter or bias of the model)")
+        elif place.shape != t.shape:
+            problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
+    if problems:
+        raise AdapterError(f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
+                           + "\n  ".join(problems[:20]))
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    with torch.no_grad():
+        for layer in merged:
+            layer.unmerge()
+        for k, t in tensors.items():
+            (params.get(k) if k in params else state[k]).copy_(t)
+        for layer in merged:
+            layer.merge()
+    return model

@@ -1,0 +1,24 @@
+"""Fine-tuning Phi-3 with LoRA on chat data: the training loop, checkpoints, the command lines.
+
+    from lora.finetune import finetune
+    finetune("Phi-3-mini-4k-instruct", "chat.jsonl", training_config, peft_config)
+
+This package sees everything (models, data, layers, adapters); nothing below imports it.
+"""
+
+from .config import IGNORED_KEYS, TrainingConfig
+from .generate import generate_replies, load_chat_model
+from .trainer import Trainer, TrainingError, TrainResult, finetune, load_configs, lr_factor
+
+__all__ = [
+    "TrainingConfig",
+    "IGNORED_KEYS",
+    "Trainer",
+    "TrainResult",
+    "TrainingError",
+    "finetune",
+    "load_configs",
+    "lr_factor",
+    "generate_replies",
+    "load_chat_model",
+]

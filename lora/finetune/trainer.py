@@ -1,0 +1,481 @@
+"""The training loop: LoRA fine-tuning of a causal LM on prepared chat data.
+
+    result = finetune("Phi-3-mini-4k-instruct/", "chat.jsonl", training_config, peft_config)
+
+or, with objects already in hand (the demo does this to evaluate the base model first):
+
+    trainer = Trainer(model, tokenizer, data, TrainingConfig(...), LoRAConfig(...))
+    trainer.train()
+
+Data order is a pure function of (seed, step): optimizer step s uses micro-batches
+s·G … s·G+G−1 (G = gradient_accumulation_steps) of one endless stream made of per-epoch
+permutations seeded with seed + epoch. Resuming therefore needs only the step, and a run resumed
+from a checkpoint gives the same loss at every later step as one never interrupted (the optimizer,
+the learning-rate position and the RNG state that dropout draws from are restored exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .._io import atomic_open
+from ..config import LoRAConfig
+from ..surgery import inject, trainable_parameters
+from .config import TrainingConfig
+from .state import latest_checkpoint, read_training_state, restore_optimizer_and_rng, rotate_checkpoints, write_checkpoint
+
+__all__ = ["Trainer", "TrainResult", "TrainingError", "finetune", "lr_factor", "load_configs"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says where the last good checkpoint is."""
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """The learning-rate multiplier for optimizer step ``step`` (0-based), as transformers' schedulers."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant_with_warmup":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"lr_scheduler_type={kind!r}")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    merged_dir: Path | None
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    metrics: list[dict] = field(default_factory=list)
+    plot: Path | None = None
+
+
+class Trainer:
+    """Fine-tunes the LoRA parameters of an injected model.
+
+    Args:
+        model: a causal LM whose ``forward(input_ids, attention_mask, position_ids, labels,
+            num_items_in_batch=...)`` returns ``.loss`` (lora's Phi-3), already injected with
+            :func:`lora.inject` (or injected here if ``peft`` is given and the model has no LoRA yet).
+        tokenizer: a :class:`lora.data.Tokenizer` (saved next to the adapter and the merged model).
+        data: a :class:`lora.data.ChatData`.
+        training: a :class:`TrainingConfig`.
+        peft: the :class:`lora.LoRAConfig` to inject with (ignored when the model is already injected).
+        base_model_name_or_path: recorded in adapter_config.json.
+        log: where log lines go (default: through tqdm, to stderr's neighbour stdout).
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        data,
+        training: TrainingConfig,
+        peft: LoRAConfig | None = None,
+        base_model_name_or_path: str | None = None,
+        log: Callable[[str], None] | None = None,
+        progress: bool = True,
+    ):
+        self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, training
+        self.output_dir = Path(training.output_dir)
+        self.base_model_name_or_path = base_model_name_or_path
+        self.progress = progress
+        self._log = log
+        if getattr(model, "lora_config", None) is None:
+            if peft is None:
+                raise ValueError("Trainer: the model has no LoRA layers and no peft config was given")
+            inject(model, peft)
+        self.peft = model.lora_config
+        if training.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("Trainer: the model has no trainable parameter")
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": training.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
+            eps=training.adam_epsilon, foreach=False,
+        )
+        n = len(data.train)
+        self.micro_per_epoch = math.ceil(n / training.per_device_train_batch_size)
+        self.steps_per_epoch = max(1, self.micro_per_epoch // training.gradient_accumulation_steps)
+        self.total_steps = (
+            training.max_steps if training.max_steps > 0
+            else max(1, math.ceil(training.num_train_epochs * self.steps_per_epoch))
+        )
+        self.warmup_steps = training.warmup_steps or math.ceil(training.warmup_ratio * self.total_steps)
+        self.collate = data.collate_fn()
+        self.step = 0
+        self._perm_cache: tuple[int, list[int]] | None = None
+
+    # --- logging -----------------------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        if self._log is not None:
+            self._log(line)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stdout)
+
+    def _append_metrics(self, row: dict) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # --- data ----------------------------------------------------------------------------------------
+    def _micro_batch(self, index: int) -> dict:
+        epoch, k = divmod(index, self.micro_per_epoch)
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.data.train), generator=g).tolist())
+        bs = self.cfg.per_device_train_batch_size
+        ids = self._perm_cache[1][k * bs : (k + 1) * bs]
+        return self.collate([self.data.train[i] for i in ids])
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, batch: dict, num_items: int | None = None):
+        dev = self._device()
+        return self.model(
+            input_ids=batch["input_ids"].to(dev),
+            attention_mask=batch["attention_mask"].to(dev),
+            position_ids=batch["position_ids"].to(dev),
+            labels=batch["labels"].to(dev),
+            num_items_in_batch=num_items,
+        )
+
+    @staticmethod
+    def _count_labels(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    # --- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence | None = None) -> float | None:
+        """Token-weighted mean loss over the eval examples (None when there are none)."""
+        examples = self.data.eval if examples is None else examples
+        if not examples:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.cfg.per_device_eval_batch_size
+        for i in range(0, len(examples), bs):
+            batch = self.collate(list(examples[i : i + bs]))
+            n = self._count_labels(batch)
+            if n == 0:
+                continue
+            total += float(self._forward(batch, num_items=1).loss)  # num_items=1: the summed loss
+            count += n
+        self.model.train(was_training)
+        return total / count if count else None
+
+    def _log_eval(self, loss: float | None) -> None:
+        if loss is None:
+            return
+        ppl = math.exp(min(loss, 50.0))
+        self._append_metrics({"step": self.step, "eval_loss": loss, "eval_perplexity": ppl})
+        self.log(f"step {self.step:>6d} | eval loss {loss:.4f} | perplexity {ppl:.2f}")
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def _write_adapter(self, directory: Path) -> None:
+        from ..adapters import save_adapter
+
+        save_adapter(self.model, directory, base_model_name_or_path=self.base_model_name_or_path)
+
+    def save_checkpoint(self) -> Path:
+        path = write_checkpoint(
+            self.output_dir, self.step, self.optimizer, self._write_adapter,
+            {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
+             "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path},
+        )
+        _fsync_path(self.output_dir / METRICS_FILE)
+        for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
+            self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
+        return path
+
+    def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
+        """Restore adapter, optimizer, step and RNG from ``checkpoint`` (default: the newest complete one
+        in output_dir); returns the step to continue from (0 when there is no checkpoint)."""
+        from ..adapters import load_adapter
+
+        checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            self.log(f"no checkpoint in {self.output_dir}: starting from step 0")
+            return 0
+        state, tensors = read_training_state(checkpoint)
+        load_adapter(self.model, checkpoint)
+        restore_optimizer_and_rng(self.optimizer, state, tensors)
+        self.step = int(state["step"])
+        self._truncate_metrics(self.step)
+        self.log(f"resumed from {checkpoint} at step {self.step}")
+        return self.step
+
+    def _truncate_metrics(self, step: int) -> None:
+        # Rows logged after the checkpoint by the interrupted run are logged again by this one.
+        path = self.output_dir / METRICS_FILE
+        if not path.exists():
+            return
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        keep = []
+        for line in rows:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut by the kill
+        with atomic_open(path, "w") as f:
+            f.write("".join(r + "\n" for r in keep))
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
+        """Run until ``total_steps``; evaluate at eval_steps and at the end; checkpoint at save_steps.
+
+        Raises :class:`TrainingError` on a non-finite loss (no checkpoint is written for that step).
+        """
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if resume:
+            self.resume(None if resume is True else resume)
+        elif (self.output_dir / METRICS_FILE).exists():
+            (self.output_dir / METRICS_FILE).unlink()  # a fresh run starts a fresh log
+        trainable, total = trainable_parameters(self.model)
+        self.log(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+        self.log(
+            f"{len(self.data.train)} training sequences, {self.micro_per_epoch} micro-batches of "
+            f"{cfg.per_device_train_batch_size} per epoch, gradient accumulation {cfg.gradient_accumulation_steps}: "
+            f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, {cfg.lr_scheduler_type} schedule)"
+        )
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        window_loss, window_steps, window_tokens = 0.0, 0, 0
+        window_start = time.perf_counter()
+        run_start = time.perf_counter()
+        start_step = self.step
+        last_loss = None
+        while self.step < self.total_steps:
+            lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            G = cfg.gradient_accumulation_steps
+            batches = [self._micro_batch(self.step * G + i) for i in range(G)]
+            num_items = max(1, sum(self._count_labels(b) for b in batches))
+            step_loss = 0.0
+            for batch in batches:
+                loss = self._forward(batch, num_items=num_items).loss
+                loss.backward()
+                step_loss += float(loss.detach())
+                window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
+                                     else batch["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                bar.close()
+                last = latest_checkpoint(self.output_dir)
+                raise TrainingError(
+                    f"loss is {step_loss} at step {self.step + 1}: stopping. "
+                    + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
+                    + " Try a lower learning_rate, or fp32 instead of bf16."
+                )
+            grad_norm = None
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            last_loss = step_loss
+            window_loss += step_loss
+            window_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                elapsed = now - run_start
+                tps = window_tokens / max(now - window_start, 1e-9)
+                eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
+                row = {"step": self.step, "loss": window_loss / window_steps, "learning_rate": lr,
+                       "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
+                       "grad_norm": grad_norm, "elapsed": elapsed}
+                self._append_metrics(row)
+                self.log(
+                    f"step {self.step:>6d}/{self.total_steps} | loss {row['loss']:.4f} | lr {lr:.3e} | "
+                    f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}"
+                )
+                window_loss, window_steps, window_tokens = 0.0, 0, 0
+                window_start = time.perf_counter()
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
+                self._log_eval(self.evaluate())
+            if self.step % cfg.save_steps == 0 and self.step != self.total_steps:
+                path = self.save_checkpoint()
+                self.log(f"saved {path}")
+        bar.close()
+        eval_loss = self.evaluate()
+        self._log_eval(eval_loss)
+        final = self.save_checkpoint()  # always: a later --resume with a larger max_steps continues from here
+        self.log(f"saved {final}")
+        adapter_dir = self.output_dir / "adapter"
+        self._write_adapter(adapter_dir)
+        plot = plot_metrics(self.output_dir)
+        return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
+                           read_metrics(self.output_dir), plot)
+
+    def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
+        """Merge the adapter into the base weights and write a full checkpoint directory
+        (config.json, safetensors, tokenizer files) that ``Phi3ForCausalLM.from_pretrained`` and
+        transformers read. The model is unloaded in place: plain layers from here on."""
+        from ..surgery import merge_and_unload
+
+        directory = Path(directory) if directory is not None else self.output_dir / "merged"
+        merged = merge_and_unload(self.model)
+        merged.save_pretrained(directory)
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(directory)
+        return directory
+
+
+def _fsync_path(path: Path) -> None:
+    if path.exists():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_metrics(output_dir: str | os.PathLike) -> Path | None:
+    """``loss_curve.png`` from metrics.jsonl when matplotlib is installed; None otherwise."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(output_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(output_dir) / "loss_curve.png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            data = json.loads(raw)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
+        raise ValueError(f"--config {path}: cannot parse ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
+    unknown = set(data) - {"training_config", "peft_config"}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
+
+
+def finetune(
+    model_dir: str | os.PathLike,
+    train_file: str | os.PathLike | Sequence,
+    training_config: dict | TrainingConfig,
+    peft_config: dict | LoRAConfig,
+    eval_file: str | os.PathLike | None = None,
+    resume: bool = False,
+    merge: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
+
+    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
+    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    """
+    from ..data import Tokenizer, prepare_chat_data
+    from ..models import Phi3ForCausalLM
+
+    training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
+    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
+    say = log or print
+    torch.manual_seed(training.seed)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    data = prepare_chat_data(
+        train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
+        eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
+        seed=training.seed, packing=training.packing, on_error=training.on_error,
+    )
+    say(data.summary())
+    dtype = torch.bfloat16 if training.bf16 else torch.float32
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    inject(model, peft)
+    trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
+                      progress=progress)
+    result = trainer.train(resume=resume)
+    if merge:
+        result.merged_dir = trainer.merge_and_save()
+        say(f"merged model written to {result.merged_dir}")
+    return result

@@ -1,0 +1,440 @@
+"""Several adapters in one model: names, switching, running without, deleting, combining, mixed batches.
+
+An extension of the one-adapter design, not its spine. Each LoRA layer keeps its *active* adapter
+in its own ``lora_A`` / ``lora_B`` (so its forward, merging and state dict are those of a layer with
+one adapter) and any others in a ``lora_inactive`` ModuleDict of
+:class:`~lora.layers.AdapterWeights`. Switching moves Parameter objects between the two: nothing is
+copied, and an optimizer holding an adapter's parameters keeps holding them.
+
+    lora.load_adapter(model, "chat", adapter_name="chat")      # added, not active
+    lora.set_adapter(model, "chat")
+    with lora.disabled(model): base_logits = model(ids).logits
+    lora.add_weighted_adapter(model, ["default", "chat"], [0.5, 0.5], "mix")
+    with lora.mixed_batch(model, ["default", "chat", None]): out = model(ids)   # one adapter per sample
+    lora.delete_adapter(model, "chat")
+
+A layer that an adapter does not touch runs its base layer while that adapter is active. The model
+keeps each adapter's config in ``model.lora_configs`` (name -> LoRAConfig), and ``model.lora_config``
+is the active adapter's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+import re
+from collections import Counter
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as LF
+from .config import LoRAConfig
+from .layers import Embedding, LoRALayer, MergedLinear
+from .layers.base import AdapterWeights
+from .layers.utils import lora_layers
+from .surgery import fused_splits
+
+__all__ = [
+    "adapter_names",
+    "active_adapter",
+    "set_adapter",
+    "disabled",
+    "delete_adapter",
+    "add_weighted_adapter",
+    "mixed_batch",
+]
+
+STORE = "lora_inactive"  # the ModuleDict of a layer's inactive adapters
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_RESERVED = set(dir(nn.ModuleDict()))
+
+
+# --- one layer ----------------------------------------------------------------------------------
+def check_adapter_name(name) -> str:
+    """Adapter names key ModuleDicts: letters, digits, ``_`` and ``-``, and no nn.Module attribute name."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED:
+        raise ValueError(
+            f"adapter_name={name!r}: expected a non-empty string of letters, digits, '_' or '-' "
+            "that is not an nn.Module attribute name"
+        )
+    return name
+
+
+def _store(layer: LoRALayer, create: bool = False) -> nn.ModuleDict | None:
+    store = layer._modules.get(STORE)
+    if store is None and create:
+        store = nn.ModuleDict()
+        layer.add_module(STORE, store)
+    return store
+
+
+def _drop_empty_store(layer: LoRALayer) -> None:
+    store = layer._modules.get(STORE)
+    if store is not None and len(store) == 0:
+        del layer._modules[STORE]
+
+
+def layer_active(layer: LoRALayer) -> str | None:
+    """The name of the adapter ``layer`` runs, or None when it runs its base layer."""
+    return layer.adapter_name if layer.has_adapter else None
+
+
+def layer_adapter(layer: LoRALayer, name: str):
+    """The layer itself when ``name`` is its active adapter, its stored AdapterWeights when inactive,
+    else None. Either way the result has ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``, ...."""
+    if layer_active(layer) == name:
+        return layer
+    store = _store(layer)
+    return store[name] if store is not None and name in store else None
+
+
+def store_adapter(layer: LoRALayer, slot: AdapterWeights) -> None:
+    """Keep ``slot`` in the layer as an inactive adapter."""
+    _store(layer, create=True)[slot.adapter_name] = slot
+
+
+def _activate(layer: LoRALayer, name: str | None, merge: bool | None = None) -> None:
+    if layer_active(layer) == name:
+        return
+    was_merged = layer.merged
+    slot = layer.pop_adapter()
+    if slot is not None:
+        store_adapter(layer, slot)
+    store = _store(layer)
+    if name is not None and store is not None and name in store:
+        layer.put_adapter(store.pop(name))
+        if merge if merge is not None else (was_merged or (layer.merge_weights and not layer.training)):
+            layer.merge()
+    _drop_empty_store(layer)
+
+
+# --- the model's adapters -----------------------------------------------------------------------
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters in ``model`` (active or not), in the order they were added."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        active = layer_active(layer)
+        if active is not None:
+            names[active] = None
+        store = _store(layer)
+        if store is not None:
+            names.update(dict.fromkeys(store.keys()))
+    registered = model.__dict__.get("lora_configs") or {}
+    return [n for n in registered if n in names] + [n for n in names if n not in registered]
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter ``model`` runs, or None (no adapter, or inside :func:`disabled`)."""
+    for _, layer in lora_layers(model):
+        if layer_active(layer) is not None:
+            return layer.adapter_name
+    return None
+
+
+def adapter_layers(model: nn.Module, name: str) -> Iterator[tuple[str, LoRALayer, object]]:
+    """``(module name, layer, adapter)`` for each layer holding adapter ``name`` (see :func:`layer_adapter`)."""
+    for module_name, layer in lora_layers(model):
+        adapter = layer_adapter(layer, name)
+        if adapter is not None:
+            yield module_name, layer, adapter
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig | None]:
+    """``model.lora_configs``, created on first use from ``model.lora_config`` (what inject set)."""
+    configs = model.__dict__.get("lora_configs")
+    if configs is None:
+        configs = {}
+        names = adapter_names(model)
+        config = getattr(model, "lora_config", None)
+        if config is not None and names:
+            configs["default" if "default" in names else names[0]] = config
+        model.lora_configs = configs
+    return configs
+
+
+def adapter_config(model: nn.Module, name: str) -> LoRAConfig | None:
+    return adapter_configs(model).get(name)
+
+
+def register_adapter(model: nn.Module, name: str, config: LoRAConfig | None) -> None:
+    adapter_configs(model)[name] = config
+
+
+def _require(model: nn.Module, name: str) -> None:
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"adapter {name!r}: {type(model).__name__} has no such adapter (it has {names})")
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the adapter every layer runs (None: none, the base model). Layers that adapter
+    does not touch run their base layer. A layer that was merged (or that merges in eval mode,
+    ``merge_weights``) is merged with its new adapter. Raises ``ValueError`` for an unknown name."""
+    if name is not None:
+        _require(model, name)
+    configs = adapter_configs(model)
+    for _, layer in lora_layers(model):
+        _activate(layer, name)
+    if name is not None and configs.get(name) is not None:
+        model.lora_config = configs[name]
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """``with lora.disabled(model): ...`` runs the base model; the active adapter (and merged state)
+    come back on exit, also after an exception."""
+    previous = active_adapter(model)
+    merged = {name for name, layer in lora_layers(model) if layer.merged}
+    for _, layer in lora_layers(model):
+        _activate(layer, None)
+    try:
+        yield model
+    finally:
+        if previous is not None:
+            for name, layer in lora_layers(model):
+                _activate(layer, previous, merge=name in merged)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer. A layer left with no adapter at all becomes the
+    torch layer it wrapped again; when no adapter is left, ``model.lora_config`` goes too and the model
+    can be injected afresh. Raises ``ValueError`` for an unknown name."""
+    _require(model, name)
+    for module_name, layer in list(lora_layers(model)):
+        if layer_active(layer) == name:
+            layer.pop_adapter()
+        else:
+            store = _store(layer)
+            if store is not None and name in store:
+                del store[name]
+                _drop_empty_store(layer)
+        base = layer.__dict__.get("_lora_base_module")
+        if not layer.has_adapter and _store(layer) is None and base is not None and module_name:
+            base.train(layer.training)
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, base)
+    configs = adapter_configs(model)
+    removed = configs.pop(name, None)
+    left = adapter_names(model)
+    if not left and not any(True for _ in lora_layers(model)):
+        model.__dict__.pop("lora_configs", None)
+        if hasattr(model, "lora_config"):
+            del model.lora_config
+    elif getattr(model, "lora_config", None) is removed:
+        active = active_adapter(model)
+        model.lora_config = configs.get(active) if active is not None else None
+
+
+# --- combining ----------------------------------------------------------------------------------
+def as_one_lora(layer: LoRALayer, adapter) -> tuple[Tensor, Tensor, float]:
+    """``(A, B, scaling)`` with ΔW = scaling · B A as one LoRA over the layer's whole weight: a
+    MergedLinear adapter's B expanded to every output row (zeros on slices it leaves alone)."""
+    if isinstance(layer, MergedLinear):
+        B = LF.merged_lora_B(adapter.lora_B, adapter.split_sizes, adapter.enable_lora, adapter.r)
+        return adapter.lora_A, B, adapter.scaling
+    return adapter.lora_A, adapter.lora_B, adapter.scaling
+
+
+def alpha_for_slices(lora_alpha: float, k: int, use_rslora: bool) -> float:
+    """The lora_alpha under which rank r·k has the scaling that rank r has under ``lora_alpha``:
+    α·k (α/(r·k) = (α/r)), or α·√k with rank-stabilised scaling; α itself for k = 1."""
+    if k == 1:
+        return lora_alpha
+    return lora_alpha * (math.sqrt(k) if use_rslora else k)
+
+
+def _one_lora_fields(layer: LoRALayer, rank: int) -> dict:
+    # scaling exactly 1: the combined B already carries each adapter's weight and scaling.
+    fields = {"r": rank, "lora_alpha": float(rank), "use_rslora": False, "scaling": 1.0}
+    if isinstance(layer, MergedLinear):
+        fields.update(enable_lora=(True,), split_sizes=(layer.out_features,))
+    return fields
+
+
+@torch.no_grad()
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "cat",
+    svd_rank: int | None = None,
+) -> None:
+    """Add adapter ``adapter_name`` with ΔW = Σ weights[i] · ΔW(adapters[i]) on every layer (inactive).
+
+    ``combination_type``:
+      "cat" (exact): the adapters concatenated along the rank, A = [A_1; A_2; ...],
+        B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], scaling 1, rank Σ r_i (a MergedLinear adapter counts as
+        the one LoRA over the fused matrix it equals, rank r·k).
+      "svd" (approximate): the best rank-``svd_rank`` approximation of the weighted sum (default: the
+        largest rank among the adapters), from a truncated SVD of the dense ΔW of each layer.
+    Weights may be negative (task arithmetic). The new adapter's tensors are in the dtype of the
+    first adapter's. Raises ``ValueError`` for unknown names, an existing ``adapter_name``, weights
+    not matching adapters, or an unknown combination_type.
+    """
+    adapters = list(adapters)
+    weights = list(weights)
+    if not adapters:
+        raise ValueError("adapters=[]: name at least one adapter to combine")
+    for a in adapters:
+        _require(model, a)
+    check_adapter_name(adapter_name)
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"adapter_name={adapter_name!r}: the model already has an adapter of that name")
+    if len(weights) != len(adapters) or not all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+    ):
+        raise ValueError(f"weights={weights!r}: expected {len(adapters)} finite numbers, one per adapter")
+    if combination_type not in ("cat", "svd"):
+        raise ValueError(f"combination_type={combination_type!r}: expected 'cat' or 'svd'")
+
+    for _, layer in lora_layers(model):
+        parts = [(layer_adapter(layer, a), w) for a, w in zip(adapters, weights)]
+        parts = [(as_one_lora(layer, ad), w) for ad, w in parts if ad is not None]
+        if not parts:
+            continue
+        dtype = parts[0][0][0].dtype
+        if combination_type == "cat":
+            A = torch.cat([a.to(dtype) for (a, _, _), _ in parts], dim=0)
+            B = torch.cat([(b * (w * s)).to(dtype) for (_, b, s), w in parts], dim=1)
+        else:
+            A, B = _svd_combination(parts, svd_rank, dtype)
+        slot = AdapterWeights(adapter_name, _one_lora_fields(layer, A.shape[0]),
+                              nn.Parameter(A.contiguous()), nn.Parameter(B.contiguous()))
+        store_adapter(layer, slot)
+    register_adapter(model, adapter_name, config_from_layers(model, adapter_name))
+
+
+def _svd_combination(parts, svd_rank, dtype) -> tuple[Tensor, Tensor]:
+    (A0, B0, _), _ = parts[0]
+    out, a_tail = B0.shape[0], A0.shape[1:]
+    ones = B0.shape[2:]
+    delta = sum(w * s * (b.reshape(out, -1).double() @ a.reshape(a.shape[0], -1).double()) for (a, b, s), w in parts)
+    rank = svd_rank if svd_rank is not None else max(a.shape[0] for (a, _, _), _ in parts)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"svd_rank={svd_rank!r}: expected a positive int")
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    rank = min(rank, S.shape[0])
+    B = (U[:, :rank] * S[:rank]).to(dtype).reshape(out, rank, *ones)
+    A = Vh[:rank].to(dtype).reshape(rank, *a_tail)
+    return A, B
+
+
+def config_from_layers(model: nn.Module, name: str) -> LoRAConfig:
+    """A LoRAConfig describing adapter ``name`` as its layers hold it: full module names as targets
+    (``"model.layers.0.self_attn.qkv_proj[q,v]"`` for a MergedLinear over declared fused slices), the
+    most common rank and alpha, and exact-name rank/alpha patterns for the others."""
+    splits = fused_splits(model)
+    targets, ranks, alphas, rslora = [], {}, {}, set()
+    for module_name, layer, adapter in adapter_layers(model, name):
+        rslora.add(bool(adapter.use_rslora))
+        r, alpha = adapter.r, adapter.lora_alpha
+        if isinstance(layer, MergedLinear):
+            known = splits.get(module_name.rpartition(".")[2])
+            k = sum(adapter.enable_lora)
+            if known is not None and tuple(known.values()) == tuple(adapter.split_sizes) and len(known) > 1:
+                chosen = [s for s, e in zip(known, adapter.enable_lora) if e]
+                module_name_entry = f"{module_name}[{','.join(chosen)}]"
+            else:  # one LoRA over the fused matrix, as it exports
+                module_name_entry = module_name
+                r, alpha = r * k, alpha_for_slices(alpha, k, adapter.use_rslora)
+            targets.append(module_name_entry)
+        else:
+            targets.append(module_name)
+        ranks[module_name], alphas[module_name] = r, alpha
+    if not targets:
+        raise ValueError(f"adapter {name!r}: no layer of {type(model).__name__} holds it")
+    if len(rslora) > 1:
+        raise ValueError(f"adapter {name!r}: its layers disagree on use_rslora; a config holds one value")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return LoRAConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora.pop(),
+        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+    )
+
+
+# --- mixed batches ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names_per_sample: Sequence[str | None]):
+    """``with lora.mixed_batch(model, ["a", None, "b", "a"]): out = model(ids)``: sample i of every
+    forward inside runs adapter ``adapter_names_per_sample[i]`` (None: the base model).
+
+    Each LoRA layer runs once per distinct name on its samples (``x.index_select(0, ...)``) and
+    puts the rows back in order, so each sample gets what running its adapter alone gives. The first
+    dimension of every adapted layer's input must be the batch (raises ``ValueError`` otherwise:
+    e.g. a loss path that flattens tokens before an adapted output head). Layers are unmerged inside
+    and merged again on exit. Raises ``ValueError`` for an unknown adapter name.
+    """
+    names = list(adapter_names_per_sample)
+    if not names:
+        raise ValueError("adapter_names=[]: expected one adapter name (or None) per sample")
+    for n in set(names) - {None}:
+        _require(model, n)
+    groups: dict[str | None, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    index = {n: torch.tensor(idx, dtype=torch.long) for n, idx in groups.items()}
+    order = torch.cat(list(index.values()))
+    routing = _Routing(len(names), index, torch.argsort(order))
+
+    layers = list(lora_layers(model))
+    restore = []
+    for _, layer in layers:
+        restore.append((layer_active(layer), layer.merged))
+        _activate(layer, None)
+        layer.forward = functools.partial(_mixed_forward, layer, routing)
+    try:
+        yield model
+    finally:
+        for (_, layer), (active, was_merged) in zip(layers, restore):
+            layer.__dict__.pop("forward", None)
+            if active is not None:
+                _activate(layer, active, merge=was_merged)
+
+
+class _Routing:
+    """Which samples run which adapter; index tensors cached per device."""
+
+    def __init__(self, batch: int, index: dict, inverse: Tensor):
+        self.batch, self._index, self._inverse = batch, index, inverse
+        self._cache: dict = {}
+
+    def on(self, device) -> tuple[dict, Tensor]:
+        if device not in self._cache:
+            self._cache[device] = ({n: i.to(device) for n, i in self._index.items()}, self._inverse.to(device))
+        return self._cache[device]
+
+
+def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwargs) -> Tensor:
+    if x.shape[0] != routing.batch:
+        raise ValueError(
+            f"mixed_batch: {routing.batch} adapter names, but a {type(layer).__name__} got an input of shape "
+            f"{tuple(x.shape)}: the first dimension of every adapted layer's input must be the batch"
+        )
+    forward = type(layer).forward
+    store = _store(layer)
+    index, inverse = routing.on(x.device)
+    outputs = []
+    for name, idx in index.items():
+        slot = store[name] if name is not None and store is not None and name in store else None
+        if slot is not None:
+            layer.put_adapter(slot)  # shared with the store for this call only
+        try:
+            rows = x if len(index) == 1 else x.index_select(0, idx)
+            outputs.append(forward(layer, rows, *args, **kwargs))
+        finally:
+            if slot is not None:
+                layer.clear_adapter()
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat(outputs).index_select(0, inverse)
+
+
+def dropout_for(layer: LoRALayer, p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 and not isinstance(layer, Embedding) else nn.Identity()

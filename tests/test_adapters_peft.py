@@ -1,0 +1,196 @@
+"""Exactness against PEFT: our adapters loaded by PeftModel.from_pretrained onto transformers' Phi-3, and
+PEFT-trained adapters loaded by lora.load_adapter into our Phi-3, give the same logits (fp32, <= 1e-5).
+
+Everything is built in memory from tiny configs; nothing touches the network. Skips without peft or
+transformers (a test extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import lora  # noqa: E402
+from lora.adapters import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from lora.models import Phi3Config, Phi3ForCausalLM  # noqa: E402
+from reference import randomize_lora  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Setting `save_embedding_layers`:UserWarning", "ignore:`is_gradient_checkpointing`:FutureWarning"
+)
+ATOL = 1e-5
+IDS = torch.tensor([[3, 5, 7, 11, 13, 17, 19], [2, 4, 6, 8, 10, 12, 14]])
+PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def pair():
+    """transformers' Phi-3 and ours with the same base weights (and a copy of them)."""
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3)).eval()
+    base = {k: v.clone() for k, v in hf.state_dict().items()}
+    ours = Phi3ForCausalLM(Phi3Config(**PHI3)).eval()
+    ours.load_state_dict(base)
+    return hf, ours, base
+
+
+def ours_with(base) -> Phi3ForCausalLM:
+    model = Phi3ForCausalLM(Phi3Config(**PHI3)).eval()
+    model.load_state_dict(base)
+    return model
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_our_adapter_with_fused_slices_loads_in_peft_with_equal_logits(tmp_path, use_rslora):
+    hf, ours, _ = pair()
+    config = lora.LoRAConfig(
+        r=4, lora_alpha=8, use_rslora=use_rslora,
+        target_modules=["qkv_proj[q,v]", "o_proj", "gate_up_proj[up]", "down_proj", "embed_tokens"],
+        rank_pattern={r"layers\.1\.self_attn\.o_proj": 2}, alpha_pattern={"down_proj": 3},
+        modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+    )
+    lora.inject(ours, config)
+    g = torch.Generator().manual_seed(1)
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, generator=g, scale=0.1)
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(1.5)
+        want = ours(IDS).logits
+    lora.save_adapter(ours, tmp_path, base_model_name_or_path="tiny-phi3")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    assert type(peft_model.base_model.model.model.layers[0].self_attn.qkv_proj).__name__ == "Linear"  # PEFT's LoRA Linear
+    with torch.no_grad():
+        got = peft_model(input_ids=IDS).logits
+    assert max_diff(got, want) <= ATOL
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_trained_adapter_loads_into_our_phi3_with_equal_logits(tmp_path, use_rslora):
+    hf, _, base = pair()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, use_rslora=use_rslora, init_lora_weights=False,
+        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"layers.0.self_attn.o_proj": 2}, alpha_pattern={"down_proj": 5},
+        modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+    )
+    peft_model = peft.get_peft_model(hf, config)
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = peft_model(input_ids=IDS, labels=IDS).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=IDS).logits
+    peft_model.save_pretrained(tmp_path)
+
+    ours = ours_with(base)
+    lora.load_adapter(ours, tmp_path)
+    assert ours.model.layers[0].self_attn.o_proj.r == 2 and ours.model.layers[0].mlp.down_proj.lora_alpha == 5
+    assert ours.lm_head.weight.requires_grad  # modules_to_save: trainable, and loaded
+    with torch.no_grad():
+        assert max_diff(ours(IDS).logits, want) <= ATOL
+
+
+def test_peft_round_trip_of_our_fused_adapter_comes_back_exact(tmp_path):
+    hf, ours, base = pair()
+    lora.inject(ours, lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["qkv_proj[q,v]", "o_proj"]))
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, scale=0.1)
+    with torch.no_grad():
+        want = ours(IDS).logits
+    lora.save_adapter(ours, tmp_path / "ours")
+    peft.PeftModel.from_pretrained(hf, tmp_path / "ours").save_pretrained(tmp_path / "peft")
+    again = ours_with(base)
+    lora.load_adapter(again, tmp_path / "peft")  # PEFT dropped our header: a plain LoRA over qkv_proj
+    assert type(again.model.layers[0].self_attn.qkv_proj) is lora.Linear
+    with torch.no_grad():
+        assert max_diff(again(IDS).logits, want) <= ATOL
+
+
+def test_peft_legacy_bin_adapter_loads_without_unpickling_code(tmp_path):
+    hf, _, base = pair()
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=IDS).logits
+    peft_model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / WEIGHTS_NAME).exists()
+    ours = ours_with(base)
+    lora.load_adapter(ours, tmp_path)
+    with torch.no_grad():
+        assert max_diff(ours(IDS).logits, want) <= ATOL
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=0)
+        self.conv = nn.Conv2d(8, 8, (3, 1), padding=(1, 0), stride=1)
+        self.q_proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids):
+        h = self.embed(ids)  # (b, s, 8)
+        h = self.conv(h.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return self.head(torch.tanh(self.q_proj(h)))
+
+
+def toy() -> Toy:
+    torch.manual_seed(0)
+    return Toy().eval()
+
+
+def test_conv_and_embedding_adapters_cross_both_ways(tmp_path):
+    ours = lora.inject(toy(), lora.LoRAConfig(r=3, lora_alpha=6, target_modules=["embed", "conv", "q_proj"], bias="lora_only"))
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer)
+    with torch.no_grad():
+        ours.q_proj.bias.add_(0.25)
+        want = ours(IDS % 20)
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(toy(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert max_diff(theirs(IDS % 20), want) <= ATOL
+
+    trained = peft.get_peft_model(toy(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["embed", "conv", "q_proj"],
+                                                         init_lora_weights=False))
+    trained.eval()
+    with torch.no_grad():
+        want = trained(IDS % 20)
+    trained.save_pretrained(tmp_path / "peft")
+    body = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    assert body["peft_type"] == "LORA"
+    mine = lora.load_adapter(toy(), tmp_path / "peft")
+    assert isinstance(mine.conv, lora.Conv2d) and mine.conv.lora_B.shape == (8, 2, 1, 1)
+    with torch.no_grad():
+        assert max_diff(mine(IDS % 20), want) <= ATOL
+
+
+def test_our_config_is_read_by_peft_with_every_field(tmp_path):
+    _, ours, _ = pair()
+    lora.inject(ours, lora.LoRAConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear",
+                                      task_type="CAUSAL_LM"))
+    lora.save_adapter(ours, tmp_path, base_model_name_or_path="microsoft/Phi-3-mini-4k-instruct")
+    config = peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(config, peft.LoraConfig)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.1)
+    assert config.target_modules == "all-linear" and config.task_type == "CAUSAL_LM"
+    assert config.base_model_name_or_path == "microsoft/Phi-3-mini-4k-instruct" and config.inference_mode

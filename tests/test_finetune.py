@@ -1,0 +1,258 @@
+"""The fine-tuning job: configs, schedules, the loop, checkpoints, resume, merge, the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora
+from lora.data import DataError, Tokenizer, prepare_chat_data
+from lora.finetune import Trainer, TrainingConfig, TrainingError, finetune, lr_factor
+from lora.finetune.__main__ import main as cli_main
+from lora.finetune.state import list_checkpoints, write_checkpoint
+from lora.models import Phi3ForCausalLM
+from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
+
+PEFT = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "bias": "none", "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear", "modules_to_save": None}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
+
+
+def training(tmp_path, **over) -> dict:
+    cfg = {"output_dir": str(tmp_path / "out"), "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+           "per_device_eval_batch_size": 8, "max_steps": 8, "lr_scheduler_type": "constant", "logging_steps": 1,
+           "save_steps": 4, "seed": 0, "max_seq_length": 64, "eval_fraction": 0.2}
+    cfg.update(over)
+    return cfg
+
+
+def losses(output_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# --- configs ---------------------------------------------------------------------------------------
+RECIPE = {  # sample_finetune.py from the Phi-3 model card, as written (plus what it passes to its trainer)
+    "bf16": True, "do_eval": False, "learning_rate": 5.0e-06, "log_level": "info", "logging_steps": 20,
+    "logging_strategy": "steps", "lr_scheduler_type": "cosine", "num_train_epochs": 1, "max_steps": -1,
+    "output_dir": "./checkpoint_dir", "overwrite_output_dir": True, "per_device_eval_batch_size": 4,
+    "per_device_train_batch_size": 4, "remove_unused_columns": True, "save_steps": 100, "save_total_limit": 1,
+    "seed": 0, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_accumulation_steps": 1, "warmup_ratio": 0.2, "max_seq_length": 2048, "packing": True,
+}
+
+
+def test_the_phi3_recipe_training_config_is_accepted_as_written():
+    cfg = TrainingConfig.from_dict(RECIPE)
+    assert cfg.bf16 and cfg.packing and cfg.lr_scheduler_type == "cosine" and cfg.max_seq_length == 2048
+    lora.LoRAConfig(**PEFT)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"learning_rat": 1e-4}, r"unknown key 'learning_rat'"),
+    ({"logging_strategy": "epoch"}, r"logging_strategy='epoch': not supported"),
+    ({"lr_scheduler_type": "polynomial"}, r"lr_scheduler_type='polynomial'"),
+    ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size=0"),
+    ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5"),
+    ({"gradient_checkpointing_kwargs": {"use_reentrant": True}}, r"use_reentrant"),
+])
+def test_bad_training_keys_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainingConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+def test_schedules_match_transformers(kind):
+    transformers = pytest.importorskip("transformers")
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = transformers.get_scheduler(kind, opt, num_warmup_steps=5, num_training_steps=30)
+    for step in range(30):
+        assert math.isclose(opt.param_groups[0]["lr"], lr_factor(step, 30, 5 if kind != "constant" else 0, kind),
+                            abs_tol=1e-9), (kind, step)
+        opt.step()
+        sched.step()
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+def test_finetune_trains_logs_checkpoints_and_rotates(ckpt, data_file, tmp_path):
+    cfg = training(tmp_path, max_steps=12, save_total_limit=2, eval_steps=6, learning_rate=2e-2)
+    result = finetune(ckpt, data_file, cfg, PEFT, progress=False, log=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert all({"step", "loss", "learning_rate", "tokens_per_second"} <= r.keys() for r in train_rows)
+    assert [r["step"] for r in eval_rows] == [6, 12] and all(r["eval_loss"] > 0 for r in eval_rows)
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [8, 12]  # save_total_limit=2
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    assert result.steps == 12 and result.eval_loss == eval_rows[-1]["eval_loss"]
+
+
+def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
+    cfg = TrainingConfig.from_dict(cfg_dict)
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer.from_pretrained(ckpt)
+    data = prepare_chat_data(data_file, tok, cfg.max_seq_length, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16 if cfg.bf16 else None)
+    lora.inject(model, lora.LoRAConfig(**PEFT))
+    return Trainer(model, tok, data, cfg, log=log, progress=False)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp_path):
+    full = training(tmp_path / "a", max_steps=10, lr_scheduler_type="cosine", warmup_ratio=0.2, save_steps=4,
+                    gradient_accumulation_steps=2)
+    _trainer(ckpt, data_file, full).train()
+    want = losses(tmp_path / "a" / "out")
+
+    cut = training(tmp_path / "b", max_steps=10, lr_scheduler_type="cosine", warmup_ratio=0.2, save_steps=4,
+                   gradient_accumulation_steps=2)
+    trainer = _trainer(ckpt, data_file, cut)
+    original = trainer._micro_batch
+
+    def dying(index):  # the process dies during step 7 (checkpoint 4 is the newest)
+        if index >= 6 * 2:
+            raise Killed()
+        return original(index)
+
+    trainer._micro_batch = dying
+    with pytest.raises(Killed):
+        trainer.train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "out")] == [4]
+    # a fresh process: a new model, new optimizer, the RNG somewhere else
+    torch.manual_seed(12345)
+    _trainer(ckpt, data_file, cut).train(resume=True)
+    got = losses(tmp_path / "b" / "out")
+    assert got.keys() == want.keys()
+    for step in want:
+        assert got[step] == want[step], step  # bit-identical
+
+
+def test_resuming_with_more_steps_continues_the_same_run(ckpt, data_file, tmp_path):
+    _trainer(ckpt, data_file, training(tmp_path / "long", max_steps=9, save_steps=100)).train()
+    want = losses(tmp_path / "long" / "out")
+    _trainer(ckpt, data_file, training(tmp_path / "short", max_steps=5, save_steps=100)).train()
+    _trainer(ckpt, data_file, training(tmp_path / "short", max_steps=9, save_steps=100)).train(resume=True)
+    got = losses(tmp_path / "short" / "out")
+    assert got == want
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data_file, tmp_path):
+    trainer = _trainer(ckpt, data_file, training(tmp_path, max_steps=8, save_steps=2))
+    forward = trainer._forward
+
+    def poisoned(batch, num_items=None):
+        out = forward(batch, num_items)
+        if trainer.step == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer._forward = poisoned
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5.*checkpoint-4"):
+        trainer.train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2, 4]
+
+
+def test_a_checkpoint_interrupted_while_written_leaves_nothing_half_written(tmp_path):
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([param])
+    write_checkpoint(tmp_path, 1, opt, lambda d: (d / "adapter_model.safetensors").write_bytes(b"x"), {})
+
+    def crash(directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path, 2, opt, crash, {})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not any(p.name.startswith(".checkpoint") for p in tmp_path.iterdir())
+
+
+def test_bf16_base_trains_fp32_adapters(ckpt, data_file, tmp_path):
+    trainer = _trainer(ckpt, data_file, training(tmp_path, max_steps=2, bf16=True))
+    trainer.train()
+    layer = trainer.model.model.layers[0].self_attn.qkv_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    assert torch.count_nonzero(layer.lora_B) > 0
+
+
+def test_merge_writes_a_checkpoint_that_reloads_with_the_same_logits(ckpt, data_file, tmp_path):
+    trainer = _trainer(ckpt, data_file, training(tmp_path, max_steps=3))
+    trainer.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(ids).logits
+    merged_dir = trainer.merge_and_save()
+    again = Phi3ForCausalLM.from_pretrained(merged_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert (merged_dir / "tokenizer.json").is_file()
+
+
+# --- the command line -------------------------------------------------------------------------------
+def test_cli_runs_from_a_toml_config_and_flags_override_it(ckpt, data_file, tmp_path, capsys):
+    config = tmp_path / "recipe.toml"
+    config.write_text(
+        '[training_config]\nlearning_rate = 0.01\nmax_steps = 50\nper_device_train_batch_size = 4\n'
+        'logging_steps = 1\nsave_steps = 2\nmax_seq_length = 64\n'
+        '[peft_config]\nr = 2\nlora_alpha = 4\ntarget_modules = ["qkv_proj[q,v]", "o_proj"]\n'
+    )
+    out = tmp_path / "run"
+    code = cli_main(["--model", str(ckpt), "--data", str(data_file), "--config", str(config), "--output", str(out),
+                     "--max-steps", "3", "--no-progress", "--merge"])
+    assert code == 0
+    assert max(losses(out)) == 3
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] in (2, 4) and (out / "merged" / "config.json").is_file()
+
+
+def test_cli_reports_malformed_records_with_file_and_line(ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = "".join(json.dumps(r) + "\n" for r in chat_records(30))
+    bad.write_text(json.dumps(chat_records(1)[0]) + "\n{not json\n"
+                   + json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n" + good)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"training_config": {"max_steps": 1}, "peft_config": PEFT}))
+    code = cli_main(["--model", str(ckpt), "--data", str(bad), "--config", str(config),
+                     "--output", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{bad}:2" in err and f"{bad}:3" in err and "robot" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert cli_main(["--model", str(tmp_path)]) == 2
+    assert "--model and --data go together" in capsys.readouterr().err
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"training_config": {"learning_rat": 1}, "peft_config": PEFT}))
+    assert cli_main(["--config", str(config)]) == 2
+    assert "unknown key 'learning_rat'" in capsys.readouterr().err
+
+
+def test_cli_help_explains_each_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--output", "--config", "--max-steps", "--resume", "--merge"):
+        assert flag in text

@@ -1,0 +1,74 @@
+"""Tiny, self-made checkpoint directories and chat data for tests (no download, built in seconds)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+WORDS = ["red", "blue", "green", "cat", "dog", "bird", "one", "two", "three", "tree", "house", "river"]
+CORPUS = [
+    "the cat sat on the mat and the dog ran to the park",
+    "hello world, how are you today? I am fine, thank you.",
+    "Anna has 12 red apples and Tom has 3 blue balls.",
+    " ".join(WORDS) + " repeat after me please say",
+]
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
+    """A small byte-level BPE with Phi-3's chat tokens and the Phi-3 chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lora.data import PHI3_CHAT_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.add_special_tokens(PHI3_SPECIALS)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
+              "chat_template": PHI3_CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|end|>")]
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
+    return directory
+
+
+def write_checkpoint(directory: Path, seed: int = 0, **config) -> Path:
+    """A random tiny Phi-3 (GQA) with the tokenizer above, saved with save_pretrained."""
+    from lora.models import Phi3Config, Phi3ForCausalLM
+    from tokenizers import Tokenizer
+
+    write_tokenizer(directory)
+    vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg.update(config)
+    torch.manual_seed(seed)
+    Phi3ForCausalLM(Phi3Config(**cfg)).save_pretrained(directory)
+    return directory
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` conversations teaching "say W" -> "W" over a few words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        word = rng.choice(WORDS)
+        messages = [{"role": "user", "content": f"say {word}"}, {"role": "assistant", "content": word}]
+        if rng.random() < 0.3:
+            messages.insert(0, {"role": "system", "content": "repeat after me"})
+        out.append({"messages": messages})
+    return out
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
