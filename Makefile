@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m lora.finetune
 
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py

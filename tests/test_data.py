@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import lora.data as data
@@ -258,27 +258,45 @@ def conversations(draw):
     return messages
 
 
-def _phi3_reference(messages):
-    """Phi-3's format built by hand, with the character span of each assistant content + <|end|>."""
+# Phi-4-mini's template: Phi-3's format without the newlines.
+PHI4_MINI_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] "
+    "is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + "
+    "'<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def _reference(messages, newline):
+    """The Phi format built by hand, with the character span of each assistant content + <|end|>."""
     text, spans = "", []
     for m in messages:
-        text += f"<|{m['role']}|>\n"
+        text += f"<|{m['role']}|>" + newline
         start = len(text)
         text += m["content"] + "<|end|>"
         if m["role"] == "assistant":
             spans.append((start, len(text)))
-        text += "\n"
+        text += newline
     return text + "<|endoftext|>", spans
 
 
+@pytest.fixture(scope="module", params=["phi3", "phi4-mini"])
+def template_case(request, checkpoint):
+    tok = Tokenizer.from_pretrained(checkpoint)
+    if request.param == "phi4-mini":
+        tok.chat_template = ChatTemplate(PHI4_MINI_TEMPLATE, tok.chat_template.special_tokens)
+    return tok, "\n" if request.param == "phi3" else ""
+
+
 @given(conversations())
-def test_labels_fall_only_inside_assistant_turns(tokenizer, messages):
-    text, spans = _phi3_reference(messages)
+def test_labels_fall_only_inside_assistant_turns(template_case, messages):
+    tokenizer, newline = template_case
+    text, spans = _reference(messages, newline)
     ids, offsets = tokenizer.encode_with_offsets(text)
     out = tokenize_conversation(messages, tokenizer)
     assert out.text == text and out.input_ids == ids
     for token_id, label, (start, end) in zip(ids, out.labels, offsets):
-        inside = any(a <= start and end <= b for a, b in spans)
+        inside = any(a <= start < b for a, b in spans)
         assert label == (token_id if inside else IGNORE_INDEX)
     # The role markers and the final <|endoftext|> are never labelled; each turn's <|end|> is.
     labelled = [x for x in out.labels if x != IGNORE_INDEX]
@@ -304,6 +322,24 @@ def test_labels_are_the_assistant_content_and_its_end_token(tokenizer):
             runs.append(tokenizer.decode(current))
             current = []
     assert runs == ["hello world<|end|>", "hello again<|end|>"]
+
+
+def test_end_token_is_labelled_when_the_tokenizer_strips_the_newline_after_it(checkpoint, tmp_path):
+    # Phi-3's tokenizer.json declares its chat tokens with rstrip: "<|end|>\n" is one token whose
+    # offsets run past the end of the assistant span.
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    backend = HFTokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken(t, rstrip=True, normalized=False, special=True)
+                                for t in ("<|assistant|>", "<|end|>", "<|user|>")])
+    tok = Tokenizer.from_pretrained(checkpoint)
+    tok.backend = backend
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " hello world"}]
+    out = tokenize_conversation(messages, tok)
+    labelled = [x for x in out.labels if x != IGNORE_INDEX]
+    assert tok.decode(labelled) == "hello world<|end|>"  # the leading space went to the header
+    assert labelled[-1] == tok.token_to_id("<|end|>")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,6 +372,11 @@ def test_prepare_reports_template_failures_as_record_errors(tmp_path, checkpoint
         prepare_chat_data(path, tok, max_seq_length=64)
     result = prepare_chat_data(path, tok, max_seq_length=64, on_error="skip")
     assert len(result.train) == 1 and len(result.errors) == 1
+    # Bad JSON and a conversation the template refuses are listed together, in one DataError.
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(DataError) as info:
+        prepare_chat_data(path, tok, max_seq_length=64, eval_fraction=0.5)
+    assert sorted(e.line for e in info.value.errors) == [2, 3]
 
 
 def test_prepare_holds_out_a_seeded_eval_split_or_reads_an_eval_file(tmp_path, tokenizer):

@@ -35,15 +35,6 @@ LONGROPE = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to OpenMP spin-waiting on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides) -> Phi3ForCausalLM:
     return Phi3ForCausalLM(Phi3Config(**{**TINY, **overrides})).eval()
 

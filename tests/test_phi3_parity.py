@@ -55,15 +55,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to OpenMP spin-waiting on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pair(config: dict, attn_implementation: str = "sdpa"):
     hf_config = HFPhi3Config(**config)
     hf_config._attn_implementation = attn_implementation

@@ -177,13 +177,17 @@ def prepare_chat_data(
         raise ValueError(f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; expected one of them, not both")
     if not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(f"max_seq_length={max_seq_length!r}; expected an int >= 2")
-    # Collect every problem first, so that "raise" reports all of them at once.
+    # Every problem is reported at once: records that do not parse, and conversations the template
+    # cannot render. With "raise" this happens before the split, which could fail on what is left.
     train_convs, errors = load_conversations(train_file, on_error="skip")
     eval_convs: list[Conversation] = []
     if eval_file is not None:
         eval_convs, eval_errors = load_conversations(eval_file, on_error="skip")
         errors += eval_errors
-    elif eval_fraction:
+    if errors and on_error == "raise":
+        _, template_errors, _ = build_examples(train_convs + eval_convs, tokenizer, max_seq_length)
+        raise DataError(errors + template_errors)
+    if eval_file is None and eval_fraction:
         train_convs, eval_convs = split_train_eval(train_convs, eval_fraction, seed)
 
     train, train_errors, train_stats = build_examples(train_convs, tokenizer, max_seq_length)

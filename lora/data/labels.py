@@ -12,8 +12,11 @@ the template's markup, by rendering prefixes:
   including the first stop token after the content (``<|end|>`` for Phi-3, Phi-3.5, Phi-4-mini);
   anything after it (a newline, the final ``<|endoftext|>``) belongs to the framing.
 
-A token is labelled when its character span lies inside an assistant span; all other labels are
--100. Labels are aligned with ``input_ids`` (``labels[t]`` is token ``t``); the model shifts them.
+A token is labelled when its first character lies inside an assistant span; all other labels are
+-100. (Not "lies entirely inside": Phi-3's tokenizer declares ``<|end|>`` with ``rstrip``, so the
+token also covers the newline after it, outside the span; and a token that starts before the span,
+such as a header that swallowed the reply's leading space, is the prompt's.) Labels are aligned
+with ``input_ids`` (``labels[t]`` is token ``t``); the model shifts them.
 """
 
 from __future__ import annotations
@@ -104,8 +107,8 @@ def assistant_spans(
 def labels_from_spans(
     input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[int]:
-    """Labels for ``input_ids``: the id where the token's ``(start, end)`` offset lies inside one of
-    ``spans`` (sorted, disjoint), ``-100`` elsewhere.
+    """Labels for ``input_ids``: the id where the token's ``(start, end)`` character offsets start
+    inside one of ``spans`` (sorted, disjoint ``(start, end)``), ``-100`` elsewhere (and on empty tokens).
 
     Raises:
         ValueError: ``input_ids`` and ``offsets`` differ in length.
@@ -119,8 +122,7 @@ def labels_from_spans(
             k += 1
         if k == len(spans):
             break
-        span_start, span_end = spans[k]
-        if span_start <= start and end <= span_end and end > start:
+        if spans[k][0] <= start and end > start:
             labels[t] = input_ids[t]
     return labels
 

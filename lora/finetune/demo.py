@@ -1,9 +1,9 @@
 """The embedded default: ``lora-finetune`` with no ``--model`` and no ``--data``.
 
 It fine-tunes the small Phi-3 checkpoint that ships in :mod:`lora.demo` (pretrained with this
-project's own code on its bundled stories) to write numbers given in words as digits, a skill the
-base model lacks, and shows held-out loss and exact-match score before and after, with a few
-generations side by side.
+project's own code on its bundled stories) to answer "what number comes after X?" with X in words
+(see :mod:`lora.demo.skill`), a skill the base model lacks, and shows held-out loss and exact-match
+score before and after, with a few generations side by side.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ DEMO_TRAINING_CONFIG = {
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 50,
     "gradient_accumulation_steps": 1,
-    "max_steps": 160,
+    "max_steps": 400,
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.05,
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "logging_steps": 20,
-    "eval_steps": 80,
-    "save_steps": 80,
+    "eval_steps": 200,
+    "save_steps": 200,
     "save_total_limit": 2,
     "seed": 0,
     "bf16": False,
@@ -58,12 +58,12 @@ SHOWN_PROMPTS = 5
 
 
 def _score(model, tokenizer, pairs) -> tuple[float, list[str]]:
-    from ..demo.skill import score
+    from ..demo.skill import MAX_NEW_TOKENS, score
 
     replies = []
     for i in range(0, len(pairs), 50):
         chunk = pairs[i : i + 50]
-        replies += generate_replies(model, tokenizer, [m for m, _ in chunk], max_new_tokens=8)
+        replies += generate_replies(model, tokenizer, [m for m, _ in chunk], max_new_tokens=MAX_NEW_TOKENS)
     return sum(score(r, ref) for r, (_, ref) in zip(replies, pairs)) / max(len(pairs), 1), replies
 
 
@@ -78,7 +78,7 @@ def run_demo(
     """Run the demo; ``training_config``/``peft_config`` entries override the demo's own."""
     from ..data import Tokenizer, prepare_chat_data
     from ..demo import base_model_dir, ensure_assets, eval_file, train_file
-    from ..demo.skill import eval_pairs
+    from ..demo.skill import EXAMPLE_PROMPT, SKILL, eval_pairs
     from ..models import Phi3ForCausalLM
 
     t0 = time.perf_counter()
@@ -88,6 +88,7 @@ def run_demo(
     torch.manual_seed(training.seed)
     model_dir = base_model_dir()
     log(f"== lora-finetune demo: base model {model_dir}")
+    log(f"   the skill to learn: {SKILL}")
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training.bf16 else torch.float32)
     data = prepare_chat_data(train_file(), tokenizer, training.max_seq_length, eval_file=eval_file(),
@@ -131,7 +132,7 @@ def run_demo(
         log(f"loss curve:   {result.plot}")
     if result.merged_dir:
         log(f"merged model: {result.merged_dir}")
-    log(f"chat with it: lora-generate --adapter {result.adapter_dir} --prompt \"Write forty-two in digits.\"")
+    log(f"chat with it: lora-generate --adapter {result.adapter_dir} --prompt \"{EXAMPLE_PROMPT}\"")
     log(f"done in {time.perf_counter() - t0:.0f} s")
     return result
 
