@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import functional as LF
 from . import multi
 from ._io import atomic_save_safetensors, atomic_write_json
-from .config import _PEFT_INERT, LoRAConfig, _pattern_value, parse_target
+from .config import LoRAConfig, _pattern_value, parse_target
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
 from .layers.base import AdapterWeights
 from .layers.conv import _ConvLoRA
@@ -60,8 +60,6 @@ FORMAT_VERSION = "1"
 # the values it wrote, so the loader can tell whether the JSON was edited since.
 _STRUCTURAL = ("target_modules", "exclude_modules", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
 _LORA_KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
-# init_lora_weights values that only say how a fresh adapter starts (its trained tensors replace that).
-_INIT_ONLY = (True, False, "gaussian")
 
 
 class AdapterError(ValueError):
@@ -145,16 +143,8 @@ def read_torch_file(file: Path) -> dict[str, Tensor]:
 def config_from_files(files: AdapterFiles) -> LoRAConfig:
     """The LoRAConfig an adapter directory describes; with lora's fused-slice metadata (and a JSON
     not edited since) the original config, whose targets name the slices."""
-    body = dict(files.config)
-    known = {f.name for f in dataclasses.fields(LoRAConfig)}
-    for key in list(body):
-        # Keys newer PEFT versions add for features that are off (None, False, {} or []) mean nothing here.
-        if key not in known and key not in _PEFT_INERT and body[key] in (None, False, {}, []):
-            del body[key]
-    if body.get("init_lora_weights", True) in _INIT_ONLY:
-        body["init_lora_weights"] = True
     try:
-        config = LoRAConfig.from_peft_dict(body)
+        config = LoRAConfig.from_peft_dict(dict(files.config))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{files.config_path}: {e}") from None
 

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +46,10 @@ _PEFT_INERT = {
     "ensure_weight_tying": (False,),
     "peft_version": None,
 }
+
+
+# init_lora_weights values PEFT writes that describe only a fresh adapter's starting point.
+_INIT_ONLY = (True, False, "gaussian")
 
 
 @dataclass
@@ -136,14 +138,19 @@ class LoRAConfig:
     def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
         """Build from an ``adapter_config.json`` body, ignoring PEFT's bookkeeping keys.
 
+        Keys a newer PEFT adds are ignored while their value means "off" (None, False, {}, []).
         Raises ``ValueError`` naming a key whose value asks for a feature we do not implement
         (``use_dora=True``, ``layers_to_transform``, ...), and for a peft_type other than LORA.
         """
         kwargs = {}
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in d.items():
-            if key in names:
+            if key == "init_lora_weights" and value in _INIT_ONLY:
+                kwargs[key] = True  # only says how a fresh adapter starts; loaded tensors replace that
+            elif key in names:
                 kwargs[key] = value
+            elif key not in _PEFT_INERT and value in (None, False, {}, []):
+                continue  # a key a newer PEFT added for a feature that is off
             elif key in _PEFT_INERT:
                 allowed = _PEFT_INERT[key]
                 if allowed is not None and value not in allowed:
