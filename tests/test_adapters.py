@@ -19,34 +19,16 @@ import lora
 from lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
 from reference import effective_weight, randomize_lora
+from tiny import Toy
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
 PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
-class Toy(nn.Module):
-    def __init__(self, groups: int = 1):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8, padding_idx=0)
-        self.conv = nn.Conv1d(8, 8, 3, padding=1, groups=groups)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8, bias=False), "norm": nn.LayerNorm(8)})
-            for _ in range(2)
-        )
-        self.lm_head = nn.Linear(8, 20)
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
-        for b in self.blocks:
-            h = b["norm"](h + b["q_proj"](h) * torch.sigmoid(b["v_proj"](h)))
-        return self.lm_head(h)
-
-
 def toy(seed: int = 0, **kw) -> Toy:
     torch.manual_seed(seed)
-    return Toy(**kw).eval()
+    return Toy(padding_idx=0, **kw).eval()
 
 
 def phi3(seed: int = 0) -> Phi3ForCausalLM:

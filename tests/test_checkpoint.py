@@ -15,18 +15,8 @@ from safetensors.torch import load_file, save_file
 import lora.models.checkpoint as ckpt
 from lora.models import Phi3Config, Phi3ForCausalLM
 from lora.models.checkpoint import CheckpointError, parse_size
+from tiny import TINY_PHI3 as TINY
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 PHI4_MINI_LIKE = dict(
     TINY,
     num_key_value_heads=1,

@@ -13,26 +13,11 @@ import torch.nn.functional as F
 import lora.models.phi3 as phi3
 from lora.models import CausalLMOutput, Phi3Config, Phi3ForCausalLM
 from lora.models.phi3 import build_attention_mask
+from tiny import LONGROPE, TINY_PHI3 as TINY
 
 FIXTURE = Path(__file__).parent / "fixtures" / "phi3_mini_4k_instruct_config.json"
 PACKAGE = Path(phi3.__file__).parent
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-LONGROPE = dict(
-    max_position_embeddings=64,
-    original_max_position_embeddings=16,
-    rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 4.0, 8.0, 16.0]},
-)
 
 
 def tiny(**overrides) -> Phi3ForCausalLM:

@@ -12,27 +12,9 @@ from torch import nn
 import lora
 from lora.models import Phi3Config, Phi3ForCausalLM
 from reference import randomize_lora
+from tiny import Toy
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.conv = nn.Conv1d(8, 8, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8, bias=False), "norm": nn.LayerNorm(8)})
-            for _ in range(2)
-        )
-        self.lm_head = nn.Linear(8, 20)
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
-        for b in self.blocks:
-            h = b["norm"](h + b["q_proj"](h) * torch.sigmoid(b["v_proj"](h)))
-        return self.lm_head(h)
 
 
 def tiny_phi3(**over) -> Phi3ForCausalLM:

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch import nn
 
 PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 WORDS = ["red", "blue", "green", "cat", "dog", "bird", "one", "two", "three", "tree", "house", "river"]
@@ -72,3 +73,34 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# A tiny Phi-3 config (grouped-query attention), and longrope settings to add to it.
+TINY_PHI3 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LONGROPE = dict(
+    max_position_embeddings=64,
+    original_max_position_embeddings=16,
+    rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 4.0, 8.0, 16.0]},
+)
+
+
+class Toy(nn.Module):
+    """A small model with every layer type LoRA adapts, a LayerNorm it does not, and an output head."""
+
+    def __init__(self, groups: int = 1, padding_idx: int | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=padding_idx)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1, groups=groups)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8, bias=False), "norm": nn.LayerNorm(8)})
+            for _ in range(2)
+        )
+        self.lm_head = nn.Linear(8, 20)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        for b in self.blocks:
+            h = b["norm"](h + b["q_proj"](h) * torch.sigmoid(b["v_proj"](h)))
+        return self.lm_head(h)
