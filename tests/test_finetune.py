@@ -157,6 +157,16 @@ def test_resuming_with_more_steps_continues_the_same_run(ckpt, data_file, tmp_pa
     assert got == want
 
 
+def test_a_fresh_run_never_deletes_an_earlier_one_unless_told(ckpt, data_file, tmp_path):
+    _trainer(ckpt, data_file, training(tmp_path, max_steps=2)).train()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(adapter, checkpoint-2, metrics.jsonl\).*--resume"):
+        _trainer(ckpt, data_file, training(tmp_path, max_steps=3)).train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
+    _trainer(ckpt, data_file, training(tmp_path, max_steps=3, overwrite_output_dir=True)).train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [3]
+    assert sorted(losses(tmp_path / "out")) == [1, 2, 3]
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data_file, tmp_path):
     trainer = _trainer(ckpt, data_file, training(tmp_path, max_steps=8, save_steps=2))
     forward = trainer._forward

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bf16", action="store_true", default=None, help="base weights in bfloat16 (LoRA stays fp32)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the "
                     "output directory (same losses as an uninterrupted run)")
+    ap.add_argument("--overwrite", action="store_true", default=None, help="start over in an output directory "
+                    "that holds an earlier run, removing its checkpoints (overwrite_output_dir)")
     ap.add_argument("--merge", action="store_true", help="after training, also write a merged full model "
                     "(OUTPUT/merged) that Phi3ForCausalLM.from_pretrained and transformers read")
     ap.add_argument("--on-error", choices=["raise", "skip"], help="malformed records: stop before training and list "
@@ -57,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     training, peft = load_configs(args.config) if args.config else ({}, {})
     overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-                 "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error}
+                 "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
+                 "overwrite_output_dir": args.overwrite}
     training.update({k: v for k, v in overrides.items() if v is not None})
     try:
         if args.model is None and args.data is None:

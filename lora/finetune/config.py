@@ -30,7 +30,6 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # A value that would ask for something we do not do (e.g. logging_strategy="epoch") is refused.
 IGNORED_KEYS: dict[str, tuple | None] = {
     "log_level": None,  # our log is one line per logging_steps
-    "overwrite_output_dir": None,  # we never delete a user's files; checkpoints rotate by save_total_limit
     "remove_unused_columns": None,
     "do_train": None,
     "do_eval": None,  # evaluation runs whenever there is eval data (eval_steps and at the end)
@@ -55,6 +54,8 @@ IGNORED_KEYS: dict[str, tuple | None] = {
 class TrainingConfig:
     """How to train. Names and meanings as in ``transformers.TrainingArguments`` where one exists.
 
+    ``overwrite_output_dir``: a fresh (not resumed) run into an output_dir that holds an earlier
+    run's checkpoints is an error unless this is true; then that run's files are removed first.
     ``max_steps`` > 0 overrides ``num_train_epochs``. ``warmup_steps`` > 0 overrides ``warmup_ratio``.
     ``eval_steps`` None: evaluate only before and after training. ``bf16``:
     base weights in bfloat16, LoRA parameters in float32. ``eval_fraction``: the share of the training
@@ -63,6 +64,7 @@ class TrainingConfig:
     """
 
     output_dir: str = "lora-output"
+    overwrite_output_dir: bool = False
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 4
@@ -117,7 +119,7 @@ class TrainingConfig:
             raise ValueError(f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"training_config seed={self.seed!r}: expected an int")
-        for name in ("bf16", "gradient_checkpointing", "packing"):
+        for name in ("bf16", "gradient_checkpointing", "packing", "overwrite_output_dir"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
         kwargs = self.gradient_checkpointing_kwargs or {}

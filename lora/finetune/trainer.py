@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from .._io import atomic_open
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
-from .state import latest_checkpoint, read_training_state, restore_optimizer_and_rng, rotate_checkpoints, write_checkpoint
+from .state import (
+    latest_checkpoint,
+    list_checkpoints,
+    read_training_state,
+    restore_optimizer_and_rng,
+    rotate_checkpoints,
+    write_checkpoint,
+)
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "finetune", "lr_factor", "load_configs"]
 
@@ -237,6 +245,24 @@ class Trainer:
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
 
+    def _start_fresh(self) -> None:
+        # An earlier run's files are removed only when the user said so: nothing is lost by accident.
+        earlier = [p for _, p in list_checkpoints(self.output_dir)]
+        earlier += [p for p in (self.output_dir / METRICS_FILE, self.output_dir / "adapter") if p.exists()]
+        if not earlier:
+            return
+        if not self.cfg.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {str(self.output_dir)!r} holds an earlier run ({', '.join(sorted(p.name for p in earlier))}): "
+                "resume it (--resume), choose another --output, or set overwrite_output_dir to start over"
+            )
+        for p in earlier + [self.output_dir / "loss_curve.png", self.output_dir / "merged"]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        self.log(f"overwrite_output_dir: removed the earlier run in {self.output_dir}")
+
     def _truncate_metrics(self, step: int) -> None:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
         path = self.output_dir / METRICS_FILE
@@ -264,8 +290,8 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.resume(None if resume is True else resume)
-        elif (self.output_dir / METRICS_FILE).exists():
-            (self.output_dir / METRICS_FILE).unlink()  # a fresh run starts a fresh log
+        else:
+            self._start_fresh()
         trainable, total = trainable_parameters(self.model)
         self.log(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
         self.log(
