@@ -68,10 +68,12 @@ def lora_linear(
     h = dropout(x) if dropout is not None else x
     if h.dtype != lora_A.dtype:
         h = h.to(lora_A.dtype)
-    adapter = F.linear(F.linear(h, lora_A), lora_B)
+    # Scale the thin (..., r) intermediate, not the (..., out) result. (Not torch.add(..., alpha=):
+    # torch 2.13's inductor miscompiles that after a matmul on CPU.)
+    adapter = F.linear(F.linear(h, lora_A) * scaling, lora_B)
     if adapter.dtype != result.dtype:
         adapter = adapter.to(result.dtype)
-    return torch.add(result, adapter, alpha=scaling)
+    return result + adapter
 
 
 def merged_lora_B(lora_B: Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int) -> Tensor:
@@ -120,13 +122,13 @@ def lora_embedding(
     """
     base = F.embedding(ids, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     after_A = F.embedding(ids, lora_A.T, padding_idx, None, norm_type, scale_grad_by_freq, False)
-    adapter = after_A @ lora_B.T
+    adapter = (after_A * scaling) @ lora_B.T
     if padding_idx is not None:
         # As in nn.Embedding, a padding lookup contributes no gradient: not to A, and not to B either.
         adapter = torch.where((ids == padding_idx).unsqueeze(-1), adapter.detach(), adapter)
     if adapter.dtype != base.dtype:
         adapter = adapter.to(base.dtype)
-    out = torch.add(base, adapter, alpha=scaling)
+    out = base + adapter
     if max_norm is not None:
         out = renorm_rows(out, max_norm, norm_type)
     return out

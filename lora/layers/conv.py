@@ -71,10 +71,10 @@ class _ConvLoRA(LoRALayer):
             h = h.to(self.lora_A.dtype)
         a = self.lora_A if self.groups == 1 else self.lora_A.repeat(self.groups, *([1] * (self.lora_A.dim() - 1)))
         hidden = self._conv_forward(h, a, None)  # (N, r·groups, *spatial): stride, padding, dilation applied here
-        adapter = self._conv_fn(hidden, self.lora_B, None, 1, 0, 1, self.groups)
+        adapter = self._conv_fn(hidden * self.scaling, self.lora_B, None, 1, 0, 1, self.groups)
         if adapter.dtype != result.dtype:
             adapter = adapter.to(result.dtype)
-        return torch.add(result, adapter, alpha=self.scaling)
+        return result + adapter
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # loralib's ConvLoRA wraps the conv as `.conv`: accept its base keys as ours.
