@@ -318,7 +318,7 @@ def main() -> None:
             times[v].append(time.perf_counter() - t0)
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
 
-    print(f"\nmedian of {args.repeat} steps (forward + backward + AdamW), each variant measured in turn")
+    print(f"\nmedian of {args.repeat} steps (forward + backward + AdamW) after 2 warm-up steps; variants interleaved")
     print(f"{'variant':8s} {'step ms':>9s} {'min..max ms':>17s} {'RSS work MB':>12s} {'alloc peak MB':>14s}")
     for v in variants:
         m = mem[v]

@@ -73,7 +73,7 @@ def lora_linear(
     adapter = F.linear(F.linear(h, lora_A) * scaling, lora_B)
     if adapter.dtype != result.dtype:
         adapter = adapter.to(result.dtype)
-    return result + adapter
+    return result.add_(adapter)  # in place: the base matmul's backward does not need its output
 
 
 def merged_lora_B(lora_B: Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int) -> Tensor:

@@ -477,20 +477,19 @@ class Phi3Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, s, d)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, s, d)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # contiguous: else v, saved for backward, is a view that keeps the whole fused qkv output alive
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # (b, KV, kv, d)
             v = torch.cat((past[1], v), dim=2)
         present = (k, v)
-        if self.num_kv_heads != self.num_heads:
-            groups = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(groups, dim=1)  # (b, H, kv, d): head h <- kv head h // groups
-            v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
+            # query head h reads kv head h // (H / KV), without copying k and v out to H heads
+            enable_gqa=self.num_kv_heads != self.num_heads,
             attn_mask=attn.mask,
             is_causal=attn.is_causal,
             dropout_p=self.attention_dropout if self.training else 0.0,
