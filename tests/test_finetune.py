@@ -232,6 +232,10 @@ def test_merge_writes_a_checkpoint_that_reloads_with_the_same_logits(ckpt, data_
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
     assert (merged_dir / "tokenizer.json").is_file()
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.Phi3ForCausalLM.from_pretrained(merged_dir, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 # --- the command line -------------------------------------------------------------------------------
