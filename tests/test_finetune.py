@@ -277,6 +277,8 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     config.write_text(json.dumps({"training_config": {"learning_rat": 1}, "peft_config": PEFT}))
     assert cli_main(["--config", str(config)]) == 2
     assert "unknown key 'learning_rat'" in capsys.readouterr().err
+    assert cli_main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml: no such file" in capsys.readouterr().err
 
 
 def test_cli_help_explains_each_flag(capsys):

@@ -57,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    training, peft = load_configs(args.config) if args.config else ({}, {})
-    overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-                 "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
-                 "overwrite_output_dir": args.overwrite}
-    training.update({k: v for k, v in overrides.items() if v is not None})
     try:
+        training, peft = load_configs(args.config) if args.config else ({}, {})
+        overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+                     "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
+                     "overwrite_output_dir": args.overwrite}
+        training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
             from .demo import run_demo
 

@@ -445,6 +445,8 @@ def plot_metrics(output_dir: str | os.PathLike) -> Path | None:
 def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
     raw = path.read_bytes()
     try:
         if path.suffix.lower() == ".toml":
