@@ -359,10 +359,3 @@ def print_trainable_parameters(model: nn.Module) -> str:
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
     print(line)
     return line
-
-
-def iter_adapted(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """``(name, layer)`` for every LoRA layer that carries an adapter."""
-    for name, layer in lora_layers(model):
-        if layer.has_adapter:
-            yield name, layer
