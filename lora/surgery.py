@@ -15,7 +15,6 @@ configs, the sizes its ``config`` implies.
 from __future__ import annotations
 
 import re
-from typing import Iterator
 
 import torch
 from torch import nn
