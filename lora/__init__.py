@@ -28,6 +28,7 @@ from .surgery import (
     trainable_parameters,
 )
 from .adapters import AdapterError, load_adapter, save_adapter
+from .quant import QuantizationError, dequantize, quantize
 from .multi import (
     active_adapter,
     adapter_names,
@@ -69,4 +70,7 @@ __all__ = [
     "delete_adapter",
     "add_weighted_adapter",
     "mixed_batch",
+    "quantize",
+    "dequantize",
+    "QuantizationError",
 ]

@@ -299,8 +299,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The plain layer is the module that :func:`inject` replaced (same class, same attributes), or
     for layers built by hand the torch base class. No extra copy of the weights is made. After
-    this the model is an ordinary torch model, ready for ``save_pretrained``.
+    this the model is an ordinary torch model, ready for ``save_pretrained``. A 4-bit (NF4) base
+    is first dequantised to its compute dtype (``lora.dequantize``), every Linear of it: merging
+    into 4 bits would lose the adapter's precision.
     """
+    from .quant import dequantize, quantized_modules
+
+    if quantized_modules(model):  # a 4-bit base: merge into a 16-bit copy, never into 4 bits
+        dequantize(model)
     for name, layer in list(lora_layers(model)):
         if layer.merged:
             layer.unmerge()

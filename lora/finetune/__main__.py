@@ -15,6 +15,7 @@ examples:
   lora-finetune --model Phi-3-mini-4k-instruct --data chat.jsonl --output out --config recipe.json
   lora-finetune ... --resume                      # continue from the newest complete checkpoint in --output
   lora-finetune ... --merge                       # also write out/merged, a full checkpoint directory
+  lora-finetune ... --quantize nf4                # QLoRA: the frozen base in 4 bits (docs/qlora.md)
 
 The config file (JSON or TOML) has two sections, as in the Phi-3 fine-tuning recipe:
   {"training_config": {"learning_rate": 5e-6, "per_device_train_batch_size": 4, ...},
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--learning-rate", type=float, metavar="LR", help="peak learning rate")
     ap.add_argument("--seed", type=int, help="seed for data order, initialisation and dropout")
     ap.add_argument("--bf16", action="store_true", default=None, help="base weights in bfloat16 (LoRA stays fp32)")
+    ap.add_argument("--quantize", choices=["nf4"], help="store the frozen base's Linear weights in 4 bits "
+                    "(NF4, as QLoRA), quantised as the checkpoint is read; see docs/qlora.md")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the "
                     "output directory (same losses as an uninterrupted run)")
     ap.add_argument("--overwrite", action="store_true", default=None, help="start over in an output directory "
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
                      "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
-                     "overwrite_output_dir": args.overwrite}
+                     "overwrite_output_dir": args.overwrite, "quantize": args.quantize}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
             from .demo import run_demo

@@ -59,7 +59,8 @@ class TrainingConfig:
     ``max_steps`` > 0 overrides ``num_train_epochs``. ``warmup_steps`` > 0 overrides ``warmup_ratio``.
     ``eval_steps`` None: evaluate only before and after training. ``bf16``:
     base weights in bfloat16, LoRA parameters in float32. ``eval_fraction``: the share of the training
-    file held out when no eval file is given. ``on_error``: "raise" (stop before training and list
+    file held out when no eval file is given. ``quantize``: None, or "nf4" to load the base
+    Linear weights as 4-bit NormalFloat (QLoRA; bf16 then sets the compute dtype). ``on_error``: "raise" (stop before training and list
     every malformed record) or "skip" (leave them out and report how many).
     """
 
@@ -91,6 +92,7 @@ class TrainingConfig:
     packing: bool = False
     eval_fraction: float = 0.05
     on_error: str = "raise"
+    quantize: str | None = None  # "nf4": the frozen base in 4 bits (QLoRA; docs/qlora.md)
 
     def __post_init__(self) -> None:
         _positive_int(self, "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -127,6 +129,10 @@ class TrainingConfig:
             raise ValueError("training_config gradient_checkpointing_kwargs={'use_reentrant': True}: only the non-reentrant kind is supported")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"training_config on_error={self.on_error!r}: expected 'raise' or 'skip'")
+        if self.quantize is not None:
+            from ..quant import check_method
+
+            check_method(self.quantize, "training_config quantize")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":

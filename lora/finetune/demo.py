@@ -91,7 +91,8 @@ def run_demo(
     log(f"== lora-finetune demo: base model {model_dir}")
     log(f"   the skill to learn: {SKILL}")
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training.bf16 else torch.float32)
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training.bf16 else torch.float32,
+                                            quantize=training.quantize)
     data = prepare_chat_data(train_file(), tokenizer, training.max_seq_length, eval_file=eval_file(),
                              seed=training.seed, packing=training.packing, on_error=training.on_error)
     log(data.summary())

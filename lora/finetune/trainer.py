@@ -498,7 +498,7 @@ def finetune(
     )
     say(data.summary())
     dtype = torch.bfloat16 if training.bf16 else torch.float32
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantize=training.quantize)
     inject(model, peft)
     trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
                       progress=progress)

@@ -103,6 +103,8 @@ class LoRALayer:
 
         ``self`` was built on the meta device with the base's shapes; returns ``self``.
         """
+        if not isinstance(base.weight, Tensor):  # a frozen 4-bit holder (lora.quant.NF4Weight), a module
+            del self.weight
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
         if self.has_adapter:
@@ -133,6 +135,12 @@ class LoRALayer:
         """Write ``W + scaling·ΔW`` into ``self.weight``. Idempotent: merging a merged layer does nothing."""
         if self.merged or not self.has_adapter:
             return
+        if not isinstance(self.weight, Tensor):  # a 4-bit base (lora.quant): see docs/qlora.md
+            raise RuntimeError(
+                f"{type(self).__name__}.merge: the base weight is 4-bit NF4; merging the adapter into it "
+                "would lose the adapter's precision. Keep merge_weights=False, or call "
+                "lora.merge_and_unload(model), which dequantises to 16 bits first"
+            )
         self._unmerged_weight = self.weight.detach().clone()
         self.weight.add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,7 @@ def load_into(
     device: torch.device | str = "cpu",
     skip: Iterable[str] = (),
     ignore_unexpected: Iterable[str] = (),
+    assign: Callable[[nn.Module, str, Tensor], bool] | None = None,
 ) -> None:
     """Fill ``module``'s parameters and persistent buffers from a checkpoint directory, tensor by tensor.
 
@@ -143,6 +144,9 @@ def load_into(
     Args:
         skip: state-dict names neither required nor loaded (e.g. a tied lm_head.weight).
         ignore_unexpected: regular expressions; checkpoint names matching one are passed over.
+        assign: called as ``assign(module, name, tensor)`` for each tensor read (after the cast); when
+            it returns True it has placed the tensor itself, else the default assignment runs.
+            ``lora.quant.quantizing_assign`` quantises weights here, as they are read.
 
     Raises:
         FileNotFoundError: see ``weight_files``.
@@ -193,7 +197,9 @@ def load_into(
                 tensor = f.get_tensor(name)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                _assign(module, name, tensor)
+                if assign is None or not assign(module, name, tensor):
+                    _assign(module, name, tensor)
+                del tensor  # before the next read: one tensor in flight at a time
 
 
 def _assign(module: nn.Module, name: str, tensor: Tensor) -> None:

@@ -904,6 +904,7 @@ class Phi3ForCausalLM(nn.Module):
         path: str | os.PathLike,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        quantize: str | None = None,
     ) -> "Phi3ForCausalLM":
         """Load a checkpoint directory: config.json plus model.safetensors, or shards listed in
         model.safetensors.index.json. Never unpickles.
@@ -913,6 +914,8 @@ class Phi3ForCausalLM(nn.Module):
         ``dtype`` / ``torch_dtype``, else float32; a torch.dtype or its name ("bfloat16") forces one.
         device: default "cpu". Rope frequencies are computed after loading. A tied config ignores a
         checkpoint's lm_head.weight. Returns the model in eval mode, parameters requiring grad.
+        quantize: None, or ``"nf4"`` to store every Linear weight but the head as 4-bit NF4,
+        quantised as each tensor is read (see docs/qlora.md); ``dtype`` is then the compute dtype.
 
         Raises:
             FileNotFoundError: no config.json or no safetensors weights in ``path``.
@@ -926,6 +929,11 @@ class Phi3ForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         skip = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        assign = None
+        if quantize is not None:  # quantise on read: never the whole model in 16 bits
+            from lora.quant import quantizing_assign
+
+            assign = quantizing_assign(model, quantize)
         ckpt.load_into(
             model,
             path,
@@ -933,6 +941,7 @@ class Phi3ForCausalLM(nn.Module):
             device=device,
             skip=skip,
             ignore_unexpected=(r"(^|\.)rotary_emb\.inv_freq$",),  # frequencies some old checkpoints stored
+            assign=assign,
         )
         model.tie_weights()
         model.model.rotary_emb.reset_buffers(device)
