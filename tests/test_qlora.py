@@ -268,6 +268,21 @@ def test_merge_and_unload_dequantises_to_16_bits_then_merges():
         torch.testing.assert_close(merged(ids), before, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_4bit_model_moved_to_cuda_computes_what_it_did_on_cpu():
+    a, _ = _net_pair("quantize-first")
+    ids = torch.randint(0, 10, (2, 7))
+    with torch.no_grad():
+        cpu = a(ids)
+        a.to("cuda")
+        assert a.q_proj.weight.packed.is_cuda
+        torch.testing.assert_close(a(ids.cuda()).cpu(), cpu, rtol=1e-4, atol=1e-5)
+    w = torch.randn(128, 64)
+    on_cuda, on_cpu = NF4Weight.from_float(w.cuda()), NF4Weight.from_float(w)
+    assert torch.equal(on_cuda.packed.cpu(), on_cpu.packed)
+    torch.testing.assert_close(on_cuda.dequantize().cpu(), on_cpu.dequantize(), rtol=1e-6, atol=1e-7)
+
+
 def test_skip_modules_and_a_tied_head_stay_16_bit():
     net = Net()
     net.lm_head.weight = net.embed.weight  # tied
@@ -297,6 +312,8 @@ def test_from_pretrained_quantises_as_it_reads_the_same_as_quantising_after(ckpt
         torch.testing.assert_close(q(ids).logits, later(ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="quantize='int8'"):
         Phi3ForCausalLM.from_pretrained(ckpt, quantize="int8")
+    with pytest.raises(ValueError, match="dequantize"):
+        q.save_pretrained(ckpt.parent / "never")
 
 
 def test_an_adapter_trained_on_a_4bit_base_saves_and_loads_in_peft_format(ckpt, tmp_path):

@@ -954,6 +954,13 @@ class Phi3ForCausalLM(nn.Module):
         written atomically; weight files of an earlier save that the new one does not use are removed.
         A tied lm_head.weight is not written (as transformers). Returns the weight files written.
         """
+        from lora.quant import quantized_modules
+
+        if quantized_modules(self):  # its state dict would hold 4-bit parts no reader expects
+            raise ValueError(
+                "save_pretrained: the model's Linear weights are 4-bit NF4; call lora.dequantize(model) "
+                "(or lora.merge_and_unload) first to write a normal checkpoint"
+            )
         state = self.state_dict()
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)

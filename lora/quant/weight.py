@@ -113,6 +113,14 @@ class NF4Weight(nn.Module):
     def out_features(self) -> int:
         return self._shape[0]
 
+    @property
+    def T(self) -> Tensor:
+        """The dequantised weight, transposed: a full 16/32-bit copy (``F.linear`` needs none)."""
+        return self.dequantize().T
+
+    def t(self) -> Tensor:
+        return self.T
+
     def nbytes(self) -> int:
         """Bytes of storage: codes, scale codes, group absmax and mean."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
