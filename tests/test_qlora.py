@@ -398,3 +398,14 @@ def test_codes_and_scales_equal_bitsandbytes():
     assert torch.equal(ours.packed, packed.reshape(-1))
     torch.testing.assert_close(ours.scale_absmax, state.absmax, rtol=0, atol=0)
     torch.testing.assert_close(dequantize_nf4(ours), back, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_the_demo_on_a_4bit_base_reaches_a_held_out_loss_within_5_percent_of_the_bf16_base(tmp_path):
+    from lora.finetune.demo import run_demo
+
+    losses = {}
+    for base in ("bf16", "nf4"):
+        training = {"bf16": True, "output_dir": str(tmp_path / base), "quantize": "nf4" if base == "nf4" else None}
+        losses[base] = run_demo(training, progress=False, log=lambda s: None).eval_loss
+    assert losses["nf4"] <= 1.05 * losses["bf16"], losses
