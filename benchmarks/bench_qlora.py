@@ -1,13 +1,13 @@
 """QLoRA benchmarks: NF4 storage, a full-size Phi-3 LoRA step on a 4-bit base, and demo quality.
 
-    python benchmarks/bench_qlora.py storage                 # bytes of the base Linears, NF4 vs bf16 (fast)
-    python benchmarks/bench_qlora.py memory                  # Phi-3-mini / -medium weight memory, computed
+    python benchmarks/bench_qlora.py storage     # bytes of the base Linears, NF4 vs bf16 (fast)
+    python benchmarks/bench_qlora.py memory      # Phi-3-mini / -medium weight memory, computed
+    # peak RSS + tokens/s of one full-size step:
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py step --layers 32 --base nf4
-                                                             # peak RSS + tokens/s of one full-size step
+    # tokens/s, nf4 vs bf16 base, same shapes:
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py speed --layers 2
-                                                             # tokens/s, nf4 vs bf16 base, same shapes
+    # demo held-out loss, nf4 vs bf16 base:
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py quality [--max-steps 400]
-                                                             # demo held-out loss, nf4 vs bf16 base
 
 ``step``: Phi-3-mini's shapes (vocab 32064, hidden 3072, intermediate 8192, 32 heads; --layers
 of them) with random weights, built on the meta device and materialised tensor by tensor, each
@@ -38,10 +38,24 @@ import lora  # noqa: E402
 from lora.models import Phi3Config, Phi3ForCausalLM  # noqa: E402
 from lora.quant import NF4Weight, quantizing_assign  # noqa: E402
 
-MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-MEDIUM = dict(vocab_size=32064, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
-              num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=4096)
+MINI = dict(
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+MEDIUM = dict(
+    vocab_size=32064,
+    hidden_size=5120,
+    intermediate_size=17920,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=10,
+    max_position_embeddings=4096,
+)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
@@ -54,27 +68,41 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-# --- storage ---------------------------------------------------------------------------------------------
+# --- storage --------------------------------------------------------------------------------------
 def cmd_storage(args) -> dict:
-    shapes = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
-              "down_proj": (3072, 8192)}
+    shapes = {
+        "qkv_proj": (9216, 3072),
+        "o_proj": (3072, 3072),
+        "gate_up_proj": (16384, 3072),
+        "down_proj": (3072, 8192),
+    }
     rows = {}
     for name, shape in shapes.items():
         w = NF4Weight.from_float(torch.randn(shape, dtype=torch.bfloat16) * 0.02)
         bf16 = shape[0] * shape[1] * 2
-        rows[name] = {"shape": shape, "nf4_bytes": w.nbytes(), "bf16_bytes": bf16, "ratio": w.nbytes() / bf16,
-                      "bits_per_param": w.nbytes() * 8 / (shape[0] * shape[1])}
-        print(f"{name:13s} {str(shape):14s} nf4 {w.nbytes():>11,d} B  bf16 {bf16:>11,d} B  "
-              f"ratio {w.nbytes() / bf16:.4f}  ({rows[name]['bits_per_param']:.3f} bits/param)")
+        rows[name] = {
+            "shape": shape,
+            "nf4_bytes": w.nbytes(),
+            "bf16_bytes": bf16,
+            "ratio": w.nbytes() / bf16,
+            "bits_per_param": w.nbytes() * 8 / (shape[0] * shape[1]),
+        }
+        print(
+            f"{name:13s} {str(shape):14s} nf4 {w.nbytes():>11,d} B  bf16 {bf16:>11,d} B  "
+            f"ratio {w.nbytes() / bf16:.4f}  ({rows[name]['bits_per_param']:.3f} bits/param)"
+        )
     return rows
 
 
-# --- memory, computed --------------------------------------------------------------------------------------
+# --- memory, computed -----------------------------------------------------------------------------
 def counts(dims: dict) -> dict:
     with torch.device("meta"):
         m = Phi3ForCausalLM(Phi3Config(**dims))
-    linear = sum(mod.weight.numel() for n, mod in m.named_modules()
-                 if isinstance(mod, nn.Linear) and not n.endswith("lm_head"))
+    linear = sum(
+        mod.weight.numel()
+        for n, mod in m.named_modules()
+        if isinstance(mod, nn.Linear) and not n.endswith("lm_head")
+    )
     total = sum(p.numel() for p in m.parameters())
     return {"total": total, "linear": linear, "rest": total - linear}
 
@@ -86,14 +114,17 @@ def cmd_memory(args) -> dict:
         bf16 = 2 * c["total"]
         nf4 = c["linear"] * NF4_BITS / 8 + 2 * c["rest"]
         out[name] = {**c, "bf16_weights": bf16, "nf4_weights": nf4}
-        print(f"{name}: {c['total'] / 1e9:.2f}B parameters ({c['linear'] / 1e9:.2f}B in base Linears): "
-              f"weights bf16 {gib(bf16)}, NF4 base + bf16 embedding/head {gib(nf4)}")
+        print(
+            f"{name}: {c['total'] / 1e9:.2f}B parameters "
+            f"({c['linear'] / 1e9:.2f}B in base Linears): "
+            f"weights bf16 {gib(bf16)}, NF4 base + bf16 embedding/head {gib(nf4)}"
+        )
     return out
 
 
-# --- one full-size step ---------------------------------------------------------------------------------------
+# --- one full-size step ---------------------------------------------------------------------------
 def build(dims: dict, base: str, dtype: torch.dtype) -> Phi3ForCausalLM:
-    """Random weights, materialised tensor by tensor on CPU; NF4 Linears quantised as they appear."""
+    """Random weights, materialised tensor by tensor on CPU; NF4 Linears quantised as they come."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(Phi3Config(**dims))
     assign = quantizing_assign(model, "nf4") if base == "nf4" else None
@@ -137,13 +168,26 @@ def cmd_step(args) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
     step_s = min(times[1:]) if len(times) > 1 else times[0]
-    result = {"base": args.base, "layers": args.layers, "seq": args.seq, "steps": args.steps,
-              "build_s": built_s, "step_s": step_s, "step_times": times, "tokens_per_s": args.seq / step_s,
-              "peak_rss_bytes": peak_rss_bytes(), "rss_after_build_bytes": rss_built, "losses": losses,
-              "threads": torch.get_num_threads()}
-    print(f"base={args.base} layers={args.layers} 1x{args.seq}: built in {built_s:.1f}s, "
-          f"step {step_s:.1f}s ({args.seq / step_s:.1f} tokens/s), peak RSS {gib(result['peak_rss_bytes'])} "
-          f"(after build {gib(rss_built)}), loss {losses[-1]:.4f}")
+    result = {
+        "base": args.base,
+        "layers": args.layers,
+        "seq": args.seq,
+        "steps": args.steps,
+        "build_s": built_s,
+        "step_s": step_s,
+        "step_times": times,
+        "tokens_per_s": args.seq / step_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_after_build_bytes": rss_built,
+        "losses": losses,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"base={args.base} layers={args.layers} 1x{args.seq}: built in {built_s:.1f}s, "
+        f"step {step_s:.1f}s ({args.seq / step_s:.1f} tokens/s), "
+        f"peak RSS {gib(result['peak_rss_bytes'])} "
+        f"(after build {gib(rss_built)}), loss {losses[-1]:.4f}"
+    )
     if args.json:
         print("JSON " + json.dumps(result))
     return result
@@ -152,37 +196,60 @@ def cmd_step(args) -> dict:
 def cmd_speed(args) -> dict:
     res = {}
     for base in ("bf16", "nf4"):
-        cmd = [sys.executable, __file__, "step", "--base", base, "--layers", str(args.layers),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--json"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "step",
+            "--base",
+            base,
+            "--layers",
+            str(args.layers),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--json",
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        line = next(l for l in out.splitlines() if l.startswith("JSON "))
+        line = next(row for row in out.splitlines() if row.startswith("JSON "))
         res[base] = json.loads(line[5:])
         print(out.splitlines()[0])
     ratio = res["nf4"]["step_s"] / res["bf16"]["step_s"]
-    print(f"nf4 / bf16 step time: {ratio:.2f}x  (tokens/s nf4 {res['nf4']['tokens_per_s']:.1f}, "
-          f"bf16 {res['bf16']['tokens_per_s']:.1f})")
+    print(
+        f"nf4 / bf16 step time: {ratio:.2f}x  (tokens/s nf4 {res['nf4']['tokens_per_s']:.1f}, "
+        f"bf16 {res['bf16']['tokens_per_s']:.1f})"
+    )
     return res
 
 
-# --- quality on the demo data -----------------------------------------------------------------------------------
+# --- quality on the demo data ---------------------------------------------------------------------
 def cmd_quality(args) -> dict:
     from lora.finetune.demo import run_demo
 
     out = {}
     for base in ("bf16", "nf4"):
-        training = {"bf16": True, "max_steps": args.max_steps, "output_dir": f"/tmp/bench_qlora_{base}",
-                    "quantize": "nf4" if base == "nf4" else None}
+        training = {
+            "bf16": True,
+            "max_steps": args.max_steps,
+            "output_dir": f"/tmp/bench_qlora_{base}",
+            "quantize": "nf4" if base == "nf4" else None,
+        }
         t = time.perf_counter()
         r = run_demo(training, progress=False, log=lambda s: None)
         out[base] = {"eval_loss": r.eval_loss, "seconds": time.perf_counter() - t}
-        print(f"{base} base: held-out loss {r.eval_loss:.4f} after {r.steps} steps ({out[base]['seconds']:.0f}s)")
+        print(
+            f"{base} base: held-out loss {r.eval_loss:.4f} after {r.steps} steps "
+            f"({out[base]['seconds']:.0f}s)"
+        )
     rel = out["nf4"]["eval_loss"] / out["bf16"]["eval_loss"] - 1
     print(f"nf4 vs bf16 base held-out loss: {100 * rel:+.2f}%")
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("storage")
     sub.add_parser("memory")
@@ -197,8 +264,13 @@ def main(argv=None) -> int:
     q = sub.add_parser("quality")
     q.add_argument("--max-steps", type=int, default=400)
     args = ap.parse_args(argv)
-    {"storage": cmd_storage, "memory": cmd_memory, "step": cmd_step, "speed": cmd_speed,
-     "quality": cmd_quality}[args.cmd](args)
+    {
+        "storage": cmd_storage,
+        "memory": cmd_memory,
+        "step": cmd_step,
+        "speed": cmd_speed,
+        "quality": cmd_quality,
+    }[args.cmd](args)
     return 0
 
 

@@ -1,5 +1,6 @@
 """QLoRA: the NF4 code book, blockwise absmax with double quantisation, 4-bit packing, the frozen
-4-bit linear and its gradients, LoRA over a 4-bit base, loading with quantisation, save/load/merge."""
+4-bit linear and its gradients, LoRA over a 4-bit base, loading with quantisation, save/load/merge.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import chat_records, write_jsonl
+from tiny import write_checkpoint as write_tiny_checkpoint
 from torch import nn
 
 import lora
+from lora.models import Phi3ForCausalLM
 from lora.quant import (
     FrozenWeightError,
     NF4Weight,
@@ -27,14 +31,26 @@ from lora.quant import (
     quantized_modules,
     unpack_4bit,
 )
-from lora.models import Phi3ForCausalLM
-from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
 
 # The NF4 values as printed in QLoRA's appendix E (and bitsandbytes' table).
-PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                 0.7229568362236023, 1.0]
+PUBLISHED_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def reference_code_book() -> list[float]:
@@ -48,7 +64,7 @@ def reference_code_book() -> list[float]:
 
 
 def reference_quantize(w: torch.Tensor, block=64, group=256):
-    """A slow, plain-Python reference: nearest code by argmin in float64, int8 scales as documented."""
+    """A slow plain-Python reference: nearest codes by argmin in float64, int8 scales as above."""
     cb = reference_code_book()
     flat = [float(v) for v in w.reshape(-1).tolist()]
     flat += [0.0] * (-len(flat) % block)
@@ -71,14 +87,18 @@ def reference_quantize(w: torch.Tensor, block=64, group=256):
     return codes, torch.tensor(values[: w.numel()], dtype=torch.float64).view(w.shape)
 
 
-# --- the code book and the packing -----------------------------------------------------------------
+# --- the code book and the packing ----------------------------------------------------------------
 def test_code_book_is_the_normal_quantile_construction_of_the_paper():
     ours = nf4_code_book(torch.float64)
     assert ours.shape == (16,) and ours[0] == -1 and ours[-1] == 1 and ours[7] == 0
     assert torch.all(ours[1:] > ours[:-1])
-    torch.testing.assert_close(ours, torch.tensor(reference_code_book(), dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        ours, torch.tensor(reference_code_book(), dtype=torch.float64), rtol=0, atol=1e-12
+    )
     # The published table was computed with float32 quantile levels: equal to float32 precision.
-    torch.testing.assert_close(ours, torch.tensor(PUBLISHED_NF4, dtype=torch.float64), rtol=0, atol=3e-7)
+    torch.testing.assert_close(
+        ours, torch.tensor(PUBLISHED_NF4, dtype=torch.float64), rtol=0, atol=3e-7
+    )
 
 
 def test_packing_puts_the_first_code_of_a_pair_in_the_high_nibble():
@@ -90,7 +110,7 @@ def test_packing_puts_the_first_code_of_a_pair_in_the_high_nibble():
         pack_4bit(torch.zeros(3, dtype=torch.uint8))
 
 
-# --- quantise / dequantise -------------------------------------------------------------------------
+# --- quantise / dequantise ------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(8, 64), (96, 200), (3, 7)])
 def test_round_trip_matches_an_independent_reference(shape):
     torch.manual_seed(0)
@@ -102,7 +122,12 @@ def test_round_trip_matches_an_independent_reference(shape):
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 40), cols=st.integers(1, 90), scale=st.floats(1e-3, 10.0), seed=st.integers(0, 99))
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 90),
+    scale=st.floats(1e-3, 10.0),
+    seed=st.integers(0, 99),
+)
 def test_round_trip_error_is_within_half_a_code_gap_plus_the_scale_error(rows, cols, scale, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * scale
@@ -112,7 +137,13 @@ def test_round_trip_error_is_within_half_a_code_gap_plus_the_scale_error(rows, c
     flat = F.pad(w.reshape(-1), (0, -w.numel() % 64)).view(-1, 64)
     s = flat.abs().amax(1)
     centred = s - s.mean()
-    a = F.pad(centred, (0, -centred.numel() % 256)).view(-1, 256).abs().amax(1).repeat_interleave(256)[: s.numel()]
+    a = (
+        F.pad(centred, (0, -centred.numel() % 256))
+        .view(-1, 256)
+        .abs()
+        .amax(1)
+        .repeat_interleave(256)[: s.numel()]
+    )
     half_gap = float((nf4_code_book()[1:] - nf4_code_book()[:-1]).max()) / 2
     bound = (half_gap * s + a / 128 + 1e-6 * scale).repeat_interleave(64)[: w.numel()].view(w.shape)
     assert torch.all((back - w).abs() <= bound)
@@ -125,16 +156,20 @@ def test_a_size_that_does_not_divide_by_the_block_is_padded_and_a_zero_block_dec
     assert data.packed.numel() == 3 * 32  # 150 elements -> 3 blocks of 64
     back = dequantize_nf4(data)
     assert back.shape == (5, 30) and torch.all(back[1:] == 0)
-    # 0.5 is nearer 0.4407 than 0.5626; the block scale 1 comes back as 127/192 + 1/3 (int8 clamp at 127)
+    # 0.5 is nearer 0.4407 than 0.5626; the block scale 1 comes back as 127/192 + 1/3 (the int8
+    # code of the largest centred scale is clamped at 127)
     scale = 127 / 192 + 1 / 3
-    torch.testing.assert_close(back[0, :3], torch.tensor([1.0, -1.0, 0.44070983]) * scale, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        back[0, :3], torch.tensor([1.0, -1.0, 0.44070983]) * scale, atol=1e-6, rtol=0
+    )
 
 
 def test_storage_is_at_most_0_27_of_bf16():
     w = NF4Weight.from_float(torch.randn(256, 512, dtype=torch.bfloat16))
     ratio = w.nbytes() / (256 * 512 * 2)
     assert ratio <= 0.27
-    assert abs(w.nbytes() * 8 / (256 * 512) - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-3  # ≈ 4.127 bits
+    bits = w.nbytes() * 8 / (256 * 512)
+    assert abs(bits - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-3  # ≈ 4.127 bits
 
 
 def test_bad_weights_are_refused_with_the_reason():
@@ -150,9 +185,11 @@ def test_bad_weights_are_refused_with_the_reason():
         NF4Weight.from_float(torch.ones(4))
 
 
-# --- the frozen 4-bit linear -----------------------------------------------------------------------
+# --- the frozen 4-bit linear ----------------------------------------------------------------------
 @pytest.mark.parametrize("chunk_rows", [None, 64])
-def test_nf4_linear_and_its_input_gradient_equal_dense_autograd_on_the_dequantised_weight(chunk_rows):
+def test_nf4_linear_and_its_input_gradient_equal_dense_autograd_on_the_dequantised_weight(
+    chunk_rows,
+):
     torch.manual_seed(0)
     w = NF4Weight.from_float(torch.randn(200, 96, dtype=torch.float64) * 0.1)
     if chunk_rows:
@@ -171,18 +208,30 @@ def test_nf4_linear_and_its_input_gradient_equal_dense_autograd_on_the_dequantis
     y_ref.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(bias.grad, b_ref.grad)
-    assert torch.autograd.gradcheck(lambda inp: F.linear(inp, w), (torch.randn(2, 96, dtype=torch.float64,
-                                                                                 requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        lambda inp: F.linear(inp, w), (torch.randn(2, 96, dtype=torch.float64, requires_grad=True),)
+    )
 
 
 def test_an_nf4_weight_answers_like_the_tensor_it_replaced_and_refuses_in_place_changes():
     w = NF4Weight.from_float(torch.randn(64, 128, dtype=torch.bfloat16))
-    assert w.shape == (64, 128) and w.dtype == torch.bfloat16 and not w.requires_grad and w.device.type == "cpu"
-    assert torch.equal(torch.t(w), w.dequantize().t())  # any other function: on the dequantised copy
+    assert (
+        w.shape == (64, 128)
+        and w.dtype == torch.bfloat16
+        and not w.requires_grad
+        and w.device.type == "cpu"
+    )
+    assert torch.equal(
+        torch.t(w), w.dequantize().t()
+    )  # any other function: on the dequantised copy
     with pytest.raises(FrozenWeightError, match="frozen"):
         torch.relu_(w)
     w.float()
-    assert w.dtype == torch.float32 and w.packed.dtype == torch.uint8 and w.scale_absmax.dtype == torch.float32
+    assert (
+        w.dtype == torch.float32
+        and w.packed.dtype == torch.uint8
+        and w.scale_absmax.dtype == torch.float32
+    )
     assert set(w.state_dict()) == {"packed", "scale_codes", "scale_absmax", "scale_mean"}
 
 
@@ -203,7 +252,12 @@ def _net_pair(order: str):
     a = Net()
     b = Net()
     b.load_state_dict(a.state_dict())
-    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    cfg = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "init_lora_weights": False,
+    }
     if order == "quantize-first":
         lora.quantize(a, "nf4")
         lora.inject(a, cfg)
@@ -225,7 +279,8 @@ def test_lora_on_a_4bit_base_trains_exactly_as_on_its_dequantised_weights(order)
     assert is_quantized(a.q_proj.weight) and is_quantized(a.v_proj.weight)
     assert isinstance(a.lm_head.weight, nn.Parameter) and isinstance(a.embed.weight, nn.Parameter)
     assert {n for n, p in a.named_parameters() if p.requires_grad} == {
-        n for n, p in b.named_parameters() if p.requires_grad}
+        n for n, p in b.named_parameters() if p.requires_grad
+    }
     ids = torch.randint(0, 10, (2, 7))
     ya, yb = a(ids), b(ids)
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
@@ -280,7 +335,9 @@ def test_a_4bit_model_moved_to_cuda_computes_what_it_did_on_cpu():
     w = torch.randn(128, 64)
     on_cuda, on_cpu = NF4Weight.from_float(w.cuda()), NF4Weight.from_float(w)
     assert torch.equal(on_cuda.packed.cpu(), on_cpu.packed)
-    torch.testing.assert_close(on_cuda.dequantize().cpu(), on_cpu.dequantize(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        on_cuda.dequantize().cpu(), on_cpu.dequantize(), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_skip_modules_and_a_tied_head_stay_16_bit():
@@ -290,7 +347,7 @@ def test_skip_modules_and_a_tied_head_stay_16_bit():
     assert set(quantized_modules(net)) == {"q_proj"}
 
 
-# --- Phi-3: quantise as the checkpoint is read --------------------------------------------------------
+# --- Phi-3: quantise as the checkpoint is read ----------------------------------------------------
 TINY64 = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -303,8 +360,12 @@ def test_from_pretrained_quantises_as_it_reads_the_same_as_quantising_after(ckpt
     q = Phi3ForCausalLM.from_pretrained(ckpt, quantize="nf4")
     later = lora.quantize(Phi3ForCausalLM.from_pretrained(ckpt), "nf4")
     names = set(quantized_modules(q))
-    assert names == set(quantized_modules(later)) and len(names) == 2 * 4  # qkv, o, gate_up, down per layer
-    assert isinstance(q.lm_head.weight, nn.Parameter) and isinstance(q.model.embed_tokens.weight, nn.Parameter)
+    assert (
+        names == set(quantized_modules(later)) and len(names) == 2 * 4
+    )  # qkv, o, gate_up, down per layer
+    assert isinstance(q.lm_head.weight, nn.Parameter) and isinstance(
+        q.model.embed_tokens.weight, nn.Parameter
+    )
     for n, w in quantized_modules(q).items():
         assert torch.equal(w.packed, quantized_modules(later)[n].packed)
     ids = torch.randint(0, 100, (2, 9))
@@ -319,7 +380,9 @@ def test_from_pretrained_quantises_as_it_reads_the_same_as_quantising_after(ckpt
 def test_an_adapter_trained_on_a_4bit_base_saves_and_loads_in_peft_format(ckpt, tmp_path):
     torch.manual_seed(0)
     model = Phi3ForCausalLM.from_pretrained(ckpt, quantize="nf4")
-    lora.inject(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False})
+    lora.inject(
+        model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False}
+    )
     model.gradient_checkpointing_enable()
     model.train()
     ids = torch.randint(0, 100, (2, 12))
@@ -340,9 +403,18 @@ def test_finetune_with_quantize_nf4_trains_and_merges_into_a_normal_checkpoint(c
     from lora.finetune import finetune
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
-    training = {"output_dir": str(tmp_path / "out"), "learning_rate": 1e-2, "per_device_train_batch_size": 4,
-                "max_steps": 3, "logging_steps": 1, "save_steps": 10, "max_seq_length": 64, "seed": 0,
-                "eval_fraction": 0.2, "quantize": "nf4"}
+    training = {
+        "output_dir": str(tmp_path / "out"),
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 4,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "save_steps": 10,
+        "max_seq_length": 64,
+        "seed": 0,
+        "eval_fraction": 0.2,
+        "quantize": "nf4",
+    }
     peft = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     result = finetune(ckpt, data, training, peft, merge=True, progress=False, log=lambda s: None)
     assert result.eval_loss is not None and math.isfinite(result.eval_loss)
@@ -363,10 +435,12 @@ def test_the_quantize_key_and_flag_are_checked():
         build_parser().parse_args(["--quantize", "int4"])
 
 
-# --- optional peers ------------------------------------------------------------------------------------
+# --- optional peers -------------------------------------------------------------------------------
 def test_codes_scales_and_values_agree_with_torchaos_nf4tensor():
-    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
-                              reason="torchao (test extra) not installed")
+    nf4 = pytest.importorskip(
+        "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
+        reason="torchao (test extra) not installed",
+    )
     torch.manual_seed(0)
     w = torch.randn(256, 128) * 0.02  # 512 blocks: torchao needs whole groups of 256 scales
     theirs = nf4.NF4Tensor.from_tensor(w, 64, 256)
@@ -381,16 +455,24 @@ def test_codes_scales_and_values_agree_with_torchaos_nf4tensor():
     assert (codes == their_codes).float().mean() > 0.999
     assert torch.equal(ours.scale_codes, theirs.quantized_scalers.reshape(-1))
     same = (codes == their_codes).view(w.shape)
-    torch.testing.assert_close(dequantize_nf4(ours)[same], theirs.get_original_weight()[same],
-                               rtol=0, atol=1e-4 * float(w.abs().max()))
+    torch.testing.assert_close(
+        dequantize_nf4(ours)[same],
+        theirs.get_original_weight()[same],
+        rtol=0,
+        atol=1e-4 * float(w.abs().max()),
+    )
 
 
 def test_codes_and_scales_equal_bitsandbytes():
-    bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (test extra) not installed")
+    bnbf = pytest.importorskip(
+        "bitsandbytes.functional", reason="bitsandbytes (test extra) not installed"
+    )
     torch.manual_seed(0)
     w = torch.randn(64, 200) * 0.02  # 12800 elements: 200 blocks
     try:
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        packed, state = bnbf.quantize_4bit(
+            w, blocksize=64, quant_type="nf4", compress_statistics=False
+        )
         back = bnbf.dequantize_4bit(packed, state)
     except (RuntimeError, NotImplementedError) as e:  # no CPU backend in this build
         pytest.skip(f"bitsandbytes cannot quantise on CPU here: {e}")
@@ -401,11 +483,17 @@ def test_codes_and_scales_equal_bitsandbytes():
 
 
 @pytest.mark.slow
-def test_the_demo_on_a_4bit_base_reaches_a_held_out_loss_within_5_percent_of_the_bf16_base(tmp_path):
+def test_the_demo_on_a_4bit_base_reaches_a_held_out_loss_within_5_percent_of_the_bf16_base(
+    tmp_path,
+):
     from lora.finetune.demo import run_demo
 
     losses = {}
     for base in ("bf16", "nf4"):
-        training = {"bf16": True, "output_dir": str(tmp_path / base), "quantize": "nf4" if base == "nf4" else None}
+        training = {
+            "bf16": True,
+            "output_dir": str(tmp_path / base),
+            "quantize": "nf4" if base == "nf4" else None,
+        }
         losses[base] = run_demo(training, progress=False, log=lambda s: None).eval_loss
     assert losses["nf4"] <= 1.05 * losses["bf16"], losses

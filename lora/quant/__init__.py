@@ -1,8 +1,8 @@
 """QLoRA's 4-bit NormalFloat base, from scratch in torch: see docs/qlora.md.
 
-    lora.quantize(model, "nf4")     # frozen base Linear weights -> NF4 (embeddings, head stay 16-bit)
-    lora.inject(model, config)      # LoRA A/B train in bf16/fp32 on top, as on any base
-    lora.merge_and_unload(model)    # dequantises to 16 bits, then merges: a normal checkpoint
+lora.quantize(model, "nf4")     # frozen base Linear weights -> NF4 (embeddings, head stay 16-bit)
+lora.inject(model, config)      # LoRA A/B train in bf16/fp32 on top, as on any base
+lora.merge_and_unload(model)    # dequantises to 16 bits, then merges: a normal checkpoint
 """
 
 from .model import (
@@ -14,7 +14,16 @@ from .model import (
     quantized_modules,
     quantizing_assign,
 )
-from .nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, NF4Data, dequantize_nf4, nf4_code_book, pack_4bit, quantize_nf4, unpack_4bit
+from .nf4 import (
+    BLOCK_SIZE,
+    SCALE_BLOCK_SIZE,
+    NF4Data,
+    dequantize_nf4,
+    nf4_code_book,
+    pack_4bit,
+    quantize_nf4,
+    unpack_4bit,
+)
 from .weight import FrozenWeightError, NF4LinearFunction, NF4Weight, is_quantized, nf4_linear
 
 __all__ = [

@@ -15,8 +15,15 @@ from torch import Tensor, nn
 
 from .weight import NF4Weight, is_quantized
 
-__all__ = ["METHODS", "QuantizationError", "quantize", "dequantize", "quantizing_assign", "quantized_modules",
-           "check_method"]
+__all__ = [
+    "METHODS",
+    "QuantizationError",
+    "quantize",
+    "dequantize",
+    "quantizing_assign",
+    "quantized_modules",
+    "check_method",
+]
 
 METHODS = ("nf4",)
 
@@ -28,7 +35,10 @@ class QuantizationError(ValueError):
 def check_method(method, name: str = "method") -> str:
     """``method`` if it is a known quantisation (``"nf4"``), else ``ValueError`` naming it."""
     if method not in METHODS:
-        raise ValueError(f"{name}={method!r}: unknown quantization; expected one of {', '.join(map(repr, METHODS))}")
+        raise ValueError(
+            f"{name}={method!r}: unknown quantization; "
+            f"expected one of {', '.join(map(repr, METHODS))}"
+        )
     return method
 
 
@@ -59,7 +69,11 @@ def _targets(model: nn.Module, skip_modules: Iterable[str] | None) -> dict[str, 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out = {}
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or id(m) in heads or any(_suffix_match(name, s) for s in skip):
+        if (
+            not isinstance(m, nn.Linear)
+            or id(m) in heads
+            or any(_suffix_match(name, s) for s in skip)
+        ):
             continue
         w = m._parameters.get("weight")
         if w is not None and id(w) in embedding_weights:
@@ -78,14 +92,21 @@ def _replace_weight(module: nn.Module, new) -> None:
     # A LoRA layer keeps the Linear it replaced (unregistered) to put back on merge_and_unload; it
     # shares the weight, so it must drop the 16-bit copy too or that copy stays alive.
     shell = module.__dict__.get("_lora_base_module")
-    if shell is not None and (shell.__dict__.get("_parameters", {}).get("weight") is old or
-                              shell._modules.get("weight") is old):
+    if shell is not None and (
+        shell.__dict__.get("_parameters", {}).get("weight") is old
+        or shell._modules.get("weight") is old
+    ):
         _replace_weight(shell, new)
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, method: str = "nf4", *, skip_modules: Iterable[str] | None = None,
-             double_quant: bool = True) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    method: str = "nf4",
+    *,
+    skip_modules: Iterable[str] | None = None,
+    double_quant: bool = True,
+) -> nn.Module:
     """Store the frozen base Linear weights of ``model`` as 4-bit NF4, in place; returns ``model``.
 
     Works before or after :func:`lora.inject` (a LoRA layer's base weight is quantised; its
@@ -104,18 +125,27 @@ def quantize(model: nn.Module, method: str = "nf4", *, skip_modules: Iterable[st
     problems = []
     for name, m in model.named_modules():
         if isinstance(m, LoRALayer) and m.merged:
-            problems.append(f"{name or type(m).__name__}: merged (its weight holds W + ΔW); call lora.unmerge(model)"
-                            " first, or merge_and_unload and quantise the result as a new base")
+            problems.append(
+                f"{name or type(m).__name__}: merged (its weight holds W + ΔW); "
+                "call lora.unmerge(model)"
+                " first, or merge_and_unload and quantise the result as a new base"
+            )
     for name, m in targets.items():
         if is_quantized(m.weight):
             continue
         if getattr(m, "fan_in_fan_out", False):
-            problems.append(f"{name}: fan_in_fan_out stores the weight as (in, out); NF4 needs (out, in)")
+            problems.append(
+                f"{name}: fan_in_fan_out stores the weight as (in, out); NF4 needs (out, in)"
+            )
         elif m.weight.device.type == "meta":
-            problems.append(f"{name}: its weight is on the meta device (load the weights first, or load with"
-                            " from_pretrained(..., quantize='nf4'))")
+            problems.append(
+                f"{name}: its weight is on the meta device (load the weights first, or load with"
+                " from_pretrained(..., quantize='nf4'))"
+            )
     if problems:
-        raise QuantizationError(f"cannot quantize {type(model).__name__} to {method}: " + "; ".join(problems))
+        raise QuantizationError(
+            f"cannot quantize {type(model).__name__} to {method}: " + "; ".join(problems)
+        )
     done: dict[int, NF4Weight] = {}
     for m in targets.values():
         w = m.weight
@@ -148,8 +178,9 @@ def quantized_modules(model: nn.Module) -> dict[str, NF4Weight]:
     return {n: m.weight for n, m in model.named_modules() if is_quantized(m._modules.get("weight"))}
 
 
-def quantizing_assign(model: nn.Module, method: str = "nf4", skip_modules: Iterable[str] | None = None
-                      ) -> Callable[[nn.Module, str, Tensor], bool]:
+def quantizing_assign(
+    model: nn.Module, method: str = "nf4", skip_modules: Iterable[str] | None = None
+) -> Callable[[nn.Module, str, Tensor], bool]:
     """A hook for :func:`lora.models.checkpoint.load_into`: quantise each target Linear's weight as
     it is read (so the 16-bit copy of one tensor at most is alive at a time); other tensors are left
     to the default assignment. ``model`` is the (meta-device) model about to be loaded."""

@@ -15,8 +15,8 @@ Double quantisation stores the block scales in 8 bits: with ``m`` their mean, ea
 
 which is torchao's NF4Tensor scheme (so its bytes can be compared), the linear int8 variant of the
 paper's 8-bit scale quantisation. Codes are packed two per byte, the first element of each pair in
-the high nibble (as bitsandbytes and torchao). Storage per element: 4 + 8/64 + 32/(64·256) ≈ 4.127
-bits, plus one fp32 mean per tensor.
+the high nibble (as bitsandbytes and torchao). Storage per element:
+4 + 8/64 + 32/(64·256) ≈ 4.127 bits, plus one fp32 mean per tensor.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def nf4_code_book(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     k-bit NormalFloat takes quantiles of N(0, 1) so that each code holds an equal share of a normal
     weight's mass. To have an exact zero, the two halves are built apart: 8 positive values
     ``Φ⁻¹(p)`` for ``p`` evenly spaced from δ down to 1/2 (1/2 itself, that is 0, left out), 7
-    negative ones likewise, and 0; then all are divided by ``Φ⁻¹(δ)`` so that they span [-1, 1].
+    negative ones likewise, and 0; then all are divided by ``Φ⁻¹(δ)``, to span [-1, 1].
     δ = ½ · ((1 - 1/(2·15)) + (1 - 1/(2·16))): the mean of the outermost quantile levels for 15
     and 16 codes, so the extreme codes are not at Φ⁻¹(1) = ∞.
 
@@ -107,7 +107,9 @@ class NF4Data:
 
     def block_scales(self) -> Tensor:
         """(n_blocks,) fp32: the dequantised block scales ŝ_b."""
-        return dequantize_scales(self.scale_codes, self.scale_absmax, self.scale_mean, self.scale_block_size)
+        return dequantize_scales(
+            self.scale_codes, self.scale_absmax, self.scale_mean, self.scale_block_size
+        )
 
     def nbytes(self) -> int:
         parts = [self.packed, self.scale_absmax, self.scale_mean]
@@ -140,7 +142,9 @@ def quantize_nf4(
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight={type(weight).__name__}: expected a torch.Tensor")
     if not weight.is_floating_point():
-        raise ValueError(f"weight dtype {weight.dtype}: expected a floating-point tensor to quantise")
+        raise ValueError(
+            f"weight dtype {weight.dtype}: expected a floating-point tensor to quantise"
+        )
     if weight.numel() == 0:
         raise ValueError(f"weight of shape {tuple(weight.shape)}: nothing to quantise")
     block_size = _check_block("block_size", block_size)
@@ -179,22 +183,27 @@ def quantize_nf4(
     return NF4Data(packed, codes8, absmax2, mean, weight.shape, block_size, scale_block_size)
 
 
-def quantize_scales(scales: Tensor, scale_block_size: int = SCALE_BLOCK_SIZE) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_scales(
+    scales: Tensor, scale_block_size: int = SCALE_BLOCK_SIZE
+) -> tuple[Tensor, Tensor, Tensor]:
     """Double quantisation: (n_blocks,) fp32 scales -> (int8 codes (n_blocks,), fp32 group absmax
     (ceil(n_blocks / scale_block_size),), fp32 mean ()). The last group may be shorter."""
     mean = scales.mean()
     centred = scales - mean
     n = centred.numel()
     groups = -(-n // scale_block_size)
-    padded = torch.nn.functional.pad(centred, (0, groups * scale_block_size - n)).view(groups, scale_block_size)
+    padded = torch.nn.functional.pad(centred, (0, groups * scale_block_size - n)).view(
+        groups, scale_block_size
+    )
     absmax = padded.abs().amax(dim=1)
     factor = 128.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     codes = (padded * factor.unsqueeze(1)).round().clamp(-128, 127).to(torch.int8).reshape(-1)[:n]
     return codes, absmax, mean
 
 
-def dequantize_scales(codes: Tensor | None, absmax: Tensor, mean: Tensor,
-                      scale_block_size: int = SCALE_BLOCK_SIZE) -> Tensor:
+def dequantize_scales(
+    codes: Tensor | None, absmax: Tensor, mean: Tensor, scale_block_size: int = SCALE_BLOCK_SIZE
+) -> Tensor:
     """The inverse of :func:`quantize_scales`: (n_blocks,) fp32 block scales. With ``codes`` None
     (no double quantisation) ``absmax`` holds the scales themselves."""
     if codes is None:
@@ -211,11 +220,17 @@ def _pair_table(device, code_book: Tensor | None = None) -> Tensor:
     return torch.stack((cb[byte >> 4], cb[byte & 0x0F]), dim=1)
 
 
-def dequantize_blocks(data: NF4Data, b0: int, b1: int, dtype: torch.dtype, scales: Tensor | None = None,
-                      pair_table: Tensor | None = None) -> Tensor:
-    """Blocks ``b0:b1`` of ``data`` decoded: ((b1 - b0) · block_size,) in ``dtype`` (computed in fp32).
+def dequantize_blocks(
+    data: NF4Data,
+    b0: int,
+    b1: int,
+    dtype: torch.dtype,
+    scales: Tensor | None = None,
+    pair_table: Tensor | None = None,
+) -> Tensor:
+    """Blocks ``b0:b1`` of ``data`` decoded: ((b1 - b0) · block_size,) in ``dtype`` (fp32 math).
 
-    ``scales`` / ``pair_table``: precomputed ``data.block_scales()`` / byte table, to reuse across calls.
+    ``scales`` / ``pair_table``: precomputed ``data.block_scales()`` / byte table, for reuse.
     """
     bs = data.block_size
     scales = data.block_scales() if scales is None else scales

@@ -1,4 +1,4 @@
-"""NF4Weight: a frozen 4-bit linear weight that ``F.linear`` dispatches on, and its autograd function.
+"""NF4Weight: a frozen 4-bit linear weight that ``F.linear`` dispatches on; its autograd function.
 
 An ``nn.Linear`` (or a LoRA ``Linear``/``MergedLinear`` over one) whose ``weight`` is an
 :class:`NF4Weight` computes as before: ``F.linear(x, weight, bias)`` reaches
@@ -33,7 +33,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
 class FrozenWeightError(RuntimeError):
-    """An operation would change a frozen 4-bit weight (merging an adapter into it, an in-place op)."""
+    """An operation would change a frozen 4-bit weight (merging into it, an in-place op)."""
 
 
 def is_quantized(weight) -> bool:
@@ -49,10 +49,14 @@ class NF4Weight(nn.Module):
     256 scales), ``scale_mean`` (fp32 scalar). ``dtype`` is the dtype it computes in.
     """
 
-    def __init__(self, data: NF4Data, dtype: torch.dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    def __init__(
+        self, data: NF4Data, dtype: torch.dtype, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    ):
         super().__init__()
         if len(data.shape) != 2:
-            raise ValueError(f"NF4Weight: weight shape {tuple(data.shape)}; expected (out_features, in_features)")
+            raise ValueError(
+                f"NF4Weight: weight shape {tuple(data.shape)}; expected (out_features, in_features)"
+            )
         self.register_buffer("packed", data.packed)
         self.register_buffer("scale_codes", data.scale_codes)
         self.register_buffer("scale_absmax", data.scale_absmax)
@@ -65,13 +69,22 @@ class NF4Weight(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, weight: Tensor, dtype: torch.dtype | None = None, double_quant: bool = True,
-                   block_size: int = BLOCK_SIZE, scale_block_size: int = SCALE_BLOCK_SIZE) -> "NF4Weight":
-        """Quantise a (out, in) floating weight; ``dtype`` (default: the weight's) is the compute dtype.
-        Raises ``ValueError`` for a weight that is not 2-D, empty, not floating, or on the meta device."""
+    def from_float(
+        cls,
+        weight: Tensor,
+        dtype: torch.dtype | None = None,
+        double_quant: bool = True,
+        block_size: int = BLOCK_SIZE,
+        scale_block_size: int = SCALE_BLOCK_SIZE,
+    ) -> "NF4Weight":
+        """Quantise a (out, in) floating weight; ``dtype`` (default: the weight's) is the compute
+        dtype. Raises ``ValueError`` for a weight that is not 2-D, empty, not floating, or on the
+        meta device."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-            raise ValueError(f"NF4Weight.from_float: weight {shape}; expected a 2-D (out, in) tensor")
+            raise ValueError(
+                f"NF4Weight.from_float: weight {shape}; expected a 2-D (out, in) tensor"
+            )
         data = quantize_nf4(weight, block_size, scale_block_size, double_quant)
         return cls(data, dtype if dtype is not None else weight.dtype)
 
@@ -126,12 +139,19 @@ class NF4Weight(nn.Module):
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
 
     def data_parts(self) -> NF4Data:
-        return NF4Data(self.packed, self.scale_codes, self.scale_absmax, self.scale_mean, self._shape,
-                       self.block_size, self.scale_block_size)
+        return NF4Data(
+            self.packed,
+            self.scale_codes,
+            self.scale_absmax,
+            self.scale_mean,
+            self._shape,
+            self.block_size,
+            self.scale_block_size,
+        )
 
-    # --- dequantising ------------------------------------------------------------------------------
+    # --- dequantising -----------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The full (out, in) weight in ``dtype`` (default: :attr:`dtype`): a new 16/32-bit tensor."""
+        """The full (out, in) weight in ``dtype`` (default: :attr:`dtype`), a new tensor."""
         rows = [w for _, _, w in self.row_chunks(dtype or self._dtype)]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -156,12 +176,14 @@ class NF4Weight(nn.Module):
             offset = start - (start // bs) * bs
             yield r0, r1, flat[offset : offset + end - start].view(r1 - r0, in_f)
 
-    # --- the matmuls (no autograd: NF4LinearFunction wraps them) -----------------------------------
+    # --- the matmuls (no autograd: NF4LinearFunction wraps them) ----------------------------------
     def linear_no_grad(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x Wᵀ + b`` for x (N, in) -> (N, out), in x's dtype, a slab of W at a time."""
         out_f, in_f = self._shape
         if x.shape[-1] != in_f:
-            raise RuntimeError(f"NF4 linear: input (..., {x.shape[-1]}) against weight ({out_f}, {in_f})")
+            raise RuntimeError(
+                f"NF4 linear: input (..., {x.shape[-1]}) against weight ({out_f}, {in_f})"
+            )
         b = None if bias is None else bias.to(x.dtype)
         if self.rows_per_chunk() >= out_f:  # one slab: the plain call
             return F.linear(x, next(self.row_chunks(x.dtype))[2], b)
@@ -182,26 +204,36 @@ class NF4Weight(nn.Module):
             gx = part @ w if gx is None else gx.addmm_(part, w)
         return gx.view(*grad_out.shape[:-1], in_f)
 
-    # --- torch functions ---------------------------------------------------------------------------
+    # --- torch functions --------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(weight, NF4Weight) and isinstance(x, Tensor) and not isinstance(bias, NF4Weight):
+            if (
+                isinstance(weight, NF4Weight)
+                and isinstance(x, Tensor)
+                and not isinstance(bias, NF4Weight)
+            ):
                 return nf4_linear(x, weight, bias)
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or "out" in kwargs:
+        if (
+            (name.endswith("_") and not name.endswith("__"))
+            or name.startswith("__i")
+            or "out" in kwargs
+        ):
             raise FrozenWeightError(
                 f"{name}: an NF4 weight is frozen 4-bit storage and is never changed in place; "
                 "dequantize it first (lora.dequantize(model)) to get a 16-bit weight"
             )
         # Anything else sees the dequantised weight (a full copy that lives for this call only).
-        args, kwargs = tree_map(lambda a: a.dequantize() if isinstance(a, NF4Weight) else a, (args, kwargs))
+        args, kwargs = tree_map(
+            lambda a: a.dequantize() if isinstance(a, NF4Weight) else a, (args, kwargs)
+        )
         return func(*args, **kwargs)
 
-    # --- moving: buffers change device, never dtype (the compute dtype follows a float cast) --------
+    # --- moving: buffers change device, never dtype (a float cast sets the compute dtype) ------
     def _apply(self, fn, recurse=True):
         probe = fn(torch.zeros((), dtype=self._dtype, device=self.device))
         for key, buf in self._buffers.items():
@@ -213,13 +245,15 @@ class NF4Weight(nn.Module):
 
     def extra_repr(self) -> str:
         dq = "double-quantised scales" if self.scale_codes is not None else "fp32 scales"
-        return (f"shape={tuple(self._shape)}, nf4, block_size={self.block_size}, {dq}, "
-                f"dtype={str(self._dtype).removeprefix('torch.')}")
+        return (
+            f"shape={tuple(self._shape)}, nf4, block_size={self.block_size}, {dq}, "
+            f"dtype={str(self._dtype).removeprefix('torch.')}"
+        )
 
 
 class NF4LinearFunction(torch.autograd.Function):
-    """``y = x Ŵᵀ + b`` with Ŵ the dequantised NF4 weight. Backward: ``∂x = ∂y Ŵ`` and ``∂b = Σ ∂y``;
-    no gradient for the weight, and nothing saved from the forward but a reference to the weight."""
+    """``y = x Ŵᵀ + b`` with Ŵ the dequantised NF4 weight; x (N, in). Backward: ``∂x = ∂y Ŵ`` and
+    ``∂b = Σ ∂y``; no gradient for the weight, and nothing saved but a reference to the weight."""
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, weight: NF4Weight) -> Tensor:
@@ -237,7 +271,7 @@ class NF4LinearFunction(torch.autograd.Function):
 
 
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for an NF4 weight: x (..., in), weight (out, in) -> (..., out)."""
+    """``F.linear(x, weight, bias)``: x (..., in), weight (out, in) -> (..., out)."""
     # The function works on 2-D (tokens, features); the views back to x's shape are made here, under
     # autograd, so that a caller may add to the output in place (a view made inside it may not be).
     y = NF4LinearFunction.apply(x.reshape(-1, x.shape[-1]), bias, weight)
