@@ -393,8 +393,10 @@ def test_an_adapter_trained_on_a_4bit_base_saves_and_loads_in_peft_format(ckpt, 
     model.eval()
     lora.save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    fresh = Phi3ForCausalLM.from_pretrained(ckpt, quantize="nf4")
-    lora.load_adapter(fresh, tmp_path / "adapter")
+    from lora.finetune.generate import load_chat_model  # lora-generate --adapter ... --quantize nf4
+
+    fresh, _ = load_chat_model(str(ckpt), str(tmp_path / "adapter"), quantize="nf4")
+    assert len(quantized_modules(fresh)) == 8
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
 

@@ -52,12 +52,14 @@ def generate_replies(
     return replies
 
 
-def load_chat_model(model_dir: str, adapter: str | None = None, dtype: torch.dtype | None = None):
-    """``(model, tokenizer)``: the checkpoint in ``model_dir``, with the adapter directory loaded if given."""
+def load_chat_model(model_dir: str, adapter: str | None = None, dtype: torch.dtype | None = None,
+                    quantize: str | None = None):
+    """``(model, tokenizer)``: the checkpoint in ``model_dir``, with the adapter directory loaded if given.
+    ``quantize="nf4"``: the base in 4 bits, the adapter unmerged on top (docs/qlora.md)."""
     from ..data import Tokenizer
     from ..models import Phi3ForCausalLM
 
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, quantize=quantize)
     if adapter:
         from ..adapters import load_adapter
 
@@ -83,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling")
     ap.add_argument("--bf16", action="store_true", help="load the base weights in bfloat16")
+    ap.add_argument("--quantize", choices=["nf4"], help="load the base's Linear weights in 4 bits (QLoRA)")
     args = ap.parse_args(argv)
 
     model_dir = args.model
@@ -91,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ensure_assets()
         model_dir = str(base_model_dir())
-    model, tokenizer = load_chat_model(model_dir, args.adapter, torch.bfloat16 if args.bf16 else None)
+    model, tokenizer = load_chat_model(model_dir, args.adapter, torch.bfloat16 if args.bf16 else None,
+                                       quantize=args.quantize)
     system = [{"role": "system", "content": args.system}] if args.system else []
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
