@@ -377,6 +377,31 @@ def test_from_pretrained_quantises_as_it_reads_the_same_as_quantising_after(ckpt
         q.save_pretrained(ckpt.parent / "never")
 
 
+def test_loading_with_quantisation_keeps_no_16_bit_copy_of_a_quantised_weight(ckpt):
+    import gc
+    import weakref
+
+    from lora.models import Phi3Config
+    from lora.models.checkpoint import load_into
+    from lora.quant import quantizing_assign
+
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config.from_json_file(ckpt / "config.json"))
+    hook = quantizing_assign(model, "nf4")
+    read = []
+
+    def spy(root, name, tensor):
+        placed = hook(root, name, tensor)
+        if placed:
+            read.append(weakref.ref(tensor))
+        return placed
+
+    load_into(model, ckpt, assign=spy)
+    gc.collect()
+    assert len(read) == 8 and all(r() is None for r in read)  # each 16-bit weight freed after use
+    assert len(quantized_modules(model)) == 8
+
+
 def test_an_adapter_trained_on_a_4bit_base_saves_and_loads_in_peft_format(ckpt, tmp_path):
     torch.manual_seed(0)
     model = Phi3ForCausalLM.from_pretrained(ckpt, quantize="nf4")
