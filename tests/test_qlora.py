@@ -226,6 +226,11 @@ def test_an_nf4_weight_answers_like_the_tensor_it_replaced_and_refuses_in_place_
     )  # any other function: on the dequantised copy
     with pytest.raises(FrozenWeightError, match="frozen"):
         torch.relu_(w)
+    with pytest.raises(FrozenWeightError, match="frozen"):
+        torch.add(torch.ones(64, 128), 1.0, out=w)
+    x = torch.zeros(64, 128, dtype=torch.bfloat16)
+    torch.Tensor.add_(x, w)  # in place on a tensor, reading the weight: allowed
+    assert torch.equal(x, w.dequantize())
     w.float()
     assert (
         w.dtype == torch.float32

@@ -17,6 +17,7 @@ NF4Weight runs on its dequantised copy; in-place functions are refused: the weig
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ __all__ = ["NF4Weight", "NF4LinearFunction", "nf4_linear", "is_quantized", "Froz
 # Elements of the weight dequantised at once in forward/backward (a slab of output rows): bounds the
 # transient fp32 copy to 32 MiB whatever the layer's size.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
+_IN_PLACE_DUNDER = re.compile(
+    r"^__i(add|sub|mul|matmul|truediv|floordiv|mod|pow|and|or|xor|lshift|rshift)__$"
+)
 
 
 class FrozenWeightError(RuntimeError):
@@ -218,10 +222,9 @@ class NF4Weight(nn.Module):
             ):
                 return nf4_linear(x, weight, bias)
         name = getattr(func, "__name__", "")
-        if (
-            (name.endswith("_") and not name.endswith("__"))
-            or name.startswith("__i")
-            or "out" in kwargs
+        in_place = (name.endswith("_") and not name.endswith("__")) or _IN_PLACE_DUNDER.match(name)
+        if (in_place and args and isinstance(args[0], NF4Weight)) or isinstance(
+            kwargs.get("out"), NF4Weight
         ):
             raise FrozenWeightError(
                 f"{name}: an NF4 weight is frozen 4-bit storage and is never changed in place; "
