@@ -60,8 +60,9 @@ class TrainingConfig:
     ``eval_steps`` None: evaluate only before and after training. ``bf16``:
     base weights in bfloat16, LoRA parameters in float32. ``eval_fraction``: the share of the training
     file held out when no eval file is given. ``quantize``: None, or "nf4" to load the base
-    Linear weights as 4-bit NormalFloat (QLoRA; bf16 then sets the compute dtype). ``on_error``: "raise" (stop before training and list
-    every malformed record) or "skip" (leave them out and report how many).
+    Linear weights as 4-bit NormalFloat (QLoRA; bf16 then sets the compute dtype). ``on_error``:
+    "raise" (stop before training and list every malformed record) or "skip" (leave them out and
+    report how many).
     """
 
     output_dir: str = "lora-output"
