@@ -349,12 +349,16 @@ def _plain_like(layer: LoRALayer) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; a parameter shared by several modules counts once."""
+    """``(trainable, total)`` parameter counts; a parameter shared by several modules counts once.
+    A 4-bit base weight (lora.quant; buffers, not Parameters) counts in the total with its size."""
+    from .quant import quantized_modules
+
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    total += sum({id(w): w.numel() for w in quantized_modules(model).values()}.values())
     return trainable, total
 
 

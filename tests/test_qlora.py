@@ -345,6 +345,13 @@ def test_a_4bit_model_moved_to_cuda_computes_what_it_did_on_cpu():
     )
 
 
+def test_trainable_parameters_count_the_4bit_base_weights_in_the_total():
+    net = Net()
+    before = lora.trainable_parameters(net)[1]
+    lora.quantize(net, "nf4")
+    assert lora.trainable_parameters(net)[1] == before
+
+
 def test_skip_modules_and_a_tied_head_stay_16_bit():
     net = Net()
     net.lm_head.weight = net.embed.weight  # tied
