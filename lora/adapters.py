@@ -46,8 +46,17 @@ from .layers import Embedding, Linear, LoRALayer, MergedLinear
 from .layers.base import AdapterWeights
 from .layers.conv import _ConvLoRA
 from .layers.utils import lora_layers
-from .surgery import _CONV, InjectionError, _is_gpt2_conv1d, _lora_dtype, _modules_to_save, _Plan
-from .surgery import _set_submodule, fused_splits, inject
+from .surgery import (
+    _CONV,
+    InjectionError,
+    _is_gpt2_conv1d,
+    _lora_dtype,
+    _modules_to_save,
+    _Plan,
+    _set_submodule,
+    fused_splits,
+    inject,
+)
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -484,7 +493,7 @@ def _targets(model, adapter_name, specs, mode, problems) -> dict[str, tuple]:
     model's adapter must be the file's, module for module."""
     modules = dict(model.named_modules())
     out = {}
-    for n, spec in specs.items():
+    for n in specs:
         reason = _peft_incompatible(modules[n])
         if reason is not None:
             problems.append(f"module {n}: has {reason}; a PEFT-format adapter for it would compute something else here")

@@ -135,7 +135,7 @@ class LoRAConfig:
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+    def from_peft_dict(cls, d: dict[str, Any]) -> LoRAConfig:
         """Build from an ``adapter_config.json`` body, ignoring PEFT's bookkeeping keys.
 
         Keys a newer PEFT adds are ignored while their value means "off" (None, False, {}, []).

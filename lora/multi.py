@@ -26,7 +26,7 @@ import math
 import numbers
 import re
 from collections import Counter
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -21,8 +21,8 @@ with ``input_ids`` (``labels[t]`` is token ``t``); the model shifts them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from .template import ChatTemplate, ChatTemplateError
 

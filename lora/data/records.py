@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 __all__ = [
     "ROLES",
@@ -58,7 +59,7 @@ class Conversation:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def error(self, message: str) -> "RecordError":
+    def error(self, message: str) -> RecordError:
         """A :class:`RecordError` at this conversation's location."""
         return RecordError(self.path, self.line, message, self.index)
 

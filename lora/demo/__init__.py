@@ -14,8 +14,8 @@ This package may import ``lora.models`` and ``lora.data``; nothing in the librar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
     "assets_dir",

@@ -30,8 +30,8 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .._io import atomic_open, atomic_write_json
 from . import skill

@@ -129,7 +129,7 @@ class TrainingConfig:
             raise ValueError(f"training_config on_error={self.on_error!r}: expected 'raise' or 'skip'")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
         """Build from a ``training_config`` dict. An unknown key is a ``ValueError`` naming it;
         the keys in :data:`IGNORED_KEYS` are accepted and have no effect (with the values listed there)."""
         if not isinstance(d, dict):

@@ -9,8 +9,8 @@ score before and after, with a few generations side by side.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
 from .generate import generate_replies
-from .trainer import TrainResult, Trainer
+from .trainer import Trainer, TrainResult
 
 __all__ = ["DEMO_TRAINING_CONFIG", "DEMO_PEFT_CONFIG", "run_demo"]
 

@@ -171,7 +171,7 @@ class LoRALayer:
             self.merge()
 
     # --- several adapters: an extension (lora/multi.py drives it); one adapter needs none of this ---
-    def pop_adapter(self) -> "AdapterWeights | None":
+    def pop_adapter(self) -> AdapterWeights | None:
         """Take the layer's adapter out (unmerging first) and return it; the layer is left without one
         (r = 0: it computes its base layer). None when the layer has no adapter."""
         if not self.has_adapter:
@@ -184,7 +184,7 @@ class LoRALayer:
         self.clear_adapter()
         return slot
 
-    def put_adapter(self, slot: "AdapterWeights") -> None:
+    def put_adapter(self, slot: AdapterWeights) -> None:
         """Make ``slot``'s tensors the layer's adapter (shared, not copied). The layer must have none."""
         if self.has_adapter:
             raise RuntimeError(f"put_adapter: the layer already holds adapter {self.adapter_name!r}")

@@ -48,7 +48,7 @@ class Embedding(LoRALayer, nn.Embedding):
     @classmethod
     def from_base(cls, base: nn.Embedding, r: int, lora_alpha: float = 1, merge_weights: bool = False,
                   use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True, **_ignored) -> "Embedding":
+                  init_lora_weights: bool = True, **_ignored) -> Embedding:
         """Wrap an existing ``nn.Embedding``, sharing its weight (no copy). Dropout does not apply."""
         layer = cls(base.num_embeddings, base.embedding_dim, r=r, lora_alpha=lora_alpha,
                     merge_weights=merge_weights, use_rslora=use_rslora, padding_idx=base.padding_idx,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ class Linear(_LinearBase):
     @classmethod
     def from_base(cls, base: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
                   fan_in_fan_out: bool = False, merge_weights: bool = False, use_rslora: bool = False,
-                  lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> "Linear":
+                  lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
         """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
         sharing its weight and bias tensors: no copy, same device and dtype."""
         in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
@@ -190,7 +190,7 @@ class MergedLinear(_LinearBase):
     def from_base(cls, base: nn.Module, r: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None = None,
                   lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
                   merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True) -> "MergedLinear":
+                  init_lora_weights: bool = True) -> MergedLinear:
         """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy)."""
         in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
         layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, enable_lora=enable_lora,

@@ -21,9 +21,10 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -250,7 +251,7 @@ class Phi3Config:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Phi3Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Phi3Config:
         """Read a config.json (or the config.json inside a directory)."""
         path = Path(path)
         if path.is_dir():
@@ -703,7 +704,7 @@ class Phi3ForCausalLM(nn.Module):
         )
 
     @property
-    def fused_splits(self) -> "OrderedDict[str, OrderedDict[str, int]]":
+    def fused_splits(self) -> OrderedDict[str, OrderedDict[str, int]]:
         """Slices of the fused projections, in output-row order: ``{"qkv_proj": {"q": H*d, "k": KV*d, "v": KV*d},
         "gate_up_proj": {"gate": I, "up": I}}``. A surgery pass uses it to adapt e.g. ``"qkv_proj[q,v]"``."""
         c = self.config
@@ -904,7 +905,7 @@ class Phi3ForCausalLM(nn.Module):
         path: str | os.PathLike,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-    ) -> "Phi3ForCausalLM":
+    ) -> Phi3ForCausalLM:
         """Load a checkpoint directory: config.json plus model.safetensors, or shards listed in
         model.safetensors.index.json. Never unpickles.
 
