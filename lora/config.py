@@ -13,7 +13,7 @@ from typing import Any
 
 from .layers.base import check_alpha, check_dropout, check_rank
 
-__all__ = ["LoRAConfig"]
+__all__ = ["LoRAConfig", "parse_target", "pattern_value", "BIAS_MODES"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -116,10 +116,10 @@ class LoRAConfig:
 
     # --- per-module values -----------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
-        return _pattern_value(self.rank_pattern, module_name, self.r)
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     # --- dictionaries ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -217,8 +217,9 @@ def _check_pattern(pattern, name: str, check_value) -> dict:
     return out
 
 
-def _pattern_value(pattern: dict, module_name: str, default):
-    # As PEFT: a key matches a module whose name ends with it (on a dot boundary), first key wins.
+def pattern_value(pattern: dict, module_name: str, default):
+    """The value of the first key of ``pattern`` (a regex) that matches ``module_name``, else
+    ``default``. As PEFT: a key matches a module whose name ends with it, on a dot boundary."""
     for key, value in pattern.items():
         if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
             return value

@@ -56,6 +56,34 @@ class Embedding(LoRALayer, nn.Embedding):
                     sparse=base.sparse, device="meta", dtype=base.weight.dtype)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
+    # --- what this kind says about its module ------------------------------------------------------
+    kind = "embedding"
+    peft_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return type(module) is nn.Embedding or isinstance(module, Embedding)
+
+    @classmethod
+    def peft_incompatibility(cls, module: nn.Module) -> str | None:
+        if getattr(module, "max_norm", None) is not None:
+            return "max_norm (PEFT renormalises the adapter's rows, not the adapted table's)"
+        return None
+
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
+                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, module.num_embeddings), (module.embedding_dim, r)
+
+    def dropout_for(self, p: float) -> nn.Module:
+        return nn.Identity()  # dropout does not apply to a lookup
+
+    def _plain_like(self) -> nn.Module:
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                            max_norm=self.max_norm, norm_type=self.norm_type,
+                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse,
+                            device="meta", dtype=self.weight.dtype)
+
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
         self.reset_lora_parameters()

@@ -11,15 +11,49 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as LF
-from .base import LoRALayer
+from .base import LoRALayer, alpha_for_slices
 
-__all__ = ["Linear", "MergedLinear"]
+__all__ = ["Linear", "MergedLinear", "is_gpt2_conv1d"]
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as (in, out)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and getattr(module, "weight", None) is not None)
 
 
 class _LinearBase(LoRALayer, nn.Linear):
     """What Linear and MergedLinear share: ``fan_in_fan_out`` storage and the base forward."""
 
     fan_in_fan_out: bool = False
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """A plain ``nn.Linear`` (not a LoRA layer), GPT-2's Conv1D, or a LoRA layer of this family."""
+        if isinstance(module, _LinearBase):
+            return True
+        return (isinstance(module, nn.Linear) and not isinstance(module, LoRALayer)) or is_gpt2_conv1d(module)
+
+    @staticmethod
+    def linear_dims(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D stores (in, out))."""
+        if isinstance(module, _LinearBase):
+            return module.in_features, module.out_features
+        fifo = fan_in_fan_out or is_gpt2_conv1d(module)
+        rows, cols = module.weight.shape
+        return (rows, cols) if fifo else (cols, rows)
+
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
+                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # A sliced adapter is written as the one LoRA over the fused matrix: rank r·k.
+        in_f, out_f = cls.linear_dims(module, fan_in_fan_out)
+        rank = r * sum(enable_lora) if enable_lora else r
+        return (rank, in_f), (out_f, rank)
+
+    def _plain_like(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device="meta", dtype=self.weight.dtype)
 
     def _store_fan_in_fan_out(self, fan_in_fan_out: bool) -> None:
         # GPT-2's Conv1D checkpoints store the weight as (in, out); keep that layout so they load.
@@ -100,6 +134,18 @@ class Linear(_LinearBase):
                     device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
+    @classmethod
+    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
+             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
+             merge_weights: bool = False, use_rslora: bool = False,
+             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
+        # GPT-2's Conv1D stores (in, out) whatever the config says.
+        return cls.from_base(
+            module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module), merge_weights=merge_weights,
+            use_rslora=use_rslora, lora_dtype=lora_dtype, init_lora_weights=init_lora_weights,
+        )
+
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
 
@@ -156,6 +202,7 @@ class MergedLinear(_LinearBase):
     """
 
     _adapter_fields = LoRALayer._adapter_fields + ("enable_lora", "split_sizes")
+    kind = "merged"
 
     def __init__(
         self,
@@ -198,9 +245,60 @@ class MergedLinear(_LinearBase):
                     split_sizes=split_sizes, device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
+    @classmethod
+    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
+             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
+             merge_weights: bool = False, use_rslora: bool = False,
+             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> MergedLinear:
+        if enable_lora is None:
+            raise TypeError("MergedLinear.wrap: enable_lora is required (one bool per fused slice)")
+        return cls.from_base(
+            module, r=r, enable_lora=enable_lora, split_sizes=split_sizes, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
+            merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
+            init_lora_weights=init_lora_weights,
+        )
+
     @property
     def has_adapter(self) -> bool:
         return self.r > 0 and any(self.enable_lora)
+
+    # --- the adapter as one LoRA over the fused matrix (adapter files, combining) -----------------
+    def as_one_lora(self, adapter=None) -> tuple[Tensor, Tensor, float]:
+        # B expanded to every output row, zeros on the slices the adapter leaves alone.
+        adapter = self if adapter is None else adapter
+        B = LF.merged_lora_B(adapter.lora_B, adapter.split_sizes, adapter.enable_lora, adapter.r)
+        return adapter.lora_A, B, adapter.scaling
+
+    def one_lora_rank_alpha(self, adapter=None) -> tuple[int, float]:
+        adapter = self if adapter is None else adapter
+        k = sum(adapter.enable_lora)
+        return adapter.r * k, alpha_for_slices(adapter.lora_alpha, k, adapter.use_rslora)
+
+    def one_lora_fields(self, rank: int) -> dict:
+        return {**super().one_lora_fields(rank), "enable_lora": (True,), "split_sizes": (self.out_features,)}
+
+    def adapter_structure(self, adapter=None) -> tuple:
+        adapter = self if adapter is None else adapter
+        if len(adapter.split_sizes) == 1:
+            return ("linear", adapter.r)
+        return ("merged", adapter.r, tuple(adapter.enable_lora), tuple(adapter.split_sizes))
+
+    def adapter_slices(self, adapter, declared: dict[str, int] | None) -> list[str] | None:
+        if declared is None or len(declared) <= 1 or tuple(declared.values()) != tuple(adapter.split_sizes):
+            return None
+        return [s for s, e in zip(declared, adapter.enable_lora) if e]
+
+    def slot_fields(self, r: int, lora_alpha: float, use_rslora: bool,
+                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()) -> tuple[dict, bool]:
+        if enable_lora:  # the slices, as blocks of B
+            fields = {"r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+                      "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
+                      "enable_lora": tuple(enable_lora), "split_sizes": tuple(split_sizes)}
+            return fields, True
+        fields, _ = super().slot_fields(r, lora_alpha, use_rslora)
+        fields.update(enable_lora=(True,), split_sizes=(self.out_features,))
+        return fields, False
 
     def expanded_lora_B(self) -> Tensor:
         """(out, r·k): ``lora_B``'s blocks placed on their slices' rows, zeros elsewhere."""
@@ -219,3 +317,6 @@ class MergedLinear(_LinearBase):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, enable_lora={list(self.enable_lora)}, split_sizes={list(self.split_sizes)}"
+
+
+Linear.sliced_class = MergedLinear  # slices of a fused Linear ("qkv_proj[q,v]") make a MergedLinear

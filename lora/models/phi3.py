@@ -36,6 +36,7 @@ from lora.models import checkpoint as ckpt
 
 __all__ = [
     "Phi3Config",
+    "fused_layout",
     "RopeSettings",
     "Phi3RMSNorm",
     "Phi3RotaryEmbedding",
@@ -449,6 +450,24 @@ def build_attention_mask(
     return AttentionMask(mask, False, empty_rows)
 
 
+def fused_layout(config: Any) -> OrderedDict[str, OrderedDict[str, int]]:
+    """The slices of Phi-3's fused projections, in output-row order: ``{"qkv_proj": {"q": H*d,
+    "k": KV*d, "v": KV*d}, "gate_up_proj": {"gate": I, "up": I}}``.
+
+    The one place these sizes are computed: :class:`Phi3Attention` splits qkv_proj's output by it,
+    :attr:`Phi3ForCausalLM.fused_splits` declares it, and :func:`lora.fused_splits` reads it from a
+    Hugging Face ``Phi3Config`` (``config`` is either; head_dim and num_key_value_heads default as
+    in Phi3Config).
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return OrderedDict(
+        qkv_proj=OrderedDict(q=heads * head_dim, k=kv_heads * head_dim, v=kv_heads * head_dim),
+        gate_up_proj=OrderedDict(gate=config.intermediate_size, up=config.intermediate_size),
+    )
+
+
 class Phi3Attention(nn.Module):
     """Grouped-query self-attention with a fused qkv projection.
 
@@ -462,11 +481,7 @@ class Phi3Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.attention_dropout = config.attention_dropout
-        self.split_sizes = [
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        ]
+        self.split_sizes = list(fused_layout(config)["qkv_proj"].values())  # [q: H*d, k: KV*d, v: KV*d]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
@@ -707,15 +722,7 @@ class Phi3ForCausalLM(nn.Module):
     def fused_splits(self) -> OrderedDict[str, OrderedDict[str, int]]:
         """Slices of the fused projections, in output-row order: ``{"qkv_proj": {"q": H*d, "k": KV*d, "v": KV*d},
         "gate_up_proj": {"gate": I, "up": I}}``. A surgery pass uses it to adapt e.g. ``"qkv_proj[q,v]"``."""
-        c = self.config
-        return OrderedDict(
-            qkv_proj=OrderedDict(
-                q=c.num_attention_heads * c.head_dim,
-                k=c.num_key_value_heads * c.head_dim,
-                v=c.num_key_value_heads * c.head_dim,
-            ),
-            gate_up_proj=OrderedDict(gate=c.intermediate_size, up=c.intermediate_size),
-        )
+        return fused_layout(self.config)
 
     @property
     def gradient_checkpointing(self) -> bool:
