@@ -377,7 +377,7 @@ def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
             places.setdefault(key, bias)
     if not required_only:
         for module_name in adapted:
-            places.setdefault(f"{module_name}.base_layer.weight", modules[module_name].weight)
+            places.setdefault(f"{module_name}.base_layer.weight", modules[module_name].weight)  # type: ignore[arg-type]
     return places
 
 
@@ -634,7 +634,7 @@ def _add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig, loads:
         fields, blocks = layer.slot_fields(spec.r, spec.lora_alpha, spec.use_rslora,
                                            spec.enable_lora if sliced else (),
                                            spec.split_sizes if sliced else ())
-        A, B = load.A, (load.B_blocks if blocks else load.B)
+        A, B = load.A, (load.B_blocks if blocks and load.B_blocks is not None else load.B)
         A, B = (nn.Parameter(t.to(device=device, dtype=dtype).clone()) for t in (A, B))
         slot = AdapterWeights(adapter_name, fields, A, B, layer.dropout_for(config.lora_dropout))
         layer.store_adapter(slot)
@@ -684,7 +684,7 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
         for layer in merged:
             layer.unmerge()
         for k, t in tensors.items():
-            (params.get(k) if k in params else state[k]).copy_(t)
+            (params[k] if k in params else state[k]).copy_(t)
         for layer in merged:
             layer.merge()
     return model

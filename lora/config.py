@@ -19,7 +19,7 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 # Keys PEFT writes into adapter_config.json that carry no meaning for a plain LoRA adapter when they
 # hold these values. from_peft_dict drops them; any other value is refused as unsupported.
-_PEFT_INERT = {
+_PEFT_INERT: dict[str, tuple | None] = {
     "peft_type": ("LORA",),
     "auto_mapping": None,  # any value
     "base_model_name_or_path": None,
@@ -142,7 +142,7 @@ class LoRAConfig:
         Raises ``ValueError`` naming a key whose value asks for a feature we do not implement
         (``use_dora=True``, ``layers_to_transform``, ...), and for a peft_type other than LORA.
         """
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in d.items():
             if key == "init_lora_weights" and value in _INIT_ONLY:

@@ -22,7 +22,7 @@ def active_config(model: nn.Module) -> LoRAConfig | None:
 
 def set_active_config(model: nn.Module, config: LoRAConfig | None) -> None:
     """Set ``model.lora_config`` (None: the model has adapters but the active one has no config)."""
-    model.lora_config = config
+    model.__dict__["lora_config"] = config  # what `model.lora_config = config` does for a non-tensor
 
 
 def registered_configs(model: nn.Module) -> dict[str, LoRAConfig | None] | None:

@@ -27,6 +27,7 @@ import numbers
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +110,7 @@ def active_adapter(model: nn.Module) -> str | None:
     return None
 
 
-def adapter_layers(model: nn.Module, name: str) -> Iterator[tuple[str, LoRALayer, object]]:
+def adapter_layers(model: nn.Module, name: str) -> Iterator[tuple[str, LoRALayer, Any]]:
     """``(module name, layer, adapter)`` for each layer holding adapter ``name`` (see :func:`layer_adapter`)."""
     for module_name, layer in lora_layers(model):
         adapter = layer.get_adapter(name)
@@ -314,8 +315,8 @@ def mixed_batch(model: nn.Module, adapter_names_per_sample: Sequence[str | None]
     names = list(adapter_names_per_sample)
     if not names:
         raise ValueError("adapter_names=[]: expected one adapter name (or None) per sample")
-    for n in set(names) - {None}:
-        _require(model, n)
+    for wanted in {n for n in names if n is not None}:
+        _require(model, wanted)
     groups: dict[str | None, list[int]] = {}
     for i, n in enumerate(names):
         groups.setdefault(n, []).append(i)
@@ -364,7 +365,7 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
     for name, idx in index.items():
         slot = store[name] if name is not None and store is not None and name in store else None
         if slot is not None:
-            layer.put_adapter(slot)  # shared with the store for this call only
+            layer.put_adapter(cast(AdapterWeights, slot))  # shared with the store for this call only
         try:
             rows = x if len(index) == 1 else x.index_select(0, idx)
             outputs.append(forward(layer, rows, *args, **kwargs))

@@ -55,7 +55,7 @@ def build_layer(name: str, base: nn.Module, slices, config: LoRAConfig, plan: Ta
         fan_in_fan_out=config.fan_in_fan_out,
         merge_weights=config.merge_weights,
         use_rslora=config.use_rslora,
-        lora_dtype=resolve_lora_dtype(base.weight, lora_dtype),
+        lora_dtype=resolve_lora_dtype(base.weight, lora_dtype),  # type: ignore[arg-type]
         init_lora_weights=config.init_lora_weights,
     )
 

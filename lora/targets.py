@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -47,9 +47,10 @@ class InjectionError(ValueError):
 # --- layer kinds ---------------------------------------------------------------------------------
 def is_linear(module: nn.Module, existing_ok: bool = False) -> bool:
     """A plain ``nn.Linear`` or GPT-2 Conv1D; with ``existing_ok`` also a LoRA Linear/MergedLinear."""
-    if isinstance(module, LoRALayer):
-        return existing_ok and layer_class_for(module) is not None and layer_class_for(module).kind == "linear"
-    return layer_class_for(module) is not None and layer_class_for(module).kind == "linear"
+    if isinstance(module, LoRALayer) and not existing_ok:
+        return False
+    cls = layer_class_for(module)
+    return cls is not None and cls.kind == "linear"
 
 
 def layer_class_for(module: nn.Module, sliced: bool = False) -> type[LoRALayer] | None:
@@ -107,7 +108,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     head = None
     if hasattr(model, "get_output_embeddings"):
         try:
-            head = model.get_output_embeddings()
+            head = model.get_output_embeddings()  # type: ignore[operator]
         except (NotImplementedError, AttributeError):
             head = None
     names = {n for n, m in model.named_modules() if head is not None and m is head}
@@ -125,7 +126,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _phi3_layout(config) -> dict[str, dict[str, int]]:
     from .models.phi3 import fused_layout  # the model's own function, shared with its attention
 
-    return fused_layout(config)
+    return fused_layout(config)  # type: ignore[return-value]  # OrderedDicts
 
 
 # Hugging Face ``config.model_type`` -> the fused layout of that architecture, for models that do
@@ -263,9 +264,10 @@ class TargetPlan:
 
 
 def _out_rows(m: nn.Module) -> int:
+    weight = cast(torch.Tensor, m.weight)
     if isinstance(m, LoRALayer):
-        return m.out_features  # type: ignore[attr-defined]
-    return m.weight.shape[1] if is_gpt2_conv1d(m) else m.weight.shape[0]  # type: ignore[index]
+        return cast(int, m.out_features)
+    return weight.shape[1] if is_gpt2_conv1d(m) else weight.shape[0]
 
 
 def modules_to_save_for(model: nn.Module, config: LoRAConfig,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,7 @@ def check_rank(r, name: str = "r") -> int:
 def check_alpha(lora_alpha, name: str = "lora_alpha") -> float:
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
         raise TypeError(f"{name}={lora_alpha!r}: expected a finite real number")
-    return lora_alpha
+    return cast(float, lora_alpha)  # as given: an int alpha stays an int (configs write it back)
 
 
 def check_dropout(p, name: str = "lora_dropout") -> float:
@@ -94,12 +94,13 @@ class LoRALayer(_ModuleBase):
 
     if TYPE_CHECKING:  # set by the torch layer / _init_lora
         weight: Tensor
-        bias: Tensor | None
         lora_A: Tensor
         lora_B: Tensor
         lora_dropout: nn.Module
         use_rslora: bool
         _unmerged_weight: Tensor | None
+
+        def reset_lora_parameters(self) -> None: ...
 
     r: int
     lora_alpha: float
@@ -144,13 +145,16 @@ class LoRALayer(_ModuleBase):
 
         ``self`` was built on the meta device with the base's shapes; returns ``self``.
         """
-        self.weight = base.weight
-        self.bias = getattr(base, "bias", None)
+        base_weight = cast(Tensor, base.weight)
+        self.weight = base_weight
+        # (through Module.__setattr__ as `self.bias = ...` would: the type checker keeps the torch
+        # layer's declaration of bias)
+        nn.Module.__setattr__(self, "bias", cast(Any, getattr(base, "bias", None)))
         if self.has_adapter:
-            device = base.weight.device
-            dtype = lora_dtype if lora_dtype is not None else base.weight.dtype
+            device = base_weight.device
+            dtype = lora_dtype if lora_dtype is not None else base_weight.dtype
             for name in ("lora_A", "lora_B"):
-                shape = self._parameters[name].shape
+                shape = cast(nn.Parameter, self._parameters[name]).shape
                 self._parameters[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
             self.reset_lora_parameters()
             if not init_lora_weights:
@@ -182,7 +186,7 @@ class LoRALayer(_ModuleBase):
         :meth:`delta_weight`) to keep the adapter's effect. The module gets the layer's train mode."""
         if self.merged:
             raise RuntimeError("unwrap: unmerge the layer first (the weight would keep ΔW)")
-        weight = self.weight
+        weight: Tensor = self.weight
         plain = self.base_module
         if plain is None:
             plain = self._plain_like()
@@ -286,7 +290,7 @@ class LoRALayer(_ModuleBase):
         """Restore the base weight bit-exactly. Idempotent."""
         if not self.merged:
             return
-        self.weight.copy_(self._unmerged_weight)
+        self.weight.copy_(cast(Tensor, self._unmerged_weight))
         self._unmerged_weight = None
         self.merged = False
 
@@ -333,7 +337,7 @@ class LoRALayer(_ModuleBase):
         if self.active_adapter_name == name:
             return self
         store = self.inactive_adapters
-        return store[name] if store is not None and name in store else None
+        return store[name] if name is not None and store is not None and name in store else None
 
     def store_adapter(self, slot: AdapterWeights) -> None:
         """Keep ``slot`` in the layer as an inactive adapter."""
@@ -359,7 +363,7 @@ class LoRALayer(_ModuleBase):
             self.store_adapter(slot)
         store = self.inactive_adapters
         if name is not None and store is not None and name in store:
-            self.put_adapter(store.pop(name))
+            self.put_adapter(cast(AdapterWeights, store.pop(name)))
             if merge if merge is not None else (was_merged or (self.merge_weights and not self.training)):
                 self.merge()
         self._drop_empty_store()
@@ -381,8 +385,9 @@ class LoRALayer(_ModuleBase):
             return None
         self.unmerge()
         slot = AdapterWeights(
-            self.adapter_name, {f: getattr(self, f) for f in self._adapter_fields},
-            self._parameters["lora_A"], self._parameters["lora_B"], self.lora_dropout,
+            cast(str, self.adapter_name), {f: getattr(self, f) for f in self._adapter_fields},
+            cast(nn.Parameter, self._parameters["lora_A"]), cast(nn.Parameter, self._parameters["lora_B"]),
+            self.lora_dropout,
         )
         self.clear_adapter()
         return slot

@@ -41,7 +41,7 @@ class ConvLoRA(LoRALayer):
         padding: Any
         dilation: tuple[int, ...]
         groups: int
-        padding_mode: str
+        bias: Tensor | None
 
         def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
@@ -51,7 +51,7 @@ class ConvLoRA(LoRALayer):
         return type(module) is cls._torch_class or isinstance(module, cls)
 
     @classmethod
-    def peft_incompatibility(cls, module: nn.Module) -> str | None:
+    def peft_incompatibility(cls, module: Any) -> str | None:
         if module.groups != 1:
             return f"groups={module.groups} (PEFT's conv lora_A is not grouped)"
         if any(d != 1 for d in module.dilation):
@@ -61,7 +61,7 @@ class ConvLoRA(LoRALayer):
         return None
 
     @classmethod
-    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
+    def peft_shapes(cls, module: Any, r: int, fan_in_fan_out: bool = False,
                     enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ones = (1,) * len(module.kernel_size)
         return (r, module.in_channels // module.groups, *module.kernel_size), (module.out_channels, r, *ones)
@@ -75,7 +75,7 @@ class ConvLoRA(LoRALayer):
     def _init_conv_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         if self.r > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             ones = (1,) * len(self.kernel_size)
             self.lora_A = nn.Parameter(torch.empty(self.r, self.in_channels // self.groups, *self.kernel_size, **factory))
             self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r, *ones, **factory))
@@ -94,7 +94,7 @@ class ConvLoRA(LoRALayer):
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
+        super().reset_parameters()  # type: ignore[misc]  # the torch conv's
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +41,7 @@ class Embedding(LoRALayer, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
         if self.r > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(self.r, num_embeddings, **factory))
             self.lora_B = nn.Parameter(torch.empty(embedding_dim, self.r, **factory))
             self.weight.requires_grad_(False)
@@ -73,7 +75,8 @@ class Embedding(LoRALayer, nn.Embedding):
     @classmethod
     def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
                     enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (r, module.num_embeddings), (module.embedding_dim, r)
+        emb = cast(nn.Embedding, module)
+        return (r, emb.num_embeddings), (emb.embedding_dim, r)
 
     def dropout_for(self, p: float) -> nn.Module:
         return nn.Identity()  # dropout does not apply to a lookup

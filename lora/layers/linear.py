@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class _LinearBase(LoRALayer, nn.Linear):
         if isinstance(module, _LinearBase):
             return module.in_features, module.out_features
         fifo = fan_in_fan_out or is_gpt2_conv1d(module)
-        rows, cols = module.weight.shape
+        rows, cols = cast(Tensor, module.weight).shape
         return (rows, cols) if fifo else (cols, rows)
 
     @classmethod
@@ -116,7 +117,7 @@ class Linear(_LinearBase):
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self._store_fan_in_fan_out(fan_in_fan_out)
         if self.r > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
             self.weight.requires_grad_(False)
@@ -128,7 +129,8 @@ class Linear(_LinearBase):
                   lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
         """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
         sharing its weight and bias tensors: no copy, same device and dtype."""
-        in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
+        shape = cast(Tensor, base.weight).shape
+        in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
         layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
                     device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
@@ -226,7 +228,7 @@ class MergedLinear(_LinearBase):
         self._store_fan_in_fan_out(fan_in_fan_out)
         k = sum(self.enable_lora)
         if self.r > 0 and k > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             enabled_rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
             self.lora_A = nn.Parameter(torch.empty(self.r * k, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(enabled_rows, self.r, **factory))
@@ -239,7 +241,8 @@ class MergedLinear(_LinearBase):
                   merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
                   init_lora_weights: bool = True) -> MergedLinear:
         """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy)."""
-        in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
+        shape = cast(Tensor, base.weight).shape
+        in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
         layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, enable_lora=enable_lora,
                     fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
                     split_sizes=split_sizes, device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)

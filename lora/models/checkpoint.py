@@ -200,7 +200,7 @@ def _assign(module: nn.Module, name: str, tensor: Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     if leaf in owner._parameters:
-        requires_grad = owner._parameters[leaf].requires_grad
+        requires_grad = owner._parameters[leaf].requires_grad  # type: ignore[union-attr]
         setattr(owner, leaf, nn.Parameter(tensor, requires_grad=requires_grad))
     else:
         setattr(owner, leaf, tensor)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -198,8 +198,9 @@ class Phi3Config:
         theta = float(params.get("rope_theta", self.rope_theta))
         top_partial = 1.0 if self.partial_rotary_factor is None else self.partial_rotary_factor
         partial = float(params.get("partial_rotary_factor", top_partial))
-        rotary_dim = int(self.head_dim * partial)
-        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > self.head_dim:
+        head_dim = cast(int, self.head_dim)  # resolved by __post_init__
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(
                 f"Phi3Config: partial_rotary_factor={partial} gives {rotary_dim} rotary dims of head_dim="
                 f"{self.head_dim}; expected an even number between 2 and head_dim"
@@ -306,6 +307,9 @@ class Phi3RotaryEmbedding(nn.Module):
     ``to_empty``), so a bf16 model keeps exact frequencies.
     """
 
+    inv_freq: Tensor | None
+    long_inv_freq: Tensor | None
+
     def __init__(self, config: Phi3Config) -> None:
         super().__init__()
         self.settings = config.rope
@@ -329,7 +333,7 @@ class Phi3RotaryEmbedding(nn.Module):
         if self.settings.rope_type == "longrope":
             self.long_inv_freq = self._frequencies(self.settings.long_factor, device)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+    def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.inv_freq is not None and self.inv_freq.device.type != "meta":
             self.reset_buffers()  # undo any dtype cast: frequencies stay fp32
@@ -341,10 +345,10 @@ class Phi3RotaryEmbedding(nn.Module):
         longrope picks the long frequencies for the whole call when max(position_ids) + 1 >
         original_max_position_embeddings, the short ones otherwise; both are scaled by attention_factor.
         """
-        inv_freq = self.inv_freq
+        inv_freq = cast(Tensor, self.inv_freq)  # set by reset_buffers
         if self.long_inv_freq is not None:
-            is_long = position_ids.max() + 1 > self.settings.original_max_position_embeddings
-            inv_freq = torch.where(is_long, self.long_inv_freq, self.inv_freq)  # no host sync
+            is_long = position_ids.max() + 1 > cast(int, self.settings.original_max_position_embeddings)
+            inv_freq = torch.where(is_long, self.long_inv_freq, inv_freq)  # no host sync
         freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (b, s, r): rotate-half layout
         scale = self.settings.attention_factor
@@ -479,7 +483,7 @@ class Phi3Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = cast(int, config.head_dim)  # resolved by Phi3Config.__post_init__
         self.attention_dropout = config.attention_dropout
         self.split_sizes = list(fused_layout(config)["qkv_proj"].values())  # [q: H*d, k: KV*d, v: KV*d]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
