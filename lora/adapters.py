@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from . import functional as LF
 from . import model_state, multi
 from ._io import atomic_save_safetensors, atomic_write_json
+from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
 from .layers.utils import lora_layers
@@ -606,10 +607,8 @@ def _check_base_tensors(model, files, config, specs, mode, problems, modules) ->
 
 
 def _report(files: AdapterFiles, problems: list[str]) -> str:
-    shown = problems[:20]
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     return (f"{files.weights_path} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-            + "\n  ".join(shown) + more)
+            + listing(problems, 20, "\n  "))
 
 
 @torch.no_grad()
@@ -678,7 +677,7 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
     if problems:
         raise AdapterError(f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-                           + "\n  ".join(problems[:20]))
+                           + listing(problems, 20, "\n  "))
     merged = [layer for _, layer in layers if layer.merged]
     with torch.no_grad():
         for layer in merged:

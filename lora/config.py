@@ -11,11 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layers.base import check_alpha, check_dropout, check_rank
+from .checks import BIAS_MODES, check_alpha, check_choice, check_dropout, check_rank, sort_keys
 
 __all__ = ["LoRAConfig", "parse_target", "pattern_value", "BIAS_MODES"]
-
-BIAS_MODES = ("none", "all", "lora_only")
 
 # Keys PEFT writes into adapter_config.json that carry no meaning for a plain LoRA adapter when they
 # hold these values. from_peft_dict drops them; any other value is refused as unsupported.
@@ -98,8 +96,7 @@ class LoRAConfig:
             raise ValueError("r=0: expected a positive rank for an adapter")
         self.lora_alpha = check_alpha(self.lora_alpha)
         self.lora_dropout = check_dropout(self.lora_dropout)
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias={self.bias!r}: expected one of {', '.join(map(repr, BIAS_MODES))}")
+        check_choice(self.bias, BIAS_MODES, "bias")
         self.target_modules = _check_targets(self.target_modules, "target_modules")
         self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
         if self.modules_to_save is not None:
@@ -142,23 +139,11 @@ class LoRAConfig:
         Raises ``ValueError`` naming a key whose value asks for a feature we do not implement
         (``use_dora=True``, ``layers_to_transform``, ...), and for a peft_type other than LORA.
         """
-        kwargs: dict[str, Any] = {}
+        d = dict(d)
+        if d.get("init_lora_weights", None) in _INIT_ONLY:
+            d["init_lora_weights"] = True  # only says how a fresh adapter starts; loaded tensors replace that
         names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in d.items():
-            if key == "init_lora_weights" and value in _INIT_ONLY:
-                kwargs[key] = True  # only says how a fresh adapter starts; loaded tensors replace that
-            elif key in names:
-                kwargs[key] = value
-            elif key not in _PEFT_INERT and value in (None, False, {}, []):
-                continue  # a key a newer PEFT added for a feature that is off
-            elif key in _PEFT_INERT:
-                allowed = _PEFT_INERT[key]
-                if allowed is not None and value not in allowed:
-                    raise ValueError(
-                        f"adapter config {key}={value!r}: not supported by lora (only {allowed[0]!r} is)"
-                    )
-            else:
-                raise ValueError(f"adapter config has an unknown key {key!r}")
+        kwargs = sort_keys(d, names, _PEFT_INERT, "adapter config", off_values=(None, False, {}, []))
         return cls(**kwargs)
 
 

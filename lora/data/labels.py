@@ -24,11 +24,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..checks import IGNORE_INDEX  # defined once, for the data and the model's loss
 from .template import ChatTemplate, ChatTemplateError
 
 __all__ = ["IGNORE_INDEX", "TokenizedConversation", "assistant_spans", "labels_from_spans", "tokenize_conversation"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass

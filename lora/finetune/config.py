@@ -22,6 +22,9 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import check_choice, check_positive_int, sort_keys
+from ..data.records import ON_ERROR_MODES
+
 __all__ = ["TrainingConfig", "IGNORED_KEYS", "SCHEDULERS"]
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -125,8 +128,7 @@ class TrainingConfig:
         kwargs = self.gradient_checkpointing_kwargs or {}
         if kwargs.get("use_reentrant", False):
             raise ValueError("training_config gradient_checkpointing_kwargs={'use_reentrant': True}: only the non-reentrant kind is supported")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"training_config on_error={self.on_error!r}: expected 'raise' or 'skip'")
+        check_choice(self.on_error, ON_ERROR_MODES, "training_config on_error")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
@@ -135,19 +137,7 @@ class TrainingConfig:
         if not isinstance(d, dict):
             raise TypeError(f"training_config={d!r}: expected a dict")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key in names:
-                kwargs[key] = value
-            elif key in IGNORED_KEYS:
-                allowed = IGNORED_KEYS[key]
-                if allowed is not None and value not in allowed:
-                    raise ValueError(f"training_config {key}={value!r}: not supported (accepted: {', '.join(map(repr, allowed))})")
-            else:
-                raise ValueError(
-                    f"training_config has an unknown key {key!r}; supported: {', '.join(sorted(names))} "
-                    f"(and, ignored: {', '.join(sorted(IGNORED_KEYS))})"
-                )
+        kwargs = sort_keys(d, names, IGNORED_KEYS, "training_config", supported_hint=True)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +146,4 @@ class TrainingConfig:
 
 def _positive_int(cfg, *names: str) -> None:
     for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"training_config {name}={v!r}: expected a positive int")
+        check_positive_int(getattr(cfg, name), f"training_config {name}")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_open
+from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
@@ -181,7 +182,7 @@ class Trainer:
 
     @staticmethod
     def _count_labels(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()

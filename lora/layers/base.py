@@ -14,14 +14,13 @@ eval mode is never merged a second time when loaded.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
+from ..checks import check_alpha, check_dropout, check_rank
 
 __all__ = [
     "LoRALayer", "AdapterWeights", "STORE", "alpha_for_slices", "check_rank", "check_dropout", "check_alpha",
@@ -34,33 +33,6 @@ if TYPE_CHECKING:
     _ModuleBase = nn.Module
 else:
     _ModuleBase = object
-
-
-def check_rank(r, name: str = "r") -> int:
-    """Return ``r`` as an int; ``TypeError`` unless an integer, ``ValueError`` if negative."""
-    if isinstance(r, bool):
-        raise TypeError(f"{name}={r!r}: expected a non-negative int (the LoRA rank), got a bool")
-    try:
-        value = operator.index(r)
-    except TypeError:
-        raise TypeError(f"{name}={r!r}: expected a non-negative int (the LoRA rank), got {type(r).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name}={r!r}: expected a non-negative int (the LoRA rank)")
-    return value
-
-
-def check_alpha(lora_alpha, name: str = "lora_alpha") -> float:
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-        raise TypeError(f"{name}={lora_alpha!r}: expected a finite real number")
-    return cast(float, lora_alpha)  # as given: an int alpha stays an int (configs write it back)
-
-
-def check_dropout(p, name: str = "lora_dropout") -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name}={p!r}: expected a float in [0, 1)")
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name}={p!r}: expected a float in [0, 1)")
-    return float(p)
 
 
 def alpha_for_slices(lora_alpha: float, k: int, use_rslora: bool) -> float:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lora._io import atomic_save_safetensors, atomic_write_json, fsync_dir
+from lora.checks import listing
 
 __all__ = [
     "CONFIG_NAME",
@@ -120,9 +121,7 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def _describe(problems: list[str], what: str, limit: int = 20) -> str:
-    shown = ", ".join(problems[:limit])
-    more = f" ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return f"{len(problems)} {what}: {shown}{more}"
+    return f"{len(problems)} {what}: {listing(problems, limit, ', ', more_sep=' ')}"
 
 
 def load_into(

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write_json
+from lora.checks import IGNORE_INDEX
 from lora.models import checkpoint as ckpt
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "Phi3ForCausalLM",
 ]
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (transformers' convention)
 
 # Per layer: (keys, values), each (b, KV, kv, d), keys already rotated. Layer i at index i.
 KVCache = tuple[tuple[Tensor, Tensor], ...]
