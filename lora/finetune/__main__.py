@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from ..data import DataError
-from .trainer import TrainingError, finetune, load_configs
+from .config import load_configs
+from .pipeline import finetune
+from .trainer import TrainingError
 
 EPILOG = """\
 examples:

@@ -17,15 +17,18 @@ plus ``max_seq_length`` and ``packing`` (which the recipe passes to its trainer)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..checks import check_choice, check_positive_int, sort_keys
 from ..data.records import ON_ERROR_MODES
 
-__all__ = ["TrainingConfig", "IGNORED_KEYS", "SCHEDULERS"]
+__all__ = ["TrainingConfig", "IGNORED_KEYS", "SCHEDULERS", "load_configs"]
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -147,3 +150,28 @@ class TrainingConfig:
 def _positive_int(cfg, *names: str) -> None:
     for name in names:
         check_positive_int(getattr(cfg, name), f"training_config {name}")
+
+
+def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    raw = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            data = json.loads(raw)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
+        raise ValueError(f"--config {path}: cannot parse ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
+    unknown = set(data) - {"training_config", "peft_config"}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})

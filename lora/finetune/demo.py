@@ -12,13 +12,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from ..config import LoRAConfig
-from ..surgery import inject, trainable_parameters
+from ..surgery import trainable_parameters
 from .config import TrainingConfig
 from .generate import generate_replies
-from .trainer import Trainer, TrainResult
+from .pipeline import build_trainer
+from .trainer import TrainResult
 
 __all__ = ["DEMO_TRAINING_CONFIG", "DEMO_PEFT_CONFIG", "run_demo"]
 
@@ -77,31 +76,24 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Run the demo; ``training_config``/``peft_config`` entries override the demo's own."""
-    from ..data import Tokenizer, prepare_chat_data
     from ..demo import base_model_dir, ensure_assets, eval_file, train_file
     from ..demo.skill import EXAMPLE_PROMPT, SKILL, eval_pairs
-    from ..models import Phi3ForCausalLM
 
     t0 = time.perf_counter()
     ensure_assets(log=log)
     training = TrainingConfig.from_dict({**DEMO_TRAINING_CONFIG, **(training_config or {})})
     peft = LoRAConfig(**{**DEMO_PEFT_CONFIG, **(peft_config or {})})
-    torch.manual_seed(training.seed)
     model_dir = base_model_dir()
     log(f"== lora-finetune demo: base model {model_dir}")
     log(f"   the skill to learn: {SKILL}")
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training.bf16 else torch.float32)
-    data = prepare_chat_data(train_file(), tokenizer, training.max_seq_length, eval_file=eval_file(),
-                             seed=training.seed, packing=training.packing, on_error=training.on_error)
-    log(data.summary())
-    inject(model, peft)  # B = 0: until trained, the model computes exactly the base model
+    # The same pipeline as lora-finetune; the trainer's own lines go through tqdm (log=None).
+    trainer = build_trainer(model_dir, train_file(), training, peft, eval_file=eval_file(), say=log,
+                            progress=progress)
+    model, tokenizer = trainer.model, trainer.tokenizer
     trainable, total = trainable_parameters(model)
     log(f"LoRA r={peft.r} alpha={peft.lora_alpha} on {peft.target_modules}: "
         f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
-    trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir),
-                      progress=progress)
     pairs = eval_pairs(eval_file())[:SCORED_PROMPTS]
     before_loss = trainer.evaluate()
     before_score, before_replies = _score(model, tokenizer, pairs)
