@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "overwrite_output_dir": args.overwrite}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
-            from .demo import run_demo
+            from ..demo.run import run_demo
 
             run_demo(training, peft, resume=args.resume, merge=args.merge, progress=not args.no_progress)
             return 0

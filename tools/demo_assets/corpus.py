@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from .skill import number_to_words, sample_quantity
+from lora.demo.skill import number_to_words, sample_quantity
 
 __all__ = ["make_story", "make_corpus"]
 

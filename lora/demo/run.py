@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import LoRAConfig
+from ..finetune.config import TrainingConfig
+from ..finetune.generate import generate_replies
+from ..finetune.pipeline import build_trainer
+from ..finetune.trainer import TrainResult
 from ..surgery import trainable_parameters
-from .config import TrainingConfig
-from .generate import generate_replies
-from .pipeline import build_trainer
-from .trainer import TrainResult
 
 __all__ = ["DEMO_TRAINING_CONFIG", "DEMO_PEFT_CONFIG", "run_demo"]
 
@@ -58,7 +58,7 @@ SHOWN_PROMPTS = 5
 
 
 def _score(model, tokenizer, pairs) -> tuple[float, list[str]]:
-    from ..demo.skill import MAX_NEW_TOKENS, score
+    from .skill import MAX_NEW_TOKENS, score
 
     replies = []
     for i in range(0, len(pairs), 50):
@@ -76,8 +76,8 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Run the demo; ``training_config``/``peft_config`` entries override the demo's own."""
-    from ..demo import base_model_dir, ensure_assets, eval_file, train_file
-    from ..demo.skill import EXAMPLE_PROMPT, SKILL, eval_pairs
+    from . import base_model_dir, ensure_assets, eval_file, train_file
+    from .skill import EXAMPLE_PROMPT, SKILL, eval_pairs
 
     t0 = time.perf_counter()
     ensure_assets(log=log)
