@@ -36,6 +36,7 @@ from .surgery import (
     print_trainable_parameters,
     trainable_parameters,
 )
+from .targets import lora_layer_for
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "inject",
     "merge_and_unload",
     "fused_splits",
+    "lora_layer_for",
     "trainable_parameters",
     "print_trainable_parameters",
     "InjectionError",
