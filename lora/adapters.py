@@ -262,10 +262,12 @@ def _spec_for(name: str, m: nn.Module, slices, config: LoRAConfig, plan: TargetP
     known = plan.split_for(name)
     enable = tuple(s in slices for s in known)
     shapes = cls.peft_shapes(m, r, config.fan_in_fan_out, enable)
-    return _Spec(cls.kind, r, alpha, rs, shapes, enable, tuple(known.values()), peft_keys=cls.peft_keys)
+    sizes = tuple(known.values())
+    return _Spec(cls.kind, r, alpha, rs, shapes, enable, sizes, peft_keys=cls.peft_keys)
 
 
-def _specs(model: nn.Module, config: LoRAConfig, where: str, modules: dict[str, nn.Module]) -> dict[str, _Spec]:
+def _specs(model: nn.Module, config: LoRAConfig, where: str,
+           modules: dict[str, nn.Module]) -> dict[str, _Spec]:
     try:
         plan = TargetPlan(model, config, existing_ok=True, modules=modules)
     except InjectionError as e:
@@ -356,7 +358,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
 
 
 def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
-                 required_only: bool = True, modules: dict[str, nn.Module] | None = None) -> dict[str, Tensor]:
+                 required_only: bool = True,
+                 modules: dict[str, nn.Module] | None = None) -> dict[str, Tensor]:
     """The model tensors an adapter file of this config holds besides LoRA's, by file key (no prefix):
     modules_to_save (``<module>.<param>``) and biases per ``config.bias`` (a targeted module's as
     ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also each targeted
@@ -378,7 +381,8 @@ def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
             places.setdefault(key, bias)
     if not required_only:
         for module_name in adapted:
-            places.setdefault(f"{module_name}.base_layer.weight", modules[module_name].weight)  # type: ignore[arg-type]
+            weight = modules[module_name].weight
+            places.setdefault(f"{module_name}.base_layer.weight", weight)  # type: ignore[arg-type]
     return places
 
 
@@ -539,7 +543,8 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
             continue
         blocks = None
         layer, adapter = targets[n]
-        blocky = spec.kind == "merged" or (adapter is not None and layer.adapter_structure(adapter)[0] == "merged")
+        blocky = spec.kind == "merged" or (
+            adapter is not None and layer.adapter_structure(adapter)[0] == "merged")
         if blocky:
             enable, split, r = (spec.enable_lora, spec.split_sizes, spec.r) if spec.kind == "merged" else (
                 adapter.enable_lora, adapter.split_sizes, adapter.r)
@@ -572,7 +577,8 @@ def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
     return torch.cat(rows, dim=0)
 
 
-def _check_base_tensors(model, files, config, specs, mode, problems, modules) -> dict[str, tuple[Tensor, Tensor]]:
+def _check_base_tensors(model, files, config, specs, mode, problems,
+                        modules) -> dict[str, tuple[Tensor, Tensor]]:
     """Non-LoRA tensors: each must be a modules_to_save / bias place the config names (or a targeted
     module's base_layer.weight), with its shape; every required place must be in the file."""
     try:

@@ -33,7 +33,7 @@ BIAS_MODES = ("none", "all", "lora_only")  # which biases train with the adapter
 IGNORE_INDEX = -100  # the label value that takes no part in the loss (transformers' convention)
 
 
-# --- argument checks -------------------------------------------------------------------------------
+# --- argument checks ------------------------------------------------------------------------
 def check_rank(r, name: str = "r") -> int:
     """Return ``r`` as an int; ``TypeError`` unless an integer, ``ValueError`` if negative."""
     if isinstance(r, bool):
@@ -51,8 +51,11 @@ def check_rank(r, name: str = "r") -> int:
 
 def check_alpha(lora_alpha, name: str = "lora_alpha") -> float:
     """Return ``lora_alpha`` as given (an int stays an int); ``TypeError`` unless a finite real."""
-    if (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real)
-            or not math.isfinite(lora_alpha)):
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, numbers.Real)
+        or not math.isfinite(lora_alpha)
+    ):
         raise TypeError(f"{name}={lora_alpha!r}: expected a finite real number")
     return cast(float, lora_alpha)  # as given: configs write an int alpha back as an int
 
@@ -81,8 +84,13 @@ def check_choice(value, choices: Sequence[Any], name: str) -> Any:
 
 
 # --- reports -----------------------------------------------------------------------------------
-def listing(problems: Sequence[Any], limit: int = 20, sep: str = ", ", more_sep: str | None = None,
-            note: str = "") -> str:
+def listing(
+    problems: Sequence[Any],
+    limit: int = 20,
+    sep: str = ", ",
+    more_sep: str | None = None,
+    note: str = "",
+) -> str:
     """The first ``limit`` problems joined by ``sep``, then ``"... and M more"`` (after
     ``more_sep``, default ``sep``; ``note`` appended) when there are more."""
     text = sep.join(str(p) for p in problems[:limit])
@@ -92,8 +100,14 @@ def listing(problems: Sequence[Any], limit: int = 20, sep: str = ", ", more_sep:
 
 
 # --- config keys ---------------------------------------------------------------------------------
-def sort_keys(d: Mapping[str, Any], known: Collection[str], ignored: Mapping[str, tuple | None],
-              where: str, off_values: tuple | None = None, supported_hint: bool = False) -> dict[str, Any]:
+def sort_keys(
+    d: Mapping[str, Any],
+    known: Collection[str],
+    ignored: Mapping[str, tuple | None],
+    where: str,
+    off_values: tuple | None = None,
+    supported_hint: bool = False,
+) -> dict[str, Any]:
     """The entries of ``d`` whose key is ``known`` (the config's own fields), checking the others.
 
     A key in ``ignored`` is dropped while its value is one of those listed (None: any value), else a
@@ -110,14 +124,17 @@ def sort_keys(d: Mapping[str, Any], known: Collection[str], ignored: Mapping[str
             allowed = ignored[key]
             if allowed is not None and value not in allowed:
                 raise ValueError(
-                    f"{where} {key}={value!r}: not supported (accepted: {', '.join(map(repr, allowed))})"
+                    f"{where} {key}={value!r}: not supported "
+                    f"(accepted: {', '.join(map(repr, allowed))})"
                 )
         elif off_values is not None and value in off_values:
             continue
         else:
             hint = ""
             if supported_hint:
-                hint = (f"; supported: {', '.join(sorted(known))} "
-                        f"(and, ignored: {', '.join(sorted(ignored))})")
+                hint = (
+                    f"; supported: {', '.join(sorted(known))} "
+                    f"(and, ignored: {', '.join(sorted(ignored))})"
+                )
             raise ValueError(f"{where} has an unknown key {key!r}{hint}")
     return kwargs

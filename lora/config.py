@@ -141,9 +141,11 @@ class LoRAConfig:
         """
         d = dict(d)
         if d.get("init_lora_weights", None) in _INIT_ONLY:
-            d["init_lora_weights"] = True  # only says how a fresh adapter starts; loaded tensors replace that
+            # It only says how a fresh adapter starts; loaded tensors replace that.
+            d["init_lora_weights"] = True
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = sort_keys(d, names, _PEFT_INERT, "adapter config", off_values=(None, False, {}, []))
+        off: tuple = (None, False, {}, [])  # a key a newer PEFT added, for a feature that is off
+        kwargs = sort_keys(d, names, _PEFT_INERT, "adapter config", off_values=off)
         return cls(**kwargs)
 
 

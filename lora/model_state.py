@@ -12,7 +12,13 @@ from torch import nn
 
 from .config import LoRAConfig
 
-__all__ = ["active_config", "set_active_config", "registered_configs", "set_registered_configs", "clear"]
+__all__ = [
+    "active_config",
+    "set_active_config",
+    "registered_configs",
+    "set_registered_configs",
+    "clear",
+]
 
 
 def active_config(model: nn.Module) -> LoRAConfig | None:
@@ -22,7 +28,9 @@ def active_config(model: nn.Module) -> LoRAConfig | None:
 
 def set_active_config(model: nn.Module, config: LoRAConfig | None) -> None:
     """Set ``model.lora_config`` (None: the model has adapters but the active one has no config)."""
-    model.__dict__["lora_config"] = config  # what `model.lora_config = config` does for a non-tensor
+    model.__dict__["lora_config"] = (
+        config  # what `model.lora_config = config` does for a non-tensor
+    )
 
 
 def registered_configs(model: nn.Module) -> dict[str, LoRAConfig | None] | None:

@@ -181,8 +181,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _require(model, name)
     for module_name, layer in list(lora_layers(model)):
         layer.delete_adapter(name)
-        if (not layer.has_adapter and layer.inactive_adapters is None and layer.base_module is not None
-                and module_name):
+        empty = not layer.has_adapter and layer.inactive_adapters is None
+        if empty and layer.base_module is not None and module_name:
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer.unwrap())
     configs = adapter_configs(model)
@@ -365,7 +365,7 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
     for name, idx in index.items():
         slot = store[name] if name is not None and store is not None and name in store else None
         if slot is not None:
-            layer.put_adapter(cast(AdapterWeights, slot))  # shared with the store for this call only
+            layer.put_adapter(cast(AdapterWeights, slot))  # shared with the store, for this call
         try:
             rows = x if len(index) == 1 else x.index_select(0, idx)
             outputs.append(forward(layer, rows, *args, **kwargs))
@@ -378,5 +378,5 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
 
 
 def dropout_for(layer: LoRALayer, p: float) -> nn.Module:
-    """The dropout of an adapter with probability ``p`` on ``layer`` (:meth:`LoRALayer.dropout_for`)."""
+    """The dropout of an adapter with probability ``p`` on ``layer`` (``layer.dropout_for``)."""
     return layer.dropout_for(p)

@@ -46,7 +46,7 @@ class InjectionError(ValueError):
 
 # --- layer kinds ---------------------------------------------------------------------------------
 def is_linear(module: nn.Module, existing_ok: bool = False) -> bool:
-    """A plain ``nn.Linear`` or GPT-2 Conv1D; with ``existing_ok`` also a LoRA Linear/MergedLinear."""
+    """A plain ``nn.Linear`` or GPT-2 Conv1D; with ``existing_ok`` also a Linear/MergedLinear."""
     if isinstance(module, LoRALayer) and not existing_ok:
         return False
     cls = layer_class_for(module)
@@ -63,8 +63,14 @@ def layer_class_for(module: nn.Module, sliced: bool = False) -> type[LoRALayer] 
     return None
 
 
-def lora_layer_for(module: nn.Module, r: int, *, split: Mapping[str, int] | None = None,
-                   slices=None, **options: Any) -> LoRALayer:
+def lora_layer_for(
+    module: nn.Module,
+    r: int,
+    *,
+    split: Mapping[str, int] | None = None,
+    slices=None,
+    **options: Any,
+) -> LoRALayer:
     """The LoRA layer for ``module``: the class :func:`layer_class_for` names, built over it
     (sharing its weight and bias; see each class's ``wrap``/``from_base``).
 
@@ -87,7 +93,7 @@ def lora_layer_for(module: nn.Module, r: int, *, split: Mapping[str, int] | None
 
 def resolve_lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
     """The dtype of the LoRA parameters over ``weight``: "auto" (fp32 over a bf16/fp16 base, as
-    PEFT: their updates are tiny), None (the base dtype) or a torch.dtype. ``TypeError`` otherwise."""
+    PEFT: their updates are tiny), None (the base dtype) or a torch.dtype; else ``TypeError``."""
     if lora_dtype == "auto":
         return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     if lora_dtype is None:
@@ -104,7 +110,7 @@ def suffix_match(name: str, suffix: str) -> bool:
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """The names of the model's output head (``get_output_embeddings()``, else modules named lm_head)."""
+    """The names of the model's output head (``get_output_embeddings()``, else any lm_head)."""
     head = None
     if hasattr(model, "get_output_embeddings"):
         try:
@@ -122,7 +128,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-# --- fused projections -----------------------------------------------------------------------------
+# --- fused projections -----------------------------------------------------------------------
 def _phi3_layout(config) -> dict[str, dict[str, int]]:
     from .models.phi3 import fused_layout  # the model's own function, shared with its attention
 
@@ -135,7 +141,8 @@ FUSED_LAYOUTS: dict[str, Callable[[Any], dict[str, dict[str, int]]]] = {"phi3": 
 
 
 def fused_splits(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The fused projections of ``model`` and their slices: ``{"qkv_proj": {"q": 3072, "k": 3072, "v": 3072}, ...}``.
+    """The fused projections of ``model`` and their slices:
+    ``{"qkv_proj": {"q": 3072, "k": 3072, "v": 3072}, ...}``.
 
     From ``model.fused_splits`` when the model declares it (lora's Phi-3 does), else from the layout
     :data:`FUSED_LAYOUTS` registers for its Hugging Face ``config.model_type`` (Phi-3: "phi3").
@@ -157,15 +164,25 @@ class TargetPlan:
     against the model (raises :class:`InjectionError` naming what does not fit).
 
     ``existing_ok``: the model may already hold LoRA layers (loading an adapter into it, or adding a
-    named one); each counts as the torch layer it wraps, and the modules inside it are not candidates.
+    named one); each counts as the torch layer it wraps, and the modules inside it are not
+    candidates.
     ``modules``: ``dict(model.named_modules())`` when the caller has it already.
     """
 
-    def __init__(self, model: nn.Module, config: LoRAConfig, existing_ok: bool = False,
-                 modules: dict[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoRAConfig,
+        existing_ok: bool = False,
+        modules: dict[str, nn.Module] | None = None,
+    ):
         self.model, self.config, self.existing_ok = model, config, existing_ok
         self.modules = modules if modules is not None else dict(model.named_modules())
-        inside = tuple(f"{n}." for n, m in self.modules.items() if n and isinstance(m, LoRALayer)) if existing_ok else ()
+        inside = (
+            tuple(f"{n}." for n, m in self.modules.items() if n and isinstance(m, LoRALayer))
+            if existing_ok
+            else ()
+        )
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
         self.splits = fused_splits(model)
         self.targets: dict[str, tuple[str, ...] | None] = {}
@@ -180,17 +197,25 @@ class TargetPlan:
     def _match_targets(self) -> None:
         targets = self.config.target_modules
         if targets is None:
-            raise InjectionError("target_modules=None: name the modules to adapt (a list of names, a regex, or 'all-linear')")
+            raise InjectionError(
+                "target_modules=None: name the modules to adapt (a list of names, a regex, or 'all-linear')"
+            )
         if targets == "all-linear":
             heads = output_head_names(self.model)
-            self.targets = {n: None for n in self.names if self._linear(self.modules[n]) and n not in heads}
+            self.targets = {
+                n: None for n in self.names if self._linear(self.modules[n]) and n not in heads
+            }
             if not self.targets:
-                raise InjectionError("target_modules='all-linear': the model has no Linear layer besides its output head")
+                raise InjectionError(
+                    "target_modules='all-linear': the model has no Linear layer besides its output head"
+                )
             return
         if isinstance(targets, str):
             self.targets = {n: None for n in self.names if re.fullmatch(targets, n)}
             if not self.targets:
-                raise InjectionError(f"target_modules={targets!r}: the regex matches no module name")
+                raise InjectionError(
+                    f"target_modules={targets!r}: the regex matches no module name"
+                )
             return
         unmatched = []
         for entry in targets:
@@ -200,10 +225,12 @@ class TargetPlan:
                 unmatched.append(entry)
             for n in hits:
                 if n in self.targets and self.targets[n] != slices:
-                    raise InjectionError(f"target_modules: module {n!r} is named twice with different slices")
+                    raise InjectionError(
+                        f"target_modules: module {n!r} is named twice with different slices"
+                    )
                 self.targets[n] = slices
         if unmatched:
-            example = ", ".join(sorted({n.split('.')[-1] for n in self.names})[:12])
+            example = ", ".join(sorted({n.split(".")[-1] for n in self.names})[:12])
             raise InjectionError(
                 f"target_modules: {unmatched!r} match no module of {type(self.model).__name__} "
                 f"(module names end with e.g. {example})"
@@ -220,7 +247,9 @@ class TargetPlan:
         for n in drop:
             del self.targets[n]
         if not self.targets:
-            raise InjectionError(f"exclude_modules={excl!r} excludes every module that target_modules matched")
+            raise InjectionError(
+                f"exclude_modules={excl!r} excludes every module that target_modules matched"
+            )
 
     def _linear(self, m: nn.Module) -> bool:
         return is_linear(m, existing_ok=self.existing_ok)
@@ -231,7 +260,9 @@ class TargetPlan:
         for n, slices in self.targets.items():
             m = self.modules[n]
             if isinstance(m, LoRALayer) and not self.existing_ok:
-                raise InjectionError(f"module {n!r} is already a LoRA layer: lora.inject was applied to this model before")
+                raise InjectionError(
+                    f"module {n!r} is already a LoRA layer: lora.inject was applied to this model before"
+                )
             if slices is not None:
                 if not self._linear(m):
                     bad.append(f"{n} ({type(m).__name__}: slices need a fused Linear)")
@@ -253,8 +284,11 @@ class TargetPlan:
                     raise InjectionError(
                         f"module {n!r}: its slices {known} sum to {sum(known.values())}, but it has {out_rows} output rows"
                     )
-            elif not (self._linear(m) or (layer_class_for(m) is not None and not isinstance(m, LoRALayer))
-                      or (self.existing_ok and isinstance(m, LoRALayer))):
+            elif not (
+                self._linear(m)
+                or (layer_class_for(m) is not None and not isinstance(m, LoRALayer))
+                or (self.existing_ok and isinstance(m, LoRALayer))
+            ):
                 bad.append(f"{n} ({type(m).__name__})")
         if bad:
             raise InjectionError(
@@ -270,8 +304,9 @@ def _out_rows(m: nn.Module) -> int:
     return weight.shape[1] if is_gpt2_conv1d(m) else weight.shape[0]
 
 
-def modules_to_save_for(model: nn.Module, config: LoRAConfig,
-                        modules: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+def modules_to_save_for(
+    model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module] | None = None
+) -> dict[str, nn.Module]:
     """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter).
     ``modules``: ``dict(model.named_modules())`` when the caller has it. Raises
     :class:`InjectionError` for an entry that matches no module."""
@@ -287,5 +322,7 @@ def modules_to_save_for(model: nn.Module, config: LoRAConfig,
             missing.append(entry)
         found.update(hits)
     if missing:
-        raise InjectionError(f"modules_to_save: {missing!r} match no module of {type(model).__name__}")
+        raise InjectionError(
+            f"modules_to_save: {missing!r} match no module of {type(model).__name__}"
+        )
     return found

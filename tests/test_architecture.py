@@ -30,8 +30,15 @@ LAYERS = [
 # Up-arrows on purpose: the command lines' defaults (run the demo, chat with the demo's model).
 ALLOWED_UP = {("lora.finetune.__main__", "lora.demo"), ("lora.finetune.generate", "lora.demo")}
 # Phi-3 and the checkpoint format know nothing of LoRA.
-MODELS_MAY_NOT_IMPORT = ("lora.layers", "lora.config", "lora.targets", "lora.surgery", "lora.multi",
-                         "lora.adapters", "lora.model_state")
+MODELS_MAY_NOT_IMPORT = (
+    "lora.layers",
+    "lora.config",
+    "lora.targets",
+    "lora.surgery",
+    "lora.multi",
+    "lora.adapters",
+    "lora.model_state",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -87,7 +94,9 @@ def test_imports_point_down_and_name_nothing_private(path):
         assert not private, f"{me} imports private names {private} from {module}"
         if (me, module.rsplit(".", 1)[0]) in ALLOWED_UP or (me, module) in ALLOWED_UP:
             continue
-        assert _layer(module) <= _layer(me), f"{me} (layer {_layer(me)}) imports {module} (layer {_layer(module)})"
+        assert _layer(module) <= _layer(me), (
+            f"{me} (layer {_layer(me)}) imports {module} (layer {_layer(module)})"
+        )
         if me.startswith("lora.models"):
             assert not module.startswith(MODELS_MAY_NOT_IMPORT), f"{me} imports {module}"
 
@@ -107,6 +116,11 @@ def test_no_isinstance_chain_on_layer_kinds_outside_layers():
     for name in ("surgery.py", "adapters.py", "multi.py", "targets.py"):
         tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in (
+                "isinstance",
+                "issubclass",
+            ):
                 named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
-                assert not named & kinds, f"{name}:{node.lineno} checks the layer kind {named & kinds}"
+                assert not named & kinds, (
+                    f"{name}:{node.lineno} checks the layer kind {named & kinds}"
+                )

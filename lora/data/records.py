@@ -103,7 +103,8 @@ class DataError(ValueError):
         self.errors: list[RecordError] = list(errors)
         n = len(self.errors)
         header = header or f"{n} malformed record{'s' if n != 1 else ''}"
-        lines = listing(self.errors, _MAX_ERRORS_IN_MESSAGE, "\n  ", note=" (all of them are in DataError.errors)")
+        note = " (all of them are in DataError.errors)"
+        lines = listing(self.errors, _MAX_ERRORS_IN_MESSAGE, "\n  ", note=note)
         super().__init__(header + (":\n  " + lines if self.errors else ""))
 
 

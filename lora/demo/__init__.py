@@ -64,7 +64,9 @@ def eval_file() -> Path:
 PARTS = ("corpus", "tokenizer", "chat", "model")
 _PART_FILES = {
     "corpus": ("corpus.txt",),
-    "tokenizer": ("base/tokenizer.json", "base/tokenizer_config.json", "base/generation_config.json"),
+    "tokenizer": (
+        "base/tokenizer.json", "base/tokenizer_config.json", "base/generation_config.json",
+    ),
     "chat": ("chat_train.jsonl", "chat_eval.jsonl"),
     "model": ("base/config.json", "base/model.safetensors"),
 }

@@ -44,16 +44,28 @@ def build_trainer(
     torch.manual_seed(training.seed)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     data = prepare_chat_data(
-        train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
+        train_file,
+        tokenizer,
+        training.max_seq_length,
+        eval_file=eval_file,
         eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
-        seed=training.seed, packing=training.packing, on_error=training.on_error,
+        seed=training.seed,
+        packing=training.packing,
+        on_error=training.on_error,
     )
     say(data.summary())
     dtype = torch.bfloat16 if training.bf16 else torch.float32
     model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
     inject(model, peft)  # B = 0: until trained, the model computes exactly the base model
-    return Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
-                   progress=progress)
+    return Trainer(
+        model,
+        tokenizer,
+        data,
+        training,
+        base_model_name_or_path=str(model_dir),
+        log=log,
+        progress=progress,
+    )
 
 
 def finetune(
@@ -72,11 +84,23 @@ def finetune(
     ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
     (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
     """
-    training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
+    training = (
+        training_config
+        if isinstance(training_config, TrainingConfig)
+        else TrainingConfig.from_dict(training_config)
+    )
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
     say = log or print
-    trainer = build_trainer(model_dir, train_file, training, peft, eval_file=eval_file, say=say, log=log,
-                            progress=progress)
+    trainer = build_trainer(
+        model_dir,
+        train_file,
+        training,
+        peft,
+        eval_file=eval_file,
+        say=say,
+        log=log,
+        progress=progress,
+    )
     result = trainer.train(resume=resume)
     if merge:
         result.merged_dir = trainer.merge_and_save()

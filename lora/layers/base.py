@@ -23,7 +23,8 @@ from .. import functional as LF
 from ..checks import check_alpha, check_dropout, check_rank
 
 __all__ = [
-    "LoRALayer", "AdapterWeights", "STORE", "alpha_for_slices", "check_rank", "check_dropout", "check_alpha",
+    "LoRALayer", "AdapterWeights", "STORE", "alpha_for_slices",
+    "check_rank", "check_dropout", "check_alpha",
 ]
 
 STORE = "lora_inactive"  # the ModuleDict of a layer's inactive adapters (several adapters only)
@@ -60,7 +61,8 @@ class LoRALayer(_ModuleBase):
     """
 
     # What a layer kind declares (class attributes):
-    kind: ClassVar[str] = "linear"  # the adapter kind in adapter files: linear, merged, embedding, conv
+    # The adapter kind the file checks compare: linear, merged, embedding or conv.
+    kind: ClassVar[str] = "linear"
     peft_keys: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")  # PEFT's key names
     sliced_class: ClassVar[type[LoRALayer] | None] = None  # the kind over slices of this module
 
@@ -154,8 +156,9 @@ class LoRALayer(_ModuleBase):
     def unwrap(self) -> nn.Module:
         """The plain torch module holding this layer's current ``weight`` and ``bias`` (shared, not
         copied): :attr:`base_module` when there is one, else a new module of the torch base class
-        (weight back in (out, in) layout for ``fan_in_fan_out``). Adds nothing: merge first (or add
-        :meth:`delta_weight`) to keep the adapter's effect. The module gets the layer's train mode."""
+        (weight back in (out, in) layout for ``fan_in_fan_out``). Adds nothing: add
+        :meth:`delta_weight` first to keep the adapter's effect. The module gets the layer's train
+        mode. Raises ``RuntimeError`` when the layer is merged."""
         if self.merged:
             raise RuntimeError("unwrap: unmerge the layer first (the weight would keep ΔW)")
         weight: Tensor = self.weight
@@ -163,7 +166,8 @@ class LoRALayer(_ModuleBase):
         if plain is None:
             plain = self._plain_like()
             if getattr(self, "fan_in_fan_out", False):  # a torch Linear stores (out, in)
-                weight = nn.Parameter(weight.detach().T.contiguous(), requires_grad=weight.requires_grad)
+                weight = nn.Parameter(weight.detach().T.contiguous(),
+                                      requires_grad=weight.requires_grad)
         plain.weight = weight
         if "bias" in plain._parameters:
             plain.bias = self.bias
@@ -171,13 +175,13 @@ class LoRALayer(_ModuleBase):
         return plain
 
     def _plain_like(self) -> nn.Module:
-        """A torch layer of this layer's base class with its hyper-parameters, on the meta device."""
+        """A torch layer of this layer's base class with its hyper-parameters, on meta."""
         raise TypeError(f"unwrap: no plain layer known for {type(self).__name__}")
 
     # --- what the layer kind says about its module (model surgery, adapter files) ----------------
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        """Whether this kind wraps ``module`` (a plain torch module, or a LoRA layer of this kind)."""
+        """Whether this kind wraps ``module`` (a plain torch module, or a LoRA layer of the kind)."""
         return False
 
     @classmethod
@@ -185,8 +189,8 @@ class LoRALayer(_ModuleBase):
              fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
              merge_weights: bool = False, use_rslora: bool = False,
              lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> LoRALayer:
-        """This kind's LoRA layer over ``module`` (see each kind's ``from_base``): the options a kind
-        does not use (``fan_in_fan_out``, ``enable_lora``, ``split_sizes``) are ignored."""
+        """This kind's LoRA layer over ``module`` (see each kind's ``from_base``): the options
+        a kind does not use (``fan_in_fan_out``, ``enable_lora``, ``split_sizes``) are ignored."""
         return cls.from_base(  # type: ignore[attr-defined]
             module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
@@ -206,8 +210,8 @@ class LoRALayer(_ModuleBase):
 
     # --- one adapter as one LoRA (adapter files, combining) -------------------------------------
     def as_one_lora(self, adapter: Any = None) -> tuple[Tensor, Tensor, float]:
-        """``(A, B, scaling)`` with ΔW = scaling · B A as one LoRA over the layer's whole weight, for
-        ``adapter`` (the layer itself by default, or one of its :class:`AdapterWeights`)."""
+        """``(A, B, scaling)`` with ΔW = scaling · B A as one LoRA over the layer's whole weight,
+        for ``adapter`` (the layer itself by default, or one of its :class:`AdapterWeights`)."""
         adapter = self if adapter is None else adapter
         return adapter.lora_A, adapter.lora_B, adapter.scaling
 
@@ -230,8 +234,9 @@ class LoRALayer(_ModuleBase):
                     enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()
                     ) -> tuple[dict[str, Any], bool]:
         """The adapter fields under which this layer holds an adapter of rank ``r`` (per enabled
-        slice, when ``enable_lora`` names slices of its output), and whether it holds such a sliced
-        adapter's B as blocks (True) or as the one (out, r·k) LoRA over the whole weight (False)."""
+        slice, when ``enable_lora`` names slices of its output), and whether it holds such a
+        sliced adapter's B as blocks (True) or as the one (out, r·k) LoRA over the whole weight
+        (False)."""
         k = sum(enable_lora) if enable_lora else 1
         rank = r * k
         fields = {"r": rank, "lora_alpha": alpha_for_slices(lora_alpha, k, use_rslora),
@@ -239,7 +244,7 @@ class LoRALayer(_ModuleBase):
         return fields, False
 
     def adapter_structure(self, adapter: Any = None) -> tuple:
-        """What must agree for an adapter file to load into ``adapter`` in place: ``(kind, r, ...)``."""
+        """What must agree for a file to load into ``adapter`` in place: ``(kind, r, ...)``."""
         adapter = self if adapter is None else adapter
         return (self.kind, adapter.r)
 
@@ -300,12 +305,13 @@ class LoRALayer(_ModuleBase):
 
     @property
     def inactive_adapters(self) -> nn.ModuleDict | None:
-        """The layer's inactive adapters (name -> :class:`AdapterWeights`), or None when it has none."""
+        """The layer's inactive adapters (name -> :class:`AdapterWeights`), or None if none."""
         return self._modules.get(STORE)  # type: ignore[return-value]
 
     def get_adapter(self, name: str | None) -> Any:
         """The layer itself when ``name`` is its active adapter, its stored AdapterWeights when
-        inactive, else None. Either way the result has ``lora_A``, ``lora_B``, ``r``, ``scaling``, ..."""
+        inactive, else None. Either way the result has ``lora_A``, ``lora_B``, ``r``,
+        ``scaling``, ..."""
         if self.active_adapter_name == name:
             return self
         store = self.inactive_adapters
@@ -325,8 +331,9 @@ class LoRALayer(_ModuleBase):
             del self._modules[STORE]
 
     def activate_adapter(self, name: str | None, merge: bool | None = None) -> None:
-        """Run adapter ``name`` (None: the base layer), storing the active one. The new adapter is
-        merged when ``merge`` says so; by default when the layer was merged, or merges in eval mode."""
+        """Run adapter ``name`` (None: the base layer), storing the active one. The new adapter
+        is merged when ``merge`` says so; by default when the layer was merged, or merges in
+        eval mode."""
         if self.active_adapter_name == name:
             return
         was_merged = self.merged
@@ -336,7 +343,9 @@ class LoRALayer(_ModuleBase):
         store = self.inactive_adapters
         if name is not None and store is not None and name in store:
             self.put_adapter(cast(AdapterWeights, store.pop(name)))
-            if merge if merge is not None else (was_merged or (self.merge_weights and not self.training)):
+            if merge is None:
+                merge = was_merged or (self.merge_weights and not self.training)
+            if merge:
                 self.merge()
         self._drop_empty_store()
 
@@ -358,7 +367,8 @@ class LoRALayer(_ModuleBase):
         self.unmerge()
         slot = AdapterWeights(
             cast(str, self.adapter_name), {f: getattr(self, f) for f in self._adapter_fields},
-            cast(nn.Parameter, self._parameters["lora_A"]), cast(nn.Parameter, self._parameters["lora_B"]),
+            cast(nn.Parameter, self._parameters["lora_A"]),
+            cast(nn.Parameter, self._parameters["lora_B"]),
             self.lora_dropout,
         )
         self.clear_adapter()

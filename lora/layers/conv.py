@@ -45,7 +45,7 @@ class ConvLoRA(LoRALayer):
 
         def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
-    # --- what this kind says about its module ------------------------------------------------------
+    # --- what this kind says about its module -------------------------------------------
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         return type(module) is cls._torch_class or isinstance(module, cls)
@@ -64,13 +64,16 @@ class ConvLoRA(LoRALayer):
     def peft_shapes(cls, module: Any, r: int, fan_in_fan_out: bool = False,
                     enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ones = (1,) * len(module.kernel_size)
-        return (r, module.in_channels // module.groups, *module.kernel_size), (module.out_channels, r, *ones)
+        a_shape = (r, module.in_channels // module.groups, *module.kernel_size)
+        return a_shape, (module.out_channels, r, *ones)
 
     def _plain_like(self) -> nn.Module:
-        return self._torch_class(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                                 padding=self.padding, dilation=self.dilation, groups=self.groups,
-                                 bias=self.bias is not None, padding_mode=self.padding_mode,
-                                 device="meta", dtype=self.weight.dtype)
+        return self._torch_class(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=self.bias is not None, padding_mode=self.padding_mode,
+            device="meta", dtype=self.weight.dtype,
+        )
 
     def _init_conv_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)

@@ -58,7 +58,7 @@ class Embedding(LoRALayer, nn.Embedding):
                     sparse=base.sparse, device="meta", dtype=base.weight.dtype)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
-    # --- what this kind says about its module ------------------------------------------------------
+    # --- what this kind says about its module -------------------------------------------
     kind = "embedding"
     peft_keys = ("lora_embedding_A", "lora_embedding_B")
 

@@ -18,7 +18,8 @@ __all__ = ["Linear", "MergedLinear", "is_gpt2_conv1d"]
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as (in, out)."""
+    """Whether ``module`` is transformers' GPT-2 ``Conv1D``: a linear layer storing its weight
+    as (in, out)."""
     return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
             and getattr(module, "weight", None) is not None)
 
@@ -30,14 +31,15 @@ class _LinearBase(LoRALayer, nn.Linear):
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        """A plain ``nn.Linear`` (not a LoRA layer), GPT-2's Conv1D, or a LoRA layer of this family."""
+        """A plain ``nn.Linear`` (not a LoRA layer), GPT-2's Conv1D, or a Linear/MergedLinear."""
         if isinstance(module, _LinearBase):
             return True
-        return (isinstance(module, nn.Linear) and not isinstance(module, LoRALayer)) or is_gpt2_conv1d(module)
+        plain = isinstance(module, nn.Linear) and not isinstance(module, LoRALayer)
+        return plain or is_gpt2_conv1d(module)
 
     @staticmethod
     def linear_dims(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
-        """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D stores (in, out))."""
+        """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D: (in, out))."""
         if isinstance(module, _LinearBase):
             return module.in_features, module.out_features
         fifo = fan_in_fan_out or is_gpt2_conv1d(module)
@@ -279,7 +281,8 @@ class MergedLinear(_LinearBase):
         return adapter.r * k, alpha_for_slices(adapter.lora_alpha, k, adapter.use_rslora)
 
     def one_lora_fields(self, rank: int) -> dict:
-        return {**super().one_lora_fields(rank), "enable_lora": (True,), "split_sizes": (self.out_features,)}
+        one = (self.out_features,)
+        return {**super().one_lora_fields(rank), "enable_lora": (True,), "split_sizes": one}
 
     def adapter_structure(self, adapter=None) -> tuple:
         adapter = self if adapter is None else adapter
@@ -288,12 +291,15 @@ class MergedLinear(_LinearBase):
         return ("merged", adapter.r, tuple(adapter.enable_lora), tuple(adapter.split_sizes))
 
     def adapter_slices(self, adapter, declared: dict[str, int] | None) -> list[str] | None:
-        if declared is None or len(declared) <= 1 or tuple(declared.values()) != tuple(adapter.split_sizes):
+        if declared is None or len(declared) <= 1:
+            return None
+        if tuple(declared.values()) != tuple(adapter.split_sizes):
             return None
         return [s for s, e in zip(declared, adapter.enable_lora) if e]
 
     def slot_fields(self, r: int, lora_alpha: float, use_rslora: bool,
-                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()) -> tuple[dict, bool]:
+                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()
+                    ) -> tuple[dict, bool]:
         if enable_lora:  # the slices, as blocks of B
             fields = {"r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
                       "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
