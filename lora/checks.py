@@ -3,7 +3,7 @@ imports nothing of lora).
 
 - Argument checks that raise an error naming the argument, the value and what was expected:
   :func:`check_rank`, :func:`check_alpha`, :func:`check_dropout`, :func:`check_positive_int`,
-  :func:`check_choice`.
+  :func:`check_choice`, :func:`check_str_list`.
 - :func:`listing`: the "first N problems ... and M more" text of every report.
 - :func:`sort_keys`: the "known / ignored / unknown key" rule of every config read from a file.
 - The constants several rooms use: :data:`BIAS_MODES`, :data:`IGNORE_INDEX`.
@@ -24,6 +24,7 @@ __all__ = [
     "check_alpha",
     "check_dropout",
     "check_positive_int",
+    "check_str_list",
     "check_choice",
     "listing",
     "sort_keys",
@@ -74,6 +75,13 @@ def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r}: expected a positive int")
     return value
+
+
+def check_str_list(value, name: str) -> list[str]:
+    """Return ``value`` (a list, tuple or set of non-empty strings) as a list; else ``TypeError``."""
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"{name}={value!r}: expected a list of non-empty strings")
+    return list(value)
 
 
 def check_choice(value, choices: Sequence[Any], name: str) -> Any:

@@ -11,7 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import BIAS_MODES, check_alpha, check_choice, check_dropout, check_rank, sort_keys
+from .checks import (
+    BIAS_MODES,
+    check_alpha,
+    check_choice,
+    check_dropout,
+    check_rank,
+    check_str_list,
+    sort_keys,
+)
 
 __all__ = ["LoRAConfig", "parse_target", "pattern_value", "BIAS_MODES"]
 
@@ -102,7 +110,7 @@ class LoRAConfig:
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
-            self.modules_to_save = _check_str_list(self.modules_to_save, "modules_to_save")
+            self.modules_to_save = check_str_list(self.modules_to_save, "modules_to_save")
         for name in ("use_rslora", "fan_in_fan_out", "init_lora_weights", "merge_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected True or False")
@@ -149,12 +157,6 @@ class LoRAConfig:
         return cls(**kwargs)
 
 
-def _check_str_list(value, name: str) -> list[str]:
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
-        raise TypeError(f"{name}={value!r}: expected a list of non-empty strings")
-    return list(value)
-
-
 def _check_targets(value, name: str):
     if value is None:
         return None
@@ -165,7 +167,7 @@ def _check_targets(value, name: str):
             except re.error as e:
                 raise ValueError(f"{name}={value!r}: not a valid regular expression ({e})") from None
         return value
-    targets = _check_str_list(value, name)
+    targets = check_str_list(value, name)
     for t in targets:
         parse_target(t, name)  # validates the bracket syntax
     return targets
