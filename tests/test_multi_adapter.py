@@ -138,18 +138,31 @@ def test_save_an_inactive_named_adapter_and_load_it_elsewhere(two, tmp_path):
     torch.testing.assert_close(run(model), want["b"], rtol=0, atol=0)
 
 
-def test_named_adapter_may_not_change_the_shared_base(tmp_path):
-    path, _ = make_adapter(tmp_path, toy, lora.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"]), 3, "m")
+def test_named_adapters_each_train_their_own_modules_to_save_copy(tmp_path):
+    cfg = lora.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"])
     model = toy()
+    want_base = run(model)
+    original = model.head.weight.detach().clone()
+    path, _ = make_adapter(tmp_path, toy, cfg, 3, "m")
     lora.load_adapter(model, make_adapter(tmp_path, toy, A_CFG, 1, "a")[0])
-    lora.load_adapter(model, path, adapter_name="same_head")  # equal to the model's head: accepted
     with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["base_model.model.head.weight"] += 1
+    tensors["base_model.model.head.weight"] += 1  # this adapter trained its head
     save_file(tensors, str(path / WEIGHTS_NAME))
-    with pytest.raises(lora.AdapterError, match=r"head\.weight: differs from the model's; a named adapter added"):
-        lora.load_adapter(model, path, adapter_name="other_head")
-    assert lora.adapter_names(model) == ["default", "same_head"]
+    lora.load_adapter(model, path, adapter_name="own_head")  # its own copy: accepted
+    assert type(model.head).__name__ == "ModulesToSaveWrapper"
+    assert model.head.active_adapter is None  # "default" has no copy: the original runs
+    torch.testing.assert_close(model.head.original_module.weight, original, rtol=0, atol=0)
+    lora.set_adapter(model, "own_head")
+    torch.testing.assert_close(model.head.weight, original + 1, rtol=0, atol=0)
+    torch.testing.assert_close(model.head.original_module.weight, original, rtol=0, atol=0)
+    with lora.disabled(model):
+        torch.testing.assert_close(run(model), want_base, rtol=1e-6, atol=1e-6)  # the original (r=0 q_proj: 1 ulp)
+    lora.set_adapter(model, "default")
+    torch.testing.assert_close(model.head.weight, original, rtol=0, atol=0)
+    lora.delete_adapter(model, "own_head")
+    assert type(model.head) is nn.Linear and model.head.weight is not None  # the original again
+    torch.testing.assert_close(model.head.weight, original, rtol=0, atol=0)
 
 
 # --- combining ----------------------------------------------------------------------------------
