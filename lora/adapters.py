@@ -371,7 +371,8 @@ def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str], adapte
     ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also the tied
     partners of modules_to_save under ``ensure_weight_tying`` (PEFT writes them; they share the
     tensor) and, with ``optional_targets``, each targeted module's ``base_layer.weight``, which PEFT
-    saves for targeted embeddings. ``modules``: ``dict(model.named_modules())`` when the caller has it."""
+    saves for targeted embeddings. ``modules``: ``dict(model.named_modules())`` when the caller
+    has it."""
     if modules is None:
         modules = dict(model.named_modules())
     places: dict[str, Tensor] = {}
@@ -642,8 +643,8 @@ def _check_base_tensors(model, files, config, specs, mode, problems,
     for key, (place, t) in out.items():
         first = shared.setdefault(id(place), key)
         if first != key and not torch.equal(t, out[first][1]):
-            problems.append(f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the file holds "
-                            "different values")
+            problems.append(f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "
+                            "file holds different values")
     for key in files.tensors:
         if not key.startswith(PREFIX):
             problems.append(f"{key}: no place for it (PEFT's keys start with {PREFIX!r})")

@@ -71,11 +71,12 @@ class LoRAConfig:
             but the output head). A list entry may name slices of a fused projection:
             ``"qkv_proj[q,v]"``, ``"gate_up_proj[up]"``.
         exclude_modules: suffixes or a regex, as target_modules; matching modules are left alone.
-        modules_to_save: module-name suffixes trained in full and saved with the adapter (a classifier
-            head): each adapter trains its own copy; the original module stays untouched.
+        modules_to_save: module-name suffixes trained in full and saved with the adapter (a
+            classifier head): each adapter trains its own copy; the original stays untouched.
         ensure_weight_tying: a modules_to_save module whose weight is tied to another module's
-            (``lm_head`` and ``embed_tokens``): False (PEFT's default) trains a copy of the named
-            module only, so the tie is broken; True makes the partner share the copy, so both change.
+            (``lm_head`` and ``embed_tokens``): False (PEFT's default) trains a copy of the
+            named module only, so the tie is broken; True makes the partner share the copy, so
+            both change.
         use_rslora: rank-stabilised scaling.
         rank_pattern / alpha_pattern: ``{regex: r}`` / ``{regex: alpha}`` overriding r / lora_alpha for
             modules whose name ends with a match (``"layers\\.0\\.self_attn\\.o_proj"``).

@@ -192,7 +192,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         wrapper.delete_adapter(name)
         if not wrapper.adapter_names:
             parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, wrapper.original_module)
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, wrapper.original_module)
     for module_name, layer in list(lora_layers(model)):
         layer.delete_adapter(name)
         empty = not layer.has_adapter and layer.inactive_adapters is None
@@ -346,7 +347,7 @@ def mixed_batch(model: nn.Module, adapter_names_per_sample: Sequence[str | None]
         layer.activate_adapter(None)
         layer.forward = functools.partial(_mixed_forward, layer, routing)
     for _, wrapper in wrappers:  # modules_to_save: each sample runs its adapter's copy
-        wrapper.forward = functools.partial(_mixed_saved_forward, wrapper, routing)
+        wrapper.__dict__["forward"] = functools.partial(_mixed_saved_forward, wrapper, routing)
     try:
         yield model
     finally:
@@ -400,8 +401,8 @@ def _mixed_saved_forward(wrapper: ModulesToSaveWrapper, routing: _Routing, x: Te
                          **kwargs) -> Tensor:
     if x.shape[0] != routing.batch:
         raise ValueError(
-            f"mixed_batch: {routing.batch} adapter names, but a modules_to_save module got an input "
-            f"of shape {tuple(x.shape)}: the first dimension of its input must be the batch"
+            f"mixed_batch: {routing.batch} adapter names, but a modules_to_save module got an "
+            f"input of shape {tuple(x.shape)}: the first dimension of its input must be the batch"
         )
     index, inverse = routing.on(x.device)
     outputs = []

@@ -222,7 +222,7 @@ TIED_CASES = [(m, t) for m in ("lm_head", "embed_tokens") for t in (False, True)
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
-def test_peft_modules_to_save_on_tied_model_loads_into_ours_with_equal_logits(tmp_path, saved, tying):
+def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tying):
     hf, _, base = tied_pair()
     with torch.no_grad():
         want_base = hf(input_ids=IDS).logits
@@ -250,7 +250,7 @@ def test_peft_modules_to_save_on_tied_model_loads_into_ours_with_equal_logits(tm
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
-def test_our_modules_to_save_on_tied_model_loads_into_peft_with_equal_logits(tmp_path, saved, tying):
+def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tying):
     hf, ours, _ = tied_pair()
     with torch.no_grad():
         want_base = ours(IDS).logits

@@ -69,7 +69,8 @@ def outputs(model, names):
 def test_one_adapter_keeps_loralibs_keys():
     model = with_adapters(["default"])
     assert sorted(lora.lora_state_dict(model)) == sorted(
-        f"{m}.lora_{x}" for m in ("embed", "q_proj", "v_proj") for x in "AB")
+        f"{m}.lora_{x}" for m in ("embed", "q_proj", "v_proj") for x in "AB"
+    )
 
 
 def test_several_adapters_name_each_adapter_whichever_is_active():
@@ -141,7 +142,9 @@ def test_missing_named_keys_are_reported_by_strict_loading():
         with_adapters(["a", "b"], seed=2).load_state_dict(state)
 
 
-names = st.lists(st.sampled_from(["a", "b", "c", "chat", "sql-1"]), min_size=1, max_size=4, unique=True)
+names = st.lists(
+    st.sampled_from(["a", "b", "c", "chat", "sql-1"]), min_size=1, max_size=4, unique=True
+)
 
 
 @settings(max_examples=25, deadline=None)

@@ -299,9 +299,10 @@ class LoRALayer(_ModuleBase):
             self.merge()
 
     # --- state-dict keys of several adapters ------------------------------------------------
-    # Physically the active adapter is ``lora_A``/``lora_B`` and the others are under ``lora_inactive``,
-    # so physical keys would change with set_adapter (and a state dict saved with "a" active would
-    # load a's tensors into whichever adapter is active). The keys therefore name the adapter:
+    # Physically the active adapter is ``lora_A``/``lora_B`` and the others are under
+    # ``lora_inactive``, so physical keys would change with set_adapter (and a state dict saved
+    # with "a" active would load a's tensors into whichever adapter is active). The keys
+    # therefore name the adapter:
     #   one adapter in the layer (active or not): ``lora_A``, ``lora_B`` (loralib's keys);
     #   several: ``lora_A.<name>``, ``lora_B.<name>`` for each, whichever is active.
     def held_adapters(self) -> dict[str, Any]:
@@ -459,14 +460,14 @@ def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metada
         if name:
             if name not in held:
                 error_msgs.append(
-                    f"{key}: the state dict names adapter {name!r}, which the layer {prefix[:-1]!r} "
-                    f"does not hold (it holds {held})")
+                    f"{key}: the state dict names adapter {name!r}, which the layer "
+                    f"{prefix[:-1]!r} does not hold (it holds {held})")
                 moves.append((key, None))
                 continue
         elif len(held) > 1:
             error_msgs.append(
-                f"{key}: a key without an adapter name, but the layer {prefix[:-1]!r} holds adapters "
-                f"{held}; a state dict of several adapters names each ({param}.<name>)")
+                f"{key}: a key without an adapter name, but the layer {prefix[:-1]!r} holds "
+                f"adapters {held}; a state dict of several adapters names each ({param}.<name>)")
             moves.append((key, None))
             continue
         elif not held:

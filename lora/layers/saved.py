@@ -60,7 +60,11 @@ class ModulesToSaveWrapper(nn.Module):
 
     def get_adapter(self, name: str | None) -> nn.Module | None:
         """Adapter ``name``'s copy, or None when it has none."""
-        return self.modules_to_save[name] if name is not None and name in self.modules_to_save else None
+        return (
+            self.modules_to_save[name]
+            if name is not None and name in self.modules_to_save
+            else None
+        )
 
     def activate_adapter(self, name: str | None) -> None:
         """Run adapter ``name``'s copy (the original when it has none, or for None)."""
@@ -104,8 +108,11 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("__") or name in ("original_module", "modules_to_save",
-                                                  "active_adapter"):
+            if name.startswith("__") or name in (
+                "original_module",
+                "modules_to_save",
+                "active_adapter",
+            ):
                 raise
         return getattr(self.active_module, name)
 
