@@ -100,6 +100,7 @@ class LoRALayer(_ModuleBase):
         # State-dict keys that name the adapter when the layer holds several (see _adapter_keys).
         self._register_state_dict_hook(_named_adapter_keys)
         self._register_load_state_dict_pre_hook(_place_named_adapter_keys, with_module=True)
+        self.register_load_state_dict_post_hook(_name_missing_adapter_keys)
 
     # --- what a layer must say ---------------------------------------------------------------
     @property
@@ -451,6 +452,7 @@ def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metada
     several, is an error naming the adapters (whatever ``strict`` says: the tensors have no
     place that is certainly right)."""
     held = list(layer.held_adapters())
+    layer.__dict__["_lora_load_prefix"] = prefix  # for _name_missing_adapter_keys
     moves = []
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):]
@@ -479,6 +481,22 @@ def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metada
         tensor = state_dict.pop(old)
         if new is not None:
             state_dict[new] = tensor
+
+
+def _name_missing_adapter_keys(layer: LoRALayer, incompatible) -> None:
+    """Load post-hook: report a missing LoRA tensor under the key the state dict should have
+    held (``lora_A.<name>``), not under where the adapter happens to live now."""
+    prefix = layer.__dict__.pop("_lora_load_prefix", None)
+    held = list(layer.held_adapters())
+    if prefix is None or not held:
+        return
+    names = {}
+    for name in held:
+        for p in _LORA_PARAMS:
+            names[prefix + layer._physical_prefix(name) + p] = prefix + (
+                p if len(held) == 1 else f"{p}.{name}")
+    missing = incompatible.missing_keys
+    missing[:] = [names.get(k, k) for k in missing]
 
 
 class AdapterWeights(nn.Module):
