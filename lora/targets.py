@@ -14,6 +14,7 @@ module only asks :data:`lora.layers.LAYER_KINDS` in order. Used by :mod:`lora.su
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -182,10 +183,12 @@ class TargetPlan:
     ):
         self.model, self.config, self.existing_ok = model, config, existing_ok
         self.modules = modules if modules is not None else dict(model.named_modules())
-        inside = (
-            tuple(f"{n}." for n, m in self.modules.items() if n and isinstance(m, LoRALayer))
-            if existing_ok
-            else ()
+        # Not candidates: the modules inside a LoRA layer (with existing_ok) and inside a
+        # modules_to_save wrapper (its original and copies are trained in full, never adapted).
+        inside = tuple(
+            f"{n}." for n, m in self.modules.items()
+            if n and (isinstance(m, ModulesToSaveWrapper)
+                      or (existing_ok and isinstance(m, LoRALayer)))
         )
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
         self.splits = fused_splits(model)
@@ -418,6 +421,12 @@ def wrap_modules_to_save(
         wrappers[n] = m
         return m
 
+    if config.ensure_weight_tying and not any(tied_partners(model, n, modules) for n in named):
+        warnings.warn(
+            f"ensure_weight_tying=True, but no module of modules_to_save={config.modules_to_save!r} "
+            "shares its weight with another module: nothing to tie",
+            stacklevel=3,
+        )
     for n in named:
         partners = tied_partners(model, n, modules) if config.ensure_weight_tying else {}
         w = wrapper_at(n)

@@ -150,3 +150,22 @@ def test_ensure_weight_tying_reads_and_writes_peft_key():
     assert lora.LoRAConfig.from_peft_dict(cfg.to_peft_dict()).ensure_weight_tying is True
     with pytest.raises(TypeError, match="ensure_weight_tying='yes'"):
         lora.LoRAConfig(ensure_weight_tying="yes")
+
+
+def test_a_second_all_linear_adapter_leaves_the_wrapped_head_alone(tmp_path):
+    model = tied()
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"]))
+    other = lora.inject(tied(), lora.LoRAConfig(r=2, target_modules="all-linear"))
+    lora.save_adapter(other, tmp_path / "all")
+    lora.load_adapter(model, tmp_path / "all", adapter_name="all")
+    assert isinstance(model.lm_head, ModulesToSaveWrapper)
+    assert not isinstance(model.lm_head.original_module, lora.LoRALayer)
+    assert not isinstance(model.lm_head.modules_to_save["default"], lora.LoRALayer)
+
+
+def test_ensure_weight_tying_without_a_tie_warns():
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**dict(TIED, tie_word_embeddings=False))).eval()
+    with pytest.warns(UserWarning, match="ensure_weight_tying=True, but no module"):
+        lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"],
+                                           ensure_weight_tying=True))
