@@ -423,8 +423,9 @@ def wrap_modules_to_save(
 
     if config.ensure_weight_tying and not any(tied_partners(model, n, modules) for n in named):
         warnings.warn(
-            f"ensure_weight_tying=True, but no module of modules_to_save={config.modules_to_save!r} "
-            "shares its weight with another module: nothing to tie",
+            "ensure_weight_tying=True, but no module of "
+            f"modules_to_save={config.modules_to_save!r} shares its weight with another module: "
+            "nothing to tie",
             stacklevel=3,
         )
     for n in named:
