@@ -431,6 +431,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         return _load_lora_state_dict(model, p)
     files = read_adapter(p)
     config = config_from_files(files)
+    _warn_if_other_base(model, files)
     existing = multi.adapter_names(model)
     has_layers = any(True for _ in lora_layers(model))
     if adapter_name is None:
@@ -458,6 +459,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         for layer in merged:
             layer.merge()
     return model
+
+
+def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
+    # The recorded base is a hint (a hub id or a path), not a proof: a warning, naming both.
+    recorded = files.config.get("base_model_name_or_path")
+    actual = getattr(model, "name_or_path", None)
+    if not (isinstance(recorded, str) and recorded and isinstance(actual, str) and actual):
+        return
+    if recorded == actual or _same_path(recorded, actual):
+        return
+    import warnings
+
+    warnings.warn(f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
+                  f"loading it into {actual!r}", stacklevel=3)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 @torch.no_grad()
@@ -551,6 +573,9 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
                 bad = True
             elif not t.is_floating_point():
                 problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
+                bad = True
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged training run?)")
                 bad = True
         if bad:
             continue

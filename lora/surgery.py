@@ -109,6 +109,9 @@ class _Plan:
         targets = self.config.target_modules
         if targets is None:
             raise InjectionError("target_modules=None: name the modules to adapt (a list of names, a regex, or 'all-linear')")
+        if not isinstance(targets, str) and len(targets) == 0:
+            raise InjectionError("target_modules=[]: nothing to adapt; name the modules to adapt "
+                                 "(a list of names, a regex, or 'all-linear')")
         if targets == "all-linear":
             heads = _output_head_names(self.model)
             self.targets = {n: None for n in self.names if self._linear(self.modules[n]) and n not in heads}

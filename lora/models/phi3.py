@@ -936,6 +936,7 @@ class Phi3ForCausalLM(nn.Module):
         )
         model.tie_weights()
         model.model.rotary_emb.reset_buffers(device)
+        model.name_or_path = str(path)  # what save_adapter records, and load_adapter compares with
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
