@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from . import functional as LF
 from . import multi
 from ._io import atomic_save_safetensors, atomic_write_json
+from ._regex_guard import check_bounded_regex
 from .config import LoRAConfig, _pattern_value, parse_target
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
 from .layers.base import AdapterWeights
@@ -140,10 +141,26 @@ def read_torch_file(file: Path) -> dict[str, Tensor]:
 # ================================================================================================
 # Config: PEFT's JSON <-> LoRAConfig
 # ================================================================================================
+def _check_file_regexes(body: dict) -> None:
+    # Adapter files come from anywhere; a regex in one is matched against every module name, and a
+    # backtracking one (``(.*.*)*X``) would never return. Only regexes of bounded cost are matched.
+    for key in ("target_modules", "exclude_modules"):
+        value = body.get(key)
+        if isinstance(value, str) and value != "all-linear":
+            check_bounded_regex(value, key)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = body.get(key)
+        if isinstance(value, dict):
+            for pattern in value:
+                if isinstance(pattern, str):
+                    check_bounded_regex(pattern, f"{key} key")
+
+
 def config_from_files(files: AdapterFiles) -> LoRAConfig:
     """The LoRAConfig an adapter directory describes; with lora's fused-slice metadata (and a JSON
     not edited since) the original config, whose targets name the slices."""
     try:
+        _check_file_regexes(files.config)
         config = LoRAConfig.from_peft_dict(dict(files.config))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{files.config_path}: {e}") from None
@@ -151,7 +168,9 @@ def config_from_files(files: AdapterFiles) -> LoRAConfig:
     if "lora.config" not in files.metadata:
         return config
     try:
-        ours = LoRAConfig(**json.loads(files.metadata["lora.config"]))
+        ours_body = json.loads(files.metadata["lora.config"])
+        _check_file_regexes(ours_body if isinstance(ours_body, dict) else {})
+        ours = LoRAConfig(**ours_body)
         written = json.loads(files.metadata["lora.exported"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})") from None
@@ -311,6 +330,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     Raises :class:`AdapterError` when the model holds no such adapter, or a layer computes something
     PEFT's LoRA cannot express (conv with groups > 1, dilation or non-zero padding; embedding max_norm).
     """
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, no data); "
+                           "load or materialise the weights before saving")
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
         names = multi.adapter_names(model)
@@ -469,8 +492,6 @@ def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
         return
     if recorded == actual or _same_path(recorded, actual):
         return
-    import warnings
-
     warnings.warn(f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
                   f"loading it into {actual!r}", stacklevel=3)
 

@@ -677,6 +677,11 @@ def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     unknown = set(data) - {"training_config", "peft_config"}
     if unknown:
         raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    for section in ("training_config", "peft_config"):
+        value = data.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} ({str(value)[:40]!r}); "
+                             "expected an object of its keys")
     return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
 
 
@@ -704,6 +709,8 @@ def finetune(
     from ..models import Phi3ForCausalLM
 
     training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
+    if not isinstance(peft_config, (LoRAConfig, dict)):
+        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a lora.LoRAConfig")
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
     say = log or print
     # The output directory is checked and locked before anything is loaded: a bad --output or a
