@@ -118,6 +118,29 @@ def test_a_kill_inside_the_checkpoint_swap_is_recovered_at_the_next_start(ckpt, 
     assert rows(out) == want
 
 
+@pytest.mark.slow
+def test_a_real_process_killed_between_the_renames_loses_nothing(ckpt, data_file, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.json"
+    train = training(tmp_path, max_steps=4, save_steps=2, save_total_limit=1)
+    cfg.write_text(json.dumps({"training_config": train, "peft_config": PEFT}))
+    args = [sys.executable, "-m", "lora.finetune", "--model", str(ckpt), "--data", str(data_file),
+            "--config", str(cfg), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    out = tmp_path / "out"
+    want = rows(out)
+    killed = subprocess.run(args + ["--resume"], env={**env, "LORA_CRASH_AT": "swap:old-moved"},
+                            capture_output=True, timeout=300)
+    assert killed.returncode == 137 and not (out / "checkpoint-4").exists()
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "recovered checkpoint-4 from .checkpoint-4." in done.stdout
+    assert [s for s, _ in list_checkpoints(out)] == [4] and leftovers(out) == [] and rows(out) == want
+
+
 def test_only_a_complete_tmp_left_by_a_kill_becomes_the_checkpoint(ckpt, data_file, tmp_path, monkeypatch):
     cfg = training(tmp_path, max_steps=4, save_steps=2, save_total_limit=1)
     make_trainer(ckpt, data_file, cfg).train()
