@@ -22,7 +22,9 @@ __all__ = ["MAX_PATTERN_LENGTH", "MAX_REPEATS", "check_bounded_regex"]
 
 MAX_PATTERN_LENGTH = 1000
 MAX_REPEATS = 3
-_REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT) + ((_c.POSSESSIVE_REPEAT,) if hasattr(_c, "POSSESSIVE_REPEAT") else ())
+_REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT) + (
+    (_c.POSSESSIVE_REPEAT,) if hasattr(_c, "POSSESSIVE_REPEAT") else ()
+)
 
 
 def check_bounded_regex(pattern: str, name: str) -> str:
@@ -31,8 +33,10 @@ def check_bounded_regex(pattern: str, name: str) -> str:
     ``name`` says where the pattern is from, e.g. ``"target_modules"`` or ``"rank_pattern key"``.
     """
     if len(pattern) > MAX_PATTERN_LENGTH:
-        raise ValueError(f"{name} {pattern[:40]!r}...: a regex of {len(pattern)} characters; "
-                         f"at most {MAX_PATTERN_LENGTH} are accepted from a file")
+        raise ValueError(
+            f"{name} {pattern[:40]!r}...: a regex of {len(pattern)} characters; "
+            f"at most {MAX_PATTERN_LENGTH} are accepted from a file"
+        )
     try:
         tree = _parser.parse(pattern)
     except Exception as e:  # re.error; anything else the parser raises means the same

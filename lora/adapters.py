@@ -332,7 +332,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     """
     meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
-        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, no data); "
+        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, no "
+                           "data); "
                            "load or materialise the weights before saving")
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
@@ -596,7 +597,8 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
                 problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
                 bad = True
             elif not bool(torch.isfinite(t).all()):
-                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged training run?)")
+                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged "
+                                "training run?)")
                 bad = True
         if bad:
             continue

@@ -168,7 +168,8 @@ LIMITS = RenderLimits()
 
 
 class _LimitExceeded(Exception):
-    """Raised inside a render that went over a bound (caught and reported by ChatTemplate.render)."""
+    """Raised inside a render that went over a bound (caught and reported by "
+      "ChatTemplate.render)."""
 
 
 class _Budget(threading.local):
@@ -197,8 +198,10 @@ def _check_format_string(text, what: str) -> None:
 
 def _check_size_args(args, kwargs, what: str) -> None:
     for value in list(args) + list(kwargs.values()):
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LIMITS.max_sequence:
-            raise _LimitExceeded(f"{what} with the argument {value} (at most {LIMITS.max_sequence})")
+        too_big = isinstance(value, int) and abs(value) > LIMITS.max_sequence
+        if too_big and not isinstance(value, bool):
+            raise _LimitExceeded(f"{what} with the argument {value} (at most "
+                                 f"{LIMITS.max_sequence})")
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -216,7 +219,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if isinstance(left, int) and isinstance(right, int) and right > 0:
                 bits = max(abs(left), 2).bit_length() * right
                 if bits > LIMITS.max_power_bits:
-                    raise _LimitExceeded(f"'**' would build a {bits}-bit number (at most {LIMITS.max_power_bits})")
+                    raise _LimitExceeded(f"'**' would build a {bits}-bit number (at most "
+                                         f"{LIMITS.max_power_bits})")
             return operator.pow(left, right)
         if op == "%":
             _check_format_string(left, "'%' formatting")
@@ -277,7 +281,8 @@ class ChatTemplate:
                  origin: str = "chat template"):
         self.origin = origin  # where the template came from, for error messages
         if not isinstance(source, str):
-            raise ChatTemplateError(f"{origin}: the source is a {type(source).__name__}; expected a string")
+            raise ChatTemplateError(f"{origin}: the source is a {type(source).__name__}; "
+                                    "expected a string")
         try:
             self._template = _compile(source)
         except (jinja2.TemplateError, RecursionError, MemoryError) as e:
@@ -303,8 +308,9 @@ class ChatTemplate:
         """
         tokens = special_tokens_from_config(config)
         source = config.get("chat_template")
-        origin = (f"the chat template in {Path(directory) / 'tokenizer_config.json'}" if directory is not None
-                  else "the tokenizer_config chat template")
+        origin = "the tokenizer_config chat template"
+        if directory is not None:
+            origin = f"the chat template in {Path(directory) / 'tokenizer_config.json'}"
         if source is None and directory is not None:
             jinja_file = Path(directory) / "chat_template.jinja"
             if jinja_file.is_file():
@@ -353,7 +359,9 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.origin} failed to render: {e}") from e
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise ChatTemplateError(f"{self.origin} failed to render: {type(e).__name__}: {e}") from e
+            raise ChatTemplateError(
+                f"{self.origin} failed to render: {type(e).__name__}: {e}"
+            ) from e
         except (OverflowError, RecursionError, MemoryError) as e:
             raise ChatTemplateError(f"{self.origin} was stopped: {type(e).__name__}: {e}") from None
 
@@ -364,7 +372,8 @@ class ChatTemplate:
             for chunk in self._template.generate(**context):
                 size += len(chunk)
                 if size > LIMITS.max_output_chars:
-                    raise _LimitExceeded(f"the rendered text exceeds {LIMITS.max_output_chars} characters")
+                    raise _LimitExceeded(f"the rendered text exceeds {LIMITS.max_output_chars} "
+                                         "characters")
                 parts.append(chunk)
             return "".join(parts)
 

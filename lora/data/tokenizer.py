@@ -29,7 +29,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{str(path)!r} is not a JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(f"{str(path)!r} is not a JSON file ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
     return value
@@ -92,7 +93,8 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the Rust side raises a bare Exception for any malformed file
-            raise ValueError(f"{str(tokenizer_file)!r} is not a readable tokenizer file ({str(e)[:200]})") from None
+            raise ValueError(f"{str(tokenizer_file)!r} is not a readable tokenizer file "
+                             f"({str(e)[:200]})") from None
         config = _read_json(directory / "tokenizer_config.json")
         if not config:
             # Older checkpoints keep the special tokens in a separate file.

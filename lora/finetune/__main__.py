@@ -7,7 +7,13 @@ import sys
 from typing import Sequence
 
 from ..data import DataError
-from .trainer import TrainingError, TrainingInterrupted, finetune, load_configs
+from .trainer import (
+    TrainingError,
+    TrainingInterrupted,
+    _signals_as_interrupt,
+    finetune,
+    load_configs,
+)
 
 EPILOG = """\
 examples:
@@ -46,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the "
                     "output directory (same losses as an uninterrupted run)")
     ap.add_argument("--allow-resume-changes", action="store_true", help="let --resume go on with "
-                    "settings or data that differ from the checkpoint's (by default refused, naming "
-                    "each difference); the run is then no longer bit-identical to an uninterrupted one")
+                    "settings or data that differ from the checkpoint's (by default refused, "
+                    "naming "
+                    "each difference); the run is then no longer bit-identical to an "
+                    "uninterrupted one")
     ap.add_argument("--overwrite", action="store_true", default=None, help="start over in an output directory "
                     "that holds an earlier run, removing its checkpoints (overwrite_output_dir)")
     ap.add_argument("--merge", action="store_true", help="after training, also write a merged full model "
@@ -60,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _signals_as_interrupt():  # SIGTERM while loading is an interrupt too, not a silent death
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
@@ -91,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lora-finetune: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("lora-finetune: interrupted before training started; nothing was written", file=sys.stderr)
+        print("lora-finetune: interrupted before training started; nothing was written",
+              file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as e:
         print(f"lora-finetune: {e}", file=sys.stderr)

@@ -90,11 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-generate: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError) as e:  # AdapterError, CheckpointError, ... included
+    except (ValueError, TypeError, FileNotFoundError) as e:  # AdapterError, CheckpointError, ...
         print(f"lora-generate: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"lora-generate: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lora-generate: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 
@@ -105,16 +106,19 @@ def _check_args(args) -> None:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an int >= 0")
     if not (args.temperature >= 0 and args.temperature != float("inf")):
-        raise ValueError(f"--temperature {args.temperature}: expected 0 (greedy) or a finite number > 0")
+        raise ValueError(f"--temperature {args.temperature}: expected 0 (greedy) or a finite "
+                         "number > 0")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: expected an int >= 1")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.model is not None and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model}: no such directory; expected a checkpoint directory "
+        raise FileNotFoundError(f"--model {args.model}: no such directory; expected a checkpoint "
+                                "directory "
                                 "(config.json, model.safetensors, tokenizer.json)")
     if args.adapter is not None and not Path(args.adapter).exists():
-        raise FileNotFoundError(f"--adapter {args.adapter}: no such directory; expected an adapter directory "
+        raise FileNotFoundError(f"--adapter {args.adapter}: no such directory; expected an "
+                                "adapter directory "
                                 "(adapter_config.json + adapter_model.safetensors)")
 
 

@@ -38,7 +38,9 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--output {str(path)!r}: cannot create the directory ({_reason(e)})") from None
+        raise ValueError(
+            f"--output {str(path)!r}: cannot create the directory ({_reason(e)})"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"--output {str(path)!r}: the directory is not writable")
     return path
@@ -73,8 +75,9 @@ class OutputDirLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ValueError(f"--output {str(directory)!r}: cannot create {LOCK_FILE} "
-                             f"({_reason(e)})") from None
+            raise ValueError(
+                f"--output {str(directory)!r}: cannot create {LOCK_FILE} ({_reason(e)})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -86,7 +89,9 @@ class OutputDirLock:
                     f"output_dir {str(directory)!r} is in use by another run ({who}); "
                     "wait for it to finish or choose another --output"
                 ) from None
-            raise ValueError(f"--output {str(directory)!r}: cannot lock {LOCK_FILE} ({_reason(e)})") from None
+            raise ValueError(
+                f"--output {str(directory)!r}: cannot lock {LOCK_FILE} ({_reason(e)})"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(path, fd)

@@ -19,19 +19,44 @@ from array import array
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-__all__ = ["FREE_ON_RESUME", "ResumeMismatch", "data_fingerprint", "file_fingerprints",
-           "examples_sha256", "resume_problems"]
+__all__ = [
+    "FREE_ON_RESUME",
+    "ResumeMismatch",
+    "data_fingerprint",
+    "file_fingerprints",
+    "examples_sha256",
+    "resume_problems",
+]
 
 # training_config keys whose change leaves every training step's numbers as they were.
-FREE_ON_RESUME = frozenset({
-    "output_dir", "overwrite_output_dir", "logging_steps", "eval_steps", "save_steps",
-    "save_total_limit", "per_device_eval_batch_size", "max_steps", "num_train_epochs",
-    "gradient_checkpointing", "gradient_checkpointing_kwargs", "on_error",
-    # keys other versions may carry that change no number either
-    "log_level", "report_to", "logging_strategy", "save_strategy", "eval_strategy",
-    "evaluation_strategy", "logging_first_step", "disable_tqdm", "run_name",
-    "dataloader_num_workers", "dataloader_pin_memory",
-})
+FREE_ON_RESUME = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "per_device_eval_batch_size",
+        "max_steps",
+        "num_train_epochs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "on_error",
+        # keys other versions may carry that change no number either
+        "log_level",
+        "report_to",
+        "logging_strategy",
+        "save_strategy",
+        "eval_strategy",
+        "evaluation_strategy",
+        "logging_first_step",
+        "disable_tqdm",
+        "run_name",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+    }
+)
 
 
 class ResumeMismatch(ValueError):
@@ -107,23 +132,32 @@ def resume_problems(
     lacks (a checkpoint from an older version) are not compared."""
     problems = []
     if total_steps < step:
-        problems.append(f"the run would end at step {total_steps} (max_steps/num_train_epochs), before "
-                        f"the checkpoint's step {step}; give max_steps >= {step}")
+        problems.append(
+            f"the run would end at step {total_steps} (max_steps/num_train_epochs), before "
+            f"the checkpoint's step {step}; give max_steps >= {step}"
+        )
     old_training = old_training or {}
     for key in sorted(set(old_training) & set(new_training)):
         if key in FREE_ON_RESUME:
             continue
         if old_training[key] != new_training[key]:
-            problems.append(f"training_config {key} was {old_training[key]!r}, now {new_training[key]!r}")
+            problems.append(
+                f"training_config {key} was {old_training[key]!r}, now {new_training[key]!r}"
+            )
     old_peft = old_peft or {}
     for key in sorted(set(old_peft) & set(new_peft)):
         if old_peft[key] != new_peft[key]:
             problems.append(f"peft_config {key} was {old_peft[key]!r}, now {new_peft[key]!r}")
     if old_data and new_data:
-        if old_data.get("train_examples_sha256") not in (None, new_data.get("train_examples_sha256")):
+        if old_data.get("train_examples_sha256") not in (
+            None,
+            new_data.get("train_examples_sha256"),
+        ):
+            was = _describe_files(old_data.get("train_files", []))
+            now = _describe_files(new_data.get("train_files", []))
             problems.append(
-                f"the training data differs: was {_describe_files(old_data.get('train_files', []))} "
-                f"({old_data.get('train_examples')} examples), now "
-                f"{_describe_files(new_data.get('train_files', []))} ({new_data.get('train_examples')} examples)"
+                f"the training data differs: was {was} "
+                f"({old_data.get('train_examples')} examples), "
+                f"now {now} ({new_data.get('train_examples')} examples)"
             )
     return problems

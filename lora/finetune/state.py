@@ -221,14 +221,15 @@ def recover_checkpoints(output_dir: str | os.PathLike) -> list[str]:
         if rank < 2 and not final.exists() and is_complete(p):
             os.replace(p, final)
             fsync_dir(output_dir)
-            actions.append(f"recovered {final.name} from {p.name} (a run was stopped while saving it)")
+            actions.append(f"recovered {final.name} from {p.name} (a run was stopped while "
+                           "saving it)")
         else:
             shutil.rmtree(p, ignore_errors=True)
     for name in os.listdir(output_dir):  # a checkpoint-N that lost files (older versions' rotation)
         path = output_dir / name
         if CHECKPOINT_RE.match(name) and path.is_dir() and not is_complete(path):
-            actions.append(f"{name} is incomplete (missing "
-                           f"{', '.join(f for f in COMPLETE_FILES if not (path / f).is_file())}): ignored")
+            lost = ", ".join(f for f in COMPLETE_FILES if not (path / f).is_file())
+            actions.append(f"{name} is incomplete (missing {lost}): ignored")
     return actions
 
 

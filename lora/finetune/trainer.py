@@ -254,7 +254,8 @@ class Trainer:
         path = write_checkpoint(
             self.output_dir, self.step, self.optimizer, self._write_adapter,
             {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-             "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path,
+             "peft_config": self.peft.to_dict(),
+             "base_model_name_or_path": self.base_model_name_or_path,
              "data": self.data_fingerprint(), "window": dict(self._window),
              "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
                          "zero_grad_steps": self._monitor["zero_grad_steps"]}},
@@ -265,7 +266,8 @@ class Trainer:
         return path
 
     def data_fingerprint(self) -> dict:
-        """The data as a checkpoint records it (see :func:`lora.finetune.resume.data_fingerprint`)."""
+        """The data as a checkpoint records it (see "
+          ":func:`lora.finetune.resume.data_fingerprint`)."""
         if self._fingerprint is None:
             self._fingerprint = data_fingerprint(self.data, self.train_files, self.eval_files)
         return self._fingerprint
@@ -289,7 +291,8 @@ class Trainer:
         step = int(state["step"])
         problems = resume_problems(
             step, self.total_steps, state.get("training_config"), self.cfg.to_dict(),
-            state.get("peft_config"), self.peft.to_dict(), state.get("data"), self.data_fingerprint(),
+            state.get("peft_config"), self.peft.to_dict(),
+            state.get("data"), self.data_fingerprint(),
         )
         if problems and not self.allow_resume_changes:
             raise ResumeMismatch(
@@ -299,7 +302,8 @@ class Trainer:
                 "bit-identical resume"
             )
         if problems:
-            self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the run is "
+            self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
+                     "run is "
                      "no longer bit-identical to an uninterrupted one")
         old_base = state.get("base_model_name_or_path")
         if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
@@ -313,8 +317,9 @@ class Trainer:
                             "steps": int(state["window"].get("steps", 0)),
                             "tokens": int(state["window"].get("tokens", 0))}
         if isinstance(state.get("monitor"), dict):
-            self._monitor = {"recent_losses": [float(x) for x in state["monitor"].get("recent_losses", [])],
-                             "zero_grad_steps": int(state["monitor"].get("zero_grad_steps", 0))}
+            monitor = state["monitor"]
+            self._monitor = {"recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
+                             "zero_grad_steps": int(monitor.get("zero_grad_steps", 0))}
         self._truncate_metrics(self.step)
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
@@ -402,8 +407,10 @@ class Trainer:
                         raise
                     last = latest_checkpoint(self.output_dir)
                     raise TrainingError(
-                        f"no space left on device writing to {self.output_dir} at step {self.step}; "
-                        + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written")
+                        f"no space left on device writing to {self.output_dir} at step "
+                        f"{self.step}; "
+                        + (f"the last complete checkpoint is {last}" if last else "no checkpoint "
+                                                                                  "was written")
                         + "; free some space and continue with --resume"
                     ) from None
         finally:
@@ -470,8 +477,8 @@ class Trainer:
             problem = self._diverged(step_loss, grad_norm)
             if problem:
                 bar.close()
-                raise TrainingError(f"{problem} at step {self.step + 1}: stopping. " + self._last_good()
-                                    + " Try a lower learning_rate.")
+                raise TrainingError(f"{problem} at step {self.step + 1}: stopping. "
+                                    + self._last_good() + " Try a lower learning_rate.")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -487,7 +494,8 @@ class Trainer:
                 elapsed = now - run_start
                 tps = window["tokens"] / max(now - window_start, 1e-9)
                 eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
-                row = {"step": self.step, "loss": window["loss"] / window["steps"], "learning_rate": lr,
+                row = {"step": self.step, "loss": window["loss"] / window["steps"],
+                       "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
                 self._append_metrics(row)
@@ -533,14 +541,17 @@ class Trainer:
         if len(recent) >= LOSS_HISTORY_MIN:
             mean = sum(recent) / len(recent)
             if loss > LOSS_JUMP_FACTOR * mean and loss - mean > LOSS_JUMP_MIN:
-                return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean {mean:.4g} "
+                return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
+                        f"{mean:.4g} "
                         f"over the last {len(recent)} steps (the run is diverging)")
         recent.append(loss)
         del recent[:-LOSS_HISTORY]
         mon["zero_grad_steps"] = mon["zero_grad_steps"] + 1 if grad_norm == 0.0 else 0
         if mon["zero_grad_steps"] >= self.cfg.logging_steps:
-            return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} consecutive steps "
-                    f"(loss {loss:.4g}): the run has stalled or collapsed and would learn nothing more")
+            return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
+                    "consecutive steps "
+                    f"(loss {loss:.4g}): the run has stalled or collapsed and would learn "
+                    "nothing more")
         return None
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
@@ -558,7 +569,8 @@ class Trainer:
 
 
 def _grad_norm(params) -> float:
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(p.grad.detach().float())
+             for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
@@ -680,7 +692,8 @@ def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     for section in ("training_config", "peft_config"):
         value = data.get(section)
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} ({str(value)[:40]!r}); "
+            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} "
+                             f"({str(value)[:40]!r}); "
                              "expected an object of its keys")
     return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
 
@@ -710,7 +723,8 @@ def finetune(
 
     training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
     if not isinstance(peft_config, (LoRAConfig, dict)):
-        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a lora.LoRAConfig")
+        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a "
+                        "lora.LoRAConfig")
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
     say = log or print
     # The output directory is checked and locked before anything is loaded: a bad --output or a
@@ -728,8 +742,8 @@ def finetune(
         dtype = torch.bfloat16 if training.bf16 else torch.float32
         model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
         inject(model, peft)
-        trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
-                          progress=progress)
+        trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir),
+                          log=log, progress=progress)
         trainer.lock = lock
         trainer.train_files, trainer.eval_files = train_file, eval_file
         trainer.allow_resume_changes = allow_resume_changes

@@ -227,5 +227,6 @@ def _check_bias_flag(bias) -> None:
     # As in nn.Linear, ``bias`` is whether the layer has one; "lora_only" etc. are LoRAConfig.bias
     # modes, and a string here would silently mean True.
     if not isinstance(bias, bool):
-        raise TypeError(f"bias={bias!r}: expected True or False (whether the layer has a bias, as in "
+        raise TypeError(f"bias={bias!r}: expected True or False (whether the layer has a bias, "
+                        "as in "
                         "nn.Linear); the 'none'/'all'/'lora_only' modes belong to LoRAConfig.bias")

@@ -109,9 +109,11 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     try:
         body = json.loads(index.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{index}: not a JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise CheckpointError(f"{index}: not a JSON file ({why})") from None
     weight_map = body.get("weight_map") if isinstance(body, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+    names_ok = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    if not names_ok or not weight_map:
         raise FileNotFoundError(f"{index} has no 'weight_map'; expected {{tensor name: shard file}}")
     files = [directory / name for name in sorted(set(weight_map.values()))]
     for path in files:
@@ -139,7 +141,8 @@ def tensor_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})") from None
+            raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt "
+                                  f"({e})") from None
     return shapes
 
 

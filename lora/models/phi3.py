@@ -263,9 +263,11 @@ class Phi3Config:
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ValueError(f"{path}: not a JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise ValueError(f"{path}: not a JSON file ({why})") from None
         if not isinstance(body, dict):
-            raise ValueError(f"{path}: expected a JSON object of config keys, got {type(body).__name__}")
+            raise ValueError(f"{path}: expected a JSON object of config keys, got "
+                             f"{type(body).__name__}")
         try:
             return cls(**body)
         except ValueError as e:
@@ -974,9 +976,9 @@ class Phi3ForCausalLM(nn.Module):
         return written
 
 
-# --- config checks (types when read; against the checkpoint before building) -----------------------
-_INT_OR_NONE = ("num_key_value_heads", "head_dim", "original_max_position_embeddings", "sliding_window",
-                "bos_token_id", "pad_token_id")
+# --- config checks (types when read; against the checkpoint before building) ----------------
+_INT_OR_NONE = ("num_key_value_heads", "head_dim", "original_max_position_embeddings",
+                "sliding_window", "bos_token_id", "pad_token_id")
 _REAL = {"rms_norm_eps": (0.0, None, False), "rope_theta": (0.0, None, False),
          "resid_pdrop": (0.0, 1.0, True), "embd_pdrop": (0.0, 1.0, True),
          "attention_dropout": (0.0, 1.0, True), "initializer_range": (0.0, None, True)}
@@ -1000,32 +1002,39 @@ def _check_field_types(c: "Phi3Config") -> None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ok = ok and (v >= low if low_ok else v > low) and (high is None or v < high)
         if not ok:
-            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high is not None else "")
+            bound = f"{'>=' if low_ok else '>'} {low}"
+            bound += f" and < {high}" if high is not None else ""
             raise ValueError(f"Phi3Config: {key}={v!r}; expected a finite number {bound}")
     if c.partial_rotary_factor is not None:
         v = c.partial_rotary_factor
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise ValueError(f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, 1] or null")
+            raise ValueError(f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, "
+                             "1] or null")
     for key in _BOOL:
         if not isinstance(getattr(c, key), bool):
             raise ValueError(f"Phi3Config: {key}={getattr(c, key)!r}; expected true or false")
     for key in _STR_OR_NONE:
         v = getattr(c, key)
         if v is not None and not isinstance(v, str):
-            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dtype name such as 'bfloat16', or null")
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dtype name such as "
+                             "'bfloat16', or null")
     for key in ("rope_scaling", "rope_parameters"):
         v = getattr(c, key)
         if v is not None and not isinstance(v, dict):
             raise ValueError(f"Phi3Config: {key}={v!r}; expected a dict or null")
     eos = c.eos_token_id
-    if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(map(_is_int, eos))):
-        raise ValueError(f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or null")
+    eos_ok = eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))
+    if not eos_ok:
+        raise ValueError(f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or "
+                         "null")
     if not isinstance(c.hidden_act, str) or not isinstance(c.model_type, str):
         bad = "hidden_act" if not isinstance(c.hidden_act, str) else "model_type"
         raise ValueError(f"Phi3Config: {bad}={getattr(c, bad)!r}; expected a string")
 
 
-def _check_config_against_tensors(config: "Phi3Config", shapes: dict[str, tuple[int, ...]], path) -> None:
+def _check_config_against_tensors(
+    config: "Phi3Config", shapes: dict[str, tuple[int, ...]], path
+) -> None:
     """The config keys that size the model agree with the checkpoint's tensor headers.
 
     Raises ``CheckpointError`` naming the key, its value and what the tensors say.
@@ -1035,7 +1044,8 @@ def _check_config_against_tensors(config: "Phi3Config", shapes: dict[str, tuple[
               if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
     found = max(layers) + 1 if layers else 0
     if config.num_hidden_layers != found:
-        problems.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold {found} layers")
+        problems.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+                        f"{found} layers")
     embed = shapes.get("model.embed_tokens.weight")
     if embed is not None and embed != (config.vocab_size, config.hidden_size):
         problems.append(f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, but "
