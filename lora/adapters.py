@@ -332,9 +332,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     """
     meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
-        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, no "
-                           "data); "
-                           "load or materialise the weights before saving")
+        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, "
+                           "no data); load or materialise the weights before saving")
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
         names = multi.adapter_names(model)

@@ -205,8 +205,7 @@ def _lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
         raise TypeError(f"lora_dtype={lora_dtype!r}: expected a torch.dtype, 'auto' or None")
     if not lora_dtype.is_floating_point or lora_dtype.is_complex:
         raise TypeError(f"lora_dtype={lora_dtype}: expected a floating-point dtype (LoRA weights "
-                        "are trained "
-                        "by gradient), such as torch.float32 or torch.bfloat16")
+                        "are trained by gradient), such as torch.float32 or torch.bfloat16")
     return lora_dtype
 
 

@@ -168,8 +168,7 @@ LIMITS = RenderLimits()
 
 
 class _LimitExceeded(Exception):
-    """Raised inside a render that went over a bound (caught and reported by "
-      "ChatTemplate.render)."""
+    """Raised inside a render that went over a bound (reported by ChatTemplate.render)."""
 
 
 class _Budget(threading.local):

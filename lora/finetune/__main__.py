@@ -53,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "output directory (same losses as an uninterrupted run)")
     ap.add_argument("--allow-resume-changes", action="store_true", help="let --resume go on with "
                     "settings or data that differ from the checkpoint's (by default refused, "
-                    "naming "
-                    "each difference); the run is then no longer bit-identical to an "
+                    "naming each difference); the run is then no longer bit-identical to an "
                     "uninterrupted one")
     ap.add_argument("--overwrite", action="store_true", default=None, help="start over in an output directory "
                     "that holds an earlier run, removing its checkpoints (overwrite_output_dir)")

@@ -132,8 +132,7 @@ class TrainingConfig:
         kwargs = self.gradient_checkpointing_kwargs or {}
         if not isinstance(kwargs, dict):
             raise ValueError(f"training_config gradient_checkpointing_kwargs={kwargs!r}: "
-                             "expected an object "
-                             "such as {\"use_reentrant\": false}, or null")
+                             "expected an object such as {\"use_reentrant\": false}, or null")
         if kwargs.get("use_reentrant", False):
             raise ValueError("training_config gradient_checkpointing_kwargs={'use_reentrant': True}: only the non-reentrant kind is supported")
         if self.on_error not in ("raise", "skip"):

@@ -114,12 +114,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such directory; expected a checkpoint "
-                                "directory "
-                                "(config.json, model.safetensors, tokenizer.json)")
+                                "directory (config.json, model.safetensors, tokenizer.json)")
     if args.adapter is not None and not Path(args.adapter).exists():
         raise FileNotFoundError(f"--adapter {args.adapter}: no such directory; expected an "
-                                "adapter directory "
-                                "(adapter_config.json + adapter_model.safetensors)")
+                                "adapter directory (adapter_config.json + "
+                                "adapter_model.safetensors)")
 
 
 def _run(args) -> int:

@@ -266,8 +266,7 @@ class Trainer:
         return path
 
     def data_fingerprint(self) -> dict:
-        """The data as a checkpoint records it (see "
-          ":func:`lora.finetune.resume.data_fingerprint`)."""
+        """The data as a checkpoint records it (:func:`lora.finetune.resume.data_fingerprint`)."""
         if self._fingerprint is None:
             self._fingerprint = data_fingerprint(self.data, self.train_files, self.eval_files)
         return self._fingerprint
@@ -303,8 +302,7 @@ class Trainer:
             )
         if problems:
             self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
-                     "run is "
-                     "no longer bit-identical to an uninterrupted one")
+                     "run is no longer bit-identical to an uninterrupted one")
         old_base = state.get("base_model_name_or_path")
         if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
             self.log(f"warning: the checkpoint was trained on base model {old_base!r}; "
@@ -396,27 +394,25 @@ class Trainer:
             self.lock = OutputDirLock.acquire(self.output_dir)
         try:
             with _signals_as_interrupt():
-                try:
-                    return self._train(resume)
-                except KeyboardInterrupt as e:
-                    if isinstance(e, TrainingInterrupted):
-                        raise
-                    raise TrainingInterrupted(self._interrupted_message()) from None
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    last = latest_checkpoint(self.output_dir)
-                    raise TrainingError(
-                        f"no space left on device writing to {self.output_dir} at step "
-                        f"{self.step}; "
-                        + (f"the last complete checkpoint is {last}" if last else "no checkpoint "
-                                                                                  "was written")
-                        + "; free some space and continue with --resume"
-                    ) from None
+                return self._train(resume)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted_message()) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise self._no_space_error() from None
         finally:
             if own_lock:
                 self.lock.release()
                 self.lock = None
+
+    def _no_space_error(self) -> TrainingError:
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
+        return TrainingError(f"no space left on device writing to {self.output_dir} at step "
+                             f"{self.step}; {kept}; free some space and continue with --resume")
 
     def _interrupted_message(self) -> str:
         last = latest_checkpoint(self.output_dir)
@@ -542,16 +538,14 @@ class Trainer:
             mean = sum(recent) / len(recent)
             if loss > LOSS_JUMP_FACTOR * mean and loss - mean > LOSS_JUMP_MIN:
                 return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
-                        f"{mean:.4g} "
-                        f"over the last {len(recent)} steps (the run is diverging)")
+                        f"{mean:.4g} over the last {len(recent)} steps (the run is diverging)")
         recent.append(loss)
         del recent[:-LOSS_HISTORY]
         mon["zero_grad_steps"] = mon["zero_grad_steps"] + 1 if grad_norm == 0.0 else 0
         if mon["zero_grad_steps"] >= self.cfg.logging_steps:
             return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
-                    "consecutive steps "
-                    f"(loss {loss:.4g}): the run has stalled or collapsed and would learn "
-                    "nothing more")
+                    f"consecutive steps (loss {loss:.4g}): the run has stalled or collapsed and "
+                    "would learn nothing more")
         return None
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
@@ -693,8 +687,7 @@ def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
         value = data.get(section)
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"--config {path}: {section} is a {type(value).__name__} "
-                             f"({str(value)[:40]!r}); "
-                             "expected an object of its keys")
+                             f"({str(value)[:40]!r}); expected an object of its keys")
     return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
 
 

@@ -228,5 +228,5 @@ def _check_bias_flag(bias) -> None:
     # modes, and a string here would silently mean True.
     if not isinstance(bias, bool):
         raise TypeError(f"bias={bias!r}: expected True or False (whether the layer has a bias, "
-                        "as in "
-                        "nn.Linear); the 'none'/'all'/'lora_only' modes belong to LoRAConfig.bias")
+                        "as in nn.Linear); the 'none'/'all'/'lora_only' modes belong to "
+                        "LoRAConfig.bias")
