@@ -8,7 +8,17 @@ This package sees everything (models, data, layers, adapters); nothing below imp
 
 from .config import IGNORED_KEYS, TrainingConfig
 from .generate import generate_replies, load_chat_model
-from .trainer import Trainer, TrainingError, TrainResult, finetune, load_configs, lr_factor
+from .lock import OutputDirBusy
+from .resume import ResumeMismatch
+from .trainer import (
+    Trainer,
+    TrainingError,
+    TrainingInterrupted,
+    TrainResult,
+    finetune,
+    load_configs,
+    lr_factor,
+)
 
 __all__ = [
     "TrainingConfig",
@@ -16,6 +26,9 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "TrainingError",
+    "TrainingInterrupted",
+    "ResumeMismatch",
+    "OutputDirBusy",
     "finetune",
     "load_configs",
     "lr_factor",

@@ -12,6 +12,13 @@ s·G … s·G+G−1 (G = gradient_accumulation_steps) of one endless stream made
 permutations seeded with seed + epoch. Resuming therefore needs only the step, and a run resumed
 from a checkpoint gives the same loss at every later step as one never interrupted (the optimizer,
 the learning-rate position and the RNG state that dropout draws from are restored exactly).
+
+Nothing lost, nothing silent: a run locks its output directory (:mod:`.lock`), recovers what a
+killed run left between two renames (:func:`.state.recover_checkpoints`), refuses a resume whose
+configs or data differ from the checkpoint's (:mod:`.resume`), keeps the logging window in each
+checkpoint so that metrics.jsonl after a resume equals the uninterrupted run's, and stops on a
+non-finite, exploding or stalled loss, on SIGINT/SIGTERM and on a full disk with one line naming
+the last complete checkpoint.
 """
 
 from __future__ import annotations
