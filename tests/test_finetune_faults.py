@@ -653,3 +653,16 @@ def test_an_output_that_cannot_be_created_is_refused(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "cannot create the directory" in err and err.count("\n") == 1
+
+
+def test_the_demo_refuses_a_locked_output_dir_before_loading_anything(tmp_path, monkeypatch):
+    from lora.finetune import demo
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(demo, "_run_demo", no_loading)
+    out = tmp_path / "out"
+    with OutputDirLock.acquire(out):
+        with pytest.raises(OutputDirBusy, match=rf"\(pid {os.getpid()}\)"):
+            demo.run_demo({"output_dir": str(out)}, log=lambda s: None)

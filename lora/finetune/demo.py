@@ -18,6 +18,7 @@ from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
 from .generate import generate_replies
+from .lock import OutputDirLock
 from .trainer import TrainResult, Trainer
 
 __all__ = ["DEMO_TRAINING_CONFIG", "DEMO_PEFT_CONFIG", "run_demo"]
@@ -77,15 +78,26 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Run the demo; ``training_config``/``peft_config`` entries override the demo's own."""
-    from ..data import Tokenizer, prepare_chat_data
-    from ..demo import base_model_dir, ensure_assets, eval_file, train_file
-    from ..demo.skill import EXAMPLE_PROMPT, SKILL, eval_pairs
-    from ..models import Phi3ForCausalLM
+    from ..demo import ensure_assets
 
     t0 = time.perf_counter()
     ensure_assets(log=log)
     training = TrainingConfig.from_dict({**DEMO_TRAINING_CONFIG, **(training_config or {})})
     peft = LoRAConfig(**{**DEMO_PEFT_CONFIG, **(peft_config or {})})
+    # Locked before anything loads: a second demo into the same directory is refused at once.
+    lock = OutputDirLock.acquire(training.output_dir)
+    try:
+        return _run_demo(training, peft, lock, resume, merge, progress, log, t0)
+    finally:
+        lock.release()
+
+
+def _run_demo(training, peft, lock, resume, merge, progress, log, t0) -> TrainResult:
+    from ..data import Tokenizer, prepare_chat_data
+    from ..demo import base_model_dir, eval_file, train_file
+    from ..demo.skill import EXAMPLE_PROMPT, SKILL, eval_pairs
+    from ..models import Phi3ForCausalLM
+
     torch.manual_seed(training.seed)
     model_dir = base_model_dir()
     log(f"== lora-finetune demo: base model {model_dir}")
@@ -102,6 +114,7 @@ def run_demo(
 
     trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir),
                       progress=progress)
+    trainer.lock = lock
     pairs = eval_pairs(eval_file())[:SCORED_PROMPTS]
     before_loss = trainer.evaluate()
     before_score, before_replies = _score(model, tokenizer, pairs)
