@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import chat_records, write_jsonl
+from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -27,7 +29,6 @@ from lora.finetune.resume import ResumeMismatch
 from lora.finetune.state import list_checkpoints, recover_checkpoints
 from lora.finetune.trainer import TrainingInterrupted
 from lora.models import Phi3ForCausalLM
-from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
 
 PEFT = {
     "r": 4,
@@ -656,13 +657,14 @@ def test_an_output_that_cannot_be_created_is_refused(tmp_path, capsys):
 
 
 def test_the_demo_refuses_a_locked_output_dir_before_loading_anything(tmp_path, monkeypatch):
-    from lora.finetune import demo
+    from lora.demo import run
+    from lora.finetune import pipeline
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(demo, "_run_demo", no_loading)
+    monkeypatch.setattr(pipeline, "_build", no_loading)
     out = tmp_path / "out"
     with OutputDirLock.acquire(out):
         with pytest.raises(OutputDirBusy, match=rf"\(pid {os.getpid()}\)"):
-            demo.run_demo({"output_dir": str(out)}, log=lambda s: None)
+            run.run_demo({"output_dir": str(out)}, log=lambda s: None)

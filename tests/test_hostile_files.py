@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import write_checkpoint
 
 import lora
 from lora._regex_guard import check_bounded_regex
@@ -20,7 +21,6 @@ from lora.finetune.__main__ import main as finetune_main
 from lora.finetune.generate import main as generate_main
 from lora.models import Phi3Config, Phi3ForCausalLM
 from lora.models.checkpoint import CheckpointError
-from tiny import write_checkpoint
 
 PHI3 = dict(
     vocab_size=64,

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..data import DataError
-from .trainer import (
-    TrainingError,
-    TrainingInterrupted,
-    _signals_as_interrupt,
-    finetune,
-    load_configs,
-)
+from .config import load_configs
+from .pipeline import finetune
+from .trainer import TrainingError, TrainingInterrupted, sigterm_as_interrupt
 
 EPILOG = """\
 examples:
@@ -67,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _signals_as_interrupt():  # SIGTERM while loading is an interrupt too, not a silent death
+    with sigterm_as_interrupt():  # SIGTERM while loading is an interrupt too, not a silent death
         return _main(args)
 
 
@@ -79,7 +75,7 @@ def _main(args) -> int:
                      "overwrite_output_dir": args.overwrite}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
-            from .demo import run_demo
+            from ..demo.run import run_demo
 
             run_demo(training, peft, resume=args.resume, merge=args.merge, progress=not args.no_progress)
             return 0

@@ -61,7 +61,7 @@ class OutputDirLock:
         self.path, self._fd = path, fd
 
     @classmethod
-    def acquire(cls, output_dir: str | os.PathLike) -> "OutputDirLock":
+    def acquire(cls, output_dir: str | os.PathLike) -> OutputDirLock:
         """Lock ``output_dir`` (created if missing) for this process.
 
         Raises:
@@ -114,7 +114,7 @@ class OutputDirLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "OutputDirLock":
+    def __enter__(self) -> OutputDirLock:
         return self
 
     def __exit__(self, *exc) -> None:

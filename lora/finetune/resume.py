@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "FREE_ON_RESUME",

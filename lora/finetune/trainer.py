@@ -24,25 +24,32 @@ the last complete checkpoint.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .._io import atomic_open
+from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
-from .lock import OutputDirLock, check_output_dir
+from .lock import OutputDirLock
+from .metrics import (
+    METRICS_FILE,
+    append_metrics,
+    plot_metrics,
+    read_metrics,
+    repair_metrics,
+    truncate_metrics,
+)
 from .resume import ResumeMismatch, data_fingerprint, resume_problems
 from .state import (
     latest_checkpoint,
@@ -55,9 +62,7 @@ from .state import (
 )
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingInterrupted", "ResumeMismatch",
-           "finetune", "lr_factor", "load_configs"]
-
-METRICS_FILE = "metrics.jsonl"
+           "lr_factor"]
 
 # Divergence checks (see Trainer.train): a step loss above LOSS_JUMP_FACTOR times the mean of the
 # last LOSS_HISTORY step losses (and at least LOSS_JUMP_MIN above it, so that a tiny loss's noise
@@ -167,7 +172,8 @@ class Trainer:
         self.collate = data.collate_fn()
         self.step = 0
         self._perm_cache: tuple[int, list[int]] | None = None
-        # Held for the whole run; finetune() takes it before loading anything and hands it over.
+        # Held for the whole run; build_trainer() takes it before loading anything and hands it
+        # over (released by whoever called build_trainer, with release_lock()).
         self.lock: OutputDirLock | None = None
         # What the checkpoint records about the data; finetune() adds the files' fingerprints.
         self.train_files = None
@@ -187,9 +193,7 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
 
     def _append_metrics(self, row: dict) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.output_dir, row)
 
     def _reset_window(self) -> None:
         # The running logging window; saved in each checkpoint so that a resumed run logs the same
@@ -221,7 +225,7 @@ class Trainer:
 
     @staticmethod
     def _count_labels(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -359,26 +363,13 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
-        path = self.output_dir / METRICS_FILE
-        if not path.exists():
-            return
-        keep = [line for line in _metrics_lines(path) if json.loads(line).get("step", 0) <= step]
-        with atomic_open(path, "w") as f:
-            f.write("".join(r + "\n" for r in keep))
+        truncate_metrics(self.output_dir, step)
 
     def _repair_metrics(self) -> None:
         # A kill while a row was written leaves a cut last line; drop it so that the next row
         # starts on a line of its own.
-        path = self.output_dir / METRICS_FILE
-        if not path.exists():
-            return
-        raw = path.read_bytes()
-        if not raw or raw.endswith(b"\n"):
-            return
-        lines = _metrics_lines(path)
-        with atomic_open(path, "w") as f:
-            f.write("".join(r + "\n" for r in lines))
-        self.log(f"{path}: dropped a row cut by an interrupted write")
+        if repair_metrics(self.output_dir):
+            self.log(f"{self.output_dir / METRICS_FILE}: dropped a row cut by an interrupted write")
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
@@ -400,7 +391,7 @@ class Trainer:
         if own_lock:
             self.lock = OutputDirLock.acquire(self.output_dir)
         try:
-            with _signals_as_interrupt():
+            with sigterm_as_interrupt():
                 return self._train(resume)
         except TrainingInterrupted:
             raise
@@ -420,6 +411,12 @@ class Trainer:
         kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
         return TrainingError(f"no space left on device writing to {self.output_dir} at step "
                              f"{self.step}; {kept}; free some space and continue with --resume")
+
+    def release_lock(self) -> None:
+        """Release the output directory's lock handed over by :func:`build_trainer` (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _interrupted_message(self) -> str:
         last = latest_checkpoint(self.output_dir)
@@ -575,7 +572,7 @@ def _grad_norm(params) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-class _signals_as_interrupt:
+class sigterm_as_interrupt:
     """SIGTERM (what schedulers send) raises KeyboardInterrupt, as SIGINT does, for the run's
     duration; the previous handler is restored after. A no-op off the main thread."""
 
@@ -596,26 +593,6 @@ class _signals_as_interrupt:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _metrics_lines(path: Path) -> list[str]:
-    """The rows of a metrics.jsonl; a last line cut by a kill is left out, a damaged line elsewhere
-    is a ValueError naming the file and line."""
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            if not isinstance(json.loads(line), dict):
-                raise ValueError
-        except ValueError:
-            if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
-                continue  # the last row, cut by an interrupted write
-            raise ValueError(f"{path}:{number}: not a metrics row ({line[:60]!r}); "
-                             "remove or fix the line") from None
-        rows.append(line)
-    return rows
-
-
 def _fsync_path(path: Path) -> None:
     if path.exists():
         with open(path, "rb") as f:
@@ -627,130 +604,3 @@ def _hms(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in _metrics_lines(path)]
-
-
-def plot_metrics(output_dir: str | os.PathLike) -> Path | None:
-    """``loss_curve.png`` from metrics.jsonl when matplotlib is installed; None otherwise."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("LoRA fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(output_dir) / "loss_curve.png"
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
-
-
-def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    raw = path.read_bytes()
-    try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
-        raise ValueError(f"--config {path}: cannot parse ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
-    unknown = set(data) - {"training_config", "peft_config"}
-    if unknown:
-        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
-    for section in ("training_config", "peft_config"):
-        value = data.get(section)
-        if value is not None and not isinstance(value, dict):
-            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} "
-                             f"({str(value)[:40]!r}); expected an object of its keys")
-    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
-
-
-def finetune(
-    model_dir: str | os.PathLike,
-    train_file: str | os.PathLike | Sequence,
-    training_config: dict | TrainingConfig,
-    peft_config: dict | LoRAConfig,
-    eval_file: str | os.PathLike | None = None,
-    resume: bool = False,
-    merge: bool = False,
-    log: Callable[[str], None] | None = None,
-    progress: bool = True,
-    allow_resume_changes: bool = False,
-) -> TrainResult:
-    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
-
-    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
-    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
-    ``allow_resume_changes``: let ``resume`` go on with settings or data that differ from the
-    checkpoint's (a warning says the run is no longer bit-identical); otherwise that is a
-    :class:`ResumeMismatch`. See :meth:`Trainer.train` for what else is raised.
-    """
-    from ..data import Tokenizer, prepare_chat_data
-    from ..models import Phi3ForCausalLM
-
-    training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
-    if not isinstance(peft_config, (LoRAConfig, dict)):
-        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a "
-                        "lora.LoRAConfig")
-    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
-    say = log or print
-    # The output directory is checked and locked before anything is loaded: a bad --output or a
-    # directory another run is using costs no work.
-    lock = OutputDirLock.acquire(check_output_dir(training.output_dir))
-    try:
-        torch.manual_seed(training.seed)
-        tokenizer = Tokenizer.from_pretrained(model_dir)
-        data = prepare_chat_data(
-            train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
-            eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
-            seed=training.seed, packing=training.packing, on_error=training.on_error,
-        )
-        say(data.summary())
-        dtype = torch.bfloat16 if training.bf16 else torch.float32
-        model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        inject(model, peft)
-        trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir),
-                          log=log, progress=progress)
-        trainer.lock = lock
-        trainer.train_files, trainer.eval_files = train_file, eval_file
-        trainer.allow_resume_changes = allow_resume_changes
-        result = trainer.train(resume=resume)
-        if merge:
-            result.merged_dir = trainer.merge_and_save()
-            say(f"merged model written to {result.merged_dir}")
-        return result
-    finally:
-        lock.release()
