@@ -119,10 +119,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The plain layer is the module that :func:`inject` replaced (same class, same attributes), or
     for layers built by hand the torch base class. No extra copy of the weights is made. A
     modules_to_save wrapper gives way to the active adapter's copy (the original when it has none).
+    A copy that broke a tie (``ensure_weight_tying=False`` on Phi-4-mini's tied ``lm_head``) leaves
+    the two modules untied, so ``model.config.tie_word_embeddings`` becomes False: a later
+    ``save_pretrained`` then writes both weights instead of dropping the trained one.
     After this the model is an ordinary torch model, ready for ``save_pretrained``.
     """
-    for name, wrapper in list(saved_modules(model)):
+    wrappers = list(saved_modules(model))
+    for name, wrapper in wrappers:
         set_submodule(model, name, wrapper.unwrap())
+    if wrappers:
+        _untie_config_if_untied(model)
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
         if layer.has_adapter:
@@ -134,6 +140,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             model = plain
     model_state.clear(model)
     return model
+
+
+def _untie_config_if_untied(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return
+    try:
+        inp = model.get_input_embeddings()  # type: ignore[operator]
+        out = model.get_output_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        return
+    if inp is not None and out is not None and inp.weight is not out.weight:
+        cfg.tie_word_embeddings = False  # type: ignore[union-attr]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

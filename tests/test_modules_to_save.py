@@ -89,7 +89,7 @@ def test_ensure_weight_tying_makes_the_partner_share_the_copy(saved):
     )
 
 
-def test_merge_and_unload_puts_the_active_copy_in_place():
+def test_merge_and_unload_puts_the_active_copy_in_place(tmp_path):
     model = tied()
     lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"]))
     train_step(model)
@@ -99,6 +99,10 @@ def test_merge_and_unload_puts_the_active_copy_in_place():
     assert type(merged.lm_head) is nn.Linear and merged.lm_head.weight is copy
     assert merged.lm_head.weight is not merged.model.embed_tokens.weight  # untied, as in PEFT
     torch.testing.assert_close(logits(merged), want, rtol=1e-5, atol=1e-5)
+    assert merged.config.tie_word_embeddings is False  # so save_pretrained keeps the trained head
+    merged.save_pretrained(tmp_path)
+    again = Phi3ForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(again), want, rtol=1e-5, atol=1e-5)
 
 
 def test_switching_adapters_switches_copies_and_mixed_batch_routes_them(tmp_path):
