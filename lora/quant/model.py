@@ -8,7 +8,7 @@ Embeddings, norms and biases stay in 16/32 bits, as in QLoRA.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,7 @@ def _replace_weight(module: nn.Module, new) -> None:
         del module._parameters["weight"]
     elif "weight" in module._modules:
         del module._modules["weight"]
-    setattr(module, "weight", new)
+    module.weight = new
     # A LoRA layer keeps the Linear it replaced (unregistered) to put back on merge_and_unload; it
     # shares the weight, so it must drop the 16-bit copy too or that copy stays alive.
     shell = module.__dict__.get("_lora_base_module")
@@ -119,12 +119,11 @@ def quantize(
     on the meta device.
     """
     check_method(method)
-    from ..layers.base import LoRALayer
-
     targets = _targets(model, skip_modules)
     problems = []
     for name, m in model.named_modules():
-        if isinstance(m, LoRALayer) and m.merged:
+        # (any LoRA layer: lora.quant sits below the layers and knows them only by their `merged`)
+        if getattr(m, "merged", False) is True:
             problems.append(
                 f"{name or type(m).__name__}: merged (its weight holds W + ΔW); "
                 "call lora.unmerge(model)"

@@ -213,7 +213,7 @@ def dequantize_scales(
     return codes.float() / per_block + mean
 
 
-def _pair_table(device, code_book: Tensor | None = None) -> Tensor:
+def byte_pair_table(device, code_book: Tensor | None = None) -> Tensor:
     # (256, 2): the two decoded values of every byte, so decoding is one gather per byte.
     cb = nf4_code_book(torch.float32, device) if code_book is None else code_book
     byte = torch.arange(256, device=device)
@@ -234,7 +234,7 @@ def dequantize_blocks(
     """
     bs = data.block_size
     scales = data.block_scales() if scales is None else scales
-    table = _pair_table(data.packed.device) if pair_table is None else pair_table
+    table = byte_pair_table(data.packed.device) if pair_table is None else pair_table
     packed = data.packed[b0 * bs // 2 : b1 * bs // 2]
     values = table[packed.int()].view(b1 - b0, bs)
     return values.mul_(scales[b0:b1].unsqueeze(1)).to(dtype).view(-1)

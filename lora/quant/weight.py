@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, NF4Data, _pair_table, dequantize_blocks, quantize_nf4
+from .nf4 import (
+    BLOCK_SIZE,
+    SCALE_BLOCK_SIZE,
+    NF4Data,
+    byte_pair_table,
+    dequantize_blocks,
+    quantize_nf4,
+)
 
 __all__ = ["NF4Weight", "NF4LinearFunction", "nf4_linear", "is_quantized", "FrozenWeightError"]
 
@@ -80,7 +87,7 @@ class NF4Weight(nn.Module):
         double_quant: bool = True,
         block_size: int = BLOCK_SIZE,
         scale_block_size: int = SCALE_BLOCK_SIZE,
-    ) -> "NF4Weight":
+    ) -> NF4Weight:
         """Quantise a (out, in) floating weight; ``dtype`` (default: the weight's) is the compute
         dtype. Raises ``ValueError`` for a weight that is not 2-D, empty, not floating, or on the
         meta device."""
@@ -170,7 +177,7 @@ class NF4Weight(nn.Module):
         out_f, in_f = self._shape
         data = self.data_parts()
         scales = data.block_scales()
-        table = _pair_table(self.packed.device)
+        table = byte_pair_table(self.packed.device)
         step = self.rows_per_chunk()
         bs = self.block_size
         for r0 in range(0, out_f, step):
