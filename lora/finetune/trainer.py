@@ -477,11 +477,14 @@ def finetune(
     merge: bool = False,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    data_cache: bool = True,
 ) -> TrainResult:
     """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
 
     ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
     (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    With ``data_cache``, prepared data is kept in ``output_dir/data_cache`` and reused by a later run
+    with the same data, tokenizer, template and options (see docs/data.md).
     """
     from ..data import Tokenizer, prepare_chat_data
     from ..models import Phi3ForCausalLM
@@ -495,6 +498,8 @@ def finetune(
         train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
         eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
         seed=training.seed, packing=training.packing, on_error=training.on_error,
+        cache_dir=Path(training.output_dir) / "data_cache" if data_cache else None,
+        progress=progress, log=say,
     )
     say(data.summary())
     dtype = torch.bfloat16 if training.bf16 else torch.float32
