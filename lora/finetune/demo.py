@@ -17,6 +17,7 @@ import torch
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
+from .evaluate import EvalRow, markdown_table
 from .generate import generate_replies
 from .trainer import TrainResult, Trainer
 
@@ -113,9 +114,8 @@ def run_demo(
     after_score, after_replies = _score(model, tokenizer, pairs)
     log("")
     log("== results on held-out prompts (numbers never seen in training)")
-    log(f"{'':12s}{'loss':>10s}{'exact match':>14s}")
-    log(f"{'base':12s}{before_loss:>10.4f}{100 * before_score:>13.1f}%")
-    log(f"{'base+LoRA':12s}{after_loss:>10.4f}{100 * after_score:>13.1f}%")
+    log(markdown_table([EvalRow("base", before_loss, exact_match=before_score),
+                        EvalRow("base+LoRA", after_loss, exact_match=after_score)]))  # lora-eval's table
     log("")
     log("== generations (greedy)")
     for (messages, ref), b, a in list(zip(pairs, before_replies, after_replies))[:SHOWN_PROMPTS]:
