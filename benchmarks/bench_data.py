@@ -1,6 +1,6 @@
-"""Data preparation at ultrachat_200k's size: read + render + tokenize + label + pack, time and peak RSS.
+"""Data preparation at ultrachat_200k's size: read, render, tokenize, label, pack; time, peak RSS.
 
-    python benchmarks/bench_data.py                       # 200,000 conversations, ~1,400 tokens each
+    python benchmarks/bench_data.py                       # 200,000 conversations, ~1,400 tokens
     python benchmarks/bench_data.py --conversations 20000 # a quicker look
 
 Nothing is downloaded. The data is synthesised in ultrachat_200k's own layout (parquet shards
@@ -44,10 +44,26 @@ def _tokenizer():
 def _conversation(rng: random.Random, words: list[str], scale: float) -> list[dict]:
     messages = []
     if rng.random() < 0.2:
-        messages.append({"role": "system", "content": " ".join(rng.choices(words, k=rng.randint(5, 20)))})
+        messages.append(
+            {"role": "system", "content": " ".join(rng.choices(words, k=rng.randint(5, 20)))}
+        )
     for _ in range(rng.choice((1, 2, 3, 3, 4))):
-        messages.append({"role": "user", "content": " ".join(rng.choices(words, k=max(1, int(rng.randint(20, 120) * scale))))})
-        messages.append({"role": "assistant", "content": " ".join(rng.choices(words, k=max(1, int(rng.randint(80, 320) * scale))))})
+        messages.append(
+            {
+                "role": "user",
+                "content": " ".join(
+                    rng.choices(words, k=max(1, int(rng.randint(20, 120) * scale)))
+                ),
+            }
+        )
+        messages.append(
+            {
+                "role": "assistant",
+                "content": " ".join(
+                    rng.choices(words, k=max(1, int(rng.randint(80, 320) * scale)))
+                ),
+            }
+        )
     return messages
 
 
@@ -58,7 +74,9 @@ def synthesise(directory: Path, n: int, tokens: int, shards: int, seed: int = 0)
     rng = random.Random(seed)
     sample = [_conversation(rng, words, 1.0) for _ in range(300)]
     texts = [tokenizer.chat_template.render(m) for m in sample]
-    per = sum(len(e.ids) for e in tokenizer.backend.encode_batch(texts, add_special_tokens=False)) / len(texts)
+    per = sum(
+        len(e.ids) for e in tokenizer.backend.encode_batch(texts, add_special_tokens=False)
+    ) / len(texts)
     scale = tokens / per
     try:
         import pyarrow as pa
@@ -71,8 +89,16 @@ def synthesise(directory: Path, n: int, tokens: int, shards: int, seed: int = 0)
     data.mkdir(parents=True)
     rng = random.Random(seed + 1)
     if pa is not None:
-        schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()),
-                            ("messages", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())])))])
+        schema = pa.schema(
+            [
+                ("prompt", pa.string()),
+                ("prompt_id", pa.string()),
+                (
+                    "messages",
+                    pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())])),
+                ),
+            ]
+        )
     written = 0
     for k in range(shards):
         count = n // shards + (1 if k < n % shards else 0)
@@ -83,16 +109,28 @@ def synthesise(directory: Path, n: int, tokens: int, shards: int, seed: int = 0)
                     rows = []
                     for i in range(min(5000, count - start)):
                         m = _conversation(rng, words, scale)
-                        rows.append({"prompt": m[-2]["content"], "prompt_id": f"{written:064x}", "messages": m})
+                        rows.append(
+                            {
+                                "prompt": m[-2]["content"],
+                                "prompt_id": f"{written:064x}",
+                                "messages": m,
+                            }
+                        )
                         written += 1
-                    writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=1000)
+                    writer.write_table(
+                        pa.Table.from_pylist(rows, schema=schema), row_group_size=1000
+                    )
         else:
             with open(data / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for _ in range(count):
                     f.write(json.dumps({"messages": _conversation(rng, words, scale)}) + "\n")
                     written += 1
     size = sum(p.stat().st_size for p in data.iterdir())
-    return {"conversations": written, "format": "parquet" if pa is not None else "jsonl", "bytes": size}
+    return {
+        "conversations": written,
+        "format": "parquet" if pa is not None else "jsonl",
+        "bytes": size,
+    }
 
 
 def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> None:
@@ -102,14 +140,30 @@ def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> 
     from lora.data import prepare_chat_data
 
     lines: list[str] = []
-    data = prepare_chat_data(f"{directory}:train_sft", tokenizer, max_seq_length, packing=packing,
-                             cache_dir=cache, progress=True, log=lines.append)
+    data = prepare_chat_data(
+        f"{directory}:train_sft",
+        tokenizer,
+        max_seq_length,
+        packing=packing,
+        cache_dir=cache,
+        progress=True,
+        log=lines.append,
+    )
     batch = data.collate(data.train[:4])  # the first batch the trainer would take
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"seconds": seconds, "peak_rss_gib": rss, "cache_hit": any("from the cache" in x for x in lines),
-                      "train": data.train_stats.__dict__ | {"dropped_sources": len(data.train_stats.dropped_sources)},
-                      "first_batch": list(batch["input_ids"].shape)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_gib": rss,
+                "cache_hit": any("from the cache" in x for x in lines),
+                "train": data.train_stats.__dict__
+                | {"dropped_sources": len(data.train_stats.dropped_sources)},
+                "first_batch": list(batch["input_ids"].shape),
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -119,7 +173,9 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--max-seq-length", type=int, default=2048)
     ap.add_argument("--no-packing", action="store_true")
-    ap.add_argument("--dir", default="/tmp/lora-bench-data", help="where the synthetic set and the cache go")
+    ap.add_argument(
+        "--dir", default="/tmp/lora-bench-data", help="where the synthetic set and the cache go"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the synthetic set and the cache")
     ap.add_argument("--_prepare", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,21 +185,40 @@ def main() -> int:
     work = Path(args.dir)
     t = time.perf_counter()
     facts = synthesise(work / "ultrachat_synthetic", args.conversations, args.tokens, args.shards)
-    print(f"synthesised {facts['conversations']:,} conversations ({facts['format']}, "
-          f"{facts['bytes'] / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s", flush=True)
+    print(
+        f"synthesised {facts['conversations']:,} conversations ({facts['format']}, "
+        f"{facts['bytes'] / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     results = {}
     for run in ("cold", "warm"):
-        cmd = [sys.executable, __file__, "--max-seq-length", str(args.max_seq_length), "--_prepare",
-               str(work / "ultrachat_synthetic"), str(cache)] + (["--no-packing"] if args.no_packing else [])
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ).stdout
+        cmd = [
+            sys.executable,
+            __file__,
+            "--max-seq-length",
+            str(args.max_seq_length),
+            "--_prepare",
+            str(work / "ultrachat_synthetic"),
+            str(cache),
+        ] + (["--no-packing"] if args.no_packing else [])
+        out = subprocess.run(
+            cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ
+        ).stdout
         results[run] = json.loads(out.strip().splitlines()[-1])
         r = results[run]
-        print(f"{run}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, cache hit {r['cache_hit']}", flush=True)
+        print(
+            f"{run}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
+            f"cache hit {r['cache_hit']}",
+            flush=True,
+        )
     s = results["cold"]["train"]
-    print(f"tokens {s['tokens']:,} ({s['tokens'] / max(s['conversations'], 1):.0f} per conversation), "
-          f"labelled {s['labelled_tokens']:,}, truncated {s['truncated']}, sequences {s['sequences']:,}")
+    print(
+        f"tokens {s['tokens']:,} ({s['tokens'] / max(s['conversations'], 1):.0f} per "
+        f"conversation), labelled {s['labelled_tokens']:,}, truncated {s['truncated']}, "
+        f"sequences {s['sequences']:,}"
+    )
     print(json.dumps({"synthetic": facts, **results}))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora.data import DataError, Tokenizer, load_conversations, prepare_chat_data, tokenize_conversation
+from lora.data import (
+    DataError,
+    Tokenizer,
+    load_conversations,
+    prepare_chat_data,
+    tokenize_conversation,
+)
 from lora.data import ChatTemplate, PHI3_CHAT_TEMPLATE
 from lora.data.labels import IGNORE_INDEX
 from lora.data.packing import Example, pack_examples
@@ -27,19 +33,33 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 
 def _ultrachat_rows(records):
-    return [{"prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
-             "prompt_id": f"{i:064x}", "messages": r["messages"]} for i, r in enumerate(records)]
+    return [
+        {
+            "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
+            "prompt_id": f"{i:064x}",
+            "messages": r["messages"],
+        }
+        for i, r in enumerate(records)
+    ]
 
 
 def _write_ultrachat_parquet(path: Path, records) -> Path:
-    """ultrachat_200k's exact schema: prompt, prompt_id (strings), messages: list<struct<content, role>>."""
+    """ultrachat_200k's exact schema: prompt, prompt_id (strings),
+    messages: list<struct<content, role>>."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()),
-                        ("messages", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())])))])
+    schema = pa.schema(
+        [
+            ("prompt", pa.string()),
+            ("prompt_id", pa.string()),
+            ("messages", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))),
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(_ultrachat_rows(records), schema=schema), path, row_group_size=7)
+    pq.write_table(
+        pa.Table.from_pylist(_ultrachat_rows(records), schema=schema), path, row_group_size=7
+    )
     return path
 
 
@@ -47,7 +67,8 @@ def _messages(convs):
     return [c.messages for c in convs]
 
 
-# ---- parquet ---------------------------------------------------------------------------------------
+# ---- parquet -------------------------------------------------------------------------------------
+
 
 def test_parquet_round_trip_in_ultrachats_layout_with_splits(tmp_path):
     train, test = chat_records(30, seed=1), chat_records(9, seed=2)
@@ -68,7 +89,9 @@ def test_parquet_round_trip_in_ultrachats_layout_with_splits(tmp_path):
 
 def test_parquet_malformed_rows_are_reported_with_file_and_row(tmp_path):
     records = chat_records(5)
-    records[3] = {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    records[3] = {
+        "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    }
     path = _write_ultrachat_parquet(tmp_path / "d.parquet", records)
     with pytest.raises(DataError) as info:
         load_conversations(path)
@@ -94,12 +117,20 @@ def test_parquet_without_a_record_column_is_a_clear_error(tmp_path):
         load_conversations(tmp_path / "t.parquet")
 
 
-# ---- ShareGPT --------------------------------------------------------------------------------------
+# ---- ShareGPT ------------------------------------------------------------------------------------
+
 
 def _sharegpt(records):
     names = {"system": "system", "user": "human", "assistant": "gpt"}
-    return [{"id": str(i), "conversations": [{"from": names[m["role"]], "value": m["content"]}
-                                             for m in r["messages"]]} for i, r in enumerate(records)]
+    return [
+        {
+            "id": str(i),
+            "conversations": [
+                {"from": names[m["role"]], "value": m["content"]} for m in r["messages"]
+            ],
+        }
+        for i, r in enumerate(records)
+    ]
 
 
 def test_sharegpt_round_trip_jsonl_and_parquet(tmp_path):
@@ -126,7 +157,8 @@ def test_sharegpt_bad_turns_name_file_and_line(tmp_path):
     assert "has no 'value'" in info.value.errors[1].message
 
 
-# ---- directories, globs, save_to_disk --------------------------------------------------------------
+# ---- directories, globs, save_to_disk ------------------------------------------------------------
+
 
 def test_directory_and_glob_forms(tmp_path):
     a, b = chat_records(4, seed=4), chat_records(5, seed=5)
@@ -140,7 +172,9 @@ def test_directory_and_glob_forms(tmp_path):
     assert _messages(load_conversations(str(tmp_path / "shards" / "part-*.jsonl"))[0]) == want
     assert _messages(load_conversations(str(tmp_path / "**" / "*.jsonl"))[0]) == want
     # several specs keep their order; a file named twice is read once
-    files = resolve_data_files([tmp_path / "shards" / "part-b.jsonl", str(tmp_path / "shards" / "*.jsonl")])
+    files = resolve_data_files(
+        [tmp_path / "shards" / "part-b.jsonl", str(tmp_path / "shards" / "*.jsonl")]
+    )
     assert [f.path.name for f in files] == ["part-b.jsonl", "part-a.jsonl"]
     with pytest.raises(FileNotFoundError, match="matches no file"):
         load_conversations(str(tmp_path / "nothing-*.jsonl"))
@@ -155,14 +189,18 @@ def test_save_to_disk_directories(tmp_path):
     ds = datasets.Dataset.from_list(_ultrachat_rows(train))
     ds.save_to_disk(str(tmp_path / "single"))
     assert _messages(load_conversations(tmp_path / "single")[0]) == [r["messages"] for r in train]
-    dd = datasets.DatasetDict({"train_sft": ds, "test_sft": datasets.Dataset.from_list(_ultrachat_rows(test))})
+    dd = datasets.DatasetDict(
+        {"train_sft": ds, "test_sft": datasets.Dataset.from_list(_ultrachat_rows(test))}
+    )
     dd.save_to_disk(str(tmp_path / "dict"))
-    assert _messages(load_conversations(f"{tmp_path / 'dict'}:test_sft")[0]) == [r["messages"] for r in test]
+    assert _messages(load_conversations(f"{tmp_path / 'dict'}:test_sft")[0]) == [
+        r["messages"] for r in test
+    ]
     with pytest.raises(ValueError, match="holds the splits"):
         load_conversations(tmp_path / "dict")
 
 
-# ---- the batched pipeline is the exact one ---------------------------------------------------------
+# ---- the batched pipeline is the exact one -------------------------------------------------------
 
 _piece = st.sampled_from(list("ab c\n.<|>end") + ["<|end|>", "<|user|>", "é", "🙂", "cat", " dog"])
 _text = st.lists(_piece, min_size=1, max_size=12).map("".join).filter(lambda t: t.strip())
@@ -170,7 +208,9 @@ _text = st.lists(_piece, min_size=1, max_size=12).map("".join).filter(lambda t: 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(_text, _text), min_size=1, max_size=3), st.booleans(), st.integers(4, 60))
-def test_prepare_chat_data_equals_tokenize_conversation(tokenizer, tmp_path_factory, turns, system, max_len):
+def test_prepare_chat_data_equals_tokenize_conversation(
+    tokenizer, tmp_path_factory, turns, system, max_len
+):
     messages = [{"role": "system", "content": "be brief"}] if system else []
     for user, assistant in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -187,8 +227,10 @@ def test_prepare_chat_data_equals_tokenize_conversation(tokenizer, tmp_path_fact
 
 
 def test_span_finder_falls_back_when_the_template_rewrites_contents(tokenizer):
-    trimming = ChatTemplate(PHI3_CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)"),
-                            tokenizer.chat_template.special_tokens)
+    trimming = ChatTemplate(
+        PHI3_CHAT_TEMPLATE.replace("message['content']", "(message['content'] | trim)"),
+        tokenizer.chat_template.special_tokens,
+    )
     finder = SpanFinder(trimming, tokenizer.stop_tokens)
     from lora.data.labels import assistant_spans
 
@@ -224,19 +266,23 @@ def test_packed_data_matches_packing_the_examples(tokenizer, tmp_path):
 
     train = list(plain.train)
     random.Random(3).shuffle(train)
-    assert [(e.input_ids, e.labels, e.position_ids, e.segment_ids) for e in packed.train] == \
-        [(e.input_ids, e.labels, e.position_ids, e.segment_ids) for e in pack_examples(train, 64)]
+    assert [(e.input_ids, e.labels, e.position_ids, e.segment_ids) for e in packed.train] == [
+        (e.input_ids, e.labels, e.position_ids, e.segment_ids) for e in pack_examples(train, 64)
+    ]
     assert packed.train_stats.sequences == len(packed.train) < plain.train_stats.sequences
 
 
-# ---- the cache -------------------------------------------------------------------------------------
+# ---- the cache -----------------------------------------------------------------------------------
+
 
 def _flat(data):
     return [(e.input_ids, e.labels) for e in list(data.train) + list(data.eval)]
 
 
 def _prepare(path, tokenizer, cache, lines, max_len=64):
-    return prepare_chat_data(path, tokenizer, max_len, eval_fraction=0.25, cache_dir=cache, log=lines.append)
+    return prepare_chat_data(
+        path, tokenizer, max_len, eval_fraction=0.25, cache_dir=cache, log=lines.append
+    )
 
 
 def test_cache_hit_and_invalidation_on_each_key(tokenizer, tmp_path):
@@ -256,9 +302,15 @@ def test_cache_hit_and_invalidation_on_each_key(tokenizer, tmp_path):
     changed = _prepare(path, tokenizer, cache, lines)
     assert lines == [] and _flat(changed) != _flat(first)
     lines.clear()  # the template
-    other = Tokenizer(tokenizer.backend, tokenizer.config, tokenizer.generation_config,
-                      ChatTemplate(PHI3_CHAT_TEMPLATE.replace("<|user|>\n", "<|user|>"),
-                                   tokenizer.chat_template.special_tokens))
+    other = Tokenizer(
+        tokenizer.backend,
+        tokenizer.config,
+        tokenizer.generation_config,
+        ChatTemplate(
+            PHI3_CHAT_TEMPLATE.replace("<|user|>\n", "<|user|>"),
+            tokenizer.chat_template.special_tokens,
+        ),
+    )
     templated = _prepare(path, other, cache, lines)
     assert lines == [] and _flat(templated) != _flat(changed)
     lines.clear()  # the tokenizer
@@ -266,14 +318,22 @@ def test_cache_hit_and_invalidation_on_each_key(tokenizer, tmp_path):
 
     backend = HFTokenizer.from_str(tokenizer.backend.to_str())
     backend.add_tokens(["cat dog"])
-    retok = _prepare(path, Tokenizer(backend, tokenizer.config, tokenizer.generation_config), cache, lines)
+    retok = _prepare(
+        path, Tokenizer(backend, tokenizer.config, tokenizer.generation_config), cache, lines
+    )
     assert lines == []
     assert len(list(cache.glob("prepared-*"))) == 1  # older prepared data is removed
-    assert _prepare(path, Tokenizer(backend, tokenizer.config, tokenizer.generation_config), cache, lines) \
-        and lines[-1].startswith("prepared data from the cache")
-    assert _flat(retok) == _flat(prepare_chat_data(path, Tokenizer(backend, tokenizer.config,
-                                                                   tokenizer.generation_config), 64,
-                                                   eval_fraction=0.25))
+    assert _prepare(
+        path, Tokenizer(backend, tokenizer.config, tokenizer.generation_config), cache, lines
+    ) and lines[-1].startswith("prepared data from the cache")
+    assert _flat(retok) == _flat(
+        prepare_chat_data(
+            path,
+            Tokenizer(backend, tokenizer.config, tokenizer.generation_config),
+            64,
+            eval_fraction=0.25,
+        )
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "members"])

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .labels import tokenize_conversation
-from .packing import Example, collate, make_collate_fn, pack_examples, truncate
-from .records import Conversation, DataError, RecordError, check_on_error, load_conversations, split_train_eval
+from .packing import Example, collate, make_collate_fn, truncate
+from .records import Conversation, DataError, RecordError, check_on_error, split_train_eval
 from .template import ChatTemplateError
 
 __all__ = ["SplitStats", "ChatData", "build_examples", "prepare_chat_data"]
@@ -195,7 +195,8 @@ def prepare_chat_data(
 
     check_on_error(on_error)
     if eval_file is not None and eval_fraction:
-        raise ValueError(f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; expected one of them, not both")
+        raise ValueError(f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; "
+                         "expected one of them, not both")
     if not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(f"max_seq_length={max_seq_length!r}; expected an int >= 2")
     if not (0.0 <= eval_fraction < 1.0):
@@ -225,21 +226,24 @@ def prepare_chat_data(
         # Every problem is reported at once, before any split: records that do not parse, and
         # conversations the template cannot render.
         if built.parse_errors and on_error == "raise":
-            raise DataError(built.parse_errors + [built.template_errors[p] for p in sorted(built.template_errors)])
+            template = [built.template_errors[p] for p in sorted(built.template_errors)]
+            raise DataError(built.parse_errors + template)
         n_all = len(built.example_of)
         train_pos: Sequence[int] = range(built.n_train)
         eval_pos: Sequence[int] = range(built.n_train, n_all)
         if eval_file is None and eval_fraction:
             train_pos, eval_pos = split_train_eval(range(built.n_train), eval_fraction, seed)
-        errors = built.parse_errors + [built.template_errors[p] for p in list(train_pos) + list(eval_pos)
+        errors = built.parse_errors + [built.template_errors[p]
+                                       for p in list(train_pos) + list(eval_pos)
                                        if p in built.template_errors]
         if errors and on_error == "raise":
             raise DataError(errors)
         train_stats, train_kept = P.split_stats(built, train_pos)
         eval_stats, eval_kept = P.split_stats(built, eval_pos)
         if not len(train_kept):
-            raise DataError(errors, f"no training example left out of {train_stats.conversations} conversations "
-                                    f"({train_stats.dropped} dropped by max_seq_length={max_seq_length})")
+            raise DataError(errors, f"no training example left out of {train_stats.conversations} "
+                                    f"conversations ({train_stats.dropped} dropped by "
+                                    f"max_seq_length={max_seq_length})")
         train_m, train_mo = P.make_split(built, train_kept, packing, max_seq_length, seed)
         eval_m, eval_mo = P.make_split(built, eval_kept, packing, max_seq_length, None)
         train_stats.sequences, eval_stats.sequences = len(train_mo) - 1, len(eval_mo) - 1
@@ -263,9 +267,9 @@ def _chat_data_from_arrays(arrays: dict, meta: dict, tokenizer, max_seq_length: 
     from .prepared import ExampleArray, errors_from_json
 
     def split(name):
-        return ExampleArray(arrays["tokens"], arrays["mask"], arrays["offsets"], arrays[f"{name}_members"],
-                            arrays[f"{name}_member_offsets"])
+        return ExampleArray(arrays["tokens"], arrays["mask"], arrays["offsets"],
+                            arrays[f"{name}_members"], arrays[f"{name}_member_offsets"])
 
     return ChatData(split("train"), split("eval"), errors_from_json(meta["errors"]),
-                    SplitStats(**meta["train_stats"]), SplitStats(**meta["eval_stats"]), bool(meta["packed"]),
-                    tokenizer.pad_token_id, max_seq_length)
+                    SplitStats(**meta["train_stats"]), SplitStats(**meta["eval_stats"]),
+                    bool(meta["packed"]), tokenizer.pad_token_id, max_seq_length)

@@ -40,7 +40,9 @@ from .template import ChatTemplateError
 __all__ = ["ExampleArray", "first_fit", "SpanFinder", "cache_key", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
-CONVERSATIONS_PER_BATCH = 512  # rendered, then tokenized by one encode_batch call (parallel in Rust)
+CONVERSATIONS_PER_BATCH = (
+    512  # rendered, then tokenized by one encode_batch call (parallel in Rust)
+)
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: stand-ins for contents in a skeleton render
 _FULL_HASH_LIMIT = 64 << 20
 _EDGE_HASH = 1 << 20
@@ -118,9 +120,13 @@ def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]], tokenize
     for enc, sp in zip(tokenizer.backend.encode_batch(texts, add_special_tokens=False), spans):
         ids = np.array(enc.ids, dtype=np.int32)
         offsets = enc.offsets
-        flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)
+        )
         starts, ends = flat[0::2], flat[1::2]
-        inside = np.searchsorted(np.asarray(sp, dtype=np.int64).reshape(-1), starts, side="right") & 1
+        inside = (
+            np.searchsorted(np.asarray(sp, dtype=np.int64).reshape(-1), starts, side="right") & 1
+        )
         out.append((ids, inside.astype(bool) & (ends > starts)))
     return out
 
@@ -131,8 +137,8 @@ def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]], tokenize
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit bin packing in the given order, in ``O(n log n)``: item ``i`` goes into the first bin
-    (in opening order) with ``capacity - used >= lengths[i]``. Returns each bin's item indices.
+    """First-fit bin packing in the given order, in ``O(n log n)``: item ``i`` goes into the first
+    bin (in opening order) with ``capacity - used >= lengths[i]``. Returns each bin's item indices.
 
     Raises:
         ValueError: an item is longer than ``capacity``.
@@ -213,7 +219,9 @@ class ExampleArray(Sequence):
     def lengths(self) -> np.ndarray:
         """``(S,)`` int64 token count of each sequence."""
         conv = np.diff(self.offsets)
-        return np.add.reduceat(conv[self.members], self.member_offsets[:-1]) if len(self) else conv[:0]
+        return (
+            np.add.reduceat(conv[self.members], self.member_offsets[:-1]) if len(self) else conv[:0]
+        )
 
     def __repr__(self) -> str:
         return f"ExampleArray({len(self)} sequences, {int(self.lengths().sum())} tokens)"
@@ -234,8 +242,10 @@ class _Sink:
             self._ids: list[np.ndarray] = []
             self._mask: list[np.ndarray] = []
         else:
-            self._files = {"tokens": open(directory / "tokens.bin", "wb"),
-                           "mask": open(directory / "mask.bin", "wb")}
+            self._files = {
+                "tokens": open(directory / "tokens.bin", "wb"),
+                "mask": open(directory / "mask.bin", "wb"),
+            }
 
     def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
         self.count += len(ids)
@@ -256,8 +266,10 @@ class _Sink:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        return (_map(self.directory / "tokens.bin", "<i4", self.count),
-                _map(self.directory / "mask.bin", "u1", self.count))
+        return (
+            _map(self.directory / "tokens.bin", "<i4", self.count),
+            _map(self.directory / "mask.bin", "u1", self.count),
+        )
 
 
 def _map(path: Path, dtype: str, count: int) -> np.ndarray:
@@ -282,21 +294,27 @@ class _Built:
     _labels: np.ndarray | None = None
 
     def labels_per_example(self) -> np.ndarray:
-        """``(examples,)`` int64: labelled tokens of each kept conversation (each has >= 1 token)."""
+        """``(examples,)`` int64: labelled tokens of each kept conversation (>= 1 token each)."""
         if self._labels is None:
-            self._labels = (np.add.reduceat(self.mask, self.offsets[:-1], dtype=np.int64)
-                            if len(self.offsets) > 1 else np.zeros(0, np.int64))
+            self._labels = (
+                np.add.reduceat(self.mask, self.offsets[:-1], dtype=np.int64)
+                if len(self.offsets) > 1
+                else np.zeros(0, np.int64)
+            )
         return self._labels
 
 
 def _progress_bar(progress: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(desc=desc, unit=" conv", disable=not (progress and sys.stderr.isatty()), leave=False)
+    return tqdm(
+        desc=desc, unit=" conv", disable=not (progress and sys.stderr.isatty()), leave=False
+    )
 
 
-def tokenize_files(groups, tokenizer, max_seq_length: int, directory: Path | None = None,
-                   progress: bool = False) -> _Built:
+def tokenize_files(
+    groups, tokenizer, max_seq_length: int, directory: Path | None = None, progress: bool = False
+) -> _Built:
     """Read, render, tokenize, label and truncate every conversation of ``groups`` (a list of
     lists of :class:`~lora.data.sources.DataFile`: the train files, then the eval files), in
     batches of :data:`CONVERSATIONS_PER_BATCH`, the tokenizer's batch call doing each batch.
@@ -360,7 +378,9 @@ def tokenize_files(groups, tokenizer, max_seq_length: int, directory: Path | Non
             if g == 0:
                 built.n_train = len(example_of)
     built.tokens, built.mask = sink.finish()
-    built.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
+    built.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(
+        np.int64
+    )
     built.example_of = np.asarray(example_of, dtype=np.int64)
     built.truncated = np.asarray(truncated, dtype=bool)
     return built
@@ -382,14 +402,17 @@ def split_stats(built: _Built, positions: Sequence[int]):
     stats.tokens = int(lengths[kept].sum())
     if len(kept):
         stats.labelled_tokens = int(built.labels_per_example()[kept].sum())
-    stats.dropped_sources = [built.dropped_sources[int(p)] for p in pos if int(p) in built.dropped_sources]
+    stats.dropped_sources = [
+        built.dropped_sources[int(p)] for p in pos if int(p) in built.dropped_sources
+    ]
     return stats, kept
 
 
-def make_split(built: _Built, kept: np.ndarray, packing: bool, max_seq_length: int,
-               shuffle_seed: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(members, member_offsets)`` of one split: one conversation per sequence, or first-fit packed
-    (after a seeded shuffle when ``shuffle_seed`` is not None, as :func:`prepare_chat_data` does)."""
+def make_split(
+    built: _Built, kept: np.ndarray, packing: bool, max_seq_length: int, shuffle_seed: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(members, member_offsets)`` of one split: one conversation per sequence, or first-fit
+    packed (after a seeded shuffle when ``shuffle_seed`` is not None, as prepare_chat_data does)."""
     if not packing:
         return kept.astype(np.int64), np.arange(len(kept) + 1, dtype=np.int64)
     order = list(kept.tolist())
@@ -398,7 +421,9 @@ def make_split(built: _Built, kept: np.ndarray, packing: bool, max_seq_length: i
     lengths = np.diff(built.offsets)[order].tolist() if order else []
     bins = first_fit(lengths, max_seq_length)
     members = np.asarray([order[i] for b in bins for i in b], dtype=np.int64)
-    member_offsets = np.concatenate([[0], np.cumsum([len(b) for b in bins], dtype=np.int64)]).astype(np.int64)
+    member_offsets = np.concatenate(
+        [[0], np.cumsum([len(b) for b in bins], dtype=np.int64)]
+    ).astype(np.int64)
     return members, member_offsets
 
 
@@ -418,15 +443,27 @@ def _file_fingerprint(path: Path) -> dict:
             h.update(f.read(_EDGE_HASH))
             f.seek(st.st_size - _EDGE_HASH)
             h.update(f.read(_EDGE_HASH))
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": h.hexdigest()}
+    return {
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": h.hexdigest(),
+    }
 
 
 def cache_key(groups, tokenizer, options: dict) -> tuple[str, dict]:
-    """``(key, parts)``: the hex key of prepared data and what it hashes (see the module docstring)."""
+    """``(key, parts)``: the hex key of prepared data and what it hashes (see the module doc)."""
     tok = hashlib.sha256(tokenizer.backend.to_str().encode("utf-8"))
-    tok.update(json.dumps({"special": tokenizer.special_tokens, "stops": tokenizer.stop_tokens,
-                           "pad": tokenizer.pad_token_id}, sort_keys=True).encode("utf-8"))
+    tok.update(
+        json.dumps(
+            {
+                "special": tokenizer.special_tokens,
+                "stops": tokenizer.stop_tokens,
+                "pad": tokenizer.pad_token_id,
+            },
+            sort_keys=True,
+        ).encode("utf-8")
+    )
     parts = {
         "version": CACHE_VERSION,
         "data": [[_file_fingerprint(f.path) | {"kind": f.kind} for f in files] for files in groups],
@@ -447,8 +484,15 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_ARRAY_DTYPES = {"tokens": "<i4", "mask": "u1", "offsets": "<i8", "train_members": "<i8",
-                 "train_member_offsets": "<i8", "eval_members": "<i8", "eval_member_offsets": "<i8"}
+_ARRAY_DTYPES = {
+    "tokens": "<i4",
+    "mask": "u1",
+    "offsets": "<i8",
+    "train_members": "<i8",
+    "train_member_offsets": "<i8",
+    "eval_members": "<i8",
+    "eval_member_offsets": "<i8",
+}
 
 
 def write_cache(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -461,7 +505,11 @@ def write_cache(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> N
                 f.write(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-        entries[name] = {"dtype": dtype, "length": int(len(arrays[name])), "sha256": _sha256_file(path)}
+        entries[name] = {
+            "dtype": dtype,
+            "length": int(len(arrays[name])),
+            "sha256": _sha256_file(path),
+        }
     with open(directory / "manifest.json", "w", encoding="utf-8") as f:
         json.dump({**meta, "arrays": entries}, f)
         f.flush()
@@ -487,21 +535,35 @@ def read_cache(directory: Path, key: str, vocab_size: int) -> tuple[dict[str, np
         if not isinstance(entry, dict) or entry.get("dtype") != dtype:
             raise ValueError(f"manifest.json does not describe {name}")
         length = entry.get("length")
-        if not isinstance(length, int) or not path.is_file() or path.stat().st_size != length * np.dtype(dtype).itemsize:
+        if (
+            not isinstance(length, int)
+            or not path.is_file()
+            or path.stat().st_size != length * np.dtype(dtype).itemsize
+        ):
             raise ValueError(f"{path.name} has the wrong size")
         if _sha256_file(path) != entry.get("sha256"):
             raise ValueError(f"{path.name} does not match its hash")
         arrays[name] = _map(path, dtype, length)
     tokens, offsets = arrays["tokens"], arrays["offsets"]
-    if len(arrays["mask"]) != len(tokens) or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(tokens) \
-            or np.any(np.diff(offsets) < 0):
+    if (
+        len(arrays["mask"]) != len(tokens)
+        or len(offsets) < 1
+        or offsets[0] != 0
+        or offsets[-1] != len(tokens)
+        or np.any(np.diff(offsets) < 0)
+    ):
         raise ValueError("the token offsets are inconsistent")
     if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise ValueError("a token id is outside the vocabulary")
     for split in ("train", "eval"):
         members, mo = arrays[f"{split}_members"], arrays[f"{split}_member_offsets"]
-        if len(mo) < 1 or mo[0] != 0 or mo[-1] != len(members) or np.any(np.diff(mo) < 1) \
-                or (len(members) and (members.min() < 0 or members.max() >= len(offsets) - 1)):
+        if (
+            len(mo) < 1
+            or mo[0] != 0
+            or mo[-1] != len(members)
+            or np.any(np.diff(mo) < 1)
+            or (len(members) and (members.min() < 0 or members.max() >= len(offsets) - 1))
+        ):
             raise ValueError(f"the {split} sequences are inconsistent")
     return arrays, meta
 

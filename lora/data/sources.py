@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["DATA_SUFFIXES", "DataFile", "resolve_data_files", "iter_raw_records", "require_pyarrow"]
+__all__ = ["DATA_SUFFIXES", "DataFile", "resolve_data_files", "iter_arrow_rows", "require_pyarrow"]
 
 JSON_SUFFIXES = (".jsonl", ".json")
 ARROW_SUFFIXES = (".parquet", ".arrow")
@@ -59,8 +59,10 @@ def require_pyarrow(what: str):
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise ImportError(f"reading {what} needs pyarrow, which is not installed; "
-                          "install the data extra: pip install lora[data]") from None
+        raise ImportError(
+            f"reading {what} needs pyarrow, which is not installed; "
+            "install the data extra: pip install lora[data]"
+        ) from None
     return pyarrow
 
 
@@ -90,23 +92,31 @@ def _save_to_disk_files(directory: Path, split: str | None, spec: str) -> list[D
     """The arrow files of a ``datasets.save_to_disk`` directory, or None if it is not one."""
     if (directory / "dataset_dict.json").is_file():
         try:
-            splits = list(json.loads((directory / "dataset_dict.json").read_text("utf-8"))["splits"])
+            splits = list(
+                json.loads((directory / "dataset_dict.json").read_text("utf-8"))["splits"]
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"data {spec!r}: dataset_dict.json is not readable ({e})") from None
         if split is None:
             if len(splits) != 1:
-                raise ValueError(f"data {spec!r} holds the splits {', '.join(splits)}; "
-                                 f"expected one of them named, e.g. {spec}:{splits[0]}")
+                raise ValueError(
+                    f"data {spec!r} holds the splits {', '.join(splits)}; "
+                    f"expected one of them named, e.g. {spec}:{splits[0]}"
+                )
             split = splits[0]
         if split not in splits:
-            raise ValueError(f"data {spec!r} has no split {split!r}; its splits: {', '.join(splits)}")
+            raise ValueError(
+                f"data {spec!r} has no split {split!r}; its splits: {', '.join(splits)}"
+            )
         files = _save_to_disk_files(directory / split, None, f"{spec}:{split}")
         if files is None:
             raise ValueError(f"data {spec!r}: split {split!r} has no state.json")
         return files
     if (directory / "state.json").is_file():
         if split is not None:
-            raise ValueError(f"data {spec!r} is a single dataset without splits; got split {split!r}")
+            raise ValueError(
+                f"data {spec!r} is a single dataset without splits; got split {split!r}"
+            )
         try:
             state = json.loads((directory / "state.json").read_text("utf-8"))
             names = [entry["filename"] for entry in state["_data_files"]]
@@ -120,24 +130,33 @@ def _directory_files(directory: Path, split: str | None, spec: str) -> list[Data
     saved = _save_to_disk_files(directory, split, spec)
     if saved is not None:
         return saved
-    files = sorted(p for p in directory.rglob("*")
-                   if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in DATA_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
     by_split: dict[str | None, list[Path]] = {}
     for path in files:
         by_split.setdefault(_split_of(path, directory), []).append(path)
     named = sorted(s for s in by_split if s is not None)
     if split is not None:
         if split not in by_split:
-            raise ValueError(f"data {spec!r} has no split {split!r}; "
-                             f"its splits: {', '.join(named) or 'none (no split names in it)'}")
+            raise ValueError(
+                f"data {spec!r} has no split {split!r}; "
+                f"its splits: {', '.join(named) or 'none (no split names in it)'}"
+            )
         files = by_split[split]
     elif len(named) > 1:
-        raise ValueError(f"data {spec!r} holds the splits {', '.join(named)}; "
-                         f"expected one of them named, e.g. {spec}:{named[0]}")
+        raise ValueError(
+            f"data {spec!r} holds the splits {', '.join(named)}; "
+            f"expected one of them named, e.g. {spec}:{named[0]}"
+        )
     if not files:
-        raise FileNotFoundError(f"data directory {spec!r} holds no data file "
-                                f"({', '.join(DATA_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})"
+        )
     return [DataFile(p, _kind(p)) for p in files]
 
 
@@ -192,9 +211,11 @@ def _arrow_batches(data_file: DataFile) -> Iterator[Any]:
         reader = pq.ParquetFile(data_file.path)
         columns = [c for c in reader.schema_arrow.names if c in RECORD_COLUMNS]
         if not columns:
-            raise ValueError(f"data file {str(data_file.path)!r} has the columns "
-                             f"{', '.join(reader.schema_arrow.names)}; expected 'messages', "
-                             "'conversations' or 'instruction'/'output'")
+            raise ValueError(
+                f"data file {str(data_file.path)!r} has the columns "
+                f"{', '.join(reader.schema_arrow.names)}; expected 'messages', "
+                "'conversations' or 'instruction'/'output'"
+            )
         yield from reader.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns)
         return
     import pyarrow.ipc as ipc

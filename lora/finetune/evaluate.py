@@ -1,4 +1,4 @@
-"""``lora-eval``: loss, perplexity and exact match of a base model and of base + adapter, side by side.
+"""``lora-eval``: loss, perplexity and exact match of a base model and of base + adapter.
 
     lora-eval --model Phi-3-mini-4k-instruct --adapter out/adapter --data test.jsonl --generate 100
 
@@ -16,7 +16,6 @@ directory) and prints the markdown table. Bad input exits with status 2 and a on
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -45,14 +44,16 @@ class EvalRow:
 
 
 @torch.no_grad()
-def assistant_loss(model, examples: Sequence, collate: Callable, batch_size: int = 8) -> tuple[float | None, int]:
+def assistant_loss(
+    model, examples: Sequence, collate: Callable, batch_size: int = 8
+) -> tuple[float | None, int]:
     """``(loss, tokens)``: the cross-entropy summed over the labelled (assistant) tokens of
     ``examples`` and divided by their count, batch by batch as the trainer's evaluation does.
 
     Args:
         model: a causal LM taking ``input_ids, attention_mask, position_ids, labels,
             num_items_in_batch`` (``num_items_in_batch=1`` returns the summed loss).
-        examples: :class:`lora.data.Example` s; ``collate`` batches them (``ChatData.collate_fn()``).
+        examples: :class:`lora.data.Example` s; ``collate`` batches them (``ChatData.collate_fn``).
     """
     was_training = model.training
     model.eval()
@@ -63,17 +64,26 @@ def assistant_loss(model, examples: Sequence, collate: Callable, batch_size: int
         n = int((batch["labels"][:, 1:] != -100).sum())
         if n == 0:
             continue
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    position_ids=batch["position_ids"].to(device), labels=batch["labels"].to(device),
-                    num_items_in_batch=1)
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            position_ids=batch["position_ids"].to(device),
+            labels=batch["labels"].to(device),
+            num_items_in_batch=1,
+        )
         total += float(out.loss)
         count += n
     model.train(was_training)
     return (total / count if count else None), count
 
 
-def exact_match(model, tokenizer, pairs: Sequence[tuple[list[dict], str]], batch_size: int = 16,
-                max_new_tokens: int = 256) -> tuple[float, list[str]]:
+def exact_match(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[list[dict], str]],
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+) -> tuple[float, list[str]]:
     """``(score, replies)``: greedy replies to each prompt and the fraction equal to its reference
     (:func:`lora.demo.skill.score`). Each batch generates at most the longest reference's token
     count + 8 (a longer reply cannot match), capped by ``max_new_tokens``."""
@@ -114,8 +124,16 @@ def _pairs(conversations, n: int) -> list[tuple[list[dict], str]]:
     return pairs
 
 
-def evaluate(model_dir: str, data, adapter: str | None = None, generate: int = 0, max_seq_length: int = 2048,
-             batch_size: int = 8, dtype: torch.dtype | None = None, log: Callable[[str], None] = print) -> dict:
+def evaluate(
+    model_dir: str,
+    data,
+    adapter: str | None = None,
+    generate: int = 0,
+    max_seq_length: int = 2048,
+    batch_size: int = 8,
+    dtype: torch.dtype | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The report of ``lora-eval`` as a dict (see :func:`main`); ``data`` is a data spec.
 
     Raises:
@@ -126,7 +144,9 @@ def evaluate(model_dir: str, data, adapter: str | None = None, generate: int = 0
     from ..models import Phi3ForCausalLM
 
     if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir!r}: no config.json; expected a checkpoint directory")
+        raise FileNotFoundError(
+            f"--model {model_dir!r}: no config.json; expected a checkpoint directory"
+        )
     if adapter is not None and not Path(adapter).exists():
         raise FileNotFoundError(f"--adapter {adapter!r} does not exist")
     if not isinstance(generate, int) or generate < 0:
@@ -147,30 +167,74 @@ def evaluate(model_dir: str, data, adapter: str | None = None, generate: int = 0
             row.exact_match, _ = exact_match(model, tokenizer, pairs)
             row.generated = len(pairs)
         rows.append(row)
-        log(f"{name}: loss {loss:.4f} over {tokens} assistant tokens" if loss is not None else f"{name}: no tokens")
-    measured = (f"{prepared.train_stats.conversations} conversations of {data if isinstance(data, str) else ', '.join(map(str, data))}, "
-                f"{prepared.train_stats.labelled_tokens} assistant tokens"
-                + (f"; exact match on the first {len(pairs)}" if pairs else ""))
-    return {"model": str(model_dir), "adapter": adapter, "data": data if isinstance(data, str) else list(map(str, data)),
-            "conversations": prepared.train_stats.conversations, "truncated": prepared.train_stats.truncated,
-            "assistant_tokens": prepared.train_stats.labelled_tokens, "max_seq_length": max_seq_length,
-            "rows": [asdict(r) for r in rows], "markdown": markdown_table(rows, measured)}
+        log(
+            f"{name}: loss {loss:.4f} over {tokens} assistant tokens"
+            if loss is not None
+            else f"{name}: no tokens"
+        )
+    data_name = data if isinstance(data, str) else ", ".join(map(str, data))
+    measured = (
+        f"{prepared.train_stats.conversations} conversations of {data_name}, "
+        f"{prepared.train_stats.labelled_tokens} assistant tokens"
+        + (f"; exact match on the first {len(pairs)}" if pairs else "")
+    )
+    return {
+        "model": str(model_dir),
+        "adapter": adapter,
+        "data": data if isinstance(data, str) else list(map(str, data)),
+        "conversations": prepared.train_stats.conversations,
+        "truncated": prepared.train_stats.truncated,
+        "assistant_tokens": prepared.train_stats.labelled_tokens,
+        "max_seq_length": max_seq_length,
+        "rows": [asdict(r) for r in rows],
+        "markdown": markdown_table(rows, measured),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lora-eval", description="Loss, perplexity and exact match of a Phi-3 "
-                                 "checkpoint and of checkpoint + adapter, on chat data, side by side.")
+    ap = argparse.ArgumentParser(
+        prog="lora-eval",
+        description="Loss, perplexity and exact match of a Phi-3 "
+        "checkpoint and of checkpoint + adapter, on chat data, side by side.",
+    )
     ap.add_argument("--model", required=True, metavar="DIR", help="the base checkpoint directory")
-    ap.add_argument("--adapter", metavar="DIR", help="an adapter directory (PEFT format) to compare with the base")
-    ap.add_argument("--data", required=True, nargs="+", metavar="FILE", help="held-out chat data: files, "
-                    "directories, globs or DIR:SPLIT; JSONL/JSON/parquet; messages, ShareGPT or alpaca records")
-    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also score greedy replies to the "
-                    "first N conversations by exact match with their last assistant turn")
-    ap.add_argument("--max-seq-length", type=int, default=2048, help="longer conversations are cut (default 2048)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    ap.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="an adapter directory (PEFT format) to compare with the base",
+    )
+    ap.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="held-out chat data: files, "
+        "directories, globs or DIR:SPLIT; JSONL/JSON/parquet; messages, ShareGPT or alpaca records",
+    )
+    ap.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score greedy replies to the "
+        "first N conversations by exact match with their last assistant turn",
+    )
+    ap.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=2048,
+        help="longer conversations are cut (default 2048)",
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per forward pass (default 8)"
+    )
     ap.add_argument("--bf16", action="store_true", help="load the base weights in bfloat16")
-    ap.add_argument("--output", default=".", metavar="DIR", help="where eval_report.json and eval_report.md "
-                    "go (default: the current directory)")
+    ap.add_argument(
+        "--output",
+        default=".",
+        metavar="DIR",
+        help="where eval_report.json and eval_report.md go (default: the current directory)",
+    )
     return ap
 
 
@@ -184,13 +248,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}; expected >= 1")
         data = args.data[0] if len(args.data) == 1 else args.data
-        report = evaluate(args.model, data, args.adapter, args.generate, args.max_seq_length, args.batch_size,
-                          torch.bfloat16 if args.bf16 else None, log=lambda line: print(line, file=sys.stderr))
+        report = evaluate(
+            args.model,
+            data,
+            args.adapter,
+            args.generate,
+            args.max_seq_length,
+            args.batch_size,
+            torch.bfloat16 if args.bf16 else None,
+            log=lambda line: print(line, file=sys.stderr),
+        )
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval_report.json", report)
         atomic_write_bytes(out / "eval_report.md", (report["markdown"] + "\n").encode("utf-8"))
-    except (DataError, AdapterError, ValueError, TypeError, FileNotFoundError, ImportError, OSError) as e:
+    except (
+        DataError,
+        AdapterError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        ImportError,
+        OSError,
+    ) as e:
         first = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
         if isinstance(e, DataError) and e.errors:
             first += f"; first: {e.errors[0]}"
