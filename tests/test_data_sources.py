@@ -178,6 +178,14 @@ def test_directory_and_glob_forms(tmp_path):
     assert [f.path.name for f in files] == ["part-b.jsonl", "part-a.jsonl"]
     with pytest.raises(FileNotFoundError, match="matches no file"):
         load_conversations(str(tmp_path / "nothing-*.jsonl"))
+    # subdirectories named like splits are splits; others are just part of the data
+    for sub, records in (("train", a), ("test/2024", b)):
+        (tmp_path / "bysplit" / sub).mkdir(parents=True)
+        write_jsonl(tmp_path / "bysplit" / sub / "x.jsonl", records)
+    test_split = load_conversations(f"{tmp_path / 'bysplit'}:test")[0]
+    assert _messages(test_split) == [r["messages"] for r in b]
+    with pytest.raises(ValueError, match="holds the splits test, train"):
+        load_conversations(tmp_path / "bysplit")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no data file"):
         load_conversations(tmp_path / "empty")

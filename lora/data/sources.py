@@ -11,7 +11,9 @@ A data *spec* (what ``--data`` / ``--eval-data`` take) is one string or path, or
 - any of the directory forms followed by ``:SPLIT`` (``ultrachat_200k:train_sft``): only that split.
 
 Split names come from the layout: Hub-style shard names (``train_sft-00000-of-00003.parquet``,
-``data/test_sft-....parquet``), a ``DatasetDict``'s splits, or a subdirectory named after the split.
+``data/test_sft-....parquet``), a ``DatasetDict``'s splits, or a subdirectory (of the directory or
+of its ``data/``) named like a split: ``train``, ``test``, ``validation``, ``dev``, ``eval``, ...,
+optionally with a suffix (``train_sft``). Other subdirectories are plain parts of the data.
 A directory that holds several splits must be given one (training on test data by accident is
 never what was meant), and the error lists them.
 
@@ -38,6 +40,8 @@ DATA_SUFFIXES = JSON_SUFFIXES + ARROW_SUFFIXES
 RECORD_COLUMNS = ("messages", "conversations", "instruction", "input", "output")
 # Hub shard names: "train_sft-00000-of-00003.parquet", "test-00000-of-00001-4f0c9a.parquet".
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)-\d{5}-of-\d{5}")
+# Directory names taken for splits; other subdirectories are just part of the data.
+_SPLIT_DIR = re.compile(r"^(train|test|val|valid|validation|dev|eval)([_-][A-Za-z0-9]+)?$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 ROWS_PER_BATCH = 1024
 
@@ -76,15 +80,16 @@ def _kind(path: Path) -> str:
 
 
 def _split_of(path: Path, root: Path) -> str | None:
-    """The split a file belongs to, from its shard name or the first directory below ``root``."""
+    """The split a file belongs to: from its Hub shard name, or from a directory below ``root``
+    (or below ``root/data``) named like a split (``train``, ``test_sft``, ``validation``, ...)."""
     match = _SHARD_NAME.match(path.name)
     if match:
         return match.group("split")
-    rel = path.relative_to(root).parts
-    if len(rel) > 1 and rel[0] not in ("data",):
+    rel = path.relative_to(root).parts[:-1]
+    if rel and rel[0] == "data":
+        rel = rel[1:]
+    if rel and _SPLIT_DIR.match(rel[0]):
         return rel[0]
-    if len(rel) > 2:  # data/<split>/file
-        return rel[1]
     return None
 
 
