@@ -140,6 +140,7 @@ def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> 
     from lora.data import prepare_chat_data
 
     lines: list[str] = []
+    t1 = time.perf_counter()  # after the imports and the tokenizer
     data = prepare_chat_data(
         f"{directory}:train_sft",
         tokenizer,
@@ -156,6 +157,7 @@ def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> 
         json.dumps(
             {
                 "seconds": seconds,
+                "prepare_seconds": time.perf_counter() - t1,
                 "peak_rss_gib": rss,
                 "cache_hit": any("from the cache" in x for x in lines),
                 "train": data.train_stats.__dict__
@@ -209,7 +211,7 @@ def main() -> int:
         results[run] = json.loads(out.strip().splitlines()[-1])
         r = results[run]
         print(
-            f"{run}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
+            f"{run}: {r['seconds']:.1f} s (prepare {r['prepare_seconds']:.1f} s), peak RSS {r['peak_rss_gib']:.2f} GiB, "
             f"cache hit {r['cache_hit']}",
             flush=True,
         )

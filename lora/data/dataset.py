@@ -212,7 +212,7 @@ def prepare_chat_data(
         final = P.cache_dir_for(Path(cache_dir), key)
         if final.exists():
             try:
-                arrays, meta = P.read_cache(final, key, tokenizer.vocab_size)
+                arrays, meta = P.read_cache(final, key)
             except ValueError as e:
                 say(f"data cache {final} is unusable ({e}); rebuilding it")
             else:

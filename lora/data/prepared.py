@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -291,17 +292,11 @@ class _Built:
     parse_errors: list[RecordError] = field(default_factory=list)
     template_errors: dict[int, RecordError] = field(default_factory=dict)
     dropped_sources: dict[int, str] = field(default_factory=dict)
-    _labels: np.ndarray | None = None
+    labels: np.ndarray | None = None  # (examples,) int64 labelled tokens of each kept one
 
     def labels_per_example(self) -> np.ndarray:
         """``(examples,)`` int64: labelled tokens of each kept conversation (>= 1 token each)."""
-        if self._labels is None:
-            self._labels = (
-                np.add.reduceat(self.mask, self.offsets[:-1], dtype=np.int64)
-                if len(self.offsets) > 1
-                else np.zeros(0, np.int64)
-            )
-        return self._labels
+        return self.labels
 
 
 def _progress_bar(progress: bool, desc: str):
@@ -327,6 +322,7 @@ def tokenize_files(
     finder = SpanFinder(tokenizer.chat_template, tokenizer.stop_tokens)
     sink = _Sink(directory)
     lengths: list[int] = []
+    n_labels: list[int] = []  # counted here: a reduceat over the mask would cast it to int64
     example_of: list[int] = []
     truncated: list[bool] = []
     built = _Built(None, None, None, None, None, 0)
@@ -354,6 +350,7 @@ def tokenize_files(
                 continue
             example_of[pos] = len(lengths)
             lengths.append(len(ids))
+            n_labels.append(int(np.count_nonzero(mask)))
             sink.add(ids, mask)
         bar.update(len(pending))
         pending.clear()
@@ -381,6 +378,7 @@ def tokenize_files(
     built.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(
         np.int64
     )
+    built.labels = np.asarray(n_labels, dtype=np.int64)
     built.example_of = np.asarray(example_of, dtype=np.int64)
     built.truncated = np.asarray(truncated, dtype=bool)
     return built
@@ -516,8 +514,9 @@ def write_cache(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> N
         os.fsync(f.fileno())
 
 
-def read_cache(directory: Path, key: str, vocab_size: int) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays (memory-mapped) and manifest of a cache directory, fully checked.
+def read_cache(directory: Path, key: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays (memory-mapped) and manifest of a cache directory, checked: the key, every
+    array's size and SHA-256, the offsets and the sequences' conversation indices.
 
     Raises:
         ValueError: anything does not check out (the caller rebuilds).
@@ -528,22 +527,24 @@ def read_cache(directory: Path, key: str, vocab_size: int) -> tuple[dict[str, np
         raise ValueError(f"manifest.json unreadable ({e})") from None
     if not isinstance(meta, dict) or meta.get("key") != key or meta.get("version") != CACHE_VERSION:
         raise ValueError("manifest.json is not for these inputs")
-    arrays = {}
+    arrays, entries = {}, {}
     for name, dtype in _ARRAY_DTYPES.items():
         entry = meta.get("arrays", {}).get(name)
         path = directory / f"{name}.bin"
         if not isinstance(entry, dict) or entry.get("dtype") != dtype:
             raise ValueError(f"manifest.json does not describe {name}")
         length = entry.get("length")
-        if (
-            not isinstance(length, int)
-            or not path.is_file()
-            or path.stat().st_size != length * np.dtype(dtype).itemsize
-        ):
+        size = length * np.dtype(dtype).itemsize if isinstance(length, int) else -1
+        if not path.is_file() or path.stat().st_size != size:
             raise ValueError(f"{path.name} has the wrong size")
-        if _sha256_file(path) != entry.get("sha256"):
+        entries[name] = (path, entry, length)
+    # hashlib releases the GIL on large buffers: the big arrays hash in parallel
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = dict(zip(entries, pool.map(_sha256_file, [p for p, _, _ in entries.values()])))
+    for name, (path, entry, length) in entries.items():
+        if digests[name] != entry.get("sha256"):
             raise ValueError(f"{path.name} does not match its hash")
-        arrays[name] = _map(path, dtype, length)
+        arrays[name] = _map(path, _ARRAY_DTYPES[name], length)
     tokens, offsets = arrays["tokens"], arrays["offsets"]
     if (
         len(arrays["mask"]) != len(tokens)
@@ -553,8 +554,6 @@ def read_cache(directory: Path, key: str, vocab_size: int) -> tuple[dict[str, np
         or np.any(np.diff(offsets) < 0)
     ):
         raise ValueError("the token offsets are inconsistent")
-    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError("a token id is outside the vocabulary")
     for split in ("train", "eval"):
         members, mo = arrays[f"{split}_members"], arrays[f"{split}_member_offsets"]
         if (
