@@ -211,7 +211,8 @@ def main() -> int:
         results[run] = json.loads(out.strip().splitlines()[-1])
         r = results[run]
         print(
-            f"{run}: {r['seconds']:.1f} s (prepare {r['prepare_seconds']:.1f} s), peak RSS {r['peak_rss_gib']:.2f} GiB, "
+            f"{run}: {r['seconds']:.1f} s (prepare {r['prepare_seconds']:.1f} s), "
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB, "
             f"cache hit {r['cache_hit']}",
             flush=True,
         )
