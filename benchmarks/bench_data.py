@@ -107,7 +107,7 @@ def synthesise(directory: Path, n: int, tokens: int, shards: int, seed: int = 0)
             with pq.ParquetWriter(data / f"{name}.parquet", schema) as writer:
                 for start in range(0, count, 5000):
                     rows = []
-                    for i in range(min(5000, count - start)):
+                    for _ in range(min(5000, count - start)):
                         m = _conversation(rng, words, scale)
                         rows.append(
                             {

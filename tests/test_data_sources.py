@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora.data import (
+    PHI3_CHAT_TEMPLATE,
+    ChatTemplate,
     DataError,
     Tokenizer,
     load_conversations,
     prepare_chat_data,
     tokenize_conversation,
 )
-from lora.data import ChatTemplate, PHI3_CHAT_TEMPLATE
 from lora.data.labels import IGNORE_INDEX
 from lora.data.packing import Example, pack_examples
 from lora.data.prepared import SpanFinder, first_fit

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import chat_records, write_jsonl
+from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -15,7 +17,6 @@ from lora.finetune import Trainer, TrainingConfig, TrainingError, finetune, lr_f
 from lora.finetune.__main__ import main as cli_main
 from lora.finetune.state import list_checkpoints, write_checkpoint
 from lora.models import Phi3ForCausalLM
-from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
 
 PEFT = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "bias": "none", "task_type": "CAUSAL_LM",
         "target_modules": "all-linear", "modules_to_save": None}
@@ -183,10 +184,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data_file,
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2, 4]
 
 
+def _fake_adapter(directory):
+    (directory / "adapter_model.safetensors").write_bytes(b"x")
+    (directory / "adapter_config.json").write_text("{}")
+
+
 def test_a_checkpoint_interrupted_while_written_leaves_nothing_half_written(tmp_path):
     param = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([param])
-    write_checkpoint(tmp_path, 1, opt, lambda d: (d / "adapter_model.safetensors").write_bytes(b"x"), {})
+    write_checkpoint(tmp_path, 1, opt, _fake_adapter, {})
 
     def crash(directory):
         (directory / "adapter_model.safetensors").write_bytes(b"partial")

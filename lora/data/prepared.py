@@ -26,10 +26,10 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -216,6 +216,21 @@ class ExampleArray(Sequence):
     def __iter__(self) -> Iterator[Example]:
         for i in range(len(self)):
             yield self[i]
+
+    def content_sha256(self) -> str:
+        """SHA-256 over every sequence's member conversations (their token ids, loss mask and
+        length), in order: equal exactly when the sequences (ids, labels, positions, segments)
+        are. Reads the arrays in place, without building examples."""
+        h = hashlib.sha256()
+        offsets, members, bounds = self.offsets, self.members, self.member_offsets
+        for s in range(len(self)):
+            for k in members[bounds[s] : bounds[s + 1]]:
+                a, b = int(offsets[k]), int(offsets[k + 1])
+                h.update(np.int64(b - a).tobytes())
+                h.update(np.ascontiguousarray(self.tokens[a:b], dtype="<i4").data)
+                h.update(np.ascontiguousarray(self.mask[a:b], dtype="u1").data)
+            h.update(b"\n")
+        return h.hexdigest()
 
     def lengths(self) -> np.ndarray:
         """``(S,)`` int64 token count of each sequence."""

@@ -27,9 +27,10 @@ import glob
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = ["DATA_SUFFIXES", "DataFile", "resolve_data_files", "iter_arrow_rows", "require_pyarrow"]
 

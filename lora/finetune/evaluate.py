@@ -7,7 +7,7 @@
   trainer's eval loss (:meth:`Trainer.evaluate`) on the same data;
 - **exact match** (``--generate N``): for the first N conversations, the reply generated greedily to
   the messages before the last assistant turn, against that turn's content, equal up to case,
-  spacing and a final full stop (the demo's measure, :func:`lora.demo.skill.score`).
+  spacing and a final full stop (the demo's measure, :func:`score`).
 
 Writes ``eval_report.json`` and ``eval_report.md`` into ``--output`` (default: the current
 directory) and prints the markdown table. Bad input exits with status 2 and a one-line error.
@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["EvalRow", "assistant_loss", "exact_match", "markdown_table", "evaluate", "main"]
+__all__ = [
+    "EvalRow", "assistant_loss", "exact_match", "score", "markdown_table", "evaluate", "main",
+]
 
 
 @dataclass
@@ -41,6 +43,17 @@ class EvalRow:
     def __post_init__(self):
         if self.perplexity is None and self.loss is not None:
             self.perplexity = math.exp(min(self.loss, 50.0))
+
+
+def _normalise(text: str) -> str:
+    text = " ".join(text.strip().lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def score(prediction: str, reference: str) -> float:
+    """Exact match, the demo's measure (:func:`lora.demo.skill.score` agrees): 1.0 if
+    ``prediction`` equals ``reference`` up to case, spacing and a final full stop, else 0.0."""
+    return 1.0 if _normalise(prediction) == _normalise(reference) else 0.0
 
 
 @torch.no_grad()
@@ -85,9 +98,8 @@ def exact_match(
     max_new_tokens: int = 256,
 ) -> tuple[float, list[str]]:
     """``(score, replies)``: greedy replies to each prompt and the fraction equal to its reference
-    (:func:`lora.demo.skill.score`). Each batch generates at most the longest reference's token
+    (:func:`score`). Each batch generates at most the longest reference's token
     count + 8 (a longer reply cannot match), capped by ``max_new_tokens``."""
-    from ..demo.skill import score
     from .generate import generate_replies
 
     replies: list[str] = []

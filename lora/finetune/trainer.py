@@ -12,43 +12,74 @@ s·G … s·G+G−1 (G = gradient_accumulation_steps) of one endless stream made
 permutations seeded with seed + epoch. Resuming therefore needs only the step, and a run resumed
 from a checkpoint gives the same loss at every later step as one never interrupted (the optimizer,
 the learning-rate position and the RNG state that dropout draws from are restored exactly).
+
+Nothing lost, nothing silent: a run locks its output directory (:mod:`.lock`), recovers what a
+killed run left between two renames (:func:`.state.recover_checkpoints`), refuses a resume whose
+configs or data differ from the checkpoint's (:mod:`.resume`), keeps the logging window in each
+checkpoint so that metrics.jsonl after a resume equals the uninterrupted run's, and stops on a
+non-finite, exploding or stalled loss, on SIGINT/SIGTERM and on a full disk with one line naming
+the last complete checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .._io import atomic_open
+from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
+from .lock import OutputDirLock
+from .metrics import (
+    METRICS_FILE,
+    append_metrics,
+    plot_metrics,
+    read_metrics,
+    repair_metrics,
+    truncate_metrics,
+)
+from .resume import ResumeMismatch, data_fingerprint, resume_problems
 from .state import (
     latest_checkpoint,
     list_checkpoints,
     read_training_state,
+    recover_checkpoints,
     restore_optimizer_and_rng,
     rotate_checkpoints,
     write_checkpoint,
 )
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "finetune", "lr_factor", "load_configs"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingInterrupted", "ResumeMismatch",
+           "lr_factor"]
 
-METRICS_FILE = "metrics.jsonl"
+# Divergence checks (see Trainer.train): a step loss above LOSS_JUMP_FACTOR times the mean of the
+# last LOSS_HISTORY step losses (and at least LOSS_JUMP_MIN above it, so that a tiny loss's noise
+# is no jump), once LOSS_HISTORY_MIN losses are known, stops the run.
+LOSS_JUMP_FACTOR = 10.0
+LOSS_JUMP_MIN = 1.0
+LOSS_HISTORY = 20
+LOSS_HISTORY_MIN = 5
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says where the last good checkpoint is."""
+    """Training cannot go on (a non-finite, exploding or stalled loss, a full disk); the message
+    says where the last good checkpoint is."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message names the step and the last checkpoint."""
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -141,6 +172,16 @@ class Trainer:
         self.collate = data.collate_fn()
         self.step = 0
         self._perm_cache: tuple[int, list[int]] | None = None
+        # Held for the whole run; build_trainer() takes it before loading anything and hands it
+        # over (released by whoever called build_trainer, with release_lock()).
+        self.lock: OutputDirLock | None = None
+        # What the checkpoint records about the data; finetune() adds the files' fingerprints.
+        self.train_files = None
+        self.eval_files = None
+        self.allow_resume_changes = False
+        self._fingerprint: dict | None = None
+        self._reset_window()
+        self._monitor: dict = {"recent_losses": [], "zero_grad_steps": 0}
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -152,9 +193,12 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
 
     def _append_metrics(self, row: dict) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.output_dir, row)
+
+    def _reset_window(self) -> None:
+        # The running logging window; saved in each checkpoint so that a resumed run logs the same
+        # averages as an uninterrupted one.
+        self._window = {"loss": 0.0, "steps": 0, "tokens": 0}
 
     # --- data ----------------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict:
@@ -181,7 +225,7 @@ class Trainer:
 
     @staticmethod
     def _count_labels(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,29 +265,83 @@ class Trainer:
         path = write_checkpoint(
             self.output_dir, self.step, self.optimizer, self._write_adapter,
             {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-             "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path},
+             "peft_config": self.peft.to_dict(),
+             "base_model_name_or_path": self.base_model_name_or_path,
+             "data": self.data_fingerprint(), "window": dict(self._window),
+             "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
+                         "zero_grad_steps": self._monitor["zero_grad_steps"]}},
         )
         _fsync_path(self.output_dir / METRICS_FILE)
         for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
             self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
         return path
 
+    def data_fingerprint(self) -> dict:
+        """The data as a checkpoint records it (:func:`lora.finetune.resume.data_fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.data, self.train_files, self.eval_files)
+        return self._fingerprint
+
     def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
-        """Restore adapter, optimizer, step and RNG from ``checkpoint`` (default: the newest complete one
-        in output_dir); returns the step to continue from (0 when there is no checkpoint)."""
+        """Restore adapter, optimizer, step, RNG and the logging window from ``checkpoint``
+        (default: the newest complete one in output_dir); returns the step to continue from.
+
+        Raises:
+            ValueError: there is no checkpoint to resume from (the message says what was found).
+            ResumeMismatch: the configs or the data differ from the checkpoint's in a way that
+                breaks bit-identical resume (unless ``allow_resume_changes``: then a warning).
+        """
         from ..adapters import load_adapter
 
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
         if checkpoint is None:
-            self.log(f"no checkpoint in {self.output_dir}: starting from step 0")
-            return 0
+            raise ValueError(f"--resume: nothing to resume in {str(self.output_dir)!r}: "
+                             f"{self._describe_output_dir()}")
         state, tensors = read_training_state(checkpoint)
+        step = int(state["step"])
+        problems = resume_problems(
+            step, self.total_steps, state.get("training_config"), self.cfg.to_dict(),
+            state.get("peft_config"), self.peft.to_dict(),
+            state.get("data"), self.data_fingerprint(),
+        )
+        if problems and not self.allow_resume_changes:
+            raise ResumeMismatch(
+                f"--resume from {checkpoint}: the run differs from the checkpoint's ("
+                + "; ".join(problems) + "). Resume with the checkpoint's settings, start a new run "
+                "in another --output, or allow the change (--allow-resume-changes) and lose "
+                "bit-identical resume"
+            )
+        if problems:
+            self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
+                     "run is no longer bit-identical to an uninterrupted one")
+        old_base = state.get("base_model_name_or_path")
+        if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
+            self.log(f"warning: the checkpoint was trained on base model {old_base!r}; "
+                     f"resuming on {self.base_model_name_or_path!r}")
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
-        self.step = int(state["step"])
+        self.step = step
+        if isinstance(state.get("window"), dict):
+            self._window = {"loss": float(state["window"].get("loss", 0.0)),
+                            "steps": int(state["window"].get("steps", 0)),
+                            "tokens": int(state["window"].get("tokens", 0))}
+        if isinstance(state.get("monitor"), dict):
+            monitor = state["monitor"]
+            self._monitor = {"recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
+                             "zero_grad_steps": int(monitor.get("zero_grad_steps", 0))}
         self._truncate_metrics(self.step)
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
+
+    def _describe_output_dir(self) -> str:
+        if not self.output_dir.is_dir():
+            return "the directory does not exist"
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.output_dir.iterdir()
+                       if p.name != ".lora-run.lock")
+        if not names:
+            return "the directory is empty; start without --resume"
+        return (f"no complete checkpoint-N, only {', '.join(names)}; start over with --overwrite "
+                "or choose another --output")
 
     def _start_fresh(self) -> None:
         # An earlier run's files are removed only when the user said so: nothing is lost by accident.
@@ -265,29 +363,73 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
-        path = self.output_dir / METRICS_FILE
-        if not path.exists():
-            return
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        keep = []
-        for line in rows:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass  # a line cut by the kill
-        with atomic_open(path, "w") as f:
-            f.write("".join(r + "\n" for r in keep))
+        truncate_metrics(self.output_dir, step)
+
+    def _repair_metrics(self) -> None:
+        # A kill while a row was written leaves a cut last line; drop it so that the next row
+        # starts on a line of its own.
+        if repair_metrics(self.output_dir):
+            self.log(f"{self.output_dir / METRICS_FILE}: dropped a row cut by an interrupted write")
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
         """Run until ``total_steps``; evaluate at eval_steps and at the end; checkpoint at save_steps.
 
-        Raises :class:`TrainingError` on a non-finite loss (no checkpoint is written for that step).
+        The output directory is locked for the whole run, and what an earlier run killed while
+        saving left behind is recovered first (:func:`lora.finetune.state.recover_checkpoints`).
+
+        Raises:
+            OutputDirBusy: another run holds the output directory.
+            ValueError: ``resume`` with nothing to resume; a fresh run into an earlier run's
+                directory without ``overwrite_output_dir``.
+            ResumeMismatch: ``resume`` with settings or data that break bit-identical resume.
+            TrainingError: a non-finite loss, a loss jump or a stalled gradient (no checkpoint is
+                written for that step), or a full disk; the message names the last checkpoint.
+            TrainingInterrupted: SIGINT/SIGTERM; the message names the step and the last checkpoint.
         """
+        own_lock = self.lock is None
+        if own_lock:
+            self.lock = OutputDirLock.acquire(self.output_dir)
+        try:
+            with sigterm_as_interrupt():
+                return self._train(resume)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted_message()) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise self._no_space_error() from None
+        finally:
+            if own_lock:
+                self.lock.release()
+                self.lock = None
+
+    def _no_space_error(self) -> TrainingError:
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
+        return TrainingError(f"no space left on device writing to {self.output_dir} at step "
+                             f"{self.step}; {kept}; free some space and continue with --resume")
+
+    def release_lock(self) -> None:
+        """Release the output directory's lock handed over by :func:`build_trainer` (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _interrupted_message(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return (f"interrupted at step {self.step}; last complete checkpoint "
+                + (f"{last}; continue with --resume" if last else "none (nothing to resume yet)"))
+
+    def _train(self, resume: bool | str | os.PathLike) -> TrainResult:
         from tqdm import tqdm
 
         cfg = self.cfg
+        for line in recover_checkpoints(self.output_dir):
+            self.log(line)
+        self._repair_metrics()
         if resume:
             self.resume(None if resume is True else resume)
         else:
@@ -302,7 +444,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
-        window_loss, window_steps, window_tokens = 0.0, 0, 0
+        window = self._window
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         start_step = self.step
@@ -315,38 +457,45 @@ class Trainer:
             batches = [self._micro_batch(self.step * G + i) for i in range(G)]
             num_items = max(1, sum(self._count_labels(b) for b in batches))
             step_loss = 0.0
+            step_tokens = 0
             for batch in batches:
                 loss = self._forward(batch, num_items=num_items).loss
                 loss.backward()
                 step_loss += float(loss.detach())
-                window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
-                                     else batch["attention_mask"].sum())
+                step_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
+                                   else batch["attention_mask"].sum())
             if not math.isfinite(step_loss):
                 bar.close()
-                last = latest_checkpoint(self.output_dir)
                 raise TrainingError(
-                    f"loss is {step_loss} at step {self.step + 1}: stopping. "
-                    + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
+                    f"loss is {step_loss} at step {self.step + 1}: stopping. " + self._last_good()
                     + " Try a lower learning_rate, or fp32 instead of bf16."
                 )
-            grad_norm = None
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            else:
+                grad_norm = _grad_norm(self.params)
+            problem = self._diverged(step_loss, grad_norm)
+            if problem:
+                bar.close()
+                raise TrainingError(f"{problem} at step {self.step + 1}: stopping. "
+                                    + self._last_good() + " Try a lower learning_rate.")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             last_loss = step_loss
-            window_loss += step_loss
-            window_steps += 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["tokens"] += step_tokens
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 elapsed = now - run_start
-                tps = window_tokens / max(now - window_start, 1e-9)
+                tps = window["tokens"] / max(now - window_start, 1e-9)
                 eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
-                row = {"step": self.step, "loss": window_loss / window_steps, "learning_rate": lr,
+                row = {"step": self.step, "loss": window["loss"] / window["steps"],
+                       "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
                 self._append_metrics(row)
@@ -354,7 +503,8 @@ class Trainer:
                     f"step {self.step:>6d}/{self.total_steps} | loss {row['loss']:.4f} | lr {lr:.3e} | "
                     f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}"
                 )
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
+                self._reset_window()
+                window = self._window
                 window_start = time.perf_counter()
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
                 self._log_eval(self.evaluate())
@@ -362,8 +512,10 @@ class Trainer:
                 path = self.save_checkpoint()
                 self.log(f"saved {path}")
         bar.close()
-        eval_loss = self.evaluate()
-        self._log_eval(eval_loss)
+        eval_loss = self._logged_eval(self.step)  # a resumed run that had evaluated already
+        if eval_loss is None:
+            eval_loss = self.evaluate()
+            self._log_eval(eval_loss)
         final = self.save_checkpoint()  # always: a later --resume with a larger max_steps continues from here
         self.log(f"saved {final}")
         adapter_dir = self.output_dir / "adapter"
@@ -371,6 +523,34 @@ class Trainer:
         plot = plot_metrics(self.output_dir)
         return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
                            read_metrics(self.output_dir), plot)
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return f"The last good checkpoint is {last}." if last else "No checkpoint was written yet."
+
+    def _logged_eval(self, step: int) -> float | None:
+        for row in reversed(read_metrics(self.output_dir)):
+            if row.get("step") == step and "eval_loss" in row:
+                return float(row["eval_loss"])
+        return None
+
+    def _diverged(self, loss: float, grad_norm: float) -> str | None:
+        """Why the run has stalled or collapsed, or None; updates the running statistics."""
+        mon = self._monitor
+        recent = mon["recent_losses"]
+        if len(recent) >= LOSS_HISTORY_MIN:
+            mean = sum(recent) / len(recent)
+            if loss > LOSS_JUMP_FACTOR * mean and loss - mean > LOSS_JUMP_MIN:
+                return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
+                        f"{mean:.4g} over the last {len(recent)} steps (the run is diverging)")
+        recent.append(loss)
+        del recent[:-LOSS_HISTORY]
+        mon["zero_grad_steps"] = mon["zero_grad_steps"] + 1 if grad_norm == 0.0 else 0
+        if mon["zero_grad_steps"] >= self.cfg.logging_steps:
+            return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
+                    f"consecutive steps (loss {loss:.4g}): the run has stalled or collapsed and "
+                    "would learn nothing more")
+        return None
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
         """Merge the adapter into the base weights and write a full checkpoint directory
@@ -386,6 +566,33 @@ class Trainer:
         return directory
 
 
+def _grad_norm(params) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.detach().float())
+             for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class sigterm_as_interrupt:
+    """SIGTERM (what schedulers send) raises KeyboardInterrupt, as SIGINT does, for the run's
+    duration; the previous handler is restored after. A no-op off the main thread."""
+
+    def __enter__(self):
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 def _fsync_path(path: Path) -> None:
     if path.exists():
         with open(path, "rb") as f:
@@ -397,118 +604,3 @@ def _hms(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
-
-
-def plot_metrics(output_dir: str | os.PathLike) -> Path | None:
-    """``loss_curve.png`` from metrics.jsonl when matplotlib is installed; None otherwise."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("LoRA fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(output_dir) / "loss_curve.png"
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
-
-
-def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    raw = path.read_bytes()
-    try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
-        raise ValueError(f"--config {path}: cannot parse ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
-    unknown = set(data) - {"training_config", "peft_config"}
-    if unknown:
-        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
-    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
-
-
-def finetune(
-    model_dir: str | os.PathLike,
-    train_file: str | os.PathLike | Sequence,
-    training_config: dict | TrainingConfig,
-    peft_config: dict | LoRAConfig,
-    eval_file: str | os.PathLike | None = None,
-    resume: bool = False,
-    merge: bool = False,
-    log: Callable[[str], None] | None = None,
-    progress: bool = True,
-    data_cache: bool = True,
-) -> TrainResult:
-    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
-
-    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
-    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
-    With ``data_cache``, prepared data is kept in ``output_dir/data_cache`` and reused by a later run
-    with the same data, tokenizer, template and options (see docs/data.md).
-    """
-    from ..data import Tokenizer, prepare_chat_data
-    from ..models import Phi3ForCausalLM
-
-    training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
-    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
-    say = log or print
-    torch.manual_seed(training.seed)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    data = prepare_chat_data(
-        train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
-        eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
-        seed=training.seed, packing=training.packing, on_error=training.on_error,
-        cache_dir=Path(training.output_dir) / "data_cache" if data_cache else None,
-        progress=progress, log=say,
-    )
-    say(data.summary())
-    dtype = torch.bfloat16 if training.bf16 else torch.float32
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    inject(model, peft)
-    trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
-                      progress=progress)
-    result = trainer.train(resume=resume)
-    if merge:
-        result.merged_dir = trainer.merge_and_save()
-        say(f"merged model written to {result.merged_dir}")
-    return result

@@ -21,9 +21,10 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write_json
+from lora.checks import IGNORE_INDEX
 from lora.models import checkpoint as ckpt
 
 __all__ = [
     "Phi3Config",
+    "fused_layout",
     "RopeSettings",
     "Phi3RMSNorm",
     "Phi3RotaryEmbedding",
@@ -49,7 +52,6 @@ __all__ = [
     "Phi3ForCausalLM",
 ]
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (transformers' convention)
 
 # Per layer: (keys, values), each (b, KV, kv, d), keys already rotated. Layer i at index i.
 KVCache = tuple[tuple[Tensor, Tensor], ...]
@@ -146,6 +148,7 @@ class Phi3Config:
         self._validate()
 
     def _validate(self) -> None:
+        _check_field_types(self)
         for key in _REQUIRED_KEYS + ("max_position_embeddings",):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -196,8 +199,9 @@ class Phi3Config:
         theta = float(params.get("rope_theta", self.rope_theta))
         top_partial = 1.0 if self.partial_rotary_factor is None else self.partial_rotary_factor
         partial = float(params.get("partial_rotary_factor", top_partial))
-        rotary_dim = int(self.head_dim * partial)
-        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > self.head_dim:
+        head_dim = cast(int, self.head_dim)  # resolved by __post_init__
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(
                 f"Phi3Config: partial_rotary_factor={partial} gives {rotary_dim} rotary dims of head_dim="
                 f"{self.head_dim}; expected an even number between 2 and head_dim"
@@ -250,7 +254,7 @@ class Phi3Config:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Phi3Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Phi3Config:
         """Read a config.json (or the config.json inside a directory)."""
         path = Path(path)
         if path.is_dir():
@@ -259,8 +263,18 @@ class Phi3Config:
             raise FileNotFoundError(
                 f"Phi3Config.from_json_file: path={str(path)!r} does not exist; expected a config.json"
             )
-        with open(path, encoding="utf-8") as f:
-            return cls(**json.load(f))
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise ValueError(f"{path}: not a JSON file ({why})") from None
+        if not isinstance(body, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got "
+                             f"{type(body).__name__}")
+        try:
+            return cls(**body)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, path_or_dir: str | os.PathLike) -> Path:
         """Write config.json atomically: into ``path_or_dir`` if it is a directory (or has no .json suffix),
@@ -304,6 +318,9 @@ class Phi3RotaryEmbedding(nn.Module):
     ``to_empty``), so a bf16 model keeps exact frequencies.
     """
 
+    inv_freq: Tensor | None
+    long_inv_freq: Tensor | None
+
     def __init__(self, config: Phi3Config) -> None:
         super().__init__()
         self.settings = config.rope
@@ -327,7 +344,7 @@ class Phi3RotaryEmbedding(nn.Module):
         if self.settings.rope_type == "longrope":
             self.long_inv_freq = self._frequencies(self.settings.long_factor, device)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+    def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.inv_freq is not None and self.inv_freq.device.type != "meta":
             self.reset_buffers()  # undo any dtype cast: frequencies stay fp32
@@ -339,10 +356,10 @@ class Phi3RotaryEmbedding(nn.Module):
         longrope picks the long frequencies for the whole call when max(position_ids) + 1 >
         original_max_position_embeddings, the short ones otherwise; both are scaled by attention_factor.
         """
-        inv_freq = self.inv_freq
+        inv_freq = cast(Tensor, self.inv_freq)  # set by reset_buffers
         if self.long_inv_freq is not None:
-            is_long = position_ids.max() + 1 > self.settings.original_max_position_embeddings
-            inv_freq = torch.where(is_long, self.long_inv_freq, self.inv_freq)  # no host sync
+            is_long = position_ids.max() + 1 > cast(int, self.settings.original_max_position_embeddings)
+            inv_freq = torch.where(is_long, self.long_inv_freq, inv_freq)  # no host sync
         freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (b, s, r): rotate-half layout
         scale = self.settings.attention_factor
@@ -448,6 +465,24 @@ def build_attention_mask(
     return AttentionMask(mask, False, empty_rows)
 
 
+def fused_layout(config: Any) -> OrderedDict[str, OrderedDict[str, int]]:
+    """The slices of Phi-3's fused projections, in output-row order: ``{"qkv_proj": {"q": H*d,
+    "k": KV*d, "v": KV*d}, "gate_up_proj": {"gate": I, "up": I}}``.
+
+    The one place these sizes are computed: :class:`Phi3Attention` splits qkv_proj's output by it,
+    :attr:`Phi3ForCausalLM.fused_splits` declares it, and :func:`lora.fused_splits` reads it from a
+    Hugging Face ``Phi3Config`` (``config`` is either; head_dim and num_key_value_heads default as
+    in Phi3Config).
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return OrderedDict(
+        qkv_proj=OrderedDict(q=heads * head_dim, k=kv_heads * head_dim, v=kv_heads * head_dim),
+        gate_up_proj=OrderedDict(gate=config.intermediate_size, up=config.intermediate_size),
+    )
+
+
 class Phi3Attention(nn.Module):
     """Grouped-query self-attention with a fused qkv projection.
 
@@ -459,13 +494,9 @@ class Phi3Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = cast(int, config.head_dim)  # resolved by Phi3Config.__post_init__
         self.attention_dropout = config.attention_dropout
-        self.split_sizes = [
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        ]
+        self.split_sizes = list(fused_layout(config)["qkv_proj"].values())  # [q: H*d, k: KV*d, v: KV*d]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
@@ -703,18 +734,10 @@ class Phi3ForCausalLM(nn.Module):
         )
 
     @property
-    def fused_splits(self) -> "OrderedDict[str, OrderedDict[str, int]]":
+    def fused_splits(self) -> OrderedDict[str, OrderedDict[str, int]]:
         """Slices of the fused projections, in output-row order: ``{"qkv_proj": {"q": H*d, "k": KV*d, "v": KV*d},
         "gate_up_proj": {"gate": I, "up": I}}``. A surgery pass uses it to adapt e.g. ``"qkv_proj[q,v]"``."""
-        c = self.config
-        return OrderedDict(
-            qkv_proj=OrderedDict(
-                q=c.num_attention_heads * c.head_dim,
-                k=c.num_key_value_heads * c.head_dim,
-                v=c.num_key_value_heads * c.head_dim,
-            ),
-            gate_up_proj=OrderedDict(gate=c.intermediate_size, up=c.intermediate_size),
-        )
+        return fused_layout(self.config)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -904,7 +927,7 @@ class Phi3ForCausalLM(nn.Module):
         path: str | os.PathLike,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-    ) -> "Phi3ForCausalLM":
+    ) -> Phi3ForCausalLM:
         """Load a checkpoint directory: config.json plus model.safetensors, or shards listed in
         model.safetensors.index.json. Never unpickles.
 
@@ -921,6 +944,9 @@ class Phi3ForCausalLM(nn.Module):
         """
         path = Path(path)
         config = Phi3Config.from_json_file(ckpt.require_file(path, ckpt.CONFIG_NAME))
+        # The config is checked against the weights' headers before anything is built: a config
+        # claiming a million layers must not build them for minutes before the shapes disagree.
+        _check_config_against_tensors(config, ckpt.tensor_shapes(path), path)
         dtype = _resolve_dtype(dtype, config)
         device = torch.device(device if device is not None else "cpu")
         with torch.device("meta"):
@@ -936,6 +962,7 @@ class Phi3ForCausalLM(nn.Module):
         )
         model.tie_weights()
         model.model.rotary_emb.reset_buffers(device)
+        model.name_or_path = str(path)  # type: ignore[assignment]  # what save_adapter records
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
@@ -959,3 +986,86 @@ class Phi3ForCausalLM(nn.Module):
         config.setdefault("architectures", ["Phi3ForCausalLM"])
         atomic_write_json(Path(path) / ckpt.CONFIG_NAME, config)
         return written
+
+
+# --- config checks (types when read; against the checkpoint before building) ----------------
+_INT_OR_NONE = ("num_key_value_heads", "head_dim", "original_max_position_embeddings",
+                "sliding_window", "bos_token_id", "pad_token_id")
+_REAL = {"rms_norm_eps": (0.0, None, False), "rope_theta": (0.0, None, False),
+         "resid_pdrop": (0.0, 1.0, True), "embd_pdrop": (0.0, 1.0, True),
+         "attention_dropout": (0.0, 1.0, True), "initializer_range": (0.0, None, True)}
+_BOOL = ("tie_word_embeddings", "use_cache")
+_STR_OR_NONE = ("torch_dtype", "dtype")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_field_types(c: Phi3Config) -> None:
+    """Every known key's type, so that a bad value fails when config.json is read, naming the key,
+    not at the first forward pass."""
+    for key in _INT_OR_NONE:
+        v = getattr(c, key)
+        if v is not None and not _is_int(v):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected an int or null")
+    for key, (low, high, low_ok) in _REAL.items():
+        v = getattr(c, key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v >= low if low_ok else v > low) and (high is None or v < high)
+        if not ok:
+            bound = f"{'>=' if low_ok else '>'} {low}"
+            bound += f" and < {high}" if high is not None else ""
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a finite number {bound}")
+    if c.partial_rotary_factor is not None:
+        v = c.partial_rotary_factor
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, "
+                             "1] or null")
+    for key in _BOOL:
+        if not isinstance(getattr(c, key), bool):
+            raise ValueError(f"Phi3Config: {key}={getattr(c, key)!r}; expected true or false")
+    for key in _STR_OR_NONE:
+        v = getattr(c, key)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dtype name such as "
+                             "'bfloat16', or null")
+    for key in ("rope_scaling", "rope_parameters"):
+        v = getattr(c, key)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dict or null")
+    eos = c.eos_token_id
+    eos_ok = eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))
+    if not eos_ok:
+        raise ValueError(f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or "
+                         "null")
+    if not isinstance(c.hidden_act, str) or not isinstance(c.model_type, str):
+        bad = "hidden_act" if not isinstance(c.hidden_act, str) else "model_type"
+        raise ValueError(f"Phi3Config: {bad}={getattr(c, bad)!r}; expected a string")
+
+
+def _check_config_against_tensors(
+    config: Phi3Config, shapes: dict[str, tuple[int, ...]], path
+) -> None:
+    """The config keys that size the model agree with the checkpoint's tensor headers.
+
+    Raises ``CheckpointError`` naming the key, its value and what the tensors say.
+    """
+    problems = []
+    layers = {int(name.split(".")[2]) for name in shapes
+              if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+    found = max(layers) + 1 if layers else 0
+    if config.num_hidden_layers != found:
+        problems.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+                        f"{found} layers")
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and embed != (config.vocab_size, config.hidden_size):
+        problems.append(f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, but "
+                        f"model.embed_tokens.weight is {embed}")
+    down = shapes.get("model.layers.0.mlp.down_proj.weight")
+    if down is not None and down != (config.hidden_size, config.intermediate_size):
+        problems.append(f"intermediate_size={config.intermediate_size}, but "
+                        f"model.layers.0.mlp.down_proj.weight is {down}")
+    if problems:
+        raise ckpt.CheckpointError(f"{Path(path) / ckpt.CONFIG_NAME} does not match the weights: "
+                                   + "; ".join(problems))
