@@ -393,3 +393,24 @@ def test_finetune_keeps_prepared_data_next_to_the_output_and_reuses_it(tmp_path)
              log=again.append)
     assert any(line.startswith("prepared data from the cache") for line in again)
     assert len(list((tmp_path / "out" / "data_cache").glob("prepared-*"))) == 1
+
+
+def test_example_array_hash_follows_the_sequences(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_records(16, seed=13))
+    a = prepare_chat_data(path, tokenizer, 64, eval_fraction=0.25)
+    b = prepare_chat_data(path, tokenizer, 64, eval_fraction=0.25, cache_dir=tmp_path / "c")
+    c = prepare_chat_data(path, tokenizer, 64, eval_fraction=0.25, cache_dir=tmp_path / "c")
+    assert a.train.content_sha256() == b.train.content_sha256() == c.train.content_sha256()
+    assert a.train.content_sha256() != a.eval.content_sha256()
+    packed = prepare_chat_data(path, tokenizer, 64, eval_fraction=0.25, packing=True)
+    assert packed.train.content_sha256() != a.train.content_sha256()
+
+
+def test_resume_fingerprints_take_directories_and_globs(tmp_path):
+    from lora.finetune.resume import file_fingerprints
+
+    (tmp_path / "d").mkdir()
+    files = [write_jsonl(tmp_path / "d" / f"{n}.jsonl", chat_records(2, seed=n)) for n in (1, 2)]
+    assert file_fingerprints(tmp_path / "d") == file_fingerprints(files)
+    assert file_fingerprints(str(tmp_path / "d" / "*.jsonl")) == file_fingerprints(files)
+    assert [f["path"] for f in file_fingerprints(files)] == [str(p.resolve()) for p in files]
