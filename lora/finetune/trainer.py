@@ -176,6 +176,7 @@ class Trainer:
             attention_mask=batch["attention_mask"].to(dev),
             position_ids=batch["position_ids"].to(dev),
             labels=batch["labels"].to(dev),
+            use_cache=False,  # a returned cache would keep every layer's keys and values alive
             num_items_in_batch=num_items,
         )
 
