@@ -98,13 +98,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def write_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     write_adapter: Callable[[Path], None],
     extra_state: dict[str, Any],
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically and return its path.
 
     ``write_adapter(directory)`` writes the adapter files into the temporary directory.
+    ``optimizer`` None (save_only_model): no training_state.safetensors, and no optimizer or RNG
+    state in trainer_state.json: such a checkpoint cannot be resumed.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,10 +114,13 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=output_dir))
     try:
         write_adapter(tmp)
-        opt_tensors, opt_meta = optimizer_state_to_flat(optimizer.state_dict())
-        rng_tensors, rng_meta = rng_state()
-        atomic_save_safetensors({**opt_tensors, **rng_tensors}, tmp / TENSOR_FILE)
-        atomic_write_json(tmp / STATE_FILE, {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra_state})
+        if optimizer is None:
+            atomic_write_json(tmp / STATE_FILE, {"step": step, **extra_state})
+        else:
+            opt_tensors, opt_meta = optimizer_state_to_flat(optimizer.state_dict())
+            rng_tensors, rng_meta = rng_state()
+            atomic_save_safetensors({**opt_tensors, **rng_tensors}, tmp / TENSOR_FILE)
+            atomic_write_json(tmp / STATE_FILE, {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra_state})
         for f in tmp.iterdir():  # the adapter writer may not have fsynced
             _fsync_file(f)
         fsync_dir(tmp)

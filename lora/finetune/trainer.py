@@ -32,7 +32,7 @@ from torch import nn
 from .._io import atomic_open
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
-from .config import TrainingConfig
+from .config import TrainingConfig, resolve_steps
 from .state import (
     latest_checkpoint,
     list_checkpoints,
@@ -42,7 +42,18 @@ from .state import (
     write_checkpoint,
 )
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "finetune", "lr_factor", "load_configs"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainingError",
+    "finetune",
+    "lr_factor",
+    "load_configs",
+    "make_optimizer",
+    "make_loss_scaler",
+    "training_device",
+    "Intervals",
+]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -65,6 +76,145 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"lr_scheduler_type={kind!r}")
+
+
+def training_device(config: TrainingConfig) -> torch.device:
+    """Where ``finetune`` trains: the first CUDA device when there is one, unless ``use_cpu``."""
+    if not config.use_cpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_optimizer(config: TrainingConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch optimizer that ``config.optim`` names (see ``config.OPTIMIZERS``), over ``params``,
+    with ``learning_rate`` and ``weight_decay`` (matrices only: no decay on 1-D parameters); the
+    AdamW kinds also take adam_beta1, adam_beta2 and adam_epsilon.
+
+    Raises:
+        ValueError: an optim value with no torch optimizer (TrainingConfig refuses it first).
+    """
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    name, lr = config.optim, config.learning_rate
+    adam = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    if name in ("adamw_torch", "adamw_hf", "paged_adamw_32bit"):
+        return torch.optim.AdamW(groups, **adam, foreach=False)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(groups, **adam, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr)
+    raise ValueError(f"training_config optim={name!r}: no torch optimizer for it")
+
+
+def make_loss_scaler(config: TrainingConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16: a CUDA ``GradScaler`` (float16 gradients underflow without one); otherwise None.
+
+    Raises:
+        ValueError: fp16 on a device other than CUDA.
+    """
+    if not config.fp16:
+        return None
+    if device.type != "cuda":
+        raise ValueError(
+            f"training_config fp16=true needs a CUDA GPU (float16 compute with a loss scaler); this run "
+            f"is on {device.type}. On CPU use bf16=true (bfloat16 base weights) or neither (float32)."
+        )
+    return torch.amp.GradScaler("cuda")
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """When the loop logs, evaluates and saves: transformers' ``*_strategy`` and ``*_steps``, with
+    "epoch" as every ``steps_per_epoch`` optimizer steps. None: never between start and end.
+
+    At the last step a log row is always written, and (unless the strategy is "no" for saving, or
+    evaluation is off) a checkpoint and an evaluation always follow.
+    """
+
+    log_every: int | None
+    eval_every: int | None
+    save_every: int | None
+    log_first_step: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainingConfig, total_steps: int, steps_per_epoch: int,
+                    evaluate: bool) -> "Intervals":
+        def every(strategy: str | None, steps) -> int | None:
+            if strategy == "epoch":
+                return steps_per_epoch
+            if strategy == "steps" and steps is not None:
+                return resolve_steps(steps, total_steps)
+            return None
+
+        eval_strategy = cfg.eval_strategy or ("steps" if cfg.eval_steps else "no")
+        eval_steps = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
+        return cls(
+            log_every=every(cfg.logging_strategy, cfg.logging_steps),
+            eval_every=every(eval_strategy, eval_steps) if evaluate else None,
+            save_every=every(cfg.save_strategy, cfg.save_steps),
+            log_first_step=cfg.logging_first_step,
+        )
+
+    def logs(self, step: int, total: int) -> bool:
+        return step == total or (self.log_first_step and step == 1) or _hits(step, self.log_every)
+
+    def evaluates(self, step: int, total: int) -> bool:
+        return step != total and _hits(step, self.eval_every)
+
+    def saves(self, step: int, total: int) -> bool:
+        return step != total and _hits(step, self.save_every)
+
+
+def _hits(step: int, every: int | None) -> bool:
+    return every is not None and step % every == 0
+
+
+# How much a run prints, by log_level: setup and checkpoint lines are "info"; the periodic step
+# and eval lines are "metrics" (printed down to "warning", as transformers prints its metric dicts
+# whatever the level); "error" and "critical" print nothing while a run goes well.
+_LEVELS = {"debug": 10, "info": 20, "passive": 20, "metrics": 30, "warning": 30, "error": 40, "critical": 50}
+
+
+def _prints(config: TrainingConfig, level: str) -> bool:
+    return _LEVELS[level] >= _LEVELS[config.log_level]
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class TensorBoardReporter:
+    """Writes each metrics row as tensorboard scalars (``train/loss``, ``eval/loss``, ...), with
+    transformers' tag names, into ``log_dir``. Needs the tensorboard package."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def report(self, row: dict) -> None:
+        step = row["step"]
+        for key, value in row.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 @dataclass
@@ -91,8 +241,14 @@ class Trainer:
         training: a :class:`TrainingConfig`.
         peft: the :class:`lora.LoRAConfig` to inject with (ignored when the model is already injected).
         base_model_name_or_path: recorded in adapter_config.json.
-        log: where log lines go (default: through tqdm, to stderr's neighbour stdout).
-        progress: show a tqdm progress bar.
+        log: where log lines go (default: through tqdm, to stderr's neighbour stdout); how many
+            lines depends on ``training.log_level``.
+        progress: show a tqdm progress bar on stderr, when stderr is a terminal (and
+            ``disable_tqdm`` is not set). Elsewhere (CI, nohup, a log file) only the periodic
+            step lines are printed.
+
+    Raises:
+        ValueError: no trainable parameter; fp16 off CUDA; do_eval=true with no eval data.
     """
 
     def __init__(
@@ -117,19 +273,13 @@ class Trainer:
             inject(model, peft)
         self.peft = model.lora_config
         if training.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable({"use_reentrant": training.use_reentrant})
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("Trainer: the model has no trainable parameter")
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": training.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
-            eps=training.adam_epsilon, foreach=False,
-        )
+        self.optimizer = make_optimizer(training, self.params)
+        self.scaler = make_loss_scaler(training, self._device())
+        self._set_tf32()
         n = len(data.train)
         self.micro_per_epoch = math.ceil(n / training.per_device_train_batch_size)
         self.steps_per_epoch = max(1, self.micro_per_epoch // training.gradient_accumulation_steps)
@@ -137,13 +287,47 @@ class Trainer:
             training.max_steps if training.max_steps > 0
             else max(1, math.ceil(training.num_train_epochs * self.steps_per_epoch))
         )
-        self.warmup_steps = training.warmup_steps or math.ceil(training.warmup_ratio * self.total_steps)
+        self.warmup_steps = (
+            resolve_steps(training.warmup_steps, self.total_steps) if training.warmup_steps
+            else math.ceil(training.warmup_ratio * self.total_steps)
+        )
+        self.evaluates = self._evaluation_wanted()
+        self.intervals = Intervals.from_config(training, self.total_steps, self.steps_per_epoch, self.evaluates)
         self.collate = data.collate_fn()
+        self._reporters: list = []
         self.step = 0
         self._perm_cache: tuple[int, list[int]] | None = None
 
+    def _evaluation_wanted(self) -> bool:
+        cfg, has_eval = self.cfg, bool(self.data.eval)
+        if cfg.do_eval is False:
+            if not cfg.skips_evaluation and has_eval:
+                self._why_eval = (f"evaluating although do_eval=false: eval_strategy={cfg.eval_strategy!r} "
+                                  "turns it on, as in transformers")
+                return True
+            self._why_eval = "do_eval=false: no evaluation"
+            return False
+        if cfg.do_eval is True and not has_eval:
+            raise ValueError("training_config do_eval=true, but there is no eval data: give an eval file "
+                             "(--eval-data) or a positive eval_fraction")
+        self._why_eval = None if has_eval else "no eval data: no evaluation"
+        return has_eval
+
+    def _set_tf32(self) -> None:
+        if self.cfg.tf32 is None:
+            return
+        if self._device().type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
+            torch.backends.cudnn.allow_tf32 = self.cfg.tf32
+        elif self.cfg.tf32:
+            self.log(f"tf32=true has no effect on {self._device().type} (TensorFloat-32 is a CUDA mode)",
+                     "warning")
+
     # --- logging -----------------------------------------------------------------------------------
-    def log(self, line: str) -> None:
+    def log(self, line: str, level: str = "info") -> None:
+        """Print ``line`` if ``log_level`` lets ``level`` through ("info", "metrics", "warning")."""
+        if not _prints(self.cfg, level):
+            return
         if self._log is not None:
             self._log(line)
         else:
@@ -155,6 +339,21 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        for reporter in self._reporters:
+            reporter.report(row)
+
+    def _open_reporters(self) -> None:
+        self._reporters = []
+        if "tensorboard" in self.cfg.report_targets():
+            log_dir = Path(self.cfg.logging_dir) if self.cfg.logging_dir else self.output_dir / "runs"
+            # purge_step: a resumed run's events replace those the interrupted one wrote after it
+            self._reporters.append(TensorBoardReporter(log_dir, purge_step=self.step or None))
+            self.log(f"tensorboard event files: {log_dir}")
+
+    def _close_reporters(self) -> None:
+        for reporter in self._reporters:
+            reporter.close()
+        self._reporters = []
 
     # --- data ----------------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict:
@@ -210,7 +409,7 @@ class Trainer:
             return
         ppl = math.exp(min(loss, 50.0))
         self._append_metrics({"step": self.step, "eval_loss": loss, "eval_perplexity": ppl})
-        self.log(f"step {self.step:>6d} | eval loss {loss:.4f} | perplexity {ppl:.2f}")
+        self.log(f"step {self.step:>6d} | eval loss {loss:.4f} | perplexity {ppl:.2f}", "metrics")
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def _write_adapter(self, directory: Path) -> None:
@@ -219,11 +418,14 @@ class Trainer:
         save_adapter(self.model, directory, base_model_name_or_path=self.base_model_name_or_path)
 
     def save_checkpoint(self) -> Path:
-        path = write_checkpoint(
-            self.output_dir, self.step, self.optimizer, self._write_adapter,
-            {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-             "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path},
-        )
+        extra = {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
+                 "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path}
+        if self.scaler is not None:
+            extra["grad_scaler"] = self.scaler.state_dict()
+        if self.cfg.save_only_model:
+            extra["save_only_model"] = True  # no optimizer or RNG state: cannot be resumed
+        optimizer = None if self.cfg.save_only_model else self.optimizer
+        path = write_checkpoint(self.output_dir, self.step, optimizer, self._write_adapter, extra)
         _fsync_path(self.output_dir / METRICS_FILE)
         for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
             self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
@@ -238,9 +440,12 @@ class Trainer:
         if checkpoint is None:
             self.log(f"no checkpoint in {self.output_dir}: starting from step 0")
             return 0
+        _refuse_model_only_checkpoint(checkpoint)
         state, tensors = read_training_state(checkpoint)
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self._truncate_metrics(self.step)
         self.log(f"resumed from {checkpoint} at step {self.step}")
@@ -257,7 +462,7 @@ class Trainer:
                 f"output_dir {str(self.output_dir)!r} holds an earlier run ({', '.join(sorted(p.name for p in earlier))}): "
                 "resume it (--resume), choose another --output, or set overwrite_output_dir to start over"
             )
-        for p in earlier + [self.output_dir / "loss_curve.png", self.output_dir / "merged"]:
+        for p in earlier + [self.output_dir / "loss_curve.png", self.output_dir / "merged", self.output_dir / "runs"]:
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
@@ -282,13 +487,19 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
-        """Run until ``total_steps``; evaluate at eval_steps and at the end; checkpoint at save_steps.
+        """Run until ``total_steps``; log, evaluate and checkpoint as ``Intervals`` says (by default:
+        every logging_steps, every eval_steps and at the end, every save_steps and at the end).
+
+        ``resume``: True (the newest complete checkpoint in output_dir), a checkpoint path, or False
+        (then ``resume_from_checkpoint`` from the config, if set).
 
         Raises :class:`TrainingError` on a non-finite loss (no checkpoint is written for that step).
         """
         from tqdm import tqdm
 
         cfg = self.cfg
+        if not resume and cfg.resume_from_checkpoint:
+            resume = cfg.resume_from_checkpoint
         if resume:
             self.resume(None if resume is True else resume)
         else:
@@ -298,11 +509,42 @@ class Trainer:
         self.log(
             f"{len(self.data.train)} training sequences, {self.micro_per_epoch} micro-batches of "
             f"{cfg.per_device_train_batch_size} per epoch, gradient accumulation {cfg.gradient_accumulation_steps}: "
-            f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, {cfg.lr_scheduler_type} schedule)"
+            f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, {cfg.lr_scheduler_type} schedule, "
+            f"optimizer {cfg.optim})"
         )
+        if self._why_eval:
+            self.log(self._why_eval)
+        self._open_reporters()
+        try:
+            last_loss = self._loop(tqdm)
+        finally:
+            self._close_reporters()
+        eval_loss = None
+        if self.evaluates:
+            eval_loss = self.evaluate()
+            self._log_eval(eval_loss)
+        final = None
+        if cfg.save_strategy != "no":
+            final = self.save_checkpoint()  # a later --resume with a larger max_steps continues from here
+            self.log(f"saved {final}")
+        adapter_dir = self.output_dir / "adapter"
+        self._write_adapter(adapter_dir)
+        plot = plot_metrics(self.output_dir)
+        return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
+                           read_metrics(self.output_dir), plot)
+
+    def _draws_progress_bar(self) -> bool:
+        # A bar is carriage-return frames: on anything but a terminal (CI, nohup, a log file) they
+        # pile up on one line, and the periodic step lines already say the same.
+        return self.progress and not self.cfg.disable_tqdm and _is_terminal(sys.stderr)
+
+    def _loop(self, tqdm) -> float | None:
+        cfg, when = self.cfg, self.intervals
+        if cfg.eval_on_start and self.evaluates and self.step == 0:
+            self._log_eval(self.evaluate())
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
-                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self._draws_progress_bar(),
+                   desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         window_start = time.perf_counter()
         run_start = time.perf_counter()
@@ -318,7 +560,7 @@ class Trainer:
             step_loss = 0.0
             for batch in batches:
                 loss = self._forward(batch, num_items=num_items).loss
-                loss.backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 step_loss += float(loss.detach())
                 window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
                                      else batch["attention_mask"].sum())
@@ -328,13 +570,9 @@ class Trainer:
                 raise TrainingError(
                     f"loss is {step_loss} at step {self.step + 1}: stopping. "
                     + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
-                    + " Try a lower learning_rate, or fp32 instead of bf16."
+                    + " Try a lower learning_rate, or fp32 instead of bf16/fp16."
                 )
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self._optimizer_step()
             self.step += 1
             last_loss = step_loss
             window_loss += step_loss
@@ -342,7 +580,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
-            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+            if when.logs(self.step, self.total_steps):
                 now = time.perf_counter()
                 elapsed = now - run_start
                 tps = window_tokens / max(now - window_start, 1e-9)
@@ -353,25 +591,33 @@ class Trainer:
                 self._append_metrics(row)
                 self.log(
                     f"step {self.step:>6d}/{self.total_steps} | loss {row['loss']:.4f} | lr {lr:.3e} | "
-                    f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}"
+                    f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}",
+                    "metrics",
                 )
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 window_start = time.perf_counter()
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
+            if when.evaluates(self.step, self.total_steps):
                 self._log_eval(self.evaluate())
-            if self.step % cfg.save_steps == 0 and self.step != self.total_steps:
+            if when.saves(self.step, self.total_steps):
                 path = self.save_checkpoint()
                 self.log(f"saved {path}")
         bar.close()
-        eval_loss = self.evaluate()
-        self._log_eval(eval_loss)
-        final = self.save_checkpoint()  # always: a later --resume with a larger max_steps continues from here
-        self.log(f"saved {final}")
-        adapter_dir = self.output_dir / "adapter"
-        self._write_adapter(adapter_dir)
-        plot = plot_metrics(self.output_dir)
-        return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
-                           read_metrics(self.output_dir), plot)
+        return last_loss
+
+    def _optimizer_step(self) -> float | None:
+        """Clip (after unscaling, under fp16), step, zero the gradients; returns the gradient norm."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
         """Merge the adapter into the base weights and write a full checkpoint directory
@@ -385,6 +631,19 @@ class Trainer:
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(directory)
         return directory
+
+
+def _refuse_model_only_checkpoint(checkpoint: Path) -> None:
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # read_training_state reports a damaged checkpoint
+    if state.get("save_only_model"):
+        raise ValueError(
+            f"{checkpoint} was written with save_only_model=true: it holds the adapter but no optimizer "
+            "or RNG state, so a run cannot continue from it exactly. Start a fresh run (load the adapter "
+            "from it), or train with save_only_model=false to be able to resume."
+        )
 
 
 def _fsync_path(path: Path) -> None:
@@ -489,17 +748,23 @@ def finetune(
 
     training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
-    say = log or print
+    def say(line: str) -> None:
+        if _prints(training, "info"):
+            (log or print)(line)
+
+    device = training_device(training)
+    make_loss_scaler(training, device)  # fp16 off CUDA: say so before reading data and weights
     torch.manual_seed(training.seed)
     tokenizer = Tokenizer.from_pretrained(model_dir)
+    # do_eval=false: nothing is evaluated, so nothing is held out of the training data either
+    held_out = 0.0 if eval_file is not None or training.skips_evaluation else training.eval_fraction
     data = prepare_chat_data(
-        train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
-        eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
+        train_file, tokenizer, training.max_seq_length, eval_file=eval_file, eval_fraction=held_out,
         seed=training.seed, packing=training.packing, on_error=training.on_error,
     )
     say(data.summary())
-    dtype = torch.bfloat16 if training.bf16 else torch.float32
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
     inject(model, peft)
     trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
                       progress=progress)

@@ -575,6 +575,7 @@ class Phi3Model(nn.Module):
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.checkpoint_use_reentrant = False  # torch.utils.checkpoint's use_reentrant
 
     def _resolve_use_cache(self, use_cache: bool | None) -> bool:
         """None -> ``config.use_cache``; then off while checkpointing a training step (as transformers:
@@ -634,7 +635,12 @@ class Phi3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
             if self.gradient_checkpointing and self.training:
-                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=False)
+                if self.checkpoint_use_reentrant and not x.requires_grad and torch.is_grad_enabled():
+                    # The reentrant kind only back-propagates into a segment whose tensor inputs
+                    # need grad; with a frozen embedding none does (transformers' remedy too).
+                    x = x.requires_grad_()
+                reentrant = self.checkpoint_use_reentrant
+                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=reentrant)
             else:
                 x, present = layer(x, cos, sin, attn, past)
             if use_cache:
@@ -748,8 +754,23 @@ class Phi3ForCausalLM(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = bool(value)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint each decoder layer (``torch.utils.checkpoint``, use_reentrant=False) while training."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint each decoder layer with ``torch.utils.checkpoint`` while training.
+
+        ``gradient_checkpointing_kwargs``: ``{"use_reentrant": bool}`` (default False, the kind torch
+        recommends), as transformers takes it. Both give the same gradients.
+
+        Raises:
+            ValueError: another key, or a use_reentrant that is not a bool.
+        """
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        reentrant = kwargs.pop("use_reentrant", False)
+        if kwargs or not isinstance(reentrant, bool):
+            raise ValueError(
+                f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}; expected at most "
+                "{'use_reentrant': True or False}"
+            )
+        self.model.checkpoint_use_reentrant = reentrant
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
