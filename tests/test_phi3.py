@@ -322,8 +322,10 @@ def test_4d_mask_keeps_packed_documents_apart():
     # transformers 5 infers the same from restarting position ids alone, with no mask and no cache
     assert max_diff(model(ids, position_ids=positions, use_cache=False).logits[0], packed) < 1e-6
     # ... but not when a cache is built (use_cache None -> config.use_cache = True), nor with a mask
-    for kwargs in ({}, {"use_cache": True}, {"use_cache": False, "attention_mask": torch.ones_like(ids)}):
-        assert max_diff(model(ids, position_ids=positions, **kwargs).logits[0], packed) > 1e-3, kwargs
+    with_mask = {"use_cache": False, "attention_mask": torch.ones_like(ids)}
+    for kwargs in ({}, {"use_cache": True}, with_mask):
+        logits = model(ids, position_ids=positions, **kwargs).logits[0]
+        assert max_diff(logits, packed) > 1e-3, kwargs
 
 
 def test_restarting_position_ids_pack_in_a_checkpointed_training_step():
@@ -331,7 +333,7 @@ def test_restarting_position_ids_pack_in_a_checkpointed_training_step():
     ids = torch.randint(3, 96, (1, 9))
     positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
     apart = model(ids, position_ids=positions, use_cache=False).logits
-    model.gradient_checkpointing_enable()  # turns use_cache off in training, so ids restart = packing
+    model.gradient_checkpointing_enable()  # use_cache off in training: restarting ids = packing
     out = model(ids, position_ids=positions)
     assert out.past_key_values is None
     assert max_diff(out.logits, apart) < 1e-6

@@ -171,7 +171,7 @@ def test_restarting_position_ids_match_transformers(name, kwargs):
 
 
 def test_restarting_position_ids_match_transformers_in_a_checkpointed_training_step():
-    """transformers turns use_cache off under gradient checkpointing in training: packing applies."""
+    """transformers turns use_cache off under gradient checkpointing in training: packing."""
     hf, ours = make_pair(CONFIGS["gqa"])
     getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)()
     ours.gradient_checkpointing_enable()
@@ -228,7 +228,7 @@ def test_kv_cache_decoding_matches_transformers(name):
 def test_greedy_generate_with_left_padding_matches_transformers(name, prompt, pads, new):
     hf, ours = make_pair(CONFIGS[name])
     ids, mask = left_padded(2, prompt, pads)
-    want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                       eos_token_id=None)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
     got = ours.generate(ids, max_new_tokens=new, attention_mask=mask)
     assert torch.equal(got, want)

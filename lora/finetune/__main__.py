@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(OUTPUT/merged) that Phi3ForCausalLM.from_pretrained and transformers read")
     ap.add_argument("--on-error", choices=["raise", "skip"], help="malformed records: stop before training and list "
                     "them (raise, the default) or leave them out and report how many (skip)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal "
+                    "(elsewhere only the step lines are printed anyway)")
     return ap
 
 

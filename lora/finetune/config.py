@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-STRATEGIES = ("no", "steps", "epoch")  # logging_strategy, save_strategy, eval_strategy (transformers')
+STRATEGIES = ("no", "steps", "epoch")  # transformers' logging_, save_ and eval_strategy
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
 REPORT_TO = ("none", "tensorboard", "all")
 
@@ -44,7 +44,7 @@ OPTIMIZERS: dict[str, str] = {
     "adamw_torch": "torch.optim.AdamW",
     "adamw_torch_fused": "torch.optim.AdamW(fused=True)",
     "adamw_hf": "torch.optim.AdamW (transformers' removed AdamW computed the same update)",
-    "paged_adamw_32bit": "torch.optim.AdamW (the same 32-bit update; its state is not paged to CPU)",
+    "paged_adamw_32bit": "torch.optim.AdamW (the same 32-bit update; the state is not paged)",
     "sgd": "torch.optim.SGD",
     "adafactor": "torch.optim.Adafactor (lr as given: transformers' relative_step=False)",
     "adagrad": "torch.optim.Adagrad",
@@ -192,11 +192,11 @@ _NOT_DONE = {
     "do_predict": "there is no prediction step; use lora-generate",
     "use_cache": "the training forward never builds a KV cache",
     "save_safetensors": "checkpoints are always safetensors (nothing here pickles)",
-    "group_by_length": "batches are drawn in a seeded random order; packing=true wastes less padding",
+    "group_by_length": "batches are drawn in a seeded random order (packing pads less)",
     "train_sampling_strategy": "batches are drawn in a seeded random order",
     "dataloader_drop_last": "the last, smaller micro-batch of an epoch is kept",
     "ignore_data_skip": "a resumed run always continues the same data order",
-    "full_determinism": "CPU runs are deterministic already; CUDA kernels are not forced deterministic",
+    "full_determinism": "CPU runs are deterministic already; CUDA kernels are not forced to be",
     "data_seed": "the data order follows seed",
     "torch_empty_cache_steps": "the CUDA cache is not emptied during training",
     "torch_compile": "the model runs eagerly",
@@ -213,7 +213,17 @@ _NOT_DONE = {
     "load_best_model_at_end": "the final adapter is the last step's; every checkpoint is kept "
                               "within save_total_limit",
     "fsdp": "one process, no sharding",
+    "fsdp_config": "one process, no sharding",
     "deepspeed": "one process, no DeepSpeed",
+    "accelerator_config": "one process, no Accelerate",
+    "parallelism_config": "one process, no Accelerate",
+    "torch_compile_backend": "the model runs eagerly",
+    "torch_compile_mode": "the model runs eagerly",
+    "liger_kernel_config": "no Liger kernels here",
+    "enable_jit_checkpoint": "checkpoints are written at save steps and at the end only",
+    "metric_for_best_model": "no best-model tracking",
+    "greater_is_better": "no best-model tracking",
+    "debug": "no debug modes",
 }
 
 
@@ -223,14 +233,15 @@ class TrainingConfig:
 
     ``overwrite_output_dir``: a fresh (not resumed) run into an output_dir that holds an earlier
     run's checkpoints is an error unless this is true; then that run's files are removed first.
-    ``max_steps`` > 0 overrides ``num_train_epochs``. ``warmup_steps`` > 0 overrides ``warmup_ratio``
-    (a float below 1 is a ratio of the total steps, as transformers 5). ``logging_steps``,
-    ``eval_steps`` and ``save_steps`` may be a float in (0, 1): that share of the total steps,
-    rounded up. ``bf16`` / ``fp16``: base weights in bfloat16 / float16, LoRA parameters in float32
-    (fp16 needs CUDA and uses a loss scaler). ``do_eval`` None: evaluate when there is eval data;
-    false: never. ``eval_fraction``: the share of the training file held out when no eval file is
-    given. ``on_error``: "raise" (stop before training and list every malformed record) or "skip"
-    (leave them out and report how many). docs/finetune.md describes every key.
+    ``max_steps`` > 0 overrides ``num_train_epochs``. ``warmup_steps`` > 0 overrides
+    ``warmup_ratio`` (a float below 1 is a ratio of the total steps, as transformers 5).
+    ``logging_steps``, ``eval_steps`` and ``save_steps`` may be a float in (0, 1): that share of
+    the total steps, rounded up. ``bf16`` / ``fp16``: base weights in bfloat16 / float16, LoRA
+    parameters in float32 (fp16 needs CUDA and uses a loss scaler). ``do_eval`` None: evaluate
+    when there is eval data; false: never. ``eval_fraction``: the share of the training file held
+    out when no eval file is given. ``on_error``: "raise" (stop before training and list every
+    malformed record) or "skip" (leave them out and report how many). docs/finetune.md describes
+    every key.
     """
 
     output_dir: str = "lora-output"
@@ -301,11 +312,12 @@ class TrainingConfig:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
                 raise ValueError(f"training_config {name}={v!r}: expected a number in [0, 1)")
         w = self.warmup_steps
-        if isinstance(w, bool) or not (
-            (isinstance(w, int) and w >= 0) or (isinstance(w, float) and (0 <= w < 1 or (w >= 1 and w.is_integer())))
-        ):
+        whole = isinstance(w, int) or (isinstance(w, float) and w.is_integer())
+        in_range = isinstance(w, (int, float)) and (0 <= w < 1 or (w >= 1 and whole))
+        if isinstance(w, bool) or not in_range:
             raise ValueError(
-                f"training_config warmup_steps={w!r}: expected an int >= 0, or a float in [0, 1) (a ratio of the total steps)"
+                f"training_config warmup_steps={w!r}: expected an int >= 0, or a float in [0, 1) "
+                "(a ratio of the total steps)"
             )
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
@@ -317,28 +329,36 @@ class TrainingConfig:
                 raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
         for name in ("do_eval", "disable_tqdm", "tf32"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true, false or null")
+                raise ValueError(
+                    f"training_config {name}={getattr(self, name)!r}: expected true, false or null"
+                )
         if self.bf16 and self.fp16:
-            raise ValueError("training_config bf16=true and fp16=true: choose one (bf16 on CPU and recent GPUs)")
+            raise ValueError("training_config bf16=true and fp16=true: choose one (bf16 on CPU)")
         self._check_strategies()
         self._check_optim()
         self._check_report_to()
         if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"training_config log_level={self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+            raise ValueError(
+                f"training_config log_level={self.log_level!r}: expected one of "
+                f"{', '.join(LOG_LEVELS)}"
+            )
         kwargs = self.gradient_checkpointing_kwargs or {}
         if not isinstance(kwargs, dict) or set(kwargs) - {"use_reentrant"}:
             raise ValueError(
-                f"training_config gradient_checkpointing_kwargs={kwargs!r}: expected a dict with at most "
-                "'use_reentrant' (true or false)"
+                f"training_config gradient_checkpointing_kwargs={kwargs!r}: expected a dict with "
+                "at most 'use_reentrant' (true or false)"
             )
         if not isinstance(kwargs.get("use_reentrant", False), bool):
-            raise ValueError(f"training_config gradient_checkpointing_kwargs={kwargs!r}: use_reentrant must be true or false")
+            raise ValueError(
+                f"training_config gradient_checkpointing_kwargs={kwargs!r}: use_reentrant must be "
+                "true or false"
+            )
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"training_config on_error={self.on_error!r}: expected 'raise' or 'skip'")
         for name in ("logging_dir", "resume_from_checkpoint"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
-                raise ValueError(f"training_config {name}={v!r}: expected a path (a string) or null")
+                raise ValueError(f"training_config {name}={v!r}: expected a path (string) or null")
 
     def _check_strategies(self) -> None:
         for name in ("logging_strategy", "save_strategy", "eval_strategy"):
@@ -346,7 +366,8 @@ class TrainingConfig:
             if v is None and name == "eval_strategy":
                 continue  # not given: evaluate every eval_steps if set, and at the end
             if v not in STRATEGIES:
-                raise ValueError(f"training_config {name}={v!r}: expected one of {', '.join(map(repr, STRATEGIES))}")
+                expected = ", ".join(map(repr, STRATEGIES))
+                raise ValueError(f"training_config {name}={v!r}: expected one of {expected}")
 
     def _check_optim(self) -> None:
         if self.optim in OPTIMIZERS:
@@ -355,7 +376,7 @@ class TrainingConfig:
         if closest is not None:
             raise ValueError(
                 f"training_config optim={self.optim!r}: not available here (it needs "
-                f"{_optim_needs(self.optim)}); the closest supported is optim={closest!r} "
+                f"{_optim_needs(self.optim)}); the closest supported is {closest!r} "
                 f"({OPTIMIZERS[closest]})"
             )
         raise ValueError(
@@ -367,7 +388,8 @@ class TrainingConfig:
             if target == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
                 raise ValueError(
                     "training_config report_to='tensorboard' needs the tensorboard package: "
-                    "pip install 'lora[tensorboard]' (or report_to: 'none'; metrics.jsonl is always written)"
+                    "pip install 'lora[tensorboard]' (or report_to: 'none'; metrics.jsonl is "
+                    "always written)"
                 )
 
     def report_targets(self, check: bool = False) -> list[str]:
@@ -382,8 +404,9 @@ class TrainingConfig:
             if v not in REPORT_TO:
                 if check:
                     raise ValueError(
-                        f"training_config report_to={self.report_to!r}: {v!r} is not supported here; "
-                        f"expected 'none', 'tensorboard' or 'all' (metrics.jsonl is always written)"
+                        f"training_config report_to={self.report_to!r}: {v!r} is not supported "
+                        "here; expected 'none', 'tensorboard' or 'all' (metrics.jsonl is always "
+                        "written)"
                     )
                 continue
             if v == "all":
@@ -406,9 +429,9 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
         """Build from a ``training_config`` dict. An unknown key is a ``ValueError`` naming it;
-        the keys in :data:`IGNORED_KEYS` are accepted and have no effect (with the values listed there,
-        another value is refused with the reason); the keys in :data:`ALIASES` are other names of a
-        field (both given with different values is an error)."""
+        the keys in :data:`IGNORED_KEYS` are accepted and have no effect (with the values listed
+        there, another value is refused with the reason); the keys in :data:`ALIASES` are other
+        names of a field (both given with different values is an error)."""
         if not isinstance(d, dict):
             raise TypeError(f"training_config={d!r}: expected a dict")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -418,8 +441,8 @@ class TrainingConfig:
                 target = ALIASES[key]
                 if target in d and d[target] != value:
                     raise ValueError(
-                        f"training_config {key}={value!r} and {target}={d[target]!r}: {key} is another "
-                        f"name for {target}; give one of them"
+                        f"training_config {key}={value!r} and {target}={d[target]!r}: {key} is "
+                        f"another name for {target}; give one of them"
                     )
                 if not (target == "gradient_checkpointing" and value is None):
                     kwargs[target] = value
@@ -465,12 +488,12 @@ def _optim_needs(name: str) -> str:
         return "a low-bit optimizer state (bitsandbytes / torchao)"
     if name.startswith("paged_"):
         return "bitsandbytes' paged optimizer state"
-    for prefix, what in (("galore", "GaLore"), ("apollo", "APOLLO"), ("lomo", "LOMO"), ("adalomo", "LOMO"),
-                         ("lion", "the Lion optimizer"), ("ademamix", "AdEMAMix"),
-                         ("schedule_free", "schedulefree"), ("grokadamw", "grokadamw"),
-                         ("stable_adamw", "torch-optimi"), ("adamw_anyprecision", "torchdistx"),
-                         ("adamw_torch_xla", "torch_xla"), ("adamw_torch_npu", "torch_npu"),
-                         ("adamw_apex", "apex")):
+    for prefix, what in (("galore", "GaLore"), ("apollo", "APOLLO"), ("lomo", "LOMO"),
+                         ("adalomo", "LOMO"), ("lion", "the Lion optimizer"),
+                         ("ademamix", "AdEMAMix"), ("schedule_free", "schedulefree"),
+                         ("grokadamw", "grokadamw"), ("stable_adamw", "torch-optimi"),
+                         ("adamw_anyprecision", "torchdistx"), ("adamw_torch_xla", "torch_xla"),
+                         ("adamw_torch_npu", "torch_npu"), ("adamw_apex", "apex")):
         if name.startswith(prefix):
             return what
     return "a package this tool does not use"
@@ -479,9 +502,9 @@ def _optim_needs(name: str) -> str:
 def _steps_or_fraction(cfg, *names: str) -> None:
     for name in names:
         v = getattr(cfg, name)
-        ok = not isinstance(v, bool) and (
-            (isinstance(v, int) and v > 0) or (isinstance(v, float) and (0 < v < 1 or (v >= 1 and v.is_integer())))
-        )
+        whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        in_range = isinstance(v, (int, float)) and (0 < v < 1 or (v >= 1 and whole))
+        ok = not isinstance(v, bool) and in_range
         if not ok:
             raise ValueError(
                 f"training_config {name}={v!r}: expected a positive int, or a float in (0, 1) "

@@ -120,7 +120,8 @@ def write_checkpoint(
             opt_tensors, opt_meta = optimizer_state_to_flat(optimizer.state_dict())
             rng_tensors, rng_meta = rng_state()
             atomic_save_safetensors({**opt_tensors, **rng_tensors}, tmp / TENSOR_FILE)
-            atomic_write_json(tmp / STATE_FILE, {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra_state})
+            state = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra_state}
+            atomic_write_json(tmp / STATE_FILE, state)
         for f in tmp.iterdir():  # the adapter writer may not have fsynced
             _fsync_file(f)
         fsync_dir(tmp)

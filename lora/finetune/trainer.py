@@ -125,8 +125,9 @@ def make_loss_scaler(config: TrainingConfig, device: torch.device) -> torch.amp.
         return None
     if device.type != "cuda":
         raise ValueError(
-            f"training_config fp16=true needs a CUDA GPU (float16 compute with a loss scaler); this run "
-            f"is on {device.type}. On CPU use bf16=true (bfloat16 base weights) or neither (float32)."
+            f"training_config fp16=true needs a CUDA GPU (float16 compute with a loss scaler); "
+            f"this run is on {device.type}. On CPU use bf16=true (bfloat16 base weights) or "
+            "neither (float32)."
         )
     return torch.amp.GradScaler("cuda")
 
@@ -181,7 +182,8 @@ def _hits(step: int, every: int | None) -> bool:
 # How much a run prints, by log_level: setup and checkpoint lines are "info"; the periodic step
 # and eval lines are "metrics" (printed down to "warning", as transformers prints its metric dicts
 # whatever the level); "error" and "critical" print nothing while a run goes well.
-_LEVELS = {"debug": 10, "info": 20, "passive": 20, "metrics": 30, "warning": 30, "error": 40, "critical": 50}
+_LEVELS = {"debug": 10, "info": 20, "passive": 20, "metrics": 30, "warning": 30, "error": 40,
+           "critical": 50}
 
 
 def _prints(config: TrainingConfig, level: str) -> bool:
@@ -292,7 +294,8 @@ class Trainer:
             else math.ceil(training.warmup_ratio * self.total_steps)
         )
         self.evaluates = self._evaluation_wanted()
-        self.intervals = Intervals.from_config(training, self.total_steps, self.steps_per_epoch, self.evaluates)
+        self.intervals = Intervals.from_config(training, self.total_steps, self.steps_per_epoch,
+                                               self.evaluates)
         self.collate = data.collate_fn()
         self._reporters: list = []
         self.step = 0
@@ -302,14 +305,14 @@ class Trainer:
         cfg, has_eval = self.cfg, bool(self.data.eval)
         if cfg.do_eval is False:
             if not cfg.skips_evaluation and has_eval:
-                self._why_eval = (f"evaluating although do_eval=false: eval_strategy={cfg.eval_strategy!r} "
-                                  "turns it on, as in transformers")
+                self._why_eval = (f"evaluating although do_eval=false: eval_strategy="
+                                  f"{cfg.eval_strategy!r} turns it on, as in transformers")
                 return True
             self._why_eval = "do_eval=false: no evaluation"
             return False
         if cfg.do_eval is True and not has_eval:
-            raise ValueError("training_config do_eval=true, but there is no eval data: give an eval file "
-                             "(--eval-data) or a positive eval_fraction")
+            raise ValueError("training_config do_eval=true, but there is no eval data: give an "
+                             "eval file (--eval-data) or a positive eval_fraction")
         self._why_eval = None if has_eval else "no eval data: no evaluation"
         return has_eval
 
@@ -320,8 +323,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
             torch.backends.cudnn.allow_tf32 = self.cfg.tf32
         elif self.cfg.tf32:
-            self.log(f"tf32=true has no effect on {self._device().type} (TensorFloat-32 is a CUDA mode)",
-                     "warning")
+            self.log(f"tf32=true has no effect on {self._device().type} (TensorFloat-32 is a CUDA "
+                     "mode)", "warning")
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str, level: str = "info") -> None:
@@ -345,7 +348,7 @@ class Trainer:
     def _open_reporters(self) -> None:
         self._reporters = []
         if "tensorboard" in self.cfg.report_targets():
-            log_dir = Path(self.cfg.logging_dir) if self.cfg.logging_dir else self.output_dir / "runs"
+            log_dir = Path(self.cfg.logging_dir or self.output_dir / "runs")
             # purge_step: a resumed run's events replace those the interrupted one wrote after it
             self._reporters.append(TensorBoardReporter(log_dir, purge_step=self.step or None))
             self.log(f"tensorboard event files: {log_dir}")
@@ -419,7 +422,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         extra = {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-                 "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path}
+                 "peft_config": self.peft.to_dict(),
+                 "base_model_name_or_path": self.base_model_name_or_path}
         if self.scaler is not None:
             extra["grad_scaler"] = self.scaler.state_dict()
         if self.cfg.save_only_model:
@@ -462,7 +466,8 @@ class Trainer:
                 f"output_dir {str(self.output_dir)!r} holds an earlier run ({', '.join(sorted(p.name for p in earlier))}): "
                 "resume it (--resume), choose another --output, or set overwrite_output_dir to start over"
             )
-        for p in earlier + [self.output_dir / "loss_curve.png", self.output_dir / "merged", self.output_dir / "runs"]:
+        derived = [self.output_dir / name for name in ("loss_curve.png", "merged", "runs")]
+        for p in earlier + derived:
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
@@ -487,8 +492,9 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
-        """Run until ``total_steps``; log, evaluate and checkpoint as ``Intervals`` says (by default:
-        every logging_steps, every eval_steps and at the end, every save_steps and at the end).
+        """Run until ``total_steps``; log, evaluate and checkpoint as ``Intervals`` says (by
+        default: every logging_steps, every eval_steps and at the end, every save_steps and at the
+        end).
 
         ``resume``: True (the newest complete checkpoint in output_dir), a checkpoint path, or False
         (then ``resume_from_checkpoint`` from the config, if set).
@@ -509,23 +515,22 @@ class Trainer:
         self.log(
             f"{len(self.data.train)} training sequences, {self.micro_per_epoch} micro-batches of "
             f"{cfg.per_device_train_batch_size} per epoch, gradient accumulation {cfg.gradient_accumulation_steps}: "
-            f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, {cfg.lr_scheduler_type} schedule, "
-            f"optimizer {cfg.optim})"
+            f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, "
+            f"{cfg.lr_scheduler_type} schedule, optimizer {cfg.optim})"
         )
         if self._why_eval:
             self.log(self._why_eval)
         self._open_reporters()
         try:
             last_loss = self._loop(tqdm)
+            eval_loss = None
+            if self.evaluates:
+                eval_loss = self.evaluate()
+                self._log_eval(eval_loss)
         finally:
             self._close_reporters()
-        eval_loss = None
-        if self.evaluates:
-            eval_loss = self.evaluate()
-            self._log_eval(eval_loss)
-        final = None
         if cfg.save_strategy != "no":
-            final = self.save_checkpoint()  # a later --resume with a larger max_steps continues from here
+            final = self.save_checkpoint()  # a later --resume with more max_steps continues here
             self.log(f"saved {final}")
         adapter_dir = self.output_dir / "adapter"
         self._write_adapter(adapter_dir)
@@ -543,8 +548,8 @@ class Trainer:
         if cfg.eval_on_start and self.evaluates and self.step == 0:
             self._log_eval(self.evaluate())
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self._draws_progress_bar(),
-                   desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not self._draws_progress_bar(), dynamic_ncols=True, file=sys.stderr)
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         window_start = time.perf_counter()
         run_start = time.perf_counter()
@@ -605,7 +610,7 @@ class Trainer:
         return last_loss
 
     def _optimizer_step(self) -> float | None:
-        """Clip (after unscaling, under fp16), step, zero the gradients; returns the gradient norm."""
+        """Clip (unscaled first under fp16), step, zero the gradients; returns the grad norm."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -640,9 +645,9 @@ def _refuse_model_only_checkpoint(checkpoint: Path) -> None:
         return  # read_training_state reports a damaged checkpoint
     if state.get("save_only_model"):
         raise ValueError(
-            f"{checkpoint} was written with save_only_model=true: it holds the adapter but no optimizer "
-            "or RNG state, so a run cannot continue from it exactly. Start a fresh run (load the adapter "
-            "from it), or train with save_only_model=false to be able to resume."
+            f"{checkpoint} was written with save_only_model=true: it holds the adapter but no "
+            "optimizer or RNG state, so a run cannot continue from it exactly. Start a fresh run "
+            "(load the adapter from it), or train with save_only_model=false to be able to resume."
         )
 
 

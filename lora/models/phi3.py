@@ -551,11 +551,12 @@ def _packed_document_mask(position_ids: Tensor, batch: int) -> Tensor | None:
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """A 2D padding mask (b, kv), nonzero = real token -> position ids (b, kv) that count real tokens.
+    """A 2D padding mask (b, kv), nonzero = real token -> position ids (b, kv) counting real tokens.
 
-    Each row's first real token gets 0, so a left-padded row is numbered as if it were alone; padding
-    gets 0. This is what ``generate`` (ours and transformers') uses; the plain forward numbers every
-    position 0..kv-1 instead. Slice the last q columns for a call that continues a cache.
+    Each row's first real token gets 0, so a left-padded row is numbered as if it were alone;
+    padding gets 0. This is what ``generate`` (ours and transformers') uses; the plain forward
+    numbers every position 0..kv-1 instead. Slice the last q columns for a call that continues a
+    cache.
     """
     real = attention_mask.to(dtype=torch.long)
     return (real.cumsum(-1) - 1).masked_fill(real == 0, 0)
@@ -578,8 +579,8 @@ class Phi3Model(nn.Module):
         self.checkpoint_use_reentrant = False  # torch.utils.checkpoint's use_reentrant
 
     def _resolve_use_cache(self, use_cache: bool | None) -> bool:
-        """None -> ``config.use_cache``; then off while checkpointing a training step (as transformers:
-        a layer recomputed in backward cannot also hand its keys and values out)."""
+        """None -> ``config.use_cache``; then off while checkpointing a training step (as
+        transformers: a layer recomputed in backward cannot also hand its keys and values out)."""
         if use_cache is None:
             use_cache = self.config.use_cache
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -609,8 +610,8 @@ class Phi3Model(nn.Module):
 
         use_cache = self._resolve_use_cache(use_cache)
         if position_ids is None:
-            # As transformers' forward: every position is numbered, padding included (generate passes
-            # left-padding-aware ones itself). Such ids never restart, so they never mean packing.
+            # As transformers' forward: every position is numbered, padding included (generate
+            # passes left-padding-aware ones itself). Such ids never restart: never packing.
             position_ids = torch.arange(past_len, past_len + q_len, device=device)[None]
         else:
             position_ids = position_ids.to(device)
@@ -635,11 +636,11 @@ class Phi3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
             if self.gradient_checkpointing and self.training:
-                if self.checkpoint_use_reentrant and not x.requires_grad and torch.is_grad_enabled():
+                reentrant = self.checkpoint_use_reentrant
+                if reentrant and not x.requires_grad and torch.is_grad_enabled():
                     # The reentrant kind only back-propagates into a segment whose tensor inputs
                     # need grad; with a frozen embedding none does (transformers' remedy too).
                     x = x.requires_grad_()
-                reentrant = self.checkpoint_use_reentrant
                 x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=reentrant)
             else:
                 x, present = layer(x, cos, sin, attn, past)
@@ -754,11 +755,11 @@ class Phi3ForCausalLM(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = bool(value)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
         """Checkpoint each decoder layer with ``torch.utils.checkpoint`` while training.
 
-        ``gradient_checkpointing_kwargs``: ``{"use_reentrant": bool}`` (default False, the kind torch
-        recommends), as transformers takes it. Both give the same gradients.
+        ``gradient_checkpointing_kwargs``: ``{"use_reentrant": bool}`` (default False, the kind
+        torch recommends), as transformers takes it. Both give the same gradients.
 
         Raises:
             ValueError: another key, or a use_reentrant that is not a bool.
@@ -767,8 +768,8 @@ class Phi3ForCausalLM(nn.Module):
         reentrant = kwargs.pop("use_reentrant", False)
         if kwargs or not isinstance(reentrant, bool):
             raise ValueError(
-                f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}; expected at most "
-                "{'use_reentrant': True or False}"
+                f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}; expected at "
+                "most {'use_reentrant': True or False}"
             )
         self.model.checkpoint_use_reentrant = reentrant
         self.gradient_checkpointing = True
@@ -908,8 +909,9 @@ class Phi3ForCausalLM(nn.Module):
                 if cache is not None and switch_at is not None and not cache_is_long and total > switch_at:
                     cache = None  # keys were rotated with the short factors: recompute them all
                 step_ids = sequences if cache is None else sequences[:, cache[0][0].shape[2] :]
-                # Left padding: each row's positions count its real tokens (as transformers' generate).
-                positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
+                # Left padding: each row's positions count its real tokens (as transformers')
+                mask = attention_mask
+                positions = None if mask is None else position_ids_from_mask(mask)
                 out = self(
                     step_ids,
                     attention_mask=attention_mask,
