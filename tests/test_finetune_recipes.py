@@ -503,3 +503,23 @@ def test_ignored_keys_accept_transformers_defaults():
         if f.name in IGNORED_KEYS and IGNORED_KEYS[f.name] is not None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             TrainingConfig.from_dict({f.name: default})  # the default value never asks for anything
+
+
+def test_the_loss_scaler_path_trains_like_the_plain_loop_and_is_checkpointed(ckpt, data_file, tmp_path):
+    """fp16's loop (scale, unscale, clip, step, update), run on CPU with torch's CPU GradScaler: a
+    power-of-two scale changes no fp32 gradient, so the losses equal the plain run's."""
+    plain = trainer(ckpt, data_file, config(tmp_path / "p", max_steps=4, save_steps=2))
+    plain.train()
+    scaled = trainer(ckpt, data_file, config(tmp_path / "s", max_steps=4, save_steps=2))
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled.train()
+    want, got = rows(tmp_path / "p" / "out"), rows(tmp_path / "s" / "out")
+    for a, b in zip(want, got):
+        if "loss" in a:
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), a["step"]
+    state = json.loads((tmp_path / "s" / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 2.0**10
+    again = trainer(ckpt, data_file, config(tmp_path / "s", max_steps=6, save_steps=2))
+    again.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    again.resume()
+    assert again.scaler.get_scale() == 2.0**10  # restored from the checkpoint

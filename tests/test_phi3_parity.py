@@ -156,14 +156,18 @@ def test_left_padded_forward_with_counted_positions_matches_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["gqa", "sliding_window", "longrope_gqa"])
-@pytest.mark.parametrize("kwargs", [{}, {"use_cache": True}, {"use_cache": False}],
-                         ids=["default", "use_cache", "no_cache"])
+@pytest.mark.parametrize("kwargs", [{}, {"use_cache": True}, {"use_cache": False},
+                                    {"use_cache": False, "attention_mask": True}],
+                         ids=["default", "use_cache", "no_cache", "no_cache_with_mask"])
 def test_restarting_position_ids_match_transformers(name, kwargs):
-    """[0..9, 0..13] with no mask: packed documents only with use_cache=False (no cache in play);
-    by default (config.use_cache) and with a cache, one causal sequence with those positions."""
+    """[0..9, 0..13]: packed documents only with use_cache=False and no mask (no cache in play);
+    by default (config.use_cache), with a cache or with a 2D mask, one causal sequence with
+    those positions."""
     hf, ours = make_pair(CONFIGS[name])
     ids = torch.randint(3, 96, (2, 24))
     positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    if kwargs.get("attention_mask"):
+        kwargs = dict(kwargs, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         got = ours(ids, position_ids=positions, **kwargs).logits
         want = hf(ids, position_ids=positions, **kwargs).logits
