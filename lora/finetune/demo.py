@@ -18,7 +18,7 @@ from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
 from .generate import generate_replies
-from .trainer import TrainResult, Trainer
+from .trainer import TrainResult, Trainer, make_loss_scaler, training_device
 
 __all__ = ["DEMO_TRAINING_CONFIG", "DEMO_PEFT_CONFIG", "run_demo"]
 
@@ -91,7 +91,10 @@ def run_demo(
     log(f"== lora-finetune demo: base model {model_dir}")
     log(f"   the skill to learn: {SKILL}")
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training.bf16 else torch.float32)
+    device = training_device(training)  # a CUDA GPU when there is one, unless use_cpu
+    make_loss_scaler(training, device)  # fp16 off CUDA: say so before loading anything
+    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
     data = prepare_chat_data(train_file(), tokenizer, training.max_seq_length, eval_file=eval_file(),
                              seed=training.seed, packing=training.packing, on_error=training.on_error)
     log(data.summary())
