@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..data import DataError
-from .trainer import TrainingError, finetune, load_configs
+from .config import load_configs
+from .pipeline import finetune
+from .trainer import TrainingError
 
 EPILOG = """\
 examples:
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "overwrite_output_dir": args.overwrite}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
-            from .demo import run_demo
+            from ..demo.run import run_demo
 
             run_demo(training, peft, resume=args.resume, merge=args.merge, progress=not args.no_progress)
             return 0

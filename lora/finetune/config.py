@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from ..checks import check_choice, check_positive_int
+from ..data.records import ON_ERROR_MODES
 
 __all__ = [
     "TrainingConfig",
@@ -32,6 +38,7 @@ __all__ = [
     "OPTIMIZERS",
     "UNSUPPORTED_OPTIMIZERS",
     "ALIASES",
+    "load_configs",
 ]
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -353,8 +360,7 @@ class TrainingConfig:
                 f"training_config gradient_checkpointing_kwargs={kwargs!r}: use_reentrant must be "
                 "true or false"
             )
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"training_config on_error={self.on_error!r}: expected 'raise' or 'skip'")
+        check_choice(self.on_error, ON_ERROR_MODES, "training_config on_error")
         for name in ("logging_dir", "resume_from_checkpoint"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
@@ -427,7 +433,7 @@ class TrainingConfig:
         return bool((self.gradient_checkpointing_kwargs or {}).get("use_reentrant", False))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
         """Build from a ``training_config`` dict. An unknown key is a ``ValueError`` naming it;
         the keys in :data:`IGNORED_KEYS` are accepted and have no effect (with the values listed
         there, another value is refused with the reason); the keys in :data:`ALIASES` are other
@@ -522,6 +528,29 @@ def resolve_steps(value: int | float, total_steps: int) -> int:
 
 def _positive_int(cfg, *names: str) -> None:
     for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"training_config {name}={v!r}: expected a positive int")
+        check_positive_int(getattr(cfg, name), f"training_config {name}")
+
+
+def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    raw = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            data = json.loads(raw)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
+        raise ValueError(f"--config {path}: cannot parse ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
+    unknown = set(data) - {"training_config", "peft_config"}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})

@@ -22,17 +22,18 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .._io import atomic_open
+from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig, resolve_steps
+from .metrics import METRICS_FILE, append_metrics, plot_metrics, read_metrics, truncate_metrics
 from .state import (
     latest_checkpoint,
     list_checkpoints,
@@ -46,16 +47,12 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "TrainingError",
-    "finetune",
     "lr_factor",
-    "load_configs",
     "make_optimizer",
     "make_loss_scaler",
     "training_device",
     "Intervals",
 ]
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -186,7 +183,8 @@ _LEVELS = {"debug": 10, "info": 20, "passive": 20, "metrics": 30, "warning": 30,
            "critical": 50}
 
 
-def _prints(config: TrainingConfig, level: str) -> bool:
+def prints(config: TrainingConfig, level: str) -> bool:
+    """Whether a line of ``level`` ("info", "metrics", "warning") is printed at ``log_level``."""
     return _LEVELS[level] >= _LEVELS[config.log_level]
 
 
@@ -329,7 +327,7 @@ class Trainer:
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str, level: str = "info") -> None:
         """Print ``line`` if ``log_level`` lets ``level`` through ("info", "metrics", "warning")."""
-        if not _prints(self.cfg, level):
+        if not prints(self.cfg, level):
             return
         if self._log is not None:
             self._log(line)
@@ -339,9 +337,7 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
 
     def _append_metrics(self, row: dict) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.output_dir, row)
         for reporter in self._reporters:
             reporter.report(row)
 
@@ -384,7 +380,7 @@ class Trainer:
 
     @staticmethod
     def _count_labels(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -476,19 +472,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
-        path = self.output_dir / METRICS_FILE
-        if not path.exists():
-            return
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        keep = []
-        for line in rows:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass  # a line cut by the kill
-        with atomic_open(path, "w") as f:
-            f.write("".join(r + "\n" for r in keep))
+        truncate_metrics(self.output_dir, step)
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
@@ -662,119 +646,3 @@ def _hms(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
-
-
-def plot_metrics(output_dir: str | os.PathLike) -> Path | None:
-    """``loss_curve.png`` from metrics.jsonl when matplotlib is installed; None otherwise."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("LoRA fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(output_dir) / "loss_curve.png"
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
-
-
-def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    raw = path.read_bytes()
-    try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
-        raise ValueError(f"--config {path}: cannot parse ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
-    unknown = set(data) - {"training_config", "peft_config"}
-    if unknown:
-        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
-    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
-
-
-def finetune(
-    model_dir: str | os.PathLike,
-    train_file: str | os.PathLike | Sequence,
-    training_config: dict | TrainingConfig,
-    peft_config: dict | LoRAConfig,
-    eval_file: str | os.PathLike | None = None,
-    resume: bool = False,
-    merge: bool = False,
-    log: Callable[[str], None] | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
-
-    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
-    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
-    """
-    from ..data import Tokenizer, prepare_chat_data
-    from ..models import Phi3ForCausalLM
-
-    training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
-    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
-    def say(line: str) -> None:
-        if _prints(training, "info"):
-            (log or print)(line)
-
-    device = training_device(training)
-    make_loss_scaler(training, device)  # fp16 off CUDA: say so before reading data and weights
-    torch.manual_seed(training.seed)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    # do_eval=false: nothing is evaluated, so nothing is held out of the training data either
-    held_out = 0.0 if eval_file is not None or training.skips_evaluation else training.eval_fraction
-    data = prepare_chat_data(
-        train_file, tokenizer, training.max_seq_length, eval_file=eval_file, eval_fraction=held_out,
-        seed=training.seed, packing=training.packing, on_error=training.on_error,
-    )
-    say(data.summary())
-    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
-    inject(model, peft)
-    trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
-                      progress=progress)
-    result = trainer.train(resume=resume)
-    if merge:
-        result.merged_dir = trainer.merge_and_save()
-        say(f"merged model written to {result.merged_dir}")
-    return result

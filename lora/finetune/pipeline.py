@@ -1,0 +1,118 @@
+"""From a checkpoint directory and chat data to a ready :class:`~lora.finetune.Trainer`: the one
+pipeline that ``lora-finetune``, :func:`finetune` and the demo share.
+
+    trainer = build_trainer(model_dir, "chat.jsonl", TrainingConfig.from_dict(tc), LoRAConfig(**pc))
+    result = trainer.train()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..config import LoRAConfig
+from ..surgery import inject
+from .config import TrainingConfig
+from .trainer import Trainer, TrainResult, make_loss_scaler, prints, training_device
+
+__all__ = ["build_trainer", "finetune"]
+
+
+def build_trainer(
+    model_dir: str | os.PathLike,
+    train_file: str | os.PathLike | Sequence,
+    training: TrainingConfig,
+    peft: LoRAConfig,
+    eval_file: str | os.PathLike | Sequence | None = None,
+    say: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> Trainer:
+    """Seed, read the tokenizer and the data (``say`` gets its summary, if ``log_level`` lets
+    info lines through), load the Phi-3 checkpoint in ``model_dir`` onto ``training_device``
+    (bf16 / fp16 when ``training`` says so), inject ``peft`` and build the Trainer (``log`` and
+    ``progress`` as :class:`Trainer`'s).
+
+    The eval set is ``eval_file``, else ``training.eval_fraction`` of the training records (none
+    when ``do_eval`` is false: nothing is evaluated). Raises what the data and checkpoint loaders
+    raise (:class:`lora.data.DataError`, ``FileNotFoundError``, ``ValueError``), and fp16 off CUDA
+    (``ValueError``), before anything is trained.
+    """
+    from ..data import Tokenizer, prepare_chat_data
+    from ..models import Phi3ForCausalLM
+
+    device = training_device(training)  # a CUDA GPU when there is one, unless use_cpu
+    make_loss_scaler(training, device)  # fp16 off CUDA: say so before reading data and weights
+    torch.manual_seed(training.seed)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    # do_eval=false: nothing is evaluated, so nothing is held out of the training data either
+    held_out = 0.0 if eval_file is not None or training.skips_evaluation else training.eval_fraction
+    data = prepare_chat_data(
+        train_file,
+        tokenizer,
+        training.max_seq_length,
+        eval_file=eval_file,
+        eval_fraction=held_out,
+        seed=training.seed,
+        packing=training.packing,
+        on_error=training.on_error,
+    )
+    if prints(training, "info"):
+        say(data.summary())
+    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+    inject(model, peft)  # B = 0: until trained, the model computes exactly the base model
+    return Trainer(
+        model,
+        tokenizer,
+        data,
+        training,
+        base_model_name_or_path=str(model_dir),
+        log=log,
+        progress=progress,
+    )
+
+
+def finetune(
+    model_dir: str | os.PathLike,
+    train_file: str | os.PathLike | Sequence,
+    training_config: dict | TrainingConfig,
+    peft_config: dict | LoRAConfig,
+    eval_file: str | os.PathLike | None = None,
+    resume: bool = False,
+    merge: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
+
+    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
+    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    """
+    training = (
+        training_config
+        if isinstance(training_config, TrainingConfig)
+        else TrainingConfig.from_dict(training_config)
+    )
+    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
+    def say(line: str) -> None:
+        if prints(training, "info"):
+            (log or print)(line)
+
+    trainer = build_trainer(
+        model_dir,
+        train_file,
+        training,
+        peft,
+        eval_file=eval_file,
+        say=say,
+        log=log,
+        progress=progress,
+    )
+    result = trainer.train(resume=resume)
+    if merge:
+        result.merged_dir = trainer.merge_and_save()
+        say(f"merged model written to {result.merged_dir}")
+    return result
