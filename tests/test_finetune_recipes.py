@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import chat_records, write_jsonl
+from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -19,7 +21,6 @@ from lora.finetune.__main__ import main as cli_main
 from lora.finetune.config import ALIASES, OPTIMIZERS, UNSUPPORTED_OPTIMIZERS
 from lora.finetune.state import list_checkpoints
 from lora.models import Phi3ForCausalLM
-from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = json.loads((Path(__file__).parent / "fixtures" / "phi3_sample_finetune.json").read_text())

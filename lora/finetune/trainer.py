@@ -145,7 +145,7 @@ class Intervals:
 
     @classmethod
     def from_config(cls, cfg: TrainingConfig, total_steps: int, steps_per_epoch: int,
-                    evaluate: bool) -> "Intervals":
+                    evaluate: bool) -> Intervals:
         def every(strategy: str | None, steps) -> int | None:
             if strategy == "epoch":
                 return steps_per_epoch
