@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from . import functional as LF
 from . import model_state, multi
 from ._io import atomic_save_safetensors, atomic_write_json
+from ._regex_guard import check_bounded_regex
 from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
@@ -147,10 +148,26 @@ def read_torch_file(file: Path) -> dict[str, Tensor]:
 # ================================================================================================
 # Config: PEFT's JSON <-> LoRAConfig
 # ================================================================================================
+def _check_file_regexes(body: dict) -> None:
+    # Adapter files come from anywhere; a regex in one is matched against every module name, and a
+    # backtracking one (``(.*.*)*X``) would never return. Only regexes of bounded cost are matched.
+    for key in ("target_modules", "exclude_modules"):
+        value = body.get(key)
+        if isinstance(value, str) and value != "all-linear":
+            check_bounded_regex(value, key)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = body.get(key)
+        if isinstance(value, dict):
+            for pattern in value:
+                if isinstance(pattern, str):
+                    check_bounded_regex(pattern, f"{key} key")
+
+
 def config_from_files(files: AdapterFiles) -> LoRAConfig:
     """The LoRAConfig an adapter directory describes; with lora's fused-slice metadata (and a JSON
     not edited since) the original config, whose targets name the slices."""
     try:
+        _check_file_regexes(files.config)
         config = LoRAConfig.from_peft_dict(dict(files.config))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{files.config_path}: {e}") from None
@@ -158,7 +175,9 @@ def config_from_files(files: AdapterFiles) -> LoRAConfig:
     if "lora.config" not in files.metadata:
         return config
     try:
-        ours = LoRAConfig(**json.loads(files.metadata["lora.config"]))
+        ours_body = json.loads(files.metadata["lora.config"])
+        _check_file_regexes(ours_body if isinstance(ours_body, dict) else {})
+        ours = LoRAConfig(**ours_body)
         written = json.loads(files.metadata["lora.exported"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})") from None
@@ -303,6 +322,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     Raises :class:`AdapterError` when the model holds no such adapter, or a layer computes something
     PEFT's LoRA cannot express (conv with groups > 1, dilation or non-zero padding; embedding max_norm).
     """
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, "
+                           "no data); load or materialise the weights before saving")
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
         names = multi.adapter_names(model)
@@ -430,6 +453,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
     existing = multi.names_in_layers(model, layers.values())
     has_layers = bool(layers)
+    _warn_if_other_base(model, files)
     if adapter_name is None:
         active = (layer.active_adapter_name for layer in layers.values())
         adapter_name = next((a for a in active if a is not None), None) if existing else "default"
@@ -456,6 +480,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         for layer in merged:
             layer.merge()
     return model
+
+
+def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
+    # The recorded base is a hint (a hub id or a path), not a proof: a warning, naming both.
+    recorded = files.config.get("base_model_name_or_path")
+    actual = getattr(model, "name_or_path", None)
+    if not (isinstance(recorded, str) and recorded and isinstance(actual, str) and actual):
+        return
+    if recorded == actual or _same_path(recorded, actual):
+        return
+    warnings.warn(f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
+                  f"loading it into {actual!r}", stacklevel=3)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 @torch.no_grad()
@@ -538,6 +581,10 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
                 bad = True
             elif not t.is_floating_point():
                 problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
+                bad = True
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged "
+                                "training run?)")
                 bad = True
         if bad:
             continue

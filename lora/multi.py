@@ -58,7 +58,7 @@ _RESERVED = set(dir(nn.ModuleDict()))
 # --- one layer ----------------------------------------------------------------------------------
 def check_adapter_name(name) -> str:
     """Adapter names key ModuleDicts: letters, digits, ``_`` and ``-``, and no nn.Module attribute name."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in _RESERVED:
         raise ValueError(
             f"adapter_name={name!r}: expected a non-empty string of letters, digits, '_' or '-' "
             "that is not an nn.Module attribute name"

@@ -100,6 +100,9 @@ def resolve_lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
         return weight.dtype
     if not isinstance(lora_dtype, torch.dtype):
         raise TypeError(f"lora_dtype={lora_dtype!r}: expected a torch.dtype, 'auto' or None")
+    if not lora_dtype.is_floating_point or lora_dtype.is_complex:
+        raise TypeError(f"lora_dtype={lora_dtype}: expected a floating-point dtype (LoRA weights "
+                        "are trained by gradient), such as torch.float32 or torch.bfloat16")
     return lora_dtype
 
 
@@ -200,6 +203,9 @@ class TargetPlan:
             raise InjectionError(
                 "target_modules=None: name the modules to adapt (a list of names, a regex, or 'all-linear')"
             )
+        if not isinstance(targets, str) and len(targets) == 0:
+            raise InjectionError("target_modules=[]: nothing to adapt; name the modules to adapt "
+                                 "(a list of names, a regex, or 'all-linear')")
         if targets == "all-linear":
             heads = output_head_names(self.model)
             self.targets = {

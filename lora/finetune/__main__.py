@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from ..data import DataError
 from .config import load_configs
 from .pipeline import finetune
-from .trainer import TrainingError
+from .trainer import TrainingError, TrainingInterrupted, sigterm_as_interrupt
 
 EPILOG = """\
 examples:
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bf16", action="store_true", default=None, help="base weights in bfloat16 (LoRA stays fp32)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the "
                     "output directory (same losses as an uninterrupted run)")
+    ap.add_argument("--allow-resume-changes", action="store_true", help="let --resume go on with "
+                    "settings or data that differ from the checkpoint's (by default refused, "
+                    "naming each difference); the run is then no longer bit-identical to an "
+                    "uninterrupted one")
     ap.add_argument("--overwrite", action="store_true", default=None, help="start over in an output directory "
                     "that holds an earlier run, removing its checkpoints (overwrite_output_dir)")
     ap.add_argument("--merge", action="store_true", help="after training, also write a merged full model "
@@ -60,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():  # SIGTERM while loading is an interrupt too, not a silent death
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
@@ -78,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(r, lora_alpha, lora_dropout, target_modules, ...)")
         data = args.data[0] if len(args.data) == 1 else args.data
         result = finetune(args.model, data, training, peft, eval_file=args.eval_data, resume=args.resume,
-                          merge=args.merge, progress=not args.no_progress)
+                          merge=args.merge, progress=not args.no_progress,
+                          allow_resume_changes=args.allow_resume_changes)
         print(f"adapter: {result.adapter_dir}")
         if result.merged_dir:
             print(f"merged model: {result.merged_dir}")
@@ -86,9 +96,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         print(f"lora-finetune: the data has problems; nothing was trained:\n{e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"lora-finetune: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("lora-finetune: interrupted before training started; nothing was written",
+              file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as e:
         print(f"lora-finetune: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"lora-finetune: {_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -297,6 +297,11 @@ class TrainingConfig:
     on_error: str = "raise"
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"training_config output_dir={self.output_dir!r}: expected a "
+                             "directory path")
         _positive_int(self, "per_device_train_batch_size", "per_device_eval_batch_size",
                       "gradient_accumulation_steps", "max_seq_length")
         _steps_or_fraction(self, "logging_steps", "save_steps")
@@ -328,8 +333,9 @@ class TrainingConfig:
             )
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"training_config seed={self.seed!r}: expected an int")
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"training_config seed={self.seed!r}: expected an int in [0, 2**63)")
         for name in ("bf16", "fp16", "gradient_checkpointing", "packing", "overwrite_output_dir",
                      "logging_first_step", "eval_on_start", "save_only_model", "use_cpu"):
             if not isinstance(getattr(self, name), bool):
@@ -352,8 +358,9 @@ class TrainingConfig:
         kwargs = self.gradient_checkpointing_kwargs or {}
         if not isinstance(kwargs, dict) or set(kwargs) - {"use_reentrant"}:
             raise ValueError(
-                f"training_config gradient_checkpointing_kwargs={kwargs!r}: expected a dict with "
-                "at most 'use_reentrant' (true or false)"
+                f"training_config gradient_checkpointing_kwargs={kwargs!r}: expected an object "
+                "with at most 'use_reentrant' (true or false), such as {\"use_reentrant\": false}, "
+                "or null"
             )
         if not isinstance(kwargs.get("use_reentrant", False), bool):
             raise ValueError(
@@ -553,4 +560,9 @@ def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     unknown = set(data) - {"training_config", "peft_config"}
     if unknown:
         raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    for section in ("training_config", "peft_config"):
+        value = data.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} "
+                             f"({str(value)[:40]!r}); expected an object of its keys")
     return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})

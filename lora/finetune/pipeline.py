@@ -15,6 +15,7 @@ import torch
 from ..config import LoRAConfig
 from ..surgery import inject
 from .config import TrainingConfig
+from .lock import OutputDirLock, check_output_dir
 from .trainer import Trainer, TrainResult, make_loss_scaler, prints, training_device
 
 __all__ = ["build_trainer", "finetune"]
@@ -37,9 +38,26 @@ def build_trainer(
 
     The eval set is ``eval_file``, else ``training.eval_fraction`` of the training records (none
     when ``do_eval`` is false: nothing is evaluated). Raises what the data and checkpoint loaders
-    raise (:class:`lora.data.DataError`, ``FileNotFoundError``, ``ValueError``), and fp16 off CUDA
-    (``ValueError``), before anything is trained.
+    raise (:class:`lora.data.DataError`, ``FileNotFoundError``, ``ValueError``; fp16 off CUDA is a
+    ``ValueError`` too) before anything is trained, and first :class:`OutputDirBusy` (another run
+    holds ``training.output_dir``) or ``ValueError`` (it cannot be a writable directory). The
+    returned trainer holds the output directory's lock: call ``trainer.release_lock()`` when done.
     """
+    # The output directory is checked and locked before anything is loaded: a bad --output or a
+    # directory another run is using costs no work. The trainer holds the lock from here on; the
+    # caller releases it (trainer.release_lock()) when done with the directory.
+    lock = OutputDirLock.acquire(check_output_dir(training.output_dir))
+    try:
+        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress)
+    except BaseException:
+        lock.release()
+        raise
+    trainer.lock = lock
+    trainer.train_files, trainer.eval_files = train_file, eval_file
+    return trainer
+
+
+def _build(model_dir, train_file, training, peft, eval_file, say, log, progress) -> Trainer:
     from ..data import Tokenizer, prepare_chat_data
     from ..models import Phi3ForCausalLM
 
@@ -85,17 +103,24 @@ def finetune(
     merge: bool = False,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    allow_resume_changes: bool = False,
 ) -> TrainResult:
     """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
 
     ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
     (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    ``allow_resume_changes``: let ``resume`` go on with settings or data that differ from the
+    checkpoint's (a warning says the run is no longer bit-identical); otherwise that is a
+    :class:`ResumeMismatch`. See :meth:`Trainer.train` for what else is raised.
     """
     training = (
         training_config
         if isinstance(training_config, TrainingConfig)
         else TrainingConfig.from_dict(training_config)
     )
+    if not isinstance(peft_config, (LoRAConfig, dict)):
+        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a "
+                        "lora.LoRAConfig")
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
     def say(line: str) -> None:
         if prints(training, "info"):
@@ -111,8 +136,12 @@ def finetune(
         log=log,
         progress=progress,
     )
-    result = trainer.train(resume=resume)
-    if merge:
-        result.merged_dir = trainer.merge_and_save()
-        say(f"merged model written to {result.merged_dir}")
-    return result
+    trainer.allow_resume_changes = allow_resume_changes
+    try:
+        result = trainer.train(resume=resume)
+        if merge:
+            result.merged_dir = trainer.merge_and_save()
+            say(f"merged model written to {result.merged_dir}")
+        return result
+    finally:
+        trainer.release_lock()

@@ -12,14 +12,23 @@ s·G … s·G+G−1 (G = gradient_accumulation_steps) of one endless stream made
 permutations seeded with seed + epoch. Resuming therefore needs only the step, and a run resumed
 from a checkpoint gives the same loss at every later step as one never interrupted (the optimizer,
 the learning-rate position and the RNG state that dropout draws from are restored exactly).
+
+Nothing lost, nothing silent: a run locks its output directory (:mod:`.lock`), recovers what a
+killed run left between two renames (:func:`.state.recover_checkpoints`), refuses a resume whose
+configs or data differ from the checkpoint's (:mod:`.resume`), keeps the logging window in each
+checkpoint so that metrics.jsonl after a resume equals the uninterrupted run's, and stops on a
+non-finite, exploding or stalled loss, on SIGINT/SIGTERM and on a full disk with one line naming
+the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,30 +42,45 @@ from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig, resolve_steps
-from .metrics import METRICS_FILE, append_metrics, plot_metrics, read_metrics, truncate_metrics
+from .lock import OutputDirLock
+from .metrics import (
+    METRICS_FILE,
+    append_metrics,
+    plot_metrics,
+    read_metrics,
+    repair_metrics,
+    truncate_metrics,
+)
+from .resume import ResumeMismatch, data_fingerprint, resume_problems
 from .state import (
     latest_checkpoint,
     list_checkpoints,
     read_training_state,
+    recover_checkpoints,
     restore_optimizer_and_rng,
     rotate_checkpoints,
     write_checkpoint,
 )
 
-__all__ = [
-    "Trainer",
-    "TrainResult",
-    "TrainingError",
-    "lr_factor",
-    "make_optimizer",
-    "make_loss_scaler",
-    "training_device",
-    "Intervals",
-]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingInterrupted", "ResumeMismatch",
+           "lr_factor", "make_optimizer", "make_loss_scaler", "training_device", "Intervals"]
+
+# Divergence checks (see Trainer.train): a step loss above LOSS_JUMP_FACTOR times the mean of the
+# last LOSS_HISTORY step losses (and at least LOSS_JUMP_MIN above it, so that a tiny loss's noise
+# is no jump), once LOSS_HISTORY_MIN losses are known, stops the run.
+LOSS_JUMP_FACTOR = 10.0
+LOSS_JUMP_MIN = 1.0
+LOSS_HISTORY = 20
+LOSS_HISTORY_MIN = 5
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says where the last good checkpoint is."""
+    """Training cannot go on (a non-finite, exploding or stalled loss, a full disk); the message
+    says where the last good checkpoint is."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message names the step and the last checkpoint."""
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -251,6 +275,8 @@ class Trainer:
         ValueError: no trainable parameter; fp16 off CUDA; do_eval=true with no eval data.
     """
 
+
+
     def __init__(
         self,
         model: nn.Module,
@@ -298,6 +324,16 @@ class Trainer:
         self._reporters: list = []
         self.step = 0
         self._perm_cache: tuple[int, list[int]] | None = None
+        # Held for the whole run; build_trainer() takes it before loading anything and hands it
+        # over (released by whoever called build_trainer, with release_lock()).
+        self.lock: OutputDirLock | None = None
+        # What the checkpoint records about the data; finetune() adds the files' fingerprints.
+        self.train_files = None
+        self.eval_files = None
+        self.allow_resume_changes = False
+        self._fingerprint: dict | None = None
+        self._reset_window()
+        self._monitor: dict = {"recent_losses": [], "zero_grad_steps": 0}
 
     def _evaluation_wanted(self) -> bool:
         cfg, has_eval = self.cfg, bool(self.data.eval)
@@ -353,6 +389,12 @@ class Trainer:
         for reporter in self._reporters:
             reporter.close()
         self._reporters = []
+
+
+    def _reset_window(self) -> None:
+        # The running logging window; saved in each checkpoint so that a resumed run logs the same
+        # averages as an uninterrupted one.
+        self._window = {"loss": 0.0, "steps": 0, "tokens": 0}
 
     # --- data ----------------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict:
@@ -419,7 +461,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         extra = {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
                  "peft_config": self.peft.to_dict(),
-                 "base_model_name_or_path": self.base_model_name_or_path}
+                 "base_model_name_or_path": self.base_model_name_or_path,
+                 "data": self.data_fingerprint(), "window": dict(self._window),
+                 "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
+                             "zero_grad_steps": self._monitor["zero_grad_steps"]}}
         if self.scaler is not None:
             extra["grad_scaler"] = self.scaler.state_dict()
         if self.cfg.save_only_model:
@@ -431,25 +476,75 @@ class Trainer:
             self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
         return path
 
+    def data_fingerprint(self) -> dict:
+        """The data as a checkpoint records it (:func:`lora.finetune.resume.data_fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.data, self.train_files, self.eval_files)
+        return self._fingerprint
+
     def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
-        """Restore adapter, optimizer, step and RNG from ``checkpoint`` (default: the newest complete one
-        in output_dir); returns the step to continue from (0 when there is no checkpoint)."""
+        """Restore adapter, optimizer, step, RNG and the logging window from ``checkpoint``
+        (default: the newest complete one in output_dir); returns the step to continue from.
+
+        Raises:
+            ValueError: there is no checkpoint to resume from (the message says what was found).
+            ResumeMismatch: the configs or the data differ from the checkpoint's in a way that
+                breaks bit-identical resume (unless ``allow_resume_changes``: then a warning).
+        """
         from ..adapters import load_adapter
 
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
         if checkpoint is None:
-            self.log(f"no checkpoint in {self.output_dir}: starting from step 0")
-            return 0
+            raise ValueError(f"--resume: nothing to resume in {str(self.output_dir)!r}: "
+                             f"{self._describe_output_dir()}")
         _refuse_model_only_checkpoint(checkpoint)
         state, tensors = read_training_state(checkpoint)
+        step = int(state["step"])
+        problems = resume_problems(
+            step, self.total_steps, state.get("training_config"), self.cfg.to_dict(),
+            state.get("peft_config"), self.peft.to_dict(),
+            state.get("data"), self.data_fingerprint(),
+        )
+        if problems and not self.allow_resume_changes:
+            raise ResumeMismatch(
+                f"--resume from {checkpoint}: the run differs from the checkpoint's ("
+                + "; ".join(problems) + "). Resume with the checkpoint's settings, start a new run "
+                "in another --output, or allow the change (--allow-resume-changes) and lose "
+                "bit-identical resume"
+            )
+        if problems:
+            self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
+                     "run is no longer bit-identical to an uninterrupted one")
+        old_base = state.get("base_model_name_or_path")
+        if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
+            self.log(f"warning: the checkpoint was trained on base model {old_base!r}; "
+                     f"resuming on {self.base_model_name_or_path!r}")
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.step = int(state["step"])
+        self.step = step
+        if isinstance(state.get("window"), dict):
+            self._window = {"loss": float(state["window"].get("loss", 0.0)),
+                            "steps": int(state["window"].get("steps", 0)),
+                            "tokens": int(state["window"].get("tokens", 0))}
+        if isinstance(state.get("monitor"), dict):
+            monitor = state["monitor"]
+            self._monitor = {"recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
+                             "zero_grad_steps": int(monitor.get("zero_grad_steps", 0))}
         self._truncate_metrics(self.step)
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
+
+    def _describe_output_dir(self) -> str:
+        if not self.output_dir.is_dir():
+            return "the directory does not exist"
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.output_dir.iterdir()
+                       if p.name != ".lora-run.lock")
+        if not names:
+            return "the directory is empty; start without --resume"
+        return (f"no complete checkpoint-N, only {', '.join(names)}; start over with --overwrite "
+                "or choose another --output")
 
     def _start_fresh(self) -> None:
         # An earlier run's files are removed only when the user said so: nothing is lost by accident.
@@ -474,20 +569,74 @@ class Trainer:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
         truncate_metrics(self.output_dir, step)
 
+    def _repair_metrics(self) -> None:
+        # A kill while a row was written leaves a cut last line; drop it so that the next row
+        # starts on a line of its own.
+        if repair_metrics(self.output_dir):
+            self.log(f"{self.output_dir / METRICS_FILE}: dropped a row cut by an interrupted write")
+
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
         """Run until ``total_steps``; log, evaluate and checkpoint as ``Intervals`` says (by
         default: every logging_steps, every eval_steps and at the end, every save_steps and at the
-        end).
+        end). ``resume``: True (the newest complete checkpoint in output_dir), a checkpoint path,
+        or False (then ``resume_from_checkpoint`` from the config, if set).
 
-        ``resume``: True (the newest complete checkpoint in output_dir), a checkpoint path, or False
-        (then ``resume_from_checkpoint`` from the config, if set).
+        The output directory is locked for the whole run, and what an earlier run killed while
+        saving left behind is recovered first (:func:`lora.finetune.state.recover_checkpoints`).
 
-        Raises :class:`TrainingError` on a non-finite loss (no checkpoint is written for that step).
+        Raises:
+            OutputDirBusy: another run holds the output directory.
+            ValueError: ``resume`` with nothing to resume; a fresh run into an earlier run's
+                directory without ``overwrite_output_dir``.
+            ResumeMismatch: ``resume`` with settings or data that break bit-identical resume.
+            TrainingError: a non-finite loss, a loss jump or a stalled gradient (no checkpoint is
+                written for that step), or a full disk; the message names the last checkpoint.
+            TrainingInterrupted: SIGINT/SIGTERM; the message names the step and the last checkpoint.
         """
+        own_lock = self.lock is None
+        if own_lock:
+            self.lock = OutputDirLock.acquire(self.output_dir)
+        try:
+            with sigterm_as_interrupt():
+                return self._train(resume)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted_message()) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise self._no_space_error() from None
+        finally:
+            if own_lock:
+                self.lock.release()
+                self.lock = None
+
+    def _no_space_error(self) -> TrainingError:
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
+        return TrainingError(f"no space left on device writing to {self.output_dir} at step "
+                             f"{self.step}; {kept}; free some space and continue with --resume")
+
+    def release_lock(self) -> None:
+        """Release the output directory's lock handed over by :func:`build_trainer` (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _interrupted_message(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return (f"interrupted at step {self.step}; last complete checkpoint "
+                + (f"{last}; continue with --resume" if last else "none (nothing to resume yet)"))
+
+    def _train(self, resume: bool | str | os.PathLike) -> TrainResult:
         from tqdm import tqdm
 
         cfg = self.cfg
+        for line in recover_checkpoints(self.output_dir):
+            self.log(line)
+        self._repair_metrics()
         if not resume and cfg.resume_from_checkpoint:
             resume = cfg.resume_from_checkpoint
         if resume:
@@ -509,8 +658,10 @@ class Trainer:
             last_loss = self._loop(tqdm)
             eval_loss = None
             if self.evaluates:
-                eval_loss = self.evaluate()
-                self._log_eval(eval_loss)
+                eval_loss = self._logged_eval(self.step)  # a resumed run that had evaluated already
+                if eval_loss is None:
+                    eval_loss = self.evaluate()
+                    self._log_eval(eval_loss)
         finally:
             self._close_reporters()
         if cfg.save_strategy != "no":
@@ -534,7 +685,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not self._draws_progress_bar(), dynamic_ncols=True, file=sys.stderr)
-        window_loss, window_steps, window_tokens = 0.0, 0, 0
+        window = self._window
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         start_step = self.step
@@ -547,34 +698,51 @@ class Trainer:
             batches = [self._micro_batch(self.step * G + i) for i in range(G)]
             num_items = max(1, sum(self._count_labels(b) for b in batches))
             step_loss = 0.0
+            step_tokens = 0
             for batch in batches:
                 loss = self._forward(batch, num_items=num_items).loss
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 step_loss += float(loss.detach())
-                window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
-                                     else batch["attention_mask"].sum())
+                step_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
+                                   else batch["attention_mask"].sum())
             if not math.isfinite(step_loss):
                 bar.close()
-                last = latest_checkpoint(self.output_dir)
                 raise TrainingError(
-                    f"loss is {step_loss} at step {self.step + 1}: stopping. "
-                    + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
+                    f"loss is {step_loss} at step {self.step + 1}: stopping. " + self._last_good()
                     + " Try a lower learning_rate, or fp32 instead of bf16/fp16."
                 )
-            grad_norm = self._optimizer_step()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            else:
+                grad_norm = _grad_norm(self.params)
+            problem = self._diverged(step_loss, grad_norm)
+            if problem:
+                bar.close()
+                raise TrainingError(f"{problem} at step {self.step + 1}: stopping. "
+                                    + self._last_good() + " Try a lower learning_rate.")
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             last_loss = step_loss
-            window_loss += step_loss
-            window_steps += 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["tokens"] += step_tokens
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
             if when.logs(self.step, self.total_steps):
                 now = time.perf_counter()
                 elapsed = now - run_start
-                tps = window_tokens / max(now - window_start, 1e-9)
+                tps = window["tokens"] / max(now - window_start, 1e-9)
                 eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
-                row = {"step": self.step, "loss": window_loss / window_steps, "learning_rate": lr,
+                row = {"step": self.step, "loss": window["loss"] / window["steps"],
+                       "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
                 self._append_metrics(row)
@@ -583,7 +751,8 @@ class Trainer:
                     f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}",
                     "metrics",
                 )
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
+                self._reset_window()
+                window = self._window
                 window_start = time.perf_counter()
             if when.evaluates(self.step, self.total_steps):
                 self._log_eval(self.evaluate())
@@ -593,20 +762,33 @@ class Trainer:
         bar.close()
         return last_loss
 
-    def _optimizer_step(self) -> float | None:
-        """Clip (unscaled first under fp16), step, zero the gradients; returns the grad norm."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return f"The last good checkpoint is {last}." if last else "No checkpoint was written yet."
+
+    def _logged_eval(self, step: int) -> float | None:
+        for row in reversed(read_metrics(self.output_dir)):
+            if row.get("step") == step and "eval_loss" in row:
+                return float(row["eval_loss"])
+        return None
+
+    def _diverged(self, loss: float, grad_norm: float) -> str | None:
+        """Why the run has stalled or collapsed, or None; updates the running statistics."""
+        mon = self._monitor
+        recent = mon["recent_losses"]
+        if len(recent) >= LOSS_HISTORY_MIN:
+            mean = sum(recent) / len(recent)
+            if loss > LOSS_JUMP_FACTOR * mean and loss - mean > LOSS_JUMP_MIN:
+                return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
+                        f"{mean:.4g} over the last {len(recent)} steps (the run is diverging)")
+        recent.append(loss)
+        del recent[:-LOSS_HISTORY]
+        mon["zero_grad_steps"] = mon["zero_grad_steps"] + 1 if grad_norm == 0.0 else 0
+        if mon["zero_grad_steps"] >= resolve_steps(self.cfg.logging_steps, self.total_steps):
+            return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
+                    f"consecutive steps (loss {loss:.4g}): the run has stalled or collapsed and "
+                    "would learn nothing more")
+        return None
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
         """Merge the adapter into the base weights and write a full checkpoint directory
@@ -620,6 +802,33 @@ class Trainer:
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(directory)
         return directory
+
+
+def _grad_norm(params) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.detach().float())
+             for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class sigterm_as_interrupt:
+    """SIGTERM (what schedulers send) raises KeyboardInterrupt, as SIGINT does, for the run's
+    duration; the previous handler is restored after. A no-op off the main thread."""
+
+    def __enter__(self):
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def _refuse_model_only_checkpoint(checkpoint: Path) -> None:
