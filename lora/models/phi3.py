@@ -889,9 +889,9 @@ class Phi3ForCausalLM(nn.Module):
         config.pad_token_id, else the first eos id). Generation ends when every row has stopped.
         attention_mask (b, s) marks left padding of a batch of prompts; positions then count each
         row's real tokens (``position_ids_from_mask``), so a padded row generates what it would
-        alone. Runs in eval mode (restored afterwards) and without autograd. Under longrope, once the sequence grows past
-        original_max_position_embeddings the cache (built with the short factors) is recomputed once
-        with the long ones, as transformers does.
+        alone. Runs in eval mode (restored afterwards) and without autograd. Under longrope, once
+        the sequence grows past original_max_position_embeddings the cache (built with the short
+        factors) is recomputed once with the long ones, as transformers does.
 
         Raises:
             ValueError: a bad argument (named, with its value and what was expected).
