@@ -223,7 +223,7 @@ def test_eval_strategy_no_evaluates_only_at_the_end(ckpt, data_file, tmp_path):
 def test_do_eval_false_skips_evaluation_and_says_so(ckpt, data_file, tmp_path):
     lines: list[str] = []
     t = trainer(ckpt, data_file, config(tmp_path, do_eval=False, eval_steps=2, max_steps=4), lines)
-    assert t.data.eval == []  # nothing held out for an evaluation that never runs
+    assert len(t.data.eval) == 0  # nothing held out for an evaluation that never runs
     result = t.train()
     assert result.eval_loss is None and steps_of(tmp_path / "out", "eval_loss") == []
     assert "do_eval=false: no evaluation" in lines

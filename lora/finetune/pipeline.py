@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ def build_trainer(
     say: Callable[[str], None] = print,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    data_cache: bool = True,
 ) -> Trainer:
     """Seed, read the tokenizer and the data (``say`` gets its summary, if ``log_level`` lets
     info lines through), load the Phi-3 checkpoint in ``model_dir`` onto ``training_device``
@@ -42,13 +44,16 @@ def build_trainer(
     ``ValueError`` too) before anything is trained, and first :class:`OutputDirBusy` (another run
     holds ``training.output_dir``) or ``ValueError`` (it cannot be a writable directory). The
     returned trainer holds the output directory's lock: call ``trainer.release_lock()`` when done.
+    With ``data_cache``, the prepared data is kept in ``output_dir/data_cache`` and reused by a
+    later run with the same data, tokenizer, template and options (docs/data.md).
     """
     # The output directory is checked and locked before anything is loaded: a bad --output or a
     # directory another run is using costs no work. The trainer holds the lock from here on; the
     # caller releases it (trainer.release_lock()) when done with the directory.
     lock = OutputDirLock.acquire(check_output_dir(training.output_dir))
     try:
-        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress)
+        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
+                         data_cache)
     except BaseException:
         lock.release()
         raise
@@ -57,7 +62,8 @@ def build_trainer(
     return trainer
 
 
-def _build(model_dir, train_file, training, peft, eval_file, say, log, progress) -> Trainer:
+def _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
+           data_cache=True) -> Trainer:
     from ..data import Tokenizer, prepare_chat_data
     from ..models import Phi3ForCausalLM
 
@@ -76,6 +82,9 @@ def _build(model_dir, train_file, training, peft, eval_file, say, log, progress)
         seed=training.seed,
         packing=training.packing,
         on_error=training.on_error,
+        cache_dir=Path(training.output_dir) / "data_cache" if data_cache else None,
+        progress=progress,
+        log=say,
     )
     if prints(training, "info"):
         say(data.summary())
