@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from ..data import DataError
+from .distributed import lost_rank_message
 from .trainer import TrainingError, finetune, load_configs
 
 EPILOG = """\
@@ -15,11 +17,13 @@ examples:
   lora-finetune --model Phi-3-mini-4k-instruct --data chat.jsonl --output out --config recipe.json
   lora-finetune ... --resume                      # continue from the newest complete checkpoint in --output
   lora-finetune ... --merge                       # also write out/merged, a full checkpoint directory
+  torchrun --standalone --nproc_per_node=2 -m lora.finetune ...          # data-parallel, one process per device
+  torchrun --standalone --nproc_per_node=8 -m lora.finetune ... --fsdp   # the frozen base sharded (FSDP2)
 
 The config file (JSON or TOML) has two sections, as in the Phi-3 fine-tuning recipe:
   {"training_config": {"learning_rate": 5e-6, "per_device_train_batch_size": 4, ...},
    "peft_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", ...}}
-Flags given on the command line override the file. See docs/finetune.md.
+Flags given on the command line override the file. See docs/finetune.md and docs/scaling.md.
 """
 
 
@@ -51,17 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "(OUTPUT/merged) that Phi3ForCausalLM.from_pretrained and transformers read")
     ap.add_argument("--on-error", choices=["raise", "skip"], help="malformed records: stop before training and list "
                     "them (raise, the default) or leave them out and report how many (skip)")
+    ap.add_argument("--device", metavar="DEV", help="auto (CUDA when there is a GPU, the default), cpu, cuda or "
+                    "cuda:N; under torchrun cuda means each rank's cuda:LOCAL_RANK")
+    ap.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard the frozen base "
+                    "across the processes with FSDP2, one unit per decoder layer (training_config fsdp)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    training: dict = {}
     try:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
                      "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
-                     "overwrite_output_dir": args.overwrite}
+                     "overwrite_output_dir": args.overwrite, "device": args.device, "fsdp": args.fsdp}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
             from .demo import run_demo
@@ -76,16 +85,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = args.data[0] if len(args.data) == 1 else args.data
         result = finetune(args.model, data, training, peft, eval_file=args.eval_data, resume=args.resume,
                           merge=args.merge, progress=not args.no_progress)
-        print(f"adapter: {result.adapter_dir}")
-        if result.merged_dir:
-            print(f"merged model: {result.merged_dir}")
+        if _rank() == 0:
+            print(f"adapter: {result.adapter_dir}")
+            if result.merged_dir:
+                print(f"merged model: {result.merged_dir}")
         return 0
     except DataError as e:
-        print(f"lora-finetune: the data has problems; nothing was trained:\n{e}", file=sys.stderr)
+        print(f"{_prog()}: the data has problems; nothing was trained:\n{e}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as e:
-        print(f"lora-finetune: {e}", file=sys.stderr)
+        print(f"{_prog()}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        lost = lost_rank_message(e, training.get("output_dir", "lora-output"))
+        if lost is None:
+            raise
+        print(f"{_prog()}: {lost}", file=sys.stderr)
+        return 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _prog() -> str:
+    # Under torchrun every rank prints its own errors: say which one this is.
+    return f"lora-finetune (rank {_rank()})" if "WORLD_SIZE" in os.environ else "lora-finetune"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,13 @@ class TrainingConfig:
     base weights in bfloat16, LoRA parameters in float32. ``eval_fraction``: the share of the training
     file held out when no eval file is given. ``on_error``: "raise" (stop before training and list
     every malformed record) or "skip" (leave them out and report how many).
+
+    Past one device (docs/scaling.md): ``device`` "auto" (CUDA when torch sees a GPU, else CPU),
+    "cpu", "cuda" or "cuda:N"; under torchrun "cuda" is each rank's ``cuda:LOCAL_RANK``.
+    ``fsdp``: shard the frozen base with FSDP2 across the torchrun processes.
+    ``global_train_batch_size``: sequences per micro-batch over all ranks (None:
+    per_device_train_batch_size × world size); when set it must divide by the world size and fixes
+    the per-device batch.
     """
 
     output_dir: str = "lora-output"
@@ -91,6 +99,9 @@ class TrainingConfig:
     packing: bool = False
     eval_fraction: float = 0.05
     on_error: str = "raise"
+    device: str = "auto"
+    fsdp: bool = False
+    global_train_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self, "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -119,7 +130,12 @@ class TrainingConfig:
             raise ValueError(f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"training_config seed={self.seed!r}: expected an int")
-        for name in ("bf16", "gradient_checkpointing", "packing", "overwrite_output_dir"):
+        if self.global_train_batch_size is not None:
+            _positive_int(self, "global_train_batch_size")
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ValueError(f"training_config device={self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for name in ("bf16", "gradient_checkpointing", "packing", "overwrite_output_dir", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
         kwargs = self.gradient_checkpointing_kwargs or {}

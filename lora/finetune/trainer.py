@@ -33,6 +33,7 @@ from .._io import atomic_open
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
+from .distributed import DistContext, global_batch_size
 from .state import (
     latest_checkpoint,
     list_checkpoints,
@@ -93,6 +94,8 @@ class Trainer:
         base_model_name_or_path: recorded in adapter_config.json.
         log: where log lines go (default: through tqdm, to stderr's neighbour stdout).
         progress: show a tqdm progress bar.
+        dist: this process's place in a torchrun job (:mod:`lora.finetune.distributed`); default:
+            the one-process run. Only rank 0 logs and writes; see docs/scaling.md.
     """
 
     def __init__(
@@ -105,8 +108,13 @@ class Trainer:
         base_model_name_or_path: str | None = None,
         log: Callable[[str], None] | None = None,
         progress: bool = True,
+        dist: DistContext | None = None,
     ):
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, training
+        self.dist = dist if dist is not None else DistContext()
+        # Sequences per micro-batch: the global batch, and this rank's slice of it (see _micro_batch).
+        self.global_batch, self.per_device_batch = global_batch_size(
+            training.per_device_train_batch_size, self.dist.world_size, training.global_train_batch_size)
         self.output_dir = Path(training.output_dir)
         self.base_model_name_or_path = base_model_name_or_path
         self.progress = progress
@@ -121,6 +129,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("Trainer: the model has no trainable parameter")
+        self.dist.broadcast_parameters(self.params)
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": training.weight_decay}]
@@ -131,7 +140,7 @@ class Trainer:
             eps=training.adam_epsilon, foreach=False,
         )
         n = len(data.train)
-        self.micro_per_epoch = math.ceil(n / training.per_device_train_batch_size)
+        self.micro_per_epoch = math.ceil(n / self.global_batch)
         self.steps_per_epoch = max(1, self.micro_per_epoch // training.gradient_accumulation_steps)
         self.total_steps = (
             training.max_steps if training.max_steps > 0
@@ -144,6 +153,8 @@ class Trainer:
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str) -> None:
+        if not self.dist.is_main:
+            return
         if self._log is not None:
             self._log(line)
         else:
@@ -152,6 +163,8 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
 
     def _append_metrics(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -162,9 +175,15 @@ class Trainer:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
             g = torch.Generator().manual_seed(self.cfg.seed + epoch)
             self._perm_cache = (epoch, torch.randperm(len(self.data.train), generator=g).tolist())
-        bs = self.cfg.per_device_train_batch_size
+        bs = self.global_batch
         ids = self._perm_cache[1][k * bs : (k + 1) * bs]
-        return self.collate([self.data.train[i] for i in ids])
+        mine = self.dist.shard(ids, self.per_device_batch)
+        if not mine:  # past a short last batch: a forward that counts nothing keeps the ranks in step
+            batch = self.collate([self.data.train[ids[0]]])
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+            batch["filler"] = True
+            return batch
+        return self.collate([self.data.train[i] for i in mine])
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -194,13 +213,21 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         bs = self.cfg.per_device_eval_batch_size
-        for i in range(0, len(examples), bs):
-            batch = self.collate(list(examples[i : i + bs]))
+        starts = list(range(0, len(examples), bs))
+        world, rank = self.dist.world_size, self.dist.rank
+        # Rank r takes batches r, r+W, ...; every rank runs the same number of forwards (FSDP gathers
+        # weights in each one), a rank past the end re-running batch 0 without counting it.
+        for round_start in range(0, len(starts), world):
+            j = round_start + rank
+            batch = self.collate(list(examples[starts[j if j < len(starts) else 0] :][:bs]))
             n = self._count_labels(batch)
-            if n == 0:
+            if n == 0 and world == 1:
                 continue
-            total += float(self._forward(batch, num_items=1).loss)  # num_items=1: the summed loss
-            count += n
+            loss = float(self._forward(batch, num_items=1).loss)  # num_items=1: the summed loss
+            if j < len(starts):
+                total += loss
+                count += n
+        total, count = self.dist.sum([total, count])
         self.model.train(was_training)
         return total / count if count else None
 
@@ -218,14 +245,18 @@ class Trainer:
         save_adapter(self.model, directory, base_model_name_or_path=self.base_model_name_or_path)
 
     def save_checkpoint(self) -> Path:
-        path = write_checkpoint(
-            self.output_dir, self.step, self.optimizer, self._write_adapter,
-            {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-             "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path},
-        )
-        _fsync_path(self.output_dir / METRICS_FILE)
-        for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
-            self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
+        path = self.output_dir / f"checkpoint-{self.step}"
+        if self.dist.is_main:  # the LoRA state is the same on every rank: rank 0 writes it
+            path = write_checkpoint(
+                self.output_dir, self.step, self.optimizer, self._write_adapter,
+                {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
+                 "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path,
+                 "world_size": self.dist.world_size, "global_train_batch_size": self.global_batch},
+            )
+            _fsync_path(self.output_dir / METRICS_FILE)
+            for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
+                self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
+        self.dist.barrier()
         return path
 
     def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
@@ -234,14 +265,20 @@ class Trainer:
         from ..adapters import load_adapter
 
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
+        if self.dist.enabled:  # every rank resumes from the checkpoint rank 0 found
+            chosen = self.dist.broadcast_text(None if checkpoint is None else str(checkpoint))
+            checkpoint = None if chosen is None else Path(chosen)
         if checkpoint is None:
             self.log(f"no checkpoint in {self.output_dir}: starting from step 0")
             return 0
         state, tensors = read_training_state(checkpoint)
+        _check_same_global_batch(checkpoint, state, self.global_batch, self.dist.world_size)
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
         self.step = int(state["step"])
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+        self.dist.barrier()
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
 
@@ -250,17 +287,20 @@ class Trainer:
         earlier = [p for _, p in list_checkpoints(self.output_dir)]
         earlier += [p for p in (self.output_dir / METRICS_FILE, self.output_dir / "adapter") if p.exists()]
         if not earlier:
+            self.dist.barrier()
             return
         if not self.cfg.overwrite_output_dir:
             raise ValueError(
                 f"output_dir {str(self.output_dir)!r} holds an earlier run ({', '.join(sorted(p.name for p in earlier))}): "
                 "resume it (--resume), choose another --output, or set overwrite_output_dir to start over"
             )
-        for p in earlier + [self.output_dir / "loss_curve.png", self.output_dir / "merged"]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        if self.dist.is_main:  # every rank saw the earlier run; one removes it
+            for p in earlier + [self.output_dir / "loss_curve.png", self.output_dir / "merged"]:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        self.dist.barrier()
         self.log(f"overwrite_output_dir: removed the earlier run in {self.output_dir}")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -313,14 +353,17 @@ class Trainer:
                 group["lr"] = lr
             G = cfg.gradient_accumulation_steps
             batches = [self._micro_batch(self.step * G + i) for i in range(G)]
-            num_items = max(1, sum(self._count_labels(b) for b in batches))
+            self.dist.step_seed(cfg.seed, self.step)
+            num_items = max(1, int(self.dist.sum([sum(self._count_labels(b) for b in batches)])[0]))
             step_loss = 0.0
             for batch in batches:
                 loss = self._forward(batch, num_items=num_items).loss
                 loss.backward()
                 step_loss += float(loss.detach())
-                window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
-                                     else batch["attention_mask"].sum())
+                if not batch.get("filler"):
+                    window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
+                                         else batch["attention_mask"].sum())
+            step_loss = self.dist.sum([step_loss])[0]
             if not math.isfinite(step_loss):
                 bar.close()
                 last = latest_checkpoint(self.output_dir)
@@ -329,6 +372,7 @@ class Trainer:
                     + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
                     + " Try a lower learning_rate, or fp32 instead of bf16."
                 )
+            self.dist.reduce_gradients(self.params)
             grad_norm = None
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -344,15 +388,18 @@ class Trainer:
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 elapsed = now - run_start
+                window_tokens = int(self.dist.sum([window_tokens])[0])  # all ranks' tokens
                 tps = window_tokens / max(now - window_start, 1e-9)
                 eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
                 row = {"step": self.step, "loss": window_loss / window_steps, "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
+                row.update(self.dist.memory_row())
                 self._append_metrics(row)
                 self.log(
                     f"step {self.step:>6d}/{self.total_steps} | loss {row['loss']:.4f} | lr {lr:.3e} | "
                     f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}"
+                    + _rank_summary(row, tps)
                 )
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 window_start = time.perf_counter()
@@ -367,8 +414,11 @@ class Trainer:
         final = self.save_checkpoint()  # always: a later --resume with a larger max_steps continues from here
         self.log(f"saved {final}")
         adapter_dir = self.output_dir / "adapter"
-        self._write_adapter(adapter_dir)
-        plot = plot_metrics(self.output_dir)
+        plot = None
+        if self.dist.is_main:
+            self._write_adapter(adapter_dir)
+            plot = plot_metrics(self.output_dir)
+        self.dist.barrier()
         return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
                            read_metrics(self.output_dir), plot)
 
@@ -378,12 +428,42 @@ class Trainer:
         transformers read. The model is unloaded in place: plain layers from here on."""
         from ..surgery import merge_and_unload
 
+        if self.dist.fsdp:
+            raise ValueError("--merge with --fsdp: the base is sharded across ranks; merge afterwards on one "
+                             "machine that holds the model (lora.load_adapter + lora.merge_and_unload, "
+                             "see docs/scaling.md)")
         directory = Path(directory) if directory is not None else self.output_dir / "merged"
-        merged = merge_and_unload(self.model)
-        merged.save_pretrained(directory)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(directory)
+        if self.dist.is_main:
+            merged = merge_and_unload(self.model)
+            merged.save_pretrained(directory)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(directory)
+        self.dist.barrier()
         return directory
+
+
+def _check_same_global_batch(checkpoint: Path, state: dict, global_batch: int, world_size: int) -> None:
+    # Data order is a function of (seed, step) for one global batch size; another size would replay
+    # different sequences. Checkpoints written before world_size was recorded hold one process.
+    cfg = state.get("training_config") or {}
+    saved = state.get("global_train_batch_size", cfg.get("per_device_train_batch_size"))
+    if saved is None or int(saved) == global_batch:
+        return
+    saved_world = state.get("world_size", 1)
+    hint = (f"per_device_train_batch_size={saved // world_size} with {world_size} process(es)"
+            if saved % world_size == 0 else
+            f"a number of processes that divides {saved}; {saved} does not divide by {world_size}")
+    raise ValueError(
+        f"{checkpoint} was trained with a global batch of {saved} sequences per micro-batch "
+        f"({saved_world} process(es)); this run has {global_batch} ({world_size} process(es)). "
+        f"Resume with the same global batch: {hint}, or global_train_batch_size={saved}")
+
+
+def _rank_summary(row: dict, tps: float) -> str:
+    if row.get("world_size", 1) == 1:
+        return f" | mem {row['memory_mb'][0]:,.0f} MiB"
+    mem = ", ".join(f"{m:,.0f}" for m in row["memory_mb"])
+    return f" | {row['world_size']} ranks, {tps / row['world_size']:,.0f} tok/s each | mem/rank [{mem}] MiB"
 
 
 def _fsync_path(path: Path) -> None:
@@ -482,13 +562,26 @@ def finetune(
 
     ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
     (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    Under torchrun each process calls this; it joins the job's process group (and leaves it at the
+    end if it made it), see :mod:`lora.finetune.distributed`.
     """
-    from ..data import Tokenizer, prepare_chat_data
-    from ..models import Phi3ForCausalLM
+    from .distributed import setup
 
     training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
-    say = log or print
+    ctx = setup(training.device, training.fsdp)
+    try:
+        return _finetune(ctx, model_dir, train_file, training, peft, eval_file, resume, merge, log, progress)
+    finally:
+        ctx.close()
+
+
+def _finetune(ctx, model_dir, train_file, training, peft, eval_file, resume, merge, log, progress):
+    from ..data import Tokenizer, prepare_chat_data
+    from ..models import Phi3ForCausalLM
+    from .distributed import load_sharded_phi3
+
+    say = (log or print) if ctx.is_main else (lambda line: None)
     torch.manual_seed(training.seed)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     data = prepare_chat_data(
@@ -498,10 +591,13 @@ def finetune(
     )
     say(data.summary())
     dtype = torch.bfloat16 if training.bf16 else torch.float32
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    inject(model, peft)
+    if ctx.fsdp:
+        model = load_sharded_phi3(model_dir, peft, dtype, ctx)
+    else:
+        model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=ctx.device)
+        inject(model, peft)
     trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
-                      progress=progress)
+                      progress=progress and ctx.is_main, dist=ctx)
     result = trainer.train(resume=resume)
     if merge:
         result.merged_dir = trainer.merge_and_save()

@@ -1,0 +1,65 @@
+"""One rank of a test job: ``torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] -- ARGS``.
+
+Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worker, and for the tests:
+
+- ``--audit DIR``: writes DIR/rank<R>.txt, every path this rank opened for writing, renamed, removed
+  or made (Python's audit hooks see each of these), one a line;
+- ``--die-rank R --die-at I``: rank R kills itself with SIGKILL (no clean-up, as the OOM killer
+  would) when it is asked for micro-batch I.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+WRITE_EVENTS = {"os.rename", "os.replace", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--audit")
+    ap.add_argument("--die-rank", type=int)
+    ap.add_argument("--die-at", type=int)
+    ap.add_argument("rest", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    rank = int(os.environ["RANK"])
+
+    touched: list[str] = []
+    if args.audit:
+        def hook(event, hook_args):
+            if event == "open" and len(hook_args) >= 2 and isinstance(hook_args[1], str):
+                if any(c in hook_args[1] for c in "wax+"):
+                    touched.append(str(hook_args[0]))
+            elif event in WRITE_EVENTS and hook_args:
+                touched.append(str(hook_args[0]))
+
+        sys.addaudithook(hook)
+
+    from lora.finetune import trainer as trainer_module
+    from lora.finetune.__main__ import main as cli_main
+
+    if args.die_rank == rank:
+        original = trainer_module.Trainer._micro_batch
+
+        def dying(self, index):
+            if index >= args.die_at:
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, index)
+
+        trainer_module.Trainer._micro_batch = dying
+    try:
+        return cli_main(rest)
+    finally:
+        if args.audit:
+            os.makedirs(args.audit, exist_ok=True)
+            with open(os.path.join(args.audit, f"rank{rank}.txt"), "w") as f:
+                f.write("".join(p + "\n" for p in touched if not p.startswith(args.audit)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
