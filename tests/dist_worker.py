@@ -1,4 +1,4 @@
-"""One rank of a test job: ``torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] -- ARGS``.
+"""One rank of a test job: ``torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] :: ARGS``.
 
 Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worker, and for the tests:
 
@@ -23,9 +23,9 @@ def main() -> int:
     ap.add_argument("--audit")
     ap.add_argument("--die-rank", type=int)
     ap.add_argument("--die-at", type=int)
-    ap.add_argument("rest", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
-    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    argv = sys.argv[1:]
+    cut = argv.index("::") if "::" in argv else len(argv)  # torchrun eats "--"
+    args, rest = ap.parse_args(argv[:cut]), argv[cut + 1 :]
     rank = int(os.environ["RANK"])
 
     touched: list[str] = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
 from ..data import DataError
-from .distributed import lost_rank_message
+from .distributed import lost_rank_message, stopped_message
 from .trainer import TrainingError, finetune, load_configs
 
 EPILOG = """\
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     training: dict = {}
+    if "WORLD_SIZE" in os.environ:  # torchrun stops the other ranks with SIGTERM when one fails
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
@@ -75,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model is None and args.data is None:
             from .demo import run_demo
 
+            if "WORLD_SIZE" in os.environ:
+                raise ValueError("the embedded demo runs in one process: run `lora-finetune` without torchrun, "
+                                 "or give --model and --data to train under torchrun")
             run_demo(training, peft, resume=args.resume, merge=args.merge, progress=not args.no_progress)
             return 0
         if args.model is None or args.data is None:
@@ -102,6 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{_prog()}: {lost}", file=sys.stderr)
         return 1
+    except _Stopped:
+        print(f"{_prog()}: {stopped_message(training.get('output_dir', 'lora-output'))}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class _Stopped(BaseException):
+    """SIGTERM under torchrun (BaseException: no ``except Exception`` on the way swallows it; a
+    checkpoint being written is removed whole, see state.write_checkpoint)."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped()
 
 
 def _rank() -> int:

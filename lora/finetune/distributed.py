@@ -46,6 +46,7 @@ __all__ = [
     "load_sharded_phi3",
     "peak_memory_mb",
     "lost_rank_message",
+    "stopped_message",
 ]
 
 
@@ -207,7 +208,7 @@ def lost_rank_message(error: BaseException, output_dir: str | os.PathLike | None
 
     A rank that dies (killed, out of memory, an exception) closes its connections; the ranks waiting
     for it in a collective get an error at once (gloo; nccl: its watchdog), and torchrun stops the
-    rest and prints which rank failed first.
+    rest (SIGTERM, see :func:`stopped_message`) and prints which rank failed first.
     """
     if "WORLD_SIZE" not in os.environ:
         return None
@@ -218,14 +219,26 @@ def lost_rank_message(error: BaseException, output_dir: str | os.PathLike | None
              "Socket Timeout", "timed out", "ProcessGroup")
     if not isinstance(error, getattr(dist, "DistError", ())) and not any(k in text for k in known):
         return None
-    from .state import latest_checkpoint
-
-    last = latest_checkpoint(output_dir) if output_dir is not None else None
     first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
     return (f"another rank of this job stopped, so rank {os.environ.get('RANK', '?')} cannot go on "
             f"({type(error).__name__}: {first}). torchrun's summary names the rank that failed first. "
-            + (f"The last complete checkpoint is {last}; continue with --resume (the same global batch, "
-               "any number of processes)." if last else "No checkpoint was written yet."))
+            + _checkpoint_hint(output_dir))
+
+
+def stopped_message(output_dir: str | os.PathLike | None) -> str:
+    """What a rank says when torchrun stops it (SIGTERM) because another rank failed."""
+    return ("stopped by SIGTERM: torchrun stops every rank when one fails (its summary below names "
+            "the rank that failed first, with its exit code). " + _checkpoint_hint(output_dir))
+
+
+def _checkpoint_hint(output_dir: str | os.PathLike | None) -> str:
+    from .state import latest_checkpoint
+
+    last = latest_checkpoint(output_dir) if output_dir is not None else None
+    if last is None:
+        return "No checkpoint was written yet."
+    return (f"The last complete checkpoint is {last}; continue with --resume (the same global batch, "
+            "any number of processes).")
 
 
 def resolve_device(request: str, local_rank: int = 0) -> torch.device:
@@ -406,8 +419,6 @@ def load_sharded_phi3(model_dir: str | os.PathLike, peft, dtype: torch.dtype, ct
         raise ckpt.CheckpointError(
             f"checkpoint {str(path)!r} does not match {type(model).__name__}: "
             + "; ".join(problems[:20]) + more)
-    if config.tie_word_embeddings:
-        model.tie_weights()
     model.model.rotary_emb.reset_buffers(ctx.device)
     # The LoRA parameters were made on meta (no values, no RNG drawn): draw them now, as inject would.
     torch.set_rng_state(rng)
