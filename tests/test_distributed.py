@@ -120,7 +120,7 @@ def test_only_rank_0_writes_and_metrics_carry_the_world_size(job):
     assert not [p for p in written[1] if p.startswith(str(out))]
     assert tree(out) == tree(root / "single")  # the same files as the one-process run
     train = [r for r in rows(out) if "loss" in r]
-    assert train and all(r["world_size"] == 2 and len(r["memory_mb"]) == 2 for r in train)
+    assert train and all(r["world_size"] == 2 and len(r["memory_mb"]) == len(r["params_mb"]) == 2 for r in train)
     assert all(r["tokens_per_second"] > 0 for r in train)
     assert all(r["world_size"] == 1 and len(r["memory_mb"]) == 1 for r in rows(root / "single") if "loss" in r)
     # one copy of each log line (rank 0's), the per-rank figures on it
@@ -172,6 +172,9 @@ def test_fsdp_shards_the_base_and_trains_the_same_adapter(job):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert_close_runs(root / "fsdp", root / "single")
     assert tree(root / "fsdp") == tree(root / "single")
+    held = [r["params_mb"] for r in rows(root / "fsdp") if "loss" in r][-1]
+    whole = [r["params_mb"] for r in rows(root / "single") if "loss" in r][-1][0]
+    assert len(held) == 2 and all(h < 0.8 * whole for h in held)  # the base is split, LoRA whole
 
 
 # --- bad setups: clear errors, nothing launched ------------------------------------------------------
@@ -225,3 +228,36 @@ def test_shard_rows_follow_torch_chunk(rows_, world):
     sizes = [stop - start for start, stop in got]
     assert sizes[: len(want)] == want and all(s == 0 for s in sizes[len(want):])
     assert all(got[i][1] == got[i + 1][0] or sizes[i + 1] == 0 for i in range(world - 1))
+
+
+@pytest.mark.slow
+def test_fsdp_with_tied_embeddings_modules_to_save_packing_and_checkpointing(job, tmp_path):
+    # Phi-4-mini ties lm_head to the embedding; training it (modules_to_save) leaves it unsharded
+    ckpt = write_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    common = ["--model", str(ckpt), "--data", str(job["root"] / "chat.jsonl")]
+    options = dict(gradient_checkpointing=True, packing=True, gradient_accumulation_steps=2, max_steps=4)
+    peft = {**PEFT, "modules_to_save": ["lm_head"]}
+
+    def config(name, **training):
+        path = tmp_path / name
+        path.write_text(json.dumps({"training_config": {**TRAINING, **options, **training}, "peft_config": peft}))
+        return path
+
+    assert cli_main([*common, "--config", str(config("one.json", per_device_train_batch_size=4)),
+                     "--output", str(tmp_path / "single"), "--no-progress"]) == 0
+    run = torchrun(2, [*common, "--config", str(config("two.json", per_device_train_batch_size=2)),
+                       "--output", str(tmp_path / "fsdp"), "--fsdp"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_close_runs(tmp_path / "fsdp", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_job_resumes_on_one_process(job):
+    root, common = job["root"], job["common"]
+    out = root / "fsdp-killed"
+    run = torchrun(2, [*common, "--config", str(job["two"]), "--output", str(out), "--fsdp"],
+                   ["--die-rank", "1", "--die-at", "5"])
+    assert run.returncode != 0 and "rank      : 1 (local_rank: 1)" in run.stdout + run.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert cli_main([*common, "--config", str(job["one"]), "--output", str(out), "--resume", "--no-progress"]) == 0
+    assert_close_runs(out, root / "single")

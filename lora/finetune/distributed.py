@@ -188,9 +188,28 @@ class DistContext:
             torch.manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)
 
     # --- metrics ------------------------------------------------------------------------------------
-    def memory_row(self) -> dict:
-        """``{"world_size": W, "memory_mb": [peak MB of rank 0, rank 1, ...]}``: a collective."""
-        return {"world_size": self.world_size, "memory_mb": self.gather(peak_memory_mb(self.device))}
+    def memory_row(self, model: nn.Module) -> dict:
+        """The per-rank figures of a metrics row (a collective): ``world_size``; ``memory_mb``, each
+        rank's peak memory (:func:`peak_memory_mb`); ``params_mb``, the parameter bytes each rank
+        holds between steps (its shards under FSDP), in MiB."""
+        peak, held = peak_memory_mb(self.device), parameter_mb(model)
+        if not self.enabled:
+            return {"world_size": 1, "memory_mb": [peak], "params_mb": [held]}
+        import torch.distributed as dist
+
+        t = torch.zeros(2, self.world_size, dtype=torch.float64, device=self._comm_device)
+        t[0, self.rank], t[1, self.rank] = peak, held
+        dist.all_reduce(t)
+        return {"world_size": self.world_size, "memory_mb": t[0].tolist(), "params_mb": t[1].tolist()}
+
+
+def parameter_mb(model: nn.Module) -> float:
+    """MiB of the parameters this process holds: the local shard of a sharded (DTensor) one."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total / 2**20
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -380,6 +399,8 @@ def load_sharded_phi3(model_dir: str | os.PathLike, peft, dtype: torch.dtype, ct
         fully_shard(layer, mesh=mesh, ignored_params=trainable)
     fully_shard(model, mesh=mesh, ignored_params=trainable)
     model.to_empty(device=ctx.device)
+    if config.tie_word_embeddings and not hasattr(model.model.embed_tokens.weight, "to_local"):
+        model.tie_weights()  # a trained, so unsharded, tied matrix: to_empty made lm_head its own copy
 
     skip = {"lm_head.weight"} if config.tie_word_embeddings else set()
     lora_ids = {id(p) for m in model.modules() if isinstance(m, LoRALayer)

@@ -394,7 +394,7 @@ class Trainer:
                 row = {"step": self.step, "loss": window_loss / window_steps, "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
-                row.update(self.dist.memory_row())
+                row.update(self.dist.memory_row(self.model))
                 self._append_metrics(row)
                 self.log(
                     f"step {self.step:>6d}/{self.total_steps} | loss {row['loss']:.4f} | lr {lr:.3e} | "
@@ -461,9 +461,11 @@ def _check_same_global_batch(checkpoint: Path, state: dict, global_batch: int, w
 
 def _rank_summary(row: dict, tps: float) -> str:
     if row.get("world_size", 1) == 1:
-        return f" | mem {row['memory_mb'][0]:,.0f} MiB"
+        return f" | peak mem {row['memory_mb'][0]:,.0f} MiB"
     mem = ", ".join(f"{m:,.0f}" for m in row["memory_mb"])
-    return f" | {row['world_size']} ranks, {tps / row['world_size']:,.0f} tok/s each | mem/rank [{mem}] MiB"
+    held = ", ".join(f"{m:,.1f}" for m in row["params_mb"])
+    return (f" | {row['world_size']} ranks, {tps / row['world_size']:,.0f} tok/s each | "
+            f"peak mem/rank [{mem}] MiB | params/rank [{held}] MiB")
 
 
 def _fsync_path(path: Path) -> None:
