@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 WRITE_EVENTS = {"os.rename", "os.replace", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate"}
 
@@ -23,6 +24,7 @@ def main() -> int:
     ap.add_argument("--audit")
     ap.add_argument("--die-rank", type=int)
     ap.add_argument("--die-at", type=int)
+    ap.add_argument("--die-stamp", help="write time.time() here just before dying")
     argv = sys.argv[1:]
     cut = argv.index("::") if "::" in argv else len(argv)  # torchrun eats "--"
     args, rest = ap.parse_args(argv[:cut]), argv[cut + 1 :]
@@ -47,6 +49,9 @@ def main() -> int:
 
         def dying(self, index):
             if index >= args.die_at:
+                if args.die_stamp:
+                    with open(args.die_stamp, "w") as f:
+                        f.write(repr(time.time()))
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self, index)

@@ -165,7 +165,6 @@ def test_a_resumed_two_process_run_is_bit_identical_to_an_uninterrupted_one(job)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.slow
 def test_fsdp_shards_the_base_and_trains_the_same_adapter(job):
     root, common = job["root"], job["common"]
     run = torchrun(2, [*common, "--config", str(job["two"]), "--output", str(root / "fsdp"), "--fsdp"])
