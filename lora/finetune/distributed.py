@@ -97,17 +97,6 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
-    def gather(self, value: float) -> list[float]:
-        """``value`` of every rank, in rank order (on every rank)."""
-        if not self.enabled:
-            return [float(value)]
-        import torch.distributed as dist
-
-        t = torch.zeros(self.world_size, dtype=torch.float64, device=self._comm_device)
-        t[self.rank] = float(value)
-        dist.all_reduce(t)
-        return t.tolist()
-
     def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
         """Sum the gradients of ``params`` across ranks, in place, in one flat all-reduce.
 

@@ -219,7 +219,8 @@ class Trainer:
         # weights in each one), a rank past the end re-running batch 0 without counting it.
         for round_start in range(0, len(starts), world):
             j = round_start + rank
-            batch = self.collate(list(examples[starts[j if j < len(starts) else 0] :][:bs]))
+            start = starts[j] if j < len(starts) else 0
+            batch = self.collate(list(examples[start : start + bs]))
             n = self._count_labels(batch)
             if n == 0 and world == 1:
                 continue
