@@ -29,9 +29,8 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
-
 import warnings
+import zlib
 
 import torch
 

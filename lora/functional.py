@@ -16,7 +16,7 @@ the adapter path runs in the adapter's dtype and its result is cast to the outpu
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

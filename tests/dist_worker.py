@@ -1,6 +1,8 @@
-"""One rank of a test job: ``torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] :: ARGS``.
+"""One rank of a test job, launched as
 
-Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worker, and for the tests:
+    torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] :: ARGS
+
+Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worker, and for tests:
 
 - ``--audit DIR``: writes DIR/rank<R>.txt, every path this rank opened for writing, renamed, removed
   or made (Python's audit hooks see each of these), one a line;
@@ -16,7 +18,15 @@ import signal
 import sys
 import time
 
-WRITE_EVENTS = {"os.rename", "os.replace", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate"}
+WRITE_EVENTS = {
+    "os.rename",
+    "os.replace",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "shutil.rmtree",
+    "os.truncate",
+}
 
 
 def main() -> int:
@@ -32,6 +42,7 @@ def main() -> int:
 
     touched: list[str] = []
     if args.audit:
+
         def hook(event, hook_args):
             if event == "open" and len(hook_args) >= 2 and isinstance(hook_args[1], str):
                 if any(c in hook_args[1] for c in "wax+"):

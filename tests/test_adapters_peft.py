@@ -20,10 +20,11 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from reference import randomize_lora  # noqa: E402
+
 import lora  # noqa: E402
 from lora.adapters import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from lora.models import Phi3Config, Phi3ForCausalLM  # noqa: E402
-from reference import randomize_lora  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.filterwarnings(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import chat_records, write_jsonl
+from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -15,7 +17,6 @@ from lora.finetune import Trainer, TrainingConfig, TrainingError, finetune, lr_f
 from lora.finetune.__main__ import main as cli_main
 from lora.finetune.state import list_checkpoints, write_checkpoint
 from lora.models import Phi3ForCausalLM
-from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
 
 PEFT = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "bias": "none", "task_type": "CAUSAL_LM",
         "target_modules": "all-linear", "modules_to_save": None}

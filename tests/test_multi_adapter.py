@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import effective_weight, randomize_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -11,7 +12,6 @@ from torch import nn
 import lora
 from lora.adapters import WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
-from reference import effective_weight, randomize_lora
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12], [9, 9, 8, 7, 1, 2]])
 PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

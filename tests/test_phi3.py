@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import LONGROPE
+from tiny import TINY_PHI3 as TINY
 
 import lora.models.phi3 as phi3
 from lora.models import CausalLMOutput, Phi3Config, Phi3ForCausalLM
 from lora.models.phi3 import build_attention_mask
-from tiny import LONGROPE, TINY_PHI3 as TINY
 
 FIXTURE = Path(__file__).parent / "fixtures" / "phi3_mini_4k_instruct_config.json"
 PACKAGE = Path(phi3.__file__).parent

@@ -15,9 +15,30 @@ This package depends on torch, tokenizers and jinja2 only; it knows nothing of m
 """
 
 from .dataset import ChatData, SplitStats, build_examples, prepare_chat_data
-from .labels import IGNORE_INDEX, TokenizedConversation, assistant_spans, labels_from_spans, tokenize_conversation
-from .packing import Example, collate, make_collate_fn, pack_examples, packed_attention_mask, truncate
-from .records import ROLES, Conversation, DataError, RecordError, load_conversations, parse_record, split_train_eval
+from .labels import (
+    IGNORE_INDEX,
+    TokenizedConversation,
+    assistant_spans,
+    labels_from_spans,
+    tokenize_conversation,
+)
+from .packing import (
+    Example,
+    collate,
+    make_collate_fn,
+    pack_examples,
+    packed_attention_mask,
+    truncate,
+)
+from .records import (
+    ROLES,
+    Conversation,
+    DataError,
+    RecordError,
+    load_conversations,
+    parse_record,
+    split_train_eval,
+)
 from .template import PHI3_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, select_chat_template
 from .tokenizer import Tokenizer
 

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from .labels import tokenize_conversation
 from .packing import Example, collate, make_collate_fn, pack_examples, truncate
-from .records import Conversation, DataError, RecordError, check_on_error, load_conversations, split_train_eval
+from .records import (
+    Conversation,
+    DataError,
+    RecordError,
+    check_on_error,
+    load_conversations,
+    split_train_eval,
+)
 from .template import ChatTemplateError
 
 __all__ = ["SplitStats", "ChatData", "build_examples", "prepare_chat_data"]

@@ -18,8 +18,8 @@ Batches (:func:`collate`) are right-padded; padding has label -100. The attentio
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+
+from ..checks import check_choice, listing
 
 __all__ = [
     "ROLES",
@@ -58,7 +61,7 @@ class Conversation:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def error(self, message: str) -> "RecordError":
+    def error(self, message: str) -> RecordError:
         """A :class:`RecordError` at this conversation's location."""
         return RecordError(self.path, self.line, message, self.index)
 
@@ -100,16 +103,14 @@ class DataError(ValueError):
         self.errors: list[RecordError] = list(errors)
         n = len(self.errors)
         header = header or f"{n} malformed record{'s' if n != 1 else ''}"
-        lines = [str(e) for e in self.errors[:_MAX_ERRORS_IN_MESSAGE]]
-        if n > _MAX_ERRORS_IN_MESSAGE:
-            lines.append(f"... and {n - _MAX_ERRORS_IN_MESSAGE} more (all of them are in DataError.errors)")
-        super().__init__(header + (":\n  " + "\n  ".join(lines) if lines else ""))
+        note = " (all of them are in DataError.errors)"
+        lines = listing(self.errors, _MAX_ERRORS_IN_MESSAGE, "\n  ", note=note)
+        super().__init__(header + (":\n  " + lines if self.errors else ""))
 
 
 def check_on_error(on_error: str) -> None:
     """Raise ``ValueError`` unless ``on_error`` is ``"raise"`` or ``"skip"``."""
-    if on_error not in ON_ERROR_MODES:
-        raise ValueError(f"on_error={on_error!r}; expected one of {', '.join(map(repr, ON_ERROR_MODES))}")
+    check_choice(on_error, ON_ERROR_MODES, "on_error")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -169,7 +170,7 @@ class ChatTemplate:
         self.special_tokens: dict[str, Any] = dict(special_tokens or {})
 
     @classmethod
-    def phi3(cls, special_tokens: Mapping[str, Any] | None = None) -> "ChatTemplate":
+    def phi3(cls, special_tokens: Mapping[str, Any] | None = None) -> ChatTemplate:
         """Phi-3's template, with Phi-3's special tokens unless others are given."""
         tokens = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}
         return cls(PHI3_CHAT_TEMPLATE, tokens if special_tokens is None else special_tokens)
@@ -177,7 +178,7 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer_config(
         cls, config: Mapping[str, Any], directory: str | Path | None = None, name: str = "default"
-    ) -> "ChatTemplate":
+    ) -> ChatTemplate:
         """The template of a tokenizer_config dict (falling back to ``directory/chat_template.jinja``,
         then to Phi-3's template), with that config's special tokens.
 
@@ -195,7 +196,7 @@ class ChatTemplate:
         return cls(select_chat_template(source, name), tokens)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, name: str = "default") -> "ChatTemplate":
+    def from_pretrained(cls, directory: str | Path, name: str = "default") -> ChatTemplate:
         """The template of a checkpoint directory (its tokenizer_config.json, if any)."""
         config_file = Path(directory) / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}

@@ -9,8 +9,9 @@ tokens by the ``tokenizers`` library.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import tokenizers
 
@@ -75,7 +76,7 @@ class Tokenizer:
         self.chat_template = chat_template if chat_template is not None else ChatTemplate.from_tokenizer_config(config or {})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
         """Load ``directory/tokenizer.json`` with its tokenizer_config.json and generation_config.json.
 
         Raises:

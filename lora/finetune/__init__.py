@@ -6,9 +6,11 @@
 This package sees everything (models, data, layers, adapters); nothing below imports it.
 """
 
-from .config import IGNORED_KEYS, TrainingConfig
+from .config import IGNORED_KEYS, TrainingConfig, load_configs
 from .generate import generate_replies, load_chat_model
-from .trainer import Trainer, TrainingError, TrainResult, finetune, load_configs, lr_factor
+from .metrics import plot_metrics, read_metrics
+from .pipeline import build_trainer, finetune
+from .trainer import Trainer, TrainingError, TrainResult, lr_factor
 
 __all__ = [
     "TrainingConfig",
@@ -17,6 +19,9 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "finetune",
+    "build_trainer",
+    "read_metrics",
+    "plot_metrics",
     "load_configs",
     "lr_factor",
     "generate_replies",

@@ -6,11 +6,13 @@ import argparse
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..data import DataError
+from .config import load_configs
 from .distributed import lost_rank_message, stopped_message
-from .trainer import TrainingError, finetune, load_configs
+from .pipeline import finetune
+from .trainer import TrainingError
 
 EPILOG = """\
 examples:
@@ -18,8 +20,8 @@ examples:
   lora-finetune --model Phi-3-mini-4k-instruct --data chat.jsonl --output out --config recipe.json
   lora-finetune ... --resume                      # continue from the newest complete checkpoint in --output
   lora-finetune ... --merge                       # also write out/merged, a full checkpoint directory
-  torchrun --standalone --nproc_per_node=2 -m lora.finetune ...          # data-parallel, one process per device
-  torchrun --standalone --nproc_per_node=8 -m lora.finetune ... --fsdp   # the frozen base sharded (FSDP2)
+  torchrun --standalone --nproc_per_node=2 -m lora.finetune ...         # data-parallel
+  torchrun --standalone --nproc_per_node=8 -m lora.finetune ... --fsdp  # base sharded (FSDP2)
 
 The config file (JSON or TOML) has two sections, as in the Phi-3 fine-tuning recipe:
   {"training_config": {"learning_rate": 5e-6, "per_device_train_batch_size": 4, ...},
@@ -56,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(OUTPUT/merged) that Phi3ForCausalLM.from_pretrained and transformers read")
     ap.add_argument("--on-error", choices=["raise", "skip"], help="malformed records: stop before training and list "
                     "them (raise, the default) or leave them out and report how many (skip)")
-    ap.add_argument("--device", metavar="DEV", help="auto (CUDA when there is a GPU, the default), cpu, cuda or "
-                    "cuda:N; under torchrun cuda means each rank's cuda:LOCAL_RANK")
-    ap.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard the frozen base "
-                    "across the processes with FSDP2, one unit per decoder layer (training_config fsdp)")
+    ap.add_argument("--device", metavar="DEV",
+                    help="auto (CUDA when there is a GPU, the default), cpu, cuda or cuda:N; "
+                    "under torchrun cuda means each rank's cuda:LOCAL_RANK")
+    ap.add_argument("--fsdp", action="store_true", default=None,
+                    help="under torchrun: shard the frozen base across the processes with FSDP2, "
+                    "one unit per decoder layer (training_config fsdp); see docs/scaling.md")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return ap
 
@@ -73,14 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
                      "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
-                     "overwrite_output_dir": args.overwrite, "device": args.device, "fsdp": args.fsdp}
+                     "overwrite_output_dir": args.overwrite,
+                     "device": args.device, "fsdp": args.fsdp}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
-            from .demo import run_demo
+            from ..demo.run import run_demo
 
             if "WORLD_SIZE" in os.environ:
-                raise ValueError("the embedded demo runs in one process: run `lora-finetune` without torchrun, "
-                                 "or give --model and --data to train under torchrun")
+                raise ValueError("the embedded demo runs in one process: run `lora-finetune` "
+                                 "without torchrun, or give --model and --data to train under it")
             run_demo(training, peft, resume=args.resume, merge=args.merge, progress=not args.no_progress)
             return 0
         if args.model is None or args.data is None:
@@ -109,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_prog()}: {lost}", file=sys.stderr)
         return 1
     except _Stopped:
-        print(f"{_prog()}: {stopped_message(training.get('output_dir', 'lora-output'))}", file=sys.stderr)
+        output_dir = training.get("output_dir", "lora-output")
+        print(f"{_prog()}: {stopped_message(output_dir)}", file=sys.stderr)
         return 128 + signal.SIGTERM
 
 

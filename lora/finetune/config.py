@@ -17,13 +17,19 @@ plus ``max_seq_length`` and ``packing`` (which the recipe passes to its trainer)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainingConfig", "IGNORED_KEYS", "SCHEDULERS"]
+from ..checks import check_choice, check_positive_int, sort_keys
+from ..data.records import ON_ERROR_MODES
+
+__all__ = ["TrainingConfig", "IGNORED_KEYS", "SCHEDULERS", "load_configs"]
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -134,36 +140,24 @@ class TrainingConfig:
             _positive_int(self, "global_train_batch_size")
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise ValueError(f"training_config device={self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            raise ValueError(f"training_config device={self.device!r}: "
+                             "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         for name in ("bf16", "gradient_checkpointing", "packing", "overwrite_output_dir", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
         kwargs = self.gradient_checkpointing_kwargs or {}
         if kwargs.get("use_reentrant", False):
             raise ValueError("training_config gradient_checkpointing_kwargs={'use_reentrant': True}: only the non-reentrant kind is supported")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"training_config on_error={self.on_error!r}: expected 'raise' or 'skip'")
+        check_choice(self.on_error, ON_ERROR_MODES, "training_config on_error")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
         """Build from a ``training_config`` dict. An unknown key is a ``ValueError`` naming it;
         the keys in :data:`IGNORED_KEYS` are accepted and have no effect (with the values listed there)."""
         if not isinstance(d, dict):
             raise TypeError(f"training_config={d!r}: expected a dict")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key in names:
-                kwargs[key] = value
-            elif key in IGNORED_KEYS:
-                allowed = IGNORED_KEYS[key]
-                if allowed is not None and value not in allowed:
-                    raise ValueError(f"training_config {key}={value!r}: not supported (accepted: {', '.join(map(repr, allowed))})")
-            else:
-                raise ValueError(
-                    f"training_config has an unknown key {key!r}; supported: {', '.join(sorted(names))} "
-                    f"(and, ignored: {', '.join(sorted(IGNORED_KEYS))})"
-                )
+        kwargs = sort_keys(d, names, IGNORED_KEYS, "training_config", supported_hint=True)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +166,29 @@ class TrainingConfig:
 
 def _positive_int(cfg, *names: str) -> None:
     for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"training_config {name}={v!r}: expected a positive int")
+        check_positive_int(getattr(cfg, name), f"training_config {name}")
+
+
+def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    raw = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            data = json.loads(raw)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
+        raise ValueError(f"--config {path}: cannot parse ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
+    unknown = set(data) - {"training_config", "peft_config"}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})

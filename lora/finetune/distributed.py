@@ -17,10 +17,10 @@ torchrun) every call is a no-op, so such a run is what it always was. Under torc
 - only rank 0 writes (metrics, log lines, checkpoints, the adapter, the plot); every rank reads the
   checkpoint rank 0 chose when resuming.
 
-With ``fsdp`` the frozen base is sharded by FSDP2 (``fully_shard``, one unit per decoder layer and one
-for the rest) and read from the checkpoint shard by shard (:func:`load_sharded_phi3`); the LoRA
-parameters are left out of the sharding (``ignored_params``), so they stay whole on every rank,
-train as above and save as usual.
+With ``fsdp`` the frozen base is sharded by FSDP2 (``fully_shard``, one unit per decoder layer
+and one for the rest) and read from the checkpoint shard by shard (:func:`load_sharded_phi3`); the
+LoRA parameters are left out of the sharding (``ignored_params``), so they stay whole on every
+rank, train as above and save as usual.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import datetime
 import os
 import resource
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -86,7 +86,7 @@ class DistContext:
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
-    # --- collectives (no-ops without a group) -------------------------------------------------------
+    # --- collectives (no-ops without a group) -----------------------------------------------------
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum of ``values`` over the ranks, in float64 (counts stay exact)."""
         if not self.enabled:
@@ -163,20 +163,21 @@ class DistContext:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
-    # --- data -------------------------------------------------------------------------------------------
+    # --- data -------------------------------------------------------------------------------------
     def shard(self, ids: Sequence[int], per_device: int) -> list[int]:
-        """This rank's slice of a global micro-batch ``ids`` (up to ``per_device × world_size`` ids):
-        ``ids[rank·per_device : (rank+1)·per_device]``; empty for a rank past a short last batch."""
+        """This rank's slice of a global micro-batch ``ids`` (up to ``per_device × world_size``
+        ids): ``ids[rank·per_device : (rank+1)·per_device]``; empty for a rank past a short last
+        batch."""
         return list(ids[self.rank * per_device : (self.rank + 1) * per_device])
 
     def step_seed(self, seed: int, step: int) -> None:
-        """With several ranks, seed the RNG (dropout) from (seed, step, rank) at each optimizer step:
-        ranks draw different masks, and a resumed run, with any number of ranks, draws what the
-        uninterrupted one drew. One process keeps its single stream (restored from the checkpoint)."""
+        """With several ranks, seed the RNG (dropout) from (seed, step, rank) at each optimizer
+        step: ranks draw different masks, and a resumed run draws what the uninterrupted one drew.
+        One process keeps its single stream (restored from the checkpoint)."""
         if self.world_size > 1:
             torch.manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)
 
-    # --- metrics ------------------------------------------------------------------------------------
+    # --- metrics ----------------------------------------------------------------------------------
     def memory_row(self, model: nn.Module) -> dict:
         """The per-rank figures of a metrics row (a collective): ``world_size``; ``memory_mb``, each
         rank's peak memory (:func:`peak_memory_mb`); ``params_mb``, the parameter bytes each rank
@@ -189,7 +190,11 @@ class DistContext:
         t = torch.zeros(2, self.world_size, dtype=torch.float64, device=self._comm_device)
         t[0, self.rank], t[1, self.rank] = peak, held
         dist.all_reduce(t)
-        return {"world_size": self.world_size, "memory_mb": t[0].tolist(), "params_mb": t[1].tolist()}
+        return {
+            "world_size": self.world_size,
+            "memory_mb": t[0].tolist(),
+            "params_mb": t[1].tolist(),
+        }
 
 
 def parameter_mb(model: nn.Module) -> float:
@@ -223,20 +228,32 @@ def lost_rank_message(error: BaseException, output_dir: str | os.PathLike | None
     import torch.distributed as dist
 
     text = str(error)
-    known = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL", "gloo",
-             "Socket Timeout", "timed out", "ProcessGroup")
+    known = (
+        "Connection closed by peer",
+        "Connection reset by peer",
+        "Broken pipe",
+        "NCCL",
+        "gloo",
+        "Socket Timeout",
+        "timed out",
+        "ProcessGroup",
+    )
     if not isinstance(error, getattr(dist, "DistError", ())) and not any(k in text for k in known):
         return None
     first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
-    return (f"another rank of this job stopped, so rank {os.environ.get('RANK', '?')} cannot go on "
-            f"({type(error).__name__}: {first}). torchrun's summary names the rank that failed first. "
-            + _checkpoint_hint(output_dir))
+    return (
+        f"another rank of this job stopped, so rank {os.environ.get('RANK', '?')} cannot go on "
+        f"({type(error).__name__}: {first}). torchrun's summary names the rank that failed first. "
+        + _checkpoint_hint(output_dir)
+    )
 
 
 def stopped_message(output_dir: str | os.PathLike | None) -> str:
     """What a rank says when torchrun stops it (SIGTERM) because another rank failed."""
-    return ("stopped by SIGTERM: torchrun stops every rank when one fails (its summary below names "
-            "the rank that failed first, with its exit code). " + _checkpoint_hint(output_dir))
+    return (
+        "stopped by SIGTERM: torchrun stops every rank when one fails (its summary below names "
+        "the rank that failed first, with its exit code). " + _checkpoint_hint(output_dir)
+    )
 
 
 def _checkpoint_hint(output_dir: str | os.PathLike | None) -> str:
@@ -245,8 +262,10 @@ def _checkpoint_hint(output_dir: str | os.PathLike | None) -> str:
     last = latest_checkpoint(output_dir) if output_dir is not None else None
     if last is None:
         return "No checkpoint was written yet."
-    return (f"The last complete checkpoint is {last}; continue with --resume (the same global batch, "
-            "any number of processes).")
+    return (
+        f"The last complete checkpoint is {last}; continue with --resume (the same global batch, "
+        "any number of processes)."
+    )
 
 
 def resolve_device(request: str, local_rank: int = 0) -> torch.device:
@@ -255,9 +274,12 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
 
     Raises DistributedSetupError: CUDA asked for with no GPU visible, or an unknown value.
     """
-    if not isinstance(request, str) or not (request in ("auto", "cpu", "cuda") or request.startswith("cuda:")):
+    if not isinstance(request, str) or not (
+        request in ("auto", "cpu", "cuda") or request.startswith("cuda:")
+    ):
         raise DistributedSetupError(
-            f"training_config device={request!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            f"training_config device={request!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        )
     if request == "auto":
         request = "cuda" if torch.cuda.is_available() else "cpu"
     if request == "cpu":
@@ -266,12 +288,15 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
         raise DistributedSetupError(
             f"device={request!r}: CUDA was asked for but torch sees no GPU "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-            "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+            "use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+        )
     index = local_rank if request == "cuda" else int(request.split(":", 1)[1])
     if index >= torch.cuda.device_count():
         raise DistributedSetupError(
-            f"device={request!r} (local rank {local_rank}): only {torch.cuda.device_count()} GPU(s) visible; "
-            "start at most that many processes per node (torchrun --nproc_per_node)")
+            f"device={request!r} (local rank {local_rank}): "
+            f"only {torch.cuda.device_count()} GPU(s) visible; "
+            "start at most that many processes per node (torchrun --nproc_per_node)"
+        )
     return torch.device("cuda", index)
 
 
@@ -279,20 +304,26 @@ def _torchrun_env() -> tuple[int, int, int] | None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
     try:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
     except ValueError:
         raise DistributedSetupError(
-            f"RANK={os.environ['RANK']!r} WORLD_SIZE={os.environ['WORLD_SIZE']!r}: expected integers "
-            "(as torchrun sets them)") from None
+            f"RANK={os.environ['RANK']!r} WORLD_SIZE={os.environ['WORLD_SIZE']!r}: "
+            "expected integers "
+            "(as torchrun sets them)"
+        ) from None
 
 
 def setup(device: str = "auto", fsdp: bool = False, timeout_s: float | None = None) -> DistContext:
     """The context of this process, joining torchrun's process group if launched by torchrun.
 
     Without torchrun (no RANK/WORLD_SIZE in the environment): the one-process context on ``device``.
-    Under torchrun: init_process_group with gloo (CPU) or nccl (CUDA), unless the caller already made
-    a group, which is then used as it is. ``timeout_s``: the collective timeout (default: torch's, or
-    the LORA_DIST_TIMEOUT environment variable, seconds).
+    Under torchrun: init_process_group with gloo (CPU) or nccl (CUDA), unless the caller already
+    made a group, which is then used as it is. ``timeout_s``: the collective timeout (default:
+    torch's, or the LORA_DIST_TIMEOUT environment variable, seconds).
 
     Raises DistributedSetupError: ``fsdp`` without torchrun; CUDA asked for with no GPU.
     """
@@ -302,30 +333,49 @@ def setup(device: str = "auto", fsdp: bool = False, timeout_s: float | None = No
     if env is None and not dist.is_initialized():
         if fsdp:
             raise DistributedSetupError(
-                "fsdp=true (--fsdp) shards the model across processes, but this is a single process: "
-                "launch it with torchrun, e.g. `torchrun --standalone --nproc_per_node=2 -m lora.finetune "
-                "... --fsdp` (one process per GPU)")
+                "fsdp=true (--fsdp) shards the model across processes, but this is a single "
+                "process: launch it with torchrun, e.g. "
+                "`torchrun --standalone --nproc_per_node=2 -m lora.finetune "
+                "... --fsdp` (one process per GPU)"
+            )
         return DistContext(device=resolve_device(device))
     rank, world, local = env if env is not None else (dist.get_rank(), dist.get_world_size(), 0)
     dev = resolve_device(device, local)
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = timeout_s if timeout_s is not None else float(os.environ.get("LORA_DIST_TIMEOUT", 0) or 0)
-        kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout > 0 else {}
+        timeout = (
+            timeout_s
+            if timeout_s is not None
+            else float(os.environ.get("LORA_DIST_TIMEOUT", 0) or 0)
+        )
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-            kwargs["device_id"] = dev
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout) if timeout > 0 else None,
+            device_id=dev if dev.type == "cuda" else None,
+        )
         owns = True
     backend = dist.get_backend()
     if dev.type == "cuda" and backend != "nccl" or dev.type == "cpu" and backend == "nccl":
-        raise DistributedSetupError(f"device {dev} with a {backend} process group: expected gloo on CPU, nccl on CUDA")
-    return DistContext(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend,
-                       fsdp=fsdp, owns_group=owns)
+        raise DistributedSetupError(
+            f"device {dev} with a {backend} process group: expected gloo on CPU, nccl on CUDA"
+        )
+    return DistContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        device=dev,
+        backend=backend,
+        fsdp=fsdp,
+        owns_group=owns,
+    )
 
 
-def global_batch_size(per_device: int, world_size: int, global_batch: int | None = None) -> tuple[int, int]:
+def global_batch_size(
+    per_device: int, world_size: int, global_batch: int | None = None
+) -> tuple[int, int]:
     """``(global, per_device)`` sequences per micro-batch.
 
     ``global_batch`` None: ``per_device × world_size``. Given: it must divide by the world size, and
@@ -337,29 +387,35 @@ def global_batch_size(per_device: int, world_size: int, global_batch: int | None
         return per_device * world_size, per_device
     if global_batch % world_size:
         raise DistributedSetupError(
-            f"global_train_batch_size={global_batch} does not divide by the world size {world_size}: "
-            f"expected a multiple of {world_size} (or run with a number of processes that divides {global_batch})")
+            f"global_train_batch_size={global_batch} does not divide by the world size "
+            f"{world_size}: expected a multiple of {world_size} (or run with a number of "
+            f"processes that divides {global_batch})"
+        )
     return global_batch, global_batch // world_size
 
 
 # --- FSDP2 ----------------------------------------------------------------------------------------
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
-    """The rows ``[start, stop)`` of a tensor's dim 0 that rank ``rank`` holds under FSDP2's Shard(0)
-    (``torch.chunk`` semantics: chunks of ceil(rows / world_size), the last ones shorter or empty)."""
+    """The rows ``[start, stop)`` of a tensor's dim 0 that rank ``rank`` holds under FSDP2's
+    Shard(0) (``torch.chunk`` semantics: chunks of ceil(rows / world_size), the last ones shorter
+    or empty)."""
     chunk = -(-rows // world_size) if rows else 0
     start = min(rank * chunk, rows)
     return start, min(start + chunk, rows)
 
 
-def load_sharded_phi3(model_dir: str | os.PathLike, peft, dtype: torch.dtype, ctx: DistContext) -> nn.Module:
-    """A Phi-3 checkpoint, LoRA-injected and FSDP2-sharded, read so that no rank holds the whole model.
+def load_sharded_phi3(
+    model_dir: str | os.PathLike, peft, dtype: torch.dtype, ctx: DistContext
+) -> nn.Module:
+    """A Phi-3 checkpoint, LoRA-injected and FSDP2-sharded, read so that no rank holds it whole.
 
     The model is built and injected on the meta device; each decoder layer becomes one
-    ``fully_shard`` unit and the root (embeddings, final norm, lm_head) another, with every trainable
-    parameter (LoRA, modules_to_save, trained biases) in ``ignored_params``. Then each rank reads from
-    the safetensors files only its own rows of each frozen tensor (``get_slice``), and the LoRA
-    parameters are initialised from the RNG state the caller left, drawn in the order
-    :func:`lora.inject` draws them: a seed gives the same adapter as the one-process run.
+    ``fully_shard`` unit and the root (embeddings, final norm, lm_head) another, with every
+    trainable parameter (LoRA, modules_to_save, trained biases) in ``ignored_params``. Then each
+    rank reads from the safetensors files only its own rows of each frozen tensor
+    (``get_slice``), and the LoRA parameters are initialised from the RNG state the caller left,
+    drawn in the order :func:`lora.inject` draws them: a seed gives the same adapter as the
+    one-process run. ``peft``: the :class:`lora.LoRAConfig` to inject.
 
     Raises DistributedSetupError when ``ctx`` has no process group; CheckpointError /
     FileNotFoundError as :meth:`Phi3ForCausalLM.from_pretrained`.
@@ -389,15 +445,24 @@ def load_sharded_phi3(model_dir: str | os.PathLike, peft, dtype: torch.dtype, ct
     fully_shard(model, mesh=mesh, ignored_params=trainable)
     model.to_empty(device=ctx.device)
     if config.tie_word_embeddings and not hasattr(model.model.embed_tokens.weight, "to_local"):
-        model.tie_weights()  # a trained, so unsharded, tied matrix: to_empty made lm_head its own copy
+        # a trained, so unsharded, tied matrix: to_empty gave lm_head a copy of its own
+        model.tie_weights()
 
     skip = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    lora_ids = {id(p) for m in model.modules() if isinstance(m, LoRALayer)
-                for n, p in m.named_parameters(recurse=False) if n.startswith("lora_")}
+    lora_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, LoRALayer)
+        for n, p in m.named_parameters(recurse=False)
+        if n.startswith("lora_")
+    }
     # Everything but the LoRA parameters comes from the checkpoint, sharded (DTensor) or whole
     # (modules_to_save, trained biases: ignored by FSDP); a LoRA layer's base weight keeps its key.
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()
-                if k not in skip and id(v) not in lora_ids}
+    expected = {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if k not in skip and id(v) not in lora_ids
+    }
     found: set[str] = set()
     problems: list[str] = []
     with torch.no_grad():
@@ -428,13 +493,15 @@ def load_sharded_phi3(model_dir: str | os.PathLike, peft, dtype: torch.dtype, ct
         more = f" ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ckpt.CheckpointError(
             f"checkpoint {str(path)!r} does not match {type(model).__name__}: "
-            + "; ".join(problems[:20]) + more)
+            + "; ".join(problems[:20])
+            + more
+        )
     model.model.rotary_emb.reset_buffers(ctx.device)
-    # The LoRA parameters were made on meta (no values, no RNG drawn): draw them now, as inject would.
+    # The LoRA parameters were made on meta (no values, no RNG drawn): draw them as inject would.
     torch.set_rng_state(rng)
     for module in model.modules():
         if isinstance(module, LoRALayer) and module.has_adapter:
             module.reset_lora_parameters()
-            if not model.lora_config.init_lora_weights:
+            if not peft.init_lora_weights:
                 module._randomize_lora_B()
     return model.eval()

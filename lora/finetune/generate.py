@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -16,24 +16,24 @@ the learning-rate position and the RNG state that dropout draws from are restore
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .._io import atomic_open
+from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
 from .distributed import DistContext, global_batch_size
+from .metrics import METRICS_FILE, append_metrics, plot_metrics, read_metrics, truncate_metrics
 from .state import (
     latest_checkpoint,
     list_checkpoints,
@@ -43,9 +43,8 @@ from .state import (
     write_checkpoint,
 )
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "finetune", "lr_factor", "load_configs"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "lr_factor"]
 
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -112,9 +111,10 @@ class Trainer:
     ):
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, training
         self.dist = dist if dist is not None else DistContext()
-        # Sequences per micro-batch: the global batch, and this rank's slice of it (see _micro_batch).
+        # Sequences per micro-batch: the global batch, and this rank's slice (see _micro_batch).
         self.global_batch, self.per_device_batch = global_batch_size(
-            training.per_device_train_batch_size, self.dist.world_size, training.global_train_batch_size)
+            training.per_device_train_batch_size, self.dist.world_size,
+            training.global_train_batch_size)
         self.output_dir = Path(training.output_dir)
         self.base_model_name_or_path = base_model_name_or_path
         self.progress = progress
@@ -165,9 +165,7 @@ class Trainer:
     def _append_metrics(self, row: dict) -> None:
         if not self.dist.is_main:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.output_dir, row)
 
     # --- data ----------------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict:
@@ -178,12 +176,18 @@ class Trainer:
         bs = self.global_batch
         ids = self._perm_cache[1][k * bs : (k + 1) * bs]
         mine = self.dist.shard(ids, self.per_device_batch)
-        if not mine:  # past a short last batch: a forward that counts nothing keeps the ranks in step
+        if not mine:  # past a short last batch: a forward counting nothing keeps ranks in step
             batch = self.collate([self.data.train[ids[0]]])
-            batch["labels"] = torch.full_like(batch["labels"], -100)
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
             batch["filler"] = True
             return batch
         return self.collate([self.data.train[i] for i in mine])
+
+    def _ranks_note(self) -> str:
+        w = self.dist.world_size
+        if w == 1:
+            return ""
+        return f" ({w} ranks x {self.per_device_batch}{', FSDP' if self.dist.fsdp else ''})"
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -200,7 +204,7 @@ class Trainer:
 
     @staticmethod
     def _count_labels(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -215,8 +219,8 @@ class Trainer:
         bs = self.cfg.per_device_eval_batch_size
         starts = list(range(0, len(examples), bs))
         world, rank = self.dist.world_size, self.dist.rank
-        # Rank r takes batches r, r+W, ...; every rank runs the same number of forwards (FSDP gathers
-        # weights in each one), a rank past the end re-running batch 0 without counting it.
+        # Rank r takes batches r, r+W, ...; every rank runs the same number of forwards (FSDP
+        # gathers weights in each one), a rank past the end re-running batch 0 without counting it.
         for round_start in range(0, len(starts), world):
             j = round_start + rank
             start = starts[j] if j < len(starts) else 0
@@ -251,12 +255,14 @@ class Trainer:
             path = write_checkpoint(
                 self.output_dir, self.step, self.optimizer, self._write_adapter,
                 {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-                 "peft_config": self.peft.to_dict(), "base_model_name_or_path": self.base_model_name_or_path,
+                 "peft_config": self.peft.to_dict(),
+                 "base_model_name_or_path": self.base_model_name_or_path,
                  "world_size": self.dist.world_size, "global_train_batch_size": self.global_batch},
             )
             _fsync_path(self.output_dir / METRICS_FILE)
-            for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
-                self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
+            limit = self.cfg.save_total_limit
+            for old in rotate_checkpoints(self.output_dir, limit):
+                self.log(f"removed old checkpoint {old.name} (save_total_limit={limit})")
         self.dist.barrier()
         return path
 
@@ -306,19 +312,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
-        path = self.output_dir / METRICS_FILE
-        if not path.exists():
-            return
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        keep = []
-        for line in rows:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass  # a line cut by the kill
-        with atomic_open(path, "w") as f:
-            f.write("".join(r + "\n" for r in keep))
+        truncate_metrics(self.output_dir, step)
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
@@ -337,7 +331,8 @@ class Trainer:
         self.log(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
         self.log(
             f"{len(self.data.train)} training sequences, {self.micro_per_epoch} micro-batches of "
-            f"{cfg.per_device_train_batch_size} per epoch, gradient accumulation {cfg.gradient_accumulation_steps}: "
+            f"{self.global_batch}{self._ranks_note()} per epoch, "
+            f"gradient accumulation {cfg.gradient_accumulation_steps}: "
             f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, {cfg.lr_scheduler_type} schedule)"
         )
         self.model.train()
@@ -362,8 +357,8 @@ class Trainer:
                 loss.backward()
                 step_loss += float(loss.detach())
                 if not batch.get("filler"):
-                    window_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
-                                         else batch["attention_mask"].sum())
+                    mask = batch["attention_mask"]
+                    window_tokens += int(batch["input_ids"].numel() if mask.dim() != 2 else mask.sum())
             step_loss = self.dist.sum([step_loss])[0]
             if not math.isfinite(step_loss):
                 bar.close()
@@ -430,9 +425,9 @@ class Trainer:
         from ..surgery import merge_and_unload
 
         if self.dist.fsdp:
-            raise ValueError("--merge with --fsdp: the base is sharded across ranks; merge afterwards on one "
-                             "machine that holds the model (lora.load_adapter + lora.merge_and_unload, "
-                             "see docs/scaling.md)")
+            raise ValueError("--merge with --fsdp: the base is sharded across ranks; merge "
+                             "afterwards on one machine that holds the model (lora.load_adapter + "
+                             "lora.merge_and_unload, see docs/scaling.md)")
         directory = Path(directory) if directory is not None else self.output_dir / "merged"
         if self.dist.is_main:
             merged = merge_and_unload(self.model)
@@ -443,7 +438,9 @@ class Trainer:
         return directory
 
 
-def _check_same_global_batch(checkpoint: Path, state: dict, global_batch: int, world_size: int) -> None:
+def _check_same_global_batch(
+    checkpoint: Path, state: dict, global_batch: int, world_size: int
+) -> None:
     # Data order is a function of (seed, step) for one global batch size; another size would replay
     # different sequences. Checkpoints written before world_size was recorded hold one process.
     cfg = state.get("training_config") or {}
@@ -480,129 +477,3 @@ def _hms(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
-
-
-def plot_metrics(output_dir: str | os.PathLike) -> Path | None:
-    """``loss_curve.png`` from metrics.jsonl when matplotlib is installed; None otherwise."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("LoRA fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(output_dir) / "loss_curve.png"
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return path
-
-
-def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(training_config, peft_config)`` from a JSON or TOML file with those two sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    raw = path.read_bytes()
-    try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
-        raise ValueError(f"--config {path}: cannot parse ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
-    unknown = set(data) - {"training_config", "peft_config"}
-    if unknown:
-        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
-    return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})
-
-
-def finetune(
-    model_dir: str | os.PathLike,
-    train_file: str | os.PathLike | Sequence,
-    training_config: dict | TrainingConfig,
-    peft_config: dict | LoRAConfig,
-    eval_file: str | os.PathLike | None = None,
-    resume: bool = False,
-    merge: bool = False,
-    log: Callable[[str], None] | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of ``lora-finetune``.
-
-    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
-    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
-    Under torchrun each process calls this; it joins the job's process group (and leaves it at the
-    end if it made it), see :mod:`lora.finetune.distributed`.
-    """
-    from .distributed import setup
-
-    training = training_config if isinstance(training_config, TrainingConfig) else TrainingConfig.from_dict(training_config)
-    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
-    ctx = setup(training.device, training.fsdp)
-    try:
-        return _finetune(ctx, model_dir, train_file, training, peft, eval_file, resume, merge, log, progress)
-    finally:
-        ctx.close()
-
-
-def _finetune(ctx, model_dir, train_file, training, peft, eval_file, resume, merge, log, progress):
-    from ..data import Tokenizer, prepare_chat_data
-    from ..models import Phi3ForCausalLM
-    from .distributed import load_sharded_phi3
-
-    say = (log or print) if ctx.is_main else (lambda line: None)
-    torch.manual_seed(training.seed)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    data = prepare_chat_data(
-        train_file, tokenizer, training.max_seq_length, eval_file=eval_file,
-        eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
-        seed=training.seed, packing=training.packing, on_error=training.on_error,
-    )
-    say(data.summary())
-    dtype = torch.bfloat16 if training.bf16 else torch.float32
-    if ctx.fsdp:
-        model = load_sharded_phi3(model_dir, peft, dtype, ctx)
-    else:
-        model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=ctx.device)
-        inject(model, peft)
-    trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir), log=log,
-                      progress=progress and ctx.is_main, dist=ctx)
-    result = trainer.train(resume=resume)
-    if merge:
-        result.merged_dir = trainer.merge_and_save()
-        say(f"merged model written to {result.merged_dir}")
-    return result

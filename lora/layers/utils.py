@@ -5,16 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import BIAS_MODES, check_choice
 from .base import LoRALayer
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
 
-_BIAS_MODES = ("none", "all", "lora_only")
-
-
 def _check_bias(bias) -> None:
-    if bias not in _BIAS_MODES:
-        raise ValueError(f"bias={bias!r}: expected one of {', '.join(repr(b) for b in _BIAS_MODES)}")
+    check_choice(bias, BIAS_MODES, "bias")
 
 
 def lora_layers(model: nn.Module):

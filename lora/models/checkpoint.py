@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lora._io import atomic_save_safetensors, atomic_write_json, fsync_dir
+from lora.checks import listing
 
 __all__ = [
     "CONFIG_NAME",
@@ -120,9 +121,7 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def _describe(problems: list[str], what: str, limit: int = 20) -> str:
-    shown = ", ".join(problems[:limit])
-    more = f" ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return f"{len(problems)} {what}: {shown}{more}"
+    return f"{len(problems)} {what}: {listing(problems, limit, ', ', more_sep=' ')}"
 
 
 def load_into(
@@ -200,7 +199,7 @@ def _assign(module: nn.Module, name: str, tensor: Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     if leaf in owner._parameters:
-        requires_grad = owner._parameters[leaf].requires_grad
+        requires_grad = owner._parameters[leaf].requires_grad  # type: ignore[union-attr]
         setattr(owner, leaf, nn.Parameter(tensor, requires_grad=requires_grad))
     else:
         setattr(owner, leaf, tensor)

@@ -21,9 +21,10 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write_json
+from lora.checks import IGNORE_INDEX
 from lora.models import checkpoint as ckpt
 
 __all__ = [
     "Phi3Config",
+    "fused_layout",
     "RopeSettings",
     "Phi3RMSNorm",
     "Phi3RotaryEmbedding",
@@ -49,7 +52,6 @@ __all__ = [
     "Phi3ForCausalLM",
 ]
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (transformers' convention)
 
 # Per layer: (keys, values), each (b, KV, kv, d), keys already rotated. Layer i at index i.
 KVCache = tuple[tuple[Tensor, Tensor], ...]
@@ -196,8 +198,9 @@ class Phi3Config:
         theta = float(params.get("rope_theta", self.rope_theta))
         top_partial = 1.0 if self.partial_rotary_factor is None else self.partial_rotary_factor
         partial = float(params.get("partial_rotary_factor", top_partial))
-        rotary_dim = int(self.head_dim * partial)
-        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > self.head_dim:
+        head_dim = cast(int, self.head_dim)  # resolved by __post_init__
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(
                 f"Phi3Config: partial_rotary_factor={partial} gives {rotary_dim} rotary dims of head_dim="
                 f"{self.head_dim}; expected an even number between 2 and head_dim"
@@ -250,7 +253,7 @@ class Phi3Config:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Phi3Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Phi3Config:
         """Read a config.json (or the config.json inside a directory)."""
         path = Path(path)
         if path.is_dir():
@@ -304,6 +307,9 @@ class Phi3RotaryEmbedding(nn.Module):
     ``to_empty``), so a bf16 model keeps exact frequencies.
     """
 
+    inv_freq: Tensor | None
+    long_inv_freq: Tensor | None
+
     def __init__(self, config: Phi3Config) -> None:
         super().__init__()
         self.settings = config.rope
@@ -327,7 +333,7 @@ class Phi3RotaryEmbedding(nn.Module):
         if self.settings.rope_type == "longrope":
             self.long_inv_freq = self._frequencies(self.settings.long_factor, device)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+    def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.inv_freq is not None and self.inv_freq.device.type != "meta":
             self.reset_buffers()  # undo any dtype cast: frequencies stay fp32
@@ -339,10 +345,10 @@ class Phi3RotaryEmbedding(nn.Module):
         longrope picks the long frequencies for the whole call when max(position_ids) + 1 >
         original_max_position_embeddings, the short ones otherwise; both are scaled by attention_factor.
         """
-        inv_freq = self.inv_freq
+        inv_freq = cast(Tensor, self.inv_freq)  # set by reset_buffers
         if self.long_inv_freq is not None:
-            is_long = position_ids.max() + 1 > self.settings.original_max_position_embeddings
-            inv_freq = torch.where(is_long, self.long_inv_freq, self.inv_freq)  # no host sync
+            is_long = position_ids.max() + 1 > cast(int, self.settings.original_max_position_embeddings)
+            inv_freq = torch.where(is_long, self.long_inv_freq, inv_freq)  # no host sync
         freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (b, s, r): rotate-half layout
         scale = self.settings.attention_factor
@@ -448,6 +454,24 @@ def build_attention_mask(
     return AttentionMask(mask, False, empty_rows)
 
 
+def fused_layout(config: Any) -> OrderedDict[str, OrderedDict[str, int]]:
+    """The slices of Phi-3's fused projections, in output-row order: ``{"qkv_proj": {"q": H*d,
+    "k": KV*d, "v": KV*d}, "gate_up_proj": {"gate": I, "up": I}}``.
+
+    The one place these sizes are computed: :class:`Phi3Attention` splits qkv_proj's output by it,
+    :attr:`Phi3ForCausalLM.fused_splits` declares it, and :func:`lora.fused_splits` reads it from a
+    Hugging Face ``Phi3Config`` (``config`` is either; head_dim and num_key_value_heads default as
+    in Phi3Config).
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return OrderedDict(
+        qkv_proj=OrderedDict(q=heads * head_dim, k=kv_heads * head_dim, v=kv_heads * head_dim),
+        gate_up_proj=OrderedDict(gate=config.intermediate_size, up=config.intermediate_size),
+    )
+
+
 class Phi3Attention(nn.Module):
     """Grouped-query self-attention with a fused qkv projection.
 
@@ -459,13 +483,9 @@ class Phi3Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = cast(int, config.head_dim)  # resolved by Phi3Config.__post_init__
         self.attention_dropout = config.attention_dropout
-        self.split_sizes = [
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        ]
+        self.split_sizes = list(fused_layout(config)["qkv_proj"].values())  # [q: H*d, k: KV*d, v: KV*d]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
@@ -703,18 +723,10 @@ class Phi3ForCausalLM(nn.Module):
         )
 
     @property
-    def fused_splits(self) -> "OrderedDict[str, OrderedDict[str, int]]":
+    def fused_splits(self) -> OrderedDict[str, OrderedDict[str, int]]:
         """Slices of the fused projections, in output-row order: ``{"qkv_proj": {"q": H*d, "k": KV*d, "v": KV*d},
         "gate_up_proj": {"gate": I, "up": I}}``. A surgery pass uses it to adapt e.g. ``"qkv_proj[q,v]"``."""
-        c = self.config
-        return OrderedDict(
-            qkv_proj=OrderedDict(
-                q=c.num_attention_heads * c.head_dim,
-                k=c.num_key_value_heads * c.head_dim,
-                v=c.num_key_value_heads * c.head_dim,
-            ),
-            gate_up_proj=OrderedDict(gate=c.intermediate_size, up=c.intermediate_size),
-        )
+        return fused_layout(self.config)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -904,7 +916,7 @@ class Phi3ForCausalLM(nn.Module):
         path: str | os.PathLike,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-    ) -> "Phi3ForCausalLM":
+    ) -> Phi3ForCausalLM:
         """Load a checkpoint directory: config.json plus model.safetensors, or shards listed in
         model.safetensors.index.json. Never unpickles.
 

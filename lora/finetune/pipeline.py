@@ -1,0 +1,130 @@
+"""From a checkpoint directory and chat data to a ready :class:`~lora.finetune.Trainer`: the one
+pipeline that ``lora-finetune``, :func:`finetune` and the demo share.
+
+    trainer = build_trainer(model_dir, "chat.jsonl", TrainingConfig.from_dict(tc), LoRAConfig(**pc))
+    result = trainer.train()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..config import LoRAConfig
+from ..surgery import inject
+from .config import TrainingConfig
+from .distributed import DistContext, load_sharded_phi3, setup
+from .trainer import Trainer, TrainResult
+
+__all__ = ["build_trainer", "finetune"]
+
+
+def build_trainer(
+    model_dir: str | os.PathLike,
+    train_file: str | os.PathLike | Sequence,
+    training: TrainingConfig,
+    peft: LoRAConfig,
+    eval_file: str | os.PathLike | Sequence | None = None,
+    say: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    dist: DistContext | None = None,
+) -> Trainer:
+    """Seed, read the tokenizer and the data (``say`` gets its summary), load the Phi-3 checkpoint
+    in ``model_dir`` (bf16 when ``training.bf16``), inject ``peft`` and build the Trainer (``log``
+    and ``progress`` as :class:`Trainer`'s). ``dist``: this process's place in a torchrun job (from
+    :func:`lora.finetune.distributed.setup`; default the one-process run): the model goes to its
+    device, sharded with FSDP2 when ``dist.fsdp``, and only rank 0 says or shows anything.
+
+    The eval set is ``eval_file``, else ``training.eval_fraction`` of the training records. Raises
+    what the data and checkpoint loaders raise (:class:`lora.data.DataError`, ``FileNotFoundError``,
+    ``ValueError``) before anything is trained.
+    """
+    from ..data import Tokenizer, prepare_chat_data
+    from ..models import Phi3ForCausalLM
+
+    dist = dist if dist is not None else DistContext()
+    if not dist.is_main:
+        say, log, progress = (lambda line: None), (lambda line: None), False
+    torch.manual_seed(training.seed)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    data = prepare_chat_data(
+        train_file,
+        tokenizer,
+        training.max_seq_length,
+        eval_file=eval_file,
+        eval_fraction=0.0 if eval_file is not None else training.eval_fraction,
+        seed=training.seed,
+        packing=training.packing,
+        on_error=training.on_error,
+    )
+    say(data.summary())
+    dtype = torch.bfloat16 if training.bf16 else torch.float32
+    if dist.fsdp:  # each rank reads only its shards; LoRA drawn from the seed as inject draws it
+        model = load_sharded_phi3(model_dir, peft, dtype, dist)
+    else:
+        model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=dist.device)
+        inject(model, peft)  # B = 0: until trained, the model computes exactly the base model
+    return Trainer(
+        model,
+        tokenizer,
+        data,
+        training,
+        base_model_name_or_path=str(model_dir),
+        log=log,
+        progress=progress,
+        dist=dist,
+    )
+
+
+def finetune(
+    model_dir: str | os.PathLike,
+    train_file: str | os.PathLike | Sequence,
+    training_config: dict | TrainingConfig,
+    peft_config: dict | LoRAConfig,
+    eval_file: str | os.PathLike | None = None,
+    resume: bool = False,
+    merge: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of
+    ``lora-finetune``.
+
+    ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
+    (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    Under torchrun each process calls this: it joins the job's process group (and leaves it at the
+    end if it made it); see :mod:`lora.finetune.distributed` and docs/scaling.md.
+
+    Raises :class:`lora.finetune.distributed.DistributedSetupError` (a ValueError) for a launch that
+    cannot work: ``fsdp`` without torchrun, CUDA asked for with no GPU.
+    """
+    training = (
+        training_config
+        if isinstance(training_config, TrainingConfig)
+        else TrainingConfig.from_dict(training_config)
+    )
+    peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
+    dist = setup(training.device, training.fsdp)
+    say = (log or print) if dist.is_main else (lambda line: None)
+    try:
+        trainer = build_trainer(
+            model_dir,
+            train_file,
+            training,
+            peft,
+            eval_file=eval_file,
+            say=say,
+            log=log,
+            progress=progress,
+            dist=dist,
+        )
+        result = trainer.train(resume=resume)
+        if merge:
+            result.merged_dir = trainer.merge_and_save()
+            say(f"merged model written to {result.merged_dir}")
+        return result
+    finally:
+        dist.close()
