@@ -44,9 +44,13 @@ def main() -> int:
     if args.audit:
 
         def hook(event, hook_args):
-            if event == "open" and len(hook_args) >= 2 and isinstance(hook_args[1], str):
-                if any(c in hook_args[1] for c in "wax+"):
-                    touched.append(str(hook_args[0]))
+            if event == "open" and len(hook_args) >= 3:
+                path, mode, flags = hook_args[:3]
+                writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+                if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                    mode is None and isinstance(flags, int) and flags & writes
+                ):
+                    touched.append(str(path))
             elif event in WRITE_EVENTS and hook_args:
                 touched.append(str(hook_args[0]))
 
