@@ -207,10 +207,18 @@ def parameter_mb(model: nn.Module) -> float:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory in MiB: CUDA's max_memory_allocated on a GPU, else the peak
-    resident set size (Linux ru_maxrss, KiB; macOS, bytes)."""
+    """This process's peak memory in MiB: CUDA's max_memory_allocated on a GPU; else the peak
+    resident set: Linux's VmHWM (of this program only: ru_maxrss would carry over the peak of a
+    parent that forked it), or ru_maxrss elsewhere (KiB; bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
@@ -410,8 +418,9 @@ def load_sharded_phi3(
     """A Phi-3 checkpoint, LoRA-injected and FSDP2-sharded, read so that no rank holds it whole.
 
     The model is built and injected on the meta device; each decoder layer becomes one
-    ``fully_shard`` unit and the root (embeddings, final norm, lm_head) another, with every
-    trainable parameter (LoRA, modules_to_save, trained biases) in ``ignored_params``. Then each
+    ``fully_shard`` unit, the embedding and lm_head one each (tied, they stay in the root), and
+    the root (the final norm) another, with every trainable parameter (LoRA, modules_to_save,
+    trained biases) in ``ignored_params``. Then each
     rank reads from the safetensors files only its own rows of each frozen tensor
     (``get_slice``), and the LoRA parameters are initialised from the RNG state the caller left,
     drawn in the order :func:`lora.inject` draws them: a seed gives the same adapter as the
@@ -440,8 +449,12 @@ def load_sharded_phi3(
     inject(model, peft)
     trainable = {p for p in model.parameters() if p.requires_grad}
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, ignored_params=trainable)
+    units = list(model.model.layers)
+    if not config.tie_word_embeddings:
+        # Their own units too: the root would otherwise hold both whole for the entire forward.
+        units += [model.model.embed_tokens, model.lm_head]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, ignored_params=trainable)
     fully_shard(model, mesh=mesh, ignored_params=trainable)
     model.to_empty(device=ctx.device)
     if config.tie_word_embeddings and not hasattr(model.model.embed_tokens.weight, "to_local"):
