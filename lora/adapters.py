@@ -41,9 +41,11 @@ from torch import Tensor, nn
 from . import functional as LF
 from . import model_state, multi
 from ._io import atomic_save_safetensors, atomic_write_json
+from ._regex_guard import check_bounded_regex
 from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
+from .layers.saved import saved_modules
 from .layers.utils import lora_layers
 from .surgery import inject
 from .targets import (
@@ -52,7 +54,9 @@ from .targets import (
     layer_class_for,
     modules_to_save_for,
     resolve_lora_dtype,
+    saved_copies,
     set_submodule,
+    wrap_modules_to_save,
 )
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -147,10 +151,26 @@ def read_torch_file(file: Path) -> dict[str, Tensor]:
 # ================================================================================================
 # Config: PEFT's JSON <-> LoRAConfig
 # ================================================================================================
+def _check_file_regexes(body: dict) -> None:
+    # Adapter files come from anywhere; a regex in one is matched against every module name, and a
+    # backtracking one (``(.*.*)*X``) would never return. Only regexes of bounded cost are matched.
+    for key in ("target_modules", "exclude_modules"):
+        value = body.get(key)
+        if isinstance(value, str) and value != "all-linear":
+            check_bounded_regex(value, key)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = body.get(key)
+        if isinstance(value, dict):
+            for pattern in value:
+                if isinstance(pattern, str):
+                    check_bounded_regex(pattern, f"{key} key")
+
+
 def config_from_files(files: AdapterFiles) -> LoRAConfig:
     """The LoRAConfig an adapter directory describes; with lora's fused-slice metadata (and a JSON
     not edited since) the original config, whose targets name the slices."""
     try:
+        _check_file_regexes(files.config)
         config = LoRAConfig.from_peft_dict(dict(files.config))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{files.config_path}: {e}") from None
@@ -158,7 +178,9 @@ def config_from_files(files: AdapterFiles) -> LoRAConfig:
     if "lora.config" not in files.metadata:
         return config
     try:
-        ours = LoRAConfig(**json.loads(files.metadata["lora.config"]))
+        ours_body = json.loads(files.metadata["lora.config"])
+        _check_file_regexes(ours_body if isinstance(ours_body, dict) else {})
+        ours = LoRAConfig(**ours_body)
         written = json.loads(files.metadata["lora.exported"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})") from None
@@ -303,6 +325,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     Raises :class:`AdapterError` when the model holds no such adapter, or a layer computes something
     PEFT's LoRA cannot express (conv with groups > 1, dilation or non-zero padding; embedding max_norm).
     """
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, "
+                           "no data); load or materialise the weights before saving")
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
         names = multi.adapter_names(model)
@@ -336,7 +362,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
             tensors[f"{PREFIX}{module_name}.{key}"] = t.detach().to("cpu")
     if len(rslora) > 1:
         raise AdapterError(f"save_adapter: adapter {name!r} mixes use_rslora values; PEFT's config holds one")
-    for key, t in _base_places(model, config, set(modules)).items():
+    for key, t in _base_places(model, config, set(modules), name, required_only=False,
+                               optional_targets=False).items():
         tensors[PREFIX + key] = t.detach().to("cpu")
 
     if base_model_name_or_path is None:
@@ -357,18 +384,26 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     return path
 
 
-def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
+def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str], adapter_name: str,
                  required_only: bool = True,
-                 modules: dict[str, nn.Module] | None = None) -> dict[str, Tensor]:
+                 modules: dict[str, nn.Module] | None = None,
+                 optional_targets: bool = True) -> dict[str, Tensor]:
     """The model tensors an adapter file of this config holds besides LoRA's, by file key (no prefix):
-    modules_to_save (``<module>.<param>``) and biases per ``config.bias`` (a targeted module's as
-    ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also each targeted
-    module's ``base_layer.weight``, which PEFT saves for targeted embeddings. ``modules``:
-    ``dict(model.named_modules())`` when the caller has it."""
+    modules_to_save (``<module>.<param>``: adapter ``adapter_name``'s copy, or the original module
+    while it has none) and biases per ``config.bias`` (a targeted module's as
+    ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also the tied
+    partners of modules_to_save under ``ensure_weight_tying`` (PEFT writes them; they share the
+    tensor) and, with ``optional_targets``, each targeted module's ``base_layer.weight``, which PEFT
+    saves for targeted embeddings. ``modules``: ``dict(model.named_modules())`` when the caller
+    has it."""
     if modules is None:
         modules = dict(model.named_modules())
     places: dict[str, Tensor] = {}
-    for module_name, module in modules_to_save_for(model, config, modules).items():
+    saved = saved_copies(model, config, adapter_name, modules)
+    named = set(modules_to_save_for(model, config, modules))
+    for module_name, module in saved.items():
+        if required_only and module_name not in named:
+            continue
         for key, t in module.state_dict(keep_vars=True).items():
             places[f"{module_name}.{key}"] = t
     if config.bias != "none":
@@ -379,7 +414,7 @@ def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
                 continue
             key = f"{module_name}.base_layer.bias" if module_name in adapted else f"{module_name}.bias"
             places.setdefault(key, bias)
-    if not required_only:
+    if not required_only and optional_targets:
         for module_name in adapted:
             weight = modules[module_name].weight
             places.setdefault(f"{module_name}.base_layer.weight", weight)  # type: ignore[arg-type]
@@ -430,6 +465,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
     existing = multi.names_in_layers(model, layers.values())
     has_layers = bool(layers)
+    _warn_if_other_base(model, files)
     if adapter_name is None:
         active = (layer.active_adapter_name for layer in layers.values())
         adapter_name = next((a for a in active if a is not None), None) if existing else "default"
@@ -448,7 +484,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         problems: list[str] = []
         targets = _targets(modules, layers, adapter_name, specs, mode, problems)
         loads = _check_lora_tensors(files, specs, targets, problems)
-        base = _check_base_tensors(model, files, config, specs, mode, problems, modules)
+        base = _check_base_tensors(model, files, config, specs, mode, problems, modules,
+                                   adapter_name)
         if problems:
             raise AdapterError(_report(files, problems))
         _apply(model, adapter_name, config, mode, loads, base, modules)
@@ -456,6 +493,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         for layer in merged:
             layer.merge()
     return model
+
+
+def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
+    # The recorded base is a hint (a hub id or a path), not a proof: a warning, naming both.
+    recorded = files.config.get("base_model_name_or_path")
+    actual = getattr(model, "name_or_path", None)
+    if not (isinstance(recorded, str) and recorded and isinstance(actual, str) and actual):
+        return
+    if recorded == actual or _same_path(recorded, actual):
+        return
+    warnings.warn(f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
+                  f"loading it into {actual!r}", stacklevel=3)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 @torch.no_grad()
@@ -466,6 +522,8 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
         inject(model, config)
         for load in loads:
             model.get_submodule(load.module).adapter_name = adapter_name
+        for _, wrapper in saved_modules(model):
+            wrapper.rename_adapter("default", adapter_name)
         model_state.set_registered_configs(model, {adapter_name: config})
     if mode == "add":
         _add_adapter(model, adapter_name, config, loads, modules)
@@ -474,8 +532,15 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
         for load in loads:
             layer = model.get_submodule(load.module)
             _copy_into(layer, layer.get_adapter(adapter_name), load)
-    for place, tensor in base.values():
-        place.copy_(tensor)
+    # modules_to_save: the adapter's own copies (made now where missing), then the tensors go there.
+    fresh_copies = wrap_modules_to_save(model, config, adapter_name)
+    if mode == "fresh":
+        for wrapper in fresh_copies.values():
+            wrapper.activate_adapter(adapter_name)
+    places = _base_places(model, config, {load.module for load in loads}, adapter_name,
+                          required_only=False)
+    for key, (_, tensor) in base.items():
+        places[key].copy_(tensor)
 
 
 def _targets(modules, layers, adapter_name, specs, mode, problems) -> dict[str, tuple]:
@@ -539,6 +604,10 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
             elif not t.is_floating_point():
                 problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
                 bad = True
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged "
+                                "training run?)")
+                bad = True
         if bad:
             continue
         blocks = None
@@ -577,16 +646,26 @@ def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
     return torch.cat(rows, dim=0)
 
 
+def _bias_places(model, config, adapted, modules) -> dict[str, Tensor]:
+    return _base_places(model, dataclasses.replace(config, modules_to_save=None), adapted, "",
+                        required_only=False, modules=modules, optional_targets=False)
+
+
 def _check_base_tensors(model, files, config, specs, mode, problems,
-                        modules) -> dict[str, tuple[Tensor, Tensor]]:
+                        modules, adapter_name) -> dict[str, tuple[Tensor, Tensor]]:
     """Non-LoRA tensors: each must be a modules_to_save / bias place the config names (or a targeted
     module's base_layer.weight), with its shape; every required place must be in the file."""
     try:
-        required = _base_places(model, config, set(specs), modules=modules)
+        required = _base_places(model, config, set(specs), adapter_name, modules=modules)
     except InjectionError as e:
         problems.append(f"{e}")
         return {}
-    optional = _base_places(model, config, set(specs), required_only=False, modules=modules)
+    optional = _base_places(model, config, set(specs), adapter_name, required_only=False,
+                            modules=modules)
+    # modules_to_save tensors go into the adapter's own copies: an added adapter may bring its own.
+    own = set(_base_places(model, config, set(), adapter_name, required_only=False,
+                           modules=modules, optional_targets=False)) - set(
+        _bias_places(model, config, set(specs), modules))
     tensors = {k[len(PREFIX):]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
     out = {}
     for key, t in tensors.items():
@@ -598,7 +677,8 @@ def _check_base_tensors(model, files, config, specs, mode, problems,
                             f"and bias={config.bias!r} do not name it)")
         elif place.shape != t.shape:
             problems.append(f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
-        elif mode == "add" and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype)):
+        elif (mode == "add" and key not in own
+              and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype))):
             problems.append(f"{PREFIX}{key}: differs from the model's; a named adapter added next to others may not "
                             "change the base model they share (load it alone)")
         else:
@@ -606,6 +686,12 @@ def _check_base_tensors(model, files, config, specs, mode, problems,
     for key in required:
         if key not in tensors:
             problems.append(f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)")
+    shared: dict[int, str] = {}  # tied modules (ensure_weight_tying): one tensor under two keys
+    for key, (place, t) in out.items():
+        first = shared.setdefault(id(place), key)
+        if first != key and not torch.equal(t, out[first][1]):
+            problems.append(f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "
+                            "file holds different values")
     for key in files.tensors:
         if not key.startswith(PREFIX):
             problems.append(f"{key}: no place for it (PEFT's keys start with {PREFIX!r})")

@@ -49,7 +49,6 @@ _PEFT_INERT: dict[str, tuple | None] = {
     "use_qalora": (False,),
     "alora_invocation_tokens": (None,),
     "arrow_config": (None,),
-    "ensure_weight_tying": (False,),
     "peft_version": None,
 }
 
@@ -72,7 +71,12 @@ class LoRAConfig:
             but the output head). A list entry may name slices of a fused projection:
             ``"qkv_proj[q,v]"``, ``"gate_up_proj[up]"``.
         exclude_modules: suffixes or a regex, as target_modules; matching modules are left alone.
-        modules_to_save: module-name suffixes trained in full and saved with the adapter (a classifier head).
+        modules_to_save: module-name suffixes trained in full and saved with the adapter (a
+            classifier head): each adapter trains its own copy; the original stays untouched.
+        ensure_weight_tying: a modules_to_save module whose weight is tied to another module's
+            (``lm_head`` and ``embed_tokens``): False (PEFT's default) trains a copy of the
+            named module only, so the tie is broken; True makes the partner share the copy, so
+            both change.
         use_rslora: rank-stabilised scaling.
         rank_pattern / alpha_pattern: ``{regex: r}`` / ``{regex: alpha}`` overriding r / lora_alpha for
             modules whose name ends with a match (``"layers\\.0\\.self_attn\\.o_proj"``).
@@ -90,6 +94,7 @@ class LoRAConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    ensure_weight_tying: bool = False
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -111,7 +116,8 @@ class LoRAConfig:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
             self.modules_to_save = check_str_list(self.modules_to_save, "modules_to_save")
-        for name in ("use_rslora", "fan_in_fan_out", "init_lora_weights", "merge_weights"):
+        for name in ("use_rslora", "fan_in_fan_out", "init_lora_weights", "merge_weights",
+                     "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected True or False")
         self.rank_pattern = _check_pattern(self.rank_pattern or {}, "rank_pattern", check_rank)

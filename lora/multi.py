@@ -36,6 +36,7 @@ from . import model_state
 from .config import LoRAConfig
 from .layers import AdapterWeights, LoRALayer
 from .layers.base import STORE, alpha_for_slices
+from .layers.saved import ModulesToSaveWrapper, saved_modules
 from .layers.utils import lora_layers
 from .targets import fused_splits
 
@@ -58,7 +59,7 @@ _RESERVED = set(dir(nn.ModuleDict()))
 # --- one layer ----------------------------------------------------------------------------------
 def check_adapter_name(name) -> str:
     """Adapter names key ModuleDicts: letters, digits, ``_`` and ``-``, and no nn.Module attribute name."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in _RESERVED:
         raise ValueError(
             f"adapter_name={name!r}: expected a non-empty string of letters, digits, '_' or '-' "
             "that is not an nn.Module attribute name"
@@ -154,6 +155,8 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     configs = adapter_configs(model)
     for _, layer in lora_layers(model):
         layer.activate_adapter(name)
+    for _, wrapper in saved_modules(model):  # modules_to_save: that adapter's copy, or the original
+        wrapper.activate_adapter(name)
     if name is not None and configs.get(name) is not None:
         model_state.set_active_config(model, configs[name])
 
@@ -164,11 +167,16 @@ def disabled(model: nn.Module):
     come back on exit, also after an exception."""
     previous = active_adapter(model)
     merged = {name for name, layer in lora_layers(model) if layer.merged}
+    wrappers = [(w, w.active_adapter) for _, w in saved_modules(model)]
     for _, layer in lora_layers(model):
         layer.activate_adapter(None)
+    for w, _ in wrappers:  # modules_to_save: the original modules
+        w.activate_adapter(None)
     try:
         yield model
     finally:
+        for w, active in wrappers:
+            w.activate_adapter(active)
         if previous is not None:
             for name, layer in lora_layers(model):
                 layer.activate_adapter(previous, merge=name in merged)
@@ -176,9 +184,16 @@ def disabled(model: nn.Module):
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer. A layer left with no adapter at all becomes the
-    torch layer it wrapped again; when no adapter is left, ``model.lora_config`` goes too and the model
+    torch layer it wrapped again, and so does a modules_to_save wrapper left with no copy (its
+    original module); when no adapter is left, ``model.lora_config`` goes too and the model
     can be injected afresh. Raises ``ValueError`` for an unknown name."""
     _require(model, name)
+    for module_name, wrapper in list(saved_modules(model)):
+        wrapper.delete_adapter(name)
+        if not wrapper.adapter_names:
+            parent, _, child = module_name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, wrapper.original_module)
     for module_name, layer in list(lora_layers(model)):
         layer.delete_adapter(name)
         empty = not layer.has_adapter and layer.inactive_adapters is None
@@ -325,14 +340,19 @@ def mixed_batch(model: nn.Module, adapter_names_per_sample: Sequence[str | None]
     routing = _Routing(len(names), index, torch.argsort(order))
 
     layers = list(lora_layers(model))
+    wrappers = list(saved_modules(model))
     restore = []
     for _, layer in layers:
         restore.append((layer.active_adapter_name, layer.merged))
         layer.activate_adapter(None)
         layer.forward = functools.partial(_mixed_forward, layer, routing)
+    for _, wrapper in wrappers:  # modules_to_save: each sample runs its adapter's copy
+        wrapper.__dict__["forward"] = functools.partial(_mixed_saved_forward, wrapper, routing)
     try:
         yield model
     finally:
+        for _, wrapper in wrappers:
+            wrapper.__dict__.pop("forward", None)
         for (_, layer), (active, was_merged) in zip(layers, restore):
             layer.__dict__.pop("forward", None)
             if active is not None:
@@ -372,6 +392,25 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
         finally:
             if slot is not None:
                 layer.clear_adapter()
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat(outputs).index_select(0, inverse)
+
+
+def _mixed_saved_forward(wrapper: ModulesToSaveWrapper, routing: _Routing, x: Tensor, *args,
+                         **kwargs) -> Tensor:
+    if x.shape[0] != routing.batch:
+        raise ValueError(
+            f"mixed_batch: {routing.batch} adapter names, but a modules_to_save module got an "
+            f"input of shape {tuple(x.shape)}: the first dimension of its input must be the batch"
+        )
+    index, inverse = routing.on(x.device)
+    outputs = []
+    for name, idx in index.items():
+        held = wrapper.get_adapter(name)
+        module = held if held is not None else wrapper.original_module
+        rows = x if len(index) == 1 else x.index_select(0, idx)
+        outputs.append(module(rows, *args, **kwargs))
     if len(outputs) == 1:
         return outputs[0]
     return torch.cat(outputs).index_select(0, inverse)

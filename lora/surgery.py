@@ -14,11 +14,14 @@ the sizes its ``config`` implies. The matching itself lives in :mod:`lora.target
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from . import model_state
 from .config import LoRAConfig
+from .layers.saved import saved_modules
 from .layers.utils import lora_layers, mark_only_lora_as_trainable
 from .targets import (
     InjectionError,
@@ -28,6 +31,7 @@ from .targets import (
     modules_to_save_for,
     resolve_lora_dtype,
     set_submodule,
+    wrap_modules_to_save,
 )
 
 __all__ = [
@@ -66,8 +70,11 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
     Each new layer shares the replaced layer's weight and bias tensors (no copy: same dtype and
     device). LoRA parameters go on the same device, in ``lora_dtype`` ("auto": fp32 over a
     bf16/fp16 base, else the base dtype; or a torch.dtype; or None for the base dtype). Then
-    everything is frozen but the LoRA parameters, the biases ``config.bias`` names, and
-    ``config.modules_to_save``. A rank of 0 from ``rank_pattern`` leaves that module alone.
+    everything is frozen but the LoRA parameters, the biases ``config.bias`` names, and the
+    adapter's copies of ``config.modules_to_save`` (each such module is wrapped in a
+    :class:`~lora.layers.saved.ModulesToSaveWrapper`: the original stays untouched, the adapter
+    "default" trains a copy; ``config.ensure_weight_tying`` says what happens to a tied partner).
+    A rank of 0 from ``rank_pattern`` leaves that module alone.
 
     Returns ``model``. Raises :class:`InjectionError` (a ``ValueError``) naming the targets that
     match nothing, the modules that cannot take LoRA, unknown fused slices, or a model that was
@@ -90,16 +97,17 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
         set_submodule(model, name, build_layer(name, base, slices, config, plan, lora_dtype))
 
     mark_only_lora_as_trainable(model, bias=config.bias)
-    saved = modules_to_save_for(model, config)
-    for m in saved.values():
-        for p in m.parameters():
+    for wrapper in wrap_modules_to_save(model, config, "default").values():
+        wrapper.activate_adapter("default")
+        for p in cast(nn.Module, wrapper.get_adapter("default")).parameters():
             p.requires_grad_(True)
     model_state.set_active_config(model, config)
     return model
 
 
 def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules that ``model.lora_config.modules_to_save`` names (trained in full, saved with the adapter)."""
+    """The modules that ``model.lora_config.modules_to_save`` names (trained in full, saved with the
+    adapter): name -> its :class:`~lora.layers.saved.ModulesToSaveWrapper`."""
     config = model_state.active_config(model)
     return modules_to_save_for(model, config) if config is not None else {}
 
@@ -109,9 +117,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its plain layer holding ``W + scaling·ΔW``; returns ``model``.
 
     The plain layer is the module that :func:`inject` replaced (same class, same attributes), or
-    for layers built by hand the torch base class. No extra copy of the weights is made. After
-    this the model is an ordinary torch model, ready for ``save_pretrained``.
+    for layers built by hand the torch base class. No extra copy of the weights is made. A
+    modules_to_save wrapper gives way to the active adapter's copy (the original when it has none).
+    A copy that broke a tie (``ensure_weight_tying=False`` on Phi-4-mini's tied ``lm_head``) leaves
+    the two modules untied, so ``model.config.tie_word_embeddings`` becomes False: a later
+    ``save_pretrained`` then writes both weights instead of dropping the trained one.
+    After this the model is an ordinary torch model, ready for ``save_pretrained``.
     """
+    wrappers = list(saved_modules(model))
+    for name, wrapper in wrappers:
+        set_submodule(model, name, wrapper.unwrap())
+    if wrappers:
+        _untie_config_if_untied(model)
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
         if layer.has_adapter:
@@ -123,6 +140,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             model = plain
     model_state.clear(model)
     return model
+
+
+def _untie_config_if_untied(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return
+    try:
+        inp = model.get_input_embeddings()  # type: ignore[operator]
+        out = model.get_output_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        return
+    if inp is not None and out is not None and inp.weight is not out.weight:
+        cfg.tie_word_embeddings = False  # type: ignore[union-attr]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

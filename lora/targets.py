@@ -14,14 +14,16 @@ module only asks :data:`lora.layers.LAYER_KINDS` in order. Used by :mod:`lora.su
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import LoRAConfig, parse_target
 from .layers import LAYER_KINDS, LoRALayer, is_gpt2_conv1d
+from .layers.saved import ModulesToSaveWrapper
 
 __all__ = [
     "InjectionError",
@@ -34,6 +36,9 @@ __all__ = [
     "lora_layer_for",
     "resolve_lora_dtype",
     "modules_to_save_for",
+    "saved_copies",
+    "tied_partners",
+    "wrap_modules_to_save",
     "output_head_names",
     "set_submodule",
     "suffix_match",
@@ -100,6 +105,9 @@ def resolve_lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
         return weight.dtype
     if not isinstance(lora_dtype, torch.dtype):
         raise TypeError(f"lora_dtype={lora_dtype!r}: expected a torch.dtype, 'auto' or None")
+    if not lora_dtype.is_floating_point or lora_dtype.is_complex:
+        raise TypeError(f"lora_dtype={lora_dtype}: expected a floating-point dtype (LoRA weights "
+                        "are trained by gradient), such as torch.float32 or torch.bfloat16")
     return lora_dtype
 
 
@@ -178,10 +186,12 @@ class TargetPlan:
     ):
         self.model, self.config, self.existing_ok = model, config, existing_ok
         self.modules = modules if modules is not None else dict(model.named_modules())
-        inside = (
-            tuple(f"{n}." for n, m in self.modules.items() if n and isinstance(m, LoRALayer))
-            if existing_ok
-            else ()
+        # Not candidates: the modules inside a LoRA layer (with existing_ok) and inside a
+        # modules_to_save wrapper (its original and copies are trained in full, never adapted).
+        inside = tuple(
+            f"{n}." for n, m in self.modules.items()
+            if n and (isinstance(m, ModulesToSaveWrapper)
+                      or (existing_ok and isinstance(m, LoRALayer)))
         )
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
         self.splits = fused_splits(model)
@@ -200,6 +210,9 @@ class TargetPlan:
             raise InjectionError(
                 "target_modules=None: name the modules to adapt (a list of names, a regex, or 'all-linear')"
             )
+        if not isinstance(targets, str) and len(targets) == 0:
+            raise InjectionError("target_modules=[]: nothing to adapt; name the modules to adapt "
+                                 "(a list of names, a regex, or 'all-linear')")
         if targets == "all-linear":
             heads = output_head_names(self.model)
             self.targets = {
@@ -307,17 +320,20 @@ def _out_rows(m: nn.Module) -> int:
 def modules_to_save_for(
     model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module] | None = None
 ) -> dict[str, nn.Module]:
-    """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter).
-    ``modules``: ``dict(model.named_modules())`` when the caller has it. Raises
-    :class:`InjectionError` for an entry that matches no module."""
+    """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter):
+    name -> the plain module, or its :class:`~lora.layers.saved.ModulesToSaveWrapper` once wrapped
+    (the modules inside a wrapper are not candidates). ``modules``: ``dict(model.named_modules())``
+    when the caller has it. Raises :class:`InjectionError` for an entry that matches no module."""
     if not config.modules_to_save:
         return {}
     if modules is None:
         modules = dict(model.named_modules())
+    inside = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
+    names = [n for n in modules if n and not (inside and n.startswith(inside))]
     found: dict[str, nn.Module] = {}
     missing = []
     for entry in config.modules_to_save:
-        hits = {n: m for n, m in modules.items() if n and suffix_match(n, entry)}
+        hits = {n: modules[n] for n in names if suffix_match(n, entry)}
         if not hits:
             missing.append(entry)
         found.update(hits)
@@ -326,3 +342,108 @@ def modules_to_save_for(
             f"modules_to_save: {missing!r} match no module of {type(model).__name__}"
         )
     return found
+
+
+def _own_weight(module: nn.Module) -> Tensor | None:
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    return weight
+
+
+def tied_partners(
+    model: nn.Module, name: str, modules: dict[str, nn.Module] | None = None
+) -> dict[str, nn.Module]:
+    """The modules whose weight is the very Parameter of module ``name``'s weight (a tied
+    ``lm_head`` and ``embed_tokens``), by name; for a wrapper, its original module's weight counts.
+    The modules inside wrappers and LoRA layers are not candidates."""
+    if modules is None:
+        modules = dict(model.named_modules())
+    weight = _own_weight(modules[name])
+    if weight is None:
+        return {}
+    inside = tuple(
+        f"{n}." for n, m in modules.items() if isinstance(m, (ModulesToSaveWrapper, LoRALayer))
+    )
+    return {
+        n: m for n, m in modules.items()
+        if n and n != name and not (inside and n.startswith(inside)) and _own_weight(m) is weight
+    }
+
+
+def saved_copies(
+    model: nn.Module, config: LoRAConfig, adapter_name: str,
+    modules: dict[str, nn.Module] | None = None,
+) -> dict[str, nn.Module]:
+    """For each module ``config.modules_to_save`` names, and with ``config.ensure_weight_tying``
+    each tied partner: name -> the module holding adapter ``adapter_name``'s tensors (its copy),
+    or, where it has none yet, the module a copy would be made of (the original). The named
+    modules come first."""
+    if modules is None:
+        modules = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    named = modules_to_save_for(model, config, modules)
+    partners: dict[str, nn.Module] = {}
+    for n in named:
+        if config.ensure_weight_tying:
+            partners.update(tied_partners(model, n, modules))
+    for n, m in {**named, **{k: v for k, v in partners.items() if k not in named}}.items():
+        if isinstance(m, ModulesToSaveWrapper):
+            held = m.get_adapter(adapter_name)
+            out[n] = held if held is not None else m.original_module
+        else:
+            out[n] = m
+    return out
+
+
+def wrap_modules_to_save(
+    model: nn.Module, config: LoRAConfig, adapter_name: str,
+    modules: dict[str, nn.Module] | None = None,
+) -> dict[str, ModulesToSaveWrapper]:
+    """Give adapter ``adapter_name`` its trainable copy of each module ``config.modules_to_save``
+    names, wrapping a plain module in a :class:`~lora.layers.saved.ModulesToSaveWrapper` first
+    (the original stays untouched). With ``config.ensure_weight_tying`` a tied partner (same weight
+    Parameter) is wrapped too and its copy shares the named module's copy's weight; without it the
+    partner is left alone and only the named module's copy changes, as in PEFT. Each wrapper runs
+    its copy of ``adapter_name`` only once activated. Returns name -> wrapper. Raises
+    :class:`InjectionError` for an entry matching no module, and for a tied partner that is a LoRA
+    target itself under ``ensure_weight_tying``."""
+    if modules is None:
+        modules = dict(model.named_modules())
+    named = modules_to_save_for(model, config, modules)
+    wrappers: dict[str, ModulesToSaveWrapper] = {}
+
+    def wrapper_at(n: str) -> ModulesToSaveWrapper:
+        m = modules[n]
+        if not isinstance(m, ModulesToSaveWrapper):
+            if isinstance(m, LoRALayer):
+                raise InjectionError(
+                    f"modules_to_save: {n!r} is a LoRA target as well; a module is either adapted "
+                    "or trained in full"
+                )
+            m = ModulesToSaveWrapper(m)
+            set_submodule(model, n, m)
+            modules[n] = m
+        wrappers[n] = m
+        return m
+
+    if config.ensure_weight_tying and not any(tied_partners(model, n, modules) for n in named):
+        warnings.warn(
+            "ensure_weight_tying=True, but no module of "
+            f"modules_to_save={config.modules_to_save!r} shares its weight with another module: "
+            "nothing to tie",
+            stacklevel=3,
+        )
+    for n in named:
+        partners = tied_partners(model, n, modules) if config.ensure_weight_tying else {}
+        w = wrapper_at(n)
+        held = w.get_adapter(adapter_name)
+        if held is None:
+            held = w.add_copy(adapter_name)
+        for p in partners:
+            if p in named:
+                continue
+            pw = wrapper_at(p)
+            if pw.get_adapter(adapter_name) is None:
+                pw.add_copy(adapter_name, shared={"weight": held.weight})  # type: ignore[dict-item]
+    return wrappers

@@ -184,10 +184,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data_file,
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2, 4]
 
 
+def _fake_adapter(directory):
+    (directory / "adapter_model.safetensors").write_bytes(b"x")
+    (directory / "adapter_config.json").write_text("{}")
+
+
 def test_a_checkpoint_interrupted_while_written_leaves_nothing_half_written(tmp_path):
     param = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([param])
-    write_checkpoint(tmp_path, 1, opt, lambda d: (d / "adapter_model.safetensors").write_bytes(b"x"), {})
+    write_checkpoint(tmp_path, 1, opt, _fake_adapter, {})
 
     def crash(directory):
         (directory / "adapter_model.safetensors").write_bytes(b"partial")

@@ -27,7 +27,11 @@ END_OF_TURN_TOKENS = ("<|end|>", "<|endoftext|>")
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{str(path)!r} is not a JSON file ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
     return value
@@ -87,7 +91,11 @@ class Tokenizer:
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {str(directory)!r}; expected a checkpoint directory")
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust side raises a bare Exception for any malformed file
+            raise ValueError(f"{str(tokenizer_file)!r} is not a readable tokenizer file "
+                             f"({str(e)[:200]})") from None
         config = _read_json(directory / "tokenizer_config.json")
         if not config:
             # Older checkpoints keep the special tokens in a separate file.

@@ -77,7 +77,7 @@ def run_demo(
 ) -> TrainResult:
     """Run the demo; ``training_config``/``peft_config`` entries override the demo's own."""
     from . import base_model_dir, ensure_assets, eval_file, train_file
-    from .skill import EXAMPLE_PROMPT, SKILL, eval_pairs
+    from .skill import SKILL
 
     t0 = time.perf_counter()
     ensure_assets(log=log)
@@ -89,6 +89,16 @@ def run_demo(
     # The same pipeline as lora-finetune; the trainer's own lines go through tqdm (log=None).
     trainer = build_trainer(model_dir, train_file(), training, peft, eval_file=eval_file(), say=log,
                             progress=progress)
+    try:  # build_trainer locked the output directory; it stays locked until the demo is done
+        return _evaluate_train_report(trainer, peft, resume, merge, log, t0)
+    finally:
+        trainer.release_lock()
+
+
+def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult:
+    from . import eval_file
+    from .skill import EXAMPLE_PROMPT, eval_pairs
+
     model, tokenizer = trainer.model, trainer.tokenizer
     trainable, total = trainable_parameters(model)
     log(f"LoRA r={peft.r} alpha={peft.lora_alpha} on {peft.target_modules}: "

@@ -8,9 +8,11 @@ This package sees everything (models, data, layers, adapters); nothing below imp
 
 from .config import IGNORED_KEYS, TrainingConfig, load_configs
 from .generate import generate_replies, load_chat_model
+from .lock import OutputDirBusy
 from .metrics import plot_metrics, read_metrics
 from .pipeline import build_trainer, finetune
-from .trainer import Trainer, TrainingError, TrainResult, lr_factor
+from .resume import ResumeMismatch
+from .trainer import Trainer, TrainingError, TrainingInterrupted, TrainResult, lr_factor
 
 __all__ = [
     "TrainingConfig",
@@ -18,6 +20,9 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "TrainingError",
+    "TrainingInterrupted",
+    "ResumeMismatch",
+    "OutputDirBusy",
     "finetune",
     "build_trainer",
     "read_metrics",

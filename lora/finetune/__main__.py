@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from ..data import DataError
 from .config import load_configs
-from .distributed import lost_rank_message, stopped_message
+from .distributed import TORCHRUN_STOP, lost_rank_message
 from .pipeline import finetune
-from .trainer import TrainingError
+from .trainer import TrainingError, TrainingInterrupted, sigterm_as_interrupt
 
 EPILOG = """\
 examples:
@@ -52,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bf16", action="store_true", default=None, help="base weights in bfloat16 (LoRA stays fp32)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the "
                     "output directory (same losses as an uninterrupted run)")
+    ap.add_argument("--allow-resume-changes", action="store_true", help="let --resume go on with "
+                    "settings or data that differ from the checkpoint's (by default refused, "
+                    "naming each difference); the run is then no longer bit-identical to an "
+                    "uninterrupted one")
     ap.add_argument("--overwrite", action="store_true", default=None, help="start over in an output directory "
                     "that holds an earlier run, removing its checkpoints (overwrite_output_dir)")
     ap.add_argument("--merge", action="store_true", help="after training, also write a merged full model "
@@ -70,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():  # SIGTERM while loading is an interrupt too, not a silent death
+        return _main(args)
+
+
+def _main(args) -> int:
     training: dict = {}
-    if "WORLD_SIZE" in os.environ:  # torchrun stops the other ranks with SIGTERM when one fails
-        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
@@ -95,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(r, lora_alpha, lora_dropout, target_modules, ...)")
         data = args.data[0] if len(args.data) == 1 else args.data
         result = finetune(args.model, data, training, peft, eval_file=args.eval_data, resume=args.resume,
-                          merge=args.merge, progress=not args.no_progress)
+                          merge=args.merge, progress=not args.no_progress,
+                          allow_resume_changes=args.allow_resume_changes)
         if _rank() == 0:
             print(f"adapter: {result.adapter_dir}")
             if result.merged_dir:
@@ -104,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         print(f"{_prog()}: the data has problems; nothing was trained:\n{e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"{_prog()}: {e}{TORCHRUN_STOP if 'WORLD_SIZE' in os.environ else ''}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("lora-finetune: interrupted before training started; nothing was written",
+              file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as e:
         print(f"{_prog()}: {e}", file=sys.stderr)
         return 2
@@ -113,19 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{_prog()}: {lost}", file=sys.stderr)
         return 1
-    except _Stopped:
-        output_dir = training.get("output_dir", "lora-output")
-        print(f"{_prog()}: {stopped_message(output_dir)}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except OSError as e:
+        print(f"{_prog()}: {_os_error(e)}", file=sys.stderr)
+        return 2
 
 
-class _Stopped(BaseException):
-    """SIGTERM under torchrun (BaseException: no ``except Exception`` on the way swallows it; a
-    checkpoint being written is removed whole, see state.write_checkpoint)."""
-
-
-def _raise_stopped(signum, frame):
-    raise _Stopped()
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
 
 
 def _rank() -> int:

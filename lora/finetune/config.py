@@ -110,6 +110,11 @@ class TrainingConfig:
     global_train_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"training_config output_dir={self.output_dir!r}: expected a "
+                             "directory path")
         _positive_int(self, "per_device_train_batch_size", "per_device_eval_batch_size",
                       "gradient_accumulation_steps", "logging_steps", "save_steps", "max_seq_length")
         for name in ("max_steps",):
@@ -134,8 +139,9 @@ class TrainingConfig:
             raise ValueError(f"training_config warmup_steps={self.warmup_steps!r}: expected an int >= 0")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"training_config seed={self.seed!r}: expected an int")
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"training_config seed={self.seed!r}: expected an int in [0, 2**63)")
         if self.global_train_batch_size is not None:
             _positive_int(self, "global_train_batch_size")
         if not isinstance(self.device, str) or not (
@@ -146,6 +152,9 @@ class TrainingConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
         kwargs = self.gradient_checkpointing_kwargs or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"training_config gradient_checkpointing_kwargs={kwargs!r}: "
+                             "expected an object such as {\"use_reentrant\": false}, or null")
         if kwargs.get("use_reentrant", False):
             raise ValueError("training_config gradient_checkpointing_kwargs={'use_reentrant': True}: only the non-reentrant kind is supported")
         check_choice(self.on_error, ON_ERROR_MODES, "training_config on_error")
@@ -191,4 +200,9 @@ def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     unknown = set(data) - {"training_config", "peft_config"}
     if unknown:
         raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+    for section in ("training_config", "peft_config"):
+        value = data.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} "
+                             f"({str(value)[:40]!r}); expected an object of its keys")
     return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})

@@ -46,7 +46,8 @@ __all__ = [
     "load_sharded_phi3",
     "peak_memory_mb",
     "lost_rank_message",
-    "stopped_message",
+    "TORCHRUN_STOP",
+    "resume_comparable",
 ]
 
 
@@ -175,7 +176,7 @@ class DistContext:
         step: ranks draw different masks, and a resumed run draws what the uninterrupted one drew.
         One process keeps its single stream (restored from the checkpoint)."""
         if self.world_size > 1:
-            torch.manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)
+            torch.manual_seed(((seed * 1_000_003 + step) * 1_009 + self.rank) % 2**63)
 
     # --- metrics ----------------------------------------------------------------------------------
     def memory_row(self, model: nn.Module) -> dict:
@@ -229,7 +230,7 @@ def lost_rank_message(error: BaseException, output_dir: str | os.PathLike | None
 
     A rank that dies (killed, out of memory, an exception) closes its connections; the ranks waiting
     for it in a collective get an error at once (gloo; nccl: its watchdog), and torchrun stops the
-    rest (SIGTERM, see :func:`stopped_message`) and prints which rank failed first.
+    rest (SIGTERM, see :data:`TORCHRUN_STOP`) and prints which rank failed first.
     """
     if "WORLD_SIZE" not in os.environ:
         return None
@@ -256,12 +257,9 @@ def lost_rank_message(error: BaseException, output_dir: str | os.PathLike | None
     )
 
 
-def stopped_message(output_dir: str | os.PathLike | None) -> str:
-    """What a rank says when torchrun stops it (SIGTERM) because another rank failed."""
-    return (
-        "stopped by SIGTERM: torchrun stops every rank when one fails (its summary below names "
-        "the rank that failed first, with its exit code). " + _checkpoint_hint(output_dir)
-    )
+# Appended to the interrupt message of a rank that torchrun stopped (SIGTERM).
+TORCHRUN_STOP = (" (under torchrun a SIGTERM means another rank failed, and torchrun stops the "
+                 "rest: its summary below names the rank that failed first, with its exit code)")
 
 
 def _checkpoint_hint(output_dir: str | os.PathLike | None) -> str:
@@ -400,6 +398,21 @@ def global_batch_size(
             f"processes that divides {global_batch})"
         )
     return global_batch, global_batch // world_size
+
+
+def resume_comparable(
+    training: dict | None, global_batch: int, same_world_size: bool = True
+) -> dict | None:
+    """A training_config dict as a resume check compares it: without ``device`` and ``fsdp``
+    (they change where the numbers are computed, not which) and ``global_train_batch_size`` (the
+    trainer compares the global batch itself); and, when the world size changed, without
+    ``per_device_train_batch_size``, which then has to change for the global batch to stay."""
+    if training is None:
+        return None
+    drop = {"global_train_batch_size", "device", "fsdp"}
+    if not same_world_size:
+        drop.add("per_device_train_batch_size")
+    return {k: v for k, v in training.items() if k not in drop}
 
 
 # --- FSDP2 ----------------------------------------------------------------------------------------

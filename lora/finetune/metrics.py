@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .._io import atomic_open
 
-__all__ = ["METRICS_FILE", "append_metrics", "read_metrics", "truncate_metrics", "plot_metrics"]
+__all__ = ["METRICS_FILE", "append_metrics", "read_metrics", "truncate_metrics", "repair_metrics",
+           "plot_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -26,33 +27,59 @@ def append_metrics(output_dir: str | os.PathLike, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _rows(path: Path) -> list[str]:
+    """The rows of a metrics.jsonl; a last line cut by a kill is left out, a damaged line elsewhere
+    is a ValueError naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError
+        except ValueError:
+            if all(not rest.strip() for rest in lines[number:]):
+                continue  # the last row, cut by an interrupted write
+            raise ValueError(f"{path}:{number}: not a metrics row ({line[:60]!r}); "
+                             "remove or fix the line") from None
+        rows.append(line)
+    return rows
+
+
 def truncate_metrics(output_dir: str | os.PathLike, step: int) -> None:
-    """Keep only the rows of steps <= ``step`` (and drop a line cut by a kill), atomically."""
+    """Keep only the rows of steps <= ``step`` (and drop a line cut by a kill), atomically.
+    A damaged row before the last is a ``ValueError`` naming the file and line."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = []
-    for line in rows:
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            pass  # a line cut by the kill
+    keep = [line for line in _rows(path) if json.loads(line).get("step", 0) <= step]
     with atomic_open(path, "w") as f:
         f.write("".join(r + "\n" for r in keep))
 
 
+def repair_metrics(output_dir: str | os.PathLike) -> bool:
+    """Drop a last row cut by a kill (the file does not end with a newline), so that the next
+    appended row starts a line of its own; returns whether anything was dropped."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return False
+    raw = path.read_bytes()
+    if not raw or raw.endswith(b"\n"):
+        return False
+    rows = _rows(path)
+    with atomic_open(path, "w") as f:
+        f.write("".join(r + "\n" for r in rows))
+    return True
+
+
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    """The rows of ``output_dir/metrics.jsonl`` (empty when there is none)."""
+    """The rows of ``output_dir/metrics.jsonl`` (empty when there is none); a last row cut by a
+    kill is left out."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+    return [json.loads(line) for line in _rows(path)]
 
 
 def plot_metrics(output_dir: str | os.PathLike) -> Path | None:

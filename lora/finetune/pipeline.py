@@ -16,6 +16,7 @@ from ..config import LoRAConfig
 from ..surgery import inject
 from .config import TrainingConfig
 from .distributed import DistContext, load_sharded_phi3, setup
+from .lock import OutputDirLock, check_output_dir
 from .trainer import Trainer, TrainResult
 
 __all__ = ["build_trainer", "finetune"]
@@ -40,12 +41,31 @@ def build_trainer(
 
     The eval set is ``eval_file``, else ``training.eval_fraction`` of the training records. Raises
     what the data and checkpoint loaders raise (:class:`lora.data.DataError`, ``FileNotFoundError``,
-    ``ValueError``) before anything is trained.
+    ``ValueError``) before anything is trained, and first :class:`OutputDirBusy` (another run holds
+    ``training.output_dir``) or ``ValueError`` (it cannot be a writable directory). The returned
+    trainer holds the output directory's lock: call ``trainer.release_lock()`` when done.
     """
+    # The output directory is checked and locked before anything is loaded: a bad --output or a
+    # directory another run is using costs no work. The trainer holds the lock from here on; the
+    # caller releases it (trainer.release_lock()) when done with the directory.
+    dist = dist if dist is not None else DistContext()
+    # Under torchrun rank 0 alone checks, creates and locks the directory: it is the only writer.
+    lock = OutputDirLock.acquire(check_output_dir(training.output_dir)) if dist.is_main else None
+    try:
+        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress, dist)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.lock = lock
+    trainer.train_files, trainer.eval_files = train_file, eval_file
+    return trainer
+
+
+def _build(model_dir, train_file, training, peft, eval_file, say, log, progress, dist) -> Trainer:
     from ..data import Tokenizer, prepare_chat_data
     from ..models import Phi3ForCausalLM
 
-    dist = dist if dist is not None else DistContext()
     if not dist.is_main:
         say, log, progress = (lambda line: None), (lambda line: None), False
     torch.manual_seed(training.seed)
@@ -89,16 +109,19 @@ def finetune(
     merge: bool = False,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    allow_resume_changes: bool = False,
 ) -> TrainResult:
     """Fine-tune the Phi-3 checkpoint in ``model_dir`` on a chat dataset; the Python form of
     ``lora-finetune``.
 
     ``training_config`` and ``peft_config`` are the two dictionaries of the Phi-3 fine-tuning recipe
     (or a :class:`TrainingConfig` / :class:`lora.LoRAConfig`). Returns a :class:`TrainResult`.
+    ``allow_resume_changes``: let ``resume`` go on with settings or data that differ from the
+    checkpoint's (a warning says the run is no longer bit-identical); otherwise that is a
+    :class:`ResumeMismatch`. See :meth:`Trainer.train` for what else is raised.
     Under torchrun each process calls this: it joins the job's process group (and leaves it at the
-    end if it made it); see :mod:`lora.finetune.distributed` and docs/scaling.md.
-
-    Raises :class:`lora.finetune.distributed.DistributedSetupError` (a ValueError) for a launch that
+    end if it made it); see :mod:`lora.finetune.distributed` and docs/scaling.md. Raises
+    :class:`lora.finetune.distributed.DistributedSetupError` (a ValueError) for a launch that
     cannot work: ``fsdp`` without torchrun, CUDA asked for with no GPU.
     """
     training = (
@@ -106,9 +129,13 @@ def finetune(
         if isinstance(training_config, TrainingConfig)
         else TrainingConfig.from_dict(training_config)
     )
+    if not isinstance(peft_config, (LoRAConfig, dict)):
+        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a "
+                        "lora.LoRAConfig")
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
     dist = setup(training.device, training.fsdp)
     say = (log or print) if dist.is_main else (lambda line: None)
+    trainer = None
     try:
         trainer = build_trainer(
             model_dir,
@@ -121,10 +148,13 @@ def finetune(
             progress=progress,
             dist=dist,
         )
+        trainer.allow_resume_changes = allow_resume_changes
         result = trainer.train(resume=resume)
         if merge:
             result.merged_dir = trainer.merge_and_save()
             say(f"merged model written to {result.merged_dir}")
         return result
     finally:
+        if trainer is not None:
+            trainer.release_lock()
         dist.close()

@@ -12,13 +12,22 @@ s·G … s·G+G−1 (G = gradient_accumulation_steps) of one endless stream made
 permutations seeded with seed + epoch. Resuming therefore needs only the step, and a run resumed
 from a checkpoint gives the same loss at every later step as one never interrupted (the optimizer,
 the learning-rate position and the RNG state that dropout draws from are restored exactly).
+
+Nothing lost, nothing silent: a run locks its output directory (:mod:`.lock`), recovers what a
+killed run left between two renames (:func:`.state.recover_checkpoints`), refuses a resume whose
+configs or data differ from the checkpoint's (:mod:`.resume`), keeps the logging window in each
+checkpoint so that metrics.jsonl after a resume equals the uninterrupted run's, and stops on a
+non-finite, exploding or stalled loss, on SIGINT/SIGTERM and on a full disk with one line naming
+the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,23 +41,46 @@ from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig
-from .distributed import DistContext, global_batch_size
-from .metrics import METRICS_FILE, append_metrics, plot_metrics, read_metrics, truncate_metrics
+from .distributed import DistContext, global_batch_size, resume_comparable
+from .lock import OutputDirLock
+from .metrics import (
+    METRICS_FILE,
+    append_metrics,
+    plot_metrics,
+    read_metrics,
+    repair_metrics,
+    truncate_metrics,
+)
+from .resume import ResumeMismatch, data_fingerprint, resume_problems
 from .state import (
     latest_checkpoint,
     list_checkpoints,
     read_training_state,
+    recover_checkpoints,
     restore_optimizer_and_rng,
     rotate_checkpoints,
     write_checkpoint,
 )
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "lr_factor"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingInterrupted", "ResumeMismatch",
+           "lr_factor"]
 
+# Divergence checks (see Trainer.train): a step loss above LOSS_JUMP_FACTOR times the mean of the
+# last LOSS_HISTORY step losses (and at least LOSS_JUMP_MIN above it, so that a tiny loss's noise
+# is no jump), once LOSS_HISTORY_MIN losses are known, stops the run.
+LOSS_JUMP_FACTOR = 10.0
+LOSS_JUMP_MIN = 1.0
+LOSS_HISTORY = 20
+LOSS_HISTORY_MIN = 5
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says where the last good checkpoint is."""
+    """Training cannot go on (a non-finite, exploding or stalled loss, a full disk); the message
+    says where the last good checkpoint is."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message names the step and the last checkpoint."""
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -150,6 +182,16 @@ class Trainer:
         self.collate = data.collate_fn()
         self.step = 0
         self._perm_cache: tuple[int, list[int]] | None = None
+        # Held for the whole run; build_trainer() takes it before loading anything and hands it
+        # over (released by whoever called build_trainer, with release_lock()).
+        self.lock: OutputDirLock | None = None
+        # What the checkpoint records about the data; finetune() adds the files' fingerprints.
+        self.train_files = None
+        self.eval_files = None
+        self.allow_resume_changes = False
+        self._fingerprint: dict | None = None
+        self._reset_window()
+        self._monitor: dict = {"recent_losses": [], "zero_grad_steps": 0}
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -166,6 +208,11 @@ class Trainer:
         if not self.dist.is_main:
             return
         append_metrics(self.output_dir, row)
+
+    def _reset_window(self) -> None:
+        # The running logging window; saved in each checkpoint so that a resumed run logs the same
+        # averages as an uninterrupted one.
+        self._window = {"loss": 0.0, "steps": 0, "tokens": 0}
 
     # --- data ----------------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict:
@@ -257,6 +304,9 @@ class Trainer:
                 {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
                  "peft_config": self.peft.to_dict(),
                  "base_model_name_or_path": self.base_model_name_or_path,
+                 "data": self.data_fingerprint(), "window": dict(self._window),
+                 "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
+                             "zero_grad_steps": self._monitor["zero_grad_steps"]},
                  "world_size": self.dist.world_size, "global_train_batch_size": self.global_batch},
             )
             _fsync_path(self.output_dir / METRICS_FILE)
@@ -266,9 +316,21 @@ class Trainer:
         self.dist.barrier()
         return path
 
+    def data_fingerprint(self) -> dict:
+        """The data as a checkpoint records it (:func:`lora.finetune.resume.data_fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.data, self.train_files, self.eval_files)
+        return self._fingerprint
+
     def resume(self, checkpoint: str | os.PathLike | None = None) -> int:
-        """Restore adapter, optimizer, step and RNG from ``checkpoint`` (default: the newest complete one
-        in output_dir); returns the step to continue from (0 when there is no checkpoint)."""
+        """Restore adapter, optimizer, step, RNG and the logging window from ``checkpoint``
+        (default: the newest complete one in output_dir); returns the step to continue from.
+
+        Raises:
+            ValueError: there is no checkpoint to resume from (the message says what was found).
+            ResumeMismatch: the configs or the data differ from the checkpoint's in a way that
+                breaks bit-identical resume (unless ``allow_resume_changes``: then a warning).
+        """
         from ..adapters import load_adapter
 
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
@@ -276,18 +338,67 @@ class Trainer:
             chosen = self.dist.broadcast_text(None if checkpoint is None else str(checkpoint))
             checkpoint = None if chosen is None else Path(chosen)
         if checkpoint is None:
-            self.log(f"no checkpoint in {self.output_dir}: starting from step 0")
-            return 0
+            raise ValueError(f"--resume: nothing to resume in {str(self.output_dir)!r}: "
+                             f"{self._describe_output_dir()}")
         state, tensors = read_training_state(checkpoint)
-        _check_same_global_batch(checkpoint, state, self.global_batch, self.dist.world_size)
+        step = int(state["step"])
+        saved_global = _saved_global_batch(state, self.global_batch)
+        saved_world = int(state.get("world_size", 1))
+        # The global batch decides the numbers, not how it is split over ranks or devices.
+        same_split = saved_world == self.dist.world_size
+        problems = resume_problems(
+            step, self.total_steps,
+            resume_comparable(state.get("training_config"), saved_global, same_split),
+            resume_comparable(self.cfg.to_dict(), self.global_batch, same_split),
+            state.get("peft_config"), self.peft.to_dict(),
+            state.get("data"), self.data_fingerprint(),
+        )
+        if saved_global != self.global_batch:
+            problems.append(_global_batch_message(state, saved_global, self.global_batch,
+                                                  self.dist.world_size))
+        if problems and not self.allow_resume_changes:
+            raise ResumeMismatch(
+                f"--resume from {checkpoint}: the run differs from the checkpoint's ("
+                + "; ".join(problems) + "). Resume with the checkpoint's settings, start a new run "
+                "in another --output, or allow the change (--allow-resume-changes) and lose "
+                "bit-identical resume"
+            )
+        if problems:
+            self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
+                     "run is no longer bit-identical to an uninterrupted one")
+        old_base = state.get("base_model_name_or_path")
+        if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
+            self.log(f"warning: the checkpoint was trained on base model {old_base!r}; "
+                     f"resuming on {self.base_model_name_or_path!r}")
+        if not same_split:
+            self.log(f"resuming a checkpoint of {saved_world} process(es) on "
+                     f"{self.dist.world_size}: the same run, up to floating-point rounding")
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
-        self.step = int(state["step"])
+        self.step = step
+        if isinstance(state.get("window"), dict):
+            self._window = {"loss": float(state["window"].get("loss", 0.0)),
+                            "steps": int(state["window"].get("steps", 0)),
+                            "tokens": int(state["window"].get("tokens", 0))}
+        if isinstance(state.get("monitor"), dict):
+            monitor = state["monitor"]
+            self._monitor = {"recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
+                             "zero_grad_steps": int(monitor.get("zero_grad_steps", 0))}
         if self.dist.is_main:
             self._truncate_metrics(self.step)
         self.dist.barrier()
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
+
+    def _describe_output_dir(self) -> str:
+        if not self.output_dir.is_dir():
+            return "the directory does not exist"
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.output_dir.iterdir()
+                       if p.name != ".lora-run.lock")
+        if not names:
+            return "the directory is empty; start without --resume"
+        return (f"no complete checkpoint-N, only {', '.join(names)}; start over with --overwrite "
+                "or choose another --output")
 
     def _start_fresh(self) -> None:
         # An earlier run's files are removed only when the user said so: nothing is lost by accident.
@@ -314,15 +425,73 @@ class Trainer:
         # Rows logged after the checkpoint by the interrupted run are logged again by this one.
         truncate_metrics(self.output_dir, step)
 
+    def _repair_metrics(self) -> None:
+        # A kill while a row was written leaves a cut last line; drop it so that the next row
+        # starts on a line of its own.
+        if repair_metrics(self.output_dir):
+            self.log(f"{self.output_dir / METRICS_FILE}: dropped a row cut by an interrupted write")
+
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self, resume: bool | str | os.PathLike = False) -> TrainResult:
         """Run until ``total_steps``; evaluate at eval_steps and at the end; checkpoint at save_steps.
 
-        Raises :class:`TrainingError` on a non-finite loss (no checkpoint is written for that step).
+        The output directory is locked for the whole run, and what an earlier run killed while
+        saving left behind is recovered first (:func:`lora.finetune.state.recover_checkpoints`).
+
+        Raises:
+            OutputDirBusy: another run holds the output directory.
+            ValueError: ``resume`` with nothing to resume; a fresh run into an earlier run's
+                directory without ``overwrite_output_dir``.
+            ResumeMismatch: ``resume`` with settings or data that break bit-identical resume.
+            TrainingError: a non-finite loss, a loss jump or a stalled gradient (no checkpoint is
+                written for that step), or a full disk; the message names the last checkpoint.
+            TrainingInterrupted: SIGINT/SIGTERM; the message names the step and the last checkpoint.
         """
+        own_lock = self.lock is None and self.dist.is_main  # rank 0 is the only writer
+        if own_lock:
+            self.lock = OutputDirLock.acquire(self.output_dir)
+        try:
+            with sigterm_as_interrupt():
+                return self._train(resume)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted_message()) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise self._no_space_error() from None
+        finally:
+            if own_lock:
+                self.lock.release()
+                self.lock = None
+
+    def _no_space_error(self) -> TrainingError:
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
+        return TrainingError(f"no space left on device writing to {self.output_dir} at step "
+                             f"{self.step}; {kept}; free some space and continue with --resume")
+
+    def release_lock(self) -> None:
+        """Release the output directory's lock handed over by :func:`build_trainer` (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _interrupted_message(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return (f"interrupted at step {self.step}; last complete checkpoint "
+                + (f"{last}; continue with --resume" if last else "none (nothing to resume yet)"))
+
+    def _train(self, resume: bool | str | os.PathLike) -> TrainResult:
         from tqdm import tqdm
 
         cfg = self.cfg
+        if self.dist.is_main:
+            for line in recover_checkpoints(self.output_dir):
+                self.log(line)
+            self._repair_metrics()
+        self.dist.barrier()
         if resume:
             self.resume(None if resume is True else resume)
         else:
@@ -338,7 +507,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="training",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
-        window_loss, window_steps, window_tokens = 0.0, 0, 0
+        window = self._window
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         start_step = self.step
@@ -352,42 +521,49 @@ class Trainer:
             self.dist.step_seed(cfg.seed, self.step)
             num_items = max(1, int(self.dist.sum([sum(self._count_labels(b) for b in batches)])[0]))
             step_loss = 0.0
+            step_tokens = 0
             for batch in batches:
                 loss = self._forward(batch, num_items=num_items).loss
                 loss.backward()
                 step_loss += float(loss.detach())
                 if not batch.get("filler"):
                     mask = batch["attention_mask"]
-                    window_tokens += int(batch["input_ids"].numel() if mask.dim() != 2 else mask.sum())
-            step_loss = self.dist.sum([step_loss])[0]
+                    step_tokens += int(batch["input_ids"].numel() if mask.dim() != 2 else mask.sum())
+            step_loss, step_tokens = self.dist.sum([step_loss, step_tokens])  # all ranks'
+            step_tokens = int(step_tokens)
             if not math.isfinite(step_loss):
                 bar.close()
-                last = latest_checkpoint(self.output_dir)
                 raise TrainingError(
-                    f"loss is {step_loss} at step {self.step + 1}: stopping. "
-                    + (f"The last good checkpoint is {last}." if last else "No checkpoint was written yet.")
+                    f"loss is {step_loss} at step {self.step + 1}: stopping. " + self._last_good()
                     + " Try a lower learning_rate, or fp32 instead of bf16."
                 )
             self.dist.reduce_gradients(self.params)
-            grad_norm = None
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            else:
+                grad_norm = _grad_norm(self.params)
+            problem = self._diverged(step_loss, grad_norm)
+            if problem:
+                bar.close()
+                raise TrainingError(f"{problem} at step {self.step + 1}: stopping. "
+                                    + self._last_good() + " Try a lower learning_rate.")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             last_loss = step_loss
-            window_loss += step_loss
-            window_steps += 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["tokens"] += step_tokens
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
             if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 elapsed = now - run_start
-                window_tokens = int(self.dist.sum([window_tokens])[0])  # all ranks' tokens
-                tps = window_tokens / max(now - window_start, 1e-9)
+                tps = window["tokens"] / max(now - window_start, 1e-9)
                 eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
-                row = {"step": self.step, "loss": window_loss / window_steps, "learning_rate": lr,
+                row = {"step": self.step, "loss": window["loss"] / window["steps"],
+                       "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
                 row.update(self.dist.memory_row(self.model))
@@ -397,7 +573,8 @@ class Trainer:
                     f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}"
                     + _rank_summary(row, tps)
                 )
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
+                self._reset_window()
+                window = self._window
                 window_start = time.perf_counter()
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
                 self._log_eval(self.evaluate())
@@ -405,8 +582,10 @@ class Trainer:
                 path = self.save_checkpoint()
                 self.log(f"saved {path}")
         bar.close()
-        eval_loss = self.evaluate()
-        self._log_eval(eval_loss)
+        eval_loss = self._logged_eval(self.step)  # a resumed run that had evaluated already
+        if self.dist.sum([eval_loss is None])[0] > 0:  # every rank decides alike
+            eval_loss = self.evaluate()
+            self._log_eval(eval_loss)
         final = self.save_checkpoint()  # always: a later --resume with a larger max_steps continues from here
         self.log(f"saved {final}")
         adapter_dir = self.output_dir / "adapter"
@@ -417,6 +596,34 @@ class Trainer:
         self.dist.barrier()
         return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
                            read_metrics(self.output_dir), plot)
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        return f"The last good checkpoint is {last}." if last else "No checkpoint was written yet."
+
+    def _logged_eval(self, step: int) -> float | None:
+        for row in reversed(read_metrics(self.output_dir)):
+            if row.get("step") == step and "eval_loss" in row:
+                return float(row["eval_loss"])
+        return None
+
+    def _diverged(self, loss: float, grad_norm: float) -> str | None:
+        """Why the run has stalled or collapsed, or None; updates the running statistics."""
+        mon = self._monitor
+        recent = mon["recent_losses"]
+        if len(recent) >= LOSS_HISTORY_MIN:
+            mean = sum(recent) / len(recent)
+            if loss > LOSS_JUMP_FACTOR * mean and loss - mean > LOSS_JUMP_MIN:
+                return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
+                        f"{mean:.4g} over the last {len(recent)} steps (the run is diverging)")
+        recent.append(loss)
+        del recent[:-LOSS_HISTORY]
+        mon["zero_grad_steps"] = mon["zero_grad_steps"] + 1 if grad_norm == 0.0 else 0
+        if mon["zero_grad_steps"] >= self.cfg.logging_steps:
+            return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
+                    f"consecutive steps (loss {loss:.4g}): the run has stalled or collapsed and "
+                    "would learn nothing more")
+        return None
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
         """Merge the adapter into the base weights and write a full checkpoint directory
@@ -438,23 +645,51 @@ class Trainer:
         return directory
 
 
-def _check_same_global_batch(
-    checkpoint: Path, state: dict, global_batch: int, world_size: int
-) -> None:
-    # Data order is a function of (seed, step) for one global batch size; another size would replay
-    # different sequences. Checkpoints written before world_size was recorded hold one process.
+def _grad_norm(params) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.detach().float())
+             for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class sigterm_as_interrupt:
+    """SIGTERM (what schedulers send) raises KeyboardInterrupt, as SIGINT does, for the run's
+    duration; the previous handler is restored after. A no-op off the main thread."""
+
+    def __enter__(self):
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _saved_global_batch(state: dict, default: int) -> int:
+    # Checkpoints written before the global batch was recorded hold one process's batch.
     cfg = state.get("training_config") or {}
     saved = state.get("global_train_batch_size", cfg.get("per_device_train_batch_size"))
-    if saved is None or int(saved) == global_batch:
-        return
+    return default if saved is None else int(saved)
+
+
+def _global_batch_message(state: dict, saved: int, global_batch: int, world_size: int) -> str:
+    # Data order is a function of (seed, step) for one global batch size; another size would
+    # replay different sequences.
     saved_world = state.get("world_size", 1)
     hint = (f"per_device_train_batch_size={saved // world_size} with {world_size} process(es)"
             if saved % world_size == 0 else
             f"a number of processes that divides {saved}; {saved} does not divide by {world_size}")
-    raise ValueError(
-        f"{checkpoint} was trained with a global batch of {saved} sequences per micro-batch "
-        f"({saved_world} process(es)); this run has {global_batch} ({world_size} process(es)). "
-        f"Resume with the same global batch: {hint}, or global_train_batch_size={saved}")
+    return (f"it was trained with a global batch of {saved} sequences per micro-batch "
+            f"({saved_world} process(es)), this run has {global_batch} ({world_size} "
+            f"process(es)): to resume with the same global batch use {hint}, or "
+            f"global_train_batch_size={saved}")
 
 
 def _rank_summary(row: dict, tps: float) -> str:

@@ -4,6 +4,7 @@ from .base import AdapterWeights, LoRALayer
 from .conv import Conv1d, Conv2d, Conv3d, ConvLoRA
 from .embedding import Embedding
 from .linear import Linear, MergedLinear, is_gpt2_conv1d
+from .saved import ModulesToSaveWrapper
 from .utils import lora_layers, lora_state_dict, mark_only_lora_as_trainable, merge, unmerge
 
 # The layer kinds model surgery knows, tried in this order (lora.targets.layer_class_for). A kind
@@ -13,6 +14,6 @@ LAYER_KINDS: tuple[type[LoRALayer], ...] = (Linear, Embedding, Conv1d, Conv2d, C
 
 __all__ = [
     "LoRALayer", "AdapterWeights", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
-    "ConvLoRA", "LAYER_KINDS", "is_gpt2_conv1d",
+    "ConvLoRA", "LAYER_KINDS", "is_gpt2_conv1d", "ModulesToSaveWrapper",
     "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers",
 ]

@@ -97,6 +97,10 @@ class LoRALayer(_ModuleBase):
         self.merge_weights = bool(merge_weights)
         self.merged = False
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        # State-dict keys that name the adapter when the layer holds several (see _adapter_keys).
+        self._register_state_dict_hook(_named_adapter_keys)
+        self._register_load_state_dict_pre_hook(_place_named_adapter_keys, with_module=True)
+        self.register_load_state_dict_post_hook(_name_missing_adapter_keys)
 
     # --- what a layer must say ---------------------------------------------------------------
     @property
@@ -295,6 +299,28 @@ class LoRALayer(_ModuleBase):
         if was_merged:
             self.merge()
 
+    # --- state-dict keys of several adapters ------------------------------------------------
+    # Physically the active adapter is ``lora_A``/``lora_B`` and the others are under
+    # ``lora_inactive``, so physical keys would change with set_adapter (and a state dict saved
+    # with "a" active would load a's tensors into whichever adapter is active). The keys
+    # therefore name the adapter:
+    #   one adapter in the layer (active or not): ``lora_A``, ``lora_B`` (loralib's keys);
+    #   several: ``lora_A.<name>``, ``lora_B.<name>`` for each, whichever is active.
+    def held_adapters(self) -> dict[str, Any]:
+        """Every adapter the layer holds, name -> the layer itself (the active one) or its
+        AdapterWeights (an inactive one), active first."""
+        held: dict[str, Any] = {}
+        if self.has_adapter and self.adapter_name is not None:
+            held[self.adapter_name] = self
+        store = self.inactive_adapters
+        if store is not None:
+            held.update(store.items())
+        return held
+
+    def _physical_prefix(self, name: str) -> str:
+        # Where adapter ``name``'s lora_A / lora_B live under the layer's state-dict prefix.
+        return "" if self.has_adapter and self.adapter_name == name else f"{STORE}.{name}."
+
     # --- several adapters: an extension (lora/multi.py drives it); one adapter needs none of this ---
     # The active adapter lives in the layer's own lora_A / lora_B (so forward, merging and the state
     # dict are those of a one-adapter layer); the others in the ``lora_inactive`` ModuleDict.
@@ -397,6 +423,80 @@ class LoRALayer(_ModuleBase):
         if not self.has_adapter:
             return base
         return f"{base}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+_LORA_PARAMS = ("lora_A", "lora_B")
+
+
+def _named_adapter_keys(layer: LoRALayer, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: rewrite the layer's physical LoRA keys as keys that name the adapter
+    (``lora_A.<name>``) when it holds several, or as loralib's ``lora_A`` for its one adapter."""
+    held = layer.held_adapters()
+    if not held or (len(held) == 1 and layer.has_adapter):
+        return  # nothing, or one active adapter: the physical keys are loralib's already
+    entries = []
+    for name in held:
+        for p in _LORA_PARAMS:
+            key = prefix + layer._physical_prefix(name) + p
+            if key in state_dict:
+                entries.append((key, prefix + (p if len(held) == 1 else f"{p}.{name}")))
+    for old, new in entries:
+        state_dict[new] = state_dict.pop(old)
+
+
+def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+    """Load pre-hook, the inverse of :func:`_named_adapter_keys`: ``lora_A.<name>`` goes to adapter
+    ``name`` wherever it now lives (active or not); loralib's ``lora_A`` to the layer's only
+    adapter. A key naming an adapter the layer does not hold, or an unnamed key when it holds
+    several, is an error naming the adapters (whatever ``strict`` says: the tensors have no
+    place that is certainly right)."""
+    held = list(layer.held_adapters())
+    layer.__dict__["_lora_load_prefix"] = prefix  # for _name_missing_adapter_keys
+    moves = []
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        param, _, name = rest.partition(".")
+        if param not in _LORA_PARAMS:
+            continue
+        if name:
+            if name not in held:
+                error_msgs.append(
+                    f"{key}: the state dict names adapter {name!r}, which the layer "
+                    f"{prefix[:-1]!r} does not hold (it holds {held})")
+                moves.append((key, None))
+                continue
+        elif len(held) > 1:
+            error_msgs.append(
+                f"{key}: a key without an adapter name, but the layer {prefix[:-1]!r} holds "
+                f"adapters {held}; a state dict of several adapters names each ({param}.<name>)")
+            moves.append((key, None))
+            continue
+        elif not held:
+            continue  # torch reports it as unexpected
+        else:
+            name = held[0]
+        moves.append((key, prefix + layer._physical_prefix(name) + param))
+    for old, new in moves:
+        tensor = state_dict.pop(old)
+        if new is not None:
+            state_dict[new] = tensor
+
+
+def _name_missing_adapter_keys(layer: LoRALayer, incompatible) -> None:
+    """Load post-hook: report a missing LoRA tensor under the key the state dict should have
+    held (``lora_A.<name>``), not under where the adapter happens to live now."""
+    prefix = layer.__dict__.pop("_lora_load_prefix", None)
+    held = list(layer.held_adapters())
+    if prefix is None or not held:
+        return
+    names = {}
+    for name in held:
+        for p in _LORA_PARAMS:
+            names[prefix + layer._physical_prefix(name) + p] = prefix + (
+                p if len(held) == 1 else f"{p}.{name}")
+    missing = incompatible.missing_keys
+    missing[:] = [names.get(k, k) for k in missing]
 
 
 class AdapterWeights(nn.Module):

@@ -115,6 +115,7 @@ class Linear(_LinearBase):
         dtype=None,
         use_rslora: bool = False,
     ):
+        _check_bias_flag(bias)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self._store_fan_in_fan_out(fan_in_fan_out)
@@ -224,6 +225,7 @@ class MergedLinear(_LinearBase):
         dtype=None,
         use_rslora: bool = False,
     ):
+        _check_bias_flag(bias)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.enable_lora, self.split_sizes = _check_split(out_features, enable_lora, split_sizes)
@@ -329,3 +331,12 @@ class MergedLinear(_LinearBase):
 
 
 Linear.sliced_class = MergedLinear  # slices of a fused Linear ("qkv_proj[q,v]") make a MergedLinear
+
+
+def _check_bias_flag(bias) -> None:
+    # As in nn.Linear, ``bias`` is whether the layer has one; "lora_only" etc. are LoRAConfig.bias
+    # modes, and a string here would silently mean True.
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias={bias!r}: expected True or False (whether the layer has a bias, "
+                        "as in nn.Linear); the 'none'/'all'/'lora_only' modes belong to "
+                        "LoRAConfig.bias")

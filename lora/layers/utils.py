@@ -21,6 +21,14 @@ def lora_layers(model: nn.Module):
             yield name, module
 
 
+def _require_lora_layers(model: nn.Module, fn: str) -> None:
+    # Without LoRA layers the first would freeze everything (0 trainable parameters) and the second
+    # return {}: both are a forgotten inject, never what was meant.
+    if not any(True for _ in lora_layers(model)):
+        raise ValueError(f"{fn}: {type(model).__name__} has no LoRA layers (call lora.inject or "
+                         "use lora.Linear & co. first)")
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze every parameter whose name lacks ``lora_``; then unfreeze biases per ``bias``.
 
@@ -28,6 +36,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     layers, conv layers included). Raises ``ValueError`` for any other value.
     """
     _check_bias(bias)
+    _require_lora_layers(model, "mark_only_lora_as_trainable")
     for name, p in model.named_parameters():
         if "lora_" not in name:
             p.requires_grad = False
@@ -45,6 +54,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     """The entries of ``model.state_dict()`` that hold LoRA parameters (keys containing ``lora_``),
     plus biases per ``bias`` ("none", "all", or "lora_only": the biases of LoRA layers)."""
     _check_bias(bias)
+    _require_lora_layers(model, "lora_state_dict")
     state = model.state_dict()
     if bias == "none":
         return {k: v for k, v in state.items() if "lora_" in k}

@@ -107,9 +107,14 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(
             f"checkpoint directory {str(directory)!r} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}{hint}"
         )
-    with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
+    try:
+        body = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise CheckpointError(f"{index}: not a JSON file ({why})") from None
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    names_ok = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    if not names_ok or not weight_map:
         raise FileNotFoundError(f"{index} has no 'weight_map'; expected {{tensor name: shard file}}")
     files = [directory / name for name in sorted(set(weight_map.values()))]
     for path in files:
@@ -118,6 +123,28 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
                 f"{WEIGHTS_INDEX_NAME} in {str(directory)!r} lists shard {path.name!r}, which does not exist"
             )
     return files
+
+
+def tensor_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` from the safetensors headers of a checkpoint (no weight is read).
+
+    Raises:
+        FileNotFoundError: see :func:`weight_files`.
+        CheckpointError: a file that is not a readable safetensors file (truncated, random bytes),
+            named.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt "
+                                  f"({e})") from None
+    return shapes
 
 
 def _describe(problems: list[str], what: str, limit: int = 20) -> str:

@@ -148,6 +148,7 @@ class Phi3Config:
         self._validate()
 
     def _validate(self) -> None:
+        _check_field_types(self)
         for key in _REQUIRED_KEYS + ("max_position_embeddings",):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -262,8 +263,18 @@ class Phi3Config:
             raise FileNotFoundError(
                 f"Phi3Config.from_json_file: path={str(path)!r} does not exist; expected a config.json"
             )
-        with open(path, encoding="utf-8") as f:
-            return cls(**json.load(f))
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise ValueError(f"{path}: not a JSON file ({why})") from None
+        if not isinstance(body, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got "
+                             f"{type(body).__name__}")
+        try:
+            return cls(**body)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, path_or_dir: str | os.PathLike) -> Path:
         """Write config.json atomically: into ``path_or_dir`` if it is a directory (or has no .json suffix),
@@ -933,6 +944,9 @@ class Phi3ForCausalLM(nn.Module):
         """
         path = Path(path)
         config = Phi3Config.from_json_file(ckpt.require_file(path, ckpt.CONFIG_NAME))
+        # The config is checked against the weights' headers before anything is built: a config
+        # claiming a million layers must not build them for minutes before the shapes disagree.
+        _check_config_against_tensors(config, ckpt.tensor_shapes(path), path)
         dtype = _resolve_dtype(dtype, config)
         device = torch.device(device if device is not None else "cpu")
         with torch.device("meta"):
@@ -948,6 +962,7 @@ class Phi3ForCausalLM(nn.Module):
         )
         model.tie_weights()
         model.model.rotary_emb.reset_buffers(device)
+        model.name_or_path = str(path)  # type: ignore[assignment]  # what save_adapter records
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
@@ -971,3 +986,86 @@ class Phi3ForCausalLM(nn.Module):
         config.setdefault("architectures", ["Phi3ForCausalLM"])
         atomic_write_json(Path(path) / ckpt.CONFIG_NAME, config)
         return written
+
+
+# --- config checks (types when read; against the checkpoint before building) ----------------
+_INT_OR_NONE = ("num_key_value_heads", "head_dim", "original_max_position_embeddings",
+                "sliding_window", "bos_token_id", "pad_token_id")
+_REAL = {"rms_norm_eps": (0.0, None, False), "rope_theta": (0.0, None, False),
+         "resid_pdrop": (0.0, 1.0, True), "embd_pdrop": (0.0, 1.0, True),
+         "attention_dropout": (0.0, 1.0, True), "initializer_range": (0.0, None, True)}
+_BOOL = ("tie_word_embeddings", "use_cache")
+_STR_OR_NONE = ("torch_dtype", "dtype")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_field_types(c: Phi3Config) -> None:
+    """Every known key's type, so that a bad value fails when config.json is read, naming the key,
+    not at the first forward pass."""
+    for key in _INT_OR_NONE:
+        v = getattr(c, key)
+        if v is not None and not _is_int(v):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected an int or null")
+    for key, (low, high, low_ok) in _REAL.items():
+        v = getattr(c, key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v >= low if low_ok else v > low) and (high is None or v < high)
+        if not ok:
+            bound = f"{'>=' if low_ok else '>'} {low}"
+            bound += f" and < {high}" if high is not None else ""
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a finite number {bound}")
+    if c.partial_rotary_factor is not None:
+        v = c.partial_rotary_factor
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, "
+                             "1] or null")
+    for key in _BOOL:
+        if not isinstance(getattr(c, key), bool):
+            raise ValueError(f"Phi3Config: {key}={getattr(c, key)!r}; expected true or false")
+    for key in _STR_OR_NONE:
+        v = getattr(c, key)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dtype name such as "
+                             "'bfloat16', or null")
+    for key in ("rope_scaling", "rope_parameters"):
+        v = getattr(c, key)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dict or null")
+    eos = c.eos_token_id
+    eos_ok = eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))
+    if not eos_ok:
+        raise ValueError(f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or "
+                         "null")
+    if not isinstance(c.hidden_act, str) or not isinstance(c.model_type, str):
+        bad = "hidden_act" if not isinstance(c.hidden_act, str) else "model_type"
+        raise ValueError(f"Phi3Config: {bad}={getattr(c, bad)!r}; expected a string")
+
+
+def _check_config_against_tensors(
+    config: Phi3Config, shapes: dict[str, tuple[int, ...]], path
+) -> None:
+    """The config keys that size the model agree with the checkpoint's tensor headers.
+
+    Raises ``CheckpointError`` naming the key, its value and what the tensors say.
+    """
+    problems = []
+    layers = {int(name.split(".")[2]) for name in shapes
+              if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+    found = max(layers) + 1 if layers else 0
+    if config.num_hidden_layers != found:
+        problems.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+                        f"{found} layers")
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and embed != (config.vocab_size, config.hidden_size):
+        problems.append(f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, but "
+                        f"model.embed_tokens.weight is {embed}")
+    down = shapes.get("model.layers.0.mlp.down_proj.weight")
+    if down is not None and down != (config.hidden_size, config.intermediate_size):
+        problems.append(f"intermediate_size={config.intermediate_size}, but "
+                        f"model.layers.0.mlp.down_proj.weight is {down}")
+    if problems:
+        raise ckpt.CheckpointError(f"{Path(path) / ckpt.CONFIG_NAME} does not match the weights: "
+                                   + "; ".join(problems))
