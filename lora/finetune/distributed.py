@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import resource
 import sys
 from collections.abc import Sequence
@@ -415,6 +416,10 @@ def resume_comparable(
     return {k: v for k, v in training.items() if k not in drop}
 
 
+# The parts of a state-dict key that modules_to_save adds (PEFT's names) to the module's own.
+_SAVED_PARTS = re.compile(r"\.original_module(?=\.)|\.modules_to_save\.[^.]+(?=\.)")
+
+
 # --- FSDP2 ----------------------------------------------------------------------------------------
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` of a tensor's dim 0 that rank ``rank`` holds under FSDP2's
@@ -470,11 +475,11 @@ def load_sharded_phi3(
         fully_shard(unit, mesh=mesh, ignored_params=trainable)
     fully_shard(model, mesh=mesh, ignored_params=trainable)
     model.to_empty(device=ctx.device)
-    if config.tie_word_embeddings and not hasattr(model.model.embed_tokens.weight, "to_local"):
+    tied_and_whole = config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear)
+    if tied_and_whole and not hasattr(model.model.embed_tokens.weight, "to_local"):
         # a trained, so unsharded, tied matrix: to_empty gave lm_head a copy of its own
         model.tie_weights()
 
-    skip = {"lm_head.weight"} if config.tie_word_embeddings else set()
     lora_ids = {
         id(p)
         for m in model.modules()
@@ -483,36 +488,43 @@ def load_sharded_phi3(
         if n.startswith("lora_")
     }
     # Everything but the LoRA parameters comes from the checkpoint, sharded (DTensor) or whole
-    # (modules_to_save, trained biases: ignored by FSDP); a LoRA layer's base weight keeps its key.
-    expected = {
-        k: v
-        for k, v in model.state_dict(keep_vars=True).items()
-        if k not in skip and id(v) not in lora_ids
-    }
+    # (modules_to_save copies, trained biases: ignored by FSDP), by the name it has there: a LoRA
+    # layer's base weight keeps its key; a modules_to_save wrapper's original and copy both read
+    # the module's own tensor; a tied lm_head reads the embedding.
+    expected: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in lora_ids:
+            continue
+        name = _SAVED_PARTS.sub("", key)
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        expected.setdefault(name, []).append((key, tensor))
     found: set[str] = set()
     problems: list[str] = []
     with torch.no_grad():
         for file in ckpt.weight_files(path):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name in skip or name.endswith("rotary_emb.inv_freq"):
+                    if name.endswith("rotary_emb.inv_freq") or (
+                        config.tie_word_embeddings and name == "lm_head.weight"
+                    ):
                         continue
                     if name not in expected:
                         problems.append(f"unexpected tensor {name} (in {file.name})")
                         continue
-                    target = expected[name]
                     sl = f.get_slice(name)
                     shape = tuple(sl.get_shape())
-                    if shape != tuple(target.shape):
-                        problems.append(f"{name}: checkpoint {shape}, model {tuple(target.shape)}")
-                        continue
-                    if hasattr(target, "to_local"):  # a DTensor: read only this rank's rows
-                        local = target.to_local()
-                        start, stop = shard_rows(shape[0], ctx.world_size, ctx.rank)
-                        part = sl[start:stop] if stop > start else torch.empty((0, *shape[1:]))
-                    else:
-                        local, part = target, sl[:]
-                    local.copy_(part.to(local.dtype))
+                    for key, target in expected[name]:
+                        if shape != tuple(target.shape):
+                            problems.append(f"{key}: checkpoint {shape}, model {tuple(target.shape)}")
+                            continue
+                        if hasattr(target, "to_local"):  # a DTensor: read only this rank's rows
+                            local = target.to_local()
+                            start, stop = shard_rows(shape[0], ctx.world_size, ctx.rank)
+                            part = sl[start:stop] if stop > start else torch.empty((0, *shape[1:]))
+                        else:
+                            local, part = target, sl[:]
+                        local.copy_(part.to(local.dtype))
                     found.add(name)
     problems += [f"missing tensor {m}" for m in sorted(set(expected) - found)]
     if problems:
