@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import LoRAConfig
 from ..finetune.config import TrainingConfig
+from ..finetune.evaluate import EvalRow, markdown_table
 from ..finetune.generate import generate_replies
 from ..finetune.pipeline import build_trainer
 from ..finetune.trainer import TrainResult
@@ -115,9 +116,8 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
     after_score, after_replies = _score(model, tokenizer, pairs)
     log("")
     log("== results on held-out prompts (numbers never seen in training)")
-    log(f"{'':12s}{'loss':>10s}{'exact match':>14s}")
-    log(f"{'base':12s}{before_loss:>10.4f}{100 * before_score:>13.1f}%")
-    log(f"{'base+LoRA':12s}{after_loss:>10.4f}{100 * after_score:>13.1f}%")
+    log(markdown_table([EvalRow("base", before_loss, exact_match=before_score),
+                        EvalRow("base+LoRA", after_loss, exact_match=after_score)]))  # lora-eval's table
     log("")
     log("== generations (greedy)")
     for (messages, ref), b, a in list(zip(pairs, before_replies, after_replies))[:SHOWN_PROMPTS]:

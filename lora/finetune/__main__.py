@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", metavar="DIR", help="Phi-3 checkpoint directory: config.json, model.safetensors "
                     "(or shards + index), tokenizer.json, tokenizer_config.json with the chat template")
-    ap.add_argument("--data", metavar="FILE", nargs="+", help="training data: JSONL/JSON of 'messages' conversations "
-                    "(roles system/user/assistant) or alpaca instruction/input/output records")
-    ap.add_argument("--eval-data", metavar="FILE", help="held-out data; default: eval_fraction of --data")
+    ap.add_argument("--data", metavar="FILE", nargs="+", help="training data: files, directories, globs or DIR:SPLIT "
+                    "(e.g. ultrachat_200k:train_sft); JSONL/JSON/parquet/save_to_disk; 'messages' conversations "
+                    "(roles system/user/assistant), ShareGPT 'conversations' or alpaca records")
+    ap.add_argument("--eval-data", metavar="FILE", nargs="+", help="held-out data, same forms; "
+                    "default: eval_fraction of --data")
     ap.add_argument("--output", metavar="DIR", help="where checkpoints, metrics.jsonl, the adapter (and merged model) "
                     "go; overrides training_config.output_dir")
     ap.add_argument("--config", metavar="FILE", help="JSON or TOML file with 'training_config' and 'peft_config' sections")
@@ -100,7 +102,8 @@ def _main(args) -> int:
             raise ValueError("no peft_config: give --config FILE with a 'peft_config' section "
                              "(r, lora_alpha, lora_dropout, target_modules, ...)")
         data = args.data[0] if len(args.data) == 1 else args.data
-        result = finetune(args.model, data, training, peft, eval_file=args.eval_data, resume=args.resume,
+        eval_data = args.eval_data[0] if args.eval_data and len(args.eval_data) == 1 else args.eval_data
+        result = finetune(args.model, data, training, peft, eval_file=eval_data, resume=args.resume,
                           merge=args.merge, progress=not args.no_progress,
                           allow_resume_changes=args.allow_resume_changes)
         if _rank() == 0:
@@ -118,7 +121,7 @@ def _main(args) -> int:
         print("lora-finetune: interrupted before training started; nothing was written",
               file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, TrainingError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, TrainingError) as e:
         print(f"{_prog()}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

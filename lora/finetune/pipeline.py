@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ def build_trainer(
     say: Callable[[str], None] = print,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    data_cache: bool = True,
     dist: DistContext | None = None,
 ) -> Trainer:
     """Seed, read the tokenizer and the data (``say`` gets its summary), load the Phi-3 checkpoint
@@ -44,6 +46,8 @@ def build_trainer(
     ``ValueError``) before anything is trained, and first :class:`OutputDirBusy` (another run holds
     ``training.output_dir``) or ``ValueError`` (it cannot be a writable directory). The returned
     trainer holds the output directory's lock: call ``trainer.release_lock()`` when done.
+    With ``data_cache``, the prepared data is kept in ``output_dir/data_cache`` and reused by a
+    later run with the same data, tokenizer, template and options (docs/data.md).
     """
     # The output directory is checked and locked before anything is loaded: a bad --output or a
     # directory another run is using costs no work. The trainer holds the lock from here on; the
@@ -52,7 +56,8 @@ def build_trainer(
     # Under torchrun rank 0 alone checks, creates and locks the directory: it is the only writer.
     lock = OutputDirLock.acquire(check_output_dir(training.output_dir)) if dist.is_main else None
     try:
-        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress, dist)
+        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
+                         data_cache, dist)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -62,12 +67,15 @@ def build_trainer(
     return trainer
 
 
-def _build(model_dir, train_file, training, peft, eval_file, say, log, progress, dist) -> Trainer:
+def _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
+           data_cache=True, dist=None) -> Trainer:
     from ..data import Tokenizer, prepare_chat_data
     from ..models import Phi3ForCausalLM
 
+    dist = dist if dist is not None else DistContext()
     if not dist.is_main:
         say, log, progress = (lambda line: None), (lambda line: None), False
+        data_cache = False  # rank 0 alone writes: the others prepare the same data in memory
     torch.manual_seed(training.seed)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     data = prepare_chat_data(
@@ -79,6 +87,9 @@ def _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
         seed=training.seed,
         packing=training.packing,
         on_error=training.on_error,
+        cache_dir=Path(training.output_dir) / "data_cache" if data_cache else None,
+        progress=progress,
+        log=say,
     )
     say(data.summary())
     dtype = torch.bfloat16 if training.bf16 else torch.float32

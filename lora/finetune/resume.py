@@ -17,7 +17,6 @@ import hashlib
 import os
 from array import array
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -67,6 +66,9 @@ class ResumeMismatch(ValueError):
 def examples_sha256(examples: Iterable) -> str:
     """SHA-256 over the token ids, labels and positions of ``examples`` (``lora.data.Example``),
     in order: equal exactly when the trainer would see the same sequences."""
+    fast = getattr(examples, "content_sha256", None)
+    if fast is not None:  # lora.data.ExampleArray: hashed from its arrays, no Python lists
+        return fast()
     h = hashlib.sha256()
     for ex in examples:
         for name in ("input_ids", "labels", "position_ids", "segment_ids"):
@@ -85,11 +87,14 @@ def file_fingerprints(paths: Any) -> list[dict[str, Any]]:
         return []
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    paths = list(paths)
+    if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        return []  # records, not files: the examples' hash covers them
+    from ..data.sources import resolve_data_files  # directories, globs, DIR:SPLIT -> files
+
     out = []
-    for p in paths:
-        if not isinstance(p, (str, os.PathLike)):
-            return []  # records, not files: the examples' hash covers them
-        path = Path(p).resolve()
+    for data_file in resolve_data_files(paths):
+        path = data_file.path.resolve()
         h = hashlib.sha256()
         size = 0
         with open(path, "rb") as f:
