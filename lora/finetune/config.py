@@ -22,6 +22,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,6 @@ IGNORED_KEYS: dict[str, tuple | None] = {
     "greater_is_better": (None,),
     "accelerator_config": (None, {}),
     "parallelism_config": (None,),
-    "fsdp": (None, "", False, []),
     "fsdp_config": (None, {}),
     "deepspeed": (None,),
     "debug": ("", None, []),
@@ -219,8 +219,7 @@ _NOT_DONE = {
     "eval_delay": "evaluation follows eval_strategy from the first step",
     "load_best_model_at_end": "the final adapter is the last step's; every checkpoint is kept "
                               "within save_total_limit",
-    "fsdp": "one process, no sharding",
-    "fsdp_config": "one process, no sharding",
+    "fsdp_config": "fsdp: true takes no options here",
     "deepspeed": "one process, no DeepSpeed",
     "accelerator_config": "one process, no Accelerate",
     "parallelism_config": "one process, no Accelerate",
@@ -249,6 +248,13 @@ class TrainingConfig:
     out when no eval file is given. ``on_error``: "raise" (stop before training and list every
     malformed record) or "skip" (leave them out and report how many). docs/finetune.md describes
     every key.
+
+    Past one device (docs/scaling.md): ``device`` "auto" (CUDA when torch sees a GPU, else CPU),
+    "cpu", "cuda" or "cuda:N"; under torchrun "cuda" is each rank's ``cuda:LOCAL_RANK``
+    (``use_cpu`` true means "cpu"). ``fsdp``: shard the frozen base with FSDP2 across the torchrun
+    processes. ``global_train_batch_size``: sequences per micro-batch over all ranks (None:
+    per_device_train_batch_size × world size); when set it must divide by the world size and fixes
+    the per-device batch.
     """
 
     output_dir: str = "lora-output"
@@ -295,6 +301,9 @@ class TrainingConfig:
     packing: bool = False
     eval_fraction: float = 0.05
     on_error: str = "raise"
+    device: str = "auto"
+    fsdp: bool = False
+    global_train_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, os.PathLike):
@@ -336,8 +345,14 @@ class TrainingConfig:
         seed = self.seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"training_config seed={self.seed!r}: expected an int in [0, 2**63)")
+        if self.global_train_batch_size is not None:
+            _positive_int(self, "global_train_batch_size")
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ValueError(f"training_config device={self.device!r}: "
+                             "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         for name in ("bf16", "fp16", "gradient_checkpointing", "packing", "overwrite_output_dir",
-                     "logging_first_step", "eval_on_start", "save_only_model", "use_cpu"):
+                     "fsdp", "logging_first_step", "eval_on_start", "save_only_model", "use_cpu"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
         for name in ("do_eval", "disable_tqdm", "tf32"):

@@ -42,6 +42,7 @@ from ..checks import IGNORE_INDEX
 from ..config import LoRAConfig
 from ..surgery import inject, trainable_parameters
 from .config import TrainingConfig, resolve_steps
+from .distributed import DistContext, global_batch_size, resume_comparable
 from .lock import OutputDirLock
 from .metrics import (
     METRICS_FILE,
@@ -63,7 +64,7 @@ from .state import (
 )
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingInterrupted", "ResumeMismatch",
-           "lr_factor", "make_optimizer", "make_loss_scaler", "training_device", "Intervals"]
+           "lr_factor", "make_optimizer", "make_loss_scaler", "Intervals"]
 
 # Divergence checks (see Trainer.train): a step loss above LOSS_JUMP_FACTOR times the mean of the
 # last LOSS_HISTORY step losses (and at least LOSS_JUMP_MIN above it, so that a tiny loss's noise
@@ -97,13 +98,6 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"lr_scheduler_type={kind!r}")
-
-
-def training_device(config: TrainingConfig) -> torch.device:
-    """Where ``finetune`` trains: the first CUDA device when there is one, unless ``use_cpu``."""
-    if not config.use_cpu and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def make_optimizer(config: TrainingConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -270,6 +264,8 @@ class Trainer:
         progress: show a tqdm progress bar on stderr, when stderr is a terminal (and
             ``disable_tqdm`` is not set). Elsewhere (CI, nohup, a log file) only the periodic
             step lines are printed.
+        dist: this process's place in a torchrun job (:mod:`lora.finetune.distributed`); default:
+            the one-process run. Only rank 0 logs and writes; see docs/scaling.md.
 
     Raises:
         ValueError: no trainable parameter; fp16 off CUDA; do_eval=true with no eval data.
@@ -287,8 +283,14 @@ class Trainer:
         base_model_name_or_path: str | None = None,
         log: Callable[[str], None] | None = None,
         progress: bool = True,
+        dist: DistContext | None = None,
     ):
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, training
+        self.dist = dist if dist is not None else DistContext()
+        # Sequences per micro-batch: the global batch, and this rank's slice (see _micro_batch).
+        self.global_batch, self.per_device_batch = global_batch_size(
+            training.per_device_train_batch_size, self.dist.world_size,
+            training.global_train_batch_size)
         self.output_dir = Path(training.output_dir)
         self.base_model_name_or_path = base_model_name_or_path
         self.progress = progress
@@ -303,11 +305,12 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("Trainer: the model has no trainable parameter")
+        self.dist.broadcast_parameters(self.params)
         self.optimizer = make_optimizer(training, self.params)
         self.scaler = make_loss_scaler(training, self._device())
         self._set_tf32()
         n = len(data.train)
-        self.micro_per_epoch = math.ceil(n / training.per_device_train_batch_size)
+        self.micro_per_epoch = math.ceil(n / self.global_batch)
         self.steps_per_epoch = max(1, self.micro_per_epoch // training.gradient_accumulation_steps)
         self.total_steps = (
             training.max_steps if training.max_steps > 0
@@ -362,8 +365,9 @@ class Trainer:
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str, level: str = "info") -> None:
-        """Print ``line`` if ``log_level`` lets ``level`` through ("info", "metrics", "warning")."""
-        if not prints(self.cfg, level):
+        """Print ``line`` (rank 0 only) if ``log_level`` lets ``level`` through ("info",
+        "metrics", "warning")."""
+        if not self.dist.is_main or not prints(self.cfg, level):
             return
         if self._log is not None:
             self._log(line)
@@ -373,6 +377,8 @@ class Trainer:
             tqdm.write(line, file=sys.stdout)
 
     def _append_metrics(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
         append_metrics(self.output_dir, row)
         for reporter in self._reporters:
             reporter.report(row)
@@ -402,9 +408,21 @@ class Trainer:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
             g = torch.Generator().manual_seed(self.cfg.seed + epoch)
             self._perm_cache = (epoch, torch.randperm(len(self.data.train), generator=g).tolist())
-        bs = self.cfg.per_device_train_batch_size
+        bs = self.global_batch
         ids = self._perm_cache[1][k * bs : (k + 1) * bs]
-        return self.collate([self.data.train[i] for i in ids])
+        mine = self.dist.shard(ids, self.per_device_batch)
+        if not mine:  # past a short last batch: a forward counting nothing keeps ranks in step
+            batch = self.collate([self.data.train[ids[0]]])
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            batch["filler"] = True
+            return batch
+        return self.collate([self.data.train[i] for i in mine])
+
+    def _ranks_note(self) -> str:
+        w = self.dist.world_size
+        if w == 1:
+            return ""
+        return f" ({w} ranks x {self.per_device_batch}{', FSDP' if self.dist.fsdp else ''})"
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -435,13 +453,22 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         bs = self.cfg.per_device_eval_batch_size
-        for i in range(0, len(examples), bs):
-            batch = self.collate(list(examples[i : i + bs]))
+        starts = list(range(0, len(examples), bs))
+        world, rank = self.dist.world_size, self.dist.rank
+        # Rank r takes batches r, r+W, ...; every rank runs the same number of forwards (FSDP
+        # gathers weights in each one), a rank past the end re-running batch 0 without counting it.
+        for round_start in range(0, len(starts), world):
+            j = round_start + rank
+            start = starts[j] if j < len(starts) else 0
+            batch = self.collate(list(examples[start : start + bs]))
             n = self._count_labels(batch)
-            if n == 0:
+            if n == 0 and world == 1:
                 continue
-            total += float(self._forward(batch, num_items=1).loss)  # num_items=1: the summed loss
-            count += n
+            loss = float(self._forward(batch, num_items=1).loss)  # num_items=1: the summed loss
+            if j < len(starts):
+                total += loss
+                count += n
+        total, count = self.dist.sum([total, count])
         self.model.train(was_training)
         return total / count if count else None
 
@@ -459,21 +486,28 @@ class Trainer:
         save_adapter(self.model, directory, base_model_name_or_path=self.base_model_name_or_path)
 
     def save_checkpoint(self) -> Path:
-        extra = {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-                 "peft_config": self.peft.to_dict(),
-                 "base_model_name_or_path": self.base_model_name_or_path,
-                 "data": self.data_fingerprint(), "window": dict(self._window),
-                 "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
-                             "zero_grad_steps": self._monitor["zero_grad_steps"]}}
-        if self.scaler is not None:
-            extra["grad_scaler"] = self.scaler.state_dict()
-        if self.cfg.save_only_model:
-            extra["save_only_model"] = True  # no optimizer or RNG state: cannot be resumed
-        optimizer = None if self.cfg.save_only_model else self.optimizer
-        path = write_checkpoint(self.output_dir, self.step, optimizer, self._write_adapter, extra)
-        _fsync_path(self.output_dir / METRICS_FILE)
-        for old in rotate_checkpoints(self.output_dir, self.cfg.save_total_limit):
-            self.log(f"removed old checkpoint {old.name} (save_total_limit={self.cfg.save_total_limit})")
+        path = self.output_dir / f"checkpoint-{self.step}"
+        if self.dist.is_main:  # the LoRA state is the same on every rank: rank 0 writes it
+            extra = {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
+                     "peft_config": self.peft.to_dict(),
+                     "base_model_name_or_path": self.base_model_name_or_path,
+                     "data": self.data_fingerprint(), "window": dict(self._window),
+                     "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
+                                 "zero_grad_steps": self._monitor["zero_grad_steps"]},
+                     "world_size": self.dist.world_size,
+                     "global_train_batch_size": self.global_batch}
+            if self.scaler is not None:
+                extra["grad_scaler"] = self.scaler.state_dict()
+            if self.cfg.save_only_model:
+                extra["save_only_model"] = True  # no optimizer or RNG state: cannot be resumed
+            optimizer = None if self.cfg.save_only_model else self.optimizer
+            path = write_checkpoint(self.output_dir, self.step, optimizer, self._write_adapter,
+                                    extra)
+            _fsync_path(self.output_dir / METRICS_FILE)
+            limit = self.cfg.save_total_limit
+            for old in rotate_checkpoints(self.output_dir, limit):
+                self.log(f"removed old checkpoint {old.name} (save_total_limit={limit})")
+        self.dist.barrier()
         return path
 
     def data_fingerprint(self) -> dict:
@@ -494,17 +528,29 @@ class Trainer:
         from ..adapters import load_adapter
 
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
+        if self.dist.enabled:  # every rank resumes from the checkpoint rank 0 found
+            chosen = self.dist.broadcast_text(None if checkpoint is None else str(checkpoint))
+            checkpoint = None if chosen is None else Path(chosen)
         if checkpoint is None:
             raise ValueError(f"--resume: nothing to resume in {str(self.output_dir)!r}: "
                              f"{self._describe_output_dir()}")
         _refuse_model_only_checkpoint(checkpoint)
         state, tensors = read_training_state(checkpoint)
         step = int(state["step"])
+        saved_global = _saved_global_batch(state, self.global_batch)
+        saved_world = int(state.get("world_size", 1))
+        # The global batch decides the numbers, not how it is split over ranks or devices.
+        same_split = saved_world == self.dist.world_size
         problems = resume_problems(
-            step, self.total_steps, state.get("training_config"), self.cfg.to_dict(),
+            step, self.total_steps,
+            resume_comparable(state.get("training_config"), saved_global, same_split),
+            resume_comparable(self.cfg.to_dict(), self.global_batch, same_split),
             state.get("peft_config"), self.peft.to_dict(),
             state.get("data"), self.data_fingerprint(),
         )
+        if saved_global != self.global_batch:
+            problems.append(_global_batch_message(state, saved_global, self.global_batch,
+                                                  self.dist.world_size))
         if problems and not self.allow_resume_changes:
             raise ResumeMismatch(
                 f"--resume from {checkpoint}: the run differs from the checkpoint's ("
@@ -519,6 +565,9 @@ class Trainer:
         if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
             self.log(f"warning: the checkpoint was trained on base model {old_base!r}; "
                      f"resuming on {self.base_model_name_or_path!r}")
+        if not same_split:
+            self.log(f"resuming a checkpoint of {saved_world} process(es) on "
+                     f"{self.dist.world_size}: the same run, up to floating-point rounding")
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
         if self.scaler is not None and state.get("grad_scaler"):
@@ -532,7 +581,9 @@ class Trainer:
             monitor = state["monitor"]
             self._monitor = {"recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
                              "zero_grad_steps": int(monitor.get("zero_grad_steps", 0))}
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+        self.dist.barrier()
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
 
@@ -551,18 +602,21 @@ class Trainer:
         earlier = [p for _, p in list_checkpoints(self.output_dir)]
         earlier += [p for p in (self.output_dir / METRICS_FILE, self.output_dir / "adapter") if p.exists()]
         if not earlier:
+            self.dist.barrier()
             return
         if not self.cfg.overwrite_output_dir:
             raise ValueError(
                 f"output_dir {str(self.output_dir)!r} holds an earlier run ({', '.join(sorted(p.name for p in earlier))}): "
                 "resume it (--resume), choose another --output, or set overwrite_output_dir to start over"
             )
-        derived = [self.output_dir / name for name in ("loss_curve.png", "merged", "runs")]
-        for p in earlier + derived:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        if self.dist.is_main:  # every rank saw the earlier run; one removes it
+            derived = [self.output_dir / name for name in ("loss_curve.png", "merged", "runs")]
+            for p in earlier + derived:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        self.dist.barrier()
         self.log(f"overwrite_output_dir: removed the earlier run in {self.output_dir}")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -594,7 +648,7 @@ class Trainer:
                 written for that step), or a full disk; the message names the last checkpoint.
             TrainingInterrupted: SIGINT/SIGTERM; the message names the step and the last checkpoint.
         """
-        own_lock = self.lock is None
+        own_lock = self.lock is None and self.dist.is_main  # rank 0 is the only writer
         if own_lock:
             self.lock = OutputDirLock.acquire(self.output_dir)
         try:
@@ -634,9 +688,11 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        for line in recover_checkpoints(self.output_dir):
-            self.log(line)
-        self._repair_metrics()
+        if self.dist.is_main:
+            for line in recover_checkpoints(self.output_dir):
+                self.log(line)
+            self._repair_metrics()
+        self.dist.barrier()
         if not resume and cfg.resume_from_checkpoint:
             resume = cfg.resume_from_checkpoint
         if resume:
@@ -647,7 +703,8 @@ class Trainer:
         self.log(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
         self.log(
             f"{len(self.data.train)} training sequences, {self.micro_per_epoch} micro-batches of "
-            f"{cfg.per_device_train_batch_size} per epoch, gradient accumulation {cfg.gradient_accumulation_steps}: "
+            f"{self.global_batch}{self._ranks_note()} per epoch, "
+            f"gradient accumulation {cfg.gradient_accumulation_steps}: "
             f"{self.total_steps} optimizer steps (warmup {self.warmup_steps}, "
             f"{cfg.lr_scheduler_type} schedule, optimizer {cfg.optim})"
         )
@@ -659,7 +716,7 @@ class Trainer:
             eval_loss = None
             if self.evaluates:
                 eval_loss = self._logged_eval(self.step)  # a resumed run that had evaluated already
-                if eval_loss is None:
+                if self.dist.sum([eval_loss is None])[0] > 0:  # every rank decides alike
                     eval_loss = self.evaluate()
                     self._log_eval(eval_loss)
         finally:
@@ -668,8 +725,11 @@ class Trainer:
             final = self.save_checkpoint()  # a later --resume with more max_steps continues here
             self.log(f"saved {final}")
         adapter_dir = self.output_dir / "adapter"
-        self._write_adapter(adapter_dir)
-        plot = plot_metrics(self.output_dir)
+        plot = None
+        if self.dist.is_main:
+            self._write_adapter(adapter_dir)
+            plot = plot_metrics(self.output_dir)
+        self.dist.barrier()
         return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
                            read_metrics(self.output_dir), plot)
 
@@ -696,21 +756,26 @@ class Trainer:
                 group["lr"] = lr
             G = cfg.gradient_accumulation_steps
             batches = [self._micro_batch(self.step * G + i) for i in range(G)]
-            num_items = max(1, sum(self._count_labels(b) for b in batches))
+            self.dist.step_seed(cfg.seed, self.step)
+            num_items = max(1, int(self.dist.sum([sum(self._count_labels(b) for b in batches)])[0]))
             step_loss = 0.0
             step_tokens = 0
             for batch in batches:
                 loss = self._forward(batch, num_items=num_items).loss
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 step_loss += float(loss.detach())
-                step_tokens += int(batch["input_ids"].numel() if batch["attention_mask"].dim() != 2
-                                   else batch["attention_mask"].sum())
+                if not batch.get("filler"):
+                    mask = batch["attention_mask"]
+                    step_tokens += int(batch["input_ids"].numel() if mask.dim() != 2 else mask.sum())
+            step_loss, step_tokens = self.dist.sum([step_loss, step_tokens])  # all ranks'
+            step_tokens = int(step_tokens)
             if not math.isfinite(step_loss):
                 bar.close()
                 raise TrainingError(
                     f"loss is {step_loss} at step {self.step + 1}: stopping. " + self._last_good()
                     + " Try a lower learning_rate, or fp32 instead of bf16/fp16."
                 )
+            self.dist.reduce_gradients(self.params)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if cfg.max_grad_norm > 0:
@@ -745,10 +810,12 @@ class Trainer:
                        "learning_rate": lr,
                        "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
                        "grad_norm": grad_norm, "elapsed": elapsed}
+                row.update(self.dist.memory_row(self.model))
                 self._append_metrics(row)
                 self.log(
                     f"step {self.step:>6d}/{self.total_steps} | loss {row['loss']:.4f} | lr {lr:.3e} | "
-                    f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}",
+                    f"{tps:,.0f} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}"
+                    + _rank_summary(row, tps),
                     "metrics",
                 )
                 self._reset_window()
@@ -796,11 +863,17 @@ class Trainer:
         transformers read. The model is unloaded in place: plain layers from here on."""
         from ..surgery import merge_and_unload
 
+        if self.dist.fsdp:
+            raise ValueError("--merge with --fsdp: the base is sharded across ranks; merge "
+                             "afterwards on one machine that holds the model (lora.load_adapter + "
+                             "lora.merge_and_unload, see docs/scaling.md)")
         directory = Path(directory) if directory is not None else self.output_dir / "merged"
-        merged = merge_and_unload(self.model)
-        merged.save_pretrained(directory)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(directory)
+        if self.dist.is_main:
+            merged = merge_and_unload(self.model)
+            merged.save_pretrained(directory)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(directory)
+        self.dist.barrier()
         return directory
 
 
@@ -842,6 +915,35 @@ def _refuse_model_only_checkpoint(checkpoint: Path) -> None:
             "optimizer or RNG state, so a run cannot continue from it exactly. Start a fresh run "
             "(load the adapter from it), or train with save_only_model=false to be able to resume."
         )
+
+
+def _saved_global_batch(state: dict, default: int) -> int:
+    # Checkpoints written before the global batch was recorded hold one process's batch.
+    cfg = state.get("training_config") or {}
+    saved = state.get("global_train_batch_size", cfg.get("per_device_train_batch_size"))
+    return default if saved is None else int(saved)
+
+
+def _global_batch_message(state: dict, saved: int, global_batch: int, world_size: int) -> str:
+    # Data order is a function of (seed, step) for one global batch size; another size would
+    # replay different sequences.
+    saved_world = state.get("world_size", 1)
+    hint = (f"per_device_train_batch_size={saved // world_size} with {world_size} process(es)"
+            if saved % world_size == 0 else
+            f"a number of processes that divides {saved}; {saved} does not divide by {world_size}")
+    return (f"it was trained with a global batch of {saved} sequences per micro-batch "
+            f"({saved_world} process(es)), this run has {global_batch} ({world_size} "
+            f"process(es)): to resume with the same global batch use {hint}, or "
+            f"global_train_batch_size={saved}")
+
+
+def _rank_summary(row: dict, tps: float) -> str:
+    if row.get("world_size", 1) == 1:
+        return f" | peak mem {row['memory_mb'][0]:,.0f} MiB"
+    mem = ", ".join(f"{m:,.0f}" for m in row["memory_mb"])
+    held = ", ".join(f"{m:,.1f}" for m in row["params_mb"])
+    return (f" | {row['world_size']} ranks, {tps / row['world_size']:,.0f} tok/s each | "
+            f"peak mem/rank [{mem}] MiB | params/rank [{held}] MiB")
 
 
 def _fsync_path(path: Path) -> None:
