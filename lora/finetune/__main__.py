@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fsdp", action="store_true", default=None,
                     help="under torchrun: shard the frozen base across the processes with FSDP2, "
                     "one unit per decoder layer (training_config fsdp); see docs/scaling.md")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal "
-                    "(elsewhere only the step lines are printed anyway)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar, even on a "
+                    "terminal (elsewhere only the step lines are printed anyway)")
     return ap
 
 

@@ -490,7 +490,8 @@ class TrainingConfig:
             else:
                 raise ValueError(
                     f"training_config has an unknown key {key!r}; supported: "
-                    f"{', '.join(sorted(names))} (other names: {', '.join(sorted(ALIASES))}; accepted without effect: "
+                    f"{', '.join(sorted(names))} (other names: {', '.join(sorted(ALIASES))}; "
+                    "accepted without effect: "
                     f"{', '.join(sorted(IGNORED_KEYS))})"
                 )
         if kwargs.get("gradient_checkpointing_kwargs", ...) is None:
