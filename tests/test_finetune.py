@@ -64,11 +64,26 @@ def test_the_phi3_recipe_training_config_is_accepted_as_written():
 
 @pytest.mark.parametrize("bad,match", [
     ({"learning_rat": 1e-4}, r"unknown key 'learning_rat'"),
-    ({"logging_strategy": "epoch"}, r"logging_strategy='epoch': not supported"),
+    ({"logging_strategy": "best"}, r"logging_strategy='best': expected one of 'no', 'steps'"),
+    ({"save_strategy": "best"}, r"save_strategy='best'"),
+    ({"eval_strategy": "sometimes"}, r"eval_strategy='sometimes'"),
+    ({"evaluation_strategy": "no", "eval_strategy": "steps"}, r"evaluation_strategy is another"),
+    ({"eval_steps": 1.5}, r"eval_steps=1.5: expected a positive int, or a float in \(0, 1\)"),
+    ({"optim": "adamw_bnb_8bit"}, r"optim='adamw_bnb_8bit'.*closest supported is 'adamw_torch'"),
+    ({"optim": "paged_adamw_8bit"}, r"optim='paged_adamw_8bit'.*closest supported is 'adamw_"),
+    ({"optim": "lion_32bit"}, r"Lion.*closest supported is 'adamw_torch'"),
+    ({"optim": "adamw_nonsense"}, r"optim='adamw_nonsense': unknown; supported: adamw_torch"),
+    ({"fp16": True, "bf16": True}, r"choose one"),
+    ({"log_level": "loud"}, r"log_level='loud'"),
+    ({"report_to": "wandb"}, r"report_to='wandb'.*'none', 'tensorboard' or 'all'"),
+    ({"report_to": ["tensorboard", "mlflow"]}, r"'mlflow' is not supported"),
+    ({"push_to_hub": True}, r"push_to_hub=True: not supported \(nothing is uploaded"),
+    ({"torch_compile": True}, r"torch_compile=True: not supported"),
     ({"lr_scheduler_type": "polynomial"}, r"lr_scheduler_type='polynomial'"),
     ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size=0"),
     ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5"),
-    ({"gradient_checkpointing_kwargs": {"use_reentrant": True}}, r"use_reentrant"),
+    ({"gradient_checkpointing_kwargs": {"use_reentrant": "yes"}}, r"use_reentrant"),
+    ({"gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, r"at most 'use_reentrant'"),
 ])
 def test_bad_training_keys_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -112,7 +112,8 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
 
     result = trainer.train(resume=resume)
 
-    after_loss = result.eval_loss
+    # do_eval=false (e.g. a recipe given with --config) skips the loop's evaluation, not the demo's
+    after_loss = result.eval_loss if result.eval_loss is not None else trainer.evaluate()
     after_score, after_replies = _score(model, tokenizer, pairs)
     log("")
     log("== results on held-out prompts (numbers never seen in training)")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from ..data import DataError
 from .config import load_configs
+from .distributed import TORCHRUN_STOP, lost_rank_message
 from .pipeline import finetune
 from .trainer import TrainingError, TrainingInterrupted, sigterm_as_interrupt
 
@@ -17,12 +19,14 @@ examples:
   lora-finetune --model Phi-3-mini-4k-instruct --data chat.jsonl --output out --config recipe.json
   lora-finetune ... --resume                      # continue from the newest complete checkpoint in --output
   lora-finetune ... --merge                       # also write out/merged, a full checkpoint directory
+  torchrun --standalone --nproc_per_node=2 -m lora.finetune ...         # data-parallel
+  torchrun --standalone --nproc_per_node=8 -m lora.finetune ... --fsdp  # base sharded (FSDP2)
   lora-finetune ... --quantize nf4                # QLoRA: the frozen base in 4 bits (docs/qlora.md)
 
 The config file (JSON or TOML) has two sections, as in the Phi-3 fine-tuning recipe:
   {"training_config": {"learning_rate": 5e-6, "per_device_train_batch_size": 4, ...},
    "peft_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", ...}}
-Flags given on the command line override the file. See docs/finetune.md.
+Flags given on the command line override the file. See docs/finetune.md and docs/scaling.md.
 """
 
 
@@ -62,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(OUTPUT/merged) that Phi3ForCausalLM.from_pretrained and transformers read")
     ap.add_argument("--on-error", choices=["raise", "skip"], help="malformed records: stop before training and list "
                     "them (raise, the default) or leave them out and report how many (skip)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    ap.add_argument("--device", metavar="DEV",
+                    help="auto (CUDA when there is a GPU, the default), cpu, cuda or cuda:N; "
+                    "under torchrun cuda means each rank's cuda:LOCAL_RANK")
+    ap.add_argument("--fsdp", action="store_true", default=None,
+                    help="under torchrun: shard the frozen base across the processes with FSDP2, "
+                    "one unit per decoder layer (training_config fsdp); see docs/scaling.md")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar, even on a "
+                    "terminal (elsewhere only the step lines are printed anyway)")
     return ap
 
 
@@ -73,15 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    training: dict = {}
     try:
         training, peft = load_configs(args.config) if args.config else ({}, {})
         overrides = {"output_dir": args.output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
                      "seed": args.seed, "bf16": args.bf16, "on_error": args.on_error,
-                     "overwrite_output_dir": args.overwrite, "quantize": args.quantize}
+                     "overwrite_output_dir": args.overwrite,
+                     "device": args.device, "fsdp": args.fsdp,
+                     "quantize": args.quantize}
         training.update({k: v for k, v in overrides.items() if v is not None})
         if args.model is None and args.data is None:
             from ..demo.run import run_demo
 
+            if "WORLD_SIZE" in os.environ:
+                raise ValueError("the embedded demo runs in one process: run `lora-finetune` "
+                                 "without torchrun, or give --model and --data to train under it")
             run_demo(training, peft, resume=args.resume, merge=args.merge, progress=not args.no_progress)
             return 0
         if args.model is None or args.data is None:
@@ -94,31 +111,47 @@ def _main(args) -> int:
         result = finetune(args.model, data, training, peft, eval_file=eval_data, resume=args.resume,
                           merge=args.merge, progress=not args.no_progress,
                           allow_resume_changes=args.allow_resume_changes)
-        print(f"adapter: {result.adapter_dir}")
-        if result.merged_dir:
-            print(f"merged model: {result.merged_dir}")
+        if _rank() == 0:
+            print(f"adapter: {result.adapter_dir}")
+            if result.merged_dir:
+                print(f"merged model: {result.merged_dir}")
         return 0
     except DataError as e:
-        print(f"lora-finetune: the data has problems; nothing was trained:\n{e}", file=sys.stderr)
+        print(f"{_prog()}: the data has problems; nothing was trained:\n{e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"lora-finetune: {e}", file=sys.stderr)
+        print(f"{_prog()}: {e}{TORCHRUN_STOP if 'WORLD_SIZE' in os.environ else ''}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("lora-finetune: interrupted before training started; nothing was written",
               file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileNotFoundError, ImportError, TrainingError) as e:
-        print(f"lora-finetune: {e}", file=sys.stderr)
+        print(f"{_prog()}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        lost = lost_rank_message(e, training.get("output_dir", "lora-output"))
+        if lost is None:
+            raise
+        print(f"{_prog()}: {lost}", file=sys.stderr)
+        return 1
     except OSError as e:
-        print(f"lora-finetune: {_os_error(e)}", file=sys.stderr)
+        print(f"{_prog()}: {_os_error(e)}", file=sys.stderr)
         return 2
 
 
 def _os_error(e: OSError) -> str:
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{e.strerror or e}"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _prog() -> str:
+    # Under torchrun every rank prints its own errors: say which one this is.
+    return f"lora-finetune (rank {_rank()})" if "WORLD_SIZE" in os.environ else "lora-finetune"
 
 
 if __name__ == "__main__":

@@ -55,6 +55,12 @@ FREE_ON_RESUME = frozenset(
         "run_name",
         "dataloader_num_workers",
         "dataloader_pin_memory",
+        # the recipe keys that only say where to start, what to print, report and keep
+        "resume_from_checkpoint",
+        "logging_dir",
+        "eval_on_start",
+        "do_eval",
+        "save_only_model",
     }
 )
 

@@ -105,13 +105,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def write_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     write_adapter: Callable[[Path], None],
     extra_state: dict[str, Any],
 ) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically and return its path.
 
     ``write_adapter(directory)`` writes the adapter files into the temporary directory.
+    ``optimizer`` None (save_only_model): no training_state.safetensors, and no optimizer or RNG
+    state in trainer_state.json: such a checkpoint cannot be resumed.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,10 +121,14 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=output_dir))
     try:
         write_adapter(tmp)
-        opt_tensors, opt_meta = optimizer_state_to_flat(optimizer.state_dict())
-        rng_tensors, rng_meta = rng_state()
-        atomic_save_safetensors({**opt_tensors, **rng_tensors}, tmp / TENSOR_FILE)
-        atomic_write_json(tmp / STATE_FILE, {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra_state})
+        if optimizer is None:
+            atomic_write_json(tmp / STATE_FILE, {"step": step, **extra_state})
+        else:
+            opt_tensors, opt_meta = optimizer_state_to_flat(optimizer.state_dict())
+            rng_tensors, rng_meta = rng_state()
+            atomic_save_safetensors({**opt_tensors, **rng_tensors}, tmp / TENSOR_FILE)
+            state = {"step": step, "optimizer": opt_meta, "rng": rng_meta, **extra_state}
+            atomic_write_json(tmp / STATE_FILE, state)
         for f in tmp.iterdir():  # the adapter writer may not have fsynced
             _fsync_file(f)
         fsync_dir(tmp)
@@ -169,9 +175,23 @@ def crash_point(name: str) -> None:
 
 def is_complete(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds every file of a checkpoint (each is written atomically, and the
-    trainer state last, so a present file is a whole one)."""
+    trainer state last, so a present file is a whole one). A save_only_model checkpoint has no
+    training_state.safetensors; its trainer_state.json says so."""
     directory = Path(directory)
-    return directory.is_dir() and all((directory / f).is_file() for f in COMPLETE_FILES)
+    if not directory.is_dir():
+        return False
+    if all((directory / f).is_file() for f in COMPLETE_FILES):
+        return True
+    return all((directory / f).is_file() for f in (STATE_FILE,) + ADAPTER_FILES) and _model_only(
+        directory / STATE_FILE
+    )
+
+
+def _model_only(state_path: Path) -> bool:
+    try:
+        return json.loads(state_path.read_text(encoding="utf-8")).get("save_only_model") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -43,6 +43,7 @@ __all__ = [
     "Phi3RotaryEmbedding",
     "AttentionMask",
     "build_attention_mask",
+    "position_ids_from_mask",
     "Phi3Attention",
     "Phi3MLP",
     "Phi3DecoderLayer",
@@ -568,7 +569,9 @@ class Phi3DecoderLayer(nn.Module):
 def _packed_document_mask(position_ids: Tensor, batch: int) -> Tensor | None:
     """(b|1, s) position ids that restart (a step other than +1) -> (b, 1, s, s) same-document mask, else None.
 
-    transformers 5 infers packed documents this way when no attention mask and no cache are given.
+    transformers 5 infers packed documents this way when no attention mask and no cache are in play
+    (see ``Phi3Model.forward``): each run of +1 steps is one document, and no row restarting means
+    one document per row.
     """
     position_ids = position_ids.expand(batch, -1)
     step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
@@ -576,6 +579,18 @@ def _packed_document_mask(position_ids: Tensor, batch: int) -> Tensor | None:
     if not bool(document[:, -1].any()):
         return None
     return document[:, None, :, None] == document[:, None, None, :]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """A 2D padding mask (b, kv), nonzero = real token -> position ids (b, kv) counting real tokens.
+
+    Each row's first real token gets 0, so a left-padded row is numbered as if it were alone;
+    padding gets 0. This is what ``generate`` (ours and transformers') uses; the plain forward
+    numbers every position 0..kv-1 instead. Slice the last q columns for a call that continues a
+    cache.
+    """
+    real = attention_mask.to(dtype=torch.long)
+    return (real.cumsum(-1) - 1).masked_fill(real == 0, 0)
 
 
 class Phi3Model(nn.Module):
@@ -592,6 +607,16 @@ class Phi3Model(nn.Module):
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.checkpoint_use_reentrant = False  # torch.utils.checkpoint's use_reentrant
+
+    def _resolve_use_cache(self, use_cache: bool | None) -> bool:
+        """None -> ``config.use_cache``; then off while checkpointing a training step (as
+        transformers: a layer recomputed in backward cannot also hand its keys and values out)."""
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        return bool(use_cache)
 
     def forward(
         self,
@@ -599,7 +624,7 @@ class Phi3Model(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
-        use_cache: bool = False,
+        use_cache: bool | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """See ``Phi3ForCausalLM.forward``. Returns hidden states (b, s, h) and the new cache (or None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -614,13 +639,11 @@ class Phi3Model(nn.Module):
         device = input_ids.device
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
 
+        use_cache = self._resolve_use_cache(use_cache)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                # As transformers' generate: count real tokens, so left padding starts each row at 0.
-                real = attention_mask.to(device=device, dtype=torch.long)
-                position_ids = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)[:, -q_len:]
-            else:
-                position_ids = torch.arange(past_len, past_len + q_len, device=device)[None]
+            # As transformers' forward: every position is numbered, padding included (generate
+            # passes left-padding-aware ones itself). Such ids never restart: never packing.
+            position_ids = torch.arange(past_len, past_len + q_len, device=device)[None]
         else:
             position_ids = position_ids.to(device)
             if position_ids.dim() == 1:
@@ -630,7 +653,9 @@ class Phi3Model(nn.Module):
                     f"position_ids has shape {tuple(position_ids.shape)}; "
                     f"expected (batch|1, seq_len) = ({batch}, {q_len})"
                 )
-            if attention_mask is None and past_len == 0:
+            # transformers' rule: restarting ids are packed documents only when there is no mask and
+            # no cache, neither given nor being built (use_cache resolved to False).
+            if attention_mask is None and past_key_values is None and not use_cache:
                 attention_mask = _packed_document_mask(position_ids, batch)
 
         x = self.embed_tokens(input_ids)  # (b, s, h)
@@ -642,7 +667,12 @@ class Phi3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
             if self.gradient_checkpointing and self.training:
-                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=False)
+                reentrant = self.checkpoint_use_reentrant
+                if reentrant and not x.requires_grad and torch.is_grad_enabled():
+                    # The reentrant kind only back-propagates into a segment whose tensor inputs
+                    # need grad; with a frozen embedding none does (transformers' remedy too).
+                    x = x.requires_grad_()
+                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=reentrant)
             else:
                 x, present = layer(x, cos, sin, attn, past)
             if use_cache:
@@ -748,8 +778,23 @@ class Phi3ForCausalLM(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = bool(value)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint each decoder layer (``torch.utils.checkpoint``, use_reentrant=False) while training."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Checkpoint each decoder layer with ``torch.utils.checkpoint`` while training.
+
+        ``gradient_checkpointing_kwargs``: ``{"use_reentrant": bool}`` (default False, the kind
+        torch recommends), as transformers takes it. Both give the same gradients.
+
+        Raises:
+            ValueError: another key, or a use_reentrant that is not a bool.
+        """
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        reentrant = kwargs.pop("use_reentrant", False)
+        if kwargs or not isinstance(reentrant, bool):
+            raise ValueError(
+                f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}; expected at "
+                "most {'use_reentrant': True or False}"
+            )
+        self.model.checkpoint_use_reentrant = reentrant
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -764,7 +809,7 @@ class Phi3ForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         past_key_values: KVCache | None = None,
-        use_cache: bool = False,
+        use_cache: bool | None = None,
         *,
         return_logits: bool = False,
         logits_to_keep: int = 0,
@@ -776,15 +821,21 @@ class Phi3ForCausalLM(nn.Module):
             attention_mask: 2D (b, past + s) padding mask (nonzero = real token), or 4D bool
                 (b|1, 1, s, past + s) with True = may attend (packed documents). The causal mask and the
                 sliding window are always ANDed on top.
-            position_ids: (b|1, s). None: from a 2D mask, the count of real tokens before each one
-                (left padding starts at 0, as transformers' generate); otherwise past + arange(s).
-                Given without any mask and without a cache, position ids that restart mark packed
-                documents that do not see each other (as transformers 5).
+            position_ids: (b|1, s). None: past + arange(s) for every row, padding included (as
+                transformers' forward; for left-padding-aware ids pass
+                ``position_ids_from_mask(mask)``, which ``generate`` does). Ids that restart (a step
+                other than +1, e.g. [0 1 2 0 1]) mark packed documents that do not see each other
+                exactly when transformers 5 infers them: no attention_mask, no past_key_values and
+                use_cache resolved to False.
             labels: (b, s) token ids, -100 = ignored. Position t predicts labels[t + 1]. The loss is the
                 fp32 mean cross-entropy over counted labels (0.0 when none counts), and lm_head then runs
                 only at the counted positions: ``logits`` is None unless ``return_logits=True``.
             past_key_values: a cache returned by a previous call with ``use_cache=True``.
-            use_cache: return the cache, extended by this call's keys and values.
+            use_cache: return the cache, extended by this call's keys and values. None (the
+                default): ``config.use_cache`` (True unless the config says otherwise), as
+                transformers. Always False in a training step under gradient checkpointing. Pass
+                False in training and evaluation loops: a returned cache keeps every layer's keys
+                and values alive.
             return_logits: with labels, also compute the full logits.
             logits_to_keep: >0: logits only for the last that many positions (generation); 0: all.
             num_items_in_batch: divide the summed loss by this instead of this batch's counted labels
@@ -836,10 +887,11 @@ class Phi3ForCausalLM(nn.Module):
         the top_k tokens and/or the smallest set whose probability reaches top_p. A row stops at any of
         eos_token_id (None: never stops early); after that it is filled with pad_token_id (default:
         config.pad_token_id, else the first eos id). Generation ends when every row has stopped.
-        attention_mask (b, s) marks left padding of a batch of prompts. Runs in eval mode (restored
-        afterwards) and without autograd. Under longrope, once the sequence grows past
-        original_max_position_embeddings the cache (built with the short factors) is recomputed once
-        with the long ones, as transformers does.
+        attention_mask (b, s) marks left padding of a batch of prompts; positions then count each
+        row's real tokens (``position_ids_from_mask``), so a padded row generates what it would
+        alone. Runs in eval mode (restored afterwards) and without autograd. Under longrope, once
+        the sequence grows past original_max_position_embeddings the cache (built with the short
+        factors) is recomputed once with the long ones, as transformers does.
 
         Raises:
             ValueError: a bad argument (named, with its value and what was expected).
@@ -879,8 +931,16 @@ class Phi3ForCausalLM(nn.Module):
                 if cache is not None and switch_at is not None and not cache_is_long and total > switch_at:
                     cache = None  # keys were rotated with the short factors: recompute them all
                 step_ids = sequences if cache is None else sequences[:, cache[0][0].shape[2] :]
+                # Left padding: each row's positions count its real tokens (as transformers')
+                mask = attention_mask
+                positions = None if mask is None else position_ids_from_mask(mask)
                 out = self(
-                    step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+                    step_ids,
+                    attention_mask=attention_mask,
+                    position_ids=None if positions is None else positions[:, -step_ids.shape[1] :],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
                 cache = out.past_key_values
                 cache_is_long = switch_at is not None and total > switch_at
