@@ -45,7 +45,18 @@ class _LinearBase(LoRALayer, nn.Linear):
             nn.init.zeros_(self.lora_B)
 
     def _base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+        return LF.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+
+    def _lora_forward(self, x: Tensor, lora_B: Tensor) -> Tensor:
+        # The fused autograd function when the dropout is plain (or none); any other dropout
+        # module (a user's own) goes through the composite path, which calls it.
+        drop = self.lora_dropout
+        if isinstance(drop, nn.Identity) or type(drop) is nn.Dropout:
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            return LF.lora_linear_fused(x, self.weight, self.bias, self.lora_A, lora_B,
+                                        self.scaling, p, self.fan_in_fan_out)
+        return LF.lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling,
+                              drop, self.fan_in_fan_out)
 
 
 class Linear(_LinearBase):
@@ -105,10 +116,7 @@ class Linear(_LinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.r > 0 and not self.merged:
-            return LF.lora_linear(
-                x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                self._dropout_or_none(), self.fan_in_fan_out,
-            )
+            return self._lora_forward(x, self.lora_B)
         return self._base_forward(x)
 
 
@@ -211,10 +219,7 @@ class MergedLinear(_LinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.has_adapter and not self.merged:
-            return LF.lora_linear(
-                x, self.weight, self.bias, self.lora_A, self.expanded_lora_B(), self.scaling,
-                self._dropout_or_none(), self.fan_in_fan_out,
-            )
+            return self._lora_forward(x, self.expanded_lora_B())
         return self._base_forward(x)
 
     def extra_repr(self) -> str:
