@@ -320,3 +320,50 @@ def test_compiled_layer_with_dropout_runs_fullgraph():
     with torch.no_grad():
         base = F.linear(x, layer.weight, layer.bias)
         assert not torch.equal(y, base)  # the adapter contributed
+
+
+# --- the chunked cross-entropy of a frozen output head -----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_cross_entropy_matches_full_logits(dtype):
+    from lora.models.phi3 import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_(True)
+    W = torch.randn(50, 16, generator=g).to(dtype)
+    t = torch.randint(0, 50, (37,), generator=g)
+    got = linear_cross_entropy(hidden, W, t, chunk=8)
+    got.backward()
+    h2 = hidden.detach().clone().requires_grad_(True)
+    acc = torch.float32 if dtype == torch.bfloat16 else dtype
+    want = F.cross_entropy((h2 @ W.T).to(acc), t, reduction="sum")
+    want.backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=tol, atol=tol)
+
+
+def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plain_one(monkeypatch):
+    from lora.models import phi3
+
+    model = _decoder_layer_with_lora(dropout=0.0).double()
+    ids = torch.randint(3, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    calls = []
+    real = phi3.linear_cross_entropy
+    monkeypatch.setattr(phi3, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    assert calls
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.lm_head.weight.requires_grad_(True)  # a trainable head takes the plain path
+    loss2 = model(ids, labels=labels).loss
+    loss2.backward()
+    assert len(calls) == 1
+    # The plain path computes the loss in fp32 (.float()) even for a float64 model.
+    torch.testing.assert_close(loss, loss2.to(loss.dtype), rtol=1e-6, atol=1e-6)
+    for n, grad in got.items():
+        torch.testing.assert_close(grad, model.get_parameter(n).grad, rtol=1e-5, atol=1e-7, msg=n)
