@@ -275,8 +275,10 @@ def profile_top(name, model, opt, input_ids, labels, top: int) -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_step(model, opt, input_ids, labels)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=45)
     print(f"\n--- torch.profiler, one step of {name}: top {top} ops by self CPU time ---")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=45))
+    print(table)
+    return table
 
 
 def model_flops(args, n_logits: int) -> float:
@@ -401,16 +403,17 @@ def main() -> None:
               f"{ratios['working_set']:.2f}x RSS work")
     print("peak RSS = ru_maxrss of the variant's own process over its steps (model included); RSS work = that "
           "minus the RSS right after building the model and inputs.")
+    profiles = {}
+    if args.profile and not args.time_in_subprocess:
+        for v in variants:
+            profiles[v] = profile_top(v, *models[v], input_ids, labels, args.profile)
     if args.json:
-        C.write_json(args.json, dict(
+        C.write_json(args.json, dict(profiles=profiles,
             machine=C.machine(), dtype=args.dtype, labels=args.labels, checkpointing=args.checkpointing,
             shape=dict(vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate,
                        layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                        batch=args.batch, seq=args.seq),
             lora=LORA, model_flops=flops, peak_flops=peak, variants=rows, ours_over_peft=ratios))
-    if args.profile and not args.time_in_subprocess:
-        for v in variants:
-            profile_top(v, *models[v], input_ids, labels, args.profile)
 
 
 if __name__ == "__main__":

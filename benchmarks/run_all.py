@@ -161,8 +161,9 @@ def main() -> None:
                 for labels in ("all", "chat"):
                     if args.quick and dtype == "float32" and labels == "chat":
                         continue
+                    prof = ["--profile", "15"] if (dtype, labels) == ("bfloat16", "all") else []
                     run("bench_step.py", "--dtype", dtype, "--labels", labels, "--json",
-                        j(f"step_{dtype}_{labels}"))
+                        j(f"step_{dtype}_{labels}"), *prof)
             if args.full:
                 run("bench_step.py", "--full", "--labels", "all", "--json", j("step_full_bfloat16_all"))
         if "infer" not in skip:
@@ -176,6 +177,12 @@ def main() -> None:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     chart(res, os.path.join(args.out, "ratios.png"))
+    profiles = [(k, v["profiles"]) for k, v in sorted(res.items()) if v.get("profiles")]
+    if profiles:
+        with open(os.path.join(args.out, "profile.md"), "w") as f:
+            for k, tables in profiles:
+                for variant, table in tables.items():
+                    f.write(f"### {k}: one step of {variant}, top ops by self CPU time\n\n```\n{table}\n```\n\n")
     print(md)
 
 
