@@ -293,12 +293,13 @@ def lora_linear_fused(
     the (..., r) rank-r activation. The adapter runs in x's dtype (fp32 A and B are cast to a bf16
     x's dtype, not x to theirs); gradients come back in each parameter's own dtype.
 
-    Under ``torch.compile`` this calls the plain composite :func:`lora_linear` instead, so that
-    inductor fuses it (with its own RNG for dropout). Raises ``ValueError`` for p outside [0, 1).
+    Under ``torch.compile`` (and under autocast) this calls the plain composite :func:`lora_linear`
+    instead, so that inductor fuses it (with its own RNG for dropout). Raises ``ValueError`` for p outside [0, 1).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r}: expected a float in [0, 1)")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        # Compiled: let inductor fuse it. Autocast: its per-op casting rules apply to the composite.
         drop = (lambda t: F.dropout(t, dropout_p, training=True)) if dropout_p > 0 else None
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, drop, fan_in_fan_out)
     if dropout_p > 0 and seed is None:

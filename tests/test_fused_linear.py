@@ -367,3 +367,14 @@ def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plai
     torch.testing.assert_close(loss, loss2.to(loss.dtype), rtol=1e-6, atol=1e-6)
     for n, grad in got.items():
         torch.testing.assert_close(grad, model.get_parameter(n).grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_autocast_takes_the_composite_path_and_trains():
+    layer = lora.Linear(16, 8, r=2, lora_dropout=0.1)
+    randomize_lora(layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
