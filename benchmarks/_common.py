@@ -19,8 +19,9 @@ import torch
 MIN_REPEAT = 7
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int = MIN_REPEAT,
-                warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeat: int = MIN_REPEAT, warmup: int = 2
+) -> dict[str, list[float]]:
     """Seconds per call of each ``fns[name]()``: ``warmup`` calls each, then ``repeat`` rounds in
     which every variant runs once, in an order that rotates from round to round."""
     repeat = max(repeat, MIN_REPEAT)
@@ -73,8 +74,12 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average": list(os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def write_json(path: str, obj) -> None:

@@ -27,13 +27,23 @@ from lora.models.phi3 import Phi3Config, Phi3ForCausalLM  # noqa: E402
 
 def build(args, dtype, variant):
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                     num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                     num_key_value_heads=args.heads, max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = Phi3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     model = Phi3ForCausalLM(cfg).to(dtype)
     if variant != "plain":
-        lora.inject(model, lora.LoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-                    lora_dtype=dtype)
+        lora.inject(
+            model,
+            lora.LoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+            lora_dtype=dtype,
+        )
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for layer in model.modules():
@@ -46,7 +56,9 @@ def build(args, dtype, variant):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--vocab", type=int, default=32064)
     ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--intermediate", type=int, default=8192)
@@ -58,7 +70,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=C.MIN_REPEAT)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    ids = torch.randint(0, min(args.vocab, 32000), (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0,
+        min(args.vocab, 32000),
+        (args.batch, args.seq),
+        generator=torch.Generator().manual_seed(0),
+    )
     out = {"machine": C.machine(), "shape": vars(args).copy(), "rows": []}
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
@@ -72,14 +89,20 @@ def main() -> None:
             times = C.interleaved(fns, args.repeat)
         del ref
         med = {v: C.median(t) for v, t in times.items()}
-        row = dict(dtype=name, median_s=med, ratio_to_plain={v: med[v] / med["plain"] for v in med},
-                   spread={v: C.spread(t) for v, t in times.items()},
-                   tokens_per_s={v: args.batch * args.seq / med[v] for v in med},
-                   merged_vs_unmerged_max_abs_diff=diff)
+        row = dict(
+            dtype=name,
+            median_s=med,
+            ratio_to_plain={v: med[v] / med["plain"] for v in med},
+            spread={v: C.spread(t) for v, t in times.items()},
+            tokens_per_s={v: args.batch * args.seq / med[v] for v in med},
+            merged_vs_unmerged_max_abs_diff=diff,
+        )
         out["rows"].append(row)
-        print(f"{name:9s} plain {med['plain'] * 1e3:7.1f} ms  merged {row['ratio_to_plain']['merged']:.3f}x  "
-              f"unmerged {row['ratio_to_plain']['unmerged']:.3f}x  (merged vs unmerged logits: {diff:.2e})",
-              flush=True)
+        print(
+            f"{name:9s} plain {med['plain'] * 1e3:7.1f} ms  merged {row['ratio_to_plain']['merged']:.3f}x  "
+            f"unmerged {row['ratio_to_plain']['unmerged']:.3f}x  (merged vs unmerged logits: {diff:.2e})",
+            flush=True,
+        )
         del models
     if args.json:
         C.write_json(args.json, out)

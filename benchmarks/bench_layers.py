@@ -53,8 +53,13 @@ def linear_variants(din, dout, dtype, p) -> dict[str, nn.Module]:
     out = {"base": base}
     ours_base = nn.Linear(din, dout, bias=False, dtype=dtype)
     ours_base.weight.data = base.weight.data
-    out["lora"] = lora.Linear.from_base(ours_base, r=R, lora_alpha=ALPHA, lora_dropout=p,
-                                        lora_dtype=torch.float32 if dtype != torch.float64 else None)
+    out["lora"] = lora.Linear.from_base(
+        ours_base,
+        r=R,
+        lora_alpha=ALPHA,
+        lora_dropout=p,
+        lora_dtype=torch.float32 if dtype != torch.float64 else None,
+    )
     try:
         import loralib
 
@@ -68,8 +73,9 @@ def linear_variants(din, dout, dtype, p) -> dict[str, nn.Module]:
 
         seq = nn.Sequential(nn.Linear(din, dout, bias=False, dtype=dtype))
         seq[0].weight.data = base.weight.data
-        out["peft"] = peft.get_peft_model(seq, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=p,
-                                                               target_modules=["0"]))
+        out["peft"] = peft.get_peft_model(
+            seq, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=p, target_modules=["0"])
+        )
     except ImportError:
         pass
     for m in out.values():
@@ -86,13 +92,26 @@ def merged_variants(din, dtype, p) -> dict[str, nn.Module]:
     out = {"base": base}
     ours_base = nn.Linear(din, 3 * din, bias=False, dtype=dtype)
     ours_base.weight.data = base.weight.data
-    out["lora"] = lora.MergedLinear.from_base(ours_base, r=R, lora_alpha=ALPHA, lora_dropout=p,
-                                              enable_lora=[True, False, True], lora_dtype=torch.float32)
+    out["lora"] = lora.MergedLinear.from_base(
+        ours_base,
+        r=R,
+        lora_alpha=ALPHA,
+        lora_dropout=p,
+        enable_lora=[True, False, True],
+        lora_dtype=torch.float32,
+    )
     try:
         import loralib
 
-        m = loralib.MergedLinear(din, 3 * din, r=R, lora_alpha=ALPHA, lora_dropout=p, bias=False,
-                                 enable_lora=[True, False, True]).to(dtype)
+        m = loralib.MergedLinear(
+            din,
+            3 * din,
+            r=R,
+            lora_alpha=ALPHA,
+            lora_dropout=p,
+            bias=False,
+            enable_lora=[True, False, True],
+        ).to(dtype)
         m.weight.data = base.weight.data
         out["loralib"] = m
     except ImportError:
@@ -105,7 +124,9 @@ def merged_variants(din, dtype, p) -> dict[str, nn.Module]:
     return out
 
 
-def measure(modules: dict[str, nn.Module], tokens: int, din: int, dout: int, dtype, repeat: int) -> dict:
+def measure(
+    modules: dict[str, nn.Module], tokens: int, din: int, dout: int, dtype, repeat: int
+) -> dict:
     x = torch.randn(tokens, din, dtype=dtype, requires_grad=True)
     gy = torch.randn(tokens, dout, dtype=dtype)
 
@@ -117,10 +138,13 @@ def measure(modules: dict[str, nn.Module], tokens: int, din: int, dout: int, dty
             for q in params:
                 q.grad = None
             m(x).backward(gy)
+
         return run
 
     times = C.interleaved({k: step(m) for k, m in modules.items()}, repeat)
-    saved = {k: saved_bytes(lambda m=m: m(x), list(m.parameters()) + [x]) for k, m in modules.items()}
+    saved = {
+        k: saved_bytes(lambda m=m: m(x), list(m.parameters()) + [x]) for k, m in modules.items()
+    }
     med = {k: C.median(t) for k, t in times.items()}
     flops = 2 * 2 * tokens * din * dout  # the base layer's forward and input-gradient matmuls
     return {
@@ -134,7 +158,9 @@ def measure(modules: dict[str, nn.Module], tokens: int, din: int, dout: int, dty
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=C.MIN_REPEAT)
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -147,18 +173,29 @@ def main() -> None:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     dropouts = [float(p) for p in args.dropouts.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-    result = {"machine": C.machine(), "tokens": args.tokens, "r": R, "lora_alpha": ALPHA,
-              "linear": [], "merged": [], "peak": {}}
+    result = {
+        "machine": C.machine(),
+        "tokens": args.tokens,
+        "r": R,
+        "lora_alpha": ALPHA,
+        "linear": [],
+        "merged": [],
+        "peak": {},
+    }
     if not args.no_peak:
         for dt in dtypes:
             result["peak"][str(dt).removeprefix("torch.")] = C.matmul_peak(dt, args.repeat)
-    print(f"tokens={args.tokens} r={R} threads={torch.get_num_threads()}; forward+backward, "
-          f"median of {max(args.repeat, C.MIN_REPEAT)} interleaved; ratio = variant / frozen base")
+    print(
+        f"tokens={args.tokens} r={R} threads={torch.get_num_threads()}; forward+backward, "
+        f"median of {max(args.repeat, C.MIN_REPEAT)} interleaved; ratio = variant / frozen base"
+    )
     for dt in dtypes:
         dname = str(dt).removeprefix("torch.")
         for din, dout in shapes:
             for p in dropouts:
-                row = measure(linear_variants(din, dout, dt, p), args.tokens, din, dout, dt, args.repeat)
+                row = measure(
+                    linear_variants(din, dout, dt, p), args.tokens, din, dout, dt, args.repeat
+                )
                 row.update(kind="Linear", shape=[din, dout], dtype=dname, dropout=p)
                 result["linear"].append(row)
                 print_row(row)
@@ -176,9 +213,14 @@ def main() -> None:
 def print_row(row) -> None:
     r = row["ratio_to_base"]
     saved = row["saved_bytes"]
-    cells = "  ".join(f"{k} {v:.3f}x ({saved[k] / 2**20:.1f} MiB saved)" for k, v in r.items() if k != "base")
-    print(f"{row['kind']:18s} {row['shape'][0]}->{row['shape'][1]:<5d} {row['dtype']:8s} p={row['dropout']:<4} "
-          f"base {row['median_s']['base'] * 1e3:7.1f} ms  {cells}", flush=True)
+    cells = "  ".join(
+        f"{k} {v:.3f}x ({saved[k] / 2**20:.1f} MiB saved)" for k, v in r.items() if k != "base"
+    )
+    print(
+        f"{row['kind']:18s} {row['shape'][0]}->{row['shape'][1]:<5d} {row['dtype']:8s} p={row['dropout']:<4} "
+        f"base {row['median_s']['base'] * 1e3:7.1f} ms  {cells}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

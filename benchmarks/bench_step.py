@@ -31,10 +31,8 @@ import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 import zlib
 
 import warnings
@@ -117,11 +115,15 @@ def build(variant: str, args):
         config = transformers.Phi3Config(**dims, attn_implementation="sdpa")
         model = transformers.Phi3ForCausalLM(config)
         if model.config._attn_implementation != "sdpa":
-            raise SystemExit(f"transformers picked attention {model.config._attn_implementation!r}, not sdpa")
+            raise SystemExit(
+                f"transformers picked attention {model.config._attn_implementation!r}, not sdpa"
+            )
         fill_base_weights(model)
         model.to(args.torch_dtype)
         if args.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         # autocast_adapter_dtype (PEFT's default) keeps fp32 adapters on a bf16 base, as ours.
         model = peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
     else:
@@ -224,10 +226,14 @@ def measure_memory(variant: str, args) -> dict:
     peak_rss = maxrss_mb()
     step_times = []
     if args.time_in_subprocess:  # --full: two full-size models do not fit side by side
-        step_times = C.interleaved({"step": lambda: train_step(model, opt, input_ids, labels)},
-                                   args.repeat, warmup=0)["step"]
-    alloc = None if args.time_in_subprocess else allocator_peak_mb(
-        lambda: train_step(model, opt, input_ids, labels))
+        step_times = C.interleaved(
+            {"step": lambda: train_step(model, opt, input_ids, labels)}, args.repeat, warmup=0
+        )["step"]
+    alloc = (
+        None
+        if args.time_in_subprocess
+        else allocator_peak_mb(lambda: train_step(model, opt, input_ids, labels))
+    )
     return dict(
         variant=variant,
         base_rss_mb=base_rss,
@@ -244,8 +250,19 @@ def measure_memory(variant: str, args) -> dict:
 
 def memory_in_subprocess(variant: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--memory-only"]
-    for key in ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch", "seq", "repeat",
-                "dtype", "labels"):
+    for key in (
+        "vocab",
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "kv_heads",
+        "batch",
+        "seq",
+        "repeat",
+        "dtype",
+        "labels",
+    ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.checkpointing:
         cmd.append("--checkpointing")
@@ -275,7 +292,9 @@ def profile_top(name, model, opt, input_ids, labels, top: int) -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_step(model, opt, input_ids, labels)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=45)
+    table = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=45
+    )
     print(f"\n--- torch.profiler, one step of {name}: top {top} ops by self CPU time ---")
     print(table)
     return table
@@ -296,7 +315,9 @@ def model_flops(args, n_logits: int) -> float:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--vocab", type=int, default=32064)
     ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--intermediate", type=int, default=8192)
@@ -306,28 +327,55 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--labels", choices=("all", "chat"), default="all",
-                    help="all: every token labelled; chat: only the last quarter of each sequence")
+    ap.add_argument(
+        "--labels",
+        choices=("all", "chat"),
+        default="all",
+        help="all: every token labelled; chat: only the last quarter of each sequence",
+    )
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both")
-    ap.add_argument("--small", action="store_true",
-                    help="the earlier small model: hidden 512, intermediate 1376, 4 layers, 8 heads, 4 x 256")
-    ap.add_argument("--full", action="store_true",
-                    help="full-size Phi-3-mini: 32 layers, batch 1 x 512, bf16, checkpointing, one process each")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="the earlier small model: hidden 512, intermediate 1376, 4 layers, 8 heads, 4 x 256",
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="full-size Phi-3-mini: 32 layers, batch 1 x 512, bf16, checkpointing, one process each",
+    )
     ap.add_argument("--repeat", type=int, default=C.MIN_REPEAT)
-    ap.add_argument("--peak-flops", type=float, default=None,
-                    help="the machine's matmul peak in this dtype (FLOP/s); measured when not given")
+    ap.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="the machine's matmul peak in this dtype (FLOP/s); measured when not given",
+    )
     ap.add_argument("--variant", choices=("both",) + VARIANTS, default="both")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after timing, print torch.profiler's top N ops of one step of each variant")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, print torch.profiler's top N ops of one step of each variant",
+    )
     ap.add_argument("--json", default=None, help="write the figures here")
-    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess mode
+    ap.add_argument(
+        "--memory-only", action="store_true", help=argparse.SUPPRESS
+    )  # the subprocess mode
     ap.add_argument("--time-in-subprocess", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.small:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1376, 4, 8, 8
         args.batch, args.seq = 4, 256
     if args.full:
-        args.layers, args.batch, args.seq, args.dtype, args.checkpointing = 32, 1, 512, "bfloat16", True
+        args.layers, args.batch, args.seq, args.dtype, args.checkpointing = (
+            32,
+            1,
+            512,
+            "bfloat16",
+            True,
+        )
         args.time_in_subprocess = True
     args.torch_dtype = getattr(torch, args.dtype)
     return args
@@ -350,7 +398,8 @@ def main() -> None:
         f"({n_labelled} of {args.batch * (args.seq - 1)} targets labelled); "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear; "
         f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}; "
-        f"torch {torch.__version__}, threads={torch.get_num_threads()}", flush=True
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}",
+        flush=True,
     )
     losses = {}
     if args.time_in_subprocess:
@@ -368,12 +417,20 @@ def main() -> None:
                 # Step 1 must match (B = 0: the base model's loss). Step 2 matches too when both draw the
                 # same dropout masks, an implementation detail: reported, not required.
                 if step == 0 and rel > tol:
-                    raise SystemExit("the two variants compute different losses on the first step: "
-                                     "timing them is meaningless")
+                    raise SystemExit(
+                        "the two variants compute different losses on the first step: "
+                        "timing them is meaningless"
+                    )
             print(f"loss, step {step + 1}: {line}")
         # check_losses was the warm-up (2 steps each); the variants are timed interleaved.
-        times = C.interleaved({v: (lambda m=m, o=o: train_step(m, o, input_ids, labels))
-                               for v, (m, o) in models.items()}, args.repeat, warmup=1)
+        times = C.interleaved(
+            {
+                v: (lambda m=m, o=o: train_step(m, o, input_ids, labels))
+                for v, (m, o) in models.items()
+            },
+            args.repeat,
+            warmup=1,
+        )
     med = {v: C.median(t) for v, t in times.items()}
     peak = args.peak_flops or C.matmul_peak(args.torch_dtype)["flops"]
     # Ours computes logits only at labelled positions; transformers at every position.
@@ -382,38 +439,77 @@ def main() -> None:
     tokens = args.batch * args.seq
     rows = {}
     for v in variants:
-        rows[v] = dict(step_s=med[v], tokens_per_s=tokens / med[v], spread=C.spread(times[v]),
-                       mfu=flops / med[v] / peak, peak_rss_mb=mem[v]["peak_rss_mb"],
-                       working_set_mb=mem[v]["working_set_mb"], alloc_peak_mb=mem[v]["alloc_peak_mb"],
-                       n_logits=n_logits[v], losses=losses.get(v))
-    print(f"\nmedian of {len(times[variants[0]])} steps (forward + backward + AdamW); variants interleaved; "
-          f"model FLOPs {flops / 1e9:.0f} G a step; matmul peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'variant':8s} {'step ms':>9s} {'tokens/s':>9s} {'MFU':>6s} {'spread':>7s} {'peak RSS MB':>12s} "
-          f"{'RSS work MB':>12s} {'alloc MB':>9s}")
+        rows[v] = dict(
+            step_s=med[v],
+            tokens_per_s=tokens / med[v],
+            spread=C.spread(times[v]),
+            mfu=flops / med[v] / peak,
+            peak_rss_mb=mem[v]["peak_rss_mb"],
+            working_set_mb=mem[v]["working_set_mb"],
+            alloc_peak_mb=mem[v]["alloc_peak_mb"],
+            n_logits=n_logits[v],
+            losses=losses.get(v),
+        )
+    print(
+        f"\nmedian of {len(times[variants[0]])} steps (forward + backward + AdamW); variants interleaved; "
+        f"model FLOPs {flops / 1e9:.0f} G a step; matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"{'variant':8s} {'step ms':>9s} {'tokens/s':>9s} {'MFU':>6s} {'spread':>7s} {'peak RSS MB':>12s} "
+        f"{'RSS work MB':>12s} {'alloc MB':>9s}"
+    )
     for v, r in rows.items():
         alloc = "n/a" if r["alloc_peak_mb"] is None else f"{r['alloc_peak_mb']:.0f}"
-        print(f"{v:8s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.1f} {r['mfu']:6.1%} {r['spread']:7.1%} "
-              f"{r['peak_rss_mb']:12.0f} {r['working_set_mb']:12.0f} {alloc:>9s}")
+        print(
+            f"{v:8s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.1f} {r['mfu']:6.1%} {r['spread']:7.1%} "
+            f"{r['peak_rss_mb']:12.0f} {r['working_set_mb']:12.0f} {alloc:>9s}"
+        )
     ratios = {}
     if len(variants) == 2:
         o, p = rows["ours"], rows["peft"]
-        ratios = dict(speed=o["tokens_per_s"] / p["tokens_per_s"], peak_rss=o["peak_rss_mb"] / p["peak_rss_mb"],
-                      working_set=o["working_set_mb"] / max(p["working_set_mb"], 1e-9))
-        print(f"ours/peft: {ratios['speed']:.2f}x tokens/s, {ratios['peak_rss']:.2f}x peak RSS, "
-              f"{ratios['working_set']:.2f}x RSS work")
-    print("peak RSS = ru_maxrss of the variant's own process over its steps (model included); RSS work = that "
-          "minus the RSS right after building the model and inputs.")
+        ratios = dict(
+            speed=o["tokens_per_s"] / p["tokens_per_s"],
+            peak_rss=o["peak_rss_mb"] / p["peak_rss_mb"],
+            working_set=o["working_set_mb"] / max(p["working_set_mb"], 1e-9),
+        )
+        print(
+            f"ours/peft: {ratios['speed']:.2f}x tokens/s, {ratios['peak_rss']:.2f}x peak RSS, "
+            f"{ratios['working_set']:.2f}x RSS work"
+        )
+    print(
+        "peak RSS = ru_maxrss of the variant's own process over its steps (model included); RSS work = that "
+        "minus the RSS right after building the model and inputs."
+    )
     profiles = {}
     if args.profile and not args.time_in_subprocess:
         for v in variants:
             profiles[v] = profile_top(v, *models[v], input_ids, labels, args.profile)
     if args.json:
-        C.write_json(args.json, dict(profiles=profiles,
-            machine=C.machine(), dtype=args.dtype, labels=args.labels, checkpointing=args.checkpointing,
-            shape=dict(vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate,
-                       layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                       batch=args.batch, seq=args.seq),
-            lora=LORA, model_flops=flops, peak_flops=peak, variants=rows, ours_over_peft=ratios))
+        C.write_json(
+            args.json,
+            dict(
+                profiles=profiles,
+                machine=C.machine(),
+                dtype=args.dtype,
+                labels=args.labels,
+                checkpointing=args.checkpointing,
+                shape=dict(
+                    vocab=args.vocab,
+                    hidden=args.hidden,
+                    intermediate=args.intermediate,
+                    layers=args.layers,
+                    heads=args.heads,
+                    kv_heads=args.kv_heads,
+                    batch=args.batch,
+                    seq=args.seq,
+                ),
+                lora=LORA,
+                model_flops=flops,
+                peak_flops=peak,
+                variants=rows,
+                ours_over_peft=ratios,
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -49,53 +49,80 @@ def markdown(res: dict) -> str:
             for d, p in peaks.items():
                 out.append(f"| {d} | {p['flops'] / 1e9:.0f} | {tuple(p['shape'])} |")
             out.append("")
-        out.append(f"### One layer, forward + backward ({lay['tokens']} tokens, r={lay['r']}): "
-                   "time over the frozen base layer\n")
+        out.append(
+            f"### One layer, forward + backward ({lay['tokens']} tokens, r={lay['r']}): "
+            "time over the frozen base layer\n"
+        )
         cols = ["lora", "loralib", "peft"]
-        out.append("| layer | in→out | dtype | dropout | base ms | " + " | ".join(cols)
-                   + " | saved MiB (base / lora / peft) |")
+        out.append(
+            "| layer | in→out | dtype | dropout | base ms | "
+            + " | ".join(cols)
+            + " | saved MiB (base / lora / peft) |"
+        )
         out.append("|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|")
         for row in lay["linear"] + lay["merged"]:
             r, sv = row["ratio_to_base"], row["saved_bytes"]
             cells = " | ".join(f"{r[c]:.3f}x" if c in r else "–" for c in cols)
-            mib = " / ".join(f"{sv[c] / 2**20:.1f}" if c in sv else "–" for c in ("base", "lora", "peft"))
-            out.append(f"| {row['kind']} | {row['shape'][0]}→{row['shape'][1]} | {row['dtype']} | "
-                       f"{row['dropout']} | {row['median_s']['base'] * 1e3:.1f} | {cells} | {mib} |")
-        out.append("\nSaved MiB: bytes kept for backward beyond the parameters and the layer's input "
-                   "(which the adapter's dA needs and which the previous layer already holds).\n")
+            mib = " / ".join(
+                f"{sv[c] / 2**20:.1f}" if c in sv else "–" for c in ("base", "lora", "peft")
+            )
+            out.append(
+                f"| {row['kind']} | {row['shape'][0]}→{row['shape'][1]} | {row['dtype']} | "
+                f"{row['dropout']} | {row['median_s']['base'] * 1e3:.1f} | {cells} | {mib} |"
+            )
+        out.append(
+            "\nSaved MiB: bytes kept for backward beyond the parameters and the layer's input "
+            "(which the adapter's dA needs and which the previous layer already holds).\n"
+        )
     steps = [v for k, v in sorted(res.items()) if k.startswith("step")]
     if steps:
-        out.append("### Training step at Phi-3-mini shapes, ours (lora) against transformers + PEFT\n")
-        out.append("| model | dtype | labels | ours tokens/s | PEFT tokens/s | speed ratio | ours MFU | "
-                   "PEFT MFU | ours peak RSS MB | PEFT peak RSS MB | RSS ratio |")
+        out.append(
+            "### Training step at Phi-3-mini shapes, ours (lora) against transformers + PEFT\n"
+        )
+        out.append(
+            "| model | dtype | labels | ours tokens/s | PEFT tokens/s | speed ratio | ours MFU | "
+            "PEFT MFU | ours peak RSS MB | PEFT peak RSS MB | RSS ratio |"
+        )
         out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for s in steps:
             o, p = s["variants"]["ours"], s["variants"].get("peft")
             sh = s["shape"]
-            model = f"{sh['layers']} layers, {sh['batch']}×{sh['seq']}" + (", ckpt" if s["checkpointing"] else "")
+            model = f"{sh['layers']} layers, {sh['batch']}×{sh['seq']}" + (
+                ", ckpt" if s["checkpointing"] else ""
+            )
             if p is None:
-                out.append(f"| {model} | {s['dtype']} | {s['labels']} | {o['tokens_per_s']:.0f} | – | – | "
-                           f"{o['mfu']:.0%} | – | {o['peak_rss_mb']:.0f} | – | – |")
+                out.append(
+                    f"| {model} | {s['dtype']} | {s['labels']} | {o['tokens_per_s']:.0f} | – | – | "
+                    f"{o['mfu']:.0%} | – | {o['peak_rss_mb']:.0f} | – | – |"
+                )
                 continue
             rat = s["ours_over_peft"]
-            out.append(f"| {model} | {s['dtype']} | {s['labels']} | {o['tokens_per_s']:.0f} | "
-                       f"{p['tokens_per_s']:.0f} | {rat['speed']:.2f}x | {o['mfu']:.0%} | {p['mfu']:.0%} | "
-                       f"{o['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | {rat['peak_rss']:.2f}x |")
-        out.append("\nMFU: model FLOPs (frozen matmuls' forward and input gradient, attention, the output "
-                   "head where logits are needed) per second over the measured matmul peak of the dtype.\n")
+            out.append(
+                f"| {model} | {s['dtype']} | {s['labels']} | {o['tokens_per_s']:.0f} | "
+                f"{p['tokens_per_s']:.0f} | {rat['speed']:.2f}x | {o['mfu']:.0%} | {p['mfu']:.0%} | "
+                f"{o['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | {rat['peak_rss']:.2f}x |"
+            )
+        out.append(
+            "\nMFU: model FLOPs (frozen matmuls' forward and input gradient, attention, the output "
+            "head where logits are needed) per second over the measured matmul peak of the dtype.\n"
+        )
     inf = res.get("infer")
     if inf:
         out.append("### Inference (no-grad prefill), time over the plain model\n")
         out.append("| dtype | plain ms | merged | unmerged |\n|---|---:|---:|---:|")
         for row in inf["rows"]:
             r = row["ratio_to_plain"]
-            out.append(f"| {row['dtype']} | {row['median_s']['plain'] * 1e3:.1f} | {r['merged']:.3f}x | "
-                       f"{r['unmerged']:.3f}x |")
+            out.append(
+                f"| {row['dtype']} | {row['median_s']['plain'] * 1e3:.1f} | {r['merged']:.3f}x | "
+                f"{r['unmerged']:.3f}x |"
+            )
         out.append("")
     m = (lay or {}).get("machine") or next((s["machine"] for s in steps), {})
     if m:
-        out.append(f"Machine: {m.get('cpu')}, {m.get('threads')} threads, torch {m.get('torch')}; load average "
-                   f"at the start {m.get('load_average')}.")
+        out.append(
+            f"Machine: {m.get('cpu')}, {m.get('threads')} threads, torch {m.get('torch')}; load average "
+            f"at the start {m.get('load_average')}."
+        )
     return "\n".join(out) + "\n"
 
 
@@ -114,7 +141,9 @@ def chart(res: dict, path: str) -> bool:
         labels.append(f"{row['shape'][0]}→{row['shape'][1]}\n{row['dtype'][:4]} p={row['dropout']}")
         ours.append(r["lora"])
         peft.append(r.get("peft", float("nan")))
-    steps = [(k, v) for k, v in sorted(res.items()) if k.startswith("step") and "peft" in v["variants"]]
+    steps = [
+        (k, v) for k, v in sorted(res.items()) if k.startswith("step") and "peft" in v["variants"]
+    ]
     fig, axes = plt.subplots(1, 2 if steps else 1, figsize=(14 if steps else 9, 4.5), squeeze=False)
     ax = axes[0][0]
     xs = range(len(labels))
@@ -128,9 +157,18 @@ def chart(res: dict, path: str) -> bool:
     if steps:
         ax = axes[0][1]
         names = [f"{v['dtype'][:4]} {v['labels']}\n{v['shape']['layers']}L" for _, v in steps]
-        ax.bar(range(len(steps)), [v["ours_over_peft"]["speed"] for _, v in steps], 0.5, label="tokens/s")
-        ax.bar([x + 0.5 for x in range(len(steps))], [1 / v["ours_over_peft"]["peak_rss"] for _, v in steps],
-               0.4, label="1 / peak RSS")
+        ax.bar(
+            range(len(steps)),
+            [v["ours_over_peft"]["speed"] for _, v in steps],
+            0.5,
+            label="tokens/s",
+        )
+        ax.bar(
+            [x + 0.5 for x in range(len(steps))],
+            [1 / v["ours_over_peft"]["peak_rss"] for _, v in steps],
+            0.4,
+            label="1 / peak RSS",
+        )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([x + 0.25 for x in range(len(steps))], names, fontsize=8)
         ax.set_ylabel("ours / PEFT (higher is better)")
@@ -142,12 +180,18 @@ def chart(res: dict, path: str) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--full", action="store_true", help="also full-size Phi-3-mini (minutes, ~10 GB each side)")
+    ap.add_argument(
+        "--full", action="store_true", help="also full-size Phi-3-mini (minutes, ~10 GB each side)"
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated: layers, step, infer")
-    ap.add_argument("--report-only", action="store_true", help="rebuild results.md/png from the JSON files")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rebuild results.md/png from the JSON files"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     os.makedirs(args.out, exist_ok=True)
@@ -162,10 +206,25 @@ def main() -> None:
                     if args.quick and dtype == "float32" and labels == "chat":
                         continue
                     prof = ["--profile", "15"] if (dtype, labels) == ("bfloat16", "all") else []
-                    run("bench_step.py", "--dtype", dtype, "--labels", labels, "--json",
-                        j(f"step_{dtype}_{labels}"), *prof)
+                    run(
+                        "bench_step.py",
+                        "--dtype",
+                        dtype,
+                        "--labels",
+                        labels,
+                        "--json",
+                        j(f"step_{dtype}_{labels}"),
+                        *prof,
+                    )
             if args.full:
-                run("bench_step.py", "--full", "--labels", "all", "--json", j("step_full_bfloat16_all"))
+                run(
+                    "bench_step.py",
+                    "--full",
+                    "--labels",
+                    "all",
+                    "--json",
+                    j("step_full_bfloat16_all"),
+                )
         if "infer" not in skip:
             run("bench_infer.py", "--json", j("infer"))
     res = {}
@@ -182,7 +241,9 @@ def main() -> None:
         with open(os.path.join(args.out, "profile.md"), "w") as f:
             for k, tables in profiles:
                 for variant, table in tables.items():
-                    f.write(f"### {k}: one step of {variant}, top ops by self CPU time\n\n```\n{table}\n```\n\n")
+                    f.write(
+                        f"### {k}: one step of {variant}, top ops by self CPU time\n\n```\n{table}\n```\n\n"
+                    )
     print(md)
 
 

@@ -294,7 +294,8 @@ def lora_linear_fused(
     x's dtype, not x to theirs); gradients come back in each parameter's own dtype.
 
     Under ``torch.compile`` (and under autocast) this calls the plain composite :func:`lora_linear`
-    instead, so that inductor fuses it (with its own RNG for dropout). Raises ``ValueError`` for p outside [0, 1).
+    instead, so that inductor fuses it (with its own RNG for dropout).
+    Raises ``ValueError`` for ``dropout_p`` outside [0, 1).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r}: expected a float in [0, 1)")

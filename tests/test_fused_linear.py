@@ -40,8 +40,13 @@ def fused_case(draw):
     A, B = torch.randn(r, fin, generator=g, dtype=dt), torch.randn(fout, r, generator=g, dtype=dt)
     x = torch.randn(*tokens, fin, generator=g, dtype=dt)
     p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.5, 0.9]))
-    grads = dict(x=draw(st.booleans()), W=draw(st.booleans()), b=draw(st.booleans()),
-                 A=draw(st.booleans()), B=True)
+    grads = dict(
+        x=draw(st.booleans()),
+        W=draw(st.booleans()),
+        b=draw(st.booleans()),
+        A=draw(st.booleans()),
+        B=True,
+    )
     return x, W, b, A, B, draw(st.sampled_from([0.5, 2.0])), p, fifo, grads
 
 
@@ -51,9 +56,17 @@ def test_fused_forward_and_gradients_match_autograd_on_dense_reference(case):
     x, W, b, A, B, s, p, fifo, grads = case
     seed = 1234
     leaves = dict(x=x, W=W, b=b, A=A, B=B)
-    ours = {k: (v.clone().requires_grad_(grads[k]) if v is not None else None) for k, v in leaves.items()}
-    ref = {k: (v.clone().requires_grad_(grads[k]) if v is not None else None) for k, v in leaves.items()}
-    y = LF.lora_linear_fused(ours["x"], ours["W"], ours["b"], ours["A"], ours["B"], s, p, fifo, seed=seed)
+    ours = {
+        k: (v.clone().requires_grad_(grads[k]) if v is not None else None)
+        for k, v in leaves.items()
+    }
+    ref = {
+        k: (v.clone().requires_grad_(grads[k]) if v is not None else None)
+        for k, v in leaves.items()
+    }
+    y = LF.lora_linear_fused(
+        ours["x"], ours["W"], ours["b"], ours["A"], ours["B"], s, p, fifo, seed=seed
+    )
     keep = LF.dropout_keep_mask(x.shape, p, seed) if p > 0 else None
     want = dense_reference(ref["x"], ref["W"], ref["b"], ref["A"], ref["B"], s, keep, p, fifo)
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
@@ -217,8 +230,9 @@ def test_saved_for_backward_is_the_input_plus_the_rank_r_activation(kind, dtype)
     if kind == "linear":
         layer = lora.Linear.from_base(base, r=r, lora_dropout=0.1, lora_dtype=torch.float32)
     else:
-        layer = lora.MergedLinear.from_base(base, r=r, enable_lora=[True, False, True], lora_dropout=0.1,
-                                            lora_dtype=torch.float32)
+        layer = lora.MergedLinear.from_base(
+            base, r=r, enable_lora=[True, False, True], lora_dropout=0.1, lora_dtype=torch.float32
+        )
     x = torch.randn(tokens, fin, dtype=dtype, requires_grad=True)
     params = list(layer.parameters())
     got, y = saved_bytes(lambda: layer(x), exclude=params + [x])
@@ -274,20 +288,31 @@ def _decoder_layer_with_lora(dropout):
 
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config(**TINY_PHI3))
-    lora.inject(model, lora.LoRAConfig(r=2, lora_alpha=4, lora_dropout=dropout, target_modules="all-linear"))
+    lora.inject(
+        model, lora.LoRAConfig(r=2, lora_alpha=4, lora_dropout=dropout, target_modules="all-linear")
+    )
     for layer in model.modules():
         if isinstance(layer, lora.LoRALayer):
             randomize_lora(layer)
     return model
 
 
-@pytest.mark.parametrize("backend", [
-    "aot_eager",
-    pytest.param("inductor", marks=[
-        pytest.mark.slow,
-        pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                           reason="inductor needs a C compiler")]),
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(
+                    shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="inductor needs a C compiler",
+                ),
+            ],
+        ),
+    ],
+)
 def test_compiled_model_with_lora_training_matches_eager(backend):
     torch._dynamo.reset()
     model = _decoder_layer_with_lora(dropout=0.0).train()
@@ -353,7 +378,9 @@ def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plai
     labels[:, :5] = -100
     calls = []
     real = phi3.linear_cross_entropy
-    monkeypatch.setattr(phi3, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        phi3, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     loss = model(ids, labels=labels).loss
     loss.backward()
     assert calls

@@ -7,7 +7,6 @@ import operator
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as LF

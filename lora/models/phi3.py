@@ -687,7 +687,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256
+) -> Tensor:
     """``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` (in fp32) for a frozen
     ``weight`` (V, h), with hidden (N, h) and targets (N,), chunk rows at a time: peak memory one
     (chunk, V) block instead of (N, V). The gradient flows to ``hidden`` only."""
