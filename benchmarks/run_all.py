@@ -55,20 +55,22 @@ def markdown(res: dict) -> str:
         )
         cols = ["lora", "loralib", "peft"]
         out.append(
-            "| layer | in→out | dtype | dropout | base ms | "
+            "| layer | in→out | dtype | dropout | base ms | base % of peak | "
             + " | ".join(cols)
             + " | saved MiB (base / lora / peft) |"
         )
-        out.append("|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|")
+        out.append("|---|---|---|---:|---:|---:|" + "---:|" * len(cols) + "---|")
         for row in lay["linear"] + lay["merged"]:
             r, sv = row["ratio_to_base"], row["saved_bytes"]
             cells = " | ".join(f"{r[c]:.3f}x" if c in r else "–" for c in cols)
             mib = " / ".join(
                 f"{sv[c] / 2**20:.1f}" if c in sv else "–" for c in ("base", "lora", "peft")
             )
+            pk = peaks.get(row["dtype"], {}).get("flops")
+            share = f"{row['base_flops'] / row['median_s']['base'] / pk:.0%}" if pk else "–"
             out.append(
                 f"| {row['kind']} | {row['shape'][0]}→{row['shape'][1]} | {row['dtype']} | "
-                f"{row['dropout']} | {row['median_s']['base'] * 1e3:.1f} | {cells} | {mib} |"
+                f"{row['dropout']} | {row['median_s']['base'] * 1e3:.1f} | {share} | {cells} | {mib} |"
             )
         out.append(
             "\nSaved MiB: bytes kept for backward beyond the parameters and the layer's input "
