@@ -32,6 +32,7 @@ __all__ = [
     "dropout_keep_mask",
     "realised_dropout_p",
     "merged_lora_B",
+    "merged_lora_blocks",
     "embedding_delta_weight",
     "lora_embedding",
     "conv_delta_weight",
@@ -191,11 +192,14 @@ def _low_precision(dtype: torch.dtype) -> bool:
 class _LoRALinear(torch.autograd.Function):
     """y = x Wᵀ + b + (c · keep(x) Aᵀ) Bᵀ, with c = scaling / (1 - p') and keep() the seeded mask.
 
-    x is 2-D (tokens, in) here; lora_linear_fused flattens leading dimensions.
+    x is 2-D (tokens, in) here; lora_linear_fused flattens leading dimensions. ``blocks``: None
+    (B is (out, r)), or the slices of a fused layer: (out_start, out_stop, b_start, a_start,
+    a_stop) each, B's rows b_start:b_start+(out_stop-out_start) writing those output rows from
+    A's rows a_start:a_stop; output rows in no block get no adapter.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, fan_in_fan_out):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, fan_in_fan_out, blocks):
         A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
         B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
         y = base_linear(x, weight, bias, fan_in_fan_out)
@@ -211,12 +215,14 @@ class _LoRALinear(torch.autograd.Function):
             v.mul_(c)
         else:
             v = (x @ A.T).mul_(scaling)  # (tokens, r): the only activation the adapter adds
-        if y.dtype != v.dtype:  # a base whose output dtype differs from its input's (rare)
-            y.add_((v @ B.T).to(y.dtype))
-        else:
-            y.addmm_(v, B.T)
+        for rows, vb, Bb in _blocks(blocks, v, B, y.shape[1]):
+            if y.dtype != v.dtype:  # a base whose output dtype differs from its input's (rare)
+                y[:, rows].add_((vb @ Bb.T).to(y.dtype))
+            else:
+                y[:, rows].addmm_(vb, Bb.T)
         ctx.save_for_backward(x, weight, lora_A, lora_B, v)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
+        ctx.blocks = blocks
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -232,11 +238,25 @@ class _LoRALinear(torch.autograd.Function):
         c = ctx.scaling / (1.0 - realised_dropout_p(p)) if p > 0 else ctx.scaling
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_B:
-            grad_B = (g.T @ v).to(lora_B.dtype)  # (out, r)
+            grad_B = torch.zeros_like(B) if ctx.blocks is not None else None
+            for rows, vb, Bb in _blocks(ctx.blocks, v, B, g.shape[1]):
+                if grad_B is None:
+                    grad_B = g.T @ vb  # (out, r)
+                else:
+                    b0 = _b_start(ctx.blocks, rows)
+                    grad_B[b0 : b0 + Bb.shape[0]] = g[:, rows].T @ vb
+            grad_B = grad_B.to(lora_B.dtype)
         if need_x:
             grad_x = base_linear_input_grad(g, weight, fifo)
         if need_A or need_x:
-            du = (g @ B).mul_(c)  # (tokens, r): ∂L/∂(keep(x) Aᵀ)
+            # (tokens, r·k): ∂L/∂(keep(x) Aᵀ)
+            if ctx.blocks is None:
+                du = g @ B
+            else:
+                du = v.new_zeros(v.shape)
+                for (o0, o1, b0, a0, a1) in ctx.blocks:
+                    du[:, a0:a1] = g[:, o0:o1] @ B[b0 : b0 + (o1 - o0)]
+            du.mul_(c)
             if p == 0:
                 if need_A:
                     grad_A = (du.T @ x).to(lora_A.dtype)
@@ -267,7 +287,20 @@ class _LoRALinear(torch.autograd.Function):
             grad_w = (gw.T if fifo else gw).to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
             grad_b = grad_y.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None
+
+
+def _blocks(blocks, v: Tensor, B: Tensor, out_features: int):
+    """(output rows, v's columns, B's rows) per adapter block; one block without ``blocks``."""
+    if blocks is None:
+        yield slice(0, out_features), v, B
+        return
+    for o0, o1, b0, a0, a1 in blocks:
+        yield slice(o0, o1), v[:, a0:a1], B[b0 : b0 + (o1 - o0)]
+
+
+def _b_start(blocks, rows: slice) -> int:
+    return next(b0 for o0, _, b0, _, _ in blocks if o0 == rows.start)
 
 
 def lora_linear_fused(
@@ -280,6 +313,7 @@ def lora_linear_fused(
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
     seed: int | None = None,
+    blocks: Sequence[tuple[int, int, int, int, int]] | None = None,
 ) -> Tensor:
     """``x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` as one autograd function (the layers' fast path).
 
@@ -293,6 +327,11 @@ def lora_linear_fused(
     the (..., r) rank-r activation. The adapter runs in x's dtype (fp32 A and B are cast to a bf16
     x's dtype, not x to theirs); gradients come back in each parameter's own dtype.
 
+    ``blocks`` (a fused layer, :meth:`lora.MergedLinear.lora_blocks`): lora_B is the compact
+    (Σ enabled sizes, r) matrix and each block ``(out_start, out_stop, b_start, a_start, a_stop)``
+    adds ``v[:, a_start:a_stop] @ B[b_start:b_start + out_stop - out_start]ᵀ`` to those output
+    columns; the (out, r·k) expanded B is never built or saved.
+
     Under ``torch.compile`` (and under autocast) this calls the plain composite :func:`lora_linear`
     instead, so that inductor fuses it (with its own RNG for dropout).
     Raises ``ValueError`` for ``dropout_p`` outside [0, 1).
@@ -302,6 +341,9 @@ def lora_linear_fused(
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         # Compiled: let inductor fuse it. Autocast: its per-op casting rules apply to the composite.
         drop = (lambda t: F.dropout(t, dropout_p, training=True)) if dropout_p > 0 else None
+        if blocks is not None:
+            lora_B = _expand_blocks(lora_B, blocks, weight.shape[1 if fan_in_fan_out else 0],
+                                    lora_A.shape[0])
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, drop, fan_in_fan_out)
     if dropout_p > 0 and seed is None:
         seed = _draw_seed()
@@ -309,8 +351,31 @@ def lora_linear_fused(
     out = _LoRALinear.apply(
         x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
         seed if seed is not None else 0, bool(fan_in_fan_out),
+        tuple(tuple(b) for b in blocks) if blocks is not None else None,
     )
     return out.view(*lead, out.shape[-1])
+
+
+def _expand_blocks(lora_B: Tensor, blocks, out_features: int, rk: int) -> Tensor:
+    out = lora_B.new_zeros(out_features, rk)
+    for o0, o1, b0, a0, a1 in blocks:
+        out[o0:o1, a0:a1] = lora_B[b0 : b0 + (o1 - o0)]
+    return out
+
+
+def merged_lora_blocks(
+    split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int
+) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The adapter blocks of a :class:`~lora.MergedLinear` for :func:`lora_linear_fused`: one
+    ``(out_start, out_stop, b_start, a_start, a_stop)`` per enabled slice."""
+    blocks, row, src, col = [], 0, 0, 0
+    for size, enabled in zip(split_sizes, enable_lora):
+        if enabled:
+            blocks.append((row, row + size, src, col, col + r))
+            src += size
+            col += r
+        row += size
+    return tuple(blocks)
 
 
 def merged_lora_B(lora_B: Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int) -> Tensor:

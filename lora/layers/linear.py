@@ -46,14 +46,15 @@ class _LinearBase(LoRALayer, nn.Linear):
     def _base_forward(self, x: Tensor) -> Tensor:
         return LF.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
 
-    def _lora_forward(self, x: Tensor, lora_B: Tensor) -> Tensor:
+    def _lora_forward(self, x: Tensor, blocks=None) -> Tensor:
         # The fused autograd function when the dropout is plain (or none); any other dropout
         # module (a user's own) goes through the composite path, which calls it.
         drop = self.lora_dropout
         if isinstance(drop, nn.Identity) or type(drop) is nn.Dropout:
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            return LF.lora_linear_fused(x, self.weight, self.bias, self.lora_A, lora_B,
-                                        self.scaling, p, self.fan_in_fan_out)
+            return LF.lora_linear_fused(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                                        self.scaling, p, self.fan_in_fan_out, blocks=blocks)
+        lora_B = self.lora_B if blocks is None else self.expanded_lora_B()
         return LF.lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling,
                               drop, self.fan_in_fan_out)
 
@@ -115,7 +116,7 @@ class Linear(_LinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.r > 0 and not self.merged:
-            return self._lora_forward(x, self.lora_B)
+            return self._lora_forward(x)
         return self._base_forward(x)
 
 
@@ -213,12 +214,16 @@ class MergedLinear(_LinearBase):
         """(out, r·k): ``lora_B``'s blocks placed on their slices' rows, zeros elsewhere."""
         return LF.merged_lora_B(self.lora_B, self.split_sizes, self.enable_lora, self.r)
 
+    def lora_blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """Per enabled slice: (out_start, out_stop, lora_B row start, lora_A row start, stop)."""
+        return LF.merged_lora_blocks(self.split_sizes, self.enable_lora, self.r)
+
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.expanded_lora_B(), self.scaling, self.fan_in_fan_out)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.has_adapter and not self.merged:
-            return self._lora_forward(x, self.expanded_lora_B())
+            return self._lora_forward(x, self.lora_blocks())
         return self._base_forward(x)
 
     def extra_repr(self) -> str:
