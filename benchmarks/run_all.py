@@ -199,36 +199,35 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     j = lambda name: os.path.join(args.out, f"{name}.json")  # noqa: E731
     if not args.report_only:
-        if "layers" not in skip:
-            extra = ["--shapes", "3072x3072", "--merged-dim", "3072"] if args.quick else []
-            run("bench_layers.py", "--json", j("layers"), *extra)
+        # The headline first (bf16, every token labelled, with a profile of each side), so that an
+        # interrupted run still has it; then the layers, the other step variants, inference.
+        steps = [("bfloat16", "all"), ("float32", "all"), ("bfloat16", "chat"), ("float32", "chat")]
+        if args.quick:
+            steps = steps[:3]
+        todo = []
         if "step" not in skip:
-            for dtype in ("float32", "bfloat16"):
-                for labels in ("all", "chat"):
-                    if args.quick and dtype == "float32" and labels == "chat":
-                        continue
-                    prof = ["--profile", "15"] if (dtype, labels) == ("bfloat16", "all") else []
-                    run(
-                        "bench_step.py",
-                        "--dtype",
-                        dtype,
-                        "--labels",
-                        labels,
-                        "--json",
-                        j(f"step_{dtype}_{labels}"),
-                        *prof,
-                    )
+            todo += [("step", dt, lab) for dt, lab in steps[:1]]
+        if "layers" not in skip:
+            todo.append(("layers",))
+        if "step" not in skip:
+            todo += [("step", dt, lab) for dt, lab in steps[1:]]
             if args.full:
-                run(
-                    "bench_step.py",
-                    "--full",
-                    "--labels",
-                    "all",
-                    "--json",
-                    j("step_full_bfloat16_all"),
-                )
+                todo.append(("full",))
         if "infer" not in skip:
-            run("bench_infer.py", "--json", j("infer"))
+            todo.append(("infer",))
+        for item in todo:
+            if item[0] == "layers":
+                extra = ["--shapes", "3072x3072", "--merged-dim", "3072"] if args.quick else []
+                run("bench_layers.py", "--json", j("layers"), *extra)
+            elif item[0] == "step":
+                _, dt, lab = item
+                prof = ["--profile", "15"] if (dt, lab) == ("bfloat16", "all") else []
+                run("bench_step.py", "--dtype", dt, "--labels", lab, "--json",
+                    j(f"step_{dt}_{lab}"), *prof)
+            elif item[0] == "full":
+                run("bench_step.py", "--full", "--labels", "all", "--json", j("step_full_bfloat16_all"))
+            else:
+                run("bench_infer.py", "--json", j("infer"))
     res = {}
     for name in sorted(os.listdir(args.out)):
         if name.endswith(".json") and name != "results.json":
