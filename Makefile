@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-all quickstart bench clean
+.PHONY: demo test test-all lint format quickstart bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
+
+# The linter and the type checker: the `dev` extra, installed on top of the test set-up.
+DEV_STAMP := $(VENV)/.installed-dev
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[test,plot,dev]'
+	touch $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lora.finetune
@@ -23,6 +29,16 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (lint rules in pyproject.toml) and mypy on the typed core ([tool.mypy] files).
+lint: $(DEV_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# Rewrites files in place: `ruff format` then the auto-fixable lint rules.
+format: $(DEV_STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

@@ -4,6 +4,8 @@ A drop-in for loralib (``import lora`` where code says ``import loralib as lora`
 surgery, PEFT-format adapter files and a Phi-3 fine-tuning tool. See docs/.
 """
 
+from .adapters import AdapterError, load_adapter, save_adapter
+from .config import LoRAConfig
 from .layers import (
     Conv1d,
     Conv2d,
@@ -17,17 +19,6 @@ from .layers import (
     merge,
     unmerge,
 )
-
-from .config import LoRAConfig
-from .surgery import (
-    InjectionError,
-    fused_splits,
-    inject,
-    merge_and_unload,
-    print_trainable_parameters,
-    trainable_parameters,
-)
-from .adapters import AdapterError, load_adapter, save_adapter
 from .multi import (
     active_adapter,
     adapter_names,
@@ -37,6 +28,15 @@ from .multi import (
     mixed_batch,
     set_adapter,
 )
+from .surgery import (
+    InjectionError,
+    fused_splits,
+    inject,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameters,
+)
+from .targets import lora_layer_for
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "inject",
     "merge_and_unload",
     "fused_splits",
+    "lora_layer_for",
     "trainable_parameters",
     "print_trainable_parameters",
     "InjectionError",

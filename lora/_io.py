@@ -11,8 +11,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_json", "atomic_save_safetensors", "fsync_dir"]
 

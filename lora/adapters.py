@@ -39,15 +39,25 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as LF
-from . import multi
+from . import model_state, multi
 from ._io import atomic_save_safetensors, atomic_write_json
-from .config import LoRAConfig, _pattern_value, parse_target
-from .layers import Embedding, Linear, LoRALayer, MergedLinear
-from .layers.base import AdapterWeights
-from .layers.conv import _ConvLoRA
+from ._regex_guard import check_bounded_regex
+from .checks import listing
+from .config import LoRAConfig, parse_target, pattern_value
+from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
+from .layers.saved import saved_modules
 from .layers.utils import lora_layers
-from .surgery import _CONV, InjectionError, _is_gpt2_conv1d, _lora_dtype, _modules_to_save, _Plan
-from .surgery import _set_submodule, fused_splits, inject
+from .surgery import inject
+from .targets import (
+    InjectionError,
+    TargetPlan,
+    layer_class_for,
+    modules_to_save_for,
+    resolve_lora_dtype,
+    saved_copies,
+    set_submodule,
+    wrap_modules_to_save,
+)
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -59,7 +69,8 @@ FORMAT_VERSION = "1"
 # The adapter_config.json keys save_adapter rewrites for fused slices; the safetensors header keeps
 # the values it wrote, so the loader can tell whether the JSON was edited since.
 _STRUCTURAL = ("target_modules", "exclude_modules", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
-_LORA_KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
+# Every LoRA key name a file may hold (each layer kind names its own: LoRALayer.peft_keys).
+_LORA_KEY_SUFFIXES = tuple(dict.fromkeys(k for cls in LAYER_KINDS for k in cls.peft_keys))
 
 
 class AdapterError(ValueError):
@@ -140,10 +151,26 @@ def read_torch_file(file: Path) -> dict[str, Tensor]:
 # ================================================================================================
 # Config: PEFT's JSON <-> LoRAConfig
 # ================================================================================================
+def _check_file_regexes(body: dict) -> None:
+    # Adapter files come from anywhere; a regex in one is matched against every module name, and a
+    # backtracking one (``(.*.*)*X``) would never return. Only regexes of bounded cost are matched.
+    for key in ("target_modules", "exclude_modules"):
+        value = body.get(key)
+        if isinstance(value, str) and value != "all-linear":
+            check_bounded_regex(value, key)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = body.get(key)
+        if isinstance(value, dict):
+            for pattern in value:
+                if isinstance(pattern, str):
+                    check_bounded_regex(pattern, f"{key} key")
+
+
 def config_from_files(files: AdapterFiles) -> LoRAConfig:
     """The LoRAConfig an adapter directory describes; with lora's fused-slice metadata (and a JSON
     not edited since) the original config, whose targets name the slices."""
     try:
+        _check_file_regexes(files.config)
         config = LoRAConfig.from_peft_dict(dict(files.config))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{files.config_path}: {e}") from None
@@ -151,7 +178,9 @@ def config_from_files(files: AdapterFiles) -> LoRAConfig:
     if "lora.config" not in files.metadata:
         return config
     try:
-        ours = LoRAConfig(**json.loads(files.metadata["lora.config"]))
+        ours_body = json.loads(files.metadata["lora.config"])
+        _check_file_regexes(ours_body if isinstance(ours_body, dict) else {})
+        ours = LoRAConfig(**ours_body)
         written = json.loads(files.metadata["lora.exported"])
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})") from None
@@ -194,7 +223,8 @@ def _peft_config_dict(model: nn.Module, config: LoRAConfig, modules: dict[str, t
 
 def _peft_targets(model: nn.Module, targets, exclude) -> list[str]:
     try:
-        return list(_Plan(model, LoRAConfig(target_modules=targets, exclude_modules=exclude), existing_ok=True).targets)
+        config = LoRAConfig(target_modules=targets, exclude_modules=exclude)
+        return list(TargetPlan(model, config, existing_ok=True).targets)
     except InjectionError:
         return []
 
@@ -203,7 +233,7 @@ def _exact_pattern(modules: dict[str, tuple[int, float]], pattern: dict, default
     # PEFT takes the first key k with re.match(rf"(.*\.)?({k})$", name): exact names go first.
     exact = {}
     for name, values in modules.items():
-        if _pattern_value(pattern, name, default) != values[which]:
+        if pattern_value(pattern, name, default) != values[which]:
             exact[re.escape(name)] = values[which]
     return {**exact, **pattern}
 
@@ -224,6 +254,7 @@ class _Spec:
     file_shapes: tuple[tuple[int, ...], tuple[int, ...]]
     enable_lora: tuple[bool, ...] = ()
     split_sizes: tuple[int, ...] = ()
+    peft_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")  # the layer kind's key names
 
     @property
     def scaling(self) -> float:
@@ -234,7 +265,7 @@ class _Spec:
         return self.r * sum(self.enable_lora) if self.kind == "merged" else self.r
 
     def file_keys(self, module: str) -> tuple[str, str]:
-        a, b = _LORA_KEYS["embedding" if self.kind == "embedding" else "linear"]
+        a, b = self.peft_keys
         return f"{module}.{a}", f"{module}.{b}"
 
     def describe(self) -> str:
@@ -243,55 +274,38 @@ class _Spec:
         return f"{self.kind} r={self.r}, scaling {self.scaling:g}"
 
 
-def _linear_dims(m: nn.Module, config: LoRAConfig) -> tuple[int, int]:
-    if isinstance(m, (Linear, MergedLinear)):
-        return m.in_features, m.out_features
-    fifo = config.fan_in_fan_out or _is_gpt2_conv1d(m)
-    rows, cols = m.weight.shape
-    return (rows, cols) if fifo else (cols, rows)
-
-
-def _spec_for(name: str, m: nn.Module, slices, config: LoRAConfig, splits) -> _Spec:
+def _spec_for(name: str, m: nn.Module, slices, config: LoRAConfig, plan: TargetPlan) -> _Spec:
     r, alpha, rs = config.rank_for(name), config.alpha_for(name), config.use_rslora
-    if isinstance(m, nn.Embedding):
-        return _Spec("embedding", r, alpha, rs, ((r, m.num_embeddings), (m.embedding_dim, r)))
-    if isinstance(m, tuple(_CONV)):
-        ones = (1,) * len(m.kernel_size)
-        return _Spec("conv", r, alpha, rs, ((r, m.in_channels // m.groups, *m.kernel_size), (m.out_channels, r, *ones)))
-    in_f, out_f = _linear_dims(m, config)
+    cls = layer_class_for(m, sliced=slices is not None)
+    assert cls is not None  # the plan checked that a layer kind takes every target
     if slices is None:
-        return _Spec("linear", r, alpha, rs, ((r, in_f), (out_f, r)))
-    known = splits[name.rpartition(".")[2]]
+        shapes = cls.peft_shapes(m, r, config.fan_in_fan_out)
+        return _Spec(cls.kind, r, alpha, rs, shapes, peft_keys=cls.peft_keys)
+    known = plan.split_for(name)
     enable = tuple(s in slices for s in known)
-    k = sum(enable)
-    return _Spec("merged", r, alpha, rs, ((r * k, in_f), (out_f, r * k)), enable, tuple(known.values()))
+    shapes = cls.peft_shapes(m, r, config.fan_in_fan_out, enable)
+    sizes = tuple(known.values())
+    return _Spec(cls.kind, r, alpha, rs, shapes, enable, sizes, peft_keys=cls.peft_keys)
 
 
-def _specs(model: nn.Module, config: LoRAConfig, where: str) -> dict[str, _Spec]:
+def _specs(model: nn.Module, config: LoRAConfig, where: str,
+           modules: dict[str, nn.Module]) -> dict[str, _Spec]:
     try:
-        plan = _Plan(model, config, existing_ok=True)
+        plan = TargetPlan(model, config, existing_ok=True, modules=modules)
     except InjectionError as e:
         raise AdapterError(f"{where}: the adapter does not fit {type(model).__name__}: {e}") from None
-    splits = fused_splits(model)
     return {
-        n: _spec_for(n, plan.modules[n], slices, config, splits)
+        n: _spec_for(n, plan.modules[n], slices, config, plan)
         for n, slices in plan.targets.items()
         if config.rank_for(n) > 0
     }
 
 
-def _peft_incompatible(layer: nn.Module) -> str | None:
-    """Why PEFT's LoRA layer for this module computes something else than ours, or None."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        if layer.groups != 1:
-            return f"groups={layer.groups} (PEFT's conv lora_A is not grouped)"
-        if any(d != 1 for d in layer.dilation):
-            return f"dilation={layer.dilation} (PEFT's conv lora_A ignores dilation)"
-        if layer.padding_mode != "zeros":
-            return f"padding_mode={layer.padding_mode!r} (PEFT's conv lora_A pads with zeros)"
-    if isinstance(layer, nn.Embedding) and layer.max_norm is not None:
-        return "max_norm (PEFT renormalises the adapter's rows, not the adapted table's)"
-    return None
+def _peft_incompatible(module: nn.Module) -> str | None:
+    """Why PEFT's LoRA layer for this module computes something else than ours, or None (each
+    layer kind says: :meth:`LoRALayer.peft_incompatibility`)."""
+    cls = type(module) if isinstance(module, LoRALayer) else layer_class_for(module)
+    return cls.peft_incompatibility(module) if cls is not None else None
 
 
 # ================================================================================================
@@ -311,6 +325,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     Raises :class:`AdapterError` when the model holds no such adapter, or a layer computes something
     PEFT's LoRA cannot express (conv with groups > 1, dilation or non-zero padding; embedding max_norm).
     """
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, "
+                           "no data); load or materialise the weights before saving")
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
         names = multi.adapter_names(model)
@@ -331,22 +349,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
             raise AdapterError(
                 f"save_adapter: module {module_name!r} has {reason}; PEFT's format cannot hold it exactly"
             )
-        A, B, scaling = multi.as_one_lora(layer, adapter)
+        A, B, scaling = layer.as_one_lora(adapter)
         rank = A.shape[0]
-        k = sum(adapter.enable_lora) if isinstance(layer, MergedLinear) else 1
-        alpha = multi.alpha_for_slices(adapter.lora_alpha, k, adapter.use_rslora)
+        alpha = layer.one_lora_rank_alpha(adapter)[1]
         if not math.isclose(LF.lora_scaling(rank, alpha, adapter.use_rslora), scaling, rel_tol=1e-12):
             raise AdapterError(f"save_adapter: module {module_name!r}: scaling {scaling} does not follow from "
                                f"r={adapter.r}, lora_alpha={adapter.lora_alpha}")
-        fused |= isinstance(layer, MergedLinear) and len(adapter.split_sizes) > 1
+        fused |= layer.adapter_structure(adapter)[0] == "merged"
         rslora.add(bool(adapter.use_rslora))
         modules[module_name] = (rank, alpha)
-        kind = "embedding" if isinstance(layer, Embedding) else "linear"
-        for key, t in zip(_LORA_KEYS[kind], (A, B)):
+        for key, t in zip(layer.peft_keys, (A, B)):
             tensors[f"{PREFIX}{module_name}.{key}"] = t.detach().to("cpu")
     if len(rslora) > 1:
         raise AdapterError(f"save_adapter: adapter {name!r} mixes use_rslora values; PEFT's config holds one")
-    for key, t in _base_places(model, config, set(modules)).items():
+    for key, t in _base_places(model, config, set(modules), name, required_only=False,
+                               optional_targets=False).items():
         tensors[PREFIX + key] = t.detach().to("cpu")
 
     if base_model_name_or_path is None:
@@ -367,18 +384,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     return path
 
 
-def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
-                 required_only: bool = True) -> dict[str, Tensor]:
+def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str], adapter_name: str,
+                 required_only: bool = True,
+                 modules: dict[str, nn.Module] | None = None,
+                 optional_targets: bool = True) -> dict[str, Tensor]:
     """The model tensors an adapter file of this config holds besides LoRA's, by file key (no prefix):
-    modules_to_save (``<module>.<param>``) and biases per ``config.bias`` (a targeted module's as
-    ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also each targeted
-    module's ``base_layer.weight``, which PEFT saves for targeted embeddings."""
+    modules_to_save (``<module>.<param>``: adapter ``adapter_name``'s copy, or the original module
+    while it has none) and biases per ``config.bias`` (a targeted module's as
+    ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also the tied
+    partners of modules_to_save under ``ensure_weight_tying`` (PEFT writes them; they share the
+    tensor) and, with ``optional_targets``, each targeted module's ``base_layer.weight``, which PEFT
+    saves for targeted embeddings. ``modules``: ``dict(model.named_modules())`` when the caller
+    has it."""
+    if modules is None:
+        modules = dict(model.named_modules())
     places: dict[str, Tensor] = {}
-    for module_name, module in _modules_to_save(model, config).items():
+    saved = saved_copies(model, config, adapter_name, modules)
+    named = set(modules_to_save_for(model, config, modules))
+    for module_name, module in saved.items():
+        if required_only and module_name not in named:
+            continue
         for key, t in module.state_dict(keep_vars=True).items():
             places[f"{module_name}.{key}"] = t
     if config.bias != "none":
-        modules = dict(model.named_modules())
         for module_name in modules:
             module = modules[module_name]
             bias = module._parameters.get("bias")
@@ -386,9 +414,10 @@ def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str],
                 continue
             key = f"{module_name}.base_layer.bias" if module_name in adapted else f"{module_name}.bias"
             places.setdefault(key, bias)
-    if not required_only:
+    if not required_only and optional_targets:
         for module_name in adapted:
-            places.setdefault(f"{module_name}.base_layer.weight", model.get_submodule(module_name).weight)
+            weight = modules[module_name].weight
+            places.setdefault(f"{module_name}.base_layer.weight", weight)  # type: ignore[arg-type]
     return places
 
 
@@ -431,68 +460,103 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         return _load_lora_state_dict(model, p)
     files = read_adapter(p)
     config = config_from_files(files)
-    existing = multi.adapter_names(model)
-    has_layers = any(True for _ in lora_layers(model))
+    # One walk of the module tree for every check below (the model is not changed until _apply).
+    modules = dict(model.named_modules())
+    layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
+    existing = multi.names_in_layers(model, layers.values())
+    has_layers = bool(layers)
+    _warn_if_other_base(model, files)
     if adapter_name is None:
-        adapter_name = multi.active_adapter(model) if existing else "default"
+        active = (layer.active_adapter_name for layer in layers.values())
+        adapter_name = next((a for a in active if a is not None), None) if existing else "default"
         if adapter_name is None:
             raise AdapterError(f"load_adapter: {type(model).__name__} has adapters {existing} but none is active; "
                                "pass adapter_name")
     multi.check_adapter_name(adapter_name)
     mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
 
-    specs = _specs(model, config, str(files.config_path))
+    specs = _specs(model, config, str(files.config_path), modules)
     # Unmerged, every weight is the base weight (checks compare with it); merged again on the way out.
-    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    merged = [layer for layer in layers.values() if layer.merged]
     for layer in merged:
         layer.unmerge()
     try:
         problems: list[str] = []
-        targets = _targets(model, adapter_name, specs, mode, problems)
+        targets = _targets(modules, layers, adapter_name, specs, mode, problems)
         loads = _check_lora_tensors(files, specs, targets, problems)
-        base = _check_base_tensors(model, files, config, specs, mode, problems)
+        base = _check_base_tensors(model, files, config, specs, mode, problems, modules,
+                                   adapter_name)
         if problems:
             raise AdapterError(_report(files, problems))
-        _apply(model, adapter_name, config, mode, loads, base)
+        _apply(model, adapter_name, config, mode, loads, base, modules)
     finally:
         for layer in merged:
             layer.merge()
     return model
 
 
+def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
+    # The recorded base is a hint (a hub id or a path), not a proof: a warning, naming both.
+    recorded = files.config.get("base_model_name_or_path")
+    actual = getattr(model, "name_or_path", None)
+    if not (isinstance(recorded, str) and recorded and isinstance(actual, str) and actual):
+        return
+    if recorded == actual or _same_path(recorded, actual):
+        return
+    warnings.warn(f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
+                  f"loading it into {actual!r}", stacklevel=3)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 @torch.no_grad()
-def _apply(model, adapter_name, config, mode, loads, base) -> None:
-    """Change the model, once everything is checked: inject or add, then copy the tensors."""
+def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
+    """Change the model, once everything is checked: inject or add, then copy the tensors.
+    ``modules``: the module tree as it was before (the plain modules that get wrapped)."""
     if mode == "fresh":
         inject(model, config)
-        for _, layer in lora_layers(model):
-            layer.adapter_name = adapter_name
-        model.lora_configs = {adapter_name: config}
+        for load in loads:
+            model.get_submodule(load.module).adapter_name = adapter_name
+        for _, wrapper in saved_modules(model):
+            wrapper.rename_adapter("default", adapter_name)
+        model_state.set_registered_configs(model, {adapter_name: config})
     if mode == "add":
-        _add_adapter(model, adapter_name, config, loads)
+        _add_adapter(model, adapter_name, config, loads, modules)
         multi.register_adapter(model, adapter_name, config)
     else:
         for load in loads:
             layer = model.get_submodule(load.module)
-            _copy_into(layer, multi.layer_adapter(layer, adapter_name), load)
-    for place, tensor in base.values():
-        place.copy_(tensor)
+            _copy_into(layer, layer.get_adapter(adapter_name), load)
+    # modules_to_save: the adapter's own copies (made now where missing), then the tensors go there.
+    fresh_copies = wrap_modules_to_save(model, config, adapter_name)
+    if mode == "fresh":
+        for wrapper in fresh_copies.values():
+            wrapper.activate_adapter(adapter_name)
+    places = _base_places(model, config, {load.module for load in loads}, adapter_name,
+                          required_only=False)
+    for key, (_, tensor) in base.items():
+        places[key].copy_(tensor)
 
 
-def _targets(model, adapter_name, specs, mode, problems) -> dict[str, tuple]:
+def _targets(modules, layers, adapter_name, specs, mode, problems) -> dict[str, tuple]:
     """For each module: (layer or None, the adapter receiving the tensors or None). In place, the
-    model's adapter must be the file's, module for module."""
-    modules = dict(model.named_modules())
+    model's adapter must be the file's, module for module. ``modules``: the module tree by name;
+    ``layers``: its LoRA layers."""
     out = {}
-    for n, spec in specs.items():
+    for n in specs:
         reason = _peft_incompatible(modules[n])
         if reason is not None:
             problems.append(f"module {n}: has {reason}; a PEFT-format adapter for it would compute something else here")
         layer = modules[n] if isinstance(modules[n], LoRALayer) else None
-        out[n] = (layer, multi.layer_adapter(layer, adapter_name) if layer is not None else None)
+        out[n] = (layer, layer.get_adapter(adapter_name) if layer is not None else None)
     if mode != "in_place":
         return out
-    held = {n for n, _, _ in multi.adapter_layers(model, adapter_name)}
+    held = {n for n, layer in layers.items() if layer.get_adapter(adapter_name) is not None}
     for n in sorted(held - set(specs)):
         problems.append(f"module {n}: adapter {adapter_name!r} of the model adapts it; the file does not")
     for n, spec in specs.items():
@@ -506,20 +570,8 @@ def _targets(model, adapter_name, specs, mode, problems) -> dict[str, tuple]:
     return out
 
 
-def _structure(layer: LoRALayer, adapter) -> tuple:
-    if isinstance(layer, MergedLinear):
-        if len(adapter.split_sizes) == 1:
-            return ("linear", adapter.r)
-        return ("merged", adapter.r, tuple(adapter.enable_lora), tuple(adapter.split_sizes))
-    if isinstance(layer, Embedding):
-        return ("embedding", adapter.r)
-    if isinstance(layer, _ConvLoRA):
-        return ("conv", adapter.r)
-    return ("linear", adapter.r)
-
-
 def _same_adapter(layer, adapter, spec: _Spec) -> bool:
-    mine = _structure(layer, adapter)
+    mine = layer.adapter_structure(adapter)
     theirs = ("merged", spec.r, spec.enable_lora, spec.split_sizes) if spec.kind == "merged" else (spec.kind, spec.r)
     if mine != theirs and not (mine[0] == "merged" and spec.kind == "linear" and spec.r == mine[1] * sum(mine[2])):
         return False
@@ -527,7 +579,7 @@ def _same_adapter(layer, adapter, spec: _Spec) -> bool:
 
 
 def _describe(layer, adapter) -> str:
-    s = _structure(layer, adapter)
+    s = layer.adapter_structure(adapter)
     if s[0] == "merged":
         return f"slices {list(s[2])} of r={s[1]} each, scaling {adapter.scaling:g}"
     return f"{s[0]} r={s[1]}, scaling {adapter.scaling:g}"
@@ -552,11 +604,16 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
             elif not t.is_floating_point():
                 problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
                 bad = True
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged "
+                                "training run?)")
+                bad = True
         if bad:
             continue
         blocks = None
         layer, adapter = targets[n]
-        blocky = spec.kind == "merged" or (adapter is not None and _structure(layer, adapter)[0] == "merged")
+        blocky = spec.kind == "merged" or (
+            adapter is not None and layer.adapter_structure(adapter)[0] == "merged")
         if blocky:
             enable, split, r = (spec.enable_lora, spec.split_sizes, spec.r) if spec.kind == "merged" else (
                 adapter.enable_lora, adapter.split_sizes, adapter.r)
@@ -575,7 +632,7 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
 
 
 def _is_lora_key(key: str) -> bool:
-    return any(key.endswith("." + s) for pair in _LORA_KEYS.values() for s in pair)
+    return any(key.endswith("." + s) for s in _LORA_KEY_SUFFIXES)
 
 
 def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
@@ -589,15 +646,26 @@ def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
     return torch.cat(rows, dim=0)
 
 
-def _check_base_tensors(model, files, config, specs, mode, problems) -> dict[str, tuple[Tensor, Tensor]]:
+def _bias_places(model, config, adapted, modules) -> dict[str, Tensor]:
+    return _base_places(model, dataclasses.replace(config, modules_to_save=None), adapted, "",
+                        required_only=False, modules=modules, optional_targets=False)
+
+
+def _check_base_tensors(model, files, config, specs, mode, problems,
+                        modules, adapter_name) -> dict[str, tuple[Tensor, Tensor]]:
     """Non-LoRA tensors: each must be a modules_to_save / bias place the config names (or a targeted
     module's base_layer.weight), with its shape; every required place must be in the file."""
     try:
-        required = _base_places(model, config, set(specs))
+        required = _base_places(model, config, set(specs), adapter_name, modules=modules)
     except InjectionError as e:
         problems.append(f"{e}")
         return {}
-    optional = _base_places(model, config, set(specs), required_only=False)
+    optional = _base_places(model, config, set(specs), adapter_name, required_only=False,
+                            modules=modules)
+    # modules_to_save tensors go into the adapter's own copies: an added adapter may bring its own.
+    own = set(_base_places(model, config, set(), adapter_name, required_only=False,
+                           modules=modules, optional_targets=False)) - set(
+        _bias_places(model, config, set(specs), modules))
     tensors = {k[len(PREFIX):]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
     out = {}
     for key, t in tensors.items():
@@ -609,7 +677,8 @@ def _check_base_tensors(model, files, config, specs, mode, problems) -> dict[str
                             f"and bias={config.bias!r} do not name it)")
         elif place.shape != t.shape:
             problems.append(f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
-        elif mode == "add" and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype)):
+        elif (mode == "add" and key not in own
+              and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype))):
             problems.append(f"{PREFIX}{key}: differs from the model's; a named adapter added next to others may not "
                             "change the base model they share (load it alone)")
         else:
@@ -617,6 +686,12 @@ def _check_base_tensors(model, files, config, specs, mode, problems) -> dict[str
     for key in required:
         if key not in tensors:
             problems.append(f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)")
+    shared: dict[int, str] = {}  # tied modules (ensure_weight_tying): one tensor under two keys
+    for key, (place, t) in out.items():
+        first = shared.setdefault(id(place), key)
+        if first != key and not torch.equal(t, out[first][1]):
+            problems.append(f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "
+                            "file holds different values")
     for key in files.tensors:
         if not key.startswith(PREFIX):
             problems.append(f"{key}: no place for it (PEFT's keys start with {PREFIX!r})")
@@ -624,57 +699,44 @@ def _check_base_tensors(model, files, config, specs, mode, problems) -> dict[str
 
 
 def _report(files: AdapterFiles, problems: list[str]) -> str:
-    shown = problems[:20]
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     return (f"{files.weights_path} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-            + "\n  ".join(shown) + more)
+            + listing(problems, 20, "\n  "))
 
 
 @torch.no_grad()
 def _copy_into(layer: LoRALayer, adapter, load: _Load) -> None:
     adapter.lora_A.copy_(load.A)
-    merged = _structure(layer, adapter)[0] == "merged"
+    merged = layer.adapter_structure(adapter)[0] == "merged"
     adapter.lora_B.copy_(load.B_blocks if merged else load.B)
 
 
-def _add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig, loads: list[_Load]) -> None:
+def _add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig, loads: list[_Load],
+                 modules: dict[str, nn.Module]) -> None:
     """Put each module's tensors in a new inactive AdapterWeights, wrapping plain modules first."""
     for load in loads:
         spec, n = load.spec, load.module
-        layer = model.get_submodule(n)
+        layer = modules[n]
         if not isinstance(layer, LoRALayer):
             layer = _wrap_without_adapter(layer, spec, config)
-            _set_submodule(model, n, layer)
-        dtype = _lora_dtype(layer.weight, "auto")
+            set_submodule(model, n, layer)
+        dtype = resolve_lora_dtype(layer.weight, "auto")
         device = layer.weight.device
-        fields = {"r": spec.r, "lora_alpha": spec.lora_alpha, "use_rslora": spec.use_rslora, "scaling": spec.scaling}
-        A, B = load.A, load.B
-        if spec.kind == "merged" and isinstance(layer, MergedLinear):
-            fields.update(enable_lora=spec.enable_lora, split_sizes=spec.split_sizes)
-            B = load.B_blocks
-        elif isinstance(layer, (Linear, MergedLinear)):  # one LoRA over the whole weight
-            k = sum(spec.enable_lora) if spec.kind == "merged" else 1
-            fields.update(r=spec.file_rank, lora_alpha=multi.alpha_for_slices(spec.lora_alpha, k, spec.use_rslora))
-            if isinstance(layer, MergedLinear):
-                fields.update(enable_lora=(True,), split_sizes=(layer.out_features,))
+        sliced = spec.kind == "merged"
+        fields, blocks = layer.slot_fields(spec.r, spec.lora_alpha, spec.use_rslora,
+                                           spec.enable_lora if sliced else (),
+                                           spec.split_sizes if sliced else ())
+        A, B = load.A, (load.B_blocks if blocks and load.B_blocks is not None else load.B)
         A, B = (nn.Parameter(t.to(device=device, dtype=dtype).clone()) for t in (A, B))
-        slot = AdapterWeights(adapter_name, fields, A, B, multi.dropout_for(layer, config.lora_dropout))
-        multi.store_adapter(layer, slot)
+        slot = AdapterWeights(adapter_name, fields, A, B, layer.dropout_for(config.lora_dropout))
+        layer.store_adapter(slot)
 
 
 def _wrap_without_adapter(module: nn.Module, spec: _Spec, config: LoRAConfig) -> LoRALayer:
-    """The LoRA layer class for ``module`` with no adapter of its own (r = 0): it computes ``module``."""
-    if type(module) is nn.Embedding:
-        layer = Embedding.from_base(module, r=0)
-    elif type(module) in _CONV:
-        layer = _CONV[type(module)].from_base(module, r=0)
-    else:
-        fifo = config.fan_in_fan_out or _is_gpt2_conv1d(module)
-        if spec.kind == "merged":
-            layer = MergedLinear.from_base(module, r=0, enable_lora=spec.enable_lora, split_sizes=spec.split_sizes,
-                                           fan_in_fan_out=fifo)
-        else:
-            layer = Linear.from_base(module, r=0, fan_in_fan_out=fifo)
+    """The LoRA layer for ``module`` with no adapter of its own (r = 0): it computes ``module``."""
+    cls = layer_class_for(module, sliced=spec.kind == "merged")
+    assert cls is not None  # the plan checked that a layer kind takes every target
+    layer = cls.wrap(module, 0, fan_in_fan_out=config.fan_in_fan_out,
+                     enable_lora=spec.enable_lora, split_sizes=spec.split_sizes)
     layer.adapter_name = None
     return layer
 
@@ -689,7 +751,8 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
     else:
         tensors = read_torch_file(file)
     params = {}
-    for module_name, layer in lora_layers(model):
+    layers = list(lora_layers(model))
+    for module_name, layer in layers:
         if layer.has_adapter:
             for p in ("lora_A", "lora_B"):
                 params[f"{module_name}.{p}" if module_name else p] = getattr(layer, p)
@@ -706,13 +769,13 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
     if problems:
         raise AdapterError(f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-                           + "\n  ".join(problems[:20]))
-    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+                           + listing(problems, 20, "\n  "))
+    merged = [layer for _, layer in layers if layer.merged]
     with torch.no_grad():
         for layer in merged:
             layer.unmerge()
         for k, t in tensors.items():
-            (params.get(k) if k in params else state[k]).copy_(t)
+            (params[k] if k in params else state[k]).copy_(t)
         for layer in merged:
             layer.merge()
     return model

@@ -11,15 +11,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layers.base import check_alpha, check_dropout, check_rank
+from .checks import (
+    BIAS_MODES,
+    check_alpha,
+    check_choice,
+    check_dropout,
+    check_rank,
+    check_str_list,
+    sort_keys,
+)
 
-__all__ = ["LoRAConfig"]
-
-BIAS_MODES = ("none", "all", "lora_only")
+__all__ = ["LoRAConfig", "parse_target", "pattern_value", "BIAS_MODES"]
 
 # Keys PEFT writes into adapter_config.json that carry no meaning for a plain LoRA adapter when they
 # hold these values. from_peft_dict drops them; any other value is refused as unsupported.
-_PEFT_INERT = {
+_PEFT_INERT: dict[str, tuple | None] = {
     "peft_type": ("LORA",),
     "auto_mapping": None,  # any value
     "base_model_name_or_path": None,
@@ -43,7 +49,6 @@ _PEFT_INERT = {
     "use_qalora": (False,),
     "alora_invocation_tokens": (None,),
     "arrow_config": (None,),
-    "ensure_weight_tying": (False,),
     "peft_version": None,
 }
 
@@ -66,7 +71,12 @@ class LoRAConfig:
             but the output head). A list entry may name slices of a fused projection:
             ``"qkv_proj[q,v]"``, ``"gate_up_proj[up]"``.
         exclude_modules: suffixes or a regex, as target_modules; matching modules are left alone.
-        modules_to_save: module-name suffixes trained in full and saved with the adapter (a classifier head).
+        modules_to_save: module-name suffixes trained in full and saved with the adapter (a
+            classifier head): each adapter trains its own copy; the original stays untouched.
+        ensure_weight_tying: a modules_to_save module whose weight is tied to another module's
+            (``lm_head`` and ``embed_tokens``): False (PEFT's default) trains a copy of the
+            named module only, so the tie is broken; True makes the partner share the copy, so
+            both change.
         use_rslora: rank-stabilised scaling.
         rank_pattern / alpha_pattern: ``{regex: r}`` / ``{regex: alpha}`` overriding r / lora_alpha for
             modules whose name ends with a match (``"layers\\.0\\.self_attn\\.o_proj"``).
@@ -84,6 +94,7 @@ class LoRAConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    ensure_weight_tying: bool = False
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -98,15 +109,15 @@ class LoRAConfig:
             raise ValueError("r=0: expected a positive rank for an adapter")
         self.lora_alpha = check_alpha(self.lora_alpha)
         self.lora_dropout = check_dropout(self.lora_dropout)
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias={self.bias!r}: expected one of {', '.join(map(repr, BIAS_MODES))}")
+        check_choice(self.bias, BIAS_MODES, "bias")
         self.target_modules = _check_targets(self.target_modules, "target_modules")
         self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
-            self.modules_to_save = _check_str_list(self.modules_to_save, "modules_to_save")
-        for name in ("use_rslora", "fan_in_fan_out", "init_lora_weights", "merge_weights"):
+            self.modules_to_save = check_str_list(self.modules_to_save, "modules_to_save")
+        for name in ("use_rslora", "fan_in_fan_out", "init_lora_weights", "merge_weights",
+                     "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected True or False")
         self.rank_pattern = _check_pattern(self.rank_pattern or {}, "rank_pattern", check_rank)
@@ -116,10 +127,10 @@ class LoRAConfig:
 
     # --- per-module values -----------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
-        return _pattern_value(self.rank_pattern, module_name, self.r)
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     # --- dictionaries ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -135,37 +146,21 @@ class LoRAConfig:
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+    def from_peft_dict(cls, d: dict[str, Any]) -> LoRAConfig:
         """Build from an ``adapter_config.json`` body, ignoring PEFT's bookkeeping keys.
 
         Keys a newer PEFT adds are ignored while their value means "off" (None, False, {}, []).
         Raises ``ValueError`` naming a key whose value asks for a feature we do not implement
         (``use_dora=True``, ``layers_to_transform``, ...), and for a peft_type other than LORA.
         """
-        kwargs = {}
+        d = dict(d)
+        if d.get("init_lora_weights", None) in _INIT_ONLY:
+            # It only says how a fresh adapter starts; loaded tensors replace that.
+            d["init_lora_weights"] = True
         names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in d.items():
-            if key == "init_lora_weights" and value in _INIT_ONLY:
-                kwargs[key] = True  # only says how a fresh adapter starts; loaded tensors replace that
-            elif key in names:
-                kwargs[key] = value
-            elif key not in _PEFT_INERT and value in (None, False, {}, []):
-                continue  # a key a newer PEFT added for a feature that is off
-            elif key in _PEFT_INERT:
-                allowed = _PEFT_INERT[key]
-                if allowed is not None and value not in allowed:
-                    raise ValueError(
-                        f"adapter config {key}={value!r}: not supported by lora (only {allowed[0]!r} is)"
-                    )
-            else:
-                raise ValueError(f"adapter config has an unknown key {key!r}")
+        off: tuple = (None, False, {}, [])  # a key a newer PEFT added, for a feature that is off
+        kwargs = sort_keys(d, names, _PEFT_INERT, "adapter config", off_values=off)
         return cls(**kwargs)
-
-
-def _check_str_list(value, name: str) -> list[str]:
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
-        raise TypeError(f"{name}={value!r}: expected a list of non-empty strings")
-    return list(value)
 
 
 def _check_targets(value, name: str):
@@ -178,7 +173,7 @@ def _check_targets(value, name: str):
             except re.error as e:
                 raise ValueError(f"{name}={value!r}: not a valid regular expression ({e})") from None
         return value
-    targets = _check_str_list(value, name)
+    targets = check_str_list(value, name)
     for t in targets:
         parse_target(t, name)  # validates the bracket syntax
     return targets
@@ -217,8 +212,9 @@ def _check_pattern(pattern, name: str, check_value) -> dict:
     return out
 
 
-def _pattern_value(pattern: dict, module_name: str, default):
-    # As PEFT: a key matches a module whose name ends with it (on a dot boundary), first key wins.
+def pattern_value(pattern: dict, module_name: str, default):
+    """The value of the first key of ``pattern`` (a regex) that matches ``module_name``, else
+    ``default``. As PEFT: a key matches a module whose name ends with it, on a dot boundary."""
     for key, value in pattern.items():
         if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
             return value

@@ -26,17 +26,19 @@ import math
 import numbers
 import re
 from collections import Counter
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from . import functional as LF
+from . import model_state
 from .config import LoRAConfig
-from .layers import Embedding, LoRALayer, MergedLinear
-from .layers.base import AdapterWeights
+from .layers import AdapterWeights, LoRALayer
+from .layers.base import STORE, alpha_for_slices
+from .layers.saved import ModulesToSaveWrapper, saved_modules
 from .layers.utils import lora_layers
-from .surgery import fused_splits
+from .targets import fused_splits
 
 __all__ = [
     "adapter_names",
@@ -48,7 +50,8 @@ __all__ = [
     "mixed_batch",
 ]
 
-STORE = "lora_inactive"  # the ModuleDict of a layer's inactive adapters
+__all__ += ["STORE", "alpha_for_slices"]  # defined with LoRALayer; re-exported from their old home
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _RESERVED = set(dir(nn.ModuleDict()))
 
@@ -56,7 +59,7 @@ _RESERVED = set(dir(nn.ModuleDict()))
 # --- one layer ----------------------------------------------------------------------------------
 def check_adapter_name(name) -> str:
     """Adapter names key ModuleDicts: letters, digits, ``_`` and ``-``, and no nn.Module attribute name."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in _RESERVED:
         raise ValueError(
             f"adapter_name={name!r}: expected a non-empty string of letters, digits, '_' or '-' "
             "that is not an nn.Module attribute name"
@@ -64,95 +67,68 @@ def check_adapter_name(name) -> str:
     return name
 
 
-def _store(layer: LoRALayer, create: bool = False) -> nn.ModuleDict | None:
-    store = layer._modules.get(STORE)
-    if store is None and create:
-        store = nn.ModuleDict()
-        layer.add_module(STORE, store)
-    return store
-
-
-def _drop_empty_store(layer: LoRALayer) -> None:
-    store = layer._modules.get(STORE)
-    if store is not None and len(store) == 0:
-        del layer._modules[STORE]
-
-
 def layer_active(layer: LoRALayer) -> str | None:
     """The name of the adapter ``layer`` runs, or None when it runs its base layer."""
-    return layer.adapter_name if layer.has_adapter else None
+    return layer.active_adapter_name
 
 
 def layer_adapter(layer: LoRALayer, name: str):
     """The layer itself when ``name`` is its active adapter, its stored AdapterWeights when inactive,
-    else None. Either way the result has ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``, ...."""
-    if layer_active(layer) == name:
-        return layer
-    store = _store(layer)
-    return store[name] if store is not None and name in store else None
+    else None (:meth:`LoRALayer.get_adapter`)."""
+    return layer.get_adapter(name)
 
 
 def store_adapter(layer: LoRALayer, slot: AdapterWeights) -> None:
-    """Keep ``slot`` in the layer as an inactive adapter."""
-    _store(layer, create=True)[slot.adapter_name] = slot
-
-
-def _activate(layer: LoRALayer, name: str | None, merge: bool | None = None) -> None:
-    if layer_active(layer) == name:
-        return
-    was_merged = layer.merged
-    slot = layer.pop_adapter()
-    if slot is not None:
-        store_adapter(layer, slot)
-    store = _store(layer)
-    if name is not None and store is not None and name in store:
-        layer.put_adapter(store.pop(name))
-        if merge if merge is not None else (was_merged or (layer.merge_weights and not layer.training)):
-            layer.merge()
-    _drop_empty_store(layer)
+    """Keep ``slot`` in the layer as an inactive adapter (:meth:`LoRALayer.store_adapter`)."""
+    layer.store_adapter(slot)
 
 
 # --- the model's adapters -----------------------------------------------------------------------
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters in ``model`` (active or not), in the order they were added."""
+    return names_in_layers(model, (layer for _, layer in lora_layers(model)))
+
+
+def names_in_layers(model: nn.Module, layers) -> list[str]:
+    """:func:`adapter_names` over ``layers`` (the model's LoRA layers, when the caller has them)."""
     names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        active = layer_active(layer)
+    for layer in layers:
+        active = layer.active_adapter_name
         if active is not None:
             names[active] = None
-        store = _store(layer)
+        store = layer.inactive_adapters
         if store is not None:
             names.update(dict.fromkeys(store.keys()))
-    registered = model.__dict__.get("lora_configs") or {}
+    registered = model_state.registered_configs(model) or {}
     return [n for n in registered if n in names] + [n for n in names if n not in registered]
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter ``model`` runs, or None (no adapter, or inside :func:`disabled`)."""
     for _, layer in lora_layers(model):
-        if layer_active(layer) is not None:
+        if layer.active_adapter_name is not None:
             return layer.adapter_name
     return None
 
 
-def adapter_layers(model: nn.Module, name: str) -> Iterator[tuple[str, LoRALayer, object]]:
+def adapter_layers(model: nn.Module, name: str) -> Iterator[tuple[str, LoRALayer, Any]]:
     """``(module name, layer, adapter)`` for each layer holding adapter ``name`` (see :func:`layer_adapter`)."""
     for module_name, layer in lora_layers(model):
-        adapter = layer_adapter(layer, name)
+        adapter = layer.get_adapter(name)
         if adapter is not None:
             yield module_name, layer, adapter
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig | None]:
     """``model.lora_configs``, created on first use from ``model.lora_config`` (what inject set)."""
-    configs = model.__dict__.get("lora_configs")
+    configs = model_state.registered_configs(model)
     if configs is None:
         configs = {}
         names = adapter_names(model)
-        config = getattr(model, "lora_config", None)
+        config = model_state.active_config(model)
         if config is not None and names:
             configs["default" if "default" in names else names[0]] = config
-        model.lora_configs = configs
+        model_state.set_registered_configs(model, configs)
     return configs
 
 
@@ -178,9 +154,11 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         _require(model, name)
     configs = adapter_configs(model)
     for _, layer in lora_layers(model):
-        _activate(layer, name)
+        layer.activate_adapter(name)
+    for _, wrapper in saved_modules(model):  # modules_to_save: that adapter's copy, or the original
+        wrapper.activate_adapter(name)
     if name is not None and configs.get(name) is not None:
-        model.lora_config = configs[name]
+        model_state.set_active_config(model, configs[name])
 
 
 @contextlib.contextmanager
@@ -189,70 +167,54 @@ def disabled(model: nn.Module):
     come back on exit, also after an exception."""
     previous = active_adapter(model)
     merged = {name for name, layer in lora_layers(model) if layer.merged}
+    wrappers = [(w, w.active_adapter) for _, w in saved_modules(model)]
     for _, layer in lora_layers(model):
-        _activate(layer, None)
+        layer.activate_adapter(None)
+    for w, _ in wrappers:  # modules_to_save: the original modules
+        w.activate_adapter(None)
     try:
         yield model
     finally:
+        for w, active in wrappers:
+            w.activate_adapter(active)
         if previous is not None:
             for name, layer in lora_layers(model):
-                _activate(layer, previous, merge=name in merged)
+                layer.activate_adapter(previous, merge=name in merged)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer. A layer left with no adapter at all becomes the
-    torch layer it wrapped again; when no adapter is left, ``model.lora_config`` goes too and the model
+    torch layer it wrapped again, and so does a modules_to_save wrapper left with no copy (its
+    original module); when no adapter is left, ``model.lora_config`` goes too and the model
     can be injected afresh. Raises ``ValueError`` for an unknown name."""
     _require(model, name)
-    for module_name, layer in list(lora_layers(model)):
-        if layer_active(layer) == name:
-            layer.pop_adapter()
-        else:
-            store = _store(layer)
-            if store is not None and name in store:
-                del store[name]
-                _drop_empty_store(layer)
-        base = layer.__dict__.get("_lora_base_module")
-        if not layer.has_adapter and _store(layer) is None and base is not None and module_name:
-            base.train(layer.training)
+    for module_name, wrapper in list(saved_modules(model)):
+        wrapper.delete_adapter(name)
+        if not wrapper.adapter_names:
             parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, base)
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, wrapper.original_module)
+    for module_name, layer in list(lora_layers(model)):
+        layer.delete_adapter(name)
+        empty = not layer.has_adapter and layer.inactive_adapters is None
+        if empty and layer.base_module is not None and module_name:
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.unwrap())
     configs = adapter_configs(model)
     removed = configs.pop(name, None)
     left = adapter_names(model)
     if not left and not any(True for _ in lora_layers(model)):
-        model.__dict__.pop("lora_configs", None)
-        if hasattr(model, "lora_config"):
-            del model.lora_config
-    elif getattr(model, "lora_config", None) is removed:
+        model_state.clear(model)
+    elif model_state.active_config(model) is removed:
         active = active_adapter(model)
-        model.lora_config = configs.get(active) if active is not None else None
+        model_state.set_active_config(model, configs.get(active) if active is not None else None)
 
 
 # --- combining ----------------------------------------------------------------------------------
 def as_one_lora(layer: LoRALayer, adapter) -> tuple[Tensor, Tensor, float]:
-    """``(A, B, scaling)`` with ΔW = scaling · B A as one LoRA over the layer's whole weight: a
-    MergedLinear adapter's B expanded to every output row (zeros on slices it leaves alone)."""
-    if isinstance(layer, MergedLinear):
-        B = LF.merged_lora_B(adapter.lora_B, adapter.split_sizes, adapter.enable_lora, adapter.r)
-        return adapter.lora_A, B, adapter.scaling
-    return adapter.lora_A, adapter.lora_B, adapter.scaling
-
-
-def alpha_for_slices(lora_alpha: float, k: int, use_rslora: bool) -> float:
-    """The lora_alpha under which rank r·k has the scaling that rank r has under ``lora_alpha``:
-    α·k (α/(r·k) = (α/r)), or α·√k with rank-stabilised scaling; α itself for k = 1."""
-    if k == 1:
-        return lora_alpha
-    return lora_alpha * (math.sqrt(k) if use_rslora else k)
-
-
-def _one_lora_fields(layer: LoRALayer, rank: int) -> dict:
-    # scaling exactly 1: the combined B already carries each adapter's weight and scaling.
-    fields = {"r": rank, "lora_alpha": float(rank), "use_rslora": False, "scaling": 1.0}
-    if isinstance(layer, MergedLinear):
-        fields.update(enable_lora=(True,), split_sizes=(layer.out_features,))
-    return fields
+    """``(A, B, scaling)`` with ΔW = scaling · B A as one LoRA over the layer's whole weight
+    (:meth:`LoRALayer.as_one_lora`: a MergedLinear adapter's B expanded to every output row)."""
+    return layer.as_one_lora(adapter)
 
 
 @torch.no_grad()
@@ -293,8 +255,8 @@ def add_weighted_adapter(
         raise ValueError(f"combination_type={combination_type!r}: expected 'cat' or 'svd'")
 
     for _, layer in lora_layers(model):
-        parts = [(layer_adapter(layer, a), w) for a, w in zip(adapters, weights)]
-        parts = [(as_one_lora(layer, ad), w) for ad, w in parts if ad is not None]
+        parts = [(layer.get_adapter(a), w) for a, w in zip(adapters, weights)]
+        parts = [(layer.as_one_lora(ad), w) for ad, w in parts if ad is not None]
         if not parts:
             continue
         dtype = parts[0][0][0].dtype
@@ -303,9 +265,9 @@ def add_weighted_adapter(
             B = torch.cat([(b * (w * s)).to(dtype) for (_, b, s), w in parts], dim=1)
         else:
             A, B = _svd_combination(parts, svd_rank, dtype)
-        slot = AdapterWeights(adapter_name, _one_lora_fields(layer, A.shape[0]),
+        slot = AdapterWeights(adapter_name, layer.one_lora_fields(A.shape[0]),
                               nn.Parameter(A.contiguous()), nn.Parameter(B.contiguous()))
-        store_adapter(layer, slot)
+        layer.store_adapter(slot)
     register_adapter(model, adapter_name, config_from_layers(model, adapter_name))
 
 
@@ -332,19 +294,13 @@ def config_from_layers(model: nn.Module, name: str) -> LoRAConfig:
     targets, ranks, alphas, rslora = [], {}, {}, set()
     for module_name, layer, adapter in adapter_layers(model, name):
         rslora.add(bool(adapter.use_rslora))
-        r, alpha = adapter.r, adapter.lora_alpha
-        if isinstance(layer, MergedLinear):
-            known = splits.get(module_name.rpartition(".")[2])
-            k = sum(adapter.enable_lora)
-            if known is not None and tuple(known.values()) == tuple(adapter.split_sizes) and len(known) > 1:
-                chosen = [s for s, e in zip(known, adapter.enable_lora) if e]
-                module_name_entry = f"{module_name}[{','.join(chosen)}]"
-            else:  # one LoRA over the fused matrix, as it exports
-                module_name_entry = module_name
-                r, alpha = r * k, alpha_for_slices(alpha, k, adapter.use_rslora)
-            targets.append(module_name_entry)
-        else:
+        chosen = layer.adapter_slices(adapter, splits.get(module_name.rpartition(".")[2]))
+        if chosen is not None:
+            targets.append(f"{module_name}[{','.join(chosen)}]")
+            r, alpha = adapter.r, adapter.lora_alpha
+        else:  # one LoRA over the (fused) matrix, as it exports
             targets.append(module_name)
+            r, alpha = layer.one_lora_rank_alpha(adapter)
         ranks[module_name], alphas[module_name] = r, alpha
     if not targets:
         raise ValueError(f"adapter {name!r}: no layer of {type(model).__name__} holds it")
@@ -374,8 +330,8 @@ def mixed_batch(model: nn.Module, adapter_names_per_sample: Sequence[str | None]
     names = list(adapter_names_per_sample)
     if not names:
         raise ValueError("adapter_names=[]: expected one adapter name (or None) per sample")
-    for n in set(names) - {None}:
-        _require(model, n)
+    for wanted in {n for n in names if n is not None}:
+        _require(model, wanted)
     groups: dict[str | None, list[int]] = {}
     for i, n in enumerate(names):
         groups.setdefault(n, []).append(i)
@@ -384,18 +340,23 @@ def mixed_batch(model: nn.Module, adapter_names_per_sample: Sequence[str | None]
     routing = _Routing(len(names), index, torch.argsort(order))
 
     layers = list(lora_layers(model))
+    wrappers = list(saved_modules(model))
     restore = []
     for _, layer in layers:
-        restore.append((layer_active(layer), layer.merged))
-        _activate(layer, None)
+        restore.append((layer.active_adapter_name, layer.merged))
+        layer.activate_adapter(None)
         layer.forward = functools.partial(_mixed_forward, layer, routing)
+    for _, wrapper in wrappers:  # modules_to_save: each sample runs its adapter's copy
+        wrapper.__dict__["forward"] = functools.partial(_mixed_saved_forward, wrapper, routing)
     try:
         yield model
     finally:
+        for _, wrapper in wrappers:
+            wrapper.__dict__.pop("forward", None)
         for (_, layer), (active, was_merged) in zip(layers, restore):
             layer.__dict__.pop("forward", None)
             if active is not None:
-                _activate(layer, active, merge=was_merged)
+                layer.activate_adapter(active, merge=was_merged)
 
 
 class _Routing:
@@ -418,13 +379,13 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
             f"{tuple(x.shape)}: the first dimension of every adapted layer's input must be the batch"
         )
     forward = type(layer).forward
-    store = _store(layer)
+    store = layer.inactive_adapters
     index, inverse = routing.on(x.device)
     outputs = []
     for name, idx in index.items():
         slot = store[name] if name is not None and store is not None and name in store else None
         if slot is not None:
-            layer.put_adapter(slot)  # shared with the store for this call only
+            layer.put_adapter(cast(AdapterWeights, slot))  # shared with the store, for this call
         try:
             rows = x if len(index) == 1 else x.index_select(0, idx)
             outputs.append(forward(layer, rows, *args, **kwargs))
@@ -436,5 +397,25 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
     return torch.cat(outputs).index_select(0, inverse)
 
 
+def _mixed_saved_forward(wrapper: ModulesToSaveWrapper, routing: _Routing, x: Tensor, *args,
+                         **kwargs) -> Tensor:
+    if x.shape[0] != routing.batch:
+        raise ValueError(
+            f"mixed_batch: {routing.batch} adapter names, but a modules_to_save module got an "
+            f"input of shape {tuple(x.shape)}: the first dimension of its input must be the batch"
+        )
+    index, inverse = routing.on(x.device)
+    outputs = []
+    for name, idx in index.items():
+        held = wrapper.get_adapter(name)
+        module = held if held is not None else wrapper.original_module
+        rows = x if len(index) == 1 else x.index_select(0, idx)
+        outputs.append(module(rows, *args, **kwargs))
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat(outputs).index_select(0, inverse)
+
+
 def dropout_for(layer: LoRALayer, p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 and not isinstance(layer, Embedding) else nn.Identity()
+    """The dropout of an adapter with probability ``p`` on ``layer`` (``layer.dropout_for``)."""
+    return layer.dropout_for(p)

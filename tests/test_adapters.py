@@ -11,15 +11,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import effective_weight, randomize_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import Toy
 from torch import nn
 
 import lora
 from lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
-from reference import effective_weight, randomize_lora
-from tiny import Toy
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
 PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -20,10 +20,11 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from reference import randomize_lora  # noqa: E402
+
 import lora  # noqa: E402
 from lora.adapters import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from lora.models import Phi3Config, Phi3ForCausalLM  # noqa: E402
-from reference import randomize_lora  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.filterwarnings(
@@ -194,3 +195,80 @@ def test_our_config_is_read_by_peft_with_every_field(tmp_path):
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.1)
     assert config.target_modules == "all-linear" and config.task_type == "CAUSAL_LM"
     assert config.base_model_name_or_path == "microsoft/Phi-3-mini-4k-instruct" and config.inference_mode
+
+
+# --- modules_to_save on tied embeddings (Phi-4-mini ties lm_head to embed_tokens) ---------------
+TIED = dict(PHI3, tie_word_embeddings=True, partial_rotary_factor=0.75)  # Phi-4-mini-like
+
+
+def tied_pair():
+    """transformers' and our tied Phi-3 (Phi-4-mini-like) with the same base weights."""
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**TIED)).eval()
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    base = {k: v.clone() for k, v in hf.state_dict().items()}
+    return hf, ours_tied(base), base
+
+
+def ours_tied(base) -> Phi3ForCausalLM:
+    model = Phi3ForCausalLM(Phi3Config(**TIED)).eval()
+    model.load_state_dict(base)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+TIED_CASES = [(m, t) for m in ("lm_head", "embed_tokens") for t in (False, True)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
+def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tying):
+    hf, _, base = tied_pair()
+    with torch.no_grad():
+        want_base = hf(input_ids=IDS).logits
+    config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["o_proj"],
+                             modules_to_save=[saved], ensure_weight_tying=tying)
+    peft_model = peft.get_peft_model(hf, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        want = peft_model(input_ids=IDS).logits
+    assert max_diff(want, want_base) > 0.1
+    peft_model.save_pretrained(tmp_path)
+
+    ours = ours_tied(base)
+    lora.load_adapter(ours, tmp_path)
+    with torch.no_grad():
+        assert max_diff(ours(IDS).logits, want) <= ATOL
+        with lora.disabled(ours):  # the originals are untouched
+            assert max_diff(ours(IDS).logits, want_base) <= ATOL
+    head, embed = ours.lm_head, ours.model.embed_tokens
+    assert (head.weight is embed.weight) == tying  # a copy of the named module only, or both tied
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
+def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tying):
+    hf, ours, _ = tied_pair()
+    with torch.no_grad():
+        want_base = ours(IDS).logits
+    config = lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["o_proj"], modules_to_save=[saved],
+                             ensure_weight_tying=tying)
+    lora.inject(ours, config)
+    g = torch.Generator().manual_seed(4)
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, generator=g, scale=0.1)
+    named = ours.lm_head if saved == "lm_head" else ours.model.embed_tokens
+    with torch.no_grad():
+        named.weight.add_(0.5 * torch.randn(named.weight.shape, generator=g))
+        want = ours(IDS).logits
+        with lora.disabled(ours):
+            assert max_diff(ours(IDS).logits, want_base) == 0  # the original, untouched
+    assert max_diff(want, want_base) > 0.1
+    lora.save_adapter(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=IDS).logits
+    assert max_diff(got, want) <= ATOL

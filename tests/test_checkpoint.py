@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import TINY_PHI3 as TINY
 
 import lora.models.checkpoint as ckpt
 from lora.models import Phi3Config, Phi3ForCausalLM
 from lora.models.checkpoint import CheckpointError, parse_size
-from tiny import TINY_PHI3 as TINY
 
 PHI4_MINI_LIKE = dict(
     TINY,

@@ -295,7 +295,7 @@ def test_labels_fall_only_inside_assistant_turns(template_case, messages):
     ids, offsets = tokenizer.encode_with_offsets(text)
     out = tokenize_conversation(messages, tokenizer)
     assert out.text == text and out.input_ids == ids
-    for token_id, label, (start, end) in zip(ids, out.labels, offsets):
+    for token_id, label, (start, _end) in zip(ids, out.labels, offsets):
         inside = any(a <= start < b for a, b in spans)
         assert label == (token_id if inside else IGNORE_INDEX)
     # The role markers and the final <|endoftext|> are never labelled; each turn's <|end|> is.

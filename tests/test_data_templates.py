@@ -111,7 +111,7 @@ def test_labels_cover_each_assistant_reply_and_its_end_token_for_every_template(
     out = tokenize_conversation(CHAT, tok)
     assert out.text == EXPECTED[name][0]
     runs, current = [], []
-    for token_id, label in zip(out.input_ids + [None], out.labels + [IGNORE_INDEX]):
+    for _token_id, label in zip(out.input_ids + [None], out.labels + [IGNORE_INDEX]):
         if label != IGNORE_INDEX:
             current.append(label)
         elif current:

@@ -9,10 +9,11 @@ import torch
 
 import lora.demo as demo
 from lora.data import PHI3_CHAT_TEMPLATE, Tokenizer, load_conversations, prepare_chat_data
-from lora.demo import build, skill
-from lora.demo.corpus import make_corpus
+from lora.demo import skill
+from tools.demo_assets import build
+from tools.demo_assets.corpus import make_corpus
 
-pytestmark = pytest.mark.skipif(demo.missing_assets() != [], reason="demo assets not built (python -m lora.demo.build)")
+pytestmark = pytest.mark.skipif(demo.missing_assets() != [], reason="demo assets not built (python -m tools.demo_assets.build)")
 
 
 def _jsonl(records) -> str:

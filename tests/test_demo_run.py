@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lora.finetune.demo import run_demo
+from lora.demo.run import run_demo
 
 
 def test_demo_prints_every_section_and_writes_its_files(tmp_path):

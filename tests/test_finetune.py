@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import chat_records, write_jsonl
+from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -15,7 +17,6 @@ from lora.finetune import Trainer, TrainingConfig, TrainingError, finetune, lr_f
 from lora.finetune.__main__ import main as cli_main
 from lora.finetune.state import list_checkpoints, write_checkpoint
 from lora.models import Phi3ForCausalLM
-from tiny import chat_records, write_checkpoint as write_tiny_checkpoint, write_jsonl
 
 PEFT = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "bias": "none", "task_type": "CAUSAL_LM",
         "target_modules": "all-linear", "modules_to_save": None}
@@ -63,11 +64,26 @@ def test_the_phi3_recipe_training_config_is_accepted_as_written():
 
 @pytest.mark.parametrize("bad,match", [
     ({"learning_rat": 1e-4}, r"unknown key 'learning_rat'"),
-    ({"logging_strategy": "epoch"}, r"logging_strategy='epoch': not supported"),
+    ({"logging_strategy": "best"}, r"logging_strategy='best': expected one of 'no', 'steps'"),
+    ({"save_strategy": "best"}, r"save_strategy='best'"),
+    ({"eval_strategy": "sometimes"}, r"eval_strategy='sometimes'"),
+    ({"evaluation_strategy": "no", "eval_strategy": "steps"}, r"evaluation_strategy is another"),
+    ({"eval_steps": 1.5}, r"eval_steps=1.5: expected a positive int, or a float in \(0, 1\)"),
+    ({"optim": "adamw_bnb_8bit"}, r"optim='adamw_bnb_8bit'.*closest supported is 'adamw_torch'"),
+    ({"optim": "paged_adamw_8bit"}, r"optim='paged_adamw_8bit'.*closest supported is 'adamw_"),
+    ({"optim": "lion_32bit"}, r"Lion.*closest supported is 'adamw_torch'"),
+    ({"optim": "adamw_nonsense"}, r"optim='adamw_nonsense': unknown; supported: adamw_torch"),
+    ({"fp16": True, "bf16": True}, r"choose one"),
+    ({"log_level": "loud"}, r"log_level='loud'"),
+    ({"report_to": "wandb"}, r"report_to='wandb'.*'none', 'tensorboard' or 'all'"),
+    ({"report_to": ["tensorboard", "mlflow"]}, r"'mlflow' is not supported"),
+    ({"push_to_hub": True}, r"push_to_hub=True: not supported \(nothing is uploaded"),
+    ({"torch_compile": True}, r"torch_compile=True: not supported"),
     ({"lr_scheduler_type": "polynomial"}, r"lr_scheduler_type='polynomial'"),
     ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size=0"),
     ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5"),
-    ({"gradient_checkpointing_kwargs": {"use_reentrant": True}}, r"use_reentrant"),
+    ({"gradient_checkpointing_kwargs": {"use_reentrant": "yes"}}, r"use_reentrant"),
+    ({"gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, r"at most 'use_reentrant'"),
 ])
 def test_bad_training_keys_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -183,10 +199,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data_file,
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2, 4]
 
 
+def _fake_adapter(directory):
+    (directory / "adapter_model.safetensors").write_bytes(b"x")
+    (directory / "adapter_config.json").write_text("{}")
+
+
 def test_a_checkpoint_interrupted_while_written_leaves_nothing_half_written(tmp_path):
     param = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([param])
-    write_checkpoint(tmp_path, 1, opt, lambda d: (d / "adapter_model.safetensors").write_bytes(b"x"), {})
+    write_checkpoint(tmp_path, 1, opt, _fake_adapter, {})
 
     def crash(directory):
         (directory / "adapter_model.safetensors").write_bytes(b"partial")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import dense_forward, effective_weight, randomize_lora
 
 import lora
-from reference import dense_forward, effective_weight, randomize_lora
 
 KINDS = ["linear", "merged", "embedding", "conv1d", "conv2d", "conv3d"]
 

@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 import torch
+from reference import randomize_lora
 from torch import nn
 
 import lora
-from reference import randomize_lora
 
 try:
     import loralib

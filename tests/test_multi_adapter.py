@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import effective_weight, randomize_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -11,7 +12,6 @@ from torch import nn
 import lora
 from lora.adapters import WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
-from reference import effective_weight, randomize_lora
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12], [9, 9, 8, 7, 1, 2]])
 PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -111,7 +111,9 @@ def test_switching_keeps_parameter_objects_so_training_continues(two):
     lora.set_adapter(model, "a")
     assert {id(p) for n, p in model.named_parameters() if "lora_" in n and "inactive" not in n} == a_params
     assert {n for n, _ in model.named_parameters() if ".lora_inactive.b." in n}  # b's tensors, kept in the layers
-    assert "q_proj.lora_A" in model.state_dict() and "q_proj.lora_inactive.b.lora_A" in model.state_dict()
+    state = model.state_dict()  # keys name the adapter, whichever is active (issue 8)
+    assert "q_proj.lora_A.a" in state and "q_proj.lora_A.b" in state
+    assert "q_proj.lora_A" not in state
 
 
 def test_delete_adapter_and_deleting_all_restores_plain_modules(two):
@@ -137,18 +139,32 @@ def test_save_an_inactive_named_adapter_and_load_it_elsewhere(two, tmp_path):
     torch.testing.assert_close(run(model), want["b"], rtol=0, atol=0)
 
 
-def test_named_adapter_may_not_change_the_shared_base(tmp_path):
-    path, _ = make_adapter(tmp_path, toy, lora.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"]), 3, "m")
+def test_named_adapters_each_train_their_own_modules_to_save_copy(tmp_path):
+    cfg = lora.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"])
     model = toy()
+    want_base = run(model)
+    original = model.head.weight.detach().clone()
+    path, _ = make_adapter(tmp_path, toy, cfg, 3, "m")
     lora.load_adapter(model, make_adapter(tmp_path, toy, A_CFG, 1, "a")[0])
-    lora.load_adapter(model, path, adapter_name="same_head")  # equal to the model's head: accepted
     with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["base_model.model.head.weight"] += 1
+    tensors["base_model.model.head.weight"] += 1  # this adapter trained its head
     save_file(tensors, str(path / WEIGHTS_NAME))
-    with pytest.raises(lora.AdapterError, match=r"head\.weight: differs from the model's; a named adapter added"):
-        lora.load_adapter(model, path, adapter_name="other_head")
-    assert lora.adapter_names(model) == ["default", "same_head"]
+    lora.load_adapter(model, path, adapter_name="own_head")  # its own copy: accepted
+    assert type(model.head).__name__ == "ModulesToSaveWrapper"
+    assert model.head.active_adapter is None  # "default" has no copy: the original runs
+    torch.testing.assert_close(model.head.original_module.weight, original, rtol=0, atol=0)
+    lora.set_adapter(model, "own_head")
+    torch.testing.assert_close(model.head.weight, original + 1, rtol=0, atol=0)
+    torch.testing.assert_close(model.head.original_module.weight, original, rtol=0, atol=0)
+    with lora.disabled(model):
+        # the original comes back (q_proj runs as an r = 0 LoRA layer: 1 ulp)
+        torch.testing.assert_close(run(model), want_base, rtol=1e-6, atol=1e-6)
+    lora.set_adapter(model, "default")
+    torch.testing.assert_close(model.head.weight, original, rtol=0, atol=0)
+    lora.delete_adapter(model, "own_head")
+    assert type(model.head) is nn.Linear and model.head.weight is not None  # the original again
+    torch.testing.assert_close(model.head.weight, original, rtol=0, atol=0)
 
 
 # --- combining ----------------------------------------------------------------------------------

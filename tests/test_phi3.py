@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import LONGROPE
+from tiny import TINY_PHI3 as TINY
 
 import lora.models.phi3 as phi3
 from lora.models import CausalLMOutput, Phi3Config, Phi3ForCausalLM
-from lora.models.phi3 import build_attention_mask
-from tiny import LONGROPE, TINY_PHI3 as TINY
+from lora.models.phi3 import build_attention_mask, position_ids_from_mask
 
 FIXTURE = Path(__file__).parent / "fixtures" / "phi3_mini_4k_instruct_config.json"
 PACKAGE = Path(phi3.__file__).parent
@@ -279,7 +280,7 @@ def test_left_and_right_padding_equal_unpadded_runs(overrides):
         mask = torch.ones_like(ids)
         mask[1] = 0
         mask[1, real] = 1
-        logits = model(ids, attention_mask=mask).logits
+        logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
         assert torch.isfinite(logits).all()
         assert max_diff(logits[0], model(a).logits[0]) < 1e-5
         assert max_diff(logits[1, real], model(b).logits[0]) < 1e-5
@@ -295,13 +296,18 @@ def test_left_padding_backward_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_position_ids_from_a_2d_mask_count_real_tokens():
+def test_forward_numbers_every_position_and_generate_counts_real_tokens():
     model = tiny(**LONGROPE)
     seen = []
     model.model.rotary_emb.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    model(torch.randint(3, 96, (2, 5)), attention_mask=mask)
-    assert seen[0].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    ids = torch.randint(3, 96, (2, 5))
+    model(ids, attention_mask=mask)  # as transformers' forward: padding is numbered too
+    assert seen[-1].tolist() == [[0, 1, 2, 3, 4]]
+    model.generate(ids, max_new_tokens=2, attention_mask=mask)  # as transformers' generate
+    assert seen[-2].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert seen[-1].tolist() == [[3], [5]]  # the next token continues each row's count
+    assert position_ids_from_mask(mask).tolist() == seen[-2].tolist()
 
 
 def test_4d_mask_keeps_packed_documents_apart():
@@ -314,8 +320,24 @@ def test_4d_mask_keeps_packed_documents_apart():
     packed = model(ids, attention_mask=mask, position_ids=positions).logits[0]
     assert max_diff(packed[:5], model(a).logits[0]) < 1e-5
     assert max_diff(packed[5:], model(b).logits[0]) < 1e-5
-    # transformers 5 infers the same from restarting position ids alone (no mask, no cache)
-    assert max_diff(model(ids, position_ids=positions).logits[0], packed) < 1e-6
+    # transformers 5 infers the same from restarting position ids alone, with no mask and no cache
+    assert max_diff(model(ids, position_ids=positions, use_cache=False).logits[0], packed) < 1e-6
+    # ... but not when a cache is built (use_cache None -> config.use_cache = True), nor with a mask
+    with_mask = {"use_cache": False, "attention_mask": torch.ones_like(ids)}
+    for kwargs in ({}, {"use_cache": True}, with_mask):
+        logits = model(ids, position_ids=positions, **kwargs).logits[0]
+        assert max_diff(logits, packed) > 1e-3, kwargs
+
+
+def test_restarting_position_ids_pack_in_a_checkpointed_training_step():
+    model = tiny().train()  # dropout is 0 in TINY
+    ids = torch.randint(3, 96, (1, 9))
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    apart = model(ids, position_ids=positions, use_cache=False).logits
+    model.gradient_checkpointing_enable()  # use_cache off in training: restarting ids = packing
+    out = model(ids, position_ids=positions)
+    assert out.past_key_values is None
+    assert max_diff(out.logits, apart) < 1e-6
 
 
 def test_4d_mask_is_anded_with_the_causal_mask():
@@ -356,7 +378,9 @@ def test_kv_cache_decoding_equals_full_forward(overrides):
     assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
     k, v = out.past_key_values[0]
     assert k.shape == v.shape == (2, model.config.num_key_value_heads, 11, model.config.head_dim)
-    assert model(ids).past_key_values is None
+    assert model(ids, use_cache=False).past_key_values is None
+    assert model(ids).past_key_values is not None  # None -> config.use_cache, as transformers
+    assert tiny(**overrides, use_cache=False)(ids).past_key_values is None
 
 
 def test_kv_cache_with_left_padding_mask():
@@ -454,7 +478,8 @@ def test_gradient_checkpointing_runs_only_while_training(monkeypatch):
 
 def greedy_by_full_forwards(model, ids, n, attention_mask=None):
     for _ in range(n):
-        logits = model(ids, attention_mask=attention_mask).logits[:, -1]
+        positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
+        logits = model(ids, attention_mask=attention_mask, position_ids=positions).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Phi3Config as HFPhi3Config  # noqa: E402
 from transformers import Phi3ForCausalLM as HFPhi3ForCausalLM  # noqa: E402
 
-from lora.models import Phi3Config, Phi3ForCausalLM  # noqa: E402
+from lora.models import Phi3Config, Phi3ForCausalLM, position_ids_from_mask  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 ATOL = 1e-5
@@ -101,23 +101,90 @@ def test_longrope_long_mode_is_exercised():
         assert max_diff(ours(ids).logits, short_only(ids).logits) > 100 * ATOL
 
 
-@pytest.mark.parametrize("name", ["gqa", "sliding_window", "longrope_gqa"])
-def test_left_padding_matches_transformers(name):
-    hf, ours = make_pair(CONFIGS[name])
-    ids = torch.randint(3, 96, (3, 11))
+def left_padded(batch: int, seq_len: int, pads: list[int]):
+    ids = torch.randint(3, 96, (batch, seq_len))
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[1, :1] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    # transformers' forward numbers positions 0..s-1 regardless of padding; its generate derives them
-    # from the mask. Ours derives them from the mask in forward too, so give transformers the same.
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    for row, n in enumerate(pads):
+        mask[row, :n] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize(
+    "name, seq_len, pads",
+    [
+        ("gqa", 11, [4, 1, 0]),
+        ("sliding_window", 11, [4, 1, 0]),
+        ("longrope_gqa", 11, [4, 1, 0]),
+        # 20 positions > original_max_position_embeddings = 16, but no row has more than 15 real
+        # tokens: numbering every position picks the long factors, counting real tokens the short.
+        ("longrope_gqa", 20, [5, 6]),
+    ],
+)
+def test_left_padded_forward_with_a_2d_mask_matches_transformers(name, seq_len, pads):
+    """The plain forward, with no position ids: both number every position 0..s-1."""
+    hf, ours = make_pair(CONFIGS[name])
+    ids, mask = left_padded(len(pads), seq_len, pads)
     with torch.no_grad():
         got = ours(ids, attention_mask=mask).logits
-        want = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+        want = hf(ids, attention_mask=mask).logits
     assert torch.isfinite(got).all()
     real = mask.bool()
     assert max_diff(got[real], want[real]) <= ATOL
+
+
+def test_left_padded_longrope_batch_past_the_switch_is_a_real_case():
+    """Counting real tokens instead (generate's positions) really picks other factors here."""
+    hf, ours = make_pair(CONFIGS["longrope_gqa"])
+    ids, mask = left_padded(2, 20, [5, 6])
+    with torch.no_grad():
+        counted = ours(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        numbered = hf(ids, attention_mask=mask).logits
+    assert max_diff(counted[mask.bool()], numbered[mask.bool()]) > 100 * ATOL
+
+
+@pytest.mark.parametrize("name", ["gqa", "sliding_window", "longrope_gqa"])
+def test_left_padded_forward_with_counted_positions_matches_transformers(name):
+    """Left-padding-aware positions (what both generates use), passed explicitly to both."""
+    hf, ours = make_pair(CONFIGS[name])
+    ids, mask = left_padded(2, 20, [5, 6])
+    position_ids = position_ids_from_mask(mask)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+        want = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    assert max_diff(got[real], want[real]) <= ATOL
+
+
+@pytest.mark.parametrize("name", ["gqa", "sliding_window", "longrope_gqa"])
+@pytest.mark.parametrize("kwargs", [{}, {"use_cache": True}, {"use_cache": False},
+                                    {"use_cache": False, "attention_mask": True}],
+                         ids=["default", "use_cache", "no_cache", "no_cache_with_mask"])
+def test_restarting_position_ids_match_transformers(name, kwargs):
+    """[0..9, 0..13]: packed documents only with use_cache=False and no mask (no cache in play);
+    by default (config.use_cache), with a cache or with a 2D mask, one causal sequence with
+    those positions."""
+    hf, ours = make_pair(CONFIGS[name])
+    ids = torch.randint(3, 96, (2, 24))
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    if kwargs.get("attention_mask"):
+        kwargs = dict(kwargs, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        got = ours(ids, position_ids=positions, **kwargs).logits
+        want = hf(ids, position_ids=positions, **kwargs).logits
+    assert max_diff(got, want) <= ATOL
+
+
+def test_restarting_position_ids_match_transformers_in_a_checkpointed_training_step():
+    """transformers turns use_cache off under gradient checkpointing in training: packing."""
+    hf, ours = make_pair(CONFIGS["gqa"])
+    getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)()
+    ours.gradient_checkpointing_enable()
+    hf.train(), ours.train()
+    ids = torch.randint(3, 96, (2, 24))
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    got = ours(ids, position_ids=positions).logits
+    want = hf(ids, position_ids=positions).logits
+    assert max_diff(got, want) <= ATOL
 
 
 @pytest.mark.parametrize("name", ["gqa", "partial_rotary_tied"])
@@ -157,12 +224,15 @@ def test_kv_cache_decoding_matches_transformers(name):
         assert max_diff(our_out.logits[:, -1], full[:, -1]) <= ATOL
 
 
-def test_greedy_generate_with_left_padding_matches_transformers():
-    hf, ours = make_pair(CONFIGS["gqa"])
-    ids = torch.randint(3, 96, (2, 7))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    got = ours.generate(ids, max_new_tokens=6, attention_mask=mask)
+@pytest.mark.parametrize("name, prompt, pads, new", [
+    ("gqa", 7, [0, 3], 6),
+    # a left-padded batch whose rows cross original_max_position_embeddings = 16 while generating
+    ("longrope_gqa", 14, [0, 5], 8),
+])
+def test_greedy_generate_with_left_padding_matches_transformers(name, prompt, pads, new):
+    hf, ours = make_pair(CONFIGS[name])
+    ids, mask = left_padded(2, prompt, pads)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+    got = ours.generate(ids, max_new_tokens=new, attention_mask=mask)
     assert torch.equal(got, want)

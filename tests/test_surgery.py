@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import randomize_lora
+from tiny import Toy
 from torch import nn
 
 import lora
 from lora.models import Phi3Config, Phi3ForCausalLM
-from reference import randomize_lora
-from tiny import Toy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

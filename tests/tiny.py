@@ -44,8 +44,9 @@ def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
 
 def write_checkpoint(directory: Path, seed: int = 0, **config) -> Path:
     """A random tiny Phi-3 (GQA) with the tokenizer above, saved with save_pretrained."""
-    from lora.models import Phi3Config, Phi3ForCausalLM
     from tokenizers import Tokenizer
+
+    from lora.models import Phi3Config, Phi3ForCausalLM
 
     write_tokenizer(directory)
     vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()

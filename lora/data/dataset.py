@@ -9,13 +9,14 @@ tokenized and labelled examples -> truncated -> (packed) -> ready for a DataLoad
 from __future__ import annotations
 
 import os
-import random
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .labels import tokenize_conversation
-from .packing import Example, collate, make_collate_fn, pack_examples, truncate
-from .records import Conversation, DataError, RecordError, check_on_error, load_conversations, split_train_eval
+from .packing import Example, collate, make_collate_fn, truncate
+from .records import Conversation, DataError, RecordError, check_on_error, split_train_eval
 from .template import ChatTemplateError
 
 __all__ = ["SplitStats", "ChatData", "build_examples", "prepare_chat_data"]
@@ -106,7 +107,8 @@ class ChatData:
     """Prepared training data.
 
     Attributes:
-        train, eval: the examples (packed sequences if ``packed``); ``eval`` may be empty.
+        train, eval: the examples (packed sequences if ``packed``), indexable sequences of
+            :class:`Example` (built on access from flat arrays); ``eval`` may be empty.
         errors: every malformed record that was skipped (empty when ``on_error="raise"``).
         train_stats, eval_stats: counts, see :class:`SplitStats`.
         packed: whether sequences hold several conversations (the collate function then returns
@@ -114,8 +116,8 @@ class ChatData:
         pad_token_id, max_seq_length: as used.
     """
 
-    train: list[Example]
-    eval: list[Example]
+    train: Sequence[Example]
+    eval: Sequence[Example]
     errors: list[RecordError]
     train_stats: SplitStats
     eval_stats: SplitStats
@@ -150,14 +152,24 @@ def prepare_chat_data(
     seed: int = 0,
     packing: bool = False,
     on_error: str = "raise",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> ChatData:
     """Read, check, split, tokenize, label, truncate and (optionally) pack chat data.
 
+    Conversations are read as a stream, rendered, and tokenized in batches by the tokenizer's
+    batch call; tokens go into flat arrays (:class:`~lora.data.prepared.ExampleArray`), so memory
+    is ~5 bytes a token. The result is the same as tokenizing each conversation with
+    :func:`~lora.data.tokenize_conversation`.
+
     Args:
-        train_file: JSONL or JSON-list file(s) of ``messages`` or alpaca records.
+        train_file: data spec(s): files, directories, globs, ``DIR:SPLIT`` (see
+            :mod:`lora.data.sources`) of ``messages``, ShareGPT ``conversations`` or alpaca records,
+            in JSONL, JSON, parquet or arrow.
         tokenizer: a :class:`lora.data.Tokenizer` (its chat template renders the conversations).
         max_seq_length: longest sequence; longer conversations are cut from the right.
-        eval_file: held-out file(s); if given, ``eval_fraction`` must be 0.
+        eval_file: held-out data spec(s); if given, ``eval_fraction`` must be 0.
         eval_fraction: else, the fraction of ``train_file``'s conversations held out, chosen by
             ``seed`` (see :func:`split_train_eval`).
         seed: the split's seed, and the order in which training conversations are packed.
@@ -165,42 +177,99 @@ def prepare_chat_data(
         on_error: ``"raise"``: any malformed record (bad JSON, bad fields, or a conversation the chat
             template cannot render) raises one :class:`DataError` listing all of them, before any
             training; ``"skip"``: they are left out and returned in ``ChatData.errors``.
+        cache_dir: if given, prepared data is kept there (``prepared-<key>/``, see
+            :mod:`lora.data.prepared`) and reused when the data files, tokenizer, template,
+            ``max_seq_length`` and the options above are the same; anything else rebuilds.
+        progress: show a progress bar (on a terminal only).
+        log: where a line about the cache goes (hit, rebuilt because unusable).
 
     Raises:
         ValueError: a bad argument (``on_error``, ``eval_fraction``, both ``eval_file`` and
-            ``eval_fraction``, ``max_seq_length``).
+            ``eval_fraction``, ``max_seq_length``, a data spec).
         FileNotFoundError: a data file is missing.
+        ImportError: parquet/arrow data without pyarrow (``pip install lora[data]``).
         DataError: malformed records with ``on_error="raise"``; or no training example left.
     """
+    from . import prepared as P
+    from .sources import resolve_data_files
+
     check_on_error(on_error)
     if eval_file is not None and eval_fraction:
-        raise ValueError(f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; expected one of them, not both")
+        raise ValueError(f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; "
+                         "expected one of them, not both")
     if not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(f"max_seq_length={max_seq_length!r}; expected an int >= 2")
-    # Every problem is reported at once: records that do not parse, and conversations the template
-    # cannot render. With "raise" this happens before the split, which could fail on what is left.
-    train_convs, errors = load_conversations(train_file, on_error="skip")
-    eval_convs: list[Conversation] = []
+    if not (0.0 <= eval_fraction < 1.0):
+        raise ValueError(f"eval_fraction={eval_fraction!r}; expected a number in [0, 1)")
+    groups = [resolve_data_files(train_file)]
     if eval_file is not None:
-        eval_convs, eval_errors = load_conversations(eval_file, on_error="skip")
-        errors += eval_errors
-    if errors and on_error == "raise":
-        _, template_errors, _ = build_examples(train_convs + eval_convs, tokenizer, max_seq_length)
-        raise DataError(errors + template_errors)
-    if eval_file is None and eval_fraction:
-        train_convs, eval_convs = split_train_eval(train_convs, eval_fraction, seed)
+        groups.append(resolve_data_files(eval_file))
+    say = log or (lambda line: None)
+    options = {"max_seq_length": max_seq_length, "eval_fraction": eval_fraction, "seed": seed,
+               "packing": bool(packing), "on_error": on_error, "eval_file": eval_file is not None}
+    if cache_dir is not None:
+        key, _ = P.cache_key(groups, tokenizer, options)
+        final = P.cache_dir_for(Path(cache_dir), key)
+        if final.exists():
+            try:
+                arrays, meta = P.read_cache(final, key)
+            except ValueError as e:
+                say(f"data cache {final} is unusable ({e}); rebuilding it")
+            else:
+                say(f"prepared data from the cache {final}")
+                return _chat_data_from_arrays(arrays, meta, tokenizer, max_seq_length)
+        build_dir = P.new_build_dir(Path(cache_dir), key)
+    else:
+        key, build_dir = "", None
+    try:
+        built = P.tokenize_files(groups, tokenizer, max_seq_length, build_dir, progress=progress)
+        # Every problem is reported at once, before any split: records that do not parse, and
+        # conversations the template cannot render.
+        if built.parse_errors and on_error == "raise":
+            template = [built.template_errors[p] for p in sorted(built.template_errors)]
+            raise DataError(built.parse_errors + template)
+        n_all = len(built.example_of)
+        train_pos: Sequence[int] = range(built.n_train)
+        eval_pos: Sequence[int] = range(built.n_train, n_all)
+        if eval_file is None and eval_fraction:
+            train_pos, eval_pos = split_train_eval(range(built.n_train), eval_fraction, seed)
+        errors = built.parse_errors + [built.template_errors[p]
+                                       for p in list(train_pos) + list(eval_pos)
+                                       if p in built.template_errors]
+        if errors and on_error == "raise":
+            raise DataError(errors)
+        train_stats, train_kept = P.split_stats(built, train_pos)
+        eval_stats, eval_kept = P.split_stats(built, eval_pos)
+        if not len(train_kept):
+            raise DataError(errors, f"no training example left out of {train_stats.conversations} "
+                                    f"conversations ({train_stats.dropped} dropped by "
+                                    f"max_seq_length={max_seq_length})")
+        train_m, train_mo = P.make_split(built, train_kept, packing, max_seq_length, seed)
+        eval_m, eval_mo = P.make_split(built, eval_kept, packing, max_seq_length, None)
+        train_stats.sequences, eval_stats.sequences = len(train_mo) - 1, len(eval_mo) - 1
+        arrays = {"tokens": built.tokens, "mask": built.mask, "offsets": built.offsets,
+                  "train_members": train_m, "train_member_offsets": train_mo,
+                  "eval_members": eval_m, "eval_member_offsets": eval_mo}
+        meta = {"version": P.CACHE_VERSION, "key": key, "packed": bool(packing),
+                "train_stats": asdict(train_stats), "eval_stats": asdict(eval_stats),
+                "errors": P.errors_to_json(errors)}
+        if build_dir is not None:
+            P.write_cache(build_dir, arrays, meta)
+            P.publish_build(build_dir, final)
+            build_dir = None
+    finally:
+        if build_dir is not None:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    return _chat_data_from_arrays(arrays, meta, tokenizer, max_seq_length)
 
-    train, train_errors, train_stats = build_examples(train_convs, tokenizer, max_seq_length)
-    evals, eval_errors, eval_stats = build_examples(eval_convs, tokenizer, max_seq_length)
-    errors += train_errors + eval_errors
-    if errors and on_error == "raise":
-        raise DataError(errors)
-    if not train:
-        raise DataError(errors, f"no training example left out of {train_stats.conversations} conversations "
-                                f"({train_stats.dropped} dropped by max_seq_length={max_seq_length})")
-    if packing:
-        random.Random(seed).shuffle(train)
-        train = pack_examples(train, max_seq_length)
-        evals = pack_examples(evals, max_seq_length)
-        train_stats.sequences, eval_stats.sequences = len(train), len(evals)
-    return ChatData(train, evals, errors, train_stats, eval_stats, packing, tokenizer.pad_token_id, max_seq_length)
+
+def _chat_data_from_arrays(arrays: dict, meta: dict, tokenizer, max_seq_length: int) -> ChatData:
+    from .prepared import ExampleArray, errors_from_json
+
+    def split(name):
+        return ExampleArray(arrays["tokens"], arrays["mask"], arrays["offsets"],
+                            arrays[f"{name}_members"], arrays[f"{name}_member_offsets"])
+
+    return ChatData(split("train"), split("eval"), errors_from_json(meta["errors"]),
+                    SplitStats(**meta["train_stats"]), SplitStats(**meta["eval_stats"]),
+                    bool(meta["packed"]), tokenizer.pad_token_id, max_seq_length)

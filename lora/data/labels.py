@@ -21,14 +21,14 @@ with ``input_ids`` (``labels[t]`` is token ``t``); the model shifts them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
+from ..checks import IGNORE_INDEX  # defined once, for the data and the model's loss
 from .template import ChatTemplate, ChatTemplateError
 
 __all__ = ["IGNORE_INDEX", "TokenizedConversation", "assistant_spans", "labels_from_spans", "tokenize_conversation"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -18,8 +18,8 @@ Batches (:func:`collate`) are right-padded; padding has label -100. The attentio
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -99,22 +99,15 @@ def pack_examples(examples: Sequence[Example], max_seq_length: int) -> list[Exam
     """
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length={max_seq_length}; expected a positive int")
-    bins: list[list[Example]] = []
-    free: list[int] = []
     for i, ex in enumerate(examples):
         if len(ex) > max_seq_length:
             raise ValueError(f"examples[{i}] has {len(ex)} tokens; expected at most max_seq_length={max_seq_length} "
                              "(truncate before packing)")
         if ex.num_conversations > 1:
             raise ValueError(f"examples[{i}] is already packed ({ex.num_conversations} conversations)")
-        for b, room in enumerate(free):
-            if len(ex) <= room:
-                bins[b].append(ex)
-                free[b] -= len(ex)
-                break
-        else:
-            bins.append([ex])
-            free.append(max_seq_length - len(ex))
+    from .prepared import first_fit  # O(n log n); the same choices as scanning the open sequences
+
+    bins = [[examples[i] for i in b] for b in first_fit([len(ex) for ex in examples], max_seq_length)]
     packed = []
     for members in bins:
         ids, labels, positions, segments = [], [], [], []

@@ -1,6 +1,7 @@
 """Chat records on disk: reading, validating, and the held-out split.
 
-Two record shapes are accepted, one record per JSONL line or per element of a JSON list:
+Three record shapes are accepted, one record per JSONL line, element of a JSON list, or row of a
+parquet/arrow file (see :mod:`.sources` for the files, directories, globs and splits a spec names):
 
 - ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: the format of
   ultrachat_200k's ``messages`` column. Other keys of the record (``prompt``, ``prompt_id``, ...)
@@ -8,6 +9,9 @@ Two record shapes are accepted, one record per JSONL line or per element of a JS
 - ``{"instruction": str, "input": str (optional), "output": str}``: alpaca style, converted to one
   user turn (the instruction, then a blank line and the input when the input is not empty) and one
   assistant turn (the output).
+- ``{"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}``: ShareGPT, converted
+  to messages (``human`` -> ``user``, ``gpt`` -> ``assistant``; ``user``/``assistant`` are accepted
+  too). Other keys are ignored.
 
 Every malformed record becomes a :class:`RecordError` that names its file and line (and, for a JSON
 list, the record index). The caller picks what happens to them: ``on_error="raise"`` raises one
@@ -20,9 +24,12 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+
+from ..checks import check_choice, listing
 
 __all__ = [
     "ROLES",
@@ -33,10 +40,15 @@ __all__ = [
     "parse_record",
     "check_on_error",
     "split_train_eval",
+    "iter_conversations",
+    "SHAREGPT_ROLES",
 ]
 
 ROLES = ("system", "user", "assistant")
 ON_ERROR_MODES = ("raise", "skip")
+# ShareGPT's "from" values and the roles they become.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 # A DataError's message lists this many problems; all of them are in ``.errors``.
 _MAX_ERRORS_IN_MESSAGE = 100
 
@@ -58,7 +70,7 @@ class Conversation:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def error(self, message: str) -> "RecordError":
+    def error(self, message: str) -> RecordError:
         """A :class:`RecordError` at this conversation's location."""
         return RecordError(self.path, self.line, message, self.index)
 
@@ -100,16 +112,14 @@ class DataError(ValueError):
         self.errors: list[RecordError] = list(errors)
         n = len(self.errors)
         header = header or f"{n} malformed record{'s' if n != 1 else ''}"
-        lines = [str(e) for e in self.errors[:_MAX_ERRORS_IN_MESSAGE]]
-        if n > _MAX_ERRORS_IN_MESSAGE:
-            lines.append(f"... and {n - _MAX_ERRORS_IN_MESSAGE} more (all of them are in DataError.errors)")
-        super().__init__(header + (":\n  " + "\n  ".join(lines) if lines else ""))
+        note = " (all of them are in DataError.errors)"
+        lines = listing(self.errors, _MAX_ERRORS_IN_MESSAGE, "\n  ", note=note)
+        super().__init__(header + (":\n  " + lines if self.errors else ""))
 
 
 def check_on_error(on_error: str) -> None:
     """Raise ``ValueError`` unless ``on_error`` is ``"raise"`` or ``"skip"``."""
-    if on_error not in ON_ERROR_MODES:
-        raise ValueError(f"on_error={on_error!r}; expected one of {', '.join(map(repr, ON_ERROR_MODES))}")
+    check_choice(on_error, ON_ERROR_MODES, "on_error")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,10 +146,36 @@ def parse_record(record: Any) -> list[dict[str, str]]:
                          "or 'instruction'/'output'")
     if "messages" in record:
         return _parse_messages(record["messages"])
+    if "conversations" in record:
+        return _parse_messages(_sharegpt_to_messages(record["conversations"]))
     if "instruction" in record or "output" in record:
         return _parse_alpaca(record)
     keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-    raise ValueError(f"record has neither 'messages' nor 'instruction'/'output' (keys: {keys})")
+    raise ValueError(f"record has neither 'messages' nor 'instruction'/'output' nor ShareGPT "
+                     f"'conversations' (keys: {keys})")
+
+
+def _sharegpt_to_messages(turns: Any) -> list:
+    """ShareGPT turns -> ``{"role", "content"}`` dicts (checked afterwards like any messages)."""
+    if not isinstance(turns, list):
+        raise ValueError(f"'conversations' is a JSON {_json_type(turns)}; expected a list of "
+                         "{\"from\", \"value\"} objects")
+    out: list = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where} is a JSON {_json_type(turn)}; expected an object with 'from' "
+                             "and 'value'")
+        if "from" not in turn:
+            raise ValueError(f"{where} has no 'from'")
+        source = turn["from"]
+        if not isinstance(source, str) or source not in SHAREGPT_ROLES:
+            raise ValueError(f"{where}.from={source!r} is unknown; expected one of "
+                             f"{', '.join(SHAREGPT_ROLES)}")
+        if "value" not in turn:
+            raise ValueError(f"{where} ({source}) has no 'value'")
+        out.append({"role": SHAREGPT_ROLES[source], "content": turn["value"]})
+    return out
 
 
 def _parse_messages(messages: Any) -> list[dict[str, str]]:
@@ -216,7 +252,7 @@ def _json_type(value: Any) -> str:
 
 @dataclass
 class _RawRecord:
-    line: int
+    line: int | None
     index: int | None
     value: Any = None
     error: str | None = None
@@ -301,19 +337,50 @@ def _iter_file(path: Path) -> Iterator[_RawRecord]:
         yield from _iter_jsonl(data)
 
 
+def iter_conversations(files) -> Iterator[Conversation | RecordError]:
+    """Each record of ``files`` (:class:`~lora.data.sources.DataFile` s, in order), validated: a
+    :class:`Conversation`, or a :class:`RecordError` naming the file and line (JSON) or row
+    (parquet/arrow, 0-based, shown as ``record N``). Streams: one file, or one batch of rows, at a
+    time is in memory.
+
+    Raises:
+        ImportError: a parquet/arrow file and no pyarrow (the message names ``lora[data]``).
+    """
+    from .sources import iter_arrow_rows
+
+    for data_file in files:
+        name = str(data_file.path)
+        if data_file.kind == "json":
+            raws: Iterable[_RawRecord] = _iter_file(data_file.path)
+        else:
+            # A null column value is an absent key, as in a JSON record without it.
+            raws = (_RawRecord(None, row, value={k: v for k, v in rec.items() if v is not None})
+                    for row, rec in iter_arrow_rows(data_file))
+        for raw in raws:
+            if raw.error is None:
+                try:
+                    messages = parse_record(raw.value)
+                except ValueError as e:
+                    raw.error = str(e)
+            if raw.error is not None:
+                yield RecordError(name, raw.line, raw.error, raw.index)
+            else:
+                yield Conversation(messages, name, raw.line, raw.index)
+
+
 def load_conversations(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     *,
     on_error: str = "raise",
 ) -> tuple[list[Conversation], list[RecordError]]:
-    """Read and validate chat records from JSONL or JSON-list files.
+    """Read and validate chat records from files, directories or globs (see :mod:`.sources`).
 
-    The format is sniffed from the content, not the extension: a file whose first non-blank byte
-    is ``[`` is a JSON list of records, anything else is JSONL (one record per line, blank lines
-    ignored).
+    The JSON format is sniffed from the content, not the extension: a file whose first non-blank
+    byte is ``[`` is a JSON list of records, anything else is JSONL (one record per line, blank lines
+    ignored). ``.parquet`` and ``.arrow`` files are read with pyarrow (``pip install lora[data]``).
 
     Args:
-        paths: one file or several; records keep file order, then line order.
+        paths: one spec or several; records keep file order, then line (row) order.
         on_error: ``"raise"``: any malformed record raises :class:`DataError` listing all of them
             (the whole files are checked first); ``"skip"``: malformed records are left out and
             returned as the second element.
@@ -322,38 +389,32 @@ def load_conversations(
         ``(conversations, errors)``; ``errors`` is empty unless ``on_error="skip"``.
 
     Raises:
-        ValueError: ``on_error`` is not ``"raise"`` or ``"skip"``.
+        ValueError: ``on_error`` is not ``"raise"`` or ``"skip"``; a bad spec (see
+            :func:`~lora.data.sources.resolve_data_files`).
         FileNotFoundError: a path does not exist.
+        ImportError: parquet/arrow data without pyarrow.
         DataError: malformed records with ``on_error="raise"``; or no valid record at all (in
             either mode), since training on nothing is never what was meant.
     """
+    from .sources import resolve_data_files
+
     check_on_error(on_error)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [Path(p) for p in paths]
+    paths = list(paths)
     if not paths:
         raise ValueError("paths is empty; expected at least one data file")
+    files = resolve_data_files(paths)
     conversations: list[Conversation] = []
     errors: list[RecordError] = []
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {str(path)!r} does not exist or is not a file")
-        name = str(path)
-        for raw in _iter_file(path):
-            if raw.error is None:
-                try:
-                    messages = parse_record(raw.value)
-                except ValueError as e:
-                    raw.error = str(e)
-            if raw.error is not None:
-                errors.append(RecordError(name, raw.line, raw.error, raw.index))
-                continue
-            conversations.append(Conversation(messages, name, raw.line, raw.index))
+    for item in iter_conversations(files):
+        (errors if isinstance(item, RecordError) else conversations).append(item)
+    names = ", ".join(str(p) for p in paths)
     if errors and on_error == "raise":
         raise DataError(errors, f"{len(errors)} malformed record{'s' if len(errors) != 1 else ''} "
-                                f"in {', '.join(str(p) for p in paths)}")
+                                f"in {names}")
     if not conversations:
-        raise DataError(errors, f"no valid record in {', '.join(str(p) for p in paths)}")
+        raise DataError(errors, f"no valid record in {names}")
     return conversations, errors
 
 

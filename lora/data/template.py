@@ -10,15 +10,26 @@ a non-escaping ``tojson``, and a ``{% generation %}`` block that renders its bod
 tokens (``bos_token``, ``eos_token``, ...).
 
 Without a template, Phi-3's format is used (:data:`PHI3_CHAT_TEMPLATE`).
+
+The sandbox stops escapes, not waste, so rendering is bounded too (:class:`RenderLimits`): the text
+a render produces, the length of any string or list built with ``*``, the size of ``**`` results
+and of numeric call arguments, the items all ``range()`` calls of a render may yield, and (on the
+main thread) the CPU time of a render. Over a bound, or on jinja's own limits (a too-large range,
+runaway recursion), rendering raises :class:`ChatTemplateError` naming the template's origin.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import operator
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -29,6 +40,7 @@ __all__ = [
     "SPECIAL_TOKEN_KEYS",
     "ChatTemplate",
     "ChatTemplateError",
+    "RenderLimits",
     "select_chat_template",
     "special_tokens_from_config",
     "token_content",
@@ -136,11 +148,118 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+@dataclass(frozen=True)
+class RenderLimits:
+    """Bounds on one render of a chat template (a real template uses a tiny fraction of each).
+
+    ``max_output_chars``: the rendered text; ``max_sequence``: a string or list made by ``*`` (and
+    any int argument of a call or filter, such as ``center(10**9)``); ``max_power_bits``: the
+    result of ``**``; ``max_range_items``: all ``range()`` items of one render together (nested
+    loops multiply); ``max_cpu_seconds``: CPU time, enforced on the main thread (SIGVTALRM).
+    """
+
+    max_output_chars: int = 16 * 2**20
+    max_sequence: int = 2**22
+    max_power_bits: int = 4096
+    max_range_items: int = 1_000_000
+    max_cpu_seconds: float = 10.0
+
+
+LIMITS = RenderLimits()
+
+
+class _LimitExceeded(Exception):
+    """Raised inside a render that went over a bound (reported by ChatTemplate.render)."""
+
+
+class _Budget(threading.local):
+    range_items = 0
+
+
+_budget = _Budget()
+
+
+def _bounded_range(*args):
+    r = range(*args)
+    _budget.range_items += len(r)
+    if _budget.range_items > LIMITS.max_range_items:
+        raise _LimitExceeded(f"range() calls yield more than {LIMITS.max_range_items} items in all")
+    return r
+
+
+_WIDE = __import__("re").compile(r"\d{7,}")
+
+
+def _check_format_string(text, what: str) -> None:
+    # '{:>999999999}'.format(x) and '%999999999s' % x build a gigabyte from a short template.
+    if isinstance(text, str) and _WIDE.search(text):
+        raise _LimitExceeded(f"{what} with a format width of 7 or more digits")
+
+
+def _check_size_args(args, kwargs, what: str) -> None:
+    for value in list(args) + list(kwargs.values()):
+        too_big = isinstance(value, int) and abs(value) > LIMITS.max_sequence
+        if too_big and not isinstance(value, bool):
+            raise _LimitExceeded(f"{what} with the argument {value} (at most "
+                                 f"{LIMITS.max_sequence})")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context, op, left, right):
+        if op == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    if len(seq) * max(n, 0) > LIMITS.max_sequence:
+                        raise _LimitExceeded(f"'*' would build a sequence of {len(seq) * n} items "
+                                             f"(at most {LIMITS.max_sequence})")
+            return operator.mul(left, right)
+        if op == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0:
+                bits = max(abs(left), 2).bit_length() * right
+                if bits > LIMITS.max_power_bits:
+                    raise _LimitExceeded(f"'**' would build a {bits}-bit number (at most "
+                                         f"{LIMITS.max_power_bits})")
+            return operator.pow(left, right)
+        if op == "%":
+            _check_format_string(left, "'%' formatting")
+            return operator.mod(left, right)
+        return super().call_binop(context, op, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        _check_size_args(args, kwargs, f"calling {getattr(__obj, '__name__', 'a function')}()")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format_string(value.__self__, f"calling {value.__name__}()")
+        return wrapped
+
+
+def _bounded_filter(name: str, fn):
+    def filtered(*args, **kwargs):
+        _check_size_args(args[1:], kwargs, f"the filter {name}")
+        if name == "format" and args:
+            _check_format_string(args[0], "the filter format")
+        return fn(*args, **kwargs)
+
+    for attr in ("jinja_pass_arg",):  # keep @pass_environment / @pass_context markers
+        if hasattr(fn, attr):
+            setattr(filtered, attr, getattr(fn, attr))
+    return filtered
+
+
 @functools.lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
+    for name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "round"):
+        if name in env.filters:
+            env.filters[name] = _bounded_filter(name, env.filters[name])
+    env.globals["range"] = _bounded_range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -158,18 +277,21 @@ class ChatTemplate:
         ChatTemplateError: ``source`` is not a string or does not compile.
     """
 
-    def __init__(self, source: str, special_tokens: Mapping[str, Any] | None = None):
+    def __init__(self, source: str, special_tokens: Mapping[str, Any] | None = None,
+                 origin: str = "chat template"):
+        self.origin = origin  # where the template came from, for error messages
         if not isinstance(source, str):
-            raise ChatTemplateError(f"chat template source is a {type(source).__name__}; expected a string")
+            raise ChatTemplateError(f"{origin}: the source is a {type(source).__name__}; "
+                                    "expected a string")
         try:
             self._template = _compile(source)
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template does not compile: {e}") from e
+        except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+            raise ChatTemplateError(f"{origin} does not compile: {type(e).__name__}: {e}") from e
         self.source = source
         self.special_tokens: dict[str, Any] = dict(special_tokens or {})
 
     @classmethod
-    def phi3(cls, special_tokens: Mapping[str, Any] | None = None) -> "ChatTemplate":
+    def phi3(cls, special_tokens: Mapping[str, Any] | None = None) -> ChatTemplate:
         """Phi-3's template, with Phi-3's special tokens unless others are given."""
         tokens = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}
         return cls(PHI3_CHAT_TEMPLATE, tokens if special_tokens is None else special_tokens)
@@ -177,7 +299,7 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer_config(
         cls, config: Mapping[str, Any], directory: str | Path | None = None, name: str = "default"
-    ) -> "ChatTemplate":
+    ) -> ChatTemplate:
         """The template of a tokenizer_config dict (falling back to ``directory/chat_template.jinja``,
         then to Phi-3's template), with that config's special tokens.
 
@@ -186,16 +308,20 @@ class ChatTemplate:
         """
         tokens = special_tokens_from_config(config)
         source = config.get("chat_template")
+        origin = "the tokenizer_config chat template"
+        if directory is not None:
+            origin = f"the chat template in {Path(directory) / 'tokenizer_config.json'}"
         if source is None and directory is not None:
             jinja_file = Path(directory) / "chat_template.jinja"
             if jinja_file.is_file():
                 source = jinja_file.read_text(encoding="utf-8")
+                origin = f"the chat template {jinja_file}"
         if source is None:
-            return cls(PHI3_CHAT_TEMPLATE, tokens)
-        return cls(select_chat_template(source, name), tokens)
+            return cls(PHI3_CHAT_TEMPLATE, tokens, origin="Phi-3's chat template")
+        return cls(select_chat_template(source, name), tokens, origin=origin)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, name: str = "default") -> "ChatTemplate":
+    def from_pretrained(cls, directory: str | Path, name: str = "default") -> ChatTemplate:
         """The template of a checkpoint directory (its tokenizer_config.json, if any)."""
         config_file = Path(directory) / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
@@ -227,12 +353,55 @@ class ChatTemplate:
             "add_generation_prompt": bool(add_generation_prompt),
         }
         try:
-            return self._template.render(**context)
+            return self._render_bounded(context)
+        except _LimitExceeded as e:
+            raise ChatTemplateError(f"{self.origin} was stopped: {e}") from None
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed to render: {e}") from e
+            raise ChatTemplateError(f"{self.origin} failed to render: {e}") from e
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise ChatTemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+            raise ChatTemplateError(
+                f"{self.origin} failed to render: {type(e).__name__}: {e}"
+            ) from e
+        except (OverflowError, RecursionError, MemoryError) as e:
+            raise ChatTemplateError(f"{self.origin} was stopped: {type(e).__name__}: {e}") from None
+
+    def _render_bounded(self, context: dict) -> str:
+        _budget.range_items = 0
+        with _cpu_deadline(LIMITS.max_cpu_seconds):
+            parts, size = [], 0
+            for chunk in self._template.generate(**context):
+                size += len(chunk)
+                if size > LIMITS.max_output_chars:
+                    raise _LimitExceeded(f"the rendered text exceeds {LIMITS.max_output_chars} "
+                                         "characters")
+                parts.append(chunk)
+            return "".join(parts)
 
     def __repr__(self) -> str:
         head = self.source if len(self.source) <= 60 else self.source[:57] + "..."
         return f"ChatTemplate({head!r})"
+
+
+class _cpu_deadline:
+    """Raise _LimitExceeded after ``seconds`` of CPU time (ITIMER_VIRTUAL), on the main thread only;
+    elsewhere (and when another SIGVTALRM handler is installed) the other bounds still hold."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.armed = seconds, False
+
+    @staticmethod
+    def _expired(signum, frame):
+        raise _LimitExceeded(f"rendering took more than {LIMITS.max_cpu_seconds:g} s of CPU time")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+            if signal.getsignal(signal.SIGVTALRM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                self._old = signal.signal(signal.SIGVTALRM, self._expired)
+                signal.setitimer(signal.ITIMER_VIRTUAL, self.seconds)
+                self.armed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+            signal.signal(signal.SIGVTALRM, self._old)

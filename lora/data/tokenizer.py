@@ -9,8 +9,9 @@ tokens by the ``tokenizers`` library.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import tokenizers
 
@@ -26,7 +27,11 @@ END_OF_TURN_TOKENS = ("<|end|>", "<|endoftext|>")
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{str(path)!r} is not a JSON file ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
     return value
@@ -75,7 +80,7 @@ class Tokenizer:
         self.chat_template = chat_template if chat_template is not None else ChatTemplate.from_tokenizer_config(config or {})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
         """Load ``directory/tokenizer.json`` with its tokenizer_config.json and generation_config.json.
 
         Raises:
@@ -86,7 +91,11 @@ class Tokenizer:
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {str(directory)!r}; expected a checkpoint directory")
-        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust side raises a bare Exception for any malformed file
+            raise ValueError(f"{str(tokenizer_file)!r} is not a readable tokenizer file "
+                             f"({str(e)[:200]})") from None
         config = _read_json(directory / "tokenizer_config.json")
         if not config:
             # Older checkpoints keep the special tokens in a separate file.

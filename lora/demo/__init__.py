@@ -6,18 +6,23 @@
 - ``train_file()`` / ``eval_file()``: chat conversations (``messages`` JSONL) that teach a skill the
   base model lacks, answering "what number comes after forty-two?" ("It is forty-three."; see
   :mod:`lora.demo.skill`), the eval file asking only about numbers the training file never asks about;
-- ``ensure_assets()``: builds whatever is missing (see :mod:`lora.demo.build`). The assets are
-  committed, so normally nothing is built.
+- ``ensure_assets()``: checks that they are all there (they are committed with the project; the
+  scripts that regenerate them live outside the package, in ``tools/demo_assets``);
+- :mod:`lora.demo.skill`: the skill, its questions and answers, and how a reply is scored;
+- :mod:`lora.demo.run`: the demo itself (``run_demo``), built on :mod:`lora.finetune`.
 
-This package may import ``lora.models`` and ``lora.data``; nothing in the library imports it.
+This package sits on top: it may import everything; nothing in the library imports it, except the
+command lines' defaults (``lora-finetune`` runs the demo, ``lora-generate`` its model).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
+    "PARTS",
+    "part_present",
     "assets_dir",
     "base_model_dir",
     "corpus_file",
@@ -55,20 +60,37 @@ def eval_file() -> Path:
     return assets_dir() / "chat_eval.jsonl"
 
 
-def missing_assets() -> list[str]:
-    """The parts (of ``lora.demo.build.PARTS``) whose files are missing; empty when all are there."""
-    from .build import PARTS, _present
+# The assets in the order they are built (each from the ones before), and the files each part is.
+PARTS = ("corpus", "tokenizer", "chat", "model")
+_PART_FILES = {
+    "corpus": ("corpus.txt",),
+    "tokenizer": (
+        "base/tokenizer.json", "base/tokenizer_config.json", "base/generation_config.json",
+    ),
+    "chat": ("chat_train.jsonl", "chat_eval.jsonl"),
+    "model": ("base/config.json", "base/model.safetensors"),
+}
 
-    return [part for part in PARTS if not _present(part, assets_dir())]
+
+def part_present(part: str, assets: Path | None = None) -> bool:
+    """Whether every file of asset ``part`` (one of :data:`PARTS`) is in ``assets`` (default: the
+    package's). ``KeyError`` for an unknown part."""
+    assets = Path(assets) if assets is not None else assets_dir()
+    return all((assets / f).is_file() for f in _PART_FILES[part])
+
+
+def missing_assets() -> list[str]:
+    """The parts (of :data:`PARTS`) whose files are missing; empty when all are there."""
+    return [part for part in PARTS if not part_present(part, assets_dir())]
 
 
 def ensure_assets(log: Callable[[str], None] = print) -> Path:
-    """Build whatever demo asset is missing (pretraining takes a few minutes if the model is), and
-    return :func:`assets_dir`."""
+    """Return :func:`assets_dir` when every demo asset is there. Raises ``FileNotFoundError``
+    naming the missing parts and the command that rebuilds them (from a source checkout) otherwise."""
     missing = missing_assets()
     if missing:
-        from .build import build
-
-        log(f"demo assets missing ({', '.join(missing)}); building them")
-        build(only=missing, log=log)
+        raise FileNotFoundError(
+            f"demo assets missing ({', '.join(missing)}) in {assets_dir()}: they are committed with the "
+            "project; rebuild them from the repository root with `python -m tools.demo_assets.build`"
+        )
     return assets_dir()

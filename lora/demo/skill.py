@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = [
     "SKILL",

@@ -6,9 +6,13 @@
 This package sees everything (models, data, layers, adapters); nothing below imports it.
 """
 
-from .config import IGNORED_KEYS, TrainingConfig
+from .config import IGNORED_KEYS, TrainingConfig, load_configs
 from .generate import generate_replies, load_chat_model
-from .trainer import Trainer, TrainingError, TrainResult, finetune, load_configs, lr_factor
+from .lock import OutputDirBusy
+from .metrics import plot_metrics, read_metrics
+from .pipeline import build_trainer, finetune
+from .resume import ResumeMismatch
+from .trainer import Trainer, TrainingError, TrainingInterrupted, TrainResult, lr_factor
 
 __all__ = [
     "TrainingConfig",
@@ -16,7 +20,13 @@ __all__ = [
     "Trainer",
     "TrainResult",
     "TrainingError",
+    "TrainingInterrupted",
+    "ResumeMismatch",
+    "OutputDirBusy",
     "finetune",
+    "build_trainer",
+    "read_metrics",
+    "plot_metrics",
     "load_configs",
     "lr_factor",
     "generate_replies",

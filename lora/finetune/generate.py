@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -84,7 +84,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling")
     ap.add_argument("--bf16", action="store_true", help="load the base weights in bfloat16")
     args = ap.parse_args(argv)
+    try:
+        _check_args(args)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("lora-generate: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as e:  # AdapterError, CheckpointError, ...
+        print(f"lora-generate: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lora-generate: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
+
+def _check_args(args) -> None:
+    """Every flag checked before anything is loaded; the message names the flag and the value."""
+    from pathlib import Path
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected an int >= 0")
+    if not (args.temperature >= 0 and args.temperature != float("inf")):
+        raise ValueError(f"--temperature {args.temperature}: expected 0 (greedy) or a finite "
+                         "number > 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: expected an int >= 1")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such directory; expected a checkpoint "
+                                "directory (config.json, model.safetensors, tokenizer.json)")
+    if args.adapter is not None and not Path(args.adapter).exists():
+        raise FileNotFoundError(f"--adapter {args.adapter}: no such directory; expected an "
+                                "adapter directory (adapter_config.json + "
+                                "adapter_model.safetensors)")
+
+
+def _run(args) -> int:
     model_dir = args.model
     if model_dir is None:
         from ..demo import base_model_dir, ensure_assets

@@ -14,51 +14,67 @@ eval mode is never merged a second time when loaded.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
+from ..checks import check_alpha, check_dropout, check_rank
 
-__all__ = ["LoRALayer", "AdapterWeights", "check_rank", "check_dropout", "check_alpha"]
+__all__ = [
+    "LoRALayer", "AdapterWeights", "STORE", "alpha_for_slices",
+    "check_rank", "check_dropout", "check_alpha",
+]
 
+STORE = "lora_inactive"  # the ModuleDict of a layer's inactive adapters (several adapters only)
 
-def check_rank(r, name: str = "r") -> int:
-    """Return ``r`` as an int; ``TypeError`` unless an integer, ``ValueError`` if negative."""
-    if isinstance(r, bool):
-        raise TypeError(f"{name}={r!r}: expected a non-negative int (the LoRA rank), got a bool")
-    try:
-        value = operator.index(r)
-    except TypeError:
-        raise TypeError(f"{name}={r!r}: expected a non-negative int (the LoRA rank), got {type(r).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name}={r!r}: expected a non-negative int (the LoRA rank)")
-    return value
-
-
-def check_alpha(lora_alpha, name: str = "lora_alpha") -> float:
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-        raise TypeError(f"{name}={lora_alpha!r}: expected a finite real number")
-    return lora_alpha
+if TYPE_CHECKING:
+    # The mixin is always combined with a torch layer; tell the type checker so.
+    _ModuleBase = nn.Module
+else:
+    _ModuleBase = object
 
 
-def check_dropout(p, name: str = "lora_dropout") -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name}={p!r}: expected a float in [0, 1)")
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name}={p!r}: expected a float in [0, 1)")
-    return float(p)
+def alpha_for_slices(lora_alpha: float, k: int, use_rslora: bool) -> float:
+    """The lora_alpha under which rank r·k has the scaling that rank r has under ``lora_alpha``:
+    α·k (α/(r·k) = (α/r)), or α·√k with rank-stabilised scaling; α itself for k = 1."""
+    if k == 1:
+        return lora_alpha
+    return lora_alpha * (math.sqrt(k) if use_rslora else k)
 
 
-class LoRALayer:
+class LoRALayer(_ModuleBase):
     """Mixin for every LoRA layer; put it first among the bases: ``class Linear(LoRALayer, nn.Linear)``.
 
     Attributes: ``r``, ``lora_alpha``, ``scaling``, ``lora_dropout`` (``nn.Identity`` when p = 0),
     ``merge_weights`` (merge on ``eval()``, unmerge on ``train()``), ``merged``.
     Subclasses implement :meth:`delta_weight` and may override :attr:`has_adapter`.
+
+    A layer kind also says, in its class, everything the rest of the package asks of it (see
+    docs/architecture.md, "Adding a layer kind"): which torch modules it wraps (:meth:`accepts`,
+    :meth:`wrap`), the plain module it unwraps to (:meth:`unwrap`), its key names and
+    incompatibilities in PEFT's format (:attr:`peft_keys`, :meth:`peft_incompatibility`,
+    :meth:`peft_shapes`), its one-LoRA form (:meth:`as_one_lora`) and its dropout. The adapter
+    slots of several adapters (:meth:`store_adapter`, :meth:`activate_adapter`, :meth:`pop_adapter`,
+    :meth:`put_adapter`) are the same for every kind and live here.
     """
+
+    # What a layer kind declares (class attributes):
+    # The adapter kind the file checks compare: linear, merged, embedding or conv.
+    kind: ClassVar[str] = "linear"
+    peft_keys: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")  # PEFT's key names
+    sliced_class: ClassVar[type[LoRALayer] | None] = None  # the kind over slices of this module
+
+    if TYPE_CHECKING:  # set by the torch layer / _init_lora
+        weight: Tensor
+        lora_A: Tensor
+        lora_B: Tensor
+        lora_dropout: nn.Module
+        use_rslora: bool
+        _unmerged_weight: Tensor | None
+
+        def reset_lora_parameters(self) -> None: ...
 
     r: int
     lora_alpha: float
@@ -66,7 +82,7 @@ class LoRALayer:
     merged: bool
     merge_weights: bool
     # Several adapters (lora/multi.py) only: the name of the adapter the layer's LoRA parameters hold.
-    adapter_name: str = "default"
+    adapter_name: str | None = "default"
     # The attributes that, with lora_A, lora_B and lora_dropout, make up one adapter (see pop_adapter).
     _adapter_fields: tuple[str, ...] = ("r", "lora_alpha", "use_rslora", "scaling")
 
@@ -81,6 +97,10 @@ class LoRALayer:
         self.merge_weights = bool(merge_weights)
         self.merged = False
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        # State-dict keys that name the adapter when the layer holds several (see _adapter_keys).
+        self._register_state_dict_hook(_named_adapter_keys)
+        self._register_load_state_dict_pre_hook(_place_named_adapter_keys, with_module=True)
+        self.register_load_state_dict_post_hook(_name_missing_adapter_keys)
 
     # --- what a layer must say ---------------------------------------------------------------
     @property
@@ -103,13 +123,16 @@ class LoRALayer:
 
         ``self`` was built on the meta device with the base's shapes; returns ``self``.
         """
-        self.weight = base.weight
-        self.bias = getattr(base, "bias", None)
+        base_weight = cast(Tensor, base.weight)
+        self.weight = base_weight
+        # (through Module.__setattr__ as `self.bias = ...` would: the type checker keeps the torch
+        # layer's declaration of bias)
+        nn.Module.__setattr__(self, "bias", cast(Any, getattr(base, "bias", None)))
         if self.has_adapter:
-            device = base.weight.device
-            dtype = lora_dtype if lora_dtype is not None else base.weight.dtype
+            device = base_weight.device
+            dtype = lora_dtype if lora_dtype is not None else base_weight.dtype
             for name in ("lora_A", "lora_B"):
-                shape = self._parameters[name].shape
+                shape = cast(nn.Parameter, self._parameters[name]).shape
                 self._parameters[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
             self.reset_lora_parameters()
             if not init_lora_weights:
@@ -127,6 +150,112 @@ class LoRALayer:
         if not self.lora_A.any():  # Embedding's A starts at zero
             nn.init.normal_(self.lora_A)
 
+    # --- the plain module (model surgery) --------------------------------------------------------
+    @property
+    def base_module(self) -> nn.Module | None:
+        """The module :func:`lora.inject` replaced with this layer (sharing its weight and bias), or
+        None for a layer built by hand. Not registered: not in the module tree or the state dict."""
+        return self.__dict__.get("_lora_base_module")
+
+    def unwrap(self) -> nn.Module:
+        """The plain torch module holding this layer's current ``weight`` and ``bias`` (shared, not
+        copied): :attr:`base_module` when there is one, else a new module of the torch base class
+        (weight back in (out, in) layout for ``fan_in_fan_out``). Adds nothing: add
+        :meth:`delta_weight` first to keep the adapter's effect. The module gets the layer's train
+        mode. Raises ``RuntimeError`` when the layer is merged."""
+        if self.merged:
+            raise RuntimeError("unwrap: unmerge the layer first (the weight would keep ΔW)")
+        weight: Tensor = self.weight
+        plain = self.base_module
+        if plain is None:
+            plain = self._plain_like()
+            if getattr(self, "fan_in_fan_out", False):  # a torch Linear stores (out, in)
+                weight = nn.Parameter(weight.detach().T.contiguous(),
+                                      requires_grad=weight.requires_grad)
+        plain.weight = weight
+        if "bias" in plain._parameters:
+            plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+    def _plain_like(self) -> nn.Module:
+        """A torch layer of this layer's base class with its hyper-parameters, on meta."""
+        raise TypeError(f"unwrap: no plain layer known for {type(self).__name__}")
+
+    # --- what the layer kind says about its module (model surgery, adapter files) ----------------
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this kind wraps ``module`` (a plain torch module, or a LoRA layer of the kind)."""
+        return False
+
+    @classmethod
+    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
+             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
+             merge_weights: bool = False, use_rslora: bool = False,
+             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> LoRALayer:
+        """This kind's LoRA layer over ``module`` (see each kind's ``from_base``): the options
+        a kind does not use (``fan_in_fan_out``, ``enable_lora``, ``split_sizes``) are ignored."""
+        return cls.from_base(  # type: ignore[attr-defined]
+            module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
+            init_lora_weights=init_lora_weights,
+        )
+
+    @classmethod
+    def peft_incompatibility(cls, module: nn.Module) -> str | None:
+        """Why PEFT's LoRA layer for ``module`` computes something else than this kind, or None."""
+        return None
+
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
+                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The (A, B) shapes of a rank-``r`` adapter for ``module`` in PEFT's file."""
+        raise NotImplementedError
+
+    # --- one adapter as one LoRA (adapter files, combining) -------------------------------------
+    def as_one_lora(self, adapter: Any = None) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scaling)`` with ΔW = scaling · B A as one LoRA over the layer's whole weight,
+        for ``adapter`` (the layer itself by default, or one of its :class:`AdapterWeights`)."""
+        adapter = self if adapter is None else adapter
+        return adapter.lora_A, adapter.lora_B, adapter.scaling
+
+    def one_lora_rank_alpha(self, adapter: Any = None) -> tuple[int, float]:
+        """The (rank, lora_alpha) of :meth:`as_one_lora`'s form, with the same scaling."""
+        adapter = self if adapter is None else adapter
+        return adapter.r, adapter.lora_alpha
+
+    def one_lora_fields(self, rank: int) -> dict[str, Any]:
+        """The adapter fields of a rank-``rank`` one-LoRA adapter of scaling exactly 1 (its B
+        carries the scaling), e.g. a combination of adapters."""
+        return {"r": rank, "lora_alpha": float(rank), "use_rslora": False, "scaling": 1.0}
+
+    def adapter_slices(self, adapter: Any, declared: dict[str, int] | None) -> list[str] | None:
+        """The names of the model's ``declared`` fused slices that ``adapter`` adapts, or None when
+        it is not an adapter over declared slices (it is then one LoRA over the whole weight)."""
+        return None
+
+    def slot_fields(self, r: int, lora_alpha: float, use_rslora: bool,
+                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()
+                    ) -> tuple[dict[str, Any], bool]:
+        """The adapter fields under which this layer holds an adapter of rank ``r`` (per enabled
+        slice, when ``enable_lora`` names slices of its output), and whether it holds such a
+        sliced adapter's B as blocks (True) or as the one (out, r·k) LoRA over the whole weight
+        (False)."""
+        k = sum(enable_lora) if enable_lora else 1
+        rank = r * k
+        fields = {"r": rank, "lora_alpha": alpha_for_slices(lora_alpha, k, use_rslora),
+                  "use_rslora": use_rslora, "scaling": LF.lora_scaling(r, lora_alpha, use_rslora)}
+        return fields, False
+
+    def adapter_structure(self, adapter: Any = None) -> tuple:
+        """What must agree for a file to load into ``adapter`` in place: ``(kind, r, ...)``."""
+        adapter = self if adapter is None else adapter
+        return (self.kind, adapter.r)
+
+    def dropout_for(self, p: float) -> nn.Module:
+        """The dropout module of an adapter with dropout probability ``p`` on this layer."""
+        return nn.Dropout(p) if p > 0 else nn.Identity()
+
     # --- merging -----------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
@@ -142,7 +271,7 @@ class LoRALayer:
         """Restore the base weight bit-exactly. Idempotent."""
         if not self.merged:
             return
-        self.weight.copy_(self._unmerged_weight)
+        self.weight.copy_(cast(Tensor, self._unmerged_weight))
         self._unmerged_weight = None
         self.merged = False
 
@@ -170,21 +299,108 @@ class LoRALayer:
         if was_merged:
             self.merge()
 
+    # --- state-dict keys of several adapters ------------------------------------------------
+    # Physically the active adapter is ``lora_A``/``lora_B`` and the others are under
+    # ``lora_inactive``, so physical keys would change with set_adapter (and a state dict saved
+    # with "a" active would load a's tensors into whichever adapter is active). The keys
+    # therefore name the adapter:
+    #   one adapter in the layer (active or not): ``lora_A``, ``lora_B`` (loralib's keys);
+    #   several: ``lora_A.<name>``, ``lora_B.<name>`` for each, whichever is active.
+    def held_adapters(self) -> dict[str, Any]:
+        """Every adapter the layer holds, name -> the layer itself (the active one) or its
+        AdapterWeights (an inactive one), active first."""
+        held: dict[str, Any] = {}
+        if self.has_adapter and self.adapter_name is not None:
+            held[self.adapter_name] = self
+        store = self.inactive_adapters
+        if store is not None:
+            held.update(store.items())
+        return held
+
+    def _physical_prefix(self, name: str) -> str:
+        # Where adapter ``name``'s lora_A / lora_B live under the layer's state-dict prefix.
+        return "" if self.has_adapter and self.adapter_name == name else f"{STORE}.{name}."
+
     # --- several adapters: an extension (lora/multi.py drives it); one adapter needs none of this ---
-    def pop_adapter(self) -> "AdapterWeights | None":
+    # The active adapter lives in the layer's own lora_A / lora_B (so forward, merging and the state
+    # dict are those of a one-adapter layer); the others in the ``lora_inactive`` ModuleDict.
+    @property
+    def active_adapter_name(self) -> str | None:
+        """The name of the adapter the layer runs, or None when it runs its base layer."""
+        return self.adapter_name if self.has_adapter else None
+
+    @property
+    def inactive_adapters(self) -> nn.ModuleDict | None:
+        """The layer's inactive adapters (name -> :class:`AdapterWeights`), or None if none."""
+        return self._modules.get(STORE)  # type: ignore[return-value]
+
+    def get_adapter(self, name: str | None) -> Any:
+        """The layer itself when ``name`` is its active adapter, its stored AdapterWeights when
+        inactive, else None. Either way the result has ``lora_A``, ``lora_B``, ``r``,
+        ``scaling``, ..."""
+        if self.active_adapter_name == name:
+            return self
+        store = self.inactive_adapters
+        return store[name] if name is not None and store is not None and name in store else None
+
+    def store_adapter(self, slot: AdapterWeights) -> None:
+        """Keep ``slot`` in the layer as an inactive adapter."""
+        store = self.inactive_adapters
+        if store is None:
+            store = nn.ModuleDict()
+            self.add_module(STORE, store)
+        store[slot.adapter_name] = slot
+
+    def _drop_empty_store(self) -> None:
+        store = self.inactive_adapters
+        if store is not None and len(store) == 0:
+            del self._modules[STORE]
+
+    def activate_adapter(self, name: str | None, merge: bool | None = None) -> None:
+        """Run adapter ``name`` (None: the base layer), storing the active one. The new adapter
+        is merged when ``merge`` says so; by default when the layer was merged, or merges in
+        eval mode."""
+        if self.active_adapter_name == name:
+            return
+        was_merged = self.merged
+        slot = self.pop_adapter()
+        if slot is not None:
+            self.store_adapter(slot)
+        store = self.inactive_adapters
+        if name is not None and store is not None and name in store:
+            self.put_adapter(cast(AdapterWeights, store.pop(name)))
+            if merge is None:
+                merge = was_merged or (self.merge_weights and not self.training)
+            if merge:
+                self.merge()
+        self._drop_empty_store()
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (active or stored); nothing happens when the layer lacks it."""
+        if self.active_adapter_name == name:
+            self.pop_adapter()
+            return
+        store = self.inactive_adapters
+        if store is not None and name in store:
+            del store[name]
+            self._drop_empty_store()
+
+    def pop_adapter(self) -> AdapterWeights | None:
         """Take the layer's adapter out (unmerging first) and return it; the layer is left without one
         (r = 0: it computes its base layer). None when the layer has no adapter."""
         if not self.has_adapter:
             return None
         self.unmerge()
         slot = AdapterWeights(
-            self.adapter_name, {f: getattr(self, f) for f in self._adapter_fields},
-            self._parameters["lora_A"], self._parameters["lora_B"], self.lora_dropout,
+            cast(str, self.adapter_name), {f: getattr(self, f) for f in self._adapter_fields},
+            cast(nn.Parameter, self._parameters["lora_A"]),
+            cast(nn.Parameter, self._parameters["lora_B"]),
+            self.lora_dropout,
         )
         self.clear_adapter()
         return slot
 
-    def put_adapter(self, slot: "AdapterWeights") -> None:
+    def put_adapter(self, slot: AdapterWeights) -> None:
         """Make ``slot``'s tensors the layer's adapter (shared, not copied). The layer must have none."""
         if self.has_adapter:
             raise RuntimeError(f"put_adapter: the layer already holds adapter {self.adapter_name!r}")
@@ -207,6 +423,80 @@ class LoRALayer:
         if not self.has_adapter:
             return base
         return f"{base}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+_LORA_PARAMS = ("lora_A", "lora_B")
+
+
+def _named_adapter_keys(layer: LoRALayer, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: rewrite the layer's physical LoRA keys as keys that name the adapter
+    (``lora_A.<name>``) when it holds several, or as loralib's ``lora_A`` for its one adapter."""
+    held = layer.held_adapters()
+    if not held or (len(held) == 1 and layer.has_adapter):
+        return  # nothing, or one active adapter: the physical keys are loralib's already
+    entries = []
+    for name in held:
+        for p in _LORA_PARAMS:
+            key = prefix + layer._physical_prefix(name) + p
+            if key in state_dict:
+                entries.append((key, prefix + (p if len(held) == 1 else f"{p}.{name}")))
+    for old, new in entries:
+        state_dict[new] = state_dict.pop(old)
+
+
+def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+    """Load pre-hook, the inverse of :func:`_named_adapter_keys`: ``lora_A.<name>`` goes to adapter
+    ``name`` wherever it now lives (active or not); loralib's ``lora_A`` to the layer's only
+    adapter. A key naming an adapter the layer does not hold, or an unnamed key when it holds
+    several, is an error naming the adapters (whatever ``strict`` says: the tensors have no
+    place that is certainly right)."""
+    held = list(layer.held_adapters())
+    layer.__dict__["_lora_load_prefix"] = prefix  # for _name_missing_adapter_keys
+    moves = []
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        param, _, name = rest.partition(".")
+        if param not in _LORA_PARAMS:
+            continue
+        if name:
+            if name not in held:
+                error_msgs.append(
+                    f"{key}: the state dict names adapter {name!r}, which the layer "
+                    f"{prefix[:-1]!r} does not hold (it holds {held})")
+                moves.append((key, None))
+                continue
+        elif len(held) > 1:
+            error_msgs.append(
+                f"{key}: a key without an adapter name, but the layer {prefix[:-1]!r} holds "
+                f"adapters {held}; a state dict of several adapters names each ({param}.<name>)")
+            moves.append((key, None))
+            continue
+        elif not held:
+            continue  # torch reports it as unexpected
+        else:
+            name = held[0]
+        moves.append((key, prefix + layer._physical_prefix(name) + param))
+    for old, new in moves:
+        tensor = state_dict.pop(old)
+        if new is not None:
+            state_dict[new] = tensor
+
+
+def _name_missing_adapter_keys(layer: LoRALayer, incompatible) -> None:
+    """Load post-hook: report a missing LoRA tensor under the key the state dict should have
+    held (``lora_A.<name>``), not under where the adapter happens to live now."""
+    prefix = layer.__dict__.pop("_lora_load_prefix", None)
+    held = list(layer.held_adapters())
+    if prefix is None or not held:
+        return
+    names = {}
+    for name in held:
+        for p in _LORA_PARAMS:
+            names[prefix + layer._physical_prefix(name) + p] = prefix + (
+                p if len(held) == 1 else f"{p}.{name}")
+    missing = incompatible.missing_keys
+    missing[:] = [names.get(k, k) for k in missing]
 
 
 class AdapterWeights(nn.Module):

@@ -14,6 +14,8 @@ exactly ``conv(x, ΔW, groups)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,18 +23,62 @@ from torch import Tensor, nn
 from .. import functional as LF
 from .base import LoRALayer
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d"]
+__all__ = ["ConvLoRA", "Conv1d", "Conv2d", "Conv3d"]
 
 
-class _ConvLoRA(LoRALayer):
+class ConvLoRA(LoRALayer):
     """Mixin for nn.ConvNd: the base keys stay exactly ``weight`` and ``bias``."""
 
-    _conv_fn = None  # F.conv1d / conv2d / conv3d, set by each subclass
+    _conv_fn: Any = None  # F.conv1d / conv2d / conv3d, set by each subclass
+    _torch_class: ClassVar[type[nn.Module]]  # nn.Conv1d / Conv2d / Conv3d, set by each subclass
+    kind = "conv"
+
+    if TYPE_CHECKING:  # from the torch conv class it is combined with
+        in_channels: int
+        out_channels: int
+        kernel_size: tuple[int, ...]
+        stride: tuple[int, ...]
+        padding: Any
+        dilation: tuple[int, ...]
+        groups: int
+        bias: Tensor | None
+
+        def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    # --- what this kind says about its module -------------------------------------------
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return type(module) is cls._torch_class or isinstance(module, cls)
+
+    @classmethod
+    def peft_incompatibility(cls, module: Any) -> str | None:
+        if module.groups != 1:
+            return f"groups={module.groups} (PEFT's conv lora_A is not grouped)"
+        if any(d != 1 for d in module.dilation):
+            return f"dilation={module.dilation} (PEFT's conv lora_A ignores dilation)"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (PEFT's conv lora_A pads with zeros)"
+        return None
+
+    @classmethod
+    def peft_shapes(cls, module: Any, r: int, fan_in_fan_out: bool = False,
+                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        ones = (1,) * len(module.kernel_size)
+        a_shape = (r, module.in_channels // module.groups, *module.kernel_size)
+        return a_shape, (module.out_channels, r, *ones)
+
+    def _plain_like(self) -> nn.Module:
+        return self._torch_class(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=self.bias is not None, padding_mode=self.padding_mode,
+            device="meta", dtype=self.weight.dtype,
+        )
 
     def _init_conv_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         if self.r > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             ones = (1,) * len(self.kernel_size)
             self.lora_A = nn.Parameter(torch.empty(self.r, self.in_channels // self.groups, *self.kernel_size, **factory))
             self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r, *ones, **factory))
@@ -51,7 +97,7 @@ class _ConvLoRA(LoRALayer):
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
+        super().reset_parameters()  # type: ignore[misc]  # the torch conv's
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -94,7 +140,7 @@ def _check_groups(in_channels, out_channels, groups) -> None:
         )
 
 
-class Conv1d(_ConvLoRA, nn.Conv1d):
+class Conv1d(ConvLoRA, nn.Conv1d):
     """``nn.Conv1d`` with a low-rank update of its kernel (factorisation: see :mod:`lora.layers.conv`).
 
     Args: in_channels, out_channels, kernel_size and ``**kwargs`` (stride, padding, dilation,
@@ -105,6 +151,7 @@ class Conv1d(_ConvLoRA, nn.Conv1d):
     """
 
     _conv_fn = staticmethod(F.conv1d)
+    _torch_class = nn.Conv1d
 
     def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
                  merge_weights=True, use_rslora=False, **kwargs):
@@ -113,11 +160,12 @@ class Conv1d(_ConvLoRA, nn.Conv1d):
         self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
 
 
-class Conv2d(_ConvLoRA, nn.Conv2d):
+class Conv2d(ConvLoRA, nn.Conv2d):
     """``nn.Conv2d`` with a low-rank update of its kernel; as :class:`Conv1d`, with
     ``lora_A`` (r, in/groups, kh, kw) and ``lora_B`` (out, r, 1, 1)."""
 
     _conv_fn = staticmethod(F.conv2d)
+    _torch_class = nn.Conv2d
 
     def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
                  merge_weights=True, use_rslora=False, **kwargs):
@@ -126,14 +174,18 @@ class Conv2d(_ConvLoRA, nn.Conv2d):
         self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
 
 
-class Conv3d(_ConvLoRA, nn.Conv3d):
+class Conv3d(ConvLoRA, nn.Conv3d):
     """``nn.Conv3d`` with a low-rank update of its kernel; as :class:`Conv1d`, with
     ``lora_A`` (r, in/groups, kd, kh, kw) and ``lora_B`` (out, r, 1, 1, 1)."""
 
     _conv_fn = staticmethod(F.conv3d)
+    _torch_class = nn.Conv3d
 
     def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
                  merge_weights=True, use_rslora=False, **kwargs):
         _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
         nn.Conv3d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+
+
+_ConvLoRA = ConvLoRA  # the old private name, kept for code written against it

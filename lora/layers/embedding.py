@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +41,7 @@ class Embedding(LoRALayer, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
         if self.r > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(self.r, num_embeddings, **factory))
             self.lora_B = nn.Parameter(torch.empty(embedding_dim, self.r, **factory))
             self.weight.requires_grad_(False)
@@ -48,13 +50,42 @@ class Embedding(LoRALayer, nn.Embedding):
     @classmethod
     def from_base(cls, base: nn.Embedding, r: int, lora_alpha: float = 1, merge_weights: bool = False,
                   use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True, **_ignored) -> "Embedding":
+                  init_lora_weights: bool = True, **_ignored) -> Embedding:
         """Wrap an existing ``nn.Embedding``, sharing its weight (no copy). Dropout does not apply."""
         layer = cls(base.num_embeddings, base.embedding_dim, r=r, lora_alpha=lora_alpha,
                     merge_weights=merge_weights, use_rslora=use_rslora, padding_idx=base.padding_idx,
                     max_norm=base.max_norm, norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
                     sparse=base.sparse, device="meta", dtype=base.weight.dtype)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
+
+    # --- what this kind says about its module -------------------------------------------
+    kind = "embedding"
+    peft_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return type(module) is nn.Embedding or isinstance(module, Embedding)
+
+    @classmethod
+    def peft_incompatibility(cls, module: nn.Module) -> str | None:
+        if getattr(module, "max_norm", None) is not None:
+            return "max_norm (PEFT renormalises the adapter's rows, not the adapted table's)"
+        return None
+
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
+                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        emb = cast(nn.Embedding, module)
+        return (r, emb.num_embeddings), (emb.embedding_dim, r)
+
+    def dropout_for(self, p: float) -> nn.Module:
+        return nn.Identity()  # dropout does not apply to a lookup
+
+    def _plain_like(self) -> nn.Module:
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                            max_norm=self.max_norm, norm_type=self.norm_type,
+                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse,
+                            device="meta", dtype=self.weight.dtype)
 
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)

@@ -4,21 +4,58 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
-from .base import LoRALayer
+from .base import LoRALayer, alpha_for_slices
 
-__all__ = ["Linear", "MergedLinear"]
+__all__ = ["Linear", "MergedLinear", "is_gpt2_conv1d"]
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' GPT-2 ``Conv1D``: a linear layer storing its weight
+    as (in, out)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and getattr(module, "weight", None) is not None)
 
 
 class _LinearBase(LoRALayer, nn.Linear):
     """What Linear and MergedLinear share: ``fan_in_fan_out`` storage and the base forward."""
 
     fan_in_fan_out: bool = False
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """A plain ``nn.Linear`` (not a LoRA layer), GPT-2's Conv1D, or a Linear/MergedLinear."""
+        if isinstance(module, _LinearBase):
+            return True
+        plain = isinstance(module, nn.Linear) and not isinstance(module, LoRALayer)
+        return plain or is_gpt2_conv1d(module)
+
+    @staticmethod
+    def linear_dims(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D: (in, out))."""
+        if isinstance(module, _LinearBase):
+            return module.in_features, module.out_features
+        fifo = fan_in_fan_out or is_gpt2_conv1d(module)
+        rows, cols = cast(Tensor, module.weight).shape
+        return (rows, cols) if fifo else (cols, rows)
+
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
+                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # A sliced adapter is written as the one LoRA over the fused matrix: rank r·k.
+        in_f, out_f = cls.linear_dims(module, fan_in_fan_out)
+        rank = r * sum(enable_lora) if enable_lora else r
+        return (rank, in_f), (out_f, rank)
+
+    def _plain_like(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device="meta", dtype=self.weight.dtype)
 
     def _store_fan_in_fan_out(self, fan_in_fan_out: bool) -> None:
         # GPT-2's Conv1D checkpoints store the weight as (in, out); keep that layout so they load.
@@ -89,11 +126,12 @@ class Linear(_LinearBase):
         dtype=None,
         use_rslora: bool = False,
     ):
+        _check_bias_flag(bias)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self._store_fan_in_fan_out(fan_in_fan_out)
         if self.r > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
             self.weight.requires_grad_(False)
@@ -102,14 +140,27 @@ class Linear(_LinearBase):
     @classmethod
     def from_base(cls, base: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
                   fan_in_fan_out: bool = False, merge_weights: bool = False, use_rslora: bool = False,
-                  lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> "Linear":
+                  lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
         """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
         sharing its weight and bias tensors: no copy, same device and dtype."""
-        in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
+        shape = cast(Tensor, base.weight).shape
+        in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
         layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
                     device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
+
+    @classmethod
+    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
+             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
+             merge_weights: bool = False, use_rslora: bool = False,
+             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
+        # GPT-2's Conv1D stores (in, out) whatever the config says.
+        return cls.from_base(
+            module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module), merge_weights=merge_weights,
+            use_rslora=use_rslora, lora_dtype=lora_dtype, init_lora_weights=init_lora_weights,
+        )
 
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
@@ -164,6 +215,7 @@ class MergedLinear(_LinearBase):
     """
 
     _adapter_fields = LoRALayer._adapter_fields + ("enable_lora", "split_sizes")
+    kind = "merged"
 
     def __init__(
         self,
@@ -181,13 +233,14 @@ class MergedLinear(_LinearBase):
         dtype=None,
         use_rslora: bool = False,
     ):
+        _check_bias_flag(bias)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.enable_lora, self.split_sizes = _check_split(out_features, enable_lora, split_sizes)
         self._store_fan_in_fan_out(fan_in_fan_out)
         k = sum(self.enable_lora)
         if self.r > 0 and k > 0:
-            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             enabled_rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
             self.lora_A = nn.Parameter(torch.empty(self.r * k, in_features, **factory))
             self.lora_B = nn.Parameter(torch.empty(enabled_rows, self.r, **factory))
@@ -198,17 +251,73 @@ class MergedLinear(_LinearBase):
     def from_base(cls, base: nn.Module, r: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None = None,
                   lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
                   merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True) -> "MergedLinear":
+                  init_lora_weights: bool = True) -> MergedLinear:
         """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy)."""
-        in_f, out_f = base.weight.shape[::-1] if not fan_in_fan_out else base.weight.shape
+        shape = cast(Tensor, base.weight).shape
+        in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
         layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, enable_lora=enable_lora,
                     fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
                     split_sizes=split_sizes, device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
+    @classmethod
+    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
+             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
+             merge_weights: bool = False, use_rslora: bool = False,
+             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> MergedLinear:
+        if enable_lora is None:
+            raise TypeError("MergedLinear.wrap: enable_lora is required (one bool per fused slice)")
+        return cls.from_base(
+            module, r=r, enable_lora=enable_lora, split_sizes=split_sizes, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
+            merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
+            init_lora_weights=init_lora_weights,
+        )
+
     @property
     def has_adapter(self) -> bool:
         return self.r > 0 and any(self.enable_lora)
+
+    # --- the adapter as one LoRA over the fused matrix (adapter files, combining) -----------------
+    def as_one_lora(self, adapter=None) -> tuple[Tensor, Tensor, float]:
+        # B expanded to every output row, zeros on the slices the adapter leaves alone.
+        adapter = self if adapter is None else adapter
+        B = LF.merged_lora_B(adapter.lora_B, adapter.split_sizes, adapter.enable_lora, adapter.r)
+        return adapter.lora_A, B, adapter.scaling
+
+    def one_lora_rank_alpha(self, adapter=None) -> tuple[int, float]:
+        adapter = self if adapter is None else adapter
+        k = sum(adapter.enable_lora)
+        return adapter.r * k, alpha_for_slices(adapter.lora_alpha, k, adapter.use_rslora)
+
+    def one_lora_fields(self, rank: int) -> dict:
+        one = (self.out_features,)
+        return {**super().one_lora_fields(rank), "enable_lora": (True,), "split_sizes": one}
+
+    def adapter_structure(self, adapter=None) -> tuple:
+        adapter = self if adapter is None else adapter
+        if len(adapter.split_sizes) == 1:
+            return ("linear", adapter.r)
+        return ("merged", adapter.r, tuple(adapter.enable_lora), tuple(adapter.split_sizes))
+
+    def adapter_slices(self, adapter, declared: dict[str, int] | None) -> list[str] | None:
+        if declared is None or len(declared) <= 1:
+            return None
+        if tuple(declared.values()) != tuple(adapter.split_sizes):
+            return None
+        return [s for s, e in zip(declared, adapter.enable_lora) if e]
+
+    def slot_fields(self, r: int, lora_alpha: float, use_rslora: bool,
+                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()
+                    ) -> tuple[dict, bool]:
+        if enable_lora:  # the slices, as blocks of B
+            fields = {"r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+                      "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
+                      "enable_lora": tuple(enable_lora), "split_sizes": tuple(split_sizes)}
+            return fields, True
+        fields, _ = super().slot_fields(r, lora_alpha, use_rslora)
+        fields.update(enable_lora=(True,), split_sizes=(self.out_features,))
+        return fields, False
 
     def expanded_lora_B(self) -> Tensor:
         """(out, r·k): ``lora_B``'s blocks placed on their slices' rows, zeros elsewhere."""
@@ -228,3 +337,15 @@ class MergedLinear(_LinearBase):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, enable_lora={list(self.enable_lora)}, split_sizes={list(self.split_sizes)}"
+
+
+Linear.sliced_class = MergedLinear  # slices of a fused Linear ("qkv_proj[q,v]") make a MergedLinear
+
+
+def _check_bias_flag(bias) -> None:
+    # As in nn.Linear, ``bias`` is whether the layer has one; "lora_only" etc. are LoRAConfig.bias
+    # modes, and a string here would silently mean True.
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias={bias!r}: expected True or False (whether the layer has a bias, "
+                        "as in nn.Linear); the 'none'/'all'/'lora_only' modes belong to "
+                        "LoRAConfig.bias")

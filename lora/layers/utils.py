@@ -5,16 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import BIAS_MODES, check_choice
 from .base import LoRALayer
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
 
-_BIAS_MODES = ("none", "all", "lora_only")
-
-
 def _check_bias(bias) -> None:
-    if bias not in _BIAS_MODES:
-        raise ValueError(f"bias={bias!r}: expected one of {', '.join(repr(b) for b in _BIAS_MODES)}")
+    check_choice(bias, BIAS_MODES, "bias")
 
 
 def lora_layers(model: nn.Module):
@@ -24,6 +21,14 @@ def lora_layers(model: nn.Module):
             yield name, module
 
 
+def _require_lora_layers(model: nn.Module, fn: str) -> None:
+    # Without LoRA layers the first would freeze everything (0 trainable parameters) and the second
+    # return {}: both are a forgotten inject, never what was meant.
+    if not any(True for _ in lora_layers(model)):
+        raise ValueError(f"{fn}: {type(model).__name__} has no LoRA layers (call lora.inject or "
+                         "use lora.Linear & co. first)")
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze every parameter whose name lacks ``lora_``; then unfreeze biases per ``bias``.
 
@@ -31,6 +36,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     layers, conv layers included). Raises ``ValueError`` for any other value.
     """
     _check_bias(bias)
+    _require_lora_layers(model, "mark_only_lora_as_trainable")
     for name, p in model.named_parameters():
         if "lora_" not in name:
             p.requires_grad = False
@@ -48,6 +54,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     """The entries of ``model.state_dict()`` that hold LoRA parameters (keys containing ``lora_``),
     plus biases per ``bias`` ("none", "all", or "lora_only": the biases of LoRA layers)."""
     _check_bias(bias)
+    _require_lora_layers(model, "lora_state_dict")
     state = model.state_dict()
     if bias == "none":
         return {k: v for k, v in state.items() if "lora_" in k}

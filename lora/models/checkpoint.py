@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lora._io import atomic_save_safetensors, atomic_write_json, fsync_dir
+from lora.checks import listing
 
 __all__ = [
     "CONFIG_NAME",
@@ -106,9 +107,14 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(
             f"checkpoint directory {str(directory)!r} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}{hint}"
         )
-    with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
+    try:
+        body = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise CheckpointError(f"{index}: not a JSON file ({why})") from None
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    names_ok = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    if not names_ok or not weight_map:
         raise FileNotFoundError(f"{index} has no 'weight_map'; expected {{tensor name: shard file}}")
     files = [directory / name for name in sorted(set(weight_map.values()))]
     for path in files:
@@ -119,10 +125,30 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
+def tensor_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` from the safetensors headers of a checkpoint (no weight is read).
+
+    Raises:
+        FileNotFoundError: see :func:`weight_files`.
+        CheckpointError: a file that is not a readable safetensors file (truncated, random bytes),
+            named.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt "
+                                  f"({e})") from None
+    return shapes
+
+
 def _describe(problems: list[str], what: str, limit: int = 20) -> str:
-    shown = ", ".join(problems[:limit])
-    more = f" ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return f"{len(problems)} {what}: {shown}{more}"
+    return f"{len(problems)} {what}: {listing(problems, limit, ', ', more_sep=' ')}"
 
 
 def load_into(
@@ -200,7 +226,7 @@ def _assign(module: nn.Module, name: str, tensor: Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     if leaf in owner._parameters:
-        requires_grad = owner._parameters[leaf].requires_grad
+        requires_grad = owner._parameters[leaf].requires_grad  # type: ignore[union-attr]
         setattr(owner, leaf, nn.Parameter(tensor, requires_grad=requires_grad))
     else:
         setattr(owner, leaf, tensor)

@@ -21,9 +21,10 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,18 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write_json
+from lora.checks import IGNORE_INDEX
 from lora.models import checkpoint as ckpt
 
 __all__ = [
     "Phi3Config",
+    "fused_layout",
     "RopeSettings",
     "Phi3RMSNorm",
     "Phi3RotaryEmbedding",
     "AttentionMask",
     "build_attention_mask",
+    "position_ids_from_mask",
     "Phi3Attention",
     "Phi3MLP",
     "Phi3DecoderLayer",
@@ -49,7 +53,6 @@ __all__ = [
     "Phi3ForCausalLM",
 ]
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (transformers' convention)
 
 # Per layer: (keys, values), each (b, KV, kv, d), keys already rotated. Layer i at index i.
 KVCache = tuple[tuple[Tensor, Tensor], ...]
@@ -146,6 +149,7 @@ class Phi3Config:
         self._validate()
 
     def _validate(self) -> None:
+        _check_field_types(self)
         for key in _REQUIRED_KEYS + ("max_position_embeddings",):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -196,8 +200,9 @@ class Phi3Config:
         theta = float(params.get("rope_theta", self.rope_theta))
         top_partial = 1.0 if self.partial_rotary_factor is None else self.partial_rotary_factor
         partial = float(params.get("partial_rotary_factor", top_partial))
-        rotary_dim = int(self.head_dim * partial)
-        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > self.head_dim:
+        head_dim = cast(int, self.head_dim)  # resolved by __post_init__
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(
                 f"Phi3Config: partial_rotary_factor={partial} gives {rotary_dim} rotary dims of head_dim="
                 f"{self.head_dim}; expected an even number between 2 and head_dim"
@@ -250,7 +255,7 @@ class Phi3Config:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Phi3Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Phi3Config:
         """Read a config.json (or the config.json inside a directory)."""
         path = Path(path)
         if path.is_dir():
@@ -259,8 +264,18 @@ class Phi3Config:
             raise FileNotFoundError(
                 f"Phi3Config.from_json_file: path={str(path)!r} does not exist; expected a config.json"
             )
-        with open(path, encoding="utf-8") as f:
-            return cls(**json.load(f))
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise ValueError(f"{path}: not a JSON file ({why})") from None
+        if not isinstance(body, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got "
+                             f"{type(body).__name__}")
+        try:
+            return cls(**body)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, path_or_dir: str | os.PathLike) -> Path:
         """Write config.json atomically: into ``path_or_dir`` if it is a directory (or has no .json suffix),
@@ -304,6 +319,9 @@ class Phi3RotaryEmbedding(nn.Module):
     ``to_empty``), so a bf16 model keeps exact frequencies.
     """
 
+    inv_freq: Tensor | None
+    long_inv_freq: Tensor | None
+
     def __init__(self, config: Phi3Config) -> None:
         super().__init__()
         self.settings = config.rope
@@ -327,7 +345,7 @@ class Phi3RotaryEmbedding(nn.Module):
         if self.settings.rope_type == "longrope":
             self.long_inv_freq = self._frequencies(self.settings.long_factor, device)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+    def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.inv_freq is not None and self.inv_freq.device.type != "meta":
             self.reset_buffers()  # undo any dtype cast: frequencies stay fp32
@@ -339,10 +357,10 @@ class Phi3RotaryEmbedding(nn.Module):
         longrope picks the long frequencies for the whole call when max(position_ids) + 1 >
         original_max_position_embeddings, the short ones otherwise; both are scaled by attention_factor.
         """
-        inv_freq = self.inv_freq
+        inv_freq = cast(Tensor, self.inv_freq)  # set by reset_buffers
         if self.long_inv_freq is not None:
-            is_long = position_ids.max() + 1 > self.settings.original_max_position_embeddings
-            inv_freq = torch.where(is_long, self.long_inv_freq, self.inv_freq)  # no host sync
+            is_long = position_ids.max() + 1 > cast(int, self.settings.original_max_position_embeddings)
+            inv_freq = torch.where(is_long, self.long_inv_freq, inv_freq)  # no host sync
         freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (b, s, r): rotate-half layout
         scale = self.settings.attention_factor
@@ -448,6 +466,24 @@ def build_attention_mask(
     return AttentionMask(mask, False, empty_rows)
 
 
+def fused_layout(config: Any) -> OrderedDict[str, OrderedDict[str, int]]:
+    """The slices of Phi-3's fused projections, in output-row order: ``{"qkv_proj": {"q": H*d,
+    "k": KV*d, "v": KV*d}, "gate_up_proj": {"gate": I, "up": I}}``.
+
+    The one place these sizes are computed: :class:`Phi3Attention` splits qkv_proj's output by it,
+    :attr:`Phi3ForCausalLM.fused_splits` declares it, and :func:`lora.fused_splits` reads it from a
+    Hugging Face ``Phi3Config`` (``config`` is either; head_dim and num_key_value_heads default as
+    in Phi3Config).
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return OrderedDict(
+        qkv_proj=OrderedDict(q=heads * head_dim, k=kv_heads * head_dim, v=kv_heads * head_dim),
+        gate_up_proj=OrderedDict(gate=config.intermediate_size, up=config.intermediate_size),
+    )
+
+
 class Phi3Attention(nn.Module):
     """Grouped-query self-attention with a fused qkv projection.
 
@@ -459,13 +495,9 @@ class Phi3Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = cast(int, config.head_dim)  # resolved by Phi3Config.__post_init__
         self.attention_dropout = config.attention_dropout
-        self.split_sizes = [
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        ]
+        self.split_sizes = list(fused_layout(config)["qkv_proj"].values())  # [q: H*d, k: KV*d, v: KV*d]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
@@ -537,7 +569,9 @@ class Phi3DecoderLayer(nn.Module):
 def _packed_document_mask(position_ids: Tensor, batch: int) -> Tensor | None:
     """(b|1, s) position ids that restart (a step other than +1) -> (b, 1, s, s) same-document mask, else None.
 
-    transformers 5 infers packed documents this way when no attention mask and no cache are given.
+    transformers 5 infers packed documents this way when no attention mask and no cache are in play
+    (see ``Phi3Model.forward``): each run of +1 steps is one document, and no row restarting means
+    one document per row.
     """
     position_ids = position_ids.expand(batch, -1)
     step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
@@ -545,6 +579,18 @@ def _packed_document_mask(position_ids: Tensor, batch: int) -> Tensor | None:
     if not bool(document[:, -1].any()):
         return None
     return document[:, None, :, None] == document[:, None, None, :]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """A 2D padding mask (b, kv), nonzero = real token -> position ids (b, kv) counting real tokens.
+
+    Each row's first real token gets 0, so a left-padded row is numbered as if it were alone;
+    padding gets 0. This is what ``generate`` (ours and transformers') uses; the plain forward
+    numbers every position 0..kv-1 instead. Slice the last q columns for a call that continues a
+    cache.
+    """
+    real = attention_mask.to(dtype=torch.long)
+    return (real.cumsum(-1) - 1).masked_fill(real == 0, 0)
 
 
 class Phi3Model(nn.Module):
@@ -561,6 +607,16 @@ class Phi3Model(nn.Module):
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.checkpoint_use_reentrant = False  # torch.utils.checkpoint's use_reentrant
+
+    def _resolve_use_cache(self, use_cache: bool | None) -> bool:
+        """None -> ``config.use_cache``; then off while checkpointing a training step (as
+        transformers: a layer recomputed in backward cannot also hand its keys and values out)."""
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        return bool(use_cache)
 
     def forward(
         self,
@@ -568,7 +624,7 @@ class Phi3Model(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
-        use_cache: bool = False,
+        use_cache: bool | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """See ``Phi3ForCausalLM.forward``. Returns hidden states (b, s, h) and the new cache (or None)."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -583,13 +639,11 @@ class Phi3Model(nn.Module):
         device = input_ids.device
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
 
+        use_cache = self._resolve_use_cache(use_cache)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                # As transformers' generate: count real tokens, so left padding starts each row at 0.
-                real = attention_mask.to(device=device, dtype=torch.long)
-                position_ids = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)[:, -q_len:]
-            else:
-                position_ids = torch.arange(past_len, past_len + q_len, device=device)[None]
+            # As transformers' forward: every position is numbered, padding included (generate
+            # passes left-padding-aware ones itself). Such ids never restart: never packing.
+            position_ids = torch.arange(past_len, past_len + q_len, device=device)[None]
         else:
             position_ids = position_ids.to(device)
             if position_ids.dim() == 1:
@@ -599,7 +653,9 @@ class Phi3Model(nn.Module):
                     f"position_ids has shape {tuple(position_ids.shape)}; "
                     f"expected (batch|1, seq_len) = ({batch}, {q_len})"
                 )
-            if attention_mask is None and past_len == 0:
+            # transformers' rule: restarting ids are packed documents only when there is no mask and
+            # no cache, neither given nor being built (use_cache resolved to False).
+            if attention_mask is None and past_key_values is None and not use_cache:
                 attention_mask = _packed_document_mask(position_ids, batch)
 
         x = self.embed_tokens(input_ids)  # (b, s, h)
@@ -611,7 +667,12 @@ class Phi3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
             if self.gradient_checkpointing and self.training:
-                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=False)
+                reentrant = self.checkpoint_use_reentrant
+                if reentrant and not x.requires_grad and torch.is_grad_enabled():
+                    # The reentrant kind only back-propagates into a segment whose tensor inputs
+                    # need grad; with a frozen embedding none does (transformers' remedy too).
+                    x = x.requires_grad_()
+                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=reentrant)
             else:
                 x, present = layer(x, cos, sin, attn, past)
             if use_cache:
@@ -747,18 +808,10 @@ class Phi3ForCausalLM(nn.Module):
         )
 
     @property
-    def fused_splits(self) -> "OrderedDict[str, OrderedDict[str, int]]":
+    def fused_splits(self) -> OrderedDict[str, OrderedDict[str, int]]:
         """Slices of the fused projections, in output-row order: ``{"qkv_proj": {"q": H*d, "k": KV*d, "v": KV*d},
         "gate_up_proj": {"gate": I, "up": I}}``. A surgery pass uses it to adapt e.g. ``"qkv_proj[q,v]"``."""
-        c = self.config
-        return OrderedDict(
-            qkv_proj=OrderedDict(
-                q=c.num_attention_heads * c.head_dim,
-                k=c.num_key_value_heads * c.head_dim,
-                v=c.num_key_value_heads * c.head_dim,
-            ),
-            gate_up_proj=OrderedDict(gate=c.intermediate_size, up=c.intermediate_size),
-        )
+        return fused_layout(self.config)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -769,8 +822,23 @@ class Phi3ForCausalLM(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = bool(value)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint each decoder layer (``torch.utils.checkpoint``, use_reentrant=False) while training."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Checkpoint each decoder layer with ``torch.utils.checkpoint`` while training.
+
+        ``gradient_checkpointing_kwargs``: ``{"use_reentrant": bool}`` (default False, the kind
+        torch recommends), as transformers takes it. Both give the same gradients.
+
+        Raises:
+            ValueError: another key, or a use_reentrant that is not a bool.
+        """
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        reentrant = kwargs.pop("use_reentrant", False)
+        if kwargs or not isinstance(reentrant, bool):
+            raise ValueError(
+                f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}; expected at "
+                "most {'use_reentrant': True or False}"
+            )
+        self.model.checkpoint_use_reentrant = reentrant
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -785,7 +853,7 @@ class Phi3ForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         past_key_values: KVCache | None = None,
-        use_cache: bool = False,
+        use_cache: bool | None = None,
         *,
         return_logits: bool = False,
         logits_to_keep: int = 0,
@@ -797,15 +865,21 @@ class Phi3ForCausalLM(nn.Module):
             attention_mask: 2D (b, past + s) padding mask (nonzero = real token), or 4D bool
                 (b|1, 1, s, past + s) with True = may attend (packed documents). The causal mask and the
                 sliding window are always ANDed on top.
-            position_ids: (b|1, s). None: from a 2D mask, the count of real tokens before each one
-                (left padding starts at 0, as transformers' generate); otherwise past + arange(s).
-                Given without any mask and without a cache, position ids that restart mark packed
-                documents that do not see each other (as transformers 5).
+            position_ids: (b|1, s). None: past + arange(s) for every row, padding included (as
+                transformers' forward; for left-padding-aware ids pass
+                ``position_ids_from_mask(mask)``, which ``generate`` does). Ids that restart (a step
+                other than +1, e.g. [0 1 2 0 1]) mark packed documents that do not see each other
+                exactly when transformers 5 infers them: no attention_mask, no past_key_values and
+                use_cache resolved to False.
             labels: (b, s) token ids, -100 = ignored. Position t predicts labels[t + 1]. The loss is the
                 fp32 mean cross-entropy over counted labels (0.0 when none counts), and lm_head then runs
                 only at the counted positions: ``logits`` is None unless ``return_logits=True``.
             past_key_values: a cache returned by a previous call with ``use_cache=True``.
-            use_cache: return the cache, extended by this call's keys and values.
+            use_cache: return the cache, extended by this call's keys and values. None (the
+                default): ``config.use_cache`` (True unless the config says otherwise), as
+                transformers. Always False in a training step under gradient checkpointing. Pass
+                False in training and evaluation loops: a returned cache keeps every layer's keys
+                and values alive.
             return_logits: with labels, also compute the full logits.
             logits_to_keep: >0: logits only for the last that many positions (generation); 0: all.
             num_items_in_batch: divide the summed loss by this instead of this batch's counted labels
@@ -863,10 +937,11 @@ class Phi3ForCausalLM(nn.Module):
         the top_k tokens and/or the smallest set whose probability reaches top_p. A row stops at any of
         eos_token_id (None: never stops early); after that it is filled with pad_token_id (default:
         config.pad_token_id, else the first eos id). Generation ends when every row has stopped.
-        attention_mask (b, s) marks left padding of a batch of prompts. Runs in eval mode (restored
-        afterwards) and without autograd. Under longrope, once the sequence grows past
-        original_max_position_embeddings the cache (built with the short factors) is recomputed once
-        with the long ones, as transformers does.
+        attention_mask (b, s) marks left padding of a batch of prompts; positions then count each
+        row's real tokens (``position_ids_from_mask``), so a padded row generates what it would
+        alone. Runs in eval mode (restored afterwards) and without autograd. Under longrope, once
+        the sequence grows past original_max_position_embeddings the cache (built with the short
+        factors) is recomputed once with the long ones, as transformers does.
 
         Raises:
             ValueError: a bad argument (named, with its value and what was expected).
@@ -906,8 +981,16 @@ class Phi3ForCausalLM(nn.Module):
                 if cache is not None and switch_at is not None and not cache_is_long and total > switch_at:
                     cache = None  # keys were rotated with the short factors: recompute them all
                 step_ids = sequences if cache is None else sequences[:, cache[0][0].shape[2] :]
+                # Left padding: each row's positions count its real tokens (as transformers')
+                mask = attention_mask
+                positions = None if mask is None else position_ids_from_mask(mask)
                 out = self(
-                    step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+                    step_ids,
+                    attention_mask=attention_mask,
+                    position_ids=None if positions is None else positions[:, -step_ids.shape[1] :],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
                 cache = out.past_key_values
                 cache_is_long = switch_at is not None and total > switch_at
@@ -954,7 +1037,7 @@ class Phi3ForCausalLM(nn.Module):
         path: str | os.PathLike,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-    ) -> "Phi3ForCausalLM":
+    ) -> Phi3ForCausalLM:
         """Load a checkpoint directory: config.json plus model.safetensors, or shards listed in
         model.safetensors.index.json. Never unpickles.
 
@@ -971,6 +1054,9 @@ class Phi3ForCausalLM(nn.Module):
         """
         path = Path(path)
         config = Phi3Config.from_json_file(ckpt.require_file(path, ckpt.CONFIG_NAME))
+        # The config is checked against the weights' headers before anything is built: a config
+        # claiming a million layers must not build them for minutes before the shapes disagree.
+        _check_config_against_tensors(config, ckpt.tensor_shapes(path), path)
         dtype = _resolve_dtype(dtype, config)
         device = torch.device(device if device is not None else "cpu")
         with torch.device("meta"):
@@ -986,6 +1072,7 @@ class Phi3ForCausalLM(nn.Module):
         )
         model.tie_weights()
         model.model.rotary_emb.reset_buffers(device)
+        model.name_or_path = str(path)  # type: ignore[assignment]  # what save_adapter records
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
@@ -1009,3 +1096,86 @@ class Phi3ForCausalLM(nn.Module):
         config.setdefault("architectures", ["Phi3ForCausalLM"])
         atomic_write_json(Path(path) / ckpt.CONFIG_NAME, config)
         return written
+
+
+# --- config checks (types when read; against the checkpoint before building) ----------------
+_INT_OR_NONE = ("num_key_value_heads", "head_dim", "original_max_position_embeddings",
+                "sliding_window", "bos_token_id", "pad_token_id")
+_REAL = {"rms_norm_eps": (0.0, None, False), "rope_theta": (0.0, None, False),
+         "resid_pdrop": (0.0, 1.0, True), "embd_pdrop": (0.0, 1.0, True),
+         "attention_dropout": (0.0, 1.0, True), "initializer_range": (0.0, None, True)}
+_BOOL = ("tie_word_embeddings", "use_cache")
+_STR_OR_NONE = ("torch_dtype", "dtype")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_field_types(c: Phi3Config) -> None:
+    """Every known key's type, so that a bad value fails when config.json is read, naming the key,
+    not at the first forward pass."""
+    for key in _INT_OR_NONE:
+        v = getattr(c, key)
+        if v is not None and not _is_int(v):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected an int or null")
+    for key, (low, high, low_ok) in _REAL.items():
+        v = getattr(c, key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v >= low if low_ok else v > low) and (high is None or v < high)
+        if not ok:
+            bound = f"{'>=' if low_ok else '>'} {low}"
+            bound += f" and < {high}" if high is not None else ""
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a finite number {bound}")
+    if c.partial_rotary_factor is not None:
+        v = c.partial_rotary_factor
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, "
+                             "1] or null")
+    for key in _BOOL:
+        if not isinstance(getattr(c, key), bool):
+            raise ValueError(f"Phi3Config: {key}={getattr(c, key)!r}; expected true or false")
+    for key in _STR_OR_NONE:
+        v = getattr(c, key)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dtype name such as "
+                             "'bfloat16', or null")
+    for key in ("rope_scaling", "rope_parameters"):
+        v = getattr(c, key)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dict or null")
+    eos = c.eos_token_id
+    eos_ok = eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))
+    if not eos_ok:
+        raise ValueError(f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or "
+                         "null")
+    if not isinstance(c.hidden_act, str) or not isinstance(c.model_type, str):
+        bad = "hidden_act" if not isinstance(c.hidden_act, str) else "model_type"
+        raise ValueError(f"Phi3Config: {bad}={getattr(c, bad)!r}; expected a string")
+
+
+def _check_config_against_tensors(
+    config: Phi3Config, shapes: dict[str, tuple[int, ...]], path
+) -> None:
+    """The config keys that size the model agree with the checkpoint's tensor headers.
+
+    Raises ``CheckpointError`` naming the key, its value and what the tensors say.
+    """
+    problems = []
+    layers = {int(name.split(".")[2]) for name in shapes
+              if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+    found = max(layers) + 1 if layers else 0
+    if config.num_hidden_layers != found:
+        problems.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+                        f"{found} layers")
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and embed != (config.vocab_size, config.hidden_size):
+        problems.append(f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, but "
+                        f"model.embed_tokens.weight is {embed}")
+    down = shapes.get("model.layers.0.mlp.down_proj.weight")
+    if down is not None and down != (config.hidden_size, config.intermediate_size):
+        problems.append(f"intermediate_size={config.intermediate_size}, but "
+                        f"model.layers.0.mlp.down_proj.weight is {down}")
+    if problems:
+        raise ckpt.CheckpointError(f"{Path(path) / ckpt.CONFIG_NAME} does not match the weights: "
+                                   + "; ".join(problems))

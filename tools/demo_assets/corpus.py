@@ -11,9 +11,9 @@ count; answering a question about counting is the skill the fine-tune adds (:mod
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
-from .skill import number_to_words, sample_quantity
+from lora.demo.skill import number_to_words, sample_quantity
 
 __all__ = ["make_story", "make_corpus"]
 

@@ -1,8 +1,9 @@
-"""Build the demo's assets: ``python -m lora.demo.build [--force] [--only PART ...]``.
+"""Build the demo's assets: ``python -m tools.demo_assets.build [--force] [--only PART ...]``
+(from the repository root, with the project importable: ``pip install -e .`` or ``PYTHONPATH=.``).
 
 Everything is made here, from seeds, with the project's own code; nothing is downloaded.
 
-1. ``corpus``: ``assets/corpus.txt``, plain English stories (:mod:`lora.demo.corpus`), one per line.
+1. ``corpus``: ``assets/corpus.txt``, plain English stories (:mod:`tools.demo_assets.corpus`), one per line.
 2. ``tokenizer``: a byte-level BPE trained on the corpus with the ``tokenizers`` library, digits
    split one by one (as Phi-3's tokenizer does), plus Phi-3's special tokens (``<unk> <s> </s>`` first,
    then ``<|endoftext|> <|assistant|> <|system|> <|end|> <|user|>`` after the learned vocabulary, in
@@ -30,11 +31,12 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .._io import atomic_open, atomic_write_json
-from . import skill
+from lora._io import atomic_open, atomic_write_json
+from lora.demo import PARTS, assets_dir, part_present, skill
+
 from .corpus import make_corpus
 
 __all__ = [
@@ -53,7 +55,6 @@ __all__ = [
 ]
 
 SEED = 20240601
-PARTS = ("corpus", "tokenizer", "chat", "model")
 
 NUM_STORIES = 8000
 VOCAB_SIZE = 2048  # learned tokens + Phi-3's 8 special tokens
@@ -141,7 +142,7 @@ def build_tokenizer(corpus_path: Path, out_dir: Path, vocab_size: int = VOCAB_SI
     from tokenizers import Tokenizer as BackendTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from ..data import PHI3_CHAT_TEMPLATE, Tokenizer
+    from lora.data import PHI3_CHAT_TEMPLATE, Tokenizer
 
     n_chat = len(PHI3_CHAT_SPECIAL_TOKENS)
     if vocab_size <= 256 + len(PHI3_SPECIAL_TOKENS):
@@ -258,8 +259,8 @@ def pretrain(
     """
     import torch
 
-    from ..data import Tokenizer
-    from ..models import Phi3Config, Phi3ForCausalLM
+    from lora.data import Tokenizer
+    from lora.models import Phi3Config, Phi3ForCausalLM
 
     cfg = {**PRETRAIN, **(settings or {})}
     tokenizer = Tokenizer.from_pretrained(base_dir)
@@ -333,17 +334,6 @@ def pretrain(
 # --------------------------------------------------------------------------------------------------
 
 
-def _present(part: str, assets: Path) -> bool:
-    base = assets / "base"
-    files = {
-        "corpus": [assets / "corpus.txt"],
-        "tokenizer": [base / "tokenizer.json", base / "tokenizer_config.json", base / "generation_config.json"],
-        "chat": [assets / "chat_train.jsonl", assets / "chat_eval.jsonl"],
-        "model": [base / "config.json", base / "model.safetensors"],
-    }[part]
-    return all(f.is_file() for f in files)
-
-
 def build(
     assets: Path | None = None,
     force: bool = False,
@@ -362,8 +352,6 @@ def build(
     Raises:
         ValueError: an unknown part in ``only``.
     """
-    from . import assets_dir
-
     assets = Path(assets) if assets is not None else assets_dir()
     wanted = list(PARTS) if only is None else list(only)
     unknown = [p for p in wanted if p not in PARTS]
@@ -377,7 +365,7 @@ def build(
         stale = any(d in built for d in depends.get(part, []))
         if not (part in wanted or stale):
             continue
-        if not (force or stale or not _present(part, assets)):
+        if not (force or stale or not part_present(part, assets)):
             continue
         log(f"building {part} ...")
         if part == "corpus":
@@ -408,7 +396,7 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora.demo.build",
+    parser = argparse.ArgumentParser(prog="python -m tools.demo_assets.build",
                                      description="Build the demo's assets (corpus, tokenizer, chat data, base model).")
     parser.add_argument("--force", action="store_true", help="rebuild even what exists")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="build only these parts (and what depends on them)")

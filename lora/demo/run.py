@@ -9,16 +9,16 @@ score before and after, with a few generations side by side.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 from ..config import LoRAConfig
-from ..surgery import inject, trainable_parameters
-from .config import TrainingConfig
-from .generate import generate_replies
-from .trainer import TrainResult, Trainer
+from ..finetune.config import TrainingConfig
+from ..finetune.evaluate import EvalRow, markdown_table
+from ..finetune.generate import generate_replies
+from ..finetune.pipeline import build_trainer
+from ..finetune.trainer import TrainResult
+from ..surgery import trainable_parameters
 
 __all__ = ["DEMO_TRAINING_CONFIG", "DEMO_PEFT_CONFIG", "run_demo"]
 
@@ -59,7 +59,7 @@ SHOWN_PROMPTS = 5
 
 
 def _score(model, tokenizer, pairs) -> tuple[float, list[str]]:
-    from ..demo.skill import MAX_NEW_TOKENS, score
+    from .skill import MAX_NEW_TOKENS, score
 
     replies = []
     for i in range(0, len(pairs), 50):
@@ -77,31 +77,34 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Run the demo; ``training_config``/``peft_config`` entries override the demo's own."""
-    from ..data import Tokenizer, prepare_chat_data
-    from ..demo import base_model_dir, ensure_assets, eval_file, train_file
-    from ..demo.skill import EXAMPLE_PROMPT, SKILL, eval_pairs
-    from ..models import Phi3ForCausalLM
+    from . import base_model_dir, ensure_assets, eval_file, train_file
+    from .skill import SKILL
 
     t0 = time.perf_counter()
     ensure_assets(log=log)
     training = TrainingConfig.from_dict({**DEMO_TRAINING_CONFIG, **(training_config or {})})
     peft = LoRAConfig(**{**DEMO_PEFT_CONFIG, **(peft_config or {})})
-    torch.manual_seed(training.seed)
     model_dir = base_model_dir()
     log(f"== lora-finetune demo: base model {model_dir}")
     log(f"   the skill to learn: {SKILL}")
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training.bf16 else torch.float32)
-    data = prepare_chat_data(train_file(), tokenizer, training.max_seq_length, eval_file=eval_file(),
-                             seed=training.seed, packing=training.packing, on_error=training.on_error)
-    log(data.summary())
-    inject(model, peft)  # B = 0: until trained, the model computes exactly the base model
+    # The same pipeline as lora-finetune; the trainer's own lines go through tqdm (log=None).
+    trainer = build_trainer(model_dir, train_file(), training, peft, eval_file=eval_file(), say=log,
+                            progress=progress)
+    try:  # build_trainer locked the output directory; it stays locked until the demo is done
+        return _evaluate_train_report(trainer, peft, resume, merge, log, t0)
+    finally:
+        trainer.release_lock()
+
+
+def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult:
+    from . import eval_file
+    from .skill import EXAMPLE_PROMPT, eval_pairs
+
+    model, tokenizer = trainer.model, trainer.tokenizer
     trainable, total = trainable_parameters(model)
     log(f"LoRA r={peft.r} alpha={peft.lora_alpha} on {peft.target_modules}: "
         f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
-    trainer = Trainer(model, tokenizer, data, training, base_model_name_or_path=str(model_dir),
-                      progress=progress)
     pairs = eval_pairs(eval_file())[:SCORED_PROMPTS]
     before_loss = trainer.evaluate()
     before_score, before_replies = _score(model, tokenizer, pairs)
@@ -109,13 +112,13 @@ def run_demo(
 
     result = trainer.train(resume=resume)
 
-    after_loss = result.eval_loss
+    # do_eval=false (e.g. a recipe given with --config) skips the loop's evaluation, not the demo's
+    after_loss = result.eval_loss if result.eval_loss is not None else trainer.evaluate()
     after_score, after_replies = _score(model, tokenizer, pairs)
     log("")
     log("== results on held-out prompts (numbers never seen in training)")
-    log(f"{'':12s}{'loss':>10s}{'exact match':>14s}")
-    log(f"{'base':12s}{before_loss:>10.4f}{100 * before_score:>13.1f}%")
-    log(f"{'base+LoRA':12s}{after_loss:>10.4f}{100 * after_score:>13.1f}%")
+    log(markdown_table([EvalRow("base", before_loss, exact_match=before_score),
+                        EvalRow("base+LoRA", after_loss, exact_match=after_score)]))  # lora-eval's table
     log("")
     log("== generations (greedy)")
     for (messages, ref), b, a in list(zip(pairs, before_replies, after_replies))[:SHOWN_PROMPTS]:

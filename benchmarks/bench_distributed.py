@@ -1,0 +1,147 @@
+"""One process, two data-parallel ranks, two FSDP ranks: tokens/s and peak memory per rank.
+
+    python benchmarks/bench_distributed.py           # CPU, gloo; a 169M-parameter Phi-3 shape
+    python benchmarks/bench_distributed.py --device cuda --nproc 2 --bf16   # 2 GPUs, nccl
+
+Writes a random Phi-3-shaped checkpoint and a chat file to a temporary directory, then runs
+``lora-finetune`` on them three ways with the same global batch, and prints, per run, the median
+tokens/s of the logged steps (all ranks together; the first step is left out) and each rank's peak
+memory (resident set on CPU, max_memory_allocated on CUDA) and the parameter bytes it holds, as the
+metrics rows record them. Every run gets OMP_NUM_THREADS=1 (torchrun's default) unless set. On CPU
+the ranks share the machine's cores, so tokens/s shows overhead, not scaling; the memory column is
+the point there: the frozen base is whole on every data-parallel rank and split under FSDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true")
+    args = ap.parse_args()
+
+    from tiny import chat_records, write_checkpoint, write_jsonl
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
+    ckpt = write_checkpoint(
+        work / "ckpt",
+        vocab_size=32064,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+    )
+    data = write_jsonl(work / "chat.jsonl", chat_records(200))
+    params = sum(os.path.getsize(p) for p in ckpt.glob("*.safetensors"))
+    print(f"checkpoint: {params / 2**20:,.0f} MiB of fp32 weights in {ckpt}")
+
+    def config(per_device: int) -> Path:
+        path = work / f"c{per_device}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "training_config": {
+                        "per_device_train_batch_size": per_device,
+                        "max_steps": args.steps,
+                        "logging_steps": 1,
+                        "save_steps": 10_000,
+                        "max_seq_length": 128,
+                        "eval_fraction": 0.0,
+                        "device": args.device,
+                        "bf16": args.bf16,
+                        "learning_rate": 1e-3,
+                    },
+                    "peft_config": {
+                        "r": 16,
+                        "lora_alpha": 32,
+                        "lora_dropout": 0.0,
+                        "target_modules": "all-linear",
+                    },
+                }
+            )
+        )
+        return path
+
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
+    )
+    common = ["--model", str(ckpt), "--data", str(data), "--no-progress"]
+    runs = {
+        "1 process": [
+            sys.executable,
+            "-m",
+            "lora.finetune",
+            *common,
+            "--config",
+            str(config(args.batch)),
+        ],
+        f"DDP x{args.nproc}": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "lora.finetune",
+            *common,
+            "--config",
+            str(config(args.batch // args.nproc)),
+        ],
+    }
+    runs[f"FSDP x{args.nproc}"] = runs[f"DDP x{args.nproc}"] + ["--fsdp"]
+    print(
+        f"{'run':<10} {'wall s':>7} {'tok/s':>9}  "
+        "peak memory per rank (MiB) | parameters held per rank (MiB)"
+    )
+    for name, cmd in runs.items():
+        out = work / name.replace(" ", "_")
+        start = time.perf_counter()
+        proc = subprocess.run([*cmd, "--output", str(out)], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(f"{name}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            continue
+        rows = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+        ]
+        train = [r for r in rows if "loss" in r]
+        tps = (
+            statistics.median(r["tokens_per_second"] for r in train[1:])
+            if len(train) > 1
+            else float("nan")
+        )
+        mem = ", ".join(f"{m:,.0f}" for m in train[-1]["memory_mb"])
+        held = ", ".join(f"{m:,.0f}" for m in train[-1]["params_mb"])
+        print(
+            f"{name:<10} {wall:7.1f} {tps:9,.0f}  [{mem}] | [{held}]   "
+            f"final loss {train[-1]['loss']:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""One rank of a test job, launched as
+
+    torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] :: ARGS
+
+Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worker, and for tests:
+
+- ``--audit DIR``: writes DIR/rank<R>.txt, every path this rank opened for writing, renamed, removed
+  or made (Python's audit hooks see each of these), one a line;
+- ``--die-rank R --die-at I``: rank R kills itself with SIGKILL (no clean-up, as the OOM killer
+  would) when it is asked for micro-batch I.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+WRITE_EVENTS = {
+    "os.rename",
+    "os.replace",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "shutil.rmtree",
+    "os.truncate",
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--audit")
+    ap.add_argument("--die-rank", type=int)
+    ap.add_argument("--die-at", type=int)
+    ap.add_argument("--die-stamp", help="write time.time() here just before dying")
+    argv = sys.argv[1:]
+    cut = argv.index("::") if "::" in argv else len(argv)  # torchrun eats "--"
+    args, rest = ap.parse_args(argv[:cut]), argv[cut + 1 :]
+    rank = int(os.environ["RANK"])
+
+    touched: list[str] = []
+    if args.audit:
+
+        def hook(event, hook_args):
+            if event == "open" and len(hook_args) >= 3:
+                path, mode, flags = hook_args[:3]
+                writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+                if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                    mode is None and isinstance(flags, int) and flags & writes
+                ):
+                    touched.append(str(path))
+            elif event in WRITE_EVENTS and hook_args:
+                touched.append(str(hook_args[0]))
+
+        sys.addaudithook(hook)
+
+    from lora.finetune import trainer as trainer_module
+    from lora.finetune.__main__ import main as cli_main
+
+    if args.die_rank == rank:
+        original = trainer_module.Trainer._micro_batch
+
+        def dying(self, index):
+            if index >= args.die_at:
+                if args.die_stamp:
+                    with open(args.die_stamp, "w") as f:
+                        f.write(repr(time.time()))
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, index)
+
+        trainer_module.Trainer._micro_batch = dying
+    try:
+        return cli_main(rest)
+    finally:
+        if args.audit:
+            os.makedirs(args.audit, exist_ok=True)
+            with open(os.path.join(args.audit, f"rank{rank}.txt"), "w") as f:
+                f.write("".join(p + "\n" for p in touched if not p.startswith(args.audit)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

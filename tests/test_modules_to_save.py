@@ -1,0 +1,176 @@
+"""modules_to_save as PEFT does it (issue 8): the original module stays untouched, each adapter
+trains its own copy; ``ensure_weight_tying`` says whether a tied partner shares the copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora
+from lora.layers.saved import ModulesToSaveWrapper
+from lora.models import Phi3Config, Phi3ForCausalLM
+
+IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
+TIED = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    tie_word_embeddings=True,
+)
+
+
+def tied() -> Phi3ForCausalLM:
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**TIED)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def train_step(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1.0)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_untied_by_default_only_the_named_module_trains_and_the_original_stays(saved):
+    model = tied()
+    original = model.model.embed_tokens.weight.detach().clone()
+    base = logits(model)
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=[saved]))
+    named = model.lm_head if saved == "lm_head" else model.model.embed_tokens
+    other = model.model.embed_tokens if saved == "lm_head" else model.lm_head
+    assert isinstance(named, ModulesToSaveWrapper) and not isinstance(other, ModulesToSaveWrapper)
+    train_step(model)
+    assert not torch.equal(named.weight, original)  # the copy trained
+    torch.testing.assert_close(named.original_module.weight, original, rtol=0, atol=0)
+    torch.testing.assert_close(other.weight, original, rtol=0, atol=0)  # the partner did not change
+    with lora.disabled(model):
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_ensure_weight_tying_makes_the_partner_share_the_copy(saved):
+    model = tied()
+    original = model.model.embed_tokens.weight.detach().clone()
+    base = logits(model)
+    lora.inject(
+        model,
+        lora.LoRAConfig(
+            r=2, target_modules=["o_proj"], modules_to_save=[saved], ensure_weight_tying=True
+        ),
+    )
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, ModulesToSaveWrapper) and isinstance(embed, ModulesToSaveWrapper)
+    assert head.weight is embed.weight and head.weight is not original
+    train_step(model)
+    assert not torch.equal(head.weight, original)
+    torch.testing.assert_close(head.original_module.weight, original, rtol=0, atol=0)
+    with lora.disabled(model):
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+    merged = lora.merge_and_unload(model)
+    assert (
+        type(merged.lm_head) is nn.Linear
+        and merged.lm_head.weight is merged.model.embed_tokens.weight
+    )
+
+
+def test_merge_and_unload_puts_the_active_copy_in_place(tmp_path):
+    model = tied()
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"]))
+    train_step(model)
+    want = logits(model)
+    copy = model.lm_head.weight
+    merged = lora.merge_and_unload(model)
+    assert type(merged.lm_head) is nn.Linear and merged.lm_head.weight is copy
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight  # untied, as in PEFT
+    torch.testing.assert_close(logits(merged), want, rtol=1e-5, atol=1e-5)
+    assert merged.config.tie_word_embeddings is False  # so save_pretrained keeps the trained head
+    merged.save_pretrained(tmp_path)
+    again = Phi3ForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(again), want, rtol=1e-5, atol=1e-5)
+
+
+def test_switching_adapters_switches_copies_and_mixed_batch_routes_them(tmp_path):
+    model = tied()
+    base = logits(model)
+    cfg = lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"])
+    lora.inject(model, cfg)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.3)
+    lora.save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        model.lm_head.weight.sub_(0.6)
+    lora.save_adapter(model, tmp_path / "b")
+    fresh = tied()
+    lora.load_adapter(fresh, tmp_path / "a", adapter_name="a")
+    lora.load_adapter(fresh, tmp_path / "b", adapter_name="b")
+    assert fresh.lm_head.adapter_names == ["a", "b"] and fresh.lm_head.active_adapter == "a"
+    want = {"a": logits(fresh)}
+    lora.set_adapter(fresh, "b")
+    want["b"] = logits(fresh)
+    assert (want["a"] - want["b"]).abs().max() > 0.1
+    lora.set_adapter(fresh, None)
+    torch.testing.assert_close(logits(fresh), base, rtol=1e-6, atol=1e-6)
+    with lora.mixed_batch(fresh, ["b", "a"]):
+        got = logits(fresh)
+    torch.testing.assert_close(got[0], want["b"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want["a"][1], rtol=1e-5, atol=1e-5)
+    lora.delete_adapter(fresh, "a")
+    assert fresh.lm_head.adapter_names == ["b"]
+    lora.delete_adapter(fresh, "b")
+    assert (
+        type(fresh.lm_head) is nn.Linear and fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    )
+
+
+def test_a_module_both_targeted_and_saved_is_refused():
+    model = tied()
+    with pytest.raises(lora.InjectionError, match=r"modules_to_save: 'lm_head' is a LoRA target"):
+        lora.inject(
+            model, lora.LoRAConfig(r=2, target_modules=["lm_head"], modules_to_save=["lm_head"])
+        )
+
+
+def test_ensure_weight_tying_reads_and_writes_peft_key():
+    cfg = lora.LoRAConfig(
+        target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
+    )
+    assert cfg.to_peft_dict()["ensure_weight_tying"] is True
+    assert lora.LoRAConfig.from_peft_dict(cfg.to_peft_dict()).ensure_weight_tying is True
+    with pytest.raises(TypeError, match="ensure_weight_tying='yes'"):
+        lora.LoRAConfig(ensure_weight_tying="yes")
+
+
+def test_a_second_all_linear_adapter_leaves_the_wrapped_head_alone(tmp_path):
+    model = tied()
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"]))
+    other = lora.inject(tied(), lora.LoRAConfig(r=2, target_modules="all-linear"))
+    lora.save_adapter(other, tmp_path / "all")
+    lora.load_adapter(model, tmp_path / "all", adapter_name="all")
+    assert isinstance(model.lm_head, ModulesToSaveWrapper)
+    assert not isinstance(model.lm_head.original_module, lora.LoRALayer)
+    assert not isinstance(model.lm_head.modules_to_save["default"], lora.LoRALayer)
+
+
+def test_ensure_weight_tying_without_a_tie_warns():
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**dict(TIED, tie_word_embeddings=False))).eval()
+    with pytest.warns(UserWarning, match="ensure_weight_tying=True, but no module"):
+        cfg = lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"],
+                              ensure_weight_tying=True)
+        lora.inject(model, cfg)
