@@ -371,6 +371,7 @@ def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plai
     from lora.models import phi3
 
     model = _decoder_layer_with_lora(dropout=0.0).double()
+    model.chunked_loss = True  # opt-in
     ids = torch.randint(3, 96, (2, 12))
     labels = ids.clone()
     labels[:, :5] = -100

@@ -906,9 +906,11 @@ class Phi3ForCausalLM(nn.Module):
         targets = labels[:, 1:]  # (b, s-1): position t predicts token t+1
         counted = targets != IGNORE_INDEX
         head = self.lm_head
-        if (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-                and not torch.compiler.is_compiling()):
-            # A frozen plain head (LoRA's usual case): chunked, never the whole (N, V) logits.
+        if (getattr(self, "chunked_loss", False) and type(head) is nn.Linear and head.bias is None
+                and not head.weight.requires_grad and not torch.compiler.is_compiling()):
+            # Opt-in (model.chunked_loss = True): a frozen plain head, chunked, never the whole
+            # (N, V) logits. Off by default: the two-rank DDP parity test
+            # (tests/test_distributed.py) does not yet match with it; not understood yet.
             total = linear_cross_entropy(hidden[:, :-1][counted], head.weight, targets[counted])
         else:
             logits = head(hidden[:, :-1][counted]).float()  # (N, V)
