@@ -43,9 +43,10 @@ format: $(DEV_STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# Every benchmark; writes benchmarks/results/{results.md,results.json,ratios.png}. BENCH_ARGS=--full
+# adds full-size Phi-3-mini (minutes); BENCH_ARGS=--quick is a ~5-minute subset.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_layers.py
-	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

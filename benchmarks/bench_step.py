@@ -1,5 +1,11 @@
 """One LoRA fine-tuning step (forward + backward + AdamW step) of a Phi-3-shaped model, ours beside PEFT.
 
+Defaults: Phi-3-mini's layer shapes (hidden 3072, intermediate 8192, 32 heads, vocab 32064) with 2
+layers, batch 2 x 512, in fp32; --dtype bfloat16 for the recipe's dtype; --labels all|chat (every
+token labelled, or the last quarter); --full for the whole 32-layer Phi-3-mini (batch 1 x 512, bf16,
+activation checkpointing, each variant in its own process: it takes minutes and ~10 GB each);
+--small for the earlier small model (hidden 512, 4 layers, batch 4 x 256). --json writes the figures.
+
 Ours: lora.models.Phi3ForCausalLM + lora.inject. Theirs: transformers.Phi3ForCausalLM (sdpa) +
 peft.get_peft_model. Both: r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", the
 same base weights and LoRA A matrices, the same inputs, and a chat-like label mask (the first 75% of
@@ -25,14 +31,16 @@ import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
-import warnings
 import zlib
 
+import warnings
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
@@ -96,7 +104,10 @@ def build(variant: str, args):
 
         model = Phi3ForCausalLM(Phi3Config(**dims))
         fill_base_weights(model)
-        lora.inject(model, lora.LoRAConfig(**LORA))
+        model.to(args.torch_dtype)
+        lora.inject(model, lora.LoRAConfig(**LORA))  # lora_dtype="auto": fp32 adapters on bf16
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()
     elif variant == "peft":
         import peft
         import transformers
@@ -104,8 +115,16 @@ def build(variant: str, args):
         config = transformers.Phi3Config(**dims, attn_implementation="sdpa")
         model = transformers.Phi3ForCausalLM(config)
         if model.config._attn_implementation != "sdpa":
-            raise SystemExit(f"transformers picked attention {model.config._attn_implementation!r}, not sdpa")
+            raise SystemExit(
+                f"transformers picked attention {model.config._attn_implementation!r}, not sdpa"
+            )
         fill_base_weights(model)
+        model.to(args.torch_dtype)
+        if args.checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        # autocast_adapter_dtype (PEFT's default) keeps fp32 adapters on a bf16 base, as ours.
         model = peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
     else:
         raise ValueError(variant)
@@ -122,7 +141,8 @@ def make_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, min(args.vocab, 32000), (args.batch, args.seq), generator=gen)
     labels = input_ids.clone()
-    labels[:, : int(PROMPT_FRACTION * args.seq)] = -100  # prompt tokens: no loss
+    if args.labels == "chat":
+        labels[:, : int(PROMPT_FRACTION * args.seq)] = -100  # prompt tokens: no loss
     return input_ids, labels
 
 
@@ -204,7 +224,16 @@ def measure_memory(variant: str, args) -> dict:
     for _ in range(steps):
         train_step(model, opt, input_ids, labels)
     peak_rss = maxrss_mb()
-    alloc = allocator_peak_mb(lambda: train_step(model, opt, input_ids, labels))
+    step_times = []
+    if args.time_in_subprocess:  # --full: two full-size models do not fit side by side
+        step_times = C.interleaved(
+            {"step": lambda: train_step(model, opt, input_ids, labels)}, args.repeat, warmup=0
+        )["step"]
+    alloc = (
+        None
+        if args.time_in_subprocess
+        else allocator_peak_mb(lambda: train_step(model, opt, input_ids, labels))
+    )
     return dict(
         variant=variant,
         base_rss_mb=base_rss,
@@ -215,13 +244,30 @@ def measure_memory(variant: str, args) -> dict:
         build_peak_mb=build_peak,
         alloc_peak_mb=alloc,
         steps=steps,
+        step_times=step_times,
     )
 
 
 def memory_in_subprocess(variant: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--memory-only"]
-    for key in ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch", "seq", "repeat"):
+    for key in (
+        "vocab",
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "kv_heads",
+        "batch",
+        "seq",
+        "repeat",
+        "dtype",
+        "labels",
+    ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.checkpointing:
+        cmd.append("--checkpointing")
+    if args.time_in_subprocess:
+        cmd.append("--time-in-subprocess")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"memory subprocess for {variant} failed:\n{out.stderr[-3000:]}")
@@ -246,104 +292,224 @@ def profile_top(name, model, opt, input_ids, labels, top: int) -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_step(model, opt, input_ids, labels)
+    table = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=45
+    )
     print(f"\n--- torch.profiler, one step of {name}: top {top} ops by self CPU time ---")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=45))
+    print(table)
+    return table
+
+
+def model_flops(args, n_logits: int) -> float:
+    """FLOPs one LoRA step must do at least: forward and input-gradient of every frozen matmul
+    (2 x 2 x params x tokens; a frozen weight needs no weight gradient), causal attention (forward
+    2·b·s²·h a layer, backward twice that), and the output head at the n_logits positions where
+    logits are needed. The adapters' own matmuls (r = 16: under 2%) and elementwise work are left out."""
+    h, inter, kv = args.hidden, args.intermediate, args.kv_heads * (args.hidden // args.heads)
+    per_layer = h * (h + 2 * kv) + h * h + h * 2 * inter + inter * h
+    tokens = args.batch * args.seq
+    linear = 2 * 2 * per_layer * args.layers * tokens
+    attention = 3 * args.layers * 2 * args.batch * args.seq**2 * h
+    head = 2 * 2 * h * args.vocab * n_logits
+    return float(linear + attention + head)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--vocab", type=int, default=32064)
+    ap.add_argument("--hidden", type=int, default=3072)
+    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument(
+        "--labels",
+        choices=("all", "chat"),
+        default="all",
+        help="all: every token labelled; chat: only the last quarter of each sequence",
+    )
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="the earlier small model: hidden 512, intermediate 1376, 4 layers, 8 heads, 4 x 256",
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="full-size Phi-3-mini: 32 layers, batch 1 x 512, bf16, checkpointing, one process each",
+    )
+    ap.add_argument("--repeat", type=int, default=C.MIN_REPEAT)
+    ap.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="the machine's matmul peak in this dtype (FLOP/s); measured when not given",
+    )
+    ap.add_argument("--variant", choices=("both",) + VARIANTS, default="both")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, print torch.profiler's top N ops of one step of each variant",
+    )
+    ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument(
+        "--memory-only", action="store_true", help=argparse.SUPPRESS
+    )  # the subprocess mode
+    ap.add_argument("--time-in-subprocess", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.small:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1376, 4, 8, 8
+        args.batch, args.seq = 4, 256
+    if args.full:
+        args.layers, args.batch, args.seq, args.dtype, args.checkpointing = (
+            32,
+            1,
+            512,
+            "bfloat16",
+            True,
+        )
+        args.time_in_subprocess = True
+    args.torch_dtype = getattr(torch, args.dtype)
+    return args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=32064)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1376)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--variant", choices=("both",) + VARIANTS, default="both")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after timing, print torch.profiler's top N ops of one step of each variant")
-    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess mode
-    args = ap.parse_args()
-
+    args = parse_args()
     if args.memory_only:
         print(json.dumps(measure_memory(args.variant, args)))
         return
 
     variants = VARIANTS if args.variant == "both" else (args.variant,)
-    # Memory first, while this process is still small.
+    # Memory first, while this process is still small (and, with --full, the timing too).
     mem = {v: memory_in_subprocess(v, args) for v in variants}
-
     input_ids, labels = make_inputs(args)
-    models = {v: build(v, args) for v in variants}
     n_labelled = int((labels[:, 1:] != -100).sum())
     print(
         f"Phi-3-shaped: vocab={args.vocab} hidden={args.hidden} intermediate={args.intermediate} "
         f"layers={args.layers} heads={args.heads}/{args.kv_heads}; batch={args.batch} seq={args.seq} "
         f"({n_labelled} of {args.batch * (args.seq - 1)} targets labelled); "
-        f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear; fp32; "
-        f"torch {torch.__version__}, threads={torch.get_num_threads()}"
+        f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear; "
+        f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}; "
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}",
+        flush=True,
     )
-    print("trainable params: " + ", ".join(f"{v} {trainable_count(m):,}" for v, (m, _) in models.items()))
-
-    losses = check_losses(models, input_ids, labels)
-    ok = True
-    for step in range(2):
-        line = "  ".join(f"{v} {losses[v][step]:.6f}" for v in variants)
-        if len(variants) == 2:
-            a, b = (losses[v][step] for v in variants)
-            rel = abs(a - b) / max(abs(a), 1e-12)
-            line += f"   rel diff {rel:.2e}"
-            # Step 1 must match (B = 0: the base model's loss). Step 2 matches too when both draw the same
-            # dropout masks, which is an implementation detail: reported, not required.
-            if step == 0 and rel > 1e-4:
-                ok = False
-        print(f"loss, step {step + 1}: {line}")
-    if not ok:
-        raise SystemExit("the two variants compute different losses on the first step: timing them is meaningless")
-
-    # Warm-up (2 steps each; the loss check above already ran 2), then interleaved timing.
-    for model, opt in models.values():
-        for _ in range(2):
-            train_step(model, opt, input_ids, labels)
-    times = {v: [] for v in variants}
-    for i in range(args.repeat):
-        order = variants if i % 2 == 0 else variants[::-1]
-        for v in order:
-            model, opt = models[v]
-            t0 = time.perf_counter()
-            train_step(model, opt, input_ids, labels)
-            times[v].append(time.perf_counter() - t0)
-    med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
-
-    print(f"\nmedian of {args.repeat} steps (forward + backward + AdamW) after 2 warm-up steps; variants interleaved")
-    print(f"{'variant':8s} {'step ms':>9s} {'min..max ms':>17s} {'RSS work MB':>12s} {'alloc peak MB':>14s}")
-    for v in variants:
-        m = mem[v]
-        alloc = "n/a" if m["alloc_peak_mb"] is None else f"{m['alloc_peak_mb']:.0f}"
-        spread = f"{min(times[v]) * 1e3:.0f}..{max(times[v]) * 1e3:.0f}"
-        print(f"{v:8s} {med[v]:9.1f} {spread:>17s} {m['working_set_mb']:12.0f} {alloc:>14s}")
-    if len(variants) == 2:
-        o, p = mem["ours"], mem["peft"]
-        ratio_alloc = (
-            f"{p['alloc_peak_mb'] / o['alloc_peak_mb']:.2f}x"
-            if o["alloc_peak_mb"] and p["alloc_peak_mb"] is not None else "n/a"
+    losses = {}
+    if args.time_in_subprocess:
+        times = {v: mem[v]["step_times"] for v in variants}
+    else:
+        models = {v: build(v, args) for v in variants}
+        losses = check_losses(models, input_ids, labels)
+        tol = 1e-4 if args.dtype == "float32" else 3e-2
+        for step in range(2):
+            line = "  ".join(f"{v} {losses[v][step]:.6f}" for v in variants)
+            if len(variants) == 2:
+                a, b = (losses[v][step] for v in variants)
+                rel = abs(a - b) / max(abs(a), 1e-12)
+                line += f"   rel diff {rel:.2e}"
+                # Step 1 must match (B = 0: the base model's loss). Step 2 matches too when both draw the
+                # same dropout masks, an implementation detail: reported, not required.
+                if step == 0 and rel > tol:
+                    raise SystemExit(
+                        "the two variants compute different losses on the first step: "
+                        "timing them is meaningless"
+                    )
+            print(f"loss, step {step + 1}: {line}")
+        # check_losses was the warm-up (2 steps each); the variants are timed interleaved.
+        times = C.interleaved(
+            {
+                v: (lambda m=m, o=o: train_step(m, o, input_ids, labels))
+                for v, (m, o) in models.items()
+            },
+            args.repeat,
+            warmup=1,
         )
-        print(f"{'peft/ours':8s} {med['peft'] / med['ours']:8.2f}x {'':>17s} "
-              f"{p['working_set_mb'] / max(o['working_set_mb'], 1e-9):11.2f}x {ratio_alloc:>14s}")
+    med = {v: C.median(t) for v, t in times.items()}
+    peak = args.peak_flops or C.matmul_peak(args.torch_dtype)["flops"]
+    # Ours computes logits only at labelled positions; transformers at every position.
+    n_logits = {"ours": n_labelled, "peft": args.batch * args.seq}
+    flops = model_flops(args, n_labelled)
+    tokens = args.batch * args.seq
+    rows = {}
+    for v in variants:
+        rows[v] = dict(
+            step_s=med[v],
+            tokens_per_s=tokens / med[v],
+            spread=C.spread(times[v]),
+            mfu=flops / med[v] / peak,
+            peak_rss_mb=mem[v]["peak_rss_mb"],
+            working_set_mb=mem[v]["working_set_mb"],
+            alloc_peak_mb=mem[v]["alloc_peak_mb"],
+            n_logits=n_logits[v],
+            losses=losses.get(v),
+        )
     print(
-        "RSS work = peak RSS over the steps minus RSS right after building the model and inputs, one subprocess "
-        "per variant" + ("" if all(m["hiwater_reset"] for m in mem.values()) else
-                         " (WARNING: could not reset the RSS high-water mark; a construction peak may hide it)")
-        + "; base RSS " + ", ".join(f"{v} {mem[v]['base_rss_mb']:.0f} MB" for v in variants) + "."
+        f"\nmedian of {len(times[variants[0]])} steps (forward + backward + AdamW); variants interleaved; "
+        f"model FLOPs {flops / 1e9:.0f} G a step; matmul peak {peak / 1e9:.0f} GFLOP/s"
     )
-    print("alloc peak = the torch CPU allocator's live-bytes peak during one step above the step's start "
-          "(torch.profiler profile_memory); memory taken outside the allocator is not in it.")
-
-    if args.profile:
+    print(
+        f"{'variant':8s} {'step ms':>9s} {'tokens/s':>9s} {'MFU':>6s} {'spread':>7s} {'peak RSS MB':>12s} "
+        f"{'RSS work MB':>12s} {'alloc MB':>9s}"
+    )
+    for v, r in rows.items():
+        alloc = "n/a" if r["alloc_peak_mb"] is None else f"{r['alloc_peak_mb']:.0f}"
+        print(
+            f"{v:8s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.1f} {r['mfu']:6.1%} {r['spread']:7.1%} "
+            f"{r['peak_rss_mb']:12.0f} {r['working_set_mb']:12.0f} {alloc:>9s}"
+        )
+    ratios = {}
+    if len(variants) == 2:
+        o, p = rows["ours"], rows["peft"]
+        ratios = dict(
+            speed=o["tokens_per_s"] / p["tokens_per_s"],
+            peak_rss=o["peak_rss_mb"] / p["peak_rss_mb"],
+            working_set=o["working_set_mb"] / max(p["working_set_mb"], 1e-9),
+        )
+        print(
+            f"ours/peft: {ratios['speed']:.2f}x tokens/s, {ratios['peak_rss']:.2f}x peak RSS, "
+            f"{ratios['working_set']:.2f}x RSS work"
+        )
+    print(
+        "peak RSS = ru_maxrss of the variant's own process over its steps (model included); RSS work = that "
+        "minus the RSS right after building the model and inputs."
+    )
+    profiles = {}
+    if args.profile and not args.time_in_subprocess:
         for v in variants:
-            profile_top(v, *models[v], input_ids, labels, args.profile)
+            profiles[v] = profile_top(v, *models[v], input_ids, labels, args.profile)
+    if args.json:
+        C.write_json(
+            args.json,
+            dict(
+                profiles=profiles,
+                machine=C.machine(),
+                dtype=args.dtype,
+                labels=args.labels,
+                checkpointing=args.checkpointing,
+                shape=dict(
+                    vocab=args.vocab,
+                    hidden=args.hidden,
+                    intermediate=args.intermediate,
+                    layers=args.layers,
+                    heads=args.heads,
+                    kv_heads=args.kv_heads,
+                    batch=args.batch,
+                    seq=args.seq,
+                ),
+                lora=LORA,
+                model_flops=flops,
+                peak_flops=peak,
+                variants=rows,
+                ours_over_peft=ratios,
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Every layer in :mod:`lora.layers` calls these; they hold no state. Notation, for
 The adapter path never forms ΔW: it costs two thin matmuls, O(tokens · r · (in + out)).
 
 The LoRA parameters may have another dtype than the base weight (fp32 adapters on a bf16 base):
-the adapter path runs in the adapter's dtype and its result is cast to the output's dtype.
+the adapter path runs in the activation's dtype (A and B, which are small, are cast to it, as
+autocast would; no fp32 copy of a bf16 activation is made), and gradients come back in each
+parameter's own dtype.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ __all__ = [
     "lora_scaling",
     "linear_delta_weight",
     "lora_linear",
+    "lora_linear_fused",
+    "dropout_keep_mask",
+    "realised_dropout_p",
     "merged_lora_B",
+    "merged_lora_blocks",
     "embedding_delta_weight",
     "lora_embedding",
     "conv_delta_weight",
@@ -66,14 +72,310 @@ def lora_linear(
     """
     result = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
     h = dropout(x) if dropout is not None else x
-    if h.dtype != lora_A.dtype:
-        h = h.to(lora_A.dtype)
+    # The adapter runs in the activation's dtype: cast the small A and B, never the activation.
+    if lora_A.dtype != h.dtype:
+        lora_A, lora_B = lora_A.to(h.dtype), lora_B.to(h.dtype)
     # Scale the thin (..., r) intermediate, not the (..., out) result. (Not torch.add(..., alpha=):
     # torch 2.13's inductor miscompiles that after a matmul on CPU.)
     adapter = F.linear(F.linear(h, lora_A) * scaling, lora_B)
     if adapter.dtype != result.dtype:
         adapter = adapter.to(result.dtype)
     return result.add_(adapter)  # in place: the base matmul's backward does not need its output
+
+
+# --- the fast path: one autograd function for the LoRA linear --------------------------------------
+#
+# What it saves for backward: the input x (the same tensor object, no copy: a frozen base layer
+# whose input needs a gradient keeps nothing but W, and the adapter needs x for dA anyway), the
+# parameters (no copies), the rank-r activation v = c·dropout_keep(x) Aᵀ of shape (tokens, r), and
+# an int seed. The dropout mask is never stored: backward draws the same random bits again from the
+# seed. Activations stay in their own dtype: the (tiny) A and B are cast to it, never x to theirs.
+
+# Dropout draws 16 random bits per element: one mt19937 (CPU) or Philox (CUDA) 64-bit draw yields
+# four elements' bits, about 4x fewer draws than one float per element. An element is dropped iff
+# its 16 bits, read as a signed int16 v, satisfy v < -32768 + round(65536·p): an exact
+# Bernoulli(p') with p' = round(65536·p) / 65536, independent across elements.
+_MASK_BITS = 16
+_MASK_LEVELS = 1 << _MASK_BITS
+
+
+def realised_dropout_p(p: float) -> float:
+    """The drop probability the fused dropout really uses: ``round(65536·p) / 65536``.
+
+    It is within 2⁻¹⁷ of ``p`` (0.05 becomes 3277/65536 = 0.0500030...), and at most
+    1 - 2⁻¹⁶. The kept elements are scaled by ``1 / (1 - p')``, so E[dropout(x)] = x exactly.
+    """
+    return min(round(p * _MASK_LEVELS), _MASK_LEVELS - 1) / _MASK_LEVELS
+
+
+# On CPU the mask is drawn and applied in row chunks of about this many elements: fresh tensors of
+# (tokens, in) cost page faults on every call (glibc hands big blocks back to the kernel), so the
+# chunk's buffers (a few hundred KiB, reused) are what makes dropout cheap. On CUDA the caching
+# allocator has no such cost: one chunk, the fewest kernel launches.
+_CPU_CHUNK_ELEMENTS = 1 << 16
+
+
+def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(rows, 1)
+    return max(1, min(rows, _CPU_CHUNK_ELEMENTS // max(cols, 1)))
+
+
+class _MaskStream:
+    """The keep-mask of a (rows, cols) input, drawn chunk by chunk in row order from a private
+    generator seeded with ``seed``. Iterating yields ``(start, n, keep)`` with keep (n, cols) uint8
+    (1 = kept; multiplying by uint8 is about twice as fast as by bool on CPU); ``keep`` is a
+    reused buffer, valid until the next step of the iteration."""
+
+    def __init__(self, rows: int, cols: int, p: float, seed: int, device: torch.device):
+        self.rows, self.cols, self.seed, self.device = rows, cols, seed, device
+        self.chunk = _chunk_rows(rows, cols, device)
+        self.threshold = -(1 << 15) + round(realised_dropout_p(p) * _MASK_LEVELS)
+
+    def __iter__(self):
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed)
+        cols = self.cols
+        words = torch.empty((self.chunk * cols + 3) // 4, dtype=torch.int64, device=self.device)
+        keep = torch.empty(self.chunk, cols, dtype=torch.bool, device=self.device)
+        for start in range(0, self.rows, self.chunk):
+            n = min(self.chunk, self.rows - start)
+            w = words[: (n * cols + 3) // 4]
+            # from=int64 min, to=None: all 64 bits random (random_'s full-range form).
+            w.random_(-(1 << 63), None, generator=gen)
+            lanes = w.view(torch.int16)[: n * cols].view(n, cols)
+            yield start, n, torch.ge(lanes, self.threshold, out=keep[:n]).view(torch.uint8)
+
+
+def dropout_keep_mask(
+    shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The boolean keep-mask (True = kept) that :func:`lora_linear_fused` uses for ``seed``.
+
+    ``shape`` is the input's shape (..., in). Deterministic in (shape, p, seed, device type):
+    backward draws it again instead of storing it. Each element is kept independently with
+    probability ``1 - realised_dropout_p(p)``. The bits come from a private ``torch.Generator``
+    seeded with ``seed``; the global generator is not touched here.
+    """
+    device = torch.device(device)
+    cols = shape[-1] if len(shape) else 1
+    rows = math.prod(shape[:-1]) if len(shape) else 1
+    out = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    for start, n, keep in _MaskStream(rows, cols, p, seed, device):
+        out[start : start + n] = keep.view(torch.bool)
+    return out.view(*shape)
+
+
+def _draw_seed() -> int:
+    # From torch's global CPU generator, so the RNG state a trainer saves and restores (and that
+    # torch.utils.checkpoint replays) fixes every mask: resume and recomputation stay bit-identical.
+    return int(torch.randint(0, 1 << 62, (1,)).item())
+
+
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
+    """The frozen base layer's forward, ``x Wᵀ + b``: the fused path's single base call site.
+
+    A quantised base (a 4-bit weight) plugs in here and in :func:`base_linear_input_grad`.
+    """
+    return F.linear(x, weight.T if fan_in_fan_out else weight, bias)
+
+
+def base_linear_input_grad(grad_out: Tensor, weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """``∂(x Wᵀ)/∂x`` applied to ``grad_out`` (tokens, out): ``grad_out @ W``, (tokens, in)."""
+    return grad_out @ (weight.T if fan_in_fan_out else weight)
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x Wᵀ + b + (c · keep(x) Aᵀ) Bᵀ, with c = scaling / (1 - p') and keep() the seeded mask.
+
+    x is 2-D (tokens, in) here; lora_linear_fused flattens leading dimensions. ``blocks``: None
+    (B is (out, r)), or the slices of a fused layer: (out_start, out_stop, b_start, a_start,
+    a_stop) each, B's rows b_start:b_start+(out_stop-out_start) writing those output rows from
+    A's rows a_start:a_stop; output rows in no block get no adapter.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, fan_in_fan_out, blocks):
+        A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+        B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
+        y = base_linear(x, weight, bias, fan_in_fan_out)
+        if p > 0:
+            c = scaling / (1.0 - realised_dropout_p(p))
+            v = x.new_empty(x.shape[0], A.shape[0])
+            stream = _MaskStream(x.shape[0], x.shape[1], p, seed, x.device)
+            hbuf = x.new_empty(stream.chunk, x.shape[1])
+            for start, n, keep in stream:
+                h = torch.mul(x[start : start + n], keep, out=hbuf[:n])
+                torch.mm(h, A.T, out=v[start : start + n])
+            del hbuf
+            v.mul_(c)
+        else:
+            v = (x @ A.T).mul_(scaling)  # (tokens, r): the only activation the adapter adds
+        for rows, vb, Bb in _blocks(blocks, v, B, y.shape[1]):
+            if y.dtype != v.dtype:  # a base whose output dtype differs from its input's (rare)
+                y[:, rows].add_((vb @ Bb.T).to(y.dtype))
+            else:
+                y[:, rows].addmm_(vb, Bb.T)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, v)
+        ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
+        ctx.blocks = blocks
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, v = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        p, fifo = ctx.p, ctx.fan_in_fan_out
+        g = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
+        g = g.contiguous()
+        A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+        B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
+        c = ctx.scaling / (1.0 - realised_dropout_p(p)) if p > 0 else ctx.scaling
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need_B:
+            grad_B = torch.zeros_like(B) if ctx.blocks is not None else None
+            for rows, vb, Bb in _blocks(ctx.blocks, v, B, g.shape[1]):
+                if grad_B is None:
+                    grad_B = g.T @ vb  # (out, r)
+                else:
+                    b0 = _b_start(ctx.blocks, rows)
+                    grad_B[b0 : b0 + Bb.shape[0]] = g[:, rows].T @ vb
+            grad_B = grad_B.to(lora_B.dtype)
+        if need_x:
+            grad_x = base_linear_input_grad(g, weight, fifo)
+        if need_A or need_x:
+            # (tokens, r·k): ∂L/∂(keep(x) Aᵀ)
+            if ctx.blocks is None:
+                du = g @ B
+            else:
+                du = v.new_zeros(v.shape)
+                for (o0, o1, b0, a0, a1) in ctx.blocks:
+                    du[:, a0:a1] = g[:, o0:o1] @ B[b0 : b0 + (o1 - o0)]
+            du.mul_(c)
+            if p == 0:
+                if need_A:
+                    grad_A = (du.T @ x).to(lora_A.dtype)
+                if need_x:
+                    grad_x.addmm_(du, A)
+            else:
+                # Chunk by chunk, with the mask drawn again; a low-precision x accumulates dA
+                # in fp32 across chunks.
+                acc_dtype = torch.float32 if _low_precision(x.dtype) else x.dtype
+                if need_A:
+                    grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device)
+                stream = _MaskStream(x.shape[0], x.shape[1], p, ctx.seed, x.device)
+                buf = x.new_empty(stream.chunk, x.shape[1])
+                for start, n, keep in stream:
+                    rows = slice(start, start + n)
+                    if need_A:
+                        h = torch.mul(x[rows], keep, out=buf[:n])
+                        if acc_dtype == x.dtype:
+                            grad_A.addmm_(du[rows].T, h)
+                        else:
+                            grad_A.add_(du[rows].T @ h)
+                    if need_x:
+                        grad_x[rows].add_(torch.mm(du[rows], A, out=buf[:n]).mul_(keep))
+                if need_A:
+                    grad_A = grad_A.to(lora_A.dtype)
+        if need_w:
+            gw = g.T @ x  # (out, in)
+            grad_w = (gw.T if fifo else gw).to(weight.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            grad_b = grad_y.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None
+
+
+def _blocks(blocks, v: Tensor, B: Tensor, out_features: int):
+    """(output rows, v's columns, B's rows) per adapter block; one block without ``blocks``."""
+    if blocks is None:
+        yield slice(0, out_features), v, B
+        return
+    for o0, o1, b0, a0, a1 in blocks:
+        yield slice(o0, o1), v[:, a0:a1], B[b0 : b0 + (o1 - o0)]
+
+
+def _b_start(blocks, rows: slice) -> int:
+    return next(b0 for o0, _, b0, _, _ in blocks if o0 == rows.start)
+
+
+def lora_linear_fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+    seed: int | None = None,
+    blocks: Sequence[tuple[int, int, int, int, int]] | None = None,
+) -> Tensor:
+    """``x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` as one autograd function (the layers' fast path).
+
+    Shapes: x (..., in); weight (out, in), or (in, out) when ``fan_in_fan_out``; bias (out,) or
+    None; lora_A (r, in); lora_B (out, r). Returns (..., out) in x's dtype (the base's result).
+
+    ``dropout_p`` in [0, 1): inverted dropout on the adapter's input, each element dropped
+    independently with probability :func:`realised_dropout_p` (p to within 2⁻¹⁷). The mask comes
+    from ``seed`` (default: drawn from torch's global CPU generator, so saved RNG state covers it)
+    and is regenerated in backward, never stored. Saved for backward: x itself, the parameters and
+    the (..., r) rank-r activation. The adapter runs in x's dtype (fp32 A and B are cast to a bf16
+    x's dtype, not x to theirs); gradients come back in each parameter's own dtype.
+
+    ``blocks`` (a fused layer, :meth:`lora.MergedLinear.lora_blocks`): lora_B is the compact
+    (Σ enabled sizes, r) matrix and each block ``(out_start, out_stop, b_start, a_start, a_stop)``
+    adds ``v[:, a_start:a_stop] @ B[b_start:b_start + out_stop - out_start]ᵀ`` to those output
+    columns; the (out, r·k) expanded B is never built or saved.
+
+    Under ``torch.compile`` (and under autocast) this calls the plain composite :func:`lora_linear`
+    instead, so that inductor fuses it (with its own RNG for dropout).
+    Raises ``ValueError`` for ``dropout_p`` outside [0, 1).
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r}: expected a float in [0, 1)")
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        # Compiled: let inductor fuse it. Autocast: its per-op casting rules apply to the composite.
+        drop = (lambda t: F.dropout(t, dropout_p, training=True)) if dropout_p > 0 else None
+        if blocks is not None:
+            lora_B = _expand_blocks(lora_B, blocks, weight.shape[1 if fan_in_fan_out else 0],
+                                    lora_A.shape[0])
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, drop, fan_in_fan_out)
+    if dropout_p > 0 and seed is None:
+        seed = _draw_seed()
+    lead = x.shape[:-1]
+    out = _LoRALinear.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+        seed if seed is not None else 0, bool(fan_in_fan_out),
+        tuple(tuple(b) for b in blocks) if blocks is not None else None,
+    )
+    return out.view(*lead, out.shape[-1])
+
+
+def _expand_blocks(lora_B: Tensor, blocks, out_features: int, rk: int) -> Tensor:
+    out = lora_B.new_zeros(out_features, rk)
+    for o0, o1, b0, a0, a1 in blocks:
+        out[o0:o1, a0:a1] = lora_B[b0 : b0 + (o1 - o0)]
+    return out
+
+
+def merged_lora_blocks(
+    split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int
+) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The adapter blocks of a :class:`~lora.MergedLinear` for :func:`lora_linear_fused`: one
+    ``(out_start, out_stop, b_start, a_start, a_stop)`` per enabled slice."""
+    blocks, row, src, col = [], 0, 0, 0
+    for size, enabled in zip(split_sizes, enable_lora):
+        if enabled:
+            blocks.append((row, row + size, src, col, col + r))
+            src += size
+            col += r
+        row += size
+    return tuple(blocks)
 
 
 def merged_lora_B(lora_B: Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int) -> Tensor:

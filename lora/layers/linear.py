@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as LF
@@ -82,7 +81,19 @@ class _LinearBase(LoRALayer, nn.Linear):
             nn.init.zeros_(self.lora_B)
 
     def _base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+        return LF.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+
+    def _lora_forward(self, x: Tensor, blocks=None) -> Tensor:
+        # The fused autograd function when the dropout is plain (or none); any other dropout
+        # module (a user's own) goes through the composite path, which calls it.
+        drop = self.lora_dropout
+        if isinstance(drop, nn.Identity) or type(drop) is nn.Dropout:
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            return LF.lora_linear_fused(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                                        self.scaling, p, self.fan_in_fan_out, blocks=blocks)
+        lora_B = self.lora_B if blocks is None else self.expanded_lora_B()
+        return LF.lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling,
+                              drop, self.fan_in_fan_out)
 
 
 class Linear(_LinearBase):
@@ -156,10 +167,7 @@ class Linear(_LinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.r > 0 and not self.merged:
-            return LF.lora_linear(
-                x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                self._dropout_or_none(), self.fan_in_fan_out,
-            )
+            return self._lora_forward(x)
         return self._base_forward(x)
 
 
@@ -315,15 +323,16 @@ class MergedLinear(_LinearBase):
         """(out, r·k): ``lora_B``'s blocks placed on their slices' rows, zeros elsewhere."""
         return LF.merged_lora_B(self.lora_B, self.split_sizes, self.enable_lora, self.r)
 
+    def lora_blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """Per enabled slice: (out_start, out_stop, lora_B row start, lora_A row start, stop)."""
+        return LF.merged_lora_blocks(self.split_sizes, self.enable_lora, self.r)
+
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.expanded_lora_B(), self.scaling, self.fan_in_fan_out)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.has_adapter and not self.merged:
-            return LF.lora_linear(
-                x, self.weight, self.bias, self.lora_A, self.expanded_lora_B(), self.scaling,
-                self._dropout_or_none(), self.fan_in_fan_out,
-            )
+            return self._lora_forward(x, self.lora_blocks())
         return self._base_forward(x)
 
     def extra_repr(self) -> str:

@@ -715,6 +715,50 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch
     return resolved
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross_entropy(hidden Wᵀ, targets) for a frozen W, in row chunks: the gradient for hidden is
+    computed chunk by chunk in forward (softmax − one-hot, times W) and kept, (N, h); the (N, V)
+    logits never exist at once and backward only scales the kept gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        n = hidden.shape[0]
+        want_grad = hidden.requires_grad
+        grad = torch.empty_like(hidden) if want_grad else None
+        # The loss in fp32 for bf16/fp16 (as the plain path's .float()), else in hidden's dtype.
+        acc = torch.float32 if hidden.dtype in (torch.bfloat16, torch.float16) else hidden.dtype
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            logits = (hidden[rows] @ weight.T).to(acc)  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = targets[rows]
+            total += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            if want_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(probs.shape[0], device=probs.device), tgt] -= 1.0
+                torch.mm(probs.to(hidden.dtype), weight, out=grad[rows])
+            del logits
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256
+) -> Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` (in fp32) for a frozen
+    ``weight`` (V, h), with hidden (N, h) and targets (N,), chunk rows at a time: peak memory one
+    (chunk, V) block instead of (N, V). The gradient flows to ``hidden`` only."""
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
 class Phi3ForCausalLM(nn.Module):
     """Phi-3 decoder with a language-model head: ``model`` (Phi3Model) and ``lm_head``.
 
@@ -861,8 +905,16 @@ class Phi3ForCausalLM(nn.Module):
         """Cross-entropy with lm_head run only where a label counts: (N, h) -> (N, V) instead of (b, s, V)."""
         targets = labels[:, 1:]  # (b, s-1): position t predicts token t+1
         counted = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[:, :-1][counted]).float()  # (N, V)
-        total = F.cross_entropy(logits, targets[counted], reduction="sum")
+        head = self.lm_head
+        if (getattr(self, "chunked_loss", False) and type(head) is nn.Linear and head.bias is None
+                and not head.weight.requires_grad and not torch.compiler.is_compiling()):
+            # Opt-in (model.chunked_loss = True): a frozen plain head, chunked, never the whole
+            # (N, V) logits. Off by default: the two-rank DDP parity test
+            # (tests/test_distributed.py) does not yet match with it; not understood yet.
+            total = linear_cross_entropy(hidden[:, :-1][counted], head.weight, targets[counted])
+        else:
+            logits = head(hidden[:, :-1][counted]).float()  # (N, V)
+            total = F.cross_entropy(logits, targets[counted], reduction="sum")
         denominator = counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return total / denominator
 

@@ -1,0 +1,92 @@
+"""What the benchmark scripts share: interleaved timing, the machine's matmul peak, JSON output.
+
+Method (issue 10): every variant is warmed up, then the variants run interleaved (the order rotates
+each round, so slow spells of a shared machine hit all of them alike), and each figure is the
+median of at least 7 runs. Ratios are taken between medians of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+MIN_REPEAT = 7
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeat: int = MIN_REPEAT, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per call of each ``fns[name]()``: ``warmup`` calls each, then ``repeat`` rounds in
+    which every variant runs once, in an order that rotates from round to round."""
+    repeat = max(repeat, MIN_REPEAT)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(repeat):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> float:
+    """(max - min) / median: how noisy a figure was."""
+    return (max(xs) - min(xs)) / statistics.median(xs)
+
+
+def matmul_peak(dtype: torch.dtype, repeat: int = MIN_REPEAT) -> dict:
+    """The machine's measured matmul rate (FLOP/s) in ``dtype``: the best median over the GEMM
+    shapes of a Phi-3-mini layer at 1024 tokens (3072→3072, 3072→9216, 3072→16384, 8192→3072)."""
+    best = {"flops": 0.0}
+    for k, n in ((3072, 3072), (3072, 9216), (3072, 16384), (8192, 3072)):
+        a = torch.randn(1024, k, dtype=dtype)
+        b = torch.randn(n, k, dtype=dtype)
+        out = torch.empty(1024, n, dtype=dtype)
+        t = median(interleaved({"mm": lambda: torch.mm(a, b.T, out=out)}, repeat, warmup=2)["mm"])
+        rate = 2 * 1024 * k * n / t
+        if rate > best["flops"]:
+            best = {"flops": rate, "shape": [1024, k, n], "seconds": t}
+    best["dtype"] = str(dtype).removeprefix("torch.")
+    return best
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def write_json(path: str, obj) -> None:
+    """Atomically: a temporary file in the same folder, then a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

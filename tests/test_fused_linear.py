@@ -1,0 +1,406 @@
+"""The fused LoRA linear (lora.functional.lora_linear_fused): gradients against autograd on a dense
+reference, what it saves for backward, its dropout's statistics, and determinism under the RNG."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora
+import lora.functional as LF
+from reference import randomize_lora
+from tiny import TINY_PHI3
+
+
+def dense_reference(x, W, b, A, B, s, keep, p, fifo):
+    """x Wᵀ + b + s · ((x ⊙ keep / (1 - p')) Aᵀ) Bᵀ with plain differentiable ops."""
+    Wm = W.T if fifo else W
+    y = x @ Wm.T + (b if b is not None else 0)
+    if keep is not None:
+        x = x * keep.to(x.dtype) / (1 - LF.realised_dropout_p(p))
+    return y + s * (x @ A.T) @ B.T
+
+
+@st.composite
+def fused_case(draw):
+    tokens = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
+    fin, fout, r = draw(st.integers(1, 40)), draw(st.integers(1, 12)), draw(st.integers(1, 4))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    dt = torch.float64
+    fifo = draw(st.booleans())
+    W = torch.randn((fin, fout) if fifo else (fout, fin), generator=g, dtype=dt)
+    b = torch.randn(fout, generator=g, dtype=dt) if draw(st.booleans()) else None
+    A, B = torch.randn(r, fin, generator=g, dtype=dt), torch.randn(fout, r, generator=g, dtype=dt)
+    x = torch.randn(*tokens, fin, generator=g, dtype=dt)
+    p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.5, 0.9]))
+    grads = dict(
+        x=draw(st.booleans()),
+        W=draw(st.booleans()),
+        b=draw(st.booleans()),
+        A=draw(st.booleans()),
+        B=True,
+    )
+    return x, W, b, A, B, draw(st.sampled_from([0.5, 2.0])), p, fifo, grads
+
+
+@given(fused_case())
+@settings(max_examples=60, deadline=None)
+def test_fused_forward_and_gradients_match_autograd_on_dense_reference(case):
+    x, W, b, A, B, s, p, fifo, grads = case
+    seed = 1234
+    leaves = dict(x=x, W=W, b=b, A=A, B=B)
+    ours = {
+        k: (v.clone().requires_grad_(grads[k]) if v is not None else None)
+        for k, v in leaves.items()
+    }
+    ref = {
+        k: (v.clone().requires_grad_(grads[k]) if v is not None else None)
+        for k, v in leaves.items()
+    }
+    y = LF.lora_linear_fused(
+        ours["x"], ours["W"], ours["b"], ours["A"], ours["B"], s, p, fifo, seed=seed
+    )
+    keep = LF.dropout_keep_mask(x.shape, p, seed) if p > 0 else None
+    want = dense_reference(ref["x"], ref["W"], ref["b"], ref["A"], ref["B"], s, keep, p, fifo)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(want)
+    (y * weights).sum().backward()
+    (want * weights).sum().backward()
+    for k in leaves:
+        if ours[k] is None:
+            continue
+        if grads[k]:
+            torch.testing.assert_close(ours[k].grad, ref[k].grad, rtol=1e-10, atol=1e-10, msg=k)
+        else:
+            assert ours[k].grad is None, k
+
+
+def test_fused_passes_gradcheck_with_dropout():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(2, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda x, b, A, B: LF.lora_linear_fused(x, W, b, A, B, 1.5, 0.3, seed=99)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, b, A, B))
+
+
+def test_fused_rejects_a_bad_dropout_p():
+    x, W, A, B = torch.randn(2, 3), torch.randn(4, 3), torch.randn(1, 3), torch.randn(4, 1)
+    with pytest.raises(ValueError, match="dropout_p=1.0"):
+        LF.lora_linear_fused(x, W, None, A, B, 1.0, 1.0)
+
+
+# --- dropout statistics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_mask_drops_each_element_with_probability_p(p):
+    shape = (300, 1000)  # several CPU chunks
+    n = math.prod(shape)
+    p_real = LF.realised_dropout_p(p)
+    assert abs(p_real - p) <= 2**-17
+    drop = ~LF.dropout_keep_mask(shape, p, seed=5)
+    sigma = math.sqrt(p_real * (1 - p_real) / n)
+    assert abs(drop.float().mean().item() - p_real) < 5 * sigma
+    # Independence: neighbours along a row and down a column, and across a chunk boundary.
+    d = drop.double()
+    for a, b in ((d[:, 1:], d[:, :-1]), (d[1:], d[:-1])):
+        joint = (a * b).mean().item()
+        sigma2 = math.sqrt(p_real**2 * (1 - p_real**2) / a.numel())
+        assert abs(joint - p_real**2) < 5 * sigma2
+    # Rows and columns each have the same rate (no per-row or per-column pattern).
+    rows, cols = d.mean(1), d.mean(0)
+    assert abs(rows.mean().item() - p_real) < 5 * sigma
+    assert rows.std().item() < 2 * math.sqrt(p_real * (1 - p_real) / shape[1])
+    assert cols.std().item() < 2 * math.sqrt(p_real * (1 - p_real) / shape[0])
+
+
+def test_dropout_chunks_are_distinct_and_seeds_differ():
+    shape = (256, 512)
+    chunk = LF._chunk_rows(shape[0], shape[1], torch.device("cpu"))
+    assert chunk < shape[0]  # the test spans chunks
+    m = LF.dropout_keep_mask(shape, 0.5, seed=11)
+    assert not torch.equal(m[:chunk], m[chunk : 2 * chunk])
+    assert not torch.equal(m, LF.dropout_keep_mask(shape, 0.5, seed=12))
+    assert torch.equal(m, LF.dropout_keep_mask(shape, 0.5, seed=11))
+
+
+def test_fused_dropout_is_unbiased():
+    """E[output] equals the dropout-free output: kept elements are scaled by 1 / (1 - p')."""
+    torch.manual_seed(0)
+    layer = lora.Linear(64, 8, r=4, lora_alpha=4, lora_dropout=0.3, bias=False)
+    randomize_lora(layer)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        lora_out = torch.stack([layer(x) for _ in range(400)]).mean(0) - F.linear(x, layer.weight)
+        want = x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling
+    # Each mean is over 400 draws of a sum over 64 inputs: allow 5 standard errors.
+    err = (lora_out - want).abs().max().item()
+    assert err < 5 * want.abs().mean().item() * math.sqrt(0.3 / 0.7 / 400) * 3
+
+
+# --- determinism -------------------------------------------------------------------------------
+
+
+def _step(layer, x, seed):
+    torch.manual_seed(seed)
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.square().sum().backward()
+    return y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_same_rng_state_gives_bit_identical_output_and_gradients(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = lora.Linear(50, 6, r=3, lora_dropout=0.2)
+    else:
+        layer = lora.MergedLinear(50, 9, r=3, lora_dropout=0.2, enable_lora=[True, False, True])
+    randomize_lora(layer)
+    x = torch.randn(3, 40, 50)
+    first, again, other = _step(layer, x, 7), _step(layer, x, 7), _step(layer, x, 8)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_rng_state_restore_replays_the_same_masks():
+    """What resume relies on: the mask seeds come from torch's global generator."""
+    torch.manual_seed(3)
+    layer = lora.Linear(20, 5, r=2, lora_dropout=0.5)
+    randomize_lora(layer)
+    x = torch.randn(8, 20)
+    state = torch.get_rng_state()
+    a = layer(x)
+    torch.set_rng_state(state)
+    assert torch.equal(layer(x), a)
+
+
+def test_gradient_checkpointing_recomputes_the_same_mask():
+    torch.manual_seed(0)
+    layer = lora.Linear(30, 6, r=2, lora_dropout=0.4)
+    randomize_lora(layer)
+    x = torch.randn(10, 30, requires_grad=True)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
+        y.square().sum().backward()
+        grads.append((x.grad.clone(), layer.lora_A.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+# --- memory: what is saved, and no fp32 copies of bf16 activations ------------------------------
+
+
+def saved_bytes(fn, exclude=()):
+    """Bytes of distinct tensor storages saved for backward by ``fn()``, leaving out ``exclude``."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_saved_for_backward_is_the_input_plus_the_rank_r_activation(kind, dtype):
+    tokens, fin, r = 64, 96, 4
+    base = torch.nn.Linear(fin, 3 * 32, bias=False, dtype=dtype)
+    if kind == "linear":
+        layer = lora.Linear.from_base(base, r=r, lora_dropout=0.1, lora_dtype=torch.float32)
+    else:
+        layer = lora.MergedLinear.from_base(
+            base, r=r, enable_lora=[True, False, True], lora_dropout=0.1, lora_dtype=torch.float32
+        )
+    x = torch.randn(tokens, fin, dtype=dtype, requires_grad=True)
+    params = list(layer.parameters())
+    got, y = saved_bytes(lambda: layer(x), exclude=params + [x])
+    k = 2 if kind == "merged" else 1
+    # Only the (tokens, r·k) rank-r activation: no dropped copy of x, no mask, no expanded B.
+    allowance = tokens * r * k * x.element_size()
+    assert got <= allowance, got
+    y.sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+
+
+class _RecordOutputs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), t.dtype, t.numel()))
+        return out
+
+
+def test_no_fp32_copy_of_a_bf16_activation():
+    tokens, fin, fout = 32, 64, 48
+    base = torch.nn.Linear(fin, fout, bias=False, dtype=torch.bfloat16)
+    layer = lora.Linear.from_base(base, r=4, lora_dropout=0.1, lora_dtype=torch.float32)
+    x = torch.randn(tokens, fin, dtype=torch.bfloat16, requires_grad=True)
+    with _RecordOutputs() as rec:
+        layer(x).sum().backward()
+    big_fp32 = [o for o in rec.outputs if o[1] == torch.float32 and o[2] >= tokens * min(fin, fout)]
+    assert not big_fp32, big_fp32
+
+
+def test_layers_use_the_fused_function(monkeypatch):
+    calls = []
+    real = LF.lora_linear_fused
+    monkeypatch.setattr(LF, "lora_linear_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 8)
+    lora.Linear(8, 4, r=2, lora_dropout=0.1)(x)
+    lora.MergedLinear(8, 6, r=2, enable_lora=[True, False, True])(x)
+    assert len(calls) == 2
+
+
+# --- torch.compile: the composite path, with the compiler's own RNG ------------------------------
+
+
+def _decoder_layer_with_lora(dropout):
+    from lora.models.phi3 import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**TINY_PHI3))
+    lora.inject(
+        model, lora.LoRAConfig(r=2, lora_alpha=4, lora_dropout=dropout, target_modules="all-linear")
+    )
+    for layer in model.modules():
+        if isinstance(layer, lora.LoRALayer):
+            randomize_lora(layer)
+    return model
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(
+                    shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="inductor needs a C compiler",
+                ),
+            ],
+        ),
+    ],
+)
+def test_compiled_model_with_lora_training_matches_eager(backend):
+    torch._dynamo.reset()
+    model = _decoder_layer_with_lora(dropout=0.0).train()
+    ids = torch.randint(3, 96, (2, 12))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = torch.compile(layer, backend=backend, fullgraph=True)
+    loss2 = model(ids, labels=ids).loss
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            key = n.replace("._orig_mod", "")
+            torch.testing.assert_close(p.grad, want[key], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compiled_layer_with_dropout_runs_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 8, r=2, lora_dropout=0.5)
+    randomize_lora(layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+    with torch.no_grad():
+        base = F.linear(x, layer.weight, layer.bias)
+        assert not torch.equal(y, base)  # the adapter contributed
+
+
+# --- the chunked cross-entropy of a frozen output head -----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_cross_entropy_matches_full_logits(dtype):
+    from lora.models.phi3 import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_(True)
+    W = torch.randn(50, 16, generator=g).to(dtype)
+    t = torch.randint(0, 50, (37,), generator=g)
+    got = linear_cross_entropy(hidden, W, t, chunk=8)
+    got.backward()
+    h2 = hidden.detach().clone().requires_grad_(True)
+    acc = torch.float32 if dtype == torch.bfloat16 else dtype
+    want = F.cross_entropy((h2 @ W.T).to(acc), t, reduction="sum")
+    want.backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=tol, atol=tol)
+
+
+def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plain_one(monkeypatch):
+    from lora.models import phi3
+
+    model = _decoder_layer_with_lora(dropout=0.0).double()
+    model.chunked_loss = True  # opt-in
+    ids = torch.randint(3, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    calls = []
+    real = phi3.linear_cross_entropy
+    monkeypatch.setattr(
+        phi3, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    assert calls
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.lm_head.weight.requires_grad_(True)  # a trainable head takes the plain path
+    loss2 = model(ids, labels=labels).loss
+    loss2.backward()
+    assert len(calls) == 1
+    # The plain path computes the loss in fp32 (.float()) even for a float64 model.
+    torch.testing.assert_close(loss, loss2.to(loss.dtype), rtol=1e-6, atol=1e-6)
+    for n, grad in got.items():
+        torch.testing.assert_close(grad, model.get_parameter(n).grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_autocast_takes_the_composite_path_and_trains():
+    layer = lora.Linear(16, 8, r=2, lora_dropout=0.1)
+    randomize_lora(layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
