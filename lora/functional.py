@@ -175,13 +175,19 @@ def _draw_seed() -> int:
 def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
     """The frozen base layer's forward, ``x Wᵀ + b``: the fused path's single base call site.
 
-    A quantised base (a 4-bit weight) plugs in here and in :func:`base_linear_input_grad`.
+    A quantised base (a 4-bit weight such as :class:`lora.quant.NF4Weight`) plugs in here and in
+    :func:`base_linear_input_grad`: it is not a Tensor, answers ``F.linear`` through its
+    ``__torch_function__`` and gives ``grad_input(grad_out)``; it never has ``fan_in_fan_out``.
     """
+    if not isinstance(weight, Tensor):
+        return F.linear(x, weight, bias)
     return F.linear(x, weight.T if fan_in_fan_out else weight, bias)
 
 
 def base_linear_input_grad(grad_out: Tensor, weight: Tensor, fan_in_fan_out: bool) -> Tensor:
     """``∂(x Wᵀ)/∂x`` applied to ``grad_out`` (tokens, out): ``grad_out @ W``, (tokens, in)."""
+    if not isinstance(weight, Tensor):  # a quantised base: it dequantises slab by slab
+        return weight.grad_input(grad_out)
     return grad_out @ (weight.T if fan_in_fan_out else weight)
 
 
@@ -220,7 +226,9 @@ class _LoRALinear(torch.autograd.Function):
                 y[:, rows].add_((vb @ Bb.T).to(y.dtype))
             else:
                 y[:, rows].addmm_(vb, Bb.T)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, v)
+        # A quantised base weight is a module, not a Tensor: keep a reference instead.
+        ctx.quantized_weight = None if isinstance(weight, Tensor) else weight
+        ctx.save_for_backward(x, weight if ctx.quantized_weight is None else None, lora_A, lora_B, v)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.blocks = blocks
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -229,6 +237,8 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, v = ctx.saved_tensors
+        if ctx.quantized_weight is not None:
+            weight = ctx.quantized_weight
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         p, fifo = ctx.p, ctx.fan_in_fan_out
         g = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
