@@ -33,6 +33,7 @@ test: $(STAMP)
 # ruff (lint rules in pyproject.toml) and mypy on the typed core ([tool.mypy] files).
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 # Rewrites files in place: `ruff format` then the auto-fixable lint rules.

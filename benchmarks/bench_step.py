@@ -33,9 +33,8 @@ import os
 import resource
 import subprocess
 import sys
-import zlib
-
 import warnings
+import zlib
 
 import torch
 

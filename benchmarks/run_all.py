@@ -222,10 +222,25 @@ def main() -> None:
             elif item[0] == "step":
                 _, dt, lab = item
                 prof = ["--profile", "15"] if (dt, lab) == ("bfloat16", "all") else []
-                run("bench_step.py", "--dtype", dt, "--labels", lab, "--json",
-                    j(f"step_{dt}_{lab}"), *prof)
+                run(
+                    "bench_step.py",
+                    "--dtype",
+                    dt,
+                    "--labels",
+                    lab,
+                    "--json",
+                    j(f"step_{dt}_{lab}"),
+                    *prof,
+                )
             elif item[0] == "full":
-                run("bench_step.py", "--full", "--labels", "all", "--json", j("step_full_bfloat16_all"))
+                run(
+                    "bench_step.py",
+                    "--full",
+                    "--labels",
+                    "all",
+                    "--json",
+                    j("step_full_bfloat16_all"),
+                )
             else:
                 run("bench_infer.py", "--json", j("infer"))
     res = {}

@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_json", "atomic_save_safetensors", "fsync_dir"]
+__all__ = [
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "fsync_dir",
+]
 
 
 def _umask() -> int:
@@ -85,7 +91,9 @@ def atomic_save_safetensors(
     seen: dict[tuple[int, int], str] = {}
     for k, v in list(flat.items()):
         if v.device.type == "meta":
-            raise ValueError(f"atomic_save_safetensors: tensor {k!r} is on the meta device; nothing to save")
+            raise ValueError(
+                f"atomic_save_safetensors: tensor {k!r} is on the meta device; nothing to save"
+            )
         key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
         if key is not None and key in seen:
             flat[k] = v.clone()

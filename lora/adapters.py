@@ -59,7 +59,14 @@ from .targets import (
     wrap_modules_to_save,
 )
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "AdapterError", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "AdapterError",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,7 +75,15 @@ PREFIX = "base_model.model."  # PEFT's: PeftModel.base_model (LoraModel) .model 
 FORMAT_VERSION = "1"
 # The adapter_config.json keys save_adapter rewrites for fused slices; the safetensors header keeps
 # the values it wrote, so the loader can tell whether the JSON was edited since.
-_STRUCTURAL = ("target_modules", "exclude_modules", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
+_STRUCTURAL = (
+    "target_modules",
+    "exclude_modules",
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+)
 # Every LoRA key name a file may hold (each layer kind names its own: LoRALayer.peft_keys).
 _LORA_KEY_SUFFIXES = tuple(dict.fromkeys(k for cls in LAYER_KINDS for k in cls.peft_keys))
 
@@ -103,7 +118,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterFiles:
     directory = path.parent if path.is_file() else path
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise AdapterError(f"{config_path}: no such file; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterError(
+            f"{config_path}: no such file; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -117,7 +134,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterFiles:
         weights_path = directory / LEGACY_WEIGHTS_NAME
         tensors, metadata = read_torch_file(weights_path), {}
     else:
-        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter directory")
+        raise AdapterError(
+            f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter directory"
+        )
     return AdapterFiles(config, tensors, metadata, config_path, weights_path)
 
 
@@ -130,7 +149,9 @@ def read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{file}: not a valid safetensors file, truncated or corrupt ({e})") from None
+        raise AdapterError(
+            f"{file}: not a valid safetensors file, truncated or corrupt ({e})"
+        ) from None
     return tensors, metadata
 
 
@@ -139,11 +160,15 @@ def read_torch_file(file: Path) -> dict[str, Tensor]:
     containers only, so no code in the file runs. Anything else is an :class:`AdapterError`."""
     try:
         state = torch.load(os.fspath(file), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zipfile errors ...: all mean "refused"
+    except (
+        Exception
+    ) as e:  # UnpicklingError, RuntimeError, EOFError, zipfile errors ...: all mean "refused"
         raise AdapterError(
             f"{file}: refused or unreadable as a weights-only torch file ({type(e).__name__}: {e})"
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
         raise AdapterError(f"{file}: expected a dict of str -> tensor (a state dict)")
     return state
 
@@ -183,7 +208,9 @@ def config_from_files(files: AdapterFiles) -> LoRAConfig:
         ours = LoRAConfig(**ours_body)
         written = json.loads(files.metadata["lora.exported"])
     except (KeyError, TypeError, ValueError) as e:
-        raise AdapterError(f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})") from None
+        raise AdapterError(
+            f"{files.weights_path}: unreadable lora metadata in the safetensors header ({e})"
+        ) from None
     now = {k: _json_normal(files.config.get(k)) for k in written}
     if now != _json_normal(written):
         edited = sorted(k for k in written if now.get(k) != _json_normal(written[k]))
@@ -202,20 +229,29 @@ def _json_normal(value):
     return json.loads(json.dumps(value))
 
 
-def _peft_config_dict(model: nn.Module, config: LoRAConfig, modules: dict[str, tuple[int, float]],
-                      use_rslora: bool, base_model_name_or_path: str | None) -> dict[str, Any]:
+def _peft_config_dict(
+    model: nn.Module,
+    config: LoRAConfig,
+    modules: dict[str, tuple[int, float]],
+    use_rslora: bool,
+    base_model_name_or_path: str | None,
+) -> dict[str, Any]:
     """The adapter_config.json body under which PEFT builds, for each module in ``modules``, an
     adapter of exactly that (rank, alpha), and none elsewhere."""
     d = config.to_peft_dict()
     targets = config.target_modules
     if isinstance(targets, list):
-        targets = list(dict.fromkeys(parse_target(t)[0] for t in targets))  # slices: the whole fused module
+        targets = list(
+            dict.fromkeys(parse_target(t)[0] for t in targets)
+        )  # slices: the whole fused module
     exclude = config.exclude_modules
     if set(_peft_targets(model, targets, exclude)) != set(modules):
         # Rank-0 patterns or slices leave modules out: name the modules one by one instead.
         targets, exclude = list(modules), None
     d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
-    d["rank_pattern"] = _exact_pattern(modules, {k: v for k, v in config.rank_pattern.items() if v}, config.r, 0)
+    d["rank_pattern"] = _exact_pattern(
+        modules, {k: v for k, v in config.rank_pattern.items() if v}, config.r, 0
+    )
     d["alpha_pattern"] = _exact_pattern(modules, config.alpha_pattern, config.lora_alpha, 1)
     d["base_model_name_or_path"] = base_model_name_or_path
     return d
@@ -229,7 +265,9 @@ def _peft_targets(model: nn.Module, targets, exclude) -> list[str]:
         return []
 
 
-def _exact_pattern(modules: dict[str, tuple[int, float]], pattern: dict, default, which: int) -> dict:
+def _exact_pattern(
+    modules: dict[str, tuple[int, float]], pattern: dict, default, which: int
+) -> dict:
     # PEFT takes the first key k with re.match(rf"(.*\.)?({k})$", name): exact names go first.
     exact = {}
     for name, values in modules.items():
@@ -288,12 +326,15 @@ def _spec_for(name: str, m: nn.Module, slices, config: LoRAConfig, plan: TargetP
     return _Spec(cls.kind, r, alpha, rs, shapes, enable, sizes, peft_keys=cls.peft_keys)
 
 
-def _specs(model: nn.Module, config: LoRAConfig, where: str,
-           modules: dict[str, nn.Module]) -> dict[str, _Spec]:
+def _specs(
+    model: nn.Module, config: LoRAConfig, where: str, modules: dict[str, nn.Module]
+) -> dict[str, _Spec]:
     try:
         plan = TargetPlan(model, config, existing_ok=True, modules=modules)
     except InjectionError as e:
-        raise AdapterError(f"{where}: the adapter does not fit {type(model).__name__}: {e}") from None
+        raise AdapterError(
+            f"{where}: the adapter does not fit {type(model).__name__}: {e}"
+        ) from None
     return {
         n: _spec_for(n, plan.modules[n], slices, config, plan)
         for n, slices in plan.targets.items()
@@ -311,8 +352,12 @@ def _peft_incompatible(module: nn.Module) -> str | None:
 # ================================================================================================
 # Saving
 # ================================================================================================
-def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    adapter_name: str | None = None,
+) -> Path:
     """Write adapter ``adapter_name`` (default: the active one) of ``model`` to directory ``path`` in
     PEFT's LoRA format: ``adapter_model.safetensors`` and ``adapter_config.json``. Returns the path.
 
@@ -327,17 +372,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     """
     meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
-        raise AdapterError(f"save_adapter: parameter {meta!r} is on the meta device (shapes, "
-                           "no data); load or materialise the weights before saving")
+        raise AdapterError(
+            f"save_adapter: parameter {meta!r} is on the meta device (shapes, "
+            "no data); load or materialise the weights before saving"
+        )
     name = adapter_name if adapter_name is not None else multi.active_adapter(model)
     if name is None:
         names = multi.adapter_names(model)
-        raise AdapterError(f"save_adapter: {type(model).__name__} has no active adapter (adapters: {names}); "
-                           "pass adapter_name")
+        raise AdapterError(
+            f"save_adapter: {type(model).__name__} has no active adapter (adapters: {names}); "
+            "pass adapter_name"
+        )
     held = list(multi.adapter_layers(model, name))
     if not held:
-        raise AdapterError(f"save_adapter: {type(model).__name__} has no adapter {name!r} "
-                           f"(adapters: {multi.adapter_names(model)})")
+        raise AdapterError(
+            f"save_adapter: {type(model).__name__} has no adapter {name!r} "
+            f"(adapters: {multi.adapter_names(model)})"
+        )
     config = multi.adapter_config(model, name) or multi.config_from_layers(model, name)
 
     tensors: dict[str, Tensor] = {}
@@ -352,18 +403,25 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         A, B, scaling = layer.as_one_lora(adapter)
         rank = A.shape[0]
         alpha = layer.one_lora_rank_alpha(adapter)[1]
-        if not math.isclose(LF.lora_scaling(rank, alpha, adapter.use_rslora), scaling, rel_tol=1e-12):
-            raise AdapterError(f"save_adapter: module {module_name!r}: scaling {scaling} does not follow from "
-                               f"r={adapter.r}, lora_alpha={adapter.lora_alpha}")
+        if not math.isclose(
+            LF.lora_scaling(rank, alpha, adapter.use_rslora), scaling, rel_tol=1e-12
+        ):
+            raise AdapterError(
+                f"save_adapter: module {module_name!r}: scaling {scaling} does not follow from "
+                f"r={adapter.r}, lora_alpha={adapter.lora_alpha}"
+            )
         fused |= layer.adapter_structure(adapter)[0] == "merged"
         rslora.add(bool(adapter.use_rslora))
         modules[module_name] = (rank, alpha)
         for key, t in zip(layer.peft_keys, (A, B)):
             tensors[f"{PREFIX}{module_name}.{key}"] = t.detach().to("cpu")
     if len(rslora) > 1:
-        raise AdapterError(f"save_adapter: adapter {name!r} mixes use_rslora values; PEFT's config holds one")
-    for key, t in _base_places(model, config, set(modules), name, required_only=False,
-                               optional_targets=False).items():
+        raise AdapterError(
+            f"save_adapter: adapter {name!r} mixes use_rslora values; PEFT's config holds one"
+        )
+    for key, t in _base_places(
+        model, config, set(modules), name, required_only=False, optional_targets=False
+    ).items():
         tensors[PREFIX + key] = t.detach().to("cpu")
 
     if base_model_name_or_path is None:
@@ -371,12 +429,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         base_model_name_or_path = candidate if isinstance(candidate, str) and candidate else None
     body = _peft_config_dict(model, config, modules, rslora.pop(), base_model_name_or_path)
     metadata = {"format": "pt"}
-    if fused and isinstance(config.target_modules, list) and any("[" in t for t in config.target_modules):
-        metadata.update({
-            "lora.version": FORMAT_VERSION,
-            "lora.config": json.dumps(config.to_dict()),
-            "lora.exported": json.dumps({k: body[k] for k in _STRUCTURAL}),
-        })
+    if (
+        fused
+        and isinstance(config.target_modules, list)
+        and any("[" in t for t in config.target_modules)
+    ):
+        metadata.update(
+            {
+                "lora.version": FORMAT_VERSION,
+                "lora.config": json.dumps(config.to_dict()),
+                "lora.exported": json.dumps({k: body[k] for k in _STRUCTURAL}),
+            }
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata=metadata)
@@ -384,10 +448,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     return path
 
 
-def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str], adapter_name: str,
-                 required_only: bool = True,
-                 modules: dict[str, nn.Module] | None = None,
-                 optional_targets: bool = True) -> dict[str, Tensor]:
+def _base_places(
+    model: nn.Module,
+    config: LoRAConfig,
+    adapted: set[str],
+    adapter_name: str,
+    required_only: bool = True,
+    modules: dict[str, nn.Module] | None = None,
+    optional_targets: bool = True,
+) -> dict[str, Tensor]:
     """The model tensors an adapter file of this config holds besides LoRA's, by file key (no prefix):
     modules_to_save (``<module>.<param>``: adapter ``adapter_name``'s copy, or the original module
     while it has none) and biases per ``config.bias`` (a targeted module's as
@@ -412,7 +481,11 @@ def _base_places(model: nn.Module, config: LoRAConfig, adapted: set[str], adapte
             bias = module._parameters.get("bias")
             if bias is None or (config.bias == "lora_only" and module_name not in adapted):
                 continue
-            key = f"{module_name}.base_layer.bias" if module_name in adapted else f"{module_name}.bias"
+            key = (
+                f"{module_name}.base_layer.bias"
+                if module_name in adapted
+                else f"{module_name}.bias"
+            )
             places.setdefault(key, bias)
     if not required_only and optional_targets:
         for module_name in adapted:
@@ -435,7 +508,9 @@ class _Load:
     B_blocks: Tensor | None  # a merged adapter's B as MergedLinear holds it (Σ enabled sizes, r)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None
+) -> nn.Module:
     """Load an adapter directory written by :func:`save_adapter` or by PEFT into ``model``.
 
     - The model has no LoRA layers: its modules are injected as the config says (``lora.inject``,
@@ -470,8 +545,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         active = (layer.active_adapter_name for layer in layers.values())
         adapter_name = next((a for a in active if a is not None), None) if existing else "default"
         if adapter_name is None:
-            raise AdapterError(f"load_adapter: {type(model).__name__} has adapters {existing} but none is active; "
-                               "pass adapter_name")
+            raise AdapterError(
+                f"load_adapter: {type(model).__name__} has adapters {existing} but none is active; "
+                "pass adapter_name"
+            )
     multi.check_adapter_name(adapter_name)
     mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
 
@@ -484,8 +561,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         problems: list[str] = []
         targets = _targets(modules, layers, adapter_name, specs, mode, problems)
         loads = _check_lora_tensors(files, specs, targets, problems)
-        base = _check_base_tensors(model, files, config, specs, mode, problems, modules,
-                                   adapter_name)
+        base = _check_base_tensors(
+            model, files, config, specs, mode, problems, modules, adapter_name
+        )
         if problems:
             raise AdapterError(_report(files, problems))
         _apply(model, adapter_name, config, mode, loads, base, modules)
@@ -503,8 +581,11 @@ def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
         return
     if recorded == actual or _same_path(recorded, actual):
         return
-    warnings.warn(f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
-                  f"loading it into {actual!r}", stacklevel=3)
+    warnings.warn(
+        f"{files.config_path}: the adapter was trained on base model {recorded!r}; "
+        f"loading it into {actual!r}",
+        stacklevel=3,
+    )
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -537,8 +618,9 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
     if mode == "fresh":
         for wrapper in fresh_copies.values():
             wrapper.activate_adapter(adapter_name)
-    places = _base_places(model, config, {load.module for load in loads}, adapter_name,
-                          required_only=False)
+    places = _base_places(
+        model, config, {load.module for load in loads}, adapter_name, required_only=False
+    )
     for key, (_, tensor) in base.items():
         places[key].copy_(tensor)
 
@@ -551,29 +633,43 @@ def _targets(modules, layers, adapter_name, specs, mode, problems) -> dict[str, 
     for n in specs:
         reason = _peft_incompatible(modules[n])
         if reason is not None:
-            problems.append(f"module {n}: has {reason}; a PEFT-format adapter for it would compute something else here")
+            problems.append(
+                f"module {n}: has {reason}; a PEFT-format adapter for it would compute something else here"
+            )
         layer = modules[n] if isinstance(modules[n], LoRALayer) else None
         out[n] = (layer, layer.get_adapter(adapter_name) if layer is not None else None)
     if mode != "in_place":
         return out
     held = {n for n, layer in layers.items() if layer.get_adapter(adapter_name) is not None}
     for n in sorted(held - set(specs)):
-        problems.append(f"module {n}: adapter {adapter_name!r} of the model adapts it; the file does not")
+        problems.append(
+            f"module {n}: adapter {adapter_name!r} of the model adapts it; the file does not"
+        )
     for n, spec in specs.items():
         layer, adapter = out[n]
         if adapter is None:
-            problems.append(f"module {n}: the file adapts it ({spec.describe()}); "
-                            f"adapter {adapter_name!r} of the model does not")
+            problems.append(
+                f"module {n}: the file adapts it ({spec.describe()}); "
+                f"adapter {adapter_name!r} of the model does not"
+            )
         elif not _same_adapter(layer, adapter, spec):
-            problems.append(f"module {n}: the file's adapter is {spec.describe()}; the model's {adapter_name!r} is "
-                            f"{_describe(layer, adapter)}")
+            problems.append(
+                f"module {n}: the file's adapter is {spec.describe()}; the model's {adapter_name!r} is "
+                f"{_describe(layer, adapter)}"
+            )
     return out
 
 
 def _same_adapter(layer, adapter, spec: _Spec) -> bool:
     mine = layer.adapter_structure(adapter)
-    theirs = ("merged", spec.r, spec.enable_lora, spec.split_sizes) if spec.kind == "merged" else (spec.kind, spec.r)
-    if mine != theirs and not (mine[0] == "merged" and spec.kind == "linear" and spec.r == mine[1] * sum(mine[2])):
+    theirs = (
+        ("merged", spec.r, spec.enable_lora, spec.split_sizes)
+        if spec.kind == "merged"
+        else (spec.kind, spec.r)
+    )
+    if mine != theirs and not (
+        mine[0] == "merged" and spec.kind == "linear" and spec.r == mine[1] * sum(mine[2])
+    ):
         return False
     return math.isclose(adapter.scaling, spec.scaling, rel_tol=1e-9)
 
@@ -586,7 +682,7 @@ def _describe(layer, adapter) -> str:
 
 
 def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_Load]:
-    tensors = {k[len(PREFIX):]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
+    tensors = {k[len(PREFIX) :]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
     loads = []
     for n, spec in specs.items():
         keys = spec.file_keys(n)
@@ -598,29 +694,38 @@ def _check_lora_tensors(files: AdapterFiles, specs, targets, problems) -> list[_
         bad = False
         for key, t, want in zip(keys, (A, B), spec.file_shapes):
             if tuple(t.shape) != want:
-                problems.append(f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {want} "
-                                f"(rank {spec.file_rank} for {n} in the config)")
+                problems.append(
+                    f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {want} "
+                    f"(rank {spec.file_rank} for {n} in the config)"
+                )
                 bad = True
             elif not t.is_floating_point():
                 problems.append(f"{PREFIX}{key}: dtype {t.dtype}, expected a floating-point tensor")
                 bad = True
             elif not bool(torch.isfinite(t).all()):
-                problems.append(f"{PREFIX}{key}: holds NaN or infinite values (a diverged "
-                                "training run?)")
+                problems.append(
+                    f"{PREFIX}{key}: holds NaN or infinite values (a diverged training run?)"
+                )
                 bad = True
         if bad:
             continue
         blocks = None
         layer, adapter = targets[n]
         blocky = spec.kind == "merged" or (
-            adapter is not None and layer.adapter_structure(adapter)[0] == "merged")
+            adapter is not None and layer.adapter_structure(adapter)[0] == "merged"
+        )
         if blocky:
-            enable, split, r = (spec.enable_lora, spec.split_sizes, spec.r) if spec.kind == "merged" else (
-                adapter.enable_lora, adapter.split_sizes, adapter.r)
+            enable, split, r = (
+                (spec.enable_lora, spec.split_sizes, spec.r)
+                if spec.kind == "merged"
+                else (adapter.enable_lora, adapter.split_sizes, adapter.r)
+            )
             blocks = _blocks(B, split, enable, r)
             if not torch.equal(LF.merged_lora_B(blocks, split, enable, r), B):
-                problems.append(f"{PREFIX}{keys[1]}: non-zero entries outside the blocks of slices {list(enable)}; "
-                                "it is not the fused-slice adapter the config names")
+                problems.append(
+                    f"{PREFIX}{keys[1]}: non-zero entries outside the blocks of slices {list(enable)}; "
+                    "it is not the fused-slice adapter the config names"
+                )
                 continue
         loads.append(_Load(n, spec, A, B, blocks))
     claimed = {k for n, spec in specs.items() for k in spec.file_keys(n)}
@@ -647,12 +752,20 @@ def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
 
 
 def _bias_places(model, config, adapted, modules) -> dict[str, Tensor]:
-    return _base_places(model, dataclasses.replace(config, modules_to_save=None), adapted, "",
-                        required_only=False, modules=modules, optional_targets=False)
+    return _base_places(
+        model,
+        dataclasses.replace(config, modules_to_save=None),
+        adapted,
+        "",
+        required_only=False,
+        modules=modules,
+        optional_targets=False,
+    )
 
 
-def _check_base_tensors(model, files, config, specs, mode, problems,
-                        modules, adapter_name) -> dict[str, tuple[Tensor, Tensor]]:
+def _check_base_tensors(
+    model, files, config, specs, mode, problems, modules, adapter_name
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Non-LoRA tensors: each must be a modules_to_save / bias place the config names (or a targeted
     module's base_layer.weight), with its shape; every required place must be in the file."""
     try:
@@ -660,38 +773,58 @@ def _check_base_tensors(model, files, config, specs, mode, problems,
     except InjectionError as e:
         problems.append(f"{e}")
         return {}
-    optional = _base_places(model, config, set(specs), adapter_name, required_only=False,
-                            modules=modules)
+    optional = _base_places(
+        model, config, set(specs), adapter_name, required_only=False, modules=modules
+    )
     # modules_to_save tensors go into the adapter's own copies: an added adapter may bring its own.
-    own = set(_base_places(model, config, set(), adapter_name, required_only=False,
-                           modules=modules, optional_targets=False)) - set(
-        _bias_places(model, config, set(specs), modules))
-    tensors = {k[len(PREFIX):]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
+    own = set(
+        _base_places(
+            model,
+            config,
+            set(),
+            adapter_name,
+            required_only=False,
+            modules=modules,
+            optional_targets=False,
+        )
+    ) - set(_bias_places(model, config, set(specs), modules))
+    tensors = {k[len(PREFIX) :]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
     out = {}
     for key, t in tensors.items():
         if _is_lora_key(key):
             continue
         place = optional.get(key)
         if place is None:
-            problems.append(f"{PREFIX}{key}: no place for it (not a LoRA tensor, and the config's modules_to_save "
-                            f"and bias={config.bias!r} do not name it)")
+            problems.append(
+                f"{PREFIX}{key}: no place for it (not a LoRA tensor, and the config's modules_to_save "
+                f"and bias={config.bias!r} do not name it)"
+            )
         elif place.shape != t.shape:
             problems.append(f"{PREFIX}{key}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
-        elif (mode == "add" and key not in own
-              and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype))):
-            problems.append(f"{PREFIX}{key}: differs from the model's; a named adapter added next to others may not "
-                            "change the base model they share (load it alone)")
+        elif (
+            mode == "add"
+            and key not in own
+            and not torch.equal(t.to(place.dtype), place.detach().cpu().to(place.dtype))
+        ):
+            problems.append(
+                f"{PREFIX}{key}: differs from the model's; a named adapter added next to others may not "
+                "change the base model they share (load it alone)"
+            )
         else:
             out[key] = (place, t)
     for key in required:
         if key not in tensors:
-            problems.append(f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)")
+            problems.append(
+                f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)"
+            )
     shared: dict[int, str] = {}  # tied modules (ensure_weight_tying): one tensor under two keys
     for key, (place, t) in out.items():
         first = shared.setdefault(id(place), key)
         if first != key and not torch.equal(t, out[first][1]):
-            problems.append(f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "
-                            "file holds different values")
+            problems.append(
+                f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "
+                "file holds different values"
+            )
     for key in files.tensors:
         if not key.startswith(PREFIX):
             problems.append(f"{key}: no place for it (PEFT's keys start with {PREFIX!r})")
@@ -699,8 +832,10 @@ def _check_base_tensors(model, files, config, specs, mode, problems,
 
 
 def _report(files: AdapterFiles, problems: list[str]) -> str:
-    return (f"{files.weights_path} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-            + listing(problems, 20, "\n  "))
+    return (
+        f"{files.weights_path} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
+        + listing(problems, 20, "\n  ")
+    )
 
 
 @torch.no_grad()
@@ -710,8 +845,13 @@ def _copy_into(layer: LoRALayer, adapter, load: _Load) -> None:
     adapter.lora_B.copy_(load.B_blocks if merged else load.B)
 
 
-def _add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig, loads: list[_Load],
-                 modules: dict[str, nn.Module]) -> None:
+def _add_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: LoRAConfig,
+    loads: list[_Load],
+    modules: dict[str, nn.Module],
+) -> None:
     """Put each module's tensors in a new inactive AdapterWeights, wrapping plain modules first."""
     for load in loads:
         spec, n = load.spec, load.module
@@ -722,9 +862,13 @@ def _add_adapter(model: nn.Module, adapter_name: str, config: LoRAConfig, loads:
         dtype = resolve_lora_dtype(layer.weight, "auto")
         device = layer.weight.device
         sliced = spec.kind == "merged"
-        fields, blocks = layer.slot_fields(spec.r, spec.lora_alpha, spec.use_rslora,
-                                           spec.enable_lora if sliced else (),
-                                           spec.split_sizes if sliced else ())
+        fields, blocks = layer.slot_fields(
+            spec.r,
+            spec.lora_alpha,
+            spec.use_rslora,
+            spec.enable_lora if sliced else (),
+            spec.split_sizes if sliced else (),
+        )
         A, B = load.A, (load.B_blocks if blocks and load.B_blocks is not None else load.B)
         A, B = (nn.Parameter(t.to(device=device, dtype=dtype).clone()) for t in (A, B))
         slot = AdapterWeights(adapter_name, fields, A, B, layer.dropout_for(config.lora_dropout))
@@ -735,8 +879,13 @@ def _wrap_without_adapter(module: nn.Module, spec: _Spec, config: LoRAConfig) ->
     """The LoRA layer for ``module`` with no adapter of its own (r = 0): it computes ``module``."""
     cls = layer_class_for(module, sliced=spec.kind == "merged")
     assert cls is not None  # the plan checked that a layer kind takes every target
-    layer = cls.wrap(module, 0, fan_in_fan_out=config.fan_in_fan_out,
-                     enable_lora=spec.enable_lora, split_sizes=spec.split_sizes)
+    layer = cls.wrap(
+        module,
+        0,
+        fan_in_fan_out=config.fan_in_fan_out,
+        enable_lora=spec.enable_lora,
+        split_sizes=spec.split_sizes,
+    )
     layer.adapter_name = None
     return layer
 
@@ -757,8 +906,10 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             for p in ("lora_A", "lora_B"):
                 params[f"{module_name}.{p}" if module_name else p] = getattr(layer, p)
     if not params:
-        raise AdapterError(f"{file}: {type(model).__name__} has no active LoRA adapter to load a lora_state_dict into "
-                           "(inject or build the LoRA layers first)")
+        raise AdapterError(
+            f"{file}: {type(model).__name__} has no active LoRA adapter to load a lora_state_dict into "
+            "(inject or build the LoRA layers first)"
+        )
     state = dict(model.named_parameters())
     problems = [f"missing {k}" for k in params if k not in tensors]
     for k, t in tensors.items():
@@ -768,8 +919,10 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
         elif place.shape != t.shape:
             problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
     if problems:
-        raise AdapterError(f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-                           + listing(problems, 20, "\n  "))
+        raise AdapterError(
+            f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
+            + listing(problems, 20, "\n  ")
+        )
     merged = [layer for _, layer in layers if layer.merged]
     with torch.no_grad():
         for layer in merged:

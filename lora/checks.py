@@ -79,7 +79,9 @@ def check_positive_int(value, name: str) -> int:
 
 def check_str_list(value, name: str) -> list[str]:
     """Return ``value`` (a list, tuple or set of non-empty strings) as a list; else ``TypeError``."""
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, (list, tuple, set)) or not all(
+        isinstance(v, str) and v for v in value
+    ):
         raise TypeError(f"{name}={value!r}: expected a list of non-empty strings")
     return list(value)
 

@@ -116,8 +116,13 @@ class LoRAConfig:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
             self.modules_to_save = check_str_list(self.modules_to_save, "modules_to_save")
-        for name in ("use_rslora", "fan_in_fan_out", "init_lora_weights", "merge_weights",
-                     "ensure_weight_tying"):
+        for name in (
+            "use_rslora",
+            "fan_in_fan_out",
+            "init_lora_weights",
+            "merge_weights",
+            "ensure_weight_tying",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: expected True or False")
         self.rank_pattern = _check_pattern(self.rank_pattern or {}, "rank_pattern", check_rank)
@@ -171,7 +176,9 @@ def _check_targets(value, name: str):
             try:
                 re.compile(value)
             except re.error as e:
-                raise ValueError(f"{name}={value!r}: not a valid regular expression ({e})") from None
+                raise ValueError(
+                    f"{name}={value!r}: not a valid regular expression ({e})"
+                ) from None
         return value
     targets = check_str_list(value, name)
     for t in targets:
@@ -186,12 +193,16 @@ def parse_target(target: str, name: str = "target_modules") -> tuple[str, tuple[
     """``"qkv_proj[q,v]"`` -> ``("qkv_proj", ("q", "v"))``; ``"o_proj"`` -> ``("o_proj", None)``."""
     m = _TARGET_RE.match(target.strip())
     if not m:
-        raise ValueError(f"{name} entry {target!r}: expected a module name, optionally with slices as 'qkv_proj[q,v]'")
+        raise ValueError(
+            f"{name} entry {target!r}: expected a module name, optionally with slices as 'qkv_proj[q,v]'"
+        )
     if m.group("slices") is None:
         return m.group("name"), None
     slices = tuple(s.strip() for s in m.group("slices").split(",") if s.strip())
     if not slices:
-        raise ValueError(f"{name} entry {target!r}: empty slice list; expected e.g. 'qkv_proj[q,v]'")
+        raise ValueError(
+            f"{name} entry {target!r}: empty slice list; expected e.g. 'qkv_proj[q,v]'"
+        )
     if len(set(slices)) != len(slices):
         raise ValueError(f"{name} entry {target!r}: a slice is named twice")
     return m.group("name"), slices

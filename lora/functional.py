@@ -49,7 +49,9 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def linear_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
+def linear_delta_weight(
+    lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> Tensor:
     """``scaling · B @ A``: (out, in), or its transpose (in, out) when ``fan_in_fan_out``."""
     delta = (lora_B @ lora_A) * scaling
     return delta.T if fan_in_fan_out else delta
@@ -228,7 +230,9 @@ class _LoRALinear(torch.autograd.Function):
                 y[:, rows].addmm_(vb, Bb.T)
         # A quantised base weight is a module, not a Tensor: keep a reference instead.
         ctx.quantized_weight = None if isinstance(weight, Tensor) else weight
-        ctx.save_for_backward(x, weight if ctx.quantized_weight is None else None, lora_A, lora_B, v)
+        ctx.save_for_backward(
+            x, weight if ctx.quantized_weight is None else None, lora_A, lora_B, v
+        )
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.blocks = blocks
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -264,7 +268,7 @@ class _LoRALinear(torch.autograd.Function):
                 du = g @ B
             else:
                 du = v.new_zeros(v.shape)
-                for (o0, o1, b0, a0, a1) in ctx.blocks:
+                for o0, o1, b0, a0, a1 in ctx.blocks:
                     du[:, a0:a1] = g[:, o0:o1] @ B[b0 : b0 + (o1 - o0)]
             du.mul_(c)
             if p == 0:
@@ -352,15 +356,23 @@ def lora_linear_fused(
         # Compiled: let inductor fuse it. Autocast: its per-op casting rules apply to the composite.
         drop = (lambda t: F.dropout(t, dropout_p, training=True)) if dropout_p > 0 else None
         if blocks is not None:
-            lora_B = _expand_blocks(lora_B, blocks, weight.shape[1 if fan_in_fan_out else 0],
-                                    lora_A.shape[0])
+            lora_B = _expand_blocks(
+                lora_B, blocks, weight.shape[1 if fan_in_fan_out else 0], lora_A.shape[0]
+            )
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, drop, fan_in_fan_out)
     if dropout_p > 0 and seed is None:
         seed = _draw_seed()
     lead = x.shape[:-1]
     out = _LoRALinear.apply(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-        seed if seed is not None else 0, bool(fan_in_fan_out),
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
+        float(dropout_p),
+        seed if seed is not None else 0,
+        bool(fan_in_fan_out),
         tuple(tuple(b) for b in blocks) if blocks is not None else None,
     )
     return out.view(*lead, out.shape[-1])
@@ -388,7 +400,9 @@ def merged_lora_blocks(
     return tuple(blocks)
 
 
-def merged_lora_B(lora_B: Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int) -> Tensor:
+def merged_lora_B(
+    lora_B: Tensor, split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int
+) -> Tensor:
     """Expand a :class:`~lora.MergedLinear` ``lora_B`` into one (out, r·k) matrix.
 
     ``lora_B`` stacks one (size_i, r) block per enabled slice i (k of them). The result places

@@ -143,7 +143,9 @@ def register_adapter(model: nn.Module, name: str, config: LoRAConfig | None) -> 
 def _require(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
-        raise ValueError(f"adapter {name!r}: {type(model).__name__} has no such adapter (it has {names})")
+        raise ValueError(
+            f"adapter {name!r}: {type(model).__name__} has no such adapter (it has {names})"
+        )
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -246,11 +248,16 @@ def add_weighted_adapter(
         _require(model, a)
     check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
-        raise ValueError(f"adapter_name={adapter_name!r}: the model already has an adapter of that name")
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: the model already has an adapter of that name"
+        )
     if len(weights) != len(adapters) or not all(
-        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w)
+        for w in weights
     ):
-        raise ValueError(f"weights={weights!r}: expected {len(adapters)} finite numbers, one per adapter")
+        raise ValueError(
+            f"weights={weights!r}: expected {len(adapters)} finite numbers, one per adapter"
+        )
     if combination_type not in ("cat", "svd"):
         raise ValueError(f"combination_type={combination_type!r}: expected 'cat' or 'svd'")
 
@@ -265,8 +272,12 @@ def add_weighted_adapter(
             B = torch.cat([(b * (w * s)).to(dtype) for (_, b, s), w in parts], dim=1)
         else:
             A, B = _svd_combination(parts, svd_rank, dtype)
-        slot = AdapterWeights(adapter_name, layer.one_lora_fields(A.shape[0]),
-                              nn.Parameter(A.contiguous()), nn.Parameter(B.contiguous()))
+        slot = AdapterWeights(
+            adapter_name,
+            layer.one_lora_fields(A.shape[0]),
+            nn.Parameter(A.contiguous()),
+            nn.Parameter(B.contiguous()),
+        )
         layer.store_adapter(slot)
     register_adapter(model, adapter_name, config_from_layers(model, adapter_name))
 
@@ -275,7 +286,10 @@ def _svd_combination(parts, svd_rank, dtype) -> tuple[Tensor, Tensor]:
     (A0, B0, _), _ = parts[0]
     out, a_tail = B0.shape[0], A0.shape[1:]
     ones = B0.shape[2:]
-    delta = sum(w * s * (b.reshape(out, -1).double() @ a.reshape(a.shape[0], -1).double()) for (a, b, s), w in parts)
+    delta = sum(
+        w * s * (b.reshape(out, -1).double() @ a.reshape(a.shape[0], -1).double())
+        for (a, b, s), w in parts
+    )
     rank = svd_rank if svd_rank is not None else max(a.shape[0] for (a, _, _), _ in parts)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"svd_rank={svd_rank!r}: expected a positive int")
@@ -305,11 +319,16 @@ def config_from_layers(model: nn.Module, name: str) -> LoRAConfig:
     if not targets:
         raise ValueError(f"adapter {name!r}: no layer of {type(model).__name__} holds it")
     if len(rslora) > 1:
-        raise ValueError(f"adapter {name!r}: its layers disagree on use_rslora; a config holds one value")
+        raise ValueError(
+            f"adapter {name!r}: its layers disagree on use_rslora; a config holds one value"
+        )
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return LoRAConfig(
-        r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora.pop(),
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        use_rslora=rslora.pop(),
         rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
         alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
     )
@@ -368,7 +387,10 @@ class _Routing:
 
     def on(self, device) -> tuple[dict, Tensor]:
         if device not in self._cache:
-            self._cache[device] = ({n: i.to(device) for n, i in self._index.items()}, self._inverse.to(device))
+            self._cache[device] = (
+                {n: i.to(device) for n, i in self._index.items()},
+                self._inverse.to(device),
+            )
         return self._cache[device]
 
 
@@ -397,8 +419,9 @@ def _mixed_forward(layer: LoRALayer, routing: _Routing, x: Tensor, *args, **kwar
     return torch.cat(outputs).index_select(0, inverse)
 
 
-def _mixed_saved_forward(wrapper: ModulesToSaveWrapper, routing: _Routing, x: Tensor, *args,
-                         **kwargs) -> Tensor:
+def _mixed_saved_forward(
+    wrapper: ModulesToSaveWrapper, routing: _Routing, x: Tensor, *args, **kwargs
+) -> Tensor:
     if x.shape[0] != routing.batch:
         raise ValueError(
             f"mixed_batch: {routing.batch} adapter names, but a modules_to_save module got an "

@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 
-def build_layer(name: str, base: nn.Module, slices, config: LoRAConfig, plan: TargetPlan,
-                lora_dtype="auto") -> nn.Module:
+def build_layer(
+    name: str, base: nn.Module, slices, config: LoRAConfig, plan: TargetPlan, lora_dtype="auto"
+) -> nn.Module:
     """The LoRA layer ``config`` puts on module ``name`` (``base``): its rank, alpha, dropout and
     options, over ``slices`` of a fused projection when the target names them."""
     return lora_layer_for(

@@ -106,8 +106,10 @@ def resolve_lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
     if not isinstance(lora_dtype, torch.dtype):
         raise TypeError(f"lora_dtype={lora_dtype!r}: expected a torch.dtype, 'auto' or None")
     if not lora_dtype.is_floating_point or lora_dtype.is_complex:
-        raise TypeError(f"lora_dtype={lora_dtype}: expected a floating-point dtype (LoRA weights "
-                        "are trained by gradient), such as torch.float32 or torch.bfloat16")
+        raise TypeError(
+            f"lora_dtype={lora_dtype}: expected a floating-point dtype (LoRA weights "
+            "are trained by gradient), such as torch.float32 or torch.bfloat16"
+        )
     return lora_dtype
 
 
@@ -189,9 +191,10 @@ class TargetPlan:
         # Not candidates: the modules inside a LoRA layer (with existing_ok) and inside a
         # modules_to_save wrapper (its original and copies are trained in full, never adapted).
         inside = tuple(
-            f"{n}." for n, m in self.modules.items()
-            if n and (isinstance(m, ModulesToSaveWrapper)
-                      or (existing_ok and isinstance(m, LoRALayer)))
+            f"{n}."
+            for n, m in self.modules.items()
+            if n
+            and (isinstance(m, ModulesToSaveWrapper) or (existing_ok and isinstance(m, LoRALayer)))
         )
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
         self.splits = fused_splits(model)
@@ -211,8 +214,10 @@ class TargetPlan:
                 "target_modules=None: name the modules to adapt (a list of names, a regex, or 'all-linear')"
             )
         if not isinstance(targets, str) and len(targets) == 0:
-            raise InjectionError("target_modules=[]: nothing to adapt; name the modules to adapt "
-                                 "(a list of names, a regex, or 'all-linear')")
+            raise InjectionError(
+                "target_modules=[]: nothing to adapt; name the modules to adapt "
+                "(a list of names, a regex, or 'all-linear')"
+            )
         if targets == "all-linear":
             heads = output_head_names(self.model)
             self.targets = {
@@ -366,13 +371,16 @@ def tied_partners(
         f"{n}." for n, m in modules.items() if isinstance(m, (ModulesToSaveWrapper, LoRALayer))
     )
     return {
-        n: m for n, m in modules.items()
+        n: m
+        for n, m in modules.items()
         if n and n != name and not (inside and n.startswith(inside)) and _own_weight(m) is weight
     }
 
 
 def saved_copies(
-    model: nn.Module, config: LoRAConfig, adapter_name: str,
+    model: nn.Module,
+    config: LoRAConfig,
+    adapter_name: str,
     modules: dict[str, nn.Module] | None = None,
 ) -> dict[str, nn.Module]:
     """For each module ``config.modules_to_save`` names, and with ``config.ensure_weight_tying``
@@ -397,7 +405,9 @@ def saved_copies(
 
 
 def wrap_modules_to_save(
-    model: nn.Module, config: LoRAConfig, adapter_name: str,
+    model: nn.Module,
+    config: LoRAConfig,
+    adapter_name: str,
     modules: dict[str, nn.Module] | None = None,
 ) -> dict[str, ModulesToSaveWrapper]:
     """Give adapter ``adapter_name`` its trainable copy of each module ``config.modules_to_save``

@@ -64,5 +64,7 @@ def randomize_lora(layer, generator=None, scale=0.5):
     """Give A and B non-zero random values (a fresh B is zero, which would hide every bug)."""
     with torch.no_grad():
         for p in (layer.lora_A, layer.lora_B):
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) * scale)
+            p.copy_(
+                torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) * scale
+            )
     return layer

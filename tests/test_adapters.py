@@ -22,8 +22,18 @@ from lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
-PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+PHI3 = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 
 
 def toy(seed: int = 0, **kw) -> Toy:
@@ -59,8 +69,13 @@ def header(path: Path) -> tuple[dict, dict]:
         return f.metadata(), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-TOY_CONFIG = lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed", "conv"],
-                             modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+TOY_CONFIG = lora.LoRAConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj", "embed", "conv"],
+    modules_to_save=["lm_head"],
+    task_type="CAUSAL_LM",
+)
 
 
 # --- the format -----------------------------------------------------------------------------------
@@ -70,16 +85,30 @@ def test_save_writes_peft_keys_shapes_and_config_fields(tmp_path):
     assert out == tmp_path / "a"
     meta, shapes = header(out)
     p = "base_model.model."
-    assert shapes[p + "blocks.0.q_proj.lora_A.weight"] == (4, 8) and shapes[p + "blocks.0.q_proj.lora_B.weight"] == (8, 4)
-    assert shapes[p + "embed.lora_embedding_A"] == (4, 20) and shapes[p + "embed.lora_embedding_B"] == (8, 4)
-    assert shapes[p + "conv.lora_A.weight"] == (4, 8, 3) and shapes[p + "conv.lora_B.weight"] == (8, 4, 1)
-    assert shapes[p + "lm_head.weight"] == (20, 8) and shapes[p + "lm_head.bias"] == (20,)  # modules_to_save
+    assert shapes[p + "blocks.0.q_proj.lora_A.weight"] == (4, 8) and shapes[
+        p + "blocks.0.q_proj.lora_B.weight"
+    ] == (8, 4)
+    assert shapes[p + "embed.lora_embedding_A"] == (4, 20) and shapes[
+        p + "embed.lora_embedding_B"
+    ] == (8, 4)
+    assert shapes[p + "conv.lora_A.weight"] == (4, 8, 3) and shapes[p + "conv.lora_B.weight"] == (
+        8,
+        4,
+        1,
+    )
+    assert shapes[p + "lm_head.weight"] == (20, 8) and shapes[p + "lm_head.bias"] == (
+        20,
+    )  # modules_to_save
     assert len(shapes) == 2 * 6 + 2 and meta == {"format": "pt"}
     cfg = json.loads((out / CONFIG_NAME).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["target_modules"] == ["q_proj", "v_proj", "embed", "conv"]
     assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {} and cfg["use_rslora"] is False
-    assert cfg["lora_dropout"] == 0.0 and cfg["bias"] == "none" and cfg["modules_to_save"] == ["lm_head"]
+    assert (
+        cfg["lora_dropout"] == 0.0
+        and cfg["bias"] == "none"
+        and cfg["modules_to_save"] == ["lm_head"]
+    )
     assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == "toy-base"
     assert cfg["fan_in_fan_out"] is False and cfg["inference_mode"] is True
 
@@ -104,12 +133,16 @@ def test_biases_are_saved_under_peft_names_and_loaded(tmp_path, bias):
     model = trained(toy(), lora.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], bias=bias))
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("bias") and (bias == "all" or "q_proj" in n):  # lora_only: the adapted layers' biases
+            if n.endswith("bias") and (
+                bias == "all" or "q_proj" in n
+            ):  # lora_only: the adapted layers' biases
                 p.add_(0.5)
     want = logits(model)
     lora.save_adapter(model, tmp_path)
     _, shapes = header(tmp_path)
-    assert "base_model.model.blocks.0.q_proj.base_layer.bias" in shapes  # PEFT's key for a targeted module's bias
+    assert (
+        "base_model.model.blocks.0.q_proj.base_layer.bias" in shapes
+    )  # PEFT's key for a targeted module's bias
     assert ("base_model.model.lm_head.bias" in shapes) == (bias == "all")
     fresh = toy()
     lora.load_adapter(fresh, tmp_path)
@@ -117,13 +150,21 @@ def test_biases_are_saved_under_peft_names_and_loaded(tmp_path, bias):
 
 
 def test_rank_and_alpha_patterns_and_rslora_survive(tmp_path):
-    cfg = lora.LoRAConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                          rank_pattern={r"blocks\.0\.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    cfg = lora.LoRAConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"blocks\.0\.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     model = trained(toy(), cfg)
     want = logits(model)
     lora.save_adapter(model, tmp_path)
     body = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert body["rank_pattern"] == {r"blocks\.0\.q_proj": 2} and body["alpha_pattern"] == {"v_proj": 3}
+    assert body["rank_pattern"] == {r"blocks\.0\.q_proj": 2} and body["alpha_pattern"] == {
+        "v_proj": 3
+    }
     fresh = toy()
     lora.load_adapter(fresh, tmp_path)
     assert fresh.blocks[0]["q_proj"].r == 2 and fresh.blocks[1]["v_proj"].scaling == 3 / 2
@@ -145,31 +186,46 @@ def test_rank_zero_pattern_is_written_as_excluded_modules(tmp_path):
 # --- fused slices --------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_merged_linear_is_saved_as_the_equivalent_single_lora_and_restored(tmp_path, use_rslora):
-    cfg = lora.LoRAConfig(r=4, lora_alpha=8, use_rslora=use_rslora,
-                          target_modules=["qkv_proj[q,v]", "gate_up_proj[up]", "o_proj"])
+    cfg = lora.LoRAConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=use_rslora,
+        target_modules=["qkv_proj[q,v]", "gate_up_proj[up]", "o_proj"],
+    )
     model = trained(phi3(), cfg, scale=0.1)
     want = logits(model)
     lora.save_adapter(model, tmp_path)
     meta, shapes = header(tmp_path)
     key = "base_model.model.model.layers.0.self_attn.qkv_proj"
-    assert shapes[key + ".lora_A.weight"] == (8, 32) and shapes[key + ".lora_B.weight"] == (64, 8)  # r·k = 8
+    assert shapes[key + ".lora_A.weight"] == (8, 32) and shapes[key + ".lora_B.weight"] == (
+        64,
+        8,
+    )  # r·k = 8
     body = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert body["target_modules"] == ["qkv_proj", "gate_up_proj", "o_proj"]
     name = r"model\.layers\.0\.self_attn\.qkv_proj"
     assert body["rank_pattern"][name] == 8
-    k_alpha = 8 * (2 ** 0.5 if use_rslora else 2)
+    k_alpha = 8 * (2**0.5 if use_rslora else 2)
     assert body["alpha_pattern"][name] == pytest.approx(k_alpha)
-    assert r"model\.layers\.1\.mlp\.gate_up_proj" not in body["rank_pattern"]  # one slice: rank r, alpha unchanged
+    assert (
+        r"model\.layers\.1\.mlp\.gate_up_proj" not in body["rank_pattern"]
+    )  # one slice: rank r, alpha unchanged
     assert json.loads(meta["lora.config"])["target_modules"][0] == "qkv_proj[q,v]"
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
         B = f.get_tensor(key + ".lora_B.weight")
     assert torch.count_nonzero(B[32:48]) == 0  # k rows: zero
-    assert torch.count_nonzero(B[:32, 4:]) == 0 and torch.count_nonzero(B[48:, :4]) == 0  # off-diagonal blocks
+    assert (
+        torch.count_nonzero(B[:32, 4:]) == 0 and torch.count_nonzero(B[48:, :4]) == 0
+    )  # off-diagonal blocks
 
     fresh = phi3()
     lora.load_adapter(fresh, tmp_path)
     qkv = fresh.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, lora.MergedLinear) and qkv.enable_lora == (True, False, True) and qkv.lora_B.shape == (48, 4)
+    assert (
+        isinstance(qkv, lora.MergedLinear)
+        and qkv.enable_lora == (True, False, True)
+        and qkv.lora_B.shape == (48, 4)
+    )
     torch.testing.assert_close(logits(fresh), want, rtol=0, atol=0)
 
 
@@ -193,11 +249,17 @@ class Fused(nn.Module):
 def test_fused_export_is_the_dense_delta_and_reloads_bit_exact(sizes, data, r, alpha, use_rslora):
     import tempfile
 
-    enabled = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)).filter(any))
+    enabled = data.draw(
+        st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)).filter(any)
+    )
     slices = ",".join(f"s{i}" for i, e in enumerate(enabled) if e)
     torch.manual_seed(0)
-    model = trained(Fused(sizes), lora.LoRAConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora,
-                                                  target_modules=[f"proj[{slices}]"]))
+    model = trained(
+        Fused(sizes),
+        lora.LoRAConfig(
+            r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=[f"proj[{slices}]"]
+        ),
+    )
     layer = model.proj
     with tempfile.TemporaryDirectory() as d:
         lora.save_adapter(model, d)
@@ -206,28 +268,38 @@ def test_fused_export_is_the_dense_delta_and_reloads_bit_exact(sizes, data, r, a
             A, B = (f.get_tensor(f"base_model.model.proj.lora_{x}.weight") for x in "AB")
         rank = body["rank_pattern"].get("proj", body["r"])
         exported_alpha = body["alpha_pattern"].get("proj", body["lora_alpha"])
-        scaling = exported_alpha / (rank ** 0.5 if body["use_rslora"] else rank)
-        torch.testing.assert_close(B @ A * scaling, effective_weight(layer) - layer.weight, rtol=1e-5, atol=1e-6)
+        scaling = exported_alpha / (rank**0.5 if body["use_rslora"] else rank)
+        torch.testing.assert_close(
+            B @ A * scaling, effective_weight(layer) - layer.weight, rtol=1e-5, atol=1e-6
+        )
         torch.manual_seed(0)
         fresh = Fused(sizes)
         lora.load_adapter(fresh, d)
     # a single slice is a plain Linear: that is what it restores to
     assert type(fresh.proj) is (lora.MergedLinear if len(sizes) > 1 else lora.Linear)
     assert fresh.proj.scaling == layer.scaling
-    assert torch.equal(fresh.proj.lora_A, layer.lora_A) and torch.equal(fresh.proj.lora_B, layer.lora_B)
+    assert torch.equal(fresh.proj.lora_A, layer.lora_A) and torch.equal(
+        fresh.proj.lora_B, layer.lora_B
+    )
 
 
 def test_edited_config_loads_fused_adapter_as_peft_would(tmp_path):
-    model = trained(phi3(), lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]"]), scale=0.1)
+    model = trained(
+        phi3(), lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]"]), scale=0.1
+    )
     want = logits(model)
     lora.save_adapter(model, tmp_path)
     body = json.loads((tmp_path / CONFIG_NAME).read_text())
-    body["alpha_pattern"][r"model\.layers\.1\.self_attn\.qkv_proj"] = 32  # doubles that module's scaling
+    body["alpha_pattern"][r"model\.layers\.1\.self_attn\.qkv_proj"] = (
+        32  # doubles that module's scaling
+    )
     (tmp_path / CONFIG_NAME).write_text(json.dumps(body))
     fresh = phi3()
     with pytest.warns(UserWarning, match=r"\['alpha_pattern'\] differ"):
         lora.load_adapter(fresh, tmp_path)
-    assert type(fresh.model.layers[0].self_attn.qkv_proj) is lora.Linear  # one LoRA over the fused matrix
+    assert (
+        type(fresh.model.layers[0].self_attn.qkv_proj) is lora.Linear
+    )  # one LoRA over the fused matrix
     assert fresh.model.layers[1].self_attn.qkv_proj.scaling == 4.0
     body["alpha_pattern"][r"model\.layers\.1\.self_attn\.qkv_proj"] = 16
     (tmp_path / CONFIG_NAME).write_text(json.dumps(body))
@@ -241,7 +313,9 @@ def test_edited_config_loads_fused_adapter_as_peft_would(tmp_path):
 
 # --- resume: loading in place --------------------------------------------------------------------
 def test_loading_into_a_model_injected_with_the_same_config_loads_in_place(tmp_path):
-    cfg = lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]", "o_proj", "embed_tokens"])
+    cfg = lora.LoRAConfig(
+        r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]", "o_proj", "embed_tokens"]
+    )
     src = trained(phi3(), cfg, scale=0.1)
     lora.save_adapter(src, tmp_path)
     model = lora.inject(phi3().to(torch.bfloat16), cfg)  # fp32 adapters over a bf16 base
@@ -249,7 +323,9 @@ def test_loading_into_a_model_injected_with_the_same_config_loads_in_place(tmp_p
     opt = torch.optim.SGD(params.values(), lr=0.1)
     lora.load_adapter(model, tmp_path)
     now = dict(model.named_parameters())
-    assert all(now[n] is p for n, p in params.items())  # the optimizer still holds the model's parameters
+    assert all(
+        now[n] is p for n, p in params.items()
+    )  # the optimizer still holds the model's parameters
     qkv, src_qkv = model.model.layers[0].self_attn.qkv_proj, src.model.layers[0].self_attn.qkv_proj
     assert qkv.lora_A.dtype == torch.float32 and torch.equal(qkv.lora_B, src_qkv.lora_B)
     assert opt.param_groups[0]["params"][0] is next(iter(params.values()))
@@ -277,20 +353,28 @@ def test_loading_in_place_a_different_adapter_is_refused_naming_modules(tmp_path
     msg = str(e.value)
     assert "module embed: adapter 'default' of the model adapts it; the file does not" in msg
     assert "module blocks.0.v_proj: the file adapts it" in msg
-    assert "module blocks.0.q_proj: the file's adapter is linear r=4" in msg and "the model's 'default' is linear r=2" in msg
+    assert (
+        "module blocks.0.q_proj: the file's adapter is linear r=4" in msg
+        and "the model's 'default' is linear r=2" in msg
+    )
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # --- the strict check ----------------------------------------------------------------------------
 def _assert_untouched(model, before):
-    assert not any(True for _ in lora.layers.lora_layers(model)) and getattr(model, "lora_config", None) is None
+    assert (
+        not any(True for _ in lora.layers.lora_layers(model))
+        and getattr(model, "lora_config", None) is None
+    )
     after = state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_adapter_for_another_model_names_modules_that_do_not_exist(tmp_path):
-    lora.save_adapter(trained(phi3(), lora.LoRAConfig(r=2, target_modules=["qkv_proj", "o_proj"])), tmp_path)
+    lora.save_adapter(
+        trained(phi3(), lora.LoRAConfig(r=2, target_modules=["qkv_proj", "o_proj"])), tmp_path
+    )
     model = toy()
     before = state(model)
     with pytest.raises(lora.AdapterError, match=r"\['qkv_proj', 'o_proj'\] match no module of Toy"):
@@ -308,7 +392,10 @@ def test_wrong_shapes_are_refused_naming_the_keys(tmp_path):
         lora.load_adapter(model, tmp_path)
     msg = str(e.value)
     assert str(tmp_path / WEIGHTS_NAME) in msg and "nothing was loaded" in msg
-    assert "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight: shape (2, 32), expected (2, 48)" in msg
+    assert (
+        "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight: shape (2, 32), expected (2, 48)"
+        in msg
+    )
     _assert_untouched(model, before)
 
 
@@ -319,8 +406,11 @@ def test_rank_different_from_the_config_is_refused(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(body))
     model = toy()
     before = state(model)
-    with pytest.raises(lora.AdapterError, match=r"blocks\.0\.q_proj\.lora_A\.weight: shape \(4, 8\), expected \(8, 8\) "
-                                                r"\(rank 8 for blocks\.0\.q_proj in the config\)"):
+    with pytest.raises(
+        lora.AdapterError,
+        match=r"blocks\.0\.q_proj\.lora_A\.weight: shape \(4, 8\), expected \(8, 8\) "
+        r"\(rank 8 for blocks\.0\.q_proj in the config\)",
+    ):
         lora.load_adapter(model, tmp_path)
     _assert_untouched(model, before)
 
@@ -340,9 +430,15 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         lora.load_adapter(model, tmp_path)
     msg = str(e.value)
     assert "missing ['base_model.model.blocks.1.q_proj.lora_B.weight']" in msg
-    assert "base_model.model.blocks.0.v_proj.lora_A.weight: no place for it (the config does not adapt blocks.0.v_proj)" in msg
+    assert (
+        "base_model.model.blocks.0.v_proj.lora_A.weight: no place for it (the config does not adapt blocks.0.v_proj)"
+        in msg
+    )
     assert "base_model.model.norm_stats: no place for it" in msg
-    assert "blocks.0.q_proj.lora_A: no place for it (PEFT's keys start with 'base_model.model.')" in msg
+    assert (
+        "blocks.0.q_proj.lora_A: no place for it (PEFT's keys start with 'base_model.model.')"
+        in msg
+    )
     _assert_untouched(model, before)
 
 
@@ -356,13 +452,17 @@ def test_missing_modules_to_save_tensor_is_refused(tmp_path):
 
 
 def test_fused_block_outside_its_slices_is_refused(tmp_path):
-    lora.save_adapter(trained(phi3(), lora.LoRAConfig(r=2, target_modules=["qkv_proj[q,v]"]), scale=0.1), tmp_path)
+    lora.save_adapter(
+        trained(phi3(), lora.LoRAConfig(r=2, target_modules=["qkv_proj[q,v]"]), scale=0.1), tmp_path
+    )
     key = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors[key][40, 0] = 1.0  # a k row
     save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata=meta)
-    with pytest.raises(lora.AdapterError, match=r"qkv_proj\.lora_B\.weight: non-zero entries outside the blocks"):
+    with pytest.raises(
+        lora.AdapterError, match=r"qkv_proj\.lora_B\.weight: non-zero entries outside the blocks"
+    ):
         lora.load_adapter(phi3(), tmp_path)
 
 
@@ -370,8 +470,15 @@ def test_unknown_peft_keys_that_are_off_are_accepted_and_features_are_refused(tm
     model = trained(toy(), lora.LoRAConfig(r=2, target_modules=["q_proj"]))
     lora.save_adapter(model, tmp_path)
     body = json.loads((tmp_path / CONFIG_NAME).read_text())
-    body.update(kasa_config=None, use_bdlora=None, some_future_flag=False, init_lora_weights="gaussian",
-                peft_version="0.21.2", megatron_core="megatron.core", qalora_group_size=16)
+    body.update(
+        kasa_config=None,
+        use_bdlora=None,
+        some_future_flag=False,
+        init_lora_weights="gaussian",
+        peft_version="0.21.2",
+        megatron_core="megatron.core",
+        qalora_group_size=16,
+    )
     (tmp_path / CONFIG_NAME).write_text(json.dumps(body))
     fresh = toy()
     lora.load_adapter(fresh, tmp_path)
@@ -388,8 +495,14 @@ def test_truncated_or_corrupt_weights_are_an_error_naming_the_file(tmp_path, dam
     lora.save_adapter(trained(toy(), lora.LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path)
     file = tmp_path / WEIGHTS_NAME
     data = file.read_bytes()
-    file.write_bytes({"truncated": data[:-7], "header": data[:20], "garbage": b"\x00" * 8 + b"not json" * 4,
-                      "empty": b""}[damage])
+    file.write_bytes(
+        {
+            "truncated": data[:-7],
+            "header": data[:20],
+            "garbage": b"\x00" * 8 + b"not json" * 4,
+            "empty": b"",
+        }[damage]
+    )
     model = toy()
     before = state(model)
     with pytest.raises(lora.AdapterError, match=rf"{file}: not a valid safetensors file"):
@@ -400,7 +513,9 @@ def test_truncated_or_corrupt_weights_are_an_error_naming_the_file(tmp_path, dam
 def test_missing_or_broken_config_is_an_error_naming_it(tmp_path):
     lora.save_adapter(trained(toy(), lora.LoRAConfig(r=2, target_modules=["q_proj"])), tmp_path)
     (tmp_path / CONFIG_NAME).write_text('{"r": 4, "target_modu')
-    with pytest.raises(lora.AdapterError, match=rf"{tmp_path / CONFIG_NAME}: not a readable JSON file"):
+    with pytest.raises(
+        lora.AdapterError, match=rf"{tmp_path / CONFIG_NAME}: not a readable JSON file"
+    ):
         lora.load_adapter(toy(), tmp_path)
     (tmp_path / CONFIG_NAME).unlink()
     with pytest.raises(lora.AdapterError, match=rf"{tmp_path / CONFIG_NAME}: no such file"):
@@ -431,13 +546,18 @@ def test_a_crafted_pickle_does_not_run(tmp_path, container):
         torch.save(payload, legacy)
     model = toy()
     before = state(model)
-    with pytest.raises(lora.AdapterError, match=rf"{legacy}: refused or unreadable as a weights-only torch file"):
+    with pytest.raises(
+        lora.AdapterError, match=rf"{legacy}: refused or unreadable as a weights-only torch file"
+    ):
         lora.load_adapter(model, tmp_path)
     assert not marker.exists()
     _assert_untouched(model, before)
     # the same through the single-file (loralib) path
     with pytest.raises(lora.AdapterError, match="refused"):
-        lora.load_adapter(lora.inject(toy(), lora.LoRAConfig(r=2, target_modules=["q_proj"])), _pt(tmp_path, payload))
+        lora.load_adapter(
+            lora.inject(toy(), lora.LoRAConfig(r=2, target_modules=["q_proj"])),
+            _pt(tmp_path, payload),
+        )
     assert not marker.exists()
 
 
@@ -502,8 +622,11 @@ def test_loralib_lora_state_dict_pt_still_loads_with_strict_false(tmp_path):
 
 def test_hand_built_model_saves_with_a_derived_config_and_reloads_in_place(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), nn.ReLU(),
-                          lora.MergedLinear(8, 24, r=2, enable_lora=[True, False, True]))
+    model = nn.Sequential(
+        lora.Linear(8, 8, r=2, lora_alpha=4),
+        nn.ReLU(),
+        lora.MergedLinear(8, 24, r=2, enable_lora=[True, False, True]),
+    )
     for m in (model[0], model[2]):
         randomize_lora(m)
     x = torch.randn(3, 8)

@@ -28,12 +28,23 @@ from lora.models import Phi3Config, Phi3ForCausalLM  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Setting `save_embedding_layers`:UserWarning", "ignore:`is_gradient_checkpointing`:FutureWarning"
+    "ignore:Setting `save_embedding_layers`:UserWarning",
+    "ignore:`is_gradient_checkpointing`:FutureWarning",
 )
 ATOL = 1e-5
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17, 19], [2, 4, 6, 8, 10, 12, 14]])
-PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+PHI3 = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 
 
 def pair():
@@ -60,10 +71,14 @@ def max_diff(a, b) -> float:
 def test_our_adapter_with_fused_slices_loads_in_peft_with_equal_logits(tmp_path, use_rslora):
     hf, ours, _ = pair()
     config = lora.LoRAConfig(
-        r=4, lora_alpha=8, use_rslora=use_rslora,
+        r=4,
+        lora_alpha=8,
+        use_rslora=use_rslora,
         target_modules=["qkv_proj[q,v]", "o_proj", "gate_up_proj[up]", "down_proj", "embed_tokens"],
-        rank_pattern={r"layers\.1\.self_attn\.o_proj": 2}, alpha_pattern={"down_proj": 3},
-        modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+        rank_pattern={r"layers\.1\.self_attn\.o_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        modules_to_save=["lm_head"],
+        task_type="CAUSAL_LM",
     )
     lora.inject(ours, config)
     g = torch.Generator().manual_seed(1)
@@ -74,7 +89,9 @@ def test_our_adapter_with_fused_slices_loads_in_peft_with_equal_logits(tmp_path,
         want = ours(IDS).logits
     lora.save_adapter(ours, tmp_path, base_model_name_or_path="tiny-phi3")
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
-    assert type(peft_model.base_model.model.model.layers[0].self_attn.qkv_proj).__name__ == "Linear"  # PEFT's LoRA Linear
+    assert (
+        type(peft_model.base_model.model.model.layers[0].self_attn.qkv_proj).__name__ == "Linear"
+    )  # PEFT's LoRA Linear
     with torch.no_grad():
         got = peft_model(input_ids=IDS).logits
     assert max_diff(got, want) <= ATOL
@@ -84,10 +101,15 @@ def test_our_adapter_with_fused_slices_loads_in_peft_with_equal_logits(tmp_path,
 def test_peft_trained_adapter_loads_into_our_phi3_with_equal_logits(tmp_path, use_rslora):
     hf, _, base = pair()
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, use_rslora=use_rslora, init_lora_weights=False,
+        r=4,
+        lora_alpha=8,
+        use_rslora=use_rslora,
+        init_lora_weights=False,
         target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens"],
-        rank_pattern={"layers.0.self_attn.o_proj": 2}, alpha_pattern={"down_proj": 5},
-        modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+        rank_pattern={"layers.0.self_attn.o_proj": 2},
+        alpha_pattern={"down_proj": 5},
+        modules_to_save=["lm_head"],
+        task_type="CAUSAL_LM",
     )
     peft_model = peft.get_peft_model(hf, config)
     peft_model.train()
@@ -104,7 +126,10 @@ def test_peft_trained_adapter_loads_into_our_phi3_with_equal_logits(tmp_path, us
 
     ours = ours_with(base)
     lora.load_adapter(ours, tmp_path)
-    assert ours.model.layers[0].self_attn.o_proj.r == 2 and ours.model.layers[0].mlp.down_proj.lora_alpha == 5
+    assert (
+        ours.model.layers[0].self_attn.o_proj.r == 2
+        and ours.model.layers[0].mlp.down_proj.lora_alpha == 5
+    )
     assert ours.lm_head.weight.requires_grad  # modules_to_save: trainable, and loaded
     with torch.no_grad():
         assert max_diff(ours(IDS).logits, want) <= ATOL
@@ -112,7 +137,9 @@ def test_peft_trained_adapter_loads_into_our_phi3_with_equal_logits(tmp_path, us
 
 def test_peft_round_trip_of_our_fused_adapter_comes_back_exact(tmp_path):
     hf, ours, base = pair()
-    lora.inject(ours, lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["qkv_proj[q,v]", "o_proj"]))
+    lora.inject(
+        ours, lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["qkv_proj[q,v]", "o_proj"])
+    )
     for _, layer in lora.layers.lora_layers(ours):
         randomize_lora(layer, scale=0.1)
     with torch.no_grad():
@@ -120,7 +147,9 @@ def test_peft_round_trip_of_our_fused_adapter_comes_back_exact(tmp_path):
     lora.save_adapter(ours, tmp_path / "ours")
     peft.PeftModel.from_pretrained(hf, tmp_path / "ours").save_pretrained(tmp_path / "peft")
     again = ours_with(base)
-    lora.load_adapter(again, tmp_path / "peft")  # PEFT dropped our header: a plain LoRA over qkv_proj
+    lora.load_adapter(
+        again, tmp_path / "peft"
+    )  # PEFT dropped our header: a plain LoRA over qkv_proj
     assert type(again.model.layers[0].self_attn.qkv_proj) is lora.Linear
     with torch.no_grad():
         assert max_diff(again(IDS).logits, want) <= ATOL
@@ -128,7 +157,9 @@ def test_peft_round_trip_of_our_fused_adapter_comes_back_exact(tmp_path):
 
 def test_peft_legacy_bin_adapter_loads_without_unpickling_code(tmp_path):
     hf, _, base = pair()
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)
+    )
     peft_model.eval()
     with torch.no_grad():
         want = peft_model(input_ids=IDS).logits
@@ -160,7 +191,12 @@ def toy() -> Toy:
 
 
 def test_conv_and_embedding_adapters_cross_both_ways(tmp_path):
-    ours = lora.inject(toy(), lora.LoRAConfig(r=3, lora_alpha=6, target_modules=["embed", "conv", "q_proj"], bias="lora_only"))
+    ours = lora.inject(
+        toy(),
+        lora.LoRAConfig(
+            r=3, lora_alpha=6, target_modules=["embed", "conv", "q_proj"], bias="lora_only"
+        ),
+    )
     for _, layer in lora.layers.lora_layers(ours):
         randomize_lora(layer)
     with torch.no_grad():
@@ -171,8 +207,12 @@ def test_conv_and_embedding_adapters_cross_both_ways(tmp_path):
     with torch.no_grad():
         assert max_diff(theirs(IDS % 20), want) <= ATOL
 
-    trained = peft.get_peft_model(toy(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["embed", "conv", "q_proj"],
-                                                         init_lora_weights=False))
+    trained = peft.get_peft_model(
+        toy(),
+        peft.LoraConfig(
+            r=2, lora_alpha=3, target_modules=["embed", "conv", "q_proj"], init_lora_weights=False
+        ),
+    )
     trained.eval()
     with torch.no_grad():
         want = trained(IDS % 20)
@@ -187,14 +227,21 @@ def test_conv_and_embedding_adapters_cross_both_ways(tmp_path):
 
 def test_our_config_is_read_by_peft_with_every_field(tmp_path):
     _, ours, _ = pair()
-    lora.inject(ours, lora.LoRAConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear",
-                                      task_type="CAUSAL_LM"))
+    lora.inject(
+        ours,
+        lora.LoRAConfig(
+            r=4, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
     lora.save_adapter(ours, tmp_path, base_model_name_or_path="microsoft/Phi-3-mini-4k-instruct")
     config = peft.PeftConfig.from_pretrained(str(tmp_path))
     assert isinstance(config, peft.LoraConfig)
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.1)
     assert config.target_modules == "all-linear" and config.task_type == "CAUSAL_LM"
-    assert config.base_model_name_or_path == "microsoft/Phi-3-mini-4k-instruct" and config.inference_mode
+    assert (
+        config.base_model_name_or_path == "microsoft/Phi-3-mini-4k-instruct"
+        and config.inference_mode
+    )
 
 
 # --- modules_to_save on tied embeddings (Phi-4-mini ties lm_head to embed_tokens) ---------------
@@ -226,8 +273,14 @@ def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tyi
     hf, _, base = tied_pair()
     with torch.no_grad():
         want_base = hf(input_ids=IDS).logits
-    config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["o_proj"],
-                             modules_to_save=[saved], ensure_weight_tying=tying)
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        init_lora_weights=False,
+        target_modules=["o_proj"],
+        modules_to_save=[saved],
+        ensure_weight_tying=tying,
+    )
     peft_model = peft.get_peft_model(hf, config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -254,8 +307,13 @@ def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tyin
     hf, ours, _ = tied_pair()
     with torch.no_grad():
         want_base = ours(IDS).logits
-    config = lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["o_proj"], modules_to_save=[saved],
-                             ensure_weight_tying=tying)
+    config = lora.LoRAConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["o_proj"],
+        modules_to_save=[saved],
+        ensure_weight_tying=tying,
+    )
     lora.inject(ours, config)
     g = torch.Generator().manual_seed(4)
     for _, layer in lora.layers.lora_layers(ours):

@@ -24,7 +24,11 @@ PHI4_MINI_LIKE = dict(
     tie_word_embeddings=True,
     max_position_embeddings=64,
     original_max_position_embeddings=16,
-    rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2], "long_factor": [2.0, 3.0, 5.0]},
+    rope_scaling={
+        "type": "longrope",
+        "short_factor": [1.0, 1.1, 1.2],
+        "long_factor": [2.0, 3.0, 5.0],
+    },
 )
 
 
@@ -65,7 +69,10 @@ def test_single_file_round_trip(tmp_path):
     model = tiny()
     written = model.save_pretrained(tmp_path)
     assert written == [tmp_path / "model.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]  # no temp files left
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["torch_dtype"] == "float32" and config["architectures"] == ["Phi3ForCausalLM"]
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
@@ -73,7 +80,9 @@ def test_single_file_round_trip(tmp_path):
     loaded = Phi3ForCausalLM.from_pretrained(tmp_path)
     assert not loaded.training
     written_keys = {"torch_dtype", "architectures"}
-    assert {k: v for k, v in loaded.config.to_dict().items() if k not in written_keys} == model.config.to_dict()
+    assert {
+        k: v for k, v in loaded.config.to_dict().items() if k not in written_keys
+    } == model.config.to_dict()
     assert all(p.device.type == "cpu" and p.requires_grad for p in loaded.parameters())
     assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(loaded(IDS).logits, model(IDS).logits)
@@ -83,11 +92,17 @@ def test_sharded_round_trip_writes_a_transformers_index(tmp_path):
     model = tiny()
     written = model.save_pretrained(tmp_path, max_shard_size=20_000)
     n = len(written)
-    assert n > 2 and [p.name for p in written] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert all(p.stat().st_size <= 20_000 + 4096 for p in written)  # + header; no tensor here exceeds the limit
+    assert n > 2 and [p.name for p in written] == [
+        f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+    ]
+    assert all(
+        p.stat().st_size <= 20_000 + 4096 for p in written
+    )  # + header; no tensor here exceeds the limit
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     state = model.state_dict()
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in state.values()
+    )
     assert set(index["weight_map"]) == set(state)
     for name, file in index["weight_map"].items():
         assert name in load_file(tmp_path / file)
@@ -162,7 +177,9 @@ def test_missing_files_are_named(tmp_path):
         Phi3ForCausalLM.from_pretrained(tmp_path)
     Phi3Config(**TINY).save(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*pytorch_model\.bin.*never read"):
+    with pytest.raises(
+        FileNotFoundError, match=r"model\.safetensors.*pytorch_model\.bin.*never read"
+    ):
         Phi3ForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         Phi3ForCausalLM.from_pretrained(tmp_path / "nope")
@@ -214,7 +231,9 @@ def test_from_pretrained_never_materialises_a_random_init_nor_unpickles(tmp_path
     monkeypatch.setattr(
         Phi3ForCausalLM,
         "_init_weights",
-        lambda self, m: seen.extend(p.device.type for p in m.parameters(recurse=False)) or real_init(self, m),
+        lambda self, m: (
+            seen.extend(p.device.type for p in m.parameters(recurse=False)) or real_init(self, m)
+        ),
     )
 
     def no_pickle(*args, **kwargs):
@@ -231,7 +250,9 @@ def test_transformers_reads_what_we_save(tmp_path):
     for name, config, shard in [("gqa", TINY, "5GB"), ("tied", PHI4_MINI_LIKE, 20_000)]:
         ours = Phi3ForCausalLM(Phi3Config(**config)).eval()
         ours.save_pretrained(tmp_path / name, max_shard_size=shard)
-        theirs = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / name, attn_implementation="sdpa").eval()
+        theirs = transformers.Phi3ForCausalLM.from_pretrained(
+            tmp_path / name, attn_implementation="sdpa"
+        ).eval()
         with torch.no_grad():
             assert max_diff(theirs(IDS).logits, ours(IDS).logits) <= 1e-5, name
 

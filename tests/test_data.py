@@ -42,24 +42,34 @@ def _write_tiny_checkpoint(directory: Path) -> Path:
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_special_tokens(PHI3_SPECIALS)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     config = {
-        "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
         "chat_template": data.PHI3_CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": ids, "bos_token_id": 1}))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": ids, "bos_token_id": 1})
+    )
     return directory
 
 
@@ -80,7 +90,10 @@ def _write_lines(path: Path, lines: list[str]) -> Path:
 
 def _chat(user: str = "hi", assistant: str = "hello", system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
-    return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+    return {
+        "messages": messages
+        + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,23 +108,35 @@ def test_jsonl_messages_records_load_and_ignore_extra_keys(tmp_path):
     convs, errors = load_conversations(path)
     assert errors == []
     assert [c.messages for c in convs] == [
-        [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
-         {"role": "assistant", "content": "hello"}],
+        [
+            {"role": "system", "content": "be kind"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ],
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
     ]
     assert [c.line for c in convs] == [1, 3]  # the blank line 2 is not a record
 
 
 def test_alpaca_records_become_user_and_assistant_turns(tmp_path):
-    path = _write_lines(tmp_path / "a.jsonl", [
-        json.dumps({"instruction": "Translate", "input": "chat", "output": "cat"}),
-        json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}),
-        json.dumps({"instruction": "Say hi", "output": "hi"}),
-    ])
+    path = _write_lines(
+        tmp_path / "a.jsonl",
+        [
+            json.dumps({"instruction": "Translate", "input": "chat", "output": "cat"}),
+            json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}),
+            json.dumps({"instruction": "Say hi", "output": "hi"}),
+        ],
+    )
     convs, _ = load_conversations(path)
-    assert convs[0].messages == [{"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "cat"}]
-    assert convs[1].messages == convs[2].messages == [{"role": "user", "content": "Say hi"},
-                                                      {"role": "assistant", "content": "hi"}]
+    assert convs[0].messages == [
+        {"role": "user", "content": "Translate\n\nchat"},
+        {"role": "assistant", "content": "cat"},
+    ]
+    assert (
+        convs[1].messages
+        == convs[2].messages
+        == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    )
 
 
 def test_json_list_records_are_accepted(tmp_path):
@@ -123,14 +148,26 @@ def test_json_list_records_are_accepted(tmp_path):
 
 
 BAD_LINES = [
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', None),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+        None,
+    ),
     ('{"messages": [{"role": "user", "content": "hi"}', "bad JSON"),
-    ('{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', "'bot' is unknown"),
+    (
+        '{"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+        "'bot' is unknown",
+    ),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yo"}]}', "is empty"),
-    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "yo"}]}', "expected a string"),
+    (
+        '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yo"}]}',
+        "is empty",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "yo"}]}',
+        "expected a string",
+    ),
     ('{"messages": "hello"}', "expected a list"),
-    ('[1, 2]', "expected an object"),
+    ("[1, 2]", "expected an object"),
     ('{"text": "plain"}', "neither 'messages' nor"),
     ('{"instruction": "x", "output": ""}', "'output' is empty"),
     ('{"messages": [["user", "hi"]]}', "messages[0] is a JSON array"),
@@ -157,8 +194,10 @@ def test_skip_mode_drops_malformed_records_and_returns_them(tmp_path):
 
 def test_json_list_errors_name_the_record_index_and_line(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text('[\n  {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},\n'
-                    '  {"messages": [{"role": "user", "content": "a"}]}\n]\n')
+    path.write_text(
+        '[\n  {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},\n'
+        '  {"messages": [{"role": "user", "content": "a"}]}\n]\n'
+    )
     with pytest.raises(DataError, match=r"record 1 \(line 3\): no assistant turn") as info:
         load_conversations(path)
     assert info.value.errors[0].index == 1
@@ -166,7 +205,9 @@ def test_json_list_errors_name_the_record_index_and_line(tmp_path):
 
 def test_json_list_syntax_error_is_reported_with_its_line(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "a", "output": }\n]')
+    path.write_text(
+        '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a", "output": }\n]'
+    )
     convs, errors = load_conversations(path, on_error="skip")
     assert len(convs) == 1 and errors[0].line == 3 and "bad JSON" in errors[0].message
 
@@ -201,8 +242,14 @@ def test_eval_split_is_deterministic_disjoint_and_complete():
 
 
 def test_tokenizer_special_and_stop_ids_come_from_the_configs(tokenizer):
-    eot, end, asst = (tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|end|>", "<|assistant|>"))
-    assert tokenizer.eos_token_id == eot and tokenizer.pad_token_id == eot and tokenizer.bos_token_id == 1
+    eot, end, asst = (
+        tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|end|>", "<|assistant|>")
+    )
+    assert (
+        tokenizer.eos_token_id == eot
+        and tokenizer.pad_token_id == eot
+        and tokenizer.bos_token_id == 1
+    )
     assert tokenizer.stop_token_ids == [eot, asst, end]
     assert "<|end|>" in tokenizer.stop_tokens
 
@@ -239,10 +286,17 @@ def test_tokenizer_rejects_a_config_token_missing_from_the_vocabulary(checkpoint
 # Label masks
 # ---------------------------------------------------------------------------------------------------
 
-_text = st.lists(
-    st.sampled_from(list("abcdefghij klm\n\t.,!?0123456789éü中🙂") + ["<|end|>", "hello", " world"]),
-    min_size=1, max_size=30,
-).map("".join).filter(lambda s: s.strip())
+_text = (
+    st.lists(
+        st.sampled_from(
+            list("abcdefghij klm\n\t.,!?0123456789éü中🙂") + ["<|end|>", "hello", " world"]
+        ),
+        min_size=1,
+        max_size=30,
+    )
+    .map("".join)
+    .filter(lambda s: s.strip())
+)
 
 
 @st.composite
@@ -305,13 +359,18 @@ def test_labels_fall_only_inside_assistant_turns(template_case, messages):
     n_assistant = sum(m["role"] == "assistant" for m in messages)
     end_id = tokenizer.token_to_id("<|end|>")
     assert labelled.count(end_id) == n_assistant + sum(
-        m["content"].count("<|end|>") for m in messages if m["role"] == "assistant")
+        m["content"].count("<|end|>") for m in messages if m["role"] == "assistant"
+    )
 
 
 def test_labels_are_the_assistant_content_and_its_end_token(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"},
-                {"role": "assistant", "content": "hello world"}, {"role": "user", "content": "again"},
-                {"role": "assistant", "content": "hello again"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "hello again"},
+    ]
     out = tokenize_conversation(messages, tokenizer)
     runs, current = [], []
     for token_id, label in zip(out.input_ids, out.labels):
@@ -331,8 +390,12 @@ def test_end_token_is_labelled_when_the_tokenizer_strips_the_newline_after_it(ch
     from tokenizers import Tokenizer as HFTokenizer
 
     backend = HFTokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    backend.add_special_tokens([AddedToken(t, rstrip=True, normalized=False, special=True)
-                                for t in ("<|assistant|>", "<|end|>", "<|user|>")])
+    backend.add_special_tokens(
+        [
+            AddedToken(t, rstrip=True, normalized=False, special=True)
+            for t in ("<|assistant|>", "<|end|>", "<|user|>")
+        ]
+    )
     tok = Tokenizer.from_pretrained(checkpoint)
     tok.backend = backend
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " hello world"}]
@@ -349,7 +412,9 @@ def test_end_token_is_labelled_when_the_tokenizer_strips_the_newline_after_it(ch
 
 def test_truncation_cuts_from_the_right_and_drops_examples_left_without_labels(tmp_path, tokenizer):
     long_user = " ".join(["the cat sat on the mat"] * 20)
-    path = _write_lines(tmp_path / "d.jsonl", [json.dumps(_chat("hi", "hello")), json.dumps(_chat(long_user, "ok"))])
+    path = _write_lines(
+        tmp_path / "d.jsonl", [json.dumps(_chat("hi", "hello")), json.dumps(_chat(long_user, "ok"))]
+    )
     result = prepare_chat_data(path, tokenizer, max_seq_length=32)
     assert result.train_stats.truncated == 1 and result.train_stats.dropped == 1
     assert len(result.train) == 1 and result.train_stats.dropped_sources == [f"{path}:2"]
@@ -360,7 +425,9 @@ def test_truncation_cuts_from_the_right_and_drops_examples_left_without_labels(t
 
 
 def test_prepare_reports_template_failures_as_record_errors(tmp_path, checkpoint):
-    path = _write_lines(tmp_path / "d.jsonl", [json.dumps(_chat("hi", "hello")), json.dumps(_chat("boom", "x"))])
+    path = _write_lines(
+        tmp_path / "d.jsonl", [json.dumps(_chat("hi", "hello")), json.dumps(_chat("boom", "x"))]
+    )
     strict = ChatTemplate(
         "{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}{% endif %}"
         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
@@ -390,7 +457,9 @@ def test_prepare_holds_out_a_seeded_eval_split_or_reads_an_eval_file(tmp_path, t
     c = prepare_chat_data(path, tokenizer, max_seq_length=64, eval_file=eval_path)
     assert len(c.eval) == 5 and len(c.train) == 40
     with pytest.raises(ValueError, match="not both"):
-        prepare_chat_data(path, tokenizer, max_seq_length=64, eval_file=eval_path, eval_fraction=0.1)
+        prepare_chat_data(
+            path, tokenizer, max_seq_length=64, eval_file=eval_path, eval_fraction=0.1
+        )
 
 
 @st.composite
@@ -433,7 +502,7 @@ def test_packed_mask_allows_attention_only_within_one_conversation(args, batch_s
         for i in range(S):
             for j in range(S):
                 assert bool(mask[b, 0, i, j]) == (segments[i] == segments[j])
-        assert batch["labels"][b, len(seq):].eq(IGNORE_INDEX).all()
+        assert batch["labels"][b, len(seq) :].eq(IGNORE_INDEX).all()
         assert batch["position_ids"][b, : len(seq)].tolist() == seq.position_ids
 
 
@@ -442,7 +511,9 @@ def test_packed_mask_with_causal_attention_equals_attending_each_conversation_al
     lengths = [5, 3, 4]
     seq = pack_examples([Example(list(range(n)), list(range(n))) for n in lengths], 16)
     assert len(seq) == 1
-    batch = collate(seq, pad_token_id=0, packed=True, pad_to_multiple_of=16)  # 12 tokens + 4 of padding
+    batch = collate(
+        seq, pad_token_id=0, packed=True, pad_to_multiple_of=16
+    )  # 12 tokens + 4 of padding
     S = batch["input_ids"].shape[1]
     assert S == 16
     q, k, v = (torch.randn(1, 2, S, 8) for _ in range(3))
@@ -452,7 +523,9 @@ def test_packed_mask_with_causal_attention_equals_attending_each_conversation_al
     start = 0
     for n in lengths:
         sl = slice(start, start + n)
-        alone = F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True)
+        alone = F.scaled_dot_product_attention(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True
+        )
         torch.testing.assert_close(out[:, :, sl], alone)
         start += n
 
@@ -469,8 +542,10 @@ def test_unpacked_batches_get_a_2d_mask_and_right_padding():
 
 
 def test_prepare_with_packing_feeds_a_dataloader(tmp_path, tokenizer):
-    lines = [json.dumps(_chat(f"question {i}", f"answer {i}", system="be kind" if i % 3 else None))
-             for i in range(30)]
+    lines = [
+        json.dumps(_chat(f"question {i}", f"answer {i}", system="be kind" if i % 3 else None))
+        for i in range(30)
+    ]
     path = _write_lines(tmp_path / "d.jsonl", lines)
     plain = prepare_chat_data(path, tokenizer, max_seq_length=96)
     packed = prepare_chat_data(path, tokenizer, max_seq_length=96, packing=True)

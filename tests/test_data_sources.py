@@ -381,16 +381,28 @@ def test_finetune_keeps_prepared_data_next_to_the_output_and_reuses_it(tmp_path)
 
     ckpt = write_checkpoint(tmp_path / "ckpt")
     data = write_jsonl(tmp_path / "d.jsonl", chat_records(24, seed=12))
-    training = {"output_dir": str(tmp_path / "out"), "max_steps": 1, "max_seq_length": 64,
-                "per_device_train_batch_size": 4, "eval_fraction": 0.25, "save_steps": 100}
+    training = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "max_seq_length": 64,
+        "per_device_train_batch_size": 4,
+        "eval_fraction": 0.25,
+        "save_steps": 100,
+    }
     peft = {"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"]}
     first: list[str] = []
     finetune(ckpt, data, training, peft, progress=False, log=first.append)
     assert len(list((tmp_path / "out" / "data_cache").glob("prepared-*"))) == 1
     assert not any("from the cache" in line for line in first)
     again: list[str] = []
-    finetune(ckpt, data, {**training, "overwrite_output_dir": True}, peft, progress=False,
-             log=again.append)
+    finetune(
+        ckpt,
+        data,
+        {**training, "overwrite_output_dir": True},
+        peft,
+        progress=False,
+        log=again.append,
+    )
     assert any(line.startswith("prepared data from the cache") for line in again)
     assert len(list((tmp_path / "out" / "data_cache").glob("prepared-*"))) == 1
 

@@ -13,7 +13,9 @@ from lora.demo import skill
 from tools.demo_assets import build
 from tools.demo_assets.corpus import make_corpus
 
-pytestmark = pytest.mark.skipif(demo.missing_assets() != [], reason="demo assets not built (python -m tools.demo_assets.build)")
+pytestmark = pytest.mark.skipif(
+    demo.missing_assets() != [], reason="demo assets not built (python -m tools.demo_assets.build)"
+)
 
 
 def _jsonl(records) -> str:
@@ -51,22 +53,38 @@ def test_chat_data_passes_the_validator_and_fits_the_demo_sequence_length():
 
 def _asked_numbers(path) -> list[int]:
     """The numbers the conversations of a file ask about (each assistant answer is that number + 1)."""
-    return [skill.read_answer(m["content"]) - 1 for line in path.read_text().splitlines()
-            for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+    return [
+        skill.read_answer(m["content"]) - 1
+        for line in path.read_text().splitlines()
+        for m in json.loads(line)["messages"]
+        if m["role"] == "assistant"
+    ]
 
 
 def test_eval_numbers_never_appear_in_training_and_prompts_do_not_overlap():
-    train_numbers, eval_numbers = set(_asked_numbers(demo.train_file())), set(_asked_numbers(demo.eval_file()))
-    assert train_numbers.isdisjoint(eval_numbers) and len(eval_numbers) == build.NUM_EVAL_CONVERSATIONS
+    train_numbers, eval_numbers = (
+        set(_asked_numbers(demo.train_file())),
+        set(_asked_numbers(demo.eval_file())),
+    )
+    assert (
+        train_numbers.isdisjoint(eval_numbers) and len(eval_numbers) == build.NUM_EVAL_CONVERSATIONS
+    )
 
     def prompts(path):
-        return {m["content"] for line in path.read_text().splitlines()
-                for m in json.loads(line)["messages"] if m["role"] == "user"}
+        return {
+            m["content"]
+            for line in path.read_text().splitlines()
+            for m in json.loads(line)["messages"]
+            if m["role"] == "user"
+        }
 
     assert prompts(demo.train_file()).isdisjoint(prompts(demo.eval_file()))
     for messages, reference in skill.eval_pairs(demo.eval_file()):
         asked = skill.read_answer(reference) - 1
-        assert messages[-1]["role"] == "user" and skill.number_to_words(asked) in messages[-1]["content"].lower()
+        assert (
+            messages[-1]["role"] == "user"
+            and skill.number_to_words(asked) in messages[-1]["content"].lower()
+        )
 
 
 def test_base_checkpoint_is_a_phi3_directory_in_the_real_format():
@@ -75,7 +93,11 @@ def test_base_checkpoint_is_a_phi3_directory_in_the_real_format():
     assert config["model_type"] == "phi3" and config["architectures"] == ["Phi3ForCausalLM"]
     tok_config = json.loads((base / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] == PHI3_CHAT_TEMPLATE
-    assert (tok_config["bos_token"], tok_config["eos_token"], tok_config["unk_token"]) == ("<s>", "<|endoftext|>", "<unk>")
+    assert (tok_config["bos_token"], tok_config["eos_token"], tok_config["unk_token"]) == (
+        "<s>",
+        "<|endoftext|>",
+        "<unk>",
+    )
     tokenizer = Tokenizer.from_pretrained(base)
     assert tokenizer.vocab_size <= config["vocab_size"]
     for token in build.PHI3_SPECIAL_TOKENS:
@@ -87,14 +109,22 @@ def test_base_checkpoint_is_a_phi3_directory_in_the_real_format():
 
 def test_tokenizer_and_template_round_trip():
     tokenizer = Tokenizer.from_pretrained(demo.base_model_dir())
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What comes after forty-two?"},
-                {"role": "assistant", "content": "It is forty-three."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What comes after forty-two?"},
+        {"role": "assistant", "content": "It is forty-three."},
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text == ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat comes after forty-two?<|end|>\n"
-                    "<|assistant|>\nIt is forty-three.<|end|>\n<|endoftext|>")
+    assert text == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat comes after forty-two?<|end|>\n"
+        "<|assistant|>\nIt is forty-three.<|end|>\n<|endoftext|>"
+    )
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert [tokenizer.decode([i]) for i in tokenizer.encode("342")] == ["3", "4", "2"]  # digits one by one
+    assert [tokenizer.decode([i]) for i in tokenizer.encode("342")] == [
+        "3",
+        "4",
+        "2",
+    ]  # digits one by one
 
 
 def test_base_model_loads_with_the_real_loader_and_cannot_do_the_skill_yet():
@@ -112,35 +142,62 @@ def test_base_model_loads_with_the_real_loader_and_cannot_do_the_skill_yet():
     total = 0.0
     for messages, reference in pairs:
         prompt = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True)])
-        out = model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=tokenizer.stop_token_ids)
-        total += skill.score(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True), reference)
+        out = model.generate(
+            prompt, max_new_tokens=6, temperature=0, eos_token_id=tokenizer.stop_token_ids
+        )
+        total += skill.score(
+            tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True), reference
+        )
     assert total == 0.0
 
 
 def test_number_words_and_score():
     assert [skill.number_to_words(n) for n in (1, 13, 40, 42, 100, 305, 342, 999)] == [
-        "one", "thirteen", "forty", "forty-two", "one hundred", "three hundred and five",
-        "three hundred and forty-two", "nine hundred and ninety-nine"]
+        "one",
+        "thirteen",
+        "forty",
+        "forty-two",
+        "one hundred",
+        "three hundred and five",
+        "three hundred and forty-two",
+        "nine hundred and ninety-nine",
+    ]
     assert all(skill.words_to_number(skill.number_to_words(n)) == n for n in range(1000))
     with pytest.raises(ValueError, match="n=1000"):
         skill.number_to_words(1000)
     with pytest.raises(ValueError, match="words='forty two'"):
         skill.words_to_number("forty two")
-    assert skill.make_answer(42) == "It is forty-three." and skill.read_answer(" it is Forty-three") == 43
+    assert (
+        skill.make_answer(42) == "It is forty-three."
+        and skill.read_answer(" it is Forty-three") == 43
+    )
     with pytest.raises(ValueError, match="expected 'It is <number in words>.'"):
         skill.read_answer("forty-three")
     reference = "It is forty-three."
-    assert skill.score("It is forty-three.", reference) == skill.score(" it is  Forty-three\n", reference) == 1.0
-    assert skill.score("It is forty-four.", reference) == skill.score("It is forty.", reference) == 0.0
+    assert (
+        skill.score("It is forty-three.", reference)
+        == skill.score(" it is  Forty-three\n", reference)
+        == 1.0
+    )
+    assert (
+        skill.score("It is forty-four.", reference) == skill.score("It is forty.", reference) == 0.0
+    )
     assert skill.score("", reference) == skill.score("forty-three", reference) == 0.0
 
 
 def test_conversations_are_deterministic_and_only_use_the_given_numbers():
     a = skill.make_conversations([5, 6], 50, seed=1)
     assert a == skill.make_conversations([5, 6], 50, seed=1)
-    assert {m["content"] for c in a for m in c["messages"] if m["role"] == "assistant"} <= {"It is six.", "It is seven."}
+    assert {m["content"] for c in a for m in c["messages"] if m["role"] == "assistant"} <= {
+        "It is six.",
+        "It is seven.",
+    }
     train, held_out = skill.split_numbers(100, seed=3)
-    assert len(held_out) == 100 and set(train).isdisjoint(held_out) and len(train) + 100 == len(skill.NUMBER_RANGE)
+    assert (
+        len(held_out) == 100
+        and set(train).isdisjoint(held_out)
+        and len(train) + 100 == len(skill.NUMBER_RANGE)
+    )
     with pytest.raises(ValueError, match=r"numbers contains \[999\]"):
         skill.make_conversations([999], 1, seed=0)
 
@@ -154,7 +211,9 @@ def test_ensure_assets_builds_nothing_when_everything_is_there():
 def test_committed_tokenizer_is_what_the_build_trains_on_the_corpus(tmp_path):
     import tokenizers
 
-    built_with = json.loads((demo.base_model_dir() / "build_info.json").read_text()).get("tokenizers")
+    built_with = json.loads((demo.base_model_dir() / "build_info.json").read_text()).get(
+        "tokenizers"
+    )
     if built_with != tokenizers.__version__:
         pytest.skip(f"assets built with tokenizers {built_with}, this is {tokenizers.__version__}")
     build.build_tokenizer(demo.corpus_file(), tmp_path)
@@ -171,8 +230,20 @@ def test_transformers_loads_the_base_checkpoint_and_agrees(monkeypatch):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     tokenizer = Tokenizer.from_pretrained(base)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What comes after forty-two?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What comes after forty-two?"},
+    ]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    assert list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)) == ids
+    assert (
+        list(
+            hf_tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=False
+            )
+        )
+        == ids
+    )
     x = torch.tensor([ids])
-    torch.testing.assert_close(hf_model(x).logits, Phi3ForCausalLM.from_pretrained(base, dtype=torch.float32)(x).logits)
+    torch.testing.assert_close(
+        hf_model(x).logits, Phi3ForCausalLM.from_pretrained(base, dtype=torch.float32)(x).logits
+    )

@@ -128,10 +128,16 @@ def test_bad_input_is_one_line_and_exit_2(demo, tmp_path, capsys, argv, message)
     assert not (tmp_path / "out" / "eval_report.json").exists()
 
 
-@pytest.mark.parametrize("prediction, reference", [
-    ("It is forty-three.", "it is  forty-three"), ("It is forty-three", "It is forty-four."),
-    ("  yes ", "Yes."), ("", "."), ("a.b", "a b"),
-])
+@pytest.mark.parametrize(
+    "prediction, reference",
+    [
+        ("It is forty-three.", "it is  forty-three"),
+        ("It is forty-three", "It is forty-four."),
+        ("  yes ", "Yes."),
+        ("", "."),
+        ("a.b", "a b"),
+    ],
+)
 def test_exact_match_is_the_demos_measure(prediction, reference):
     from lora.demo.skill import score as demo_score
     from lora.finetune.evaluate import score

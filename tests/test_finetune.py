@@ -18,8 +18,15 @@ from lora.finetune.__main__ import main as cli_main
 from lora.finetune.state import list_checkpoints, write_checkpoint
 from lora.models import Phi3ForCausalLM
 
-PEFT = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "bias": "none", "task_type": "CAUSAL_LM",
-        "target_modules": "all-linear", "modules_to_save": None}
+PEFT = {
+    "r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.1,
+    "bias": "none",
+    "task_type": "CAUSAL_LM",
+    "target_modules": "all-linear",
+    "modules_to_save": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,58 +40,106 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def training(tmp_path, **over) -> dict:
-    cfg = {"output_dir": str(tmp_path / "out"), "learning_rate": 1e-2, "per_device_train_batch_size": 4,
-           "per_device_eval_batch_size": 8, "max_steps": 8, "lr_scheduler_type": "constant", "logging_steps": 1,
-           "save_steps": 4, "seed": 0, "max_seq_length": 64, "eval_fraction": 0.2}
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_steps": 8,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_steps": 4,
+        "seed": 0,
+        "max_seq_length": 64,
+        "eval_fraction": 0.2,
+    }
     cfg.update(over)
     return cfg
 
 
 def losses(output_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [
+        json.loads(line)
+        for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+        if line
+    ]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 # --- configs ---------------------------------------------------------------------------------------
 RECIPE = {  # sample_finetune.py from the Phi-3 model card, as written (plus what it passes to its trainer)
-    "bf16": True, "do_eval": False, "learning_rate": 5.0e-06, "log_level": "info", "logging_steps": 20,
-    "logging_strategy": "steps", "lr_scheduler_type": "cosine", "num_train_epochs": 1, "max_steps": -1,
-    "output_dir": "./checkpoint_dir", "overwrite_output_dir": True, "per_device_eval_batch_size": 4,
-    "per_device_train_batch_size": 4, "remove_unused_columns": True, "save_steps": 100, "save_total_limit": 1,
-    "seed": 0, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
-    "gradient_accumulation_steps": 1, "warmup_ratio": 0.2, "max_seq_length": 2048, "packing": True,
+    "bf16": True,
+    "do_eval": False,
+    "learning_rate": 5.0e-06,
+    "log_level": "info",
+    "logging_steps": 20,
+    "logging_strategy": "steps",
+    "lr_scheduler_type": "cosine",
+    "num_train_epochs": 1,
+    "max_steps": -1,
+    "output_dir": "./checkpoint_dir",
+    "overwrite_output_dir": True,
+    "per_device_eval_batch_size": 4,
+    "per_device_train_batch_size": 4,
+    "remove_unused_columns": True,
+    "save_steps": 100,
+    "save_total_limit": 1,
+    "seed": 0,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_accumulation_steps": 1,
+    "warmup_ratio": 0.2,
+    "max_seq_length": 2048,
+    "packing": True,
 }
 
 
 def test_the_phi3_recipe_training_config_is_accepted_as_written():
     cfg = TrainingConfig.from_dict(RECIPE)
-    assert cfg.bf16 and cfg.packing and cfg.lr_scheduler_type == "cosine" and cfg.max_seq_length == 2048
+    assert (
+        cfg.bf16
+        and cfg.packing
+        and cfg.lr_scheduler_type == "cosine"
+        and cfg.max_seq_length == 2048
+    )
     lora.LoRAConfig(**PEFT)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"learning_rat": 1e-4}, r"unknown key 'learning_rat'"),
-    ({"logging_strategy": "best"}, r"logging_strategy='best': expected one of 'no', 'steps'"),
-    ({"save_strategy": "best"}, r"save_strategy='best'"),
-    ({"eval_strategy": "sometimes"}, r"eval_strategy='sometimes'"),
-    ({"evaluation_strategy": "no", "eval_strategy": "steps"}, r"evaluation_strategy is another"),
-    ({"eval_steps": 1.5}, r"eval_steps=1.5: expected a positive int, or a float in \(0, 1\)"),
-    ({"optim": "adamw_bnb_8bit"}, r"optim='adamw_bnb_8bit'.*closest supported is 'adamw_torch'"),
-    ({"optim": "paged_adamw_8bit"}, r"optim='paged_adamw_8bit'.*closest supported is 'adamw_"),
-    ({"optim": "lion_32bit"}, r"Lion.*closest supported is 'adamw_torch'"),
-    ({"optim": "adamw_nonsense"}, r"optim='adamw_nonsense': unknown; supported: adamw_torch"),
-    ({"fp16": True, "bf16": True}, r"choose one"),
-    ({"log_level": "loud"}, r"log_level='loud'"),
-    ({"report_to": "wandb"}, r"report_to='wandb'.*'none', 'tensorboard' or 'all'"),
-    ({"report_to": ["tensorboard", "mlflow"]}, r"'mlflow' is not supported"),
-    ({"push_to_hub": True}, r"push_to_hub=True: not supported \(nothing is uploaded"),
-    ({"torch_compile": True}, r"torch_compile=True: not supported"),
-    ({"lr_scheduler_type": "polynomial"}, r"lr_scheduler_type='polynomial'"),
-    ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size=0"),
-    ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5"),
-    ({"gradient_checkpointing_kwargs": {"use_reentrant": "yes"}}, r"use_reentrant"),
-    ({"gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, r"at most 'use_reentrant'"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"learning_rat": 1e-4}, r"unknown key 'learning_rat'"),
+        ({"logging_strategy": "best"}, r"logging_strategy='best': expected one of 'no', 'steps'"),
+        ({"save_strategy": "best"}, r"save_strategy='best'"),
+        ({"eval_strategy": "sometimes"}, r"eval_strategy='sometimes'"),
+        (
+            {"evaluation_strategy": "no", "eval_strategy": "steps"},
+            r"evaluation_strategy is another",
+        ),
+        ({"eval_steps": 1.5}, r"eval_steps=1.5: expected a positive int, or a float in \(0, 1\)"),
+        (
+            {"optim": "adamw_bnb_8bit"},
+            r"optim='adamw_bnb_8bit'.*closest supported is 'adamw_torch'",
+        ),
+        ({"optim": "paged_adamw_8bit"}, r"optim='paged_adamw_8bit'.*closest supported is 'adamw_"),
+        ({"optim": "lion_32bit"}, r"Lion.*closest supported is 'adamw_torch'"),
+        ({"optim": "adamw_nonsense"}, r"optim='adamw_nonsense': unknown; supported: adamw_torch"),
+        ({"fp16": True, "bf16": True}, r"choose one"),
+        ({"log_level": "loud"}, r"log_level='loud'"),
+        ({"report_to": "wandb"}, r"report_to='wandb'.*'none', 'tensorboard' or 'all'"),
+        ({"report_to": ["tensorboard", "mlflow"]}, r"'mlflow' is not supported"),
+        ({"push_to_hub": True}, r"push_to_hub=True: not supported \(nothing is uploaded"),
+        ({"torch_compile": True}, r"torch_compile=True: not supported"),
+        ({"lr_scheduler_type": "polynomial"}, r"lr_scheduler_type='polynomial'"),
+        ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size=0"),
+        ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5"),
+        ({"gradient_checkpointing_kwargs": {"use_reentrant": "yes"}}, r"use_reentrant"),
+        (
+            {"gradient_checkpointing_kwargs": {"preserve_rng_state": False}},
+            r"at most 'use_reentrant'",
+        ),
+    ],
+)
 def test_bad_training_keys_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainingConfig.from_dict(bad)
@@ -97,8 +152,11 @@ def test_schedules_match_transformers(kind):
     opt = torch.optim.SGD([param], lr=1.0)
     sched = transformers.get_scheduler(kind, opt, num_warmup_steps=5, num_training_steps=30)
     for step in range(30):
-        assert math.isclose(opt.param_groups[0]["lr"], lr_factor(step, 30, 5 if kind != "constant" else 0, kind),
-                            abs_tol=1e-9), (kind, step)
+        assert math.isclose(
+            opt.param_groups[0]["lr"],
+            lr_factor(step, 30, 5 if kind != "constant" else 0, kind),
+            abs_tol=1e-9,
+        ), (kind, step)
         opt.step()
         sched.step()
 
@@ -107,11 +165,15 @@ def test_schedules_match_transformers(kind):
 def test_finetune_trains_logs_checkpoints_and_rotates(ckpt, data_file, tmp_path):
     cfg = training(tmp_path, max_steps=12, save_total_limit=2, eval_steps=6, learning_rate=2e-2)
     result = finetune(ckpt, data_file, cfg, PEFT, progress=False, log=lambda s: None)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
-    assert all({"step", "loss", "learning_rate", "tokens_per_second"} <= r.keys() for r in train_rows)
+    assert all(
+        {"step", "loss", "learning_rate", "tokens_per_second"} <= r.keys() for r in train_rows
+    )
     assert [r["step"] for r in eval_rows] == [6, 12] and all(r["eval_loss"] > 0 for r in eval_rows)
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [8, 12]  # save_total_limit=2
@@ -124,8 +186,14 @@ def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
     cfg = TrainingConfig.from_dict(cfg_dict)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(ckpt)
-    data = prepare_chat_data(data_file, tok, cfg.max_seq_length, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-                             packing=cfg.packing)
+    data = prepare_chat_data(
+        data_file,
+        tok,
+        cfg.max_seq_length,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+        packing=cfg.packing,
+    )
     model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16 if cfg.bf16 else None)
     lora.inject(model, lora.LoRAConfig(**PEFT))
     return Trainer(model, tok, data, cfg, log=log, progress=False)
@@ -136,13 +204,25 @@ class Killed(Exception):
 
 
 def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp_path):
-    full = training(tmp_path / "a", max_steps=10, lr_scheduler_type="cosine", warmup_ratio=0.2, save_steps=4,
-                    gradient_accumulation_steps=2)
+    full = training(
+        tmp_path / "a",
+        max_steps=10,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.2,
+        save_steps=4,
+        gradient_accumulation_steps=2,
+    )
     _trainer(ckpt, data_file, full).train()
     want = losses(tmp_path / "a" / "out")
 
-    cut = training(tmp_path / "b", max_steps=10, lr_scheduler_type="cosine", warmup_ratio=0.2, save_steps=4,
-                   gradient_accumulation_steps=2)
+    cut = training(
+        tmp_path / "b",
+        max_steps=10,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.2,
+        save_steps=4,
+        gradient_accumulation_steps=2,
+    )
     trainer = _trainer(ckpt, data_file, cut)
     original = trainer._micro_batch
 
@@ -168,14 +248,18 @@ def test_resuming_with_more_steps_continues_the_same_run(ckpt, data_file, tmp_pa
     _trainer(ckpt, data_file, training(tmp_path / "long", max_steps=9, save_steps=100)).train()
     want = losses(tmp_path / "long" / "out")
     _trainer(ckpt, data_file, training(tmp_path / "short", max_steps=5, save_steps=100)).train()
-    _trainer(ckpt, data_file, training(tmp_path / "short", max_steps=9, save_steps=100)).train(resume=True)
+    _trainer(ckpt, data_file, training(tmp_path / "short", max_steps=9, save_steps=100)).train(
+        resume=True
+    )
     got = losses(tmp_path / "short" / "out")
     assert got == want
 
 
 def test_a_fresh_run_never_deletes_an_earlier_one_unless_told(ckpt, data_file, tmp_path):
     _trainer(ckpt, data_file, training(tmp_path, max_steps=2)).train()
-    with pytest.raises(ValueError, match=r"holds an earlier run \(adapter, checkpoint-2, metrics.jsonl\).*--resume"):
+    with pytest.raises(
+        ValueError, match=r"holds an earlier run \(adapter, checkpoint-2, metrics.jsonl\).*--resume"
+    ):
         _trainer(ckpt, data_file, training(tmp_path, max_steps=3)).train()
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
     _trainer(ckpt, data_file, training(tmp_path, max_steps=3, overwrite_output_dir=True)).train()
@@ -223,8 +307,11 @@ def test_gradient_checkpointing_and_packing_train_like_the_plain_loop(ckpt, data
     plain = _trainer(ckpt, data_file, training(tmp_path / "p", max_steps=3, packing=True))
     assert plain.data.packed and plain.collate(plain.data.train[:2])["attention_mask"].dim() == 4
     plain.train()
-    checkpointed = _trainer(ckpt, data_file, training(tmp_path / "c", max_steps=3, packing=True,
-                                                      gradient_checkpointing=True))
+    checkpointed = _trainer(
+        ckpt,
+        data_file,
+        training(tmp_path / "c", max_steps=3, packing=True, gradient_checkpointing=True),
+    )
     assert checkpointed.model.gradient_checkpointing
     checkpointed.train()
     want, got = losses(tmp_path / "p" / "out"), losses(tmp_path / "c" / "out")
@@ -254,7 +341,9 @@ def test_merge_writes_a_checkpoint_that_reloads_with_the_same_logits(ckpt, data_
         torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
     assert (merged_dir / "tokenizer.json").is_file()
     transformers = pytest.importorskip("transformers")
-    theirs = transformers.Phi3ForCausalLM.from_pretrained(merged_dir, attn_implementation="sdpa").eval()
+    theirs = transformers.Phi3ForCausalLM.from_pretrained(
+        merged_dir, attn_implementation="sdpa"
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-5, atol=1e-5)
 
@@ -263,13 +352,27 @@ def test_merge_writes_a_checkpoint_that_reloads_with_the_same_logits(ckpt, data_
 def test_cli_runs_from_a_toml_config_and_flags_override_it(ckpt, data_file, tmp_path, capsys):
     config = tmp_path / "recipe.toml"
     config.write_text(
-        '[training_config]\nlearning_rate = 0.01\nmax_steps = 50\nper_device_train_batch_size = 4\n'
-        'logging_steps = 1\nsave_steps = 2\nmax_seq_length = 64\n'
+        "[training_config]\nlearning_rate = 0.01\nmax_steps = 50\nper_device_train_batch_size = 4\n"
+        "logging_steps = 1\nsave_steps = 2\nmax_seq_length = 64\n"
         '[peft_config]\nr = 2\nlora_alpha = 4\ntarget_modules = ["qkv_proj[q,v]", "o_proj"]\n'
     )
     out = tmp_path / "run"
-    code = cli_main(["--model", str(ckpt), "--data", str(data_file), "--config", str(config), "--output", str(out),
-                     "--max-steps", "3", "--no-progress", "--merge"])
+    code = cli_main(
+        [
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data_file),
+            "--config",
+            str(config),
+            "--output",
+            str(out),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            "--merge",
+        ]
+    )
     assert code == 0
     assert max(losses(out)) == 3
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -279,12 +382,28 @@ def test_cli_runs_from_a_toml_config_and_flags_override_it(ckpt, data_file, tmp_
 def test_cli_reports_malformed_records_with_file_and_line(ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = "".join(json.dumps(r) + "\n" for r in chat_records(30))
-    bad.write_text(json.dumps(chat_records(1)[0]) + "\n{not json\n"
-                   + json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n" + good)
+    bad.write_text(
+        json.dumps(chat_records(1)[0])
+        + "\n{not json\n"
+        + json.dumps({"messages": [{"role": "robot", "content": "hi"}]})
+        + "\n"
+        + good
+    )
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"training_config": {"max_steps": 1}, "peft_config": PEFT}))
-    code = cli_main(["--model", str(ckpt), "--data", str(bad), "--config", str(config),
-                     "--output", str(tmp_path / "o"), "--no-progress"])
+    code = cli_main(
+        [
+            "--model",
+            str(ckpt),
+            "--data",
+            str(bad),
+            "--config",
+            str(config),
+            "--output",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert f"{bad}:2" in err and f"{bad}:3" in err and "robot" in err

@@ -292,9 +292,7 @@ def test_each_supported_optim_runs_the_torch_optimizer_it_names(ckpt, data_file,
 def test_every_refused_optim_names_a_supported_one():
     for name, closest in UNSUPPORTED_OPTIMIZERS.items():
         assert closest in OPTIMIZERS, name
-        with pytest.raises(
-            ValueError, match=rf"optim='{name}'.*closest supported is '{closest}'"
-        ):
+        with pytest.raises(ValueError, match=rf"optim='{name}'.*closest supported is '{closest}'"):
             TrainingConfig(optim=name)
 
 
@@ -506,7 +504,9 @@ def test_ignored_keys_accept_transformers_defaults():
             TrainingConfig.from_dict({f.name: default})  # the default value never asks for anything
 
 
-def test_the_loss_scaler_path_trains_like_the_plain_loop_and_is_checkpointed(ckpt, data_file, tmp_path):
+def test_the_loss_scaler_path_trains_like_the_plain_loop_and_is_checkpointed(
+    ckpt, data_file, tmp_path
+):
     """fp16's loop (scale, unscale, clip, step, update), run on CPU with torch's CPU GradScaler: a
     power-of-two scale changes no fp32 gradient, so the losses equal the plain run's."""
     plain = trainer(ckpt, data_file, config(tmp_path / "p", max_steps=4, save_steps=2))

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import randomize_lora
+from tiny import TINY_PHI3
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
 import lora.functional as LF
-from reference import randomize_lora
-from tiny import TINY_PHI3
 
 
 def dense_reference(x, W, b, A, B, s, keep, p, fifo):

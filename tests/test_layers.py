@@ -44,14 +44,24 @@ def layer_and_input(draw, kinds=tuple(KINDS), dtype=torch.float64, min_r=1):
                 fout = sum(sizes)
             else:
                 sizes, fout = None, n * draw(st.integers(1, 4))
-            layer = lora.MergedLinear(fin, fout, enable_lora=enable, split_sizes=sizes, fan_in_fan_out=fifo,
-                                      bias=bias, dtype=dtype, **common)
+            layer = lora.MergedLinear(
+                fin,
+                fout,
+                enable_lora=enable,
+                split_sizes=sizes,
+                fan_in_fan_out=fifo,
+                bias=bias,
+                dtype=dtype,
+                **common,
+            )
         x = torch.randn(*batch, fin, generator=g, dtype=dtype)
     elif kind == "embedding":
         num, dim = draw(st.integers(2, 12)), draw(st.integers(1, 8))
         padding_idx = draw(st.one_of(st.none(), st.integers(0, num - 1)))
         max_norm = draw(st.one_of(st.none(), st.floats(0.5, 3.0)))
-        layer = lora.Embedding(num, dim, padding_idx=padding_idx, max_norm=max_norm, dtype=dtype, **common)
+        layer = lora.Embedding(
+            num, dim, padding_idx=padding_idx, max_norm=max_norm, dtype=dtype, **common
+        )
         x = torch.randint(0, num, (draw(st.integers(1, 3)), draw(st.integers(1, 5))), generator=g)
     else:
         nd = int(kind[-2])
@@ -63,9 +73,23 @@ def layer_and_input(draw, kinds=tuple(KINDS), dtype=torch.float64, min_r=1):
         padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
         mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"]))
         layer_cls = {1: lora.Conv1d, 2: lora.Conv2d, 3: lora.Conv3d}[nd]
-        layer = layer_cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                          padding_mode=mode, bias=draw(st.booleans()), dtype=dtype, **common)
-        spatial = [dilation[i] * (kernel[i] - 1) + 1 + draw(st.integers(max(padding[i], 0), 4)) for i in range(nd)]
+        layer = layer_cls(
+            cin,
+            cout,
+            kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=mode,
+            bias=draw(st.booleans()),
+            dtype=dtype,
+            **common,
+        )
+        spatial = [
+            dilation[i] * (kernel[i] - 1) + 1 + draw(st.integers(max(padding[i], 0), 4))
+            for i in range(nd)
+        ]
         x = torch.randn(draw(st.integers(1, 2)), cin, *spatial, generator=g, dtype=dtype)
     randomize_lora(layer, g)
     return layer, x
@@ -126,7 +150,10 @@ def test_gradients_match_autograd_on_dense_reference(case):
     x2 = x.detach().clone().requires_grad_(True) if is_float else x
     ref_layer = copy.deepcopy(layer)
     del ref_layer.lora_A, ref_layer.lora_B
-    ref_layer.lora_A, ref_layer.lora_B = A, B  # plain tensors: effective_weight builds W + s·ΔW from them
+    ref_layer.lora_A, ref_layer.lora_B = (
+        A,
+        B,
+    )  # plain tensors: effective_weight builds W + s·ΔW from them
     W = _effective_weight_differentiable(layer, A, B)
     (dense_forward(layer, x2, weight=W) * weights).sum().backward()
     want = [A.grad, B.grad] + ([x2.grad] if is_float else [])
@@ -177,12 +204,18 @@ def test_lora_state_dict_round_trip_into_fresh_model(case, bias):
 def test_fresh_layer_computes_exactly_its_base_layer(kind):
     torch.manual_seed(1)
     if kind in ("linear", "merged"):
-        layer = (lora.Linear(5, 6, r=3) if kind == "linear"
-                 else lora.MergedLinear(5, 6, r=3, enable_lora=[True, False, True]))
+        layer = (
+            lora.Linear(5, 6, r=3)
+            if kind == "linear"
+            else lora.MergedLinear(5, 6, r=3, enable_lora=[True, False, True])
+        )
         base = torch.nn.Linear(5, 6)
         x = torch.randn(4, 5)
     elif kind == "embedding":
-        layer, base = lora.Embedding(7, 4, r=3, padding_idx=0), torch.nn.Embedding(7, 4, padding_idx=0)
+        layer, base = (
+            lora.Embedding(7, 4, r=3, padding_idx=0),
+            torch.nn.Embedding(7, 4, padding_idx=0),
+        )
         x = torch.tensor([[0, 3, 6]])
     else:
         nd = int(kind[-2])
@@ -273,7 +306,10 @@ def test_dropout_only_touches_the_adapter_path():
     torch.manual_seed(3)  # the mask's seed is drawn from the global generator
     seed = int(torch.randint(0, 1 << 62, (1,)).item())
     dropped = x * lora.functional.dropout_keep_mask(x.shape, 0.5, seed) / (1 - 0.5)
-    want = torch.nn.functional.linear(x, layer.weight, layer.bias) + dropped @ layer.lora_A.T @ layer.lora_B.T * layer.scaling
+    want = (
+        torch.nn.functional.linear(x, layer.weight, layer.bias)
+        + dropped @ layer.lora_A.T @ layer.lora_B.T * layer.scaling
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -368,7 +404,10 @@ def test_fp32_adapter_on_bf16_base_runs_adapter_in_fp32():
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16
-    want = torch.nn.functional.linear(x, layer.weight, layer.bias) + (x.float() @ layer.lora_A.T @ layer.lora_B.T * layer.scaling).bfloat16()
+    want = (
+        torch.nn.functional.linear(x, layer.weight, layer.bias)
+        + (x.float() @ layer.lora_A.T @ layer.lora_B.T * layer.scaling).bfloat16()
+    )
     torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
 
 
@@ -385,13 +424,22 @@ def test_public_namespace_has_no_wildcard_leakage():
         assert not hasattr(lora, name), name
     for name in lora.__all__:
         assert hasattr(lora, name)
-    for cls in (lora.Linear, lora.MergedLinear, lora.Embedding, lora.Conv1d, lora.Conv2d, lora.Conv3d):
+    for cls in (
+        lora.Linear,
+        lora.MergedLinear,
+        lora.Embedding,
+        lora.Conv1d,
+        lora.Conv2d,
+        lora.Conv3d,
+    ):
         assert issubclass(cls, lora.LoRALayer)
     assert issubclass(lora.Linear, torch.nn.Linear) and issubclass(lora.Conv2d, torch.nn.Conv2d)
     assert not issubclass(lora.MergedLinear, lora.Linear)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler"
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_compile_with_inductor_matches_eager(kind):
     """The default backend generates C++ (about 2 s a layer on 2 cores). It caught torch 2.13 inductor

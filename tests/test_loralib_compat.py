@@ -20,8 +20,13 @@ def copy_params(src: nn.Module, dst: nn.Module) -> None:
 
 
 @given(
-    fin=st.integers(1, 10), fout=st.integers(1, 10), r=st.integers(1, 4), alpha=st.sampled_from([1, 4, 16]),
-    fifo=st.booleans(), bias=st.booleans(), seed=st.integers(0, 1000),
+    fin=st.integers(1, 10),
+    fout=st.integers(1, 10),
+    r=st.integers(1, 4),
+    alpha=st.sampled_from([1, 4, 16]),
+    fifo=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
 )
 def test_linear_same_parameters_same_outputs(fin, fout, r, alpha, fifo, bias, seed):
     torch.manual_seed(seed)
@@ -36,21 +41,32 @@ def test_linear_same_parameters_same_outputs(fin, fout, r, alpha, fifo, bias, se
 
 
 @given(
-    n=st.integers(1, 3), per=st.integers(1, 4), fin=st.integers(1, 8), r=st.integers(1, 3),
-    data=st.data(), fifo=st.booleans(), seed=st.integers(0, 1000),
+    n=st.integers(1, 3),
+    per=st.integers(1, 4),
+    fin=st.integers(1, 8),
+    r=st.integers(1, 3),
+    data=st.data(),
+    fifo=st.booleans(),
+    seed=st.integers(0, 1000),
 )
 def test_merged_linear_same_parameters_same_outputs(n, per, fin, r, data, fifo, seed):
     enable = data.draw(st.lists(st.booleans(), min_size=n, max_size=n).filter(any))
     torch.manual_seed(seed)
-    theirs = loralib.MergedLinear(fin, n * per, r=r, lora_alpha=2, enable_lora=enable, fan_in_fan_out=fifo)
+    theirs = loralib.MergedLinear(
+        fin, n * per, r=r, lora_alpha=2, enable_lora=enable, fan_in_fan_out=fifo
+    )
     nn.init.normal_(theirs.lora_B)
-    ours = lora.MergedLinear(fin, n * per, r=r, lora_alpha=2, enable_lora=enable, fan_in_fan_out=fifo)
+    ours = lora.MergedLinear(
+        fin, n * per, r=r, lora_alpha=2, enable_lora=enable, fan_in_fan_out=fifo
+    )
     copy_params(theirs, ours)
     x = torch.randn(2, 3, fin)
     torch.testing.assert_close(ours(x), theirs(x))
 
 
-@given(num=st.integers(2, 10), dim=st.integers(1, 6), r=st.integers(1, 3), seed=st.integers(0, 1000))
+@given(
+    num=st.integers(2, 10), dim=st.integers(1, 6), r=st.integers(1, 3), seed=st.integers(0, 1000)
+)
 def test_embedding_same_parameters_same_outputs(num, dim, r, seed):
     torch.manual_seed(seed)
     theirs = loralib.Embedding(num, dim, r=r, lora_alpha=4)
@@ -120,5 +136,7 @@ def test_lora_only_bias_covers_conv_biases():
 def test_loralib_conv_base_keys_load_into_ours():
     theirs = loralib.Conv2d(3, 4, 1, r=2)
     ours = lora.Conv2d(3, 4, 1, r=2)
-    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" not in k}, strict=False)
+    ours.load_state_dict(
+        {k: v for k, v in theirs.state_dict().items() if "lora_" not in k}, strict=False
+    )
     assert torch.equal(ours.weight, theirs.conv.weight) and torch.equal(ours.bias, theirs.conv.bias)

@@ -80,7 +80,10 @@ def test_train_eval_cycles_never_drift_the_base_weight(impl, dtype):
     for k in before:
         assert torch.equal(before[k], after[k]), k
     weights = [net.fc1.weight, net.qkv.weight, net.emb.weight]
-    assert all(torch.equal(w, before[n]) for w, n in zip(weights, ["fc1.weight", "qkv.weight", "emb.weight"]))
+    assert all(
+        torch.equal(w, before[n])
+        for w, n in zip(weights, ["fc1.weight", "qkv.weight", "emb.weight"])
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -156,4 +159,6 @@ def test_merged_state_dict_holds_the_base_weight_and_merged_layer_holds_w_plus_d
     W = layer.weight.detach().clone()
     layer.eval()
     assert torch.equal(layer.state_dict()["weight"], W)
-    torch.testing.assert_close(layer.weight.detach(), W + layer.lora_B @ layer.lora_A * layer.scaling)
+    torch.testing.assert_close(
+        layer.weight.detach(), W + layer.lora_B @ layer.lora_A * layer.scaling
+    )

@@ -171,6 +171,7 @@ def test_ensure_weight_tying_without_a_tie_warns():
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config(**dict(TIED, tie_word_embeddings=False))).eval()
     with pytest.warns(UserWarning, match="ensure_weight_tying=True, but no module"):
-        cfg = lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=["lm_head"],
-                              ensure_weight_tying=True)
+        cfg = lora.LoRAConfig(
+            r=2, target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
+        )
         lora.inject(model, cfg)

@@ -14,8 +14,18 @@ from lora.adapters import WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12], [9, 9, 8, 7, 1, 2]])
-PHI3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+PHI3 = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 
 
 class Toy(nn.Module):
@@ -78,16 +88,22 @@ def two(tmp_path):
 def test_load_under_names_and_switch(two):
     model, want = two
     assert lora.adapter_names(model) == ["a", "b"] and lora.active_adapter(model) == "a"
-    assert isinstance(model.v_proj, lora.Linear) and not model.v_proj.has_adapter  # wrapped for "b" only
+    assert (
+        isinstance(model.v_proj, lora.Linear) and not model.v_proj.has_adapter
+    )  # wrapped for "b" only
     torch.testing.assert_close(run(model), want["a"], rtol=0, atol=0)
     lora.set_adapter(model, "b")
     assert lora.active_adapter(model) == "b" and model.lora_config is model.lora_configs["b"]
     torch.testing.assert_close(run(model), want["b"], rtol=0, atol=0)
     lora.set_adapter(model, None)
-    torch.testing.assert_close(run(model), want[None], rtol=1e-6, atol=1e-6)  # frozen weights: 1 ulp
+    torch.testing.assert_close(
+        run(model), want[None], rtol=1e-6, atol=1e-6
+    )  # frozen weights: 1 ulp
     lora.set_adapter(model, "a")
     torch.testing.assert_close(run(model), want["a"], rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"adapter 'c': Toy has no such adapter \(it has \['a', 'b'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"adapter 'c': Toy has no such adapter \(it has \['a', 'b'\]\)"
+    ):
         lora.set_adapter(model, "c")
 
 
@@ -96,7 +112,9 @@ def test_disabled_runs_the_base_model_and_restores_even_merged_layers(two):
     lora.merge(model)
     with lora.disabled(model):
         assert lora.active_adapter(model) is None
-        torch.testing.assert_close(run(model), want[None], rtol=1e-6, atol=1e-6)  # frozen weights: 1 ulp
+        torch.testing.assert_close(
+            run(model), want[None], rtol=1e-6, atol=1e-6
+        )  # frozen weights: 1 ulp
     assert lora.active_adapter(model) == "a" and model.q_proj.merged
     torch.testing.assert_close(run(model), want["a"], rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="boom"), lora.disabled(model):
@@ -109,8 +127,12 @@ def test_switching_keeps_parameter_objects_so_training_continues(two):
     a_params = {id(p) for n, p in model.named_parameters() if "lora_" in n and "inactive" not in n}
     lora.set_adapter(model, "b")
     lora.set_adapter(model, "a")
-    assert {id(p) for n, p in model.named_parameters() if "lora_" in n and "inactive" not in n} == a_params
-    assert {n for n, _ in model.named_parameters() if ".lora_inactive.b." in n}  # b's tensors, kept in the layers
+    assert {
+        id(p) for n, p in model.named_parameters() if "lora_" in n and "inactive" not in n
+    } == a_params
+    assert {
+        n for n, _ in model.named_parameters() if ".lora_inactive.b." in n
+    }  # b's tensors, kept in the layers
     state = model.state_dict()  # keys name the adapter, whichever is active (issue 8)
     assert "q_proj.lora_A.a" in state and "q_proj.lora_A.b" in state
     assert "q_proj.lora_A" not in state
@@ -124,7 +146,9 @@ def test_delete_adapter_and_deleting_all_restores_plain_modules(two):
     lora.delete_adapter(model, "a")
     assert lora.adapter_names(model) == [] and not any(True for _ in lora.layers.lora_layers(model))
     assert not hasattr(model, "lora_config")
-    torch.testing.assert_close(run(model), want[None], rtol=1e-6, atol=1e-6)  # frozen weights: 1 ulp
+    torch.testing.assert_close(
+        run(model), want[None], rtol=1e-6, atol=1e-6
+    )  # frozen weights: 1 ulp
     lora.inject(model, lora.LoRAConfig(target_modules=["q_proj"]))  # the model is plain again
 
 
@@ -134,7 +158,9 @@ def test_save_an_inactive_named_adapter_and_load_it_elsewhere(two, tmp_path):
     fresh = toy()
     lora.load_adapter(fresh, tmp_path / "b_again")
     torch.testing.assert_close(run(fresh), want["b"], rtol=0, atol=0)
-    lora.load_adapter(model, tmp_path / "b_again", adapter_name="b")  # in place into the inactive adapter
+    lora.load_adapter(
+        model, tmp_path / "b_again", adapter_name="b"
+    )  # in place into the inactive adapter
     lora.set_adapter(model, "b")
     torch.testing.assert_close(run(model), want["b"], rtol=0, atol=0)
 
@@ -171,7 +197,11 @@ def test_named_adapters_each_train_their_own_modules_to_save_copy(tmp_path):
 def _delta(model, name, module):
     lora.set_adapter(model, name)
     layer = model.get_submodule(module)
-    return (effective_weight(layer) - layer.weight).detach() if layer.has_adapter else torch.zeros_like(layer.weight)
+    return (
+        (effective_weight(layer) - layer.weight).detach()
+        if layer.has_adapter
+        else torch.zeros_like(layer.weight)
+    )
 
 
 def test_weighted_cat_combination_is_exact(two):
@@ -186,16 +216,24 @@ def test_weighted_cat_combination_is_exact(two):
 
 def test_svd_combination_at_full_rank_matches_and_lower_rank_truncates(two):
     model, _ = two
-    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "svd5", combination_type="svd", svd_rank=5)
-    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "svd1", combination_type="svd", svd_rank=1)
+    lora.add_weighted_adapter(
+        model, ["a", "b"], [1.0, 1.0], "svd5", combination_type="svd", svd_rank=5
+    )
+    lora.add_weighted_adapter(
+        model, ["a", "b"], [1.0, 1.0], "svd1", combination_type="svd", svd_rank=1
+    )
     want = _delta(model, "a", "q_proj") + _delta(model, "b", "q_proj")
     torch.testing.assert_close(_delta(model, "svd5", "q_proj"), want, rtol=1e-5, atol=1e-5)
     assert torch.linalg.matrix_rank(_delta(model, "svd1", "q_proj")) == 1
 
 
 def test_combining_fused_slices_gives_one_lora_over_the_fused_matrix(tmp_path):
-    path_a, _ = make_adapter(tmp_path, phi3, lora.LoRAConfig(r=2, target_modules=["qkv_proj[q,v]"]), 1, "qv")
-    path_b, _ = make_adapter(tmp_path, phi3, lora.LoRAConfig(r=2, target_modules=["qkv_proj[k]"]), 2, "k")
+    path_a, _ = make_adapter(
+        tmp_path, phi3, lora.LoRAConfig(r=2, target_modules=["qkv_proj[q,v]"]), 1, "qv"
+    )
+    path_b, _ = make_adapter(
+        tmp_path, phi3, lora.LoRAConfig(r=2, target_modules=["qkv_proj[k]"]), 2, "k"
+    )
     model = phi3()
     lora.load_adapter(model, path_a, adapter_name="qv")
     lora.load_adapter(model, path_b, adapter_name="k")
@@ -235,8 +273,12 @@ def test_mixed_batch_equals_each_adapter_alone_sample_for_sample(two):
 
 
 def test_mixed_batch_on_phi3_with_fused_slices_merged_layers_and_gradients(tmp_path):
-    path_a, want_a = make_adapter(tmp_path, phi3, lora.LoRAConfig(r=2, target_modules=["qkv_proj[q,v]", "o_proj"]), 1, "a")
-    path_b, want_b = make_adapter(tmp_path, phi3, lora.LoRAConfig(r=4, target_modules="all-linear"), 2, "b")
+    path_a, want_a = make_adapter(
+        tmp_path, phi3, lora.LoRAConfig(r=2, target_modules=["qkv_proj[q,v]", "o_proj"]), 1, "a"
+    )
+    path_b, want_b = make_adapter(
+        tmp_path, phi3, lora.LoRAConfig(r=4, target_modules="all-linear"), 2, "b"
+    )
     model = phi3()
     base = run(model)
     lora.load_adapter(model, path_a, adapter_name="a")
@@ -257,7 +299,10 @@ def test_mixed_batch_errors(two):
     with pytest.raises(ValueError, match=r"adapter 'zzz': Toy has no such adapter"):
         with lora.mixed_batch(model, ["a", "zzz", None]):
             pass
-    with pytest.raises(ValueError, match=r"mixed_batch: 2 adapter names, but a Embedding got an input of shape \(3, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixed_batch: 2 adapter names, but a Embedding got an input of shape \(3, 6\)",
+    ):
         with lora.mixed_batch(model, ["a", "b"]):
             run(model)
     assert lora.active_adapter(model) == "a"

@@ -20,7 +20,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "phi3_mini_4k_instruct_config.jso
 PACKAGE = Path(phi3.__file__).parent
 
 
-
 def tiny(**overrides) -> Phi3ForCausalLM:
     return Phi3ForCausalLM(Phi3Config(**{**TINY, **overrides})).eval()
 
@@ -35,7 +34,12 @@ def max_diff(a, b) -> float:
 def test_config_reads_a_real_config_json_and_keeps_unknown_keys():
     raw = json.loads(FIXTURE.read_text())
     config = Phi3Config(**raw)
-    assert (config.vocab_size, config.hidden_size, config.head_dim, config.sliding_window) == (32064, 3072, 96, 2047)
+    assert (config.vocab_size, config.hidden_size, config.head_dim, config.sliding_window) == (
+        32064,
+        3072,
+        96,
+        2047,
+    )
     assert config.extra["auto_map"] == raw["auto_map"] and config.extra["attention_bias"] is False
     out = config.to_dict()
     assert {k: v for k, v in out.items() if k in raw} == raw  # every key, same value
@@ -52,7 +56,8 @@ def test_config_save_to_dir_or_file_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    "key",
+    ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"],
 )
 def test_config_missing_required_key_is_named(key):
     raw = dict(TINY)
@@ -68,7 +73,12 @@ def test_config_missing_required_key_is_named(key):
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(hidden_size=30), "hidden_size"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type"),
-        (dict(rope_scaling={"type": "longrope", "short_factor": [1.0], "long_factor": [1.0] * 4}), "short_factor"),
+        (
+            dict(
+                rope_scaling={"type": "longrope", "short_factor": [1.0], "long_factor": [1.0] * 4}
+            ),
+            "short_factor",
+        ),
         (dict(sliding_window=0), "sliding_window"),
         (dict(model_type="llama"), "model_type"),
     ],
@@ -80,7 +90,9 @@ def test_config_rejects_inconsistent_values_naming_the_key(overrides, named):
 
 @pytest.mark.parametrize("legacy", ["su", "yarn", "longrope"])
 def test_legacy_rope_type_names_mean_longrope(legacy):
-    rope = Phi3Config(**TINY, **{**LONGROPE, "rope_scaling": {**LONGROPE["rope_scaling"], "type": legacy}}).rope
+    rope = Phi3Config(
+        **TINY, **{**LONGROPE, "rope_scaling": {**LONGROPE["rope_scaling"], "type": legacy}}
+    ).rope
     assert rope.rope_type == "longrope"
     assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(64 / 16) / math.log(16)))
 
@@ -155,7 +167,9 @@ def test_tied_embeddings_share_one_parameter():
     model = tiny(tie_word_embeddings=True)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert model.num_parameters() == tiny().num_parameters() - 96 * 32
-    assert model.num_parameters(exclude_embeddings=True) == tiny().num_parameters(exclude_embeddings=True)
+    assert model.num_parameters(exclude_embeddings=True) == tiny().num_parameters(
+        exclude_embeddings=True
+    )
 
 
 def test_rope_frequencies_stay_fp32_and_out_of_the_state_dict():
@@ -184,7 +198,8 @@ def reference_rotate(x, positions, theta, rotary_dim, factors=None, scale=1.0):
 
 
 @pytest.mark.parametrize(
-    "overrides", [dict(), dict(partial_rotary_factor=0.5, num_key_value_heads=1), dict(num_key_value_heads=4)]
+    "overrides",
+    [dict(), dict(partial_rotary_factor=0.5, num_key_value_heads=1), dict(num_key_value_heads=4)],
 )
 def test_attention_matches_per_head_reference(overrides):
     """Fused qkv slices q | k | v, query head h reads kv head h // (H / KV), partial rotary, causal softmax."""
@@ -225,7 +240,9 @@ def test_rmsnorm_normalises_in_fp32_then_casts_back_before_the_weight():
         norm.weight.uniform_(0.5, 1.5)
     x = (torch.randn(4, 32) * 30).to(torch.bfloat16)
     xf = x.float()
-    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(
+        torch.bfloat16
+    )
     got = norm(x)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     assert Phi3Config(**TINY).rms_norm_eps == 1e-5
@@ -237,11 +254,19 @@ def test_longrope_picks_factors_per_call_and_scales_both_modes():
     scale = math.sqrt(1 + math.log(64 / 16) / math.log(16))
     short = config.rope.short_factor
     long = config.rope.long_factor
-    for positions, factors in [(torch.arange(16), short), (torch.arange(17), long), (torch.tensor([3, 16]), long)]:
+    for positions, factors in [
+        (torch.arange(16), short),
+        (torch.arange(17), long),
+        (torch.tensor([3, 16]), long),
+    ]:
         cos, sin = rotary(positions[None])
         half = config.rope.rotary_dim // 2
         for i in range(half):
-            angle = positions.double() * config.rope_theta ** (-2 * i / config.rope.rotary_dim) / factors[i]
+            angle = (
+                positions.double()
+                * config.rope_theta ** (-2 * i / config.rope.rotary_dim)
+                / factors[i]
+            )
             assert torch.allclose(cos[0, :, i].double(), torch.cos(angle) * scale, atol=1e-5)
             assert torch.allclose(sin[0, :, i + half].double(), torch.sin(angle) * scale, atol=1e-5)
 
@@ -392,7 +417,10 @@ def test_kv_cache_with_left_padding_mask():
     out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
     for t in range(5, 8):
         out = model(
-            ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values, use_cache=True
+            ids[:, t : t + 1],
+            attention_mask=mask[:, : t + 1],
+            past_key_values=out.past_key_values,
+            use_cache=True,
         )
         assert max_diff(out.logits[:, 0], full[:, t]) < 1e-5
 
@@ -407,9 +435,13 @@ def test_loss_equals_full_logits_loss_and_logits_are_skipped():
     labels[:, :6] = -100
     labels[2, -1] = -100
     out = model(ids, labels=labels)
-    assert isinstance(out, CausalLMOutput) and out.logits is None and out.loss.dtype == torch.float32
+    assert (
+        isinstance(out, CausalLMOutput) and out.logits is None and out.loss.dtype == torch.float32
+    )
     logits = model(ids).logits
-    want = F.cross_entropy(logits[:, :-1].reshape(-1, 96).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    want = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 96).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     assert abs(out.loss.item() - want.item()) < 1e-6
     both = model(ids, labels=labels, return_logits=True)
     assert torch.equal(both.logits, logits) and abs(both.loss.item() - want.item()) < 1e-6
@@ -482,14 +514,18 @@ def greedy_by_full_forwards(model, ids, n, attention_mask=None):
         logits = model(ids, attention_mask=attention_mask, position_ids=positions).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            attention_mask = torch.cat(
+                [attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1
+            )
     return ids
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=4), LONGROPE])
 def test_greedy_generate_with_cache_equals_full_forwards(overrides):
     model = tiny(**overrides)
-    ids = torch.randint(3, 96, (2, 12))  # with LONGROPE: 12 + 8 crosses original_max_position_embeddings=16
+    ids = torch.randint(
+        3, 96, (2, 12)
+    )  # with LONGROPE: 12 + 8 crosses original_max_position_embeddings=16
     got = model.generate(ids, max_new_tokens=8)
     assert got.shape == (2, 20) and torch.equal(got[:, :12], ids)
     assert torch.equal(got, greedy_by_full_forwards(model, ids, 8))
@@ -527,15 +563,24 @@ def test_generate_stops_at_eos_and_pads_finished_rows():
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model = tiny().train()
     ids = torch.randint(3, 96, (2, 4))
-    draws = [model.generate(ids, 6, temperature=1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    draws = [
+        model.generate(ids, 6, temperature=1.0, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(*draws)
     assert model.training  # restored
     greedy = model.generate(ids, 6)
     assert torch.equal(
-        model.generate(ids, 6, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(1)), greedy
+        model.generate(
+            ids, 6, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(1)
+        ),
+        greedy,
     )
     assert torch.equal(
-        model.generate(ids, 6, temperature=0.7, top_p=1e-6, generator=torch.Generator().manual_seed(1)), greedy
+        model.generate(
+            ids, 6, temperature=0.7, top_p=1e-6, generator=torch.Generator().manual_seed(1)
+        ),
+        greedy,
     )
     assert torch.equal(model.generate(ids, 0), ids)
 
@@ -570,4 +615,6 @@ def test_model_files_never_unpickle_nor_import_layers():
     for name in ("phi3.py", "checkpoint.py", "__init__.py"):
         source = (PACKAGE / name).read_text()
         assert not re.search(r"torch\.load\b|import pickle|pickle\.load", source), name
-        assert not re.search(r"^\s*(from|import)\s+lora\.layers|from lora import layers", source, re.M), name
+        assert not re.search(
+            r"^\s*(from|import)\s+lora\.layers|from lora import layers", source, re.M
+        ), name

@@ -35,7 +35,11 @@ BASE = dict(
 LONGROPE = dict(
     max_position_embeddings=64,
     original_max_position_embeddings=16,
-    rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 4.0, 8.0, 16.0]},
+    rope_scaling={
+        "type": "longrope",
+        "short_factor": [1.0, 1.2, 1.5, 2.0],
+        "long_factor": [2.0, 4.0, 8.0, 16.0],
+    },
 )
 CONFIGS = {
     "mha": dict(BASE),
@@ -49,7 +53,11 @@ CONFIGS = {
         tie_word_embeddings=True,
         max_position_embeddings=64,
         original_max_position_embeddings=16,
-        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2], "long_factor": [2.0, 3.0, 5.0]},
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2],
+            "long_factor": [2.0, 3.0, 5.0],
+        },
     ),
     "sliding_window": dict(BASE, num_key_value_heads=2, sliding_window=5),
 }
@@ -93,7 +101,9 @@ def test_longrope_long_mode_is_exercised():
     move by far more than the parity tolerance."""
     hf, ours = make_pair(CONFIGS["longrope_gqa"])
     config = dict(CONFIGS["longrope_gqa"])
-    config["rope_scaling"] = dict(config["rope_scaling"], long_factor=config["rope_scaling"]["short_factor"])
+    config["rope_scaling"] = dict(
+        config["rope_scaling"], long_factor=config["rope_scaling"]["short_factor"]
+    )
     short_only = Phi3ForCausalLM(Phi3Config(**config)).eval()
     short_only.load_state_dict(hf.state_dict())
     ids = torch.randint(3, 96, (1, 24))
@@ -156,9 +166,11 @@ def test_left_padded_forward_with_counted_positions_matches_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["gqa", "sliding_window", "longrope_gqa"])
-@pytest.mark.parametrize("kwargs", [{}, {"use_cache": True}, {"use_cache": False},
-                                    {"use_cache": False, "attention_mask": True}],
-                         ids=["default", "use_cache", "no_cache", "no_cache_with_mask"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"use_cache": True}, {"use_cache": False}, {"use_cache": False, "attention_mask": True}],
+    ids=["default", "use_cache", "no_cache", "no_cache_with_mask"],
+)
 def test_restarting_position_ids_match_transformers(name, kwargs):
     """[0..9, 0..13]: packed documents only with use_cache=False and no mask (no cache in play);
     by default (config.use_cache), with a cache or with a 2D mask, one causal sequence with
@@ -224,15 +236,24 @@ def test_kv_cache_decoding_matches_transformers(name):
         assert max_diff(our_out.logits[:, -1], full[:, -1]) <= ATOL
 
 
-@pytest.mark.parametrize("name, prompt, pads, new", [
-    ("gqa", 7, [0, 3], 6),
-    # a left-padded batch whose rows cross original_max_position_embeddings = 16 while generating
-    ("longrope_gqa", 14, [0, 5], 8),
-])
+@pytest.mark.parametrize(
+    "name, prompt, pads, new",
+    [
+        ("gqa", 7, [0, 3], 6),
+        # a left-padded batch whose rows cross original_max_position_embeddings = 16 while generating
+        ("longrope_gqa", 14, [0, 5], 8),
+    ],
+)
 def test_greedy_generate_with_left_padding_matches_transformers(name, prompt, pads, new):
     hf, ours = make_pair(CONFIGS[name])
     ids, mask = left_padded(2, prompt, pads)
-    want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                       pad_token_id=0, eos_token_id=None)
+    want = hf.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     got = ours.generate(ids, max_new_tokens=new, attention_mask=mask)
     assert torch.equal(got, want)

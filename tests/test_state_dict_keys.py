@@ -139,7 +139,9 @@ def test_missing_named_keys_are_reported_by_strict_loading():
     state = model.state_dict()
     del state["q_proj.lora_A.b"]
     other = with_adapters(["a", "b"], seed=2)
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"q_proj\.lora_A\.b\""):
+    with pytest.raises(
+        RuntimeError, match=r"Missing key\(s\) in state_dict: \"q_proj\.lora_A\.b\""
+    ):
         other.load_state_dict(state)
     lora.set_adapter(other, "b")  # the same key, wherever b lives now
     assert other.load_state_dict(state, strict=False).missing_keys == ["q_proj.lora_A.b"]

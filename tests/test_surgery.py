@@ -18,8 +18,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def tiny_phi3(**over) -> Phi3ForCausalLM:
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     cfg.update(over)
     torch.manual_seed(0)
     return Phi3ForCausalLM(Phi3Config(**cfg)).eval()
@@ -32,16 +42,23 @@ def test_inject_swaps_in_place_sharing_weights_and_freezing_the_rest():
     model = Toy()
     weights = {n: m.weight for n, m in model.named_modules() if hasattr(m, "weight")}
     want = model(IDS)
-    out = lora.inject(model, lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed", "conv"]))
+    out = lora.inject(
+        model,
+        lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed", "conv"]),
+    )
     assert out is model
-    assert isinstance(model.blocks[0]["q_proj"], lora.Linear) and isinstance(model.embed, lora.Embedding)
+    assert isinstance(model.blocks[0]["q_proj"], lora.Linear) and isinstance(
+        model.embed, lora.Embedding
+    )
     assert isinstance(model.conv, lora.Conv1d) and type(model.lm_head) is nn.Linear
     for n, m in model.named_modules():
         if hasattr(m, "weight") and n in weights:
             assert m.weight is weights[n], n  # the same tensor: no copy
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    torch.testing.assert_close(model(IDS), want, rtol=1e-6, atol=1e-6)  # B = 0 (embedding: A = 0): starts equal
+    torch.testing.assert_close(
+        model(IDS), want, rtol=1e-6, atol=1e-6
+    )  # B = 0 (embedding: A = 0): starts equal
     assert model.blocks[1]["v_proj"].bias is None
 
 
@@ -70,16 +87,27 @@ def test_one_training_step_moves_only_lora_parameters():
 def test_all_linear_skips_the_output_head_and_regex_and_exclude_work():
     model = lora.inject(Toy(), lora.LoRAConfig(target_modules="all-linear"))
     assert type(model.lm_head) is nn.Linear
-    assert {n for n, _ in lora.layers.lora_layers(model)} == {f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert {n for n, _ in lora.layers.lora_layers(model)} == {
+        f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    }
     model = lora.inject(Toy(), lora.LoRAConfig(target_modules=r"blocks\.\d\.q_proj"))
     assert {n for n, _ in lora.layers.lora_layers(model)} == {"blocks.0.q_proj", "blocks.1.q_proj"}
-    model = lora.inject(Toy(), lora.LoRAConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["1.v_proj"]))
-    assert type(model.blocks[1]["v_proj"]) is nn.Linear and isinstance(model.blocks[0]["v_proj"], lora.Linear)
+    model = lora.inject(
+        Toy(), lora.LoRAConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["1.v_proj"])
+    )
+    assert type(model.blocks[1]["v_proj"]) is nn.Linear and isinstance(
+        model.blocks[0]["v_proj"], lora.Linear
+    )
 
 
 def test_rank_and_alpha_patterns():
-    cfg = lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          rank_pattern={r"blocks\.0\.q_proj": 2}, alpha_pattern={"v_proj": 32})
+    cfg = lora.LoRAConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"blocks\.0\.q_proj": 2},
+        alpha_pattern={"v_proj": 32},
+    )
     model = lora.inject(Toy(), cfg)
     assert model.blocks[0]["q_proj"].r == 2 and model.blocks[1]["q_proj"].r == 4
     assert model.blocks[0]["v_proj"].scaling == 8.0 and model.blocks[0]["q_proj"].scaling == 4.0
@@ -93,7 +121,10 @@ def test_rank_and_alpha_patterns():
         ({"target_modules": r"nothing\.here"}, r"regex matches no module"),
         ({"target_modules": ["q_proj[q,v]"]}, r"declares no fused slices for 'q_proj'"),
         ({"target_modules": None}, r"target_modules=None"),
-        ({"target_modules": ["q_proj"], "modules_to_save": ["classifier"]}, r"modules_to_save: \['classifier'\]"),
+        (
+            {"target_modules": ["q_proj"], "modules_to_save": ["classifier"]},
+            r"modules_to_save: \['classifier'\]",
+        ),
     ],
 )
 def test_bad_targets_are_errors_naming_them(config, match):
@@ -108,8 +139,15 @@ def test_inject_twice_is_an_error():
 
 
 def test_config_accepts_the_seed_peft_config_and_names_unknown_keys():
-    peft_config = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM",
-                   "target_modules": "all-linear", "modules_to_save": None}
+    peft_config = {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear",
+        "modules_to_save": None,
+    }
     cfg = lora.LoRAConfig(**peft_config)
     assert cfg.task_type == "CAUSAL_LM" and cfg.target_modules == "all-linear"
     with pytest.raises(TypeError, match="lora_rank"):
@@ -125,7 +163,9 @@ def test_config_accepts_the_seed_peft_config_and_names_unknown_keys():
 
 
 def test_modules_to_save_train_in_full():
-    model = lora.inject(Toy(), lora.LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model = lora.inject(
+        Toy(), lora.LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     assert model.lm_head.weight.requires_grad and model.lm_head.bias.requires_grad
     assert not model.embed.weight.requires_grad
 
@@ -139,10 +179,16 @@ def test_merge_and_unload_gives_plain_layers_with_equal_outputs():
     want = model(IDS)
     out = lora.merge_and_unload(model)
     assert not any(True for _ in lora.layers.lora_layers(out))
-    assert type(out.blocks[0]["q_proj"]) is nn.Linear and type(out.conv) is nn.Conv1d and type(out.embed) is nn.Embedding
+    assert (
+        type(out.blocks[0]["q_proj"]) is nn.Linear
+        and type(out.conv) is nn.Conv1d
+        and type(out.embed) is nn.Embedding
+    )
     assert set(out.state_dict()) == keys
     torch.testing.assert_close(out(IDS), want, rtol=1e-5, atol=1e-5)
-    lora.inject(out, lora.LoRAConfig(target_modules=["q_proj"]))  # an unloaded model can be adapted again
+    lora.inject(
+        out, lora.LoRAConfig(target_modules=["q_proj"])
+    )  # an unloaded model can be adapted again
 
 
 def test_gpt2_style_conv1d_becomes_fan_in_fan_out_linear_and_comes_back():
@@ -164,7 +210,10 @@ def test_gpt2_style_conv1d_becomes_fan_in_fan_out_linear_and_comes_back():
 def test_fused_slices_become_merged_linear_with_gqa_split_sizes():
     model = tiny_phi3()
     want = model(IDS).logits
-    lora.inject(model, lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]", "gate_up_proj[up]"]))
+    lora.inject(
+        model,
+        lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]", "gate_up_proj[up]"]),
+    )
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, lora.MergedLinear)
     assert qkv.split_sizes == (32, 16, 16) and qkv.enable_lora == (True, False, True)
@@ -189,7 +238,9 @@ def test_plain_qkv_target_is_one_lora_over_the_fused_matrix():
 
 
 def test_unknown_slice_is_an_error():
-    with pytest.raises(lora.InjectionError, match=r"unknown slice\(s\) \['x'\]; qkv_proj has \['q', 'k', 'v'\]"):
+    with pytest.raises(
+        lora.InjectionError, match=r"unknown slice\(s\) \['x'\]; qkv_proj has \['q', 'k', 'v'\]"
+    ):
         lora.inject(tiny_phi3(), lora.LoRAConfig(target_modules=["qkv_proj[q,x]"]))
 
 
@@ -198,8 +249,15 @@ def test_phi3_mini_on_meta_has_peft_trainable_count():
     with torch.device("meta"):
         model = Phi3ForCausalLM(Phi3Config(**cfg))
     assert sum(p.numel() for p in model.parameters()) == 3_821_079_552
-    peft_config = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM",
-                   "target_modules": "all-linear", "modules_to_save": None}
+    peft_config = {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear",
+        "modules_to_save": None,
+    }
     lora.inject(model, lora.LoRAConfig(**peft_config))
     trainable, total = lora.trainable_parameters(model)
     assert trainable == 25_165_824
@@ -219,21 +277,42 @@ def test_merged_phi3_saves_and_reloads_with_equal_logits(tmp_path):
 def test_peft_trainable_count_matches_ours_on_transformers_phi3():
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    cfg = transformers.Phi3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(transformers.Phi3ForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear"))
-    ours = lora.inject(transformers.Phi3ForCausalLM(cfg), lora.LoRAConfig(r=4, target_modules="all-linear"))
+    theirs = peft.get_peft_model(
+        transformers.Phi3ForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
+    )
+    ours = lora.inject(
+        transformers.Phi3ForCausalLM(cfg), lora.LoRAConfig(r=4, target_modules="all-linear")
+    )
     assert lora.trainable_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
 
 
 def test_works_on_transformers_phi3_inject_train_merge():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    cfg = transformers.Phi3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.Phi3ForCausalLM(cfg)
-    lora.inject(model, lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]", "o_proj", "down_proj"]))
+    lora.inject(
+        model,
+        lora.LoRAConfig(r=4, lora_alpha=8, target_modules=["qkv_proj[q,v]", "o_proj", "down_proj"]),
+    )
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, lora.MergedLinear) and qkv.split_sizes == (32, 16, 16)
     model.train()

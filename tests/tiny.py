@@ -10,7 +10,20 @@ import torch
 from torch import nn
 
 PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
-WORDS = ["red", "blue", "green", "cat", "dog", "bird", "one", "two", "three", "tree", "house", "river"]
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "bird",
+    "one",
+    "two",
+    "three",
+    "tree",
+    "house",
+    "river",
+]
 CORPUS = [
     "the cat sat on the mat and the dog ran to the park",
     "hello world, how are you today? I am fine, thank you.",
@@ -28,14 +41,23 @@ def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_special_tokens(PHI3_SPECIALS)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
-              "chat_template": PHI3_CHAT_TEMPLATE}
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "chat_template": PHI3_CHAT_TEMPLATE,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|end|>")]
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
@@ -50,8 +72,18 @@ def write_checkpoint(directory: Path, seed: int = 0, **config) -> Path:
 
     write_tokenizer(directory)
     vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
-    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     cfg.update(config)
     torch.manual_seed(seed)
     Phi3ForCausalLM(Phi3Config(**cfg)).save_pretrained(directory)
@@ -64,7 +96,10 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         word = rng.choice(WORDS)
-        messages = [{"role": "user", "content": f"say {word}"}, {"role": "assistant", "content": word}]
+        messages = [
+            {"role": "user", "content": f"say {word}"},
+            {"role": "assistant", "content": word},
+        ]
         if rng.random() < 0.3:
             messages.insert(0, {"role": "system", "content": "repeat after me"})
         out.append({"messages": messages})
@@ -77,12 +112,25 @@ def write_jsonl(path: Path, records) -> Path:
 
 
 # A tiny Phi-3 config (grouped-query attention), and longrope settings to add to it.
-TINY_PHI3 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY_PHI3 = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 LONGROPE = dict(
     max_position_embeddings=64,
     original_max_position_embeddings=16,
-    rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 4.0, 8.0, 16.0]},
+    rope_scaling={
+        "type": "longrope",
+        "short_factor": [1.0, 1.2, 1.5, 2.0],
+        "long_factor": [2.0, 4.0, 8.0, 16.0],
+    },
 )
 
 
@@ -94,7 +142,13 @@ class Toy(nn.Module):
         self.embed = nn.Embedding(20, 8, padding_idx=padding_idx)
         self.conv = nn.Conv1d(8, 8, 3, padding=1, groups=groups)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8, bias=False), "norm": nn.LayerNorm(8)})
+            nn.ModuleDict(
+                {
+                    "q_proj": nn.Linear(8, 8),
+                    "v_proj": nn.Linear(8, 8, bias=False),
+                    "norm": nn.LayerNorm(8),
+                }
+            )
             for _ in range(2)
         )
         self.lm_head = nn.Linear(8, 20)

@@ -50,8 +50,10 @@ class SplitStats:
         if self.truncated:
             text += f"; {self.truncated} truncated to max_seq_length={max_seq_length}"
         if self.dropped:
-            text += (f"; {self.dropped} dropped: no assistant token left within max_seq_length={max_seq_length} "
-                     f"(first: {', '.join(self.dropped_sources[:3])})")
+            text += (
+                f"; {self.dropped} dropped: no assistant token left within max_seq_length={max_seq_length} "
+                f"(first: {', '.join(self.dropped_sources[:3])})"
+            )
         return text
 
 
@@ -125,7 +127,9 @@ class ChatData:
     pad_token_id: int
     max_seq_length: int
 
-    def collate_fn(self, pad_to_multiple_of: int | None = None) -> Callable[[Sequence[Example]], dict]:
+    def collate_fn(
+        self, pad_to_multiple_of: int | None = None
+    ) -> Callable[[Sequence[Example]], dict]:
         """The batch function for these examples (see :func:`lora.data.collate`)."""
         return make_collate_fn(self.pad_token_id, self.packed, pad_to_multiple_of)
 
@@ -139,7 +143,9 @@ class ChatData:
             lines.append(self.eval_stats.describe("eval", self.max_seq_length))
         if self.errors:
             n = len(self.errors)
-            lines.append(f"skipped {n} malformed record{'s' if n != 1 else ''} (on_error='skip'); first: {self.errors[0]}")
+            lines.append(
+                f"skipped {n} malformed record{'s' if n != 1 else ''} (on_error='skip'); first: {self.errors[0]}"
+            )
         return "\n".join(lines)
 
 
@@ -195,8 +201,10 @@ def prepare_chat_data(
 
     check_on_error(on_error)
     if eval_file is not None and eval_fraction:
-        raise ValueError(f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; "
-                         "expected one of them, not both")
+        raise ValueError(
+            f"eval_file={eval_file!r} and eval_fraction={eval_fraction}; "
+            "expected one of them, not both"
+        )
     if not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(f"max_seq_length={max_seq_length!r}; expected an int >= 2")
     if not (0.0 <= eval_fraction < 1.0):
@@ -205,8 +213,14 @@ def prepare_chat_data(
     if eval_file is not None:
         groups.append(resolve_data_files(eval_file))
     say = log or (lambda line: None)
-    options = {"max_seq_length": max_seq_length, "eval_fraction": eval_fraction, "seed": seed,
-               "packing": bool(packing), "on_error": on_error, "eval_file": eval_file is not None}
+    options = {
+        "max_seq_length": max_seq_length,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
+        "packing": bool(packing),
+        "on_error": on_error,
+        "eval_file": eval_file is not None,
+    }
     if cache_dir is not None:
         key, _ = P.cache_key(groups, tokenizer, options)
         final = P.cache_dir_for(Path(cache_dir), key)
@@ -233,26 +247,42 @@ def prepare_chat_data(
         eval_pos: Sequence[int] = range(built.n_train, n_all)
         if eval_file is None and eval_fraction:
             train_pos, eval_pos = split_train_eval(range(built.n_train), eval_fraction, seed)
-        errors = built.parse_errors + [built.template_errors[p]
-                                       for p in list(train_pos) + list(eval_pos)
-                                       if p in built.template_errors]
+        errors = built.parse_errors + [
+            built.template_errors[p]
+            for p in list(train_pos) + list(eval_pos)
+            if p in built.template_errors
+        ]
         if errors and on_error == "raise":
             raise DataError(errors)
         train_stats, train_kept = P.split_stats(built, train_pos)
         eval_stats, eval_kept = P.split_stats(built, eval_pos)
         if not len(train_kept):
-            raise DataError(errors, f"no training example left out of {train_stats.conversations} "
-                                    f"conversations ({train_stats.dropped} dropped by "
-                                    f"max_seq_length={max_seq_length})")
+            raise DataError(
+                errors,
+                f"no training example left out of {train_stats.conversations} "
+                f"conversations ({train_stats.dropped} dropped by "
+                f"max_seq_length={max_seq_length})",
+            )
         train_m, train_mo = P.make_split(built, train_kept, packing, max_seq_length, seed)
         eval_m, eval_mo = P.make_split(built, eval_kept, packing, max_seq_length, None)
         train_stats.sequences, eval_stats.sequences = len(train_mo) - 1, len(eval_mo) - 1
-        arrays = {"tokens": built.tokens, "mask": built.mask, "offsets": built.offsets,
-                  "train_members": train_m, "train_member_offsets": train_mo,
-                  "eval_members": eval_m, "eval_member_offsets": eval_mo}
-        meta = {"version": P.CACHE_VERSION, "key": key, "packed": bool(packing),
-                "train_stats": asdict(train_stats), "eval_stats": asdict(eval_stats),
-                "errors": P.errors_to_json(errors)}
+        arrays = {
+            "tokens": built.tokens,
+            "mask": built.mask,
+            "offsets": built.offsets,
+            "train_members": train_m,
+            "train_member_offsets": train_mo,
+            "eval_members": eval_m,
+            "eval_member_offsets": eval_mo,
+        }
+        meta = {
+            "version": P.CACHE_VERSION,
+            "key": key,
+            "packed": bool(packing),
+            "train_stats": asdict(train_stats),
+            "eval_stats": asdict(eval_stats),
+            "errors": P.errors_to_json(errors),
+        }
         if build_dir is not None:
             P.write_cache(build_dir, arrays, meta)
             P.publish_build(build_dir, final)
@@ -267,9 +297,21 @@ def _chat_data_from_arrays(arrays: dict, meta: dict, tokenizer, max_seq_length: 
     from .prepared import ExampleArray, errors_from_json
 
     def split(name):
-        return ExampleArray(arrays["tokens"], arrays["mask"], arrays["offsets"],
-                            arrays[f"{name}_members"], arrays[f"{name}_member_offsets"])
+        return ExampleArray(
+            arrays["tokens"],
+            arrays["mask"],
+            arrays["offsets"],
+            arrays[f"{name}_members"],
+            arrays[f"{name}_member_offsets"],
+        )
 
-    return ChatData(split("train"), split("eval"), errors_from_json(meta["errors"]),
-                    SplitStats(**meta["train_stats"]), SplitStats(**meta["eval_stats"]),
-                    bool(meta["packed"]), tokenizer.pad_token_id, max_seq_length)
+    return ChatData(
+        split("train"),
+        split("eval"),
+        errors_from_json(meta["errors"]),
+        SplitStats(**meta["train_stats"]),
+        SplitStats(**meta["eval_stats"]),
+        bool(meta["packed"]),
+        tokenizer.pad_token_id,
+        max_seq_length,
+    )

@@ -27,8 +27,13 @@ from dataclasses import dataclass
 from ..checks import IGNORE_INDEX  # defined once, for the data and the model's loss
 from .template import ChatTemplate, ChatTemplateError
 
-__all__ = ["IGNORE_INDEX", "TokenizedConversation", "assistant_spans", "labels_from_spans", "tokenize_conversation"]
-
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenizedConversation",
+    "assistant_spans",
+    "labels_from_spans",
+    "tokenize_conversation",
+]
 
 
 @dataclass
@@ -47,7 +52,11 @@ class TokenizedConversation:
 def _turn_end(text: str, turn: str, eos_token: str | None) -> int:
     if text.startswith(turn):
         return len(turn)
-    if eos_token and turn.endswith(eos_token) and text.startswith(turn[: len(turn) - len(eos_token)]):
+    if (
+        eos_token
+        and turn.endswith(eos_token)
+        and text.startswith(turn[: len(turn) - len(eos_token)])
+    ):
         return len(turn) - len(eos_token)
     raise ChatTemplateError(
         "the chat template renders a conversation prefix that is not a prefix of the whole "
@@ -98,7 +107,9 @@ def assistant_spans(
             at, s = min(stops)
             end = at + len(s)
         if spans and start < spans[-1][1]:
-            raise ChatTemplateError(f"assistant turn messages[{i}] overlaps the previous one in the rendered text")
+            raise ChatTemplateError(
+                f"assistant turn messages[{i}] overlaps the previous one in the rendered text"
+            )
         if end > start:
             spans.append((start, end))
     return text, spans
@@ -114,7 +125,9 @@ def labels_from_spans(
         ValueError: ``input_ids`` and ``offsets`` differ in length.
     """
     if len(input_ids) != len(offsets):
-        raise ValueError(f"len(input_ids)={len(input_ids)} but len(offsets)={len(offsets)}; expected equal")
+        raise ValueError(
+            f"len(input_ids)={len(input_ids)} but len(offsets)={len(offsets)}; expected equal"
+        )
     labels = [IGNORE_INDEX] * len(input_ids)
     k = 0
     for t, (start, end) in enumerate(offsets):
@@ -127,7 +140,9 @@ def labels_from_spans(
     return labels
 
 
-def tokenize_conversation(messages: Sequence[Mapping[str, str]], tokenizer) -> TokenizedConversation:
+def tokenize_conversation(
+    messages: Sequence[Mapping[str, str]], tokenizer
+) -> TokenizedConversation:
     """Render, tokenize and label one conversation with ``tokenizer``'s chat template.
 
     Args:
@@ -142,4 +157,6 @@ def tokenize_conversation(messages: Sequence[Mapping[str, str]], tokenizer) -> T
     """
     text, spans = assistant_spans(messages, tokenizer.chat_template, tokenizer.stop_tokens)
     input_ids, offsets = tokenizer.encode_with_offsets(text)
-    return TokenizedConversation(list(input_ids), labels_from_spans(input_ids, offsets, spans), text)
+    return TokenizedConversation(
+        list(input_ids), labels_from_spans(input_ids, offsets, spans), text
+    )

@@ -25,7 +25,14 @@ import torch
 
 from .labels import IGNORE_INDEX
 
-__all__ = ["Example", "truncate", "pack_examples", "collate", "make_collate_fn", "packed_attention_mask"]
+__all__ = [
+    "Example",
+    "truncate",
+    "pack_examples",
+    "collate",
+    "make_collate_fn",
+    "packed_attention_mask",
+]
 
 
 @dataclass
@@ -52,8 +59,10 @@ class Example:
             self.segment_ids = [0] * n
         for name in ("labels", "position_ids", "segment_ids"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"Example.{name} has length {len(getattr(self, name))}; "
-                                 f"expected len(input_ids)={n}")
+                raise ValueError(
+                    f"Example.{name} has length {len(getattr(self, name))}; "
+                    f"expected len(input_ids)={n}"
+                )
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -78,7 +87,9 @@ def truncate(example: Example, max_seq_length: int) -> Example:
     if len(example) <= max_seq_length:
         return example
     m = max_seq_length
-    return Example(example.input_ids[:m], example.labels[:m], example.position_ids[:m], example.segment_ids[:m])
+    return Example(
+        example.input_ids[:m], example.labels[:m], example.position_ids[:m], example.segment_ids[:m]
+    )
 
 
 def pack_examples(examples: Sequence[Example], max_seq_length: int) -> list[Example]:
@@ -101,13 +112,19 @@ def pack_examples(examples: Sequence[Example], max_seq_length: int) -> list[Exam
         raise ValueError(f"max_seq_length={max_seq_length}; expected a positive int")
     for i, ex in enumerate(examples):
         if len(ex) > max_seq_length:
-            raise ValueError(f"examples[{i}] has {len(ex)} tokens; expected at most max_seq_length={max_seq_length} "
-                             "(truncate before packing)")
+            raise ValueError(
+                f"examples[{i}] has {len(ex)} tokens; expected at most max_seq_length={max_seq_length} "
+                "(truncate before packing)"
+            )
         if ex.num_conversations > 1:
-            raise ValueError(f"examples[{i}] is already packed ({ex.num_conversations} conversations)")
+            raise ValueError(
+                f"examples[{i}] is already packed ({ex.num_conversations} conversations)"
+            )
     from .prepared import first_fit  # O(n log n); the same choices as scanning the open sequences
 
-    bins = [[examples[i] for i in b] for b in first_fit([len(ex) for ex in examples], max_seq_length)]
+    bins = [
+        [examples[i] for i in b] for b in first_fit([len(ex) for ex in examples], max_seq_length)
+    ]
     packed = []
     for members in bins:
         ids, labels, positions, segments = [], [], [], []
@@ -161,8 +178,10 @@ def collate(
     segment_ids = torch.full((batch, width), -1, dtype=torch.long)
     for b, ex in enumerate(examples):
         if not packed and ex.num_conversations > 1:
-            raise ValueError(f"examples[{b}] packs {ex.num_conversations} conversations but packed=False; "
-                             "expected packed=True so that they are kept apart by the attention mask")
+            raise ValueError(
+                f"examples[{b}] packs {ex.num_conversations} conversations but packed=False; "
+                "expected packed=True so that they are kept apart by the attention mask"
+            )
         n = len(ex)
         input_ids[b, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
         labels[b, :n] = torch.tensor(ex.labels, dtype=torch.long)
@@ -172,11 +191,18 @@ def collate(
         attention_mask = packed_attention_mask(segment_ids)
     else:
         attention_mask = (segment_ids >= 0).long()
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
 
 
 def make_collate_fn(
     pad_token_id: int, packed: bool = False, pad_to_multiple_of: int | None = None
 ) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
     """:func:`collate` with its options bound, for ``DataLoader(collate_fn=...)`` (picklable)."""
-    return functools.partial(collate, pad_token_id=pad_token_id, packed=packed, pad_to_multiple_of=pad_to_multiple_of)
+    return functools.partial(
+        collate, pad_token_id=pad_token_id, packed=packed, pad_to_multiple_of=pad_to_multiple_of
+    )

@@ -47,8 +47,13 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 ON_ERROR_MODES = ("raise", "skip")
 # ShareGPT's "from" values and the roles they become.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 # A DataError's message lists this many problems; all of them are in ``.errors``.
 _MAX_ERRORS_IN_MESSAGE = 100
 
@@ -96,7 +101,11 @@ class RecordError:
     def location(self) -> str:
         if self.index is not None:
             where = f"record {self.index}"
-            return f"{self.path}: {where} (line {self.line})" if self.line is not None else f"{self.path}: {where}"
+            return (
+                f"{self.path}: {where} (line {self.line})"
+                if self.line is not None
+                else f"{self.path}: {where}"
+            )
         if self.line is not None:
             return f"{self.path}:{self.line}"
         return self.path
@@ -142,8 +151,10 @@ def parse_record(record: Any) -> list[dict[str, str]]:
             not a string or is empty (only whitespace), or there is no assistant turn.
     """
     if not isinstance(record, dict):
-        raise ValueError(f"record is a JSON {_json_type(record)}; expected an object with 'messages' "
-                         "or 'instruction'/'output'")
+        raise ValueError(
+            f"record is a JSON {_json_type(record)}; expected an object with 'messages' "
+            "or 'instruction'/'output'"
+        )
     if "messages" in record:
         return _parse_messages(record["messages"])
     if "conversations" in record:
@@ -151,27 +162,33 @@ def parse_record(record: Any) -> list[dict[str, str]]:
     if "instruction" in record or "output" in record:
         return _parse_alpaca(record)
     keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-    raise ValueError(f"record has neither 'messages' nor 'instruction'/'output' nor ShareGPT "
-                     f"'conversations' (keys: {keys})")
+    raise ValueError(
+        f"record has neither 'messages' nor 'instruction'/'output' nor ShareGPT "
+        f"'conversations' (keys: {keys})"
+    )
 
 
 def _sharegpt_to_messages(turns: Any) -> list:
     """ShareGPT turns -> ``{"role", "content"}`` dicts (checked afterwards like any messages)."""
     if not isinstance(turns, list):
-        raise ValueError(f"'conversations' is a JSON {_json_type(turns)}; expected a list of "
-                         "{\"from\", \"value\"} objects")
+        raise ValueError(
+            f"'conversations' is a JSON {_json_type(turns)}; expected a list of "
+            '{"from", "value"} objects'
+        )
     out: list = []
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise ValueError(f"{where} is a JSON {_json_type(turn)}; expected an object with 'from' "
-                             "and 'value'")
+            raise ValueError(
+                f"{where} is a JSON {_json_type(turn)}; expected an object with 'from' and 'value'"
+            )
         if "from" not in turn:
             raise ValueError(f"{where} has no 'from'")
         source = turn["from"]
         if not isinstance(source, str) or source not in SHAREGPT_ROLES:
-            raise ValueError(f"{where}.from={source!r} is unknown; expected one of "
-                             f"{', '.join(SHAREGPT_ROLES)}")
+            raise ValueError(
+                f"{where}.from={source!r} is unknown; expected one of {', '.join(SHAREGPT_ROLES)}"
+            )
         if "value" not in turn:
             raise ValueError(f"{where} ({source}) has no 'value'")
         out.append({"role": SHAREGPT_ROLES[source], "content": turn["value"]})
@@ -180,27 +197,37 @@ def _sharegpt_to_messages(turns: Any) -> list:
 
 def _parse_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list):
-        raise ValueError(f"'messages' is a JSON {_json_type(messages)}; expected a list of "
-                         "{\"role\", \"content\"} objects")
+        raise ValueError(
+            f"'messages' is a JSON {_json_type(messages)}; expected a list of "
+            '{"role", "content"} objects'
+        )
     if not messages:
         raise ValueError("'messages' is empty; expected at least one user and one assistant turn")
     out: list[dict[str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"{where} is a JSON {_json_type(message)}; expected an object with 'role' and 'content'")
+            raise ValueError(
+                f"{where} is a JSON {_json_type(message)}; expected an object with 'role' and 'content'"
+            )
         if "role" not in message:
             raise ValueError(f"{where} has no 'role'")
         role = message["role"]
         if not isinstance(role, str):
-            raise ValueError(f"{where}.role is a JSON {_json_type(role)}; expected one of {', '.join(ROLES)}")
+            raise ValueError(
+                f"{where}.role is a JSON {_json_type(role)}; expected one of {', '.join(ROLES)}"
+            )
         if role not in ROLES:
-            raise ValueError(f"{where}.role={role!r} is unknown; expected one of {', '.join(ROLES)}")
+            raise ValueError(
+                f"{where}.role={role!r} is unknown; expected one of {', '.join(ROLES)}"
+            )
         if "content" not in message:
             raise ValueError(f"{where} ({role}) has no 'content'")
         content = message["content"]
         if not isinstance(content, str):
-            raise ValueError(f"{where}.content ({role}) is a JSON {_json_type(content)}; expected a string")
+            raise ValueError(
+                f"{where}.content ({role}) is a JSON {_json_type(content)}; expected a string"
+            )
         if not content.strip():
             raise ValueError(f"{where}.content ({role}) is empty")
         out.append({"role": role, "content": content})
@@ -298,8 +325,12 @@ def _iter_json_list(text: str) -> Iterator[_RawRecord]:
                 value, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as e:
                 # A syntax error inside the list: the rest cannot be resynchronised reliably.
-                yield _RawRecord(e.lineno, index, error=f"bad JSON: {e.msg} (column {e.colno}); "
-                                 "the rest of the file was not read")
+                yield _RawRecord(
+                    e.lineno,
+                    index,
+                    error=f"bad JSON: {e.msg} (column {e.colno}); "
+                    "the rest of the file was not read",
+                )
                 return
             yield _RawRecord(line_of(pos), index, value=value)
             index += 1
@@ -311,8 +342,12 @@ def _iter_json_list(text: str) -> Iterator[_RawRecord]:
                 pos = skip_ws(pos + 1)
                 break
             got = repr(text[pos]) if pos < n else "end of file"
-            yield _RawRecord(line_of(pos), None, error=f"bad JSON: expected ',' or ']' after record {index - 1}, "
-                             f"got {got}; the rest of the file was not read")
+            yield _RawRecord(
+                line_of(pos),
+                None,
+                error=f"bad JSON: expected ',' or ']' after record {index - 1}, "
+                f"got {got}; the rest of the file was not read",
+            )
             return
     if pos < n:
         yield _RawRecord(line_of(pos), None, error="bad JSON: extra data after the closing ']'")
@@ -327,8 +362,11 @@ def _iter_file(path: Path) -> Iterator[_RawRecord]:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            yield _RawRecord(data.count(b"\n", 0, e.start) + 1, None,
-                             error=f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            yield _RawRecord(
+                data.count(b"\n", 0, e.start) + 1,
+                None,
+                error=f"not valid UTF-8 ({e.reason} at byte {e.start})",
+            )
             return
         yield from _iter_json_list(text)
     else:
@@ -354,8 +392,10 @@ def iter_conversations(files) -> Iterator[Conversation | RecordError]:
             raws: Iterable[_RawRecord] = _iter_file(data_file.path)
         else:
             # A null column value is an absent key, as in a JSON record without it.
-            raws = (_RawRecord(None, row, value={k: v for k, v in rec.items() if v is not None})
-                    for row, rec in iter_arrow_rows(data_file))
+            raws = (
+                _RawRecord(None, row, value={k: v for k, v in rec.items() if v is not None})
+                for row, rec in iter_arrow_rows(data_file)
+            )
         for raw in raws:
             if raw.error is None:
                 try:
@@ -411,8 +451,9 @@ def load_conversations(
         (errors if isinstance(item, RecordError) else conversations).append(item)
     names = ", ".join(str(p) for p in paths)
     if errors and on_error == "raise":
-        raise DataError(errors, f"{len(errors)} malformed record{'s' if len(errors) != 1 else ''} "
-                                f"in {names}")
+        raise DataError(
+            errors, f"{len(errors)} malformed record{'s' if len(errors) != 1 else ''} in {names}"
+        )
     if not conversations:
         raise DataError(errors, f"no valid record in {names}")
     return conversations, errors
@@ -442,7 +483,9 @@ def split_train_eval(
     if eval_fraction == 0.0:
         return list(items), []
     if n < 2:
-        raise ValueError(f"cannot hold out eval_fraction={eval_fraction} of {n} item(s); expected at least 2")
+        raise ValueError(
+            f"cannot hold out eval_fraction={eval_fraction} of {n} item(s); expected at least 2"
+        )
     n_eval = min(max(1, round(eval_fraction * n)), n - 1)
     order = list(range(n))
     random.Random(seed).shuffle(order)

@@ -57,7 +57,15 @@ PHI3_CHAT_TEMPLATE = (
 )
 
 # tokenizer_config.json keys whose values are passed to the template under the same name.
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class ChatTemplateError(ValueError):
@@ -74,7 +82,9 @@ def token_content(token: Any) -> str | None:
         return token
     if isinstance(token, Mapping) and isinstance(token.get("content"), str):
         return token["content"]
-    raise ValueError(f"special token {token!r}; expected a string or an object with a string 'content'")
+    raise ValueError(
+        f"special token {token!r}; expected a string or an object with a string 'content'"
+    )
 
 
 def special_tokens_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,15 +119,22 @@ def select_chat_template(chat_template: Any, name: str = "default") -> str:
     if isinstance(chat_template, list):
         named: dict[str, str] = {}
         for i, entry in enumerate(chat_template):
-            if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
-                    and isinstance(entry.get("template"), str)):
-                raise ValueError(f"chat_template[{i}]={entry!r}; expected an object with string 'name' and 'template'")
+            if not (
+                isinstance(entry, Mapping)
+                and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("template"), str)
+            ):
+                raise ValueError(
+                    f"chat_template[{i}]={entry!r}; expected an object with string 'name' and 'template'"
+                )
             named[entry["name"]] = entry["template"]
         if name not in named:
             raise ValueError(f"chat_template has no entry named {name!r}; it has {sorted(named)}")
         return named[name]
-    raise ValueError(f"chat_template is a {type(chat_template).__name__}; expected a string or a list of "
-                     "{name, template} objects")
+    raise ValueError(
+        f"chat_template is a {type(chat_template).__name__}; expected a string or a list of "
+        "{name, template} objects"
+    )
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -141,7 +158,9 @@ def _raise_exception(message: str):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -200,8 +219,9 @@ def _check_size_args(args, kwargs, what: str) -> None:
     for value in list(args) + list(kwargs.values()):
         too_big = isinstance(value, int) and abs(value) > LIMITS.max_sequence
         if too_big and not isinstance(value, bool):
-            raise _LimitExceeded(f"{what} with the argument {value} (at most "
-                                 f"{LIMITS.max_sequence})")
+            raise _LimitExceeded(
+                f"{what} with the argument {value} (at most {LIMITS.max_sequence})"
+            )
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -212,15 +232,18 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
                     if len(seq) * max(n, 0) > LIMITS.max_sequence:
-                        raise _LimitExceeded(f"'*' would build a sequence of {len(seq) * n} items "
-                                             f"(at most {LIMITS.max_sequence})")
+                        raise _LimitExceeded(
+                            f"'*' would build a sequence of {len(seq) * n} items "
+                            f"(at most {LIMITS.max_sequence})"
+                        )
             return operator.mul(left, right)
         if op == "**":
             if isinstance(left, int) and isinstance(right, int) and right > 0:
                 bits = max(abs(left), 2).bit_length() * right
                 if bits > LIMITS.max_power_bits:
-                    raise _LimitExceeded(f"'**' would build a {bits}-bit number (at most "
-                                         f"{LIMITS.max_power_bits})")
+                    raise _LimitExceeded(
+                        f"'**' would build a {bits}-bit number (at most {LIMITS.max_power_bits})"
+                    )
             return operator.pow(left, right)
         if op == "%":
             _check_format_string(left, "'%' formatting")
@@ -277,12 +300,17 @@ class ChatTemplate:
         ChatTemplateError: ``source`` is not a string or does not compile.
     """
 
-    def __init__(self, source: str, special_tokens: Mapping[str, Any] | None = None,
-                 origin: str = "chat template"):
+    def __init__(
+        self,
+        source: str,
+        special_tokens: Mapping[str, Any] | None = None,
+        origin: str = "chat template",
+    ):
         self.origin = origin  # where the template came from, for error messages
         if not isinstance(source, str):
-            raise ChatTemplateError(f"{origin}: the source is a {type(source).__name__}; "
-                                    "expected a string")
+            raise ChatTemplateError(
+                f"{origin}: the source is a {type(source).__name__}; expected a string"
+            )
         try:
             self._template = _compile(source)
         except (jinja2.TemplateError, RecursionError, MemoryError) as e:
@@ -293,7 +321,12 @@ class ChatTemplate:
     @classmethod
     def phi3(cls, special_tokens: Mapping[str, Any] | None = None) -> ChatTemplate:
         """Phi-3's template, with Phi-3's special tokens unless others are given."""
-        tokens = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}
+        tokens = {
+            "bos_token": "<s>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<unk>",
+            "pad_token": "<|endoftext|>",
+        }
         return cls(PHI3_CHAT_TEMPLATE, tokens if special_tokens is None else special_tokens)
 
     @classmethod
@@ -324,7 +357,9 @@ class ChatTemplate:
     def from_pretrained(cls, directory: str | Path, name: str = "default") -> ChatTemplate:
         """The template of a checkpoint directory (its tokenizer_config.json, if any)."""
         config_file = Path(directory) / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config = (
+            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        )
         return cls.from_tokenizer_config(config, directory, name)
 
     @property
@@ -332,7 +367,10 @@ class ChatTemplate:
         return self.special_tokens.get("eos_token")
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, **variables: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        **variables: Any,
     ) -> str:
         """Render ``messages`` to text.
 
@@ -372,8 +410,9 @@ class ChatTemplate:
             for chunk in self._template.generate(**context):
                 size += len(chunk)
                 if size > LIMITS.max_output_chars:
-                    raise _LimitExceeded(f"the rendered text exceeds {LIMITS.max_output_chars} "
-                                         "characters")
+                    raise _LimitExceeded(
+                        f"the rendered text exceeds {LIMITS.max_output_chars} characters"
+                    )
                 parts.append(chunk)
             return "".join(parts)
 

@@ -30,8 +30,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{str(path)!r} is not a JSON file ({type(e).__name__}: "
-                         f"{str(e)[:200]})") from None
+        raise ValueError(
+            f"{str(path)!r} is not a JSON file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not isinstance(value, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(value).__name__}; expected an object")
     return value
@@ -77,7 +78,11 @@ class Tokenizer:
             if token is not None and self.backend.token_to_id(token) is None:
                 raise ValueError(f"tokenizer_config {key}={token!r} is not in the vocabulary")
         # The template sees the config's special tokens as variables, as transformers passes them.
-        self.chat_template = chat_template if chat_template is not None else ChatTemplate.from_tokenizer_config(config or {})
+        self.chat_template = (
+            chat_template
+            if chat_template is not None
+            else ChatTemplate.from_tokenizer_config(config or {})
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Tokenizer:
@@ -90,12 +95,15 @@ class Tokenizer:
         directory = Path(directory)
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {str(directory)!r}; expected a checkpoint directory")
+            raise FileNotFoundError(
+                f"no tokenizer.json in {str(directory)!r}; expected a checkpoint directory"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # the Rust side raises a bare Exception for any malformed file
-            raise ValueError(f"{str(tokenizer_file)!r} is not a readable tokenizer file "
-                             f"({str(e)[:200]})") from None
+            raise ValueError(
+                f"{str(tokenizer_file)!r} is not a readable tokenizer file ({str(e)[:200]})"
+            ) from None
         config = _read_json(directory / "tokenizer_config.json")
         if not config:
             # Older checkpoints keep the special tokens in a separate file.
@@ -111,7 +119,9 @@ class Tokenizer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(directory / "tokenizer.json", self.backend.to_str(pretty=True).encode("utf-8"))
+        atomic_write_bytes(
+            directory / "tokenizer.json", self.backend.to_str(pretty=True).encode("utf-8")
+        )
         config = dict(self.config)
         config["chat_template"] = self.chat_template.source
         atomic_write_json(directory / "tokenizer_config.json", config)
@@ -159,7 +169,9 @@ class Tokenizer:
         """The id of tokenizer_config's ``eos_token``, else the first of generation_config's."""
         token_id = self._id_of("eos_token")
         if token_id is None:
-            ids = _as_id_list(self.generation_config.get("eos_token_id"), "generation_config eos_token_id")
+            ids = _as_id_list(
+                self.generation_config.get("eos_token_id"), "generation_config eos_token_id"
+            )
             token_id = ids[0] if ids else None
         return token_id
 
@@ -169,7 +181,11 @@ class Tokenizer:
 
         Padding is always masked out of attention and loss, so its id only has to be a valid one.
         """
-        for candidate in (self._id_of("pad_token"), self.generation_config.get("pad_token_id"), self.eos_token_id):
+        for candidate in (
+            self._id_of("pad_token"),
+            self.generation_config.get("pad_token_id"),
+            self.eos_token_id,
+        ):
             if isinstance(candidate, int) and not isinstance(candidate, bool):
                 return candidate
         return 0
@@ -181,14 +197,20 @@ class Tokenizer:
         ids: list[int] = []
         if self._id_of("eos_token") is not None:
             ids.append(self._id_of("eos_token"))
-        ids += _as_id_list(self.generation_config.get("eos_token_id"), "generation_config eos_token_id")
-        ids += [i for i in (self.backend.token_to_id(t) for t in END_OF_TURN_TOKENS) if i is not None]
+        ids += _as_id_list(
+            self.generation_config.get("eos_token_id"), "generation_config eos_token_id"
+        )
+        ids += [
+            i for i in (self.backend.token_to_id(t) for t in END_OF_TURN_TOKENS) if i is not None
+        ]
         return list(dict.fromkeys(ids))
 
     @property
     def stop_tokens(self) -> list[str]:
         """The strings of :attr:`stop_token_ids`."""
-        return [t for t in (self.backend.id_to_token(i) for i in self.stop_token_ids) if t is not None]
+        return [
+            t for t in (self.backend.id_to_token(i) for i in self.stop_token_ids) if t is not None
+        ]
 
     # ---- text <-> ids -----------------------------------------------------------------------------
 
@@ -201,9 +223,14 @@ class Tokenizer:
         encoding = self.backend.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
-    def encode_batch_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    def encode_batch_with_offsets(
+        self, texts: Sequence[str]
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """:meth:`encode_with_offsets` for many texts at once (the library parallelises it)."""
-        return [(e.ids, e.offsets) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [
+            (e.ids, e.offsets)
+            for e in self.backend.encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list, or a 1-D tensor)."""
@@ -228,5 +255,7 @@ class Tokenizer:
         return self.encode(text) if tokenize else text
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r}, "
-                f"stop_token_ids={self.stop_token_ids})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r}, "
+            f"stop_token_ids={self.stop_token_ids})"
+        )

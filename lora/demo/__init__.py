@@ -65,7 +65,9 @@ PARTS = ("corpus", "tokenizer", "chat", "model")
 _PART_FILES = {
     "corpus": ("corpus.txt",),
     "tokenizer": (
-        "base/tokenizer.json", "base/tokenizer_config.json", "base/generation_config.json",
+        "base/tokenizer.json",
+        "base/tokenizer_config.json",
+        "base/generation_config.json",
     ),
     "chat": ("chat_train.jsonl", "chat_eval.jsonl"),
     "model": ("base/config.json", "base/model.safetensors"),

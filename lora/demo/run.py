@@ -64,7 +64,9 @@ def _score(model, tokenizer, pairs) -> tuple[float, list[str]]:
     replies = []
     for i in range(0, len(pairs), 50):
         chunk = pairs[i : i + 50]
-        replies += generate_replies(model, tokenizer, [m for m, _ in chunk], max_new_tokens=MAX_NEW_TOKENS)
+        replies += generate_replies(
+            model, tokenizer, [m for m, _ in chunk], max_new_tokens=MAX_NEW_TOKENS
+        )
     return sum(score(r, ref) for r, (_, ref) in zip(replies, pairs)) / max(len(pairs), 1), replies
 
 
@@ -88,8 +90,9 @@ def run_demo(
     log(f"== lora-finetune demo: base model {model_dir}")
     log(f"   the skill to learn: {SKILL}")
     # The same pipeline as lora-finetune; the trainer's own lines go through tqdm (log=None).
-    trainer = build_trainer(model_dir, train_file(), training, peft, eval_file=eval_file(), say=log,
-                            progress=progress)
+    trainer = build_trainer(
+        model_dir, train_file(), training, peft, eval_file=eval_file(), say=log, progress=progress
+    )
     try:  # build_trainer locked the output directory; it stays locked until the demo is done
         return _evaluate_train_report(trainer, peft, resume, merge, log, t0)
     finally:
@@ -102,13 +105,17 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
 
     model, tokenizer = trainer.model, trainer.tokenizer
     trainable, total = trainable_parameters(model)
-    log(f"LoRA r={peft.r} alpha={peft.lora_alpha} on {peft.target_modules}: "
-        f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    log(
+        f"LoRA r={peft.r} alpha={peft.lora_alpha} on {peft.target_modules}: "
+        f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
+    )
 
     pairs = eval_pairs(eval_file())[:SCORED_PROMPTS]
     before_loss = trainer.evaluate()
     before_score, before_replies = _score(model, tokenizer, pairs)
-    log(f"before: held-out loss {before_loss:.4f}, exact match {100 * before_score:.1f}% on {len(pairs)} held-out prompts")
+    log(
+        f"before: held-out loss {before_loss:.4f}, exact match {100 * before_score:.1f}% on {len(pairs)} held-out prompts"
+    )
 
     result = trainer.train(resume=resume)
 
@@ -117,8 +124,14 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
     after_score, after_replies = _score(model, tokenizer, pairs)
     log("")
     log("== results on held-out prompts (numbers never seen in training)")
-    log(markdown_table([EvalRow("base", before_loss, exact_match=before_score),
-                        EvalRow("base+LoRA", after_loss, exact_match=after_score)]))  # lora-eval's table
+    log(
+        markdown_table(
+            [
+                EvalRow("base", before_loss, exact_match=before_score),
+                EvalRow("base+LoRA", after_loss, exact_match=after_score),
+            ]
+        )
+    )  # lora-eval's table
     log("")
     log("== generations (greedy)")
     for (messages, ref), b, a in list(zip(pairs, before_replies, after_replies))[:SHOWN_PROMPTS]:
@@ -129,14 +142,18 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
     if merge:
         result.merged_dir = trainer.merge_and_save()
     log("")
-    log(f"adapter:      {result.adapter_dir}  (PEFT format: adapter_config.json + adapter_model.safetensors)")
-    log(f"checkpoints:  {', '.join(p.name for p in sorted(Path(result.output_dir).glob('checkpoint-*')))}")
+    log(
+        f"adapter:      {result.adapter_dir}  (PEFT format: adapter_config.json + adapter_model.safetensors)"
+    )
+    log(
+        f"checkpoints:  {', '.join(p.name for p in sorted(Path(result.output_dir).glob('checkpoint-*')))}"
+    )
     log(f"metrics:      {Path(result.output_dir) / 'metrics.jsonl'}")
     if result.plot:
         log(f"loss curve:   {result.plot}")
     if result.merged_dir:
         log(f"merged model: {result.merged_dir}")
-    log(f"chat with it: lora-generate --adapter {result.adapter_dir} --prompt \"{EXAMPLE_PROMPT}\"")
+    log(f'chat with it: lora-generate --adapter {result.adapter_dir} --prompt "{EXAMPLE_PROMPT}"')
     log(f"done in {time.perf_counter() - t0:.0f} s")
     return result
 

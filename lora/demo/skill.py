@@ -50,12 +50,34 @@ __all__ = [
 
 SKILL = "answering 'what number comes after X?' with X in words (1 to 998)"
 EXAMPLE_PROMPT = "What comes after forty-two?"
-MAX_NEW_TOKENS = 12  # the longest answer, "It is nine hundred and ninety-nine.", is 9 tokens + <|end|>
+MAX_NEW_TOKENS = (
+    12  # the longest answer, "It is nine hundred and ninety-nine.", is 9 tokens + <|end|>
+)
 
 NUMBER_RANGE = range(1, 999)  # asked about; the answers go up to 999
 
-_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_UNITS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
@@ -88,7 +110,9 @@ def words_to_number(words: str) -> int:
     """
     key = " ".join(words.strip().lower().split())
     if key not in _FROM_WORDS:
-        raise ValueError(f"words={words!r}; expected a number 0..999 in words, e.g. 'three hundred and forty-two'")
+        raise ValueError(
+            f"words={words!r}; expected a number 0..999 in words, e.g. 'three hundred and forty-two'"
+        )
     return _FROM_WORDS[key]
 
 
@@ -152,7 +176,7 @@ def read_answer(text: str) -> int:
     body = _normalise(text)
     if not body.startswith("it is "):
         raise ValueError(f"text={text!r}; expected 'It is <number in words>.'")
-    return words_to_number(body[len("it is "):])
+    return words_to_number(body[len("it is ") :])
 
 
 def make_conversation(
@@ -164,11 +188,16 @@ def make_conversation(
     if rng.random() < system:
         messages.append({"role": "system", "content": rng.choice(_SYSTEMS)})
     n = rng.choice(numbers)
-    messages += [{"role": "user", "content": make_question(n, rng)}, {"role": "assistant", "content": make_answer(n)}]
+    messages += [
+        {"role": "user", "content": make_question(n, rng)},
+        {"role": "assistant", "content": make_answer(n)},
+    ]
     if rng.random() < follow_up:
         m = rng.choice(numbers)
-        messages += [{"role": "user", "content": make_question(m, rng, follow_up=True)},
-                     {"role": "assistant", "content": make_answer(m)}]
+        messages += [
+            {"role": "user", "content": make_question(m, rng, follow_up=True)},
+            {"role": "assistant", "content": make_answer(m)},
+        ]
     return {"messages": messages}
 
 
@@ -241,6 +270,8 @@ def eval_pairs(path: str | os.PathLike) -> list[tuple[list[dict], str]]:
         record = json.loads(line)
         messages = record.get("messages") if isinstance(record, dict) else None
         if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError(f"{path}:{lineno}: expected a messages record ending in an assistant turn")
+            raise ValueError(
+                f"{path}:{lineno}: expected a messages record ending in an assistant turn"
+            )
         pairs.append((messages[:-1], messages[-1]["content"]))
     return pairs

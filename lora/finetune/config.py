@@ -218,7 +218,7 @@ _NOT_DONE = {
     "fp16_full_eval": "evaluation runs in the training dtype (set fp16)",
     "eval_delay": "evaluation follows eval_strategy from the first step",
     "load_best_model_at_end": "the final adapter is the last step's; every checkpoint is kept "
-                              "within save_total_limit",
+    "within save_total_limit",
     "fsdp_config": "fsdp: true takes no options here",
     "deepspeed": "one process, no DeepSpeed",
     "accelerator_config": "one process, no Accelerate",
@@ -312,25 +312,46 @@ class TrainingConfig:
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
         if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"training_config output_dir={self.output_dir!r}: expected a "
-                             "directory path")
-        _positive_int(self, "per_device_train_batch_size", "per_device_eval_batch_size",
-                      "gradient_accumulation_steps", "max_seq_length")
+            raise ValueError(
+                f"training_config output_dir={self.output_dir!r}: expected a directory path"
+            )
+        _positive_int(
+            self,
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_length",
+        )
         _steps_or_fraction(self, "logging_steps", "save_steps")
         for name in ("max_steps",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
-                raise ValueError(f"training_config {name}={v!r}: expected a positive int, or -1 for 'use num_train_epochs'")
+                raise ValueError(
+                    f"training_config {name}={v!r}: expected a positive int, or -1 for 'use num_train_epochs'"
+                )
         if self.eval_steps is not None:
             _steps_or_fraction(self, "eval_steps")
         if self.save_total_limit is not None:
             _positive_int(self, "save_total_limit")
-        for name in ("learning_rate", "num_train_epochs", "weight_decay", "adam_epsilon", "max_grad_norm"):
+        for name in (
+            "learning_rate",
+            "num_train_epochs",
+            "weight_decay",
+            "adam_epsilon",
+            "max_grad_norm",
+        ):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, numbers.Real)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ValueError(f"training_config {name}={v!r}: expected a non-negative number")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ValueError(f"training_config num_train_epochs={self.num_train_epochs!r} with max_steps=-1: nothing to train")
+            raise ValueError(
+                f"training_config num_train_epochs={self.num_train_epochs!r} with max_steps=-1: nothing to train"
+            )
         for name in ("warmup_ratio", "eval_fraction", "adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
@@ -344,20 +365,37 @@ class TrainingConfig:
                 "(a ratio of the total steps)"
             )
         if self.lr_scheduler_type not in SCHEDULERS:
-            raise ValueError(f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
+            raise ValueError(
+                f"training_config lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}"
+            )
         seed = self.seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"training_config seed={self.seed!r}: expected an int in [0, 2**63)")
         if self.global_train_batch_size is not None:
             _positive_int(self, "global_train_batch_size")
         if not isinstance(self.device, str) or not (
-                self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise ValueError(f"training_config device={self.device!r}: "
-                             "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("bf16", "fp16", "gradient_checkpointing", "packing", "overwrite_output_dir",
-                     "fsdp", "logging_first_step", "eval_on_start", "save_only_model", "use_cpu"):
+            self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)
+        ):
+            raise ValueError(
+                f"training_config device={self.device!r}: "
+                "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            )
+        for name in (
+            "bf16",
+            "fp16",
+            "gradient_checkpointing",
+            "packing",
+            "overwrite_output_dir",
+            "fsdp",
+            "logging_first_step",
+            "eval_on_start",
+            "save_only_model",
+            "use_cpu",
+        ):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"training_config {name}={getattr(self, name)!r}: expected true or false")
+                raise ValueError(
+                    f"training_config {name}={getattr(self, name)!r}: expected true or false"
+                )
         for name in ("do_eval", "disable_tqdm", "tf32"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(
@@ -513,9 +551,16 @@ class TrainingConfig:
 
 def _same(value: Any, allowed: Any) -> bool:
     # True == 1 in Python: an accepted False must not let 0 through as "the same", nor the reverse
-    return type(value) is type(allowed) and value == allowed or (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-        and isinstance(allowed, (int, float)) and not isinstance(allowed, bool) and value == allowed
+    return (
+        type(value) is type(allowed)
+        and value == allowed
+        or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and isinstance(allowed, (int, float))
+            and not isinstance(allowed, bool)
+            and value == allowed
+        )
     )
 
 
@@ -524,12 +569,21 @@ def _optim_needs(name: str) -> str:
         return "a low-bit optimizer state (bitsandbytes / torchao)"
     if name.startswith("paged_"):
         return "bitsandbytes' paged optimizer state"
-    for prefix, what in (("galore", "GaLore"), ("apollo", "APOLLO"), ("lomo", "LOMO"),
-                         ("adalomo", "LOMO"), ("lion", "the Lion optimizer"),
-                         ("ademamix", "AdEMAMix"), ("schedule_free", "schedulefree"),
-                         ("grokadamw", "grokadamw"), ("stable_adamw", "torch-optimi"),
-                         ("adamw_anyprecision", "torchdistx"), ("adamw_torch_xla", "torch_xla"),
-                         ("adamw_torch_npu", "torch_npu"), ("adamw_apex", "apex")):
+    for prefix, what in (
+        ("galore", "GaLore"),
+        ("apollo", "APOLLO"),
+        ("lomo", "LOMO"),
+        ("adalomo", "LOMO"),
+        ("lion", "the Lion optimizer"),
+        ("ademamix", "AdEMAMix"),
+        ("schedule_free", "schedulefree"),
+        ("grokadamw", "grokadamw"),
+        ("stable_adamw", "torch-optimi"),
+        ("adamw_anyprecision", "torchdistx"),
+        ("adamw_torch_xla", "torch_xla"),
+        ("adamw_torch_npu", "torch_npu"),
+        ("adamw_apex", "apex"),
+    ):
         if name.startswith(prefix):
             return what
     return "a package this tool does not use"
@@ -579,13 +633,19 @@ def load_configs(path: str | os.PathLike) -> tuple[dict, dict]:
     except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
         raise ValueError(f"--config {path}: cannot parse ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected an object with 'training_config' and 'peft_config'")
+        raise ValueError(
+            f"--config {path}: expected an object with 'training_config' and 'peft_config'"
+        )
     unknown = set(data) - {"training_config", "peft_config"}
     if unknown:
-        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config")
+        raise ValueError(
+            f"--config {path}: unknown section(s) {sorted(unknown)}; expected training_config, peft_config"
+        )
     for section in ("training_config", "peft_config"):
         value = data.get(section)
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"--config {path}: {section} is a {type(value).__name__} "
-                             f"({str(value)[:40]!r}); expected an object of its keys")
+            raise ValueError(
+                f"--config {path}: {section} is a {type(value).__name__} "
+                f"({str(value)[:40]!r}); expected an object of its keys"
+            )
     return dict(data.get("training_config") or {}), dict(data.get("peft_config") or {})

@@ -259,8 +259,10 @@ def lost_rank_message(error: BaseException, output_dir: str | os.PathLike | None
 
 
 # Appended to the interrupt message of a rank that torchrun stopped (SIGTERM).
-TORCHRUN_STOP = (" (under torchrun a SIGTERM means another rank failed, and torchrun stops the "
-                 "rest: its summary below names the rank that failed first, with its exit code)")
+TORCHRUN_STOP = (
+    " (under torchrun a SIGTERM means another rank failed, and torchrun stops the "
+    "rest: its summary below names the rank that failed first, with its exit code)"
+)
 
 
 def _checkpoint_hint(output_dir: str | os.PathLike | None) -> str:
@@ -516,7 +518,9 @@ def load_sharded_phi3(
                     shape = tuple(sl.get_shape())
                     for key, target in expected[name]:
                         if shape != tuple(target.shape):
-                            problems.append(f"{key}: checkpoint {shape}, model {tuple(target.shape)}")
+                            problems.append(
+                                f"{key}: checkpoint {shape}, model {tuple(target.shape)}"
+                            )
                             continue
                         if hasattr(target, "to_local"):  # a DTensor: read only this rank's rows
                             local = target.to_local()

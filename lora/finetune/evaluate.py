@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "EvalRow", "assistant_loss", "exact_match", "score", "markdown_table", "evaluate", "main",
+    "EvalRow",
+    "assistant_loss",
+    "exact_match",
+    "score",
+    "markdown_table",
+    "evaluate",
+    "main",
 ]
 
 

@@ -13,8 +13,14 @@ from pathlib import Path
 
 from .._io import atomic_open
 
-__all__ = ["METRICS_FILE", "append_metrics", "read_metrics", "truncate_metrics", "repair_metrics",
-           "plot_metrics"]
+__all__ = [
+    "METRICS_FILE",
+    "append_metrics",
+    "read_metrics",
+    "truncate_metrics",
+    "repair_metrics",
+    "plot_metrics",
+]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,8 +47,9 @@ def _rows(path: Path) -> list[str]:
         except ValueError:
             if all(not rest.strip() for rest in lines[number:]):
                 continue  # the last row, cut by an interrupted write
-            raise ValueError(f"{path}:{number}: not a metrics row ({line[:60]!r}); "
-                             "remove or fix the line") from None
+            raise ValueError(
+                f"{path}:{number}: not a metrics row ({line[:60]!r}); remove or fix the line"
+            ) from None
         rows.append(line)
     return rows
 

@@ -58,8 +58,9 @@ def build_trainer(
     # Under torchrun rank 0 alone checks, creates and locks the directory: it is the only writer.
     lock = OutputDirLock.acquire(check_output_dir(training.output_dir)) if dist.is_main else None
     try:
-        trainer = _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
-                         data_cache, dist)
+        trainer = _build(
+            model_dir, train_file, training, peft, eval_file, say, log, progress, data_cache, dist
+        )
     except BaseException:
         if lock is not None:
             lock.release()
@@ -69,8 +70,9 @@ def build_trainer(
     return trainer
 
 
-def _build(model_dir, train_file, training, peft, eval_file, say, log, progress,
-           data_cache=True, dist=None) -> Trainer:
+def _build(
+    model_dir, train_file, training, peft, eval_file, say, log, progress, data_cache=True, dist=None
+) -> Trainer:
     from ..data import Tokenizer, prepare_chat_data
     from ..models import Phi3ForCausalLM
 
@@ -154,8 +156,9 @@ def finetune(
         else TrainingConfig.from_dict(training_config)
     )
     if not isinstance(peft_config, (LoRAConfig, dict)):
-        raise TypeError(f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a "
-                        "lora.LoRAConfig")
+        raise TypeError(
+            f"peft_config={peft_config!r}: expected a dict of LoRAConfig keys or a lora.LoRAConfig"
+        )
     peft = peft_config if isinstance(peft_config, LoRAConfig) else LoRAConfig(**peft_config)
     dist = setup("cpu" if training.use_cpu else training.device, training.fsdp)
 

@@ -94,7 +94,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch_cpu"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda = sorted(
+        (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+    )
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
     version, internal, gauss = meta["python"]
@@ -242,8 +244,9 @@ def recover_checkpoints(output_dir: str | os.PathLike) -> list[str]:
         if rank < 2 and not final.exists() and is_complete(p):
             os.replace(p, final)
             fsync_dir(output_dir)
-            actions.append(f"recovered {final.name} from {p.name} (a run was stopped while "
-                           "saving it)")
+            actions.append(
+                f"recovered {final.name} from {p.name} (a run was stopped while saving it)"
+            )
         else:
             shutil.rmtree(p, ignore_errors=True)
     for name in os.listdir(output_dir):  # a checkpoint-N that lost files (older versions' rotation)
@@ -276,7 +279,9 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[
     return doomed
 
 
-def read_training_state(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_training_state(
+    checkpoint: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(trainer_state.json, tensors)`` of a checkpoint; ``ValueError`` naming the file if either is damaged."""
     checkpoint = Path(checkpoint)
     state_path, tensor_path = checkpoint / STATE_FILE, checkpoint / TENSOR_FILE

@@ -63,8 +63,17 @@ from .state import (
     write_checkpoint,
 )
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingInterrupted", "ResumeMismatch",
-           "lr_factor", "make_optimizer", "make_loss_scaler", "Intervals"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainingError",
+    "TrainingInterrupted",
+    "ResumeMismatch",
+    "lr_factor",
+    "make_optimizer",
+    "make_loss_scaler",
+    "Intervals",
+]
 
 # Divergence checks (see Trainer.train): a step loss above LOSS_JUMP_FACTOR times the mean of the
 # last LOSS_HISTORY step losses (and at least LOSS_JUMP_MIN above it, so that a tiny loss's noise
@@ -162,8 +171,9 @@ class Intervals:
     log_first_step: bool = False
 
     @classmethod
-    def from_config(cls, cfg: TrainingConfig, total_steps: int, steps_per_epoch: int,
-                    evaluate: bool) -> Intervals:
+    def from_config(
+        cls, cfg: TrainingConfig, total_steps: int, steps_per_epoch: int, evaluate: bool
+    ) -> Intervals:
         def every(strategy: str | None, steps) -> int | None:
             if strategy == "epoch":
                 return steps_per_epoch
@@ -197,8 +207,15 @@ def _hits(step: int, every: int | None) -> bool:
 # How much a run prints, by log_level: setup and checkpoint lines are "info"; the periodic step
 # and eval lines are "metrics" (printed down to "warning", as transformers prints its metric dicts
 # whatever the level); "error" and "critical" print nothing while a run goes well.
-_LEVELS = {"debug": 10, "info": 20, "passive": 20, "metrics": 30, "warning": 30, "error": 40,
-           "critical": 50}
+_LEVELS = {
+    "debug": 10,
+    "info": 20,
+    "passive": 20,
+    "metrics": 30,
+    "warning": 30,
+    "error": 40,
+    "critical": 50,
+}
 
 
 def prints(config: TrainingConfig, level: str) -> bool:
@@ -271,8 +288,6 @@ class Trainer:
         ValueError: no trainable parameter; fp16 off CUDA; do_eval=true with no eval data.
     """
 
-
-
     def __init__(
         self,
         model: nn.Module,
@@ -289,15 +304,19 @@ class Trainer:
         self.dist = dist if dist is not None else DistContext()
         # Sequences per micro-batch: the global batch, and this rank's slice (see _micro_batch).
         self.global_batch, self.per_device_batch = global_batch_size(
-            training.per_device_train_batch_size, self.dist.world_size,
-            training.global_train_batch_size)
+            training.per_device_train_batch_size,
+            self.dist.world_size,
+            training.global_train_batch_size,
+        )
         self.output_dir = Path(training.output_dir)
         self.base_model_name_or_path = base_model_name_or_path
         self.progress = progress
         self._log = log
         if getattr(model, "lora_config", None) is None:
             if peft is None:
-                raise ValueError("Trainer: the model has no LoRA layers and no peft config was given")
+                raise ValueError(
+                    "Trainer: the model has no LoRA layers and no peft config was given"
+                )
             inject(model, peft)
         self.peft = model.lora_config
         if training.gradient_checkpointing:
@@ -313,16 +332,19 @@ class Trainer:
         self.micro_per_epoch = math.ceil(n / self.global_batch)
         self.steps_per_epoch = max(1, self.micro_per_epoch // training.gradient_accumulation_steps)
         self.total_steps = (
-            training.max_steps if training.max_steps > 0
+            training.max_steps
+            if training.max_steps > 0
             else max(1, math.ceil(training.num_train_epochs * self.steps_per_epoch))
         )
         self.warmup_steps = (
-            resolve_steps(training.warmup_steps, self.total_steps) if training.warmup_steps
+            resolve_steps(training.warmup_steps, self.total_steps)
+            if training.warmup_steps
             else math.ceil(training.warmup_ratio * self.total_steps)
         )
         self.evaluates = self._evaluation_wanted()
-        self.intervals = Intervals.from_config(training, self.total_steps, self.steps_per_epoch,
-                                               self.evaluates)
+        self.intervals = Intervals.from_config(
+            training, self.total_steps, self.steps_per_epoch, self.evaluates
+        )
         self.collate = data.collate_fn()
         self._reporters: list = []
         self.step = 0
@@ -342,14 +364,18 @@ class Trainer:
         cfg, has_eval = self.cfg, bool(self.data.eval)
         if cfg.do_eval is False:
             if not cfg.skips_evaluation and has_eval:
-                self._why_eval = (f"evaluating although do_eval=false: eval_strategy="
-                                  f"{cfg.eval_strategy!r} turns it on, as in transformers")
+                self._why_eval = (
+                    f"evaluating although do_eval=false: eval_strategy="
+                    f"{cfg.eval_strategy!r} turns it on, as in transformers"
+                )
                 return True
             self._why_eval = "do_eval=false: no evaluation"
             return False
         if cfg.do_eval is True and not has_eval:
-            raise ValueError("training_config do_eval=true, but there is no eval data: give an "
-                             "eval file (--eval-data) or a positive eval_fraction")
+            raise ValueError(
+                "training_config do_eval=true, but there is no eval data: give an "
+                "eval file (--eval-data) or a positive eval_fraction"
+            )
         self._why_eval = None if has_eval else "no eval data: no evaluation"
         return has_eval
 
@@ -360,8 +386,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
             torch.backends.cudnn.allow_tf32 = self.cfg.tf32
         elif self.cfg.tf32:
-            self.log(f"tf32=true has no effect on {self._device().type} (TensorFloat-32 is a CUDA "
-                     "mode)", "warning")
+            self.log(
+                f"tf32=true has no effect on {self._device().type} (TensorFloat-32 is a CUDA mode)",
+                "warning",
+            )
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, line: str, level: str = "info") -> None:
@@ -395,7 +423,6 @@ class Trainer:
         for reporter in self._reporters:
             reporter.close()
         self._reporters = []
-
 
     def _reset_window(self) -> None:
         # The running logging window; saved in each checkpoint so that a resumed run logs the same
@@ -488,21 +515,28 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         path = self.output_dir / f"checkpoint-{self.step}"
         if self.dist.is_main:  # the LoRA state is the same on every rank: rank 0 writes it
-            extra = {"total_steps": self.total_steps, "training_config": self.cfg.to_dict(),
-                     "peft_config": self.peft.to_dict(),
-                     "base_model_name_or_path": self.base_model_name_or_path,
-                     "data": self.data_fingerprint(), "window": dict(self._window),
-                     "monitor": {"recent_losses": list(self._monitor["recent_losses"]),
-                                 "zero_grad_steps": self._monitor["zero_grad_steps"]},
-                     "world_size": self.dist.world_size,
-                     "global_train_batch_size": self.global_batch}
+            extra = {
+                "total_steps": self.total_steps,
+                "training_config": self.cfg.to_dict(),
+                "peft_config": self.peft.to_dict(),
+                "base_model_name_or_path": self.base_model_name_or_path,
+                "data": self.data_fingerprint(),
+                "window": dict(self._window),
+                "monitor": {
+                    "recent_losses": list(self._monitor["recent_losses"]),
+                    "zero_grad_steps": self._monitor["zero_grad_steps"],
+                },
+                "world_size": self.dist.world_size,
+                "global_train_batch_size": self.global_batch,
+            }
             if self.scaler is not None:
                 extra["grad_scaler"] = self.scaler.state_dict()
             if self.cfg.save_only_model:
                 extra["save_only_model"] = True  # no optimizer or RNG state: cannot be resumed
             optimizer = None if self.cfg.save_only_model else self.optimizer
-            path = write_checkpoint(self.output_dir, self.step, optimizer, self._write_adapter,
-                                    extra)
+            path = write_checkpoint(
+                self.output_dir, self.step, optimizer, self._write_adapter, extra
+            )
             _fsync_path(self.output_dir / METRICS_FILE)
             limit = self.cfg.save_total_limit
             for old in rotate_checkpoints(self.output_dir, limit):
@@ -527,13 +561,17 @@ class Trainer:
         """
         from ..adapters import load_adapter
 
-        checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
+        checkpoint = (
+            Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
+        )
         if self.dist.enabled:  # every rank resumes from the checkpoint rank 0 found
             chosen = self.dist.broadcast_text(None if checkpoint is None else str(checkpoint))
             checkpoint = None if chosen is None else Path(chosen)
         if checkpoint is None:
-            raise ValueError(f"--resume: nothing to resume in {str(self.output_dir)!r}: "
-                             f"{self._describe_output_dir()}")
+            raise ValueError(
+                f"--resume: nothing to resume in {str(self.output_dir)!r}: "
+                f"{self._describe_output_dir()}"
+            )
         _refuse_model_only_checkpoint(checkpoint)
         state, tensors = read_training_state(checkpoint)
         step = int(state["step"])
@@ -542,45 +580,60 @@ class Trainer:
         # The global batch decides the numbers, not how it is split over ranks or devices.
         same_split = saved_world == self.dist.world_size
         problems = resume_problems(
-            step, self.total_steps,
+            step,
+            self.total_steps,
             resume_comparable(state.get("training_config"), saved_global, same_split),
             resume_comparable(self.cfg.to_dict(), self.global_batch, same_split),
-            state.get("peft_config"), self.peft.to_dict(),
-            state.get("data"), self.data_fingerprint(),
+            state.get("peft_config"),
+            self.peft.to_dict(),
+            state.get("data"),
+            self.data_fingerprint(),
         )
         if saved_global != self.global_batch:
-            problems.append(_global_batch_message(state, saved_global, self.global_batch,
-                                                  self.dist.world_size))
+            problems.append(
+                _global_batch_message(state, saved_global, self.global_batch, self.dist.world_size)
+            )
         if problems and not self.allow_resume_changes:
             raise ResumeMismatch(
                 f"--resume from {checkpoint}: the run differs from the checkpoint's ("
-                + "; ".join(problems) + "). Resume with the checkpoint's settings, start a new run "
+                + "; ".join(problems)
+                + "). Resume with the checkpoint's settings, start a new run "
                 "in another --output, or allow the change (--allow-resume-changes) and lose "
                 "bit-identical resume"
             )
         if problems:
-            self.log(f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
-                     "run is no longer bit-identical to an uninterrupted one")
+            self.log(
+                f"warning: resuming {checkpoint} with changes ({'; '.join(problems)}): the "
+                "run is no longer bit-identical to an uninterrupted one"
+            )
         old_base = state.get("base_model_name_or_path")
         if old_base and self.base_model_name_or_path and old_base != self.base_model_name_or_path:
-            self.log(f"warning: the checkpoint was trained on base model {old_base!r}; "
-                     f"resuming on {self.base_model_name_or_path!r}")
+            self.log(
+                f"warning: the checkpoint was trained on base model {old_base!r}; "
+                f"resuming on {self.base_model_name_or_path!r}"
+            )
         if not same_split:
-            self.log(f"resuming a checkpoint of {saved_world} process(es) on "
-                     f"{self.dist.world_size}: the same run, up to floating-point rounding")
+            self.log(
+                f"resuming a checkpoint of {saved_world} process(es) on "
+                f"{self.dist.world_size}: the same run, up to floating-point rounding"
+            )
         load_adapter(self.model, checkpoint)
         restore_optimizer_and_rng(self.optimizer, state, tensors)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = step
         if isinstance(state.get("window"), dict):
-            self._window = {"loss": float(state["window"].get("loss", 0.0)),
-                            "steps": int(state["window"].get("steps", 0)),
-                            "tokens": int(state["window"].get("tokens", 0))}
+            self._window = {
+                "loss": float(state["window"].get("loss", 0.0)),
+                "steps": int(state["window"].get("steps", 0)),
+                "tokens": int(state["window"].get("tokens", 0)),
+            }
         if isinstance(state.get("monitor"), dict):
             monitor = state["monitor"]
-            self._monitor = {"recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
-                             "zero_grad_steps": int(monitor.get("zero_grad_steps", 0))}
+            self._monitor = {
+                "recent_losses": [float(x) for x in monitor.get("recent_losses", [])],
+                "zero_grad_steps": int(monitor.get("zero_grad_steps", 0)),
+            }
         if self.dist.is_main:
             self._truncate_metrics(self.step)
         self.dist.barrier()
@@ -590,17 +643,24 @@ class Trainer:
     def _describe_output_dir(self) -> str:
         if not self.output_dir.is_dir():
             return "the directory does not exist"
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.output_dir.iterdir()
-                       if p.name != ".lora-run.lock")
+        names = sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in self.output_dir.iterdir()
+            if p.name != ".lora-run.lock"
+        )
         if not names:
             return "the directory is empty; start without --resume"
-        return (f"no complete checkpoint-N, only {', '.join(names)}; start over with --overwrite "
-                "or choose another --output")
+        return (
+            f"no complete checkpoint-N, only {', '.join(names)}; start over with --overwrite "
+            "or choose another --output"
+        )
 
     def _start_fresh(self) -> None:
         # An earlier run's files are removed only when the user said so: nothing is lost by accident.
         earlier = [p for _, p in list_checkpoints(self.output_dir)]
-        earlier += [p for p in (self.output_dir / METRICS_FILE, self.output_dir / "adapter") if p.exists()]
+        earlier += [
+            p for p in (self.output_dir / METRICS_FILE, self.output_dir / "adapter") if p.exists()
+        ]
         if not earlier:
             self.dist.barrier()
             return
@@ -670,8 +730,10 @@ class Trainer:
     def _no_space_error(self) -> TrainingError:
         last = latest_checkpoint(self.output_dir)
         kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was written"
-        return TrainingError(f"no space left on device writing to {self.output_dir} at step "
-                             f"{self.step}; {kept}; free some space and continue with --resume")
+        return TrainingError(
+            f"no space left on device writing to {self.output_dir} at step "
+            f"{self.step}; {kept}; free some space and continue with --resume"
+        )
 
     def release_lock(self) -> None:
         """Release the output directory's lock handed over by :func:`build_trainer` (idempotent)."""
@@ -681,8 +743,9 @@ class Trainer:
 
     def _interrupted_message(self) -> str:
         last = latest_checkpoint(self.output_dir)
-        return (f"interrupted at step {self.step}; last complete checkpoint "
-                + (f"{last}; continue with --resume" if last else "none (nothing to resume yet)"))
+        return f"interrupted at step {self.step}; last complete checkpoint " + (
+            f"{last}; continue with --resume" if last else "none (nothing to resume yet)"
+        )
 
     def _train(self, resume: bool | str | os.PathLike) -> TrainResult:
         from tqdm import tqdm
@@ -730,8 +793,16 @@ class Trainer:
             self._write_adapter(adapter_dir)
             plot = plot_metrics(self.output_dir)
         self.dist.barrier()
-        return TrainResult(self.output_dir, adapter_dir, None, self.step, last_loss, eval_loss,
-                           read_metrics(self.output_dir), plot)
+        return TrainResult(
+            self.output_dir,
+            adapter_dir,
+            None,
+            self.step,
+            last_loss,
+            eval_loss,
+            read_metrics(self.output_dir),
+            plot,
+        )
 
     def _draws_progress_bar(self) -> bool:
         # A bar is carriage-return frames: on anything but a terminal (CI, nohup, a log file) they
@@ -743,15 +814,24 @@ class Trainer:
         if cfg.eval_on_start and self.evaluates and self.step == 0:
             self._log_eval(self.evaluate())
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
-                   disable=not self._draws_progress_bar(), dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not self._draws_progress_bar(),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         window = self._window
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         start_step = self.step
         last_loss = None
         while self.step < self.total_steps:
-            lr = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
+            lr = cfg.learning_rate * lr_factor(
+                self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type
+            )
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             G = cfg.gradient_accumulation_steps
@@ -766,13 +846,16 @@ class Trainer:
                 step_loss += float(loss.detach())
                 if not batch.get("filler"):
                     mask = batch["attention_mask"]
-                    step_tokens += int(batch["input_ids"].numel() if mask.dim() != 2 else mask.sum())
+                    step_tokens += int(
+                        batch["input_ids"].numel() if mask.dim() != 2 else mask.sum()
+                    )
             step_loss, step_tokens = self.dist.sum([step_loss, step_tokens])  # all ranks'
             step_tokens = int(step_tokens)
             if not math.isfinite(step_loss):
                 bar.close()
                 raise TrainingError(
-                    f"loss is {step_loss} at step {self.step + 1}: stopping. " + self._last_good()
+                    f"loss is {step_loss} at step {self.step + 1}: stopping. "
+                    + self._last_good()
                     + " Try a lower learning_rate, or fp32 instead of bf16/fp16."
                 )
             self.dist.reduce_gradients(self.params)
@@ -785,8 +868,11 @@ class Trainer:
             problem = self._diverged(step_loss, grad_norm)
             if problem:
                 bar.close()
-                raise TrainingError(f"{problem} at step {self.step + 1}: stopping. "
-                                    + self._last_good() + " Try a lower learning_rate.")
+                raise TrainingError(
+                    f"{problem} at step {self.step + 1}: stopping. "
+                    + self._last_good()
+                    + " Try a lower learning_rate."
+                )
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
                 self.scaler.update()
@@ -806,10 +892,15 @@ class Trainer:
                 elapsed = now - run_start
                 tps = window["tokens"] / max(now - window_start, 1e-9)
                 eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
-                row = {"step": self.step, "loss": window["loss"] / window["steps"],
-                       "learning_rate": lr,
-                       "tokens_per_second": tps, "epoch": self.step / self.steps_per_epoch,
-                       "grad_norm": grad_norm, "elapsed": elapsed}
+                row = {
+                    "step": self.step,
+                    "loss": window["loss"] / window["steps"],
+                    "learning_rate": lr,
+                    "tokens_per_second": tps,
+                    "epoch": self.step / self.steps_per_epoch,
+                    "grad_norm": grad_norm,
+                    "elapsed": elapsed,
+                }
                 row.update(self.dist.memory_row(self.model))
                 self._append_metrics(row)
                 self.log(
@@ -846,15 +937,19 @@ class Trainer:
         if len(recent) >= LOSS_HISTORY_MIN:
             mean = sum(recent) / len(recent)
             if loss > LOSS_JUMP_FACTOR * mean and loss - mean > LOSS_JUMP_MIN:
-                return (f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
-                        f"{mean:.4g} over the last {len(recent)} steps (the run is diverging)")
+                return (
+                    f"the loss jumped to {loss:.4g}, {loss / mean:.1f}x its running mean "
+                    f"{mean:.4g} over the last {len(recent)} steps (the run is diverging)"
+                )
         recent.append(loss)
         del recent[:-LOSS_HISTORY]
         mon["zero_grad_steps"] = mon["zero_grad_steps"] + 1 if grad_norm == 0.0 else 0
         if mon["zero_grad_steps"] >= resolve_steps(self.cfg.logging_steps, self.total_steps):
-            return (f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
-                    f"consecutive steps (loss {loss:.4g}): the run has stalled or collapsed and "
-                    "would learn nothing more")
+            return (
+                f"the gradient norm has been exactly 0 for {mon['zero_grad_steps']} "
+                f"consecutive steps (loss {loss:.4g}): the run has stalled or collapsed and "
+                "would learn nothing more"
+            )
         return None
 
     def merge_and_save(self, directory: str | os.PathLike | None = None) -> Path:
@@ -864,9 +959,11 @@ class Trainer:
         from ..surgery import merge_and_unload
 
         if self.dist.fsdp:
-            raise ValueError("--merge with --fsdp: the base is sharded across ranks; merge "
-                             "afterwards on one machine that holds the model (lora.load_adapter + "
-                             "lora.merge_and_unload, see docs/scaling.md)")
+            raise ValueError(
+                "--merge with --fsdp: the base is sharded across ranks; merge "
+                "afterwards on one machine that holds the model (lora.load_adapter + "
+                "lora.merge_and_unload, see docs/scaling.md)"
+            )
         directory = Path(directory) if directory is not None else self.output_dir / "merged"
         if self.dist.is_main:
             merged = merge_and_unload(self.model)
@@ -878,8 +975,9 @@ class Trainer:
 
 
 def _grad_norm(params) -> float:
-    norms = [torch.linalg.vector_norm(p.grad.detach().float())
-             for p in params if p.grad is not None]
+    norms = [
+        torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None
+    ]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
@@ -928,13 +1026,17 @@ def _global_batch_message(state: dict, saved: int, global_batch: int, world_size
     # Data order is a function of (seed, step) for one global batch size; another size would
     # replay different sequences.
     saved_world = state.get("world_size", 1)
-    hint = (f"per_device_train_batch_size={saved // world_size} with {world_size} process(es)"
-            if saved % world_size == 0 else
-            f"a number of processes that divides {saved}; {saved} does not divide by {world_size}")
-    return (f"it was trained with a global batch of {saved} sequences per micro-batch "
-            f"({saved_world} process(es)), this run has {global_batch} ({world_size} "
-            f"process(es)): to resume with the same global batch use {hint}, or "
-            f"global_train_batch_size={saved}")
+    hint = (
+        f"per_device_train_batch_size={saved // world_size} with {world_size} process(es)"
+        if saved % world_size == 0
+        else f"a number of processes that divides {saved}; {saved} does not divide by {world_size}"
+    )
+    return (
+        f"it was trained with a global batch of {saved} sequences per micro-batch "
+        f"({saved_world} process(es)), this run has {global_batch} ({world_size} "
+        f"process(es)): to resume with the same global batch use {hint}, or "
+        f"global_train_batch_size={saved}"
+    )
 
 
 def _rank_summary(row: dict, tps: float) -> str:
@@ -942,8 +1044,10 @@ def _rank_summary(row: dict, tps: float) -> str:
         return f" | peak mem {row['memory_mb'][0]:,.0f} MiB"
     mem = ", ".join(f"{m:,.0f}" for m in row["memory_mb"])
     held = ", ".join(f"{m:,.1f}" for m in row["params_mb"])
-    return (f" | {row['world_size']} ranks, {tps / row['world_size']:,.0f} tok/s each | "
-            f"peak mem/rank [{mem}] MiB | params/rank [{held}] MiB")
+    return (
+        f" | {row['world_size']} ranks, {tps / row['world_size']:,.0f} tok/s each | "
+        f"peak mem/rank [{mem}] MiB | params/rank [{held}] MiB"
+    )
 
 
 def _fsync_path(path: Path) -> None:

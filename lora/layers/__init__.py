@@ -13,7 +13,21 @@ from .utils import lora_layers, lora_state_dict, mark_only_lora_as_trainable, me
 LAYER_KINDS: tuple[type[LoRALayer], ...] = (Linear, Embedding, Conv1d, Conv2d, Conv3d)
 
 __all__ = [
-    "LoRALayer", "AdapterWeights", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
-    "ConvLoRA", "LAYER_KINDS", "is_gpt2_conv1d", "ModulesToSaveWrapper",
-    "mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers",
+    "LoRALayer",
+    "AdapterWeights",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvLoRA",
+    "LAYER_KINDS",
+    "is_gpt2_conv1d",
+    "ModulesToSaveWrapper",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "merge",
+    "unmerge",
+    "lora_layers",
 ]

@@ -23,8 +23,13 @@ from .. import functional as LF
 from ..checks import check_alpha, check_dropout, check_rank
 
 __all__ = [
-    "LoRALayer", "AdapterWeights", "STORE", "alpha_for_slices",
-    "check_rank", "check_dropout", "check_alpha",
+    "LoRALayer",
+    "AdapterWeights",
+    "STORE",
+    "alpha_for_slices",
+    "check_rank",
+    "check_dropout",
+    "check_alpha",
 ]
 
 STORE = "lora_inactive"  # the ModuleDict of a layer's inactive adapters (several adapters only)
@@ -86,7 +91,9 @@ class LoRALayer(_ModuleBase):
     # The attributes that, with lora_A, lora_B and lora_dropout, make up one adapter (see pop_adapter).
     _adapter_fields: tuple[str, ...] = ("r", "lora_alpha", "use_rslora", "scaling")
 
-    def _init_lora(self, r, lora_alpha, lora_dropout: float, merge_weights: bool, use_rslora: bool = False) -> None:
+    def _init_lora(
+        self, r, lora_alpha, lora_dropout: float, merge_weights: bool, use_rslora: bool = False
+    ) -> None:
         # Called after the torch base class's __init__ (so buffers can be registered).
         self.r = check_rank(r)
         self.lora_alpha = check_alpha(lora_alpha)
@@ -117,7 +124,9 @@ class LoRALayer(_ModuleBase):
         return None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout
 
     # --- building from an existing torch layer (model surgery) ----------------------------------
-    def _adopt_base(self, base: nn.Module, lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True):
+    def _adopt_base(
+        self, base: nn.Module, lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True
+    ):
         """Take ``base``'s weight and bias Parameters (shared, not copied) and put the LoRA
         parameters on the base's device, in ``lora_dtype`` (default: the base weight's dtype).
 
@@ -135,7 +144,9 @@ class LoRALayer(_ModuleBase):
             dtype = lora_dtype if lora_dtype is not None else base_weight.dtype
             for name in ("lora_A", "lora_B"):
                 shape = cast(nn.Parameter, self._parameters[name]).shape
-                self._parameters[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+                self._parameters[name] = nn.Parameter(
+                    torch.empty(shape, device=device, dtype=dtype)
+                )
             self.reset_lora_parameters()
             if not init_lora_weights:
                 self._randomize_lora_B()
@@ -172,8 +183,9 @@ class LoRALayer(_ModuleBase):
         if plain is None:
             plain = self._plain_like()
             if getattr(self, "fan_in_fan_out", False):  # a torch Linear stores (out, in)
-                weight = nn.Parameter(weight.detach().T.contiguous(),
-                                      requires_grad=weight.requires_grad)
+                weight = nn.Parameter(
+                    weight.detach().T.contiguous(), requires_grad=weight.requires_grad
+                )
         plain.weight = weight
         if "bias" in plain._parameters:
             plain.bias = self.bias
@@ -191,15 +203,31 @@ class LoRALayer(_ModuleBase):
         return False
 
     @classmethod
-    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
-             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
-             merge_weights: bool = False, use_rslora: bool = False,
-             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> LoRALayer:
+    def wrap(
+        cls,
+        module: nn.Module,
+        r: int,
+        *,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        enable_lora=None,
+        split_sizes=None,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+    ) -> LoRALayer:
         """This kind's LoRA layer over ``module`` (see each kind's ``from_base``): the options
         a kind does not use (``fan_in_fan_out``, ``enable_lora``, ``split_sizes``) are ignored."""
         return cls.from_base(  # type: ignore[attr-defined]
-            module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
+            module,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            merge_weights=merge_weights,
+            use_rslora=use_rslora,
+            lora_dtype=lora_dtype,
             init_lora_weights=init_lora_weights,
         )
 
@@ -209,8 +237,13 @@ class LoRALayer(_ModuleBase):
         return None
 
     @classmethod
-    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
-                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def peft_shapes(
+        cls,
+        module: nn.Module,
+        r: int,
+        fan_in_fan_out: bool = False,
+        enable_lora: tuple[bool, ...] = (),
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The (A, B) shapes of a rank-``r`` adapter for ``module`` in PEFT's file."""
         raise NotImplementedError
 
@@ -236,17 +269,26 @@ class LoRALayer(_ModuleBase):
         it is not an adapter over declared slices (it is then one LoRA over the whole weight)."""
         return None
 
-    def slot_fields(self, r: int, lora_alpha: float, use_rslora: bool,
-                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()
-                    ) -> tuple[dict[str, Any], bool]:
+    def slot_fields(
+        self,
+        r: int,
+        lora_alpha: float,
+        use_rslora: bool,
+        enable_lora: tuple[bool, ...] = (),
+        split_sizes: tuple[int, ...] = (),
+    ) -> tuple[dict[str, Any], bool]:
         """The adapter fields under which this layer holds an adapter of rank ``r`` (per enabled
         slice, when ``enable_lora`` names slices of its output), and whether it holds such a
         sliced adapter's B as blocks (True) or as the one (out, r·k) LoRA over the whole weight
         (False)."""
         k = sum(enable_lora) if enable_lora else 1
         rank = r * k
-        fields = {"r": rank, "lora_alpha": alpha_for_slices(lora_alpha, k, use_rslora),
-                  "use_rslora": use_rslora, "scaling": LF.lora_scaling(r, lora_alpha, use_rslora)}
+        fields = {
+            "r": rank,
+            "lora_alpha": alpha_for_slices(lora_alpha, k, use_rslora),
+            "use_rslora": use_rslora,
+            "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
+        }
         return fields, False
 
     def adapter_structure(self, adapter: Any = None) -> tuple:
@@ -400,7 +442,8 @@ class LoRALayer(_ModuleBase):
             return None
         self.unmerge()
         slot = AdapterWeights(
-            cast(str, self.adapter_name), {f: getattr(self, f) for f in self._adapter_fields},
+            cast(str, self.adapter_name),
+            {f: getattr(self, f) for f in self._adapter_fields},
             cast(nn.Parameter, self._parameters["lora_A"]),
             cast(nn.Parameter, self._parameters["lora_B"]),
             self.lora_dropout,
@@ -411,7 +454,9 @@ class LoRALayer(_ModuleBase):
     def put_adapter(self, slot: AdapterWeights) -> None:
         """Make ``slot``'s tensors the layer's adapter (shared, not copied). The layer must have none."""
         if self.has_adapter:
-            raise RuntimeError(f"put_adapter: the layer already holds adapter {self.adapter_name!r}")
+            raise RuntimeError(
+                f"put_adapter: the layer already holds adapter {self.adapter_name!r}"
+            )
         for f in self._adapter_fields:
             setattr(self, f, slot.fields[f])
         self.lora_A, self.lora_B, self.lora_dropout = slot.lora_A, slot.lora_B, slot.lora_dropout
@@ -452,8 +497,16 @@ def _named_adapter_keys(layer: LoRALayer, state_dict, prefix: str, local_metadat
         state_dict[new] = state_dict.pop(old)
 
 
-def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs) -> None:
+def _place_named_adapter_keys(
+    layer: LoRALayer,
+    state_dict,
+    prefix,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+) -> None:
     """Load pre-hook, the inverse of :func:`_named_adapter_keys`: ``lora_A.<name>`` goes to adapter
     ``name`` wherever it now lives (active or not); loralib's ``lora_A`` to the layer's only
     adapter. A key naming an adapter the layer does not hold, or an unnamed key when it holds
@@ -463,7 +516,7 @@ def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metada
     layer.__dict__["_lora_load_prefix"] = prefix  # for _name_missing_adapter_keys
     moves = []
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         param, _, name = rest.partition(".")
         if param not in _LORA_PARAMS:
             continue
@@ -471,13 +524,15 @@ def _place_named_adapter_keys(layer: LoRALayer, state_dict, prefix, local_metada
             if name not in held:
                 error_msgs.append(
                     f"{key}: the state dict names adapter {name!r}, which the layer "
-                    f"{prefix[:-1]!r} does not hold (it holds {held})")
+                    f"{prefix[:-1]!r} does not hold (it holds {held})"
+                )
                 moves.append((key, None))
                 continue
         elif len(held) > 1:
             error_msgs.append(
                 f"{key}: a key without an adapter name, but the layer {prefix[:-1]!r} holds "
-                f"adapters {held}; a state dict of several adapters names each ({param}.<name>)")
+                f"adapters {held}; a state dict of several adapters names each ({param}.<name>)"
+            )
             moves.append((key, None))
             continue
         elif not held:
@@ -502,7 +557,8 @@ def _name_missing_adapter_keys(layer: LoRALayer, incompatible) -> None:
     for name in held:
         for p in _LORA_PARAMS:
             names[prefix + layer._physical_prefix(name) + p] = prefix + (
-                p if len(held) == 1 else f"{p}.{name}")
+                p if len(held) == 1 else f"{p}.{name}"
+            )
     missing = incompatible.missing_keys
     missing[:] = [names.get(k, k) for k in missing]
 
@@ -512,8 +568,14 @@ class AdapterWeights(nn.Module):
     ``lora_dropout`` and the layer's adapter fields (``r``, ``lora_alpha``, ``scaling``, ...; a
     MergedLinear adds ``enable_lora`` and ``split_sizes``), readable as attributes like the layer's own."""
 
-    def __init__(self, adapter_name: str, fields: dict, lora_A: nn.Parameter, lora_B: nn.Parameter,
-                 lora_dropout: nn.Module | None = None):
+    def __init__(
+        self,
+        adapter_name: str,
+        fields: dict,
+        lora_A: nn.Parameter,
+        lora_B: nn.Parameter,
+        lora_dropout: nn.Module | None = None,
+    ):
         super().__init__()
         self.adapter_name = adapter_name
         self.fields = dict(fields)

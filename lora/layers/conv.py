@@ -61,18 +61,26 @@ class ConvLoRA(LoRALayer):
         return None
 
     @classmethod
-    def peft_shapes(cls, module: Any, r: int, fan_in_fan_out: bool = False,
-                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def peft_shapes(
+        cls, module: Any, r: int, fan_in_fan_out: bool = False, enable_lora: tuple[bool, ...] = ()
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ones = (1,) * len(module.kernel_size)
         a_shape = (r, module.in_channels // module.groups, *module.kernel_size)
         return a_shape, (module.out_channels, r, *ones)
 
     def _plain_like(self) -> nn.Module:
         return self._torch_class(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups,
-            bias=self.bias is not None, padding_mode=self.padding_mode,
-            device="meta", dtype=self.weight.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
         )
 
     def _init_conv_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> None:
@@ -80,20 +88,45 @@ class ConvLoRA(LoRALayer):
         if self.r > 0:
             factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             ones = (1,) * len(self.kernel_size)
-            self.lora_A = nn.Parameter(torch.empty(self.r, self.in_channels // self.groups, *self.kernel_size, **factory))
+            self.lora_A = nn.Parameter(
+                torch.empty(self.r, self.in_channels // self.groups, *self.kernel_size, **factory)
+            )
             self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r, *ones, **factory))
             self.weight.requires_grad_(False)
             self.reset_lora_parameters()
 
     @classmethod
-    def from_base(cls, base: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                  merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True, **_ignored):
+    def from_base(
+        cls,
+        base: nn.Module,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+        **_ignored,
+    ):
         """Wrap an existing ``nn.ConvNd`` of the same dimensionality, sharing its weight and bias (no copy)."""
-        layer = cls(base.in_channels, base.out_channels, base.kernel_size, r=r, lora_alpha=lora_alpha,
-                    lora_dropout=lora_dropout, merge_weights=merge_weights, use_rslora=use_rslora,
-                    stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups,
-                    bias=False, padding_mode=base.padding_mode, device="meta", dtype=base.weight.dtype)
+        layer = cls(
+            base.in_channels,
+            base.out_channels,
+            base.kernel_size,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            merge_weights=merge_weights,
+            use_rslora=use_rslora,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=base.groups,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device="meta",
+            dtype=base.weight.dtype,
+        )
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     def reset_parameters(self) -> None:
@@ -115,8 +148,14 @@ class ConvLoRA(LoRALayer):
         h = self.lora_dropout(x)
         if h.dtype != self.lora_A.dtype:
             h = h.to(self.lora_A.dtype)
-        a = self.lora_A if self.groups == 1 else self.lora_A.repeat(self.groups, *([1] * (self.lora_A.dim() - 1)))
-        hidden = self._conv_forward(h, a, None)  # (N, r·groups, *spatial): stride, padding, dilation applied here
+        a = (
+            self.lora_A
+            if self.groups == 1
+            else self.lora_A.repeat(self.groups, *([1] * (self.lora_A.dim() - 1)))
+        )
+        hidden = self._conv_forward(
+            h, a, None
+        )  # (N, r·groups, *spatial): stride, padding, dilation applied here
         adapter = self._conv_fn(hidden * self.scaling, self.lora_B, None, 1, 0, 1, self.groups)
         if adapter.dtype != result.dtype:
             adapter = adapter.to(result.dtype)
@@ -153,8 +192,18 @@ class Conv1d(ConvLoRA, nn.Conv1d):
     _conv_fn = staticmethod(F.conv1d)
     _torch_class = nn.Conv1d
 
-    def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
-                 merge_weights=True, use_rslora=False, **kwargs):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        r=0,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        merge_weights=True,
+        use_rslora=False,
+        **kwargs,
+    ):
         _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
         nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
@@ -167,8 +216,18 @@ class Conv2d(ConvLoRA, nn.Conv2d):
     _conv_fn = staticmethod(F.conv2d)
     _torch_class = nn.Conv2d
 
-    def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
-                 merge_weights=True, use_rslora=False, **kwargs):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        r=0,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        merge_weights=True,
+        use_rslora=False,
+        **kwargs,
+    ):
         _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
@@ -181,8 +240,18 @@ class Conv3d(ConvLoRA, nn.Conv3d):
     _conv_fn = staticmethod(F.conv3d)
     _torch_class = nn.Conv3d
 
-    def __init__(self, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.0,
-                 merge_weights=True, use_rslora=False, **kwargs):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        r=0,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        merge_weights=True,
+        use_rslora=False,
+        **kwargs,
+    ):
         _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
         nn.Conv3d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)

@@ -48,14 +48,33 @@ class Embedding(LoRALayer, nn.Embedding):
             self.reset_lora_parameters()
 
     @classmethod
-    def from_base(cls, base: nn.Embedding, r: int, lora_alpha: float = 1, merge_weights: bool = False,
-                  use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True, **_ignored) -> Embedding:
+    def from_base(
+        cls,
+        base: nn.Embedding,
+        r: int,
+        lora_alpha: float = 1,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+        **_ignored,
+    ) -> Embedding:
         """Wrap an existing ``nn.Embedding``, sharing its weight (no copy). Dropout does not apply."""
-        layer = cls(base.num_embeddings, base.embedding_dim, r=r, lora_alpha=lora_alpha,
-                    merge_weights=merge_weights, use_rslora=use_rslora, padding_idx=base.padding_idx,
-                    max_norm=base.max_norm, norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
-                    sparse=base.sparse, device="meta", dtype=base.weight.dtype)
+        layer = cls(
+            base.num_embeddings,
+            base.embedding_dim,
+            r=r,
+            lora_alpha=lora_alpha,
+            merge_weights=merge_weights,
+            use_rslora=use_rslora,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+            device="meta",
+            dtype=base.weight.dtype,
+        )
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     # --- what this kind says about its module -------------------------------------------
@@ -73,8 +92,13 @@ class Embedding(LoRALayer, nn.Embedding):
         return None
 
     @classmethod
-    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
-                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def peft_shapes(
+        cls,
+        module: nn.Module,
+        r: int,
+        fan_in_fan_out: bool = False,
+        enable_lora: tuple[bool, ...] = (),
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         emb = cast(nn.Embedding, module)
         return (r, emb.num_embeddings), (emb.embedding_dim, r)
 
@@ -82,10 +106,17 @@ class Embedding(LoRALayer, nn.Embedding):
         return nn.Identity()  # dropout does not apply to a lookup
 
     def _plain_like(self) -> nn.Module:
-        return nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                            max_norm=self.max_norm, norm_type=self.norm_type,
-                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse,
-                            device="meta", dtype=self.weight.dtype)
+        return nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
 
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
@@ -104,10 +135,26 @@ class Embedding(LoRALayer, nn.Embedding):
             return nn.Embedding.forward(self, x)
         if self.merged:
             out = nn.functional.embedding(
-                x, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse
+                x,
+                self.weight,
+                self.padding_idx,
+                None,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
             )
-            return out if self.max_norm is None else LF.renorm_rows(out, self.max_norm, self.norm_type)
+            return (
+                out if self.max_norm is None else LF.renorm_rows(out, self.max_norm, self.norm_type)
+            )
         return LF.lora_embedding(
-            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.padding_idx,
-            self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse,
+            x,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
         )

@@ -19,8 +19,11 @@ __all__ = ["Linear", "MergedLinear", "is_gpt2_conv1d"]
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' GPT-2 ``Conv1D``: a linear layer storing its weight
     as (in, out)."""
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-            and getattr(module, "weight", None) is not None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    )
 
 
 class _LinearBase(LoRALayer, nn.Linear):
@@ -46,22 +49,34 @@ class _LinearBase(LoRALayer, nn.Linear):
         return (rows, cols) if fifo else (cols, rows)
 
     @classmethod
-    def peft_shapes(cls, module: nn.Module, r: int, fan_in_fan_out: bool = False,
-                    enable_lora: tuple[bool, ...] = ()) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def peft_shapes(
+        cls,
+        module: nn.Module,
+        r: int,
+        fan_in_fan_out: bool = False,
+        enable_lora: tuple[bool, ...] = (),
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         # A sliced adapter is written as the one LoRA over the fused matrix: rank r·k.
         in_f, out_f = cls.linear_dims(module, fan_in_fan_out)
         rank = r * sum(enable_lora) if enable_lora else r
         return (rank, in_f), (out_f, rank)
 
     def _plain_like(self) -> nn.Module:
-        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                         device="meta", dtype=self.weight.dtype)
+        return nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
 
     def _store_fan_in_fan_out(self, fan_in_fan_out: bool) -> None:
         # GPT-2's Conv1D checkpoints store the weight as (in, out); keep that layout so they load.
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if self.fan_in_fan_out:
-            self.weight = nn.Parameter(self.weight.detach().T.contiguous(), requires_grad=self.weight.requires_grad)
+            self.weight = nn.Parameter(
+                self.weight.detach().T.contiguous(), requires_grad=self.weight.requires_grad
+            )
 
     def reset_parameters(self) -> None:
         """Re-initialise the base weight (as nn.Linear does) and the LoRA parameters (A Kaiming, B zero)."""
@@ -83,17 +98,31 @@ class _LinearBase(LoRALayer, nn.Linear):
     def _base_forward(self, x: Tensor) -> Tensor:
         return LF.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
 
+    def _dense_lora_B(self) -> Tensor:
+        # (out, r) for a fused layer whose compact B is given as blocks (MergedLinear).
+        raise NotImplementedError(f"{type(self).__name__} has no fused adapter blocks")
+
     def _lora_forward(self, x: Tensor, blocks=None) -> Tensor:
         # The fused autograd function when the dropout is plain (or none); any other dropout
         # module (a user's own) goes through the composite path, which calls it.
         drop = self.lora_dropout
         if isinstance(drop, nn.Identity) or type(drop) is nn.Dropout:
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            return LF.lora_linear_fused(x, self.weight, self.bias, self.lora_A, self.lora_B,
-                                        self.scaling, p, self.fan_in_fan_out, blocks=blocks)
-        lora_B = self.lora_B if blocks is None else self.expanded_lora_B()
-        return LF.lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling,
-                              drop, self.fan_in_fan_out)
+            return LF.lora_linear_fused(
+                x,
+                self.weight,
+                self.bias,
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                p,
+                self.fan_in_fan_out,
+                blocks=blocks,
+            )
+        lora_B = self.lora_B if blocks is None else self._dense_lora_B()
+        return LF.lora_linear(
+            x, self.weight, self.bias, self.lora_A, lora_B, self.scaling, drop, self.fan_in_fan_out
+        )
 
 
 class Linear(_LinearBase):
@@ -138,28 +167,64 @@ class Linear(_LinearBase):
             self.reset_lora_parameters()
 
     @classmethod
-    def from_base(cls, base: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                  fan_in_fan_out: bool = False, merge_weights: bool = False, use_rslora: bool = False,
-                  lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
+    def from_base(
+        cls,
+        base: nn.Module,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+    ) -> Linear:
         """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
         sharing its weight and bias tensors: no copy, same device and dtype."""
         shape = cast(Tensor, base.weight).shape
         in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
-        layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                    fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
-                    device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
+        layer = cls(
+            in_f,
+            out_f,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            fan_in_fan_out=fan_in_fan_out,
+            merge_weights=merge_weights,
+            bias=False,
+            device="meta",
+            dtype=base.weight.dtype,
+            use_rslora=use_rslora,
+        )
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @classmethod
-    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
-             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
-             merge_weights: bool = False, use_rslora: bool = False,
-             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> Linear:
+    def wrap(
+        cls,
+        module: nn.Module,
+        r: int,
+        *,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        enable_lora=None,
+        split_sizes=None,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+    ) -> Linear:
         # GPT-2's Conv1D stores (in, out) whatever the config says.
         return cls.from_base(
-            module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module), merge_weights=merge_weights,
-            use_rslora=use_rslora, lora_dtype=lora_dtype, init_lora_weights=init_lora_weights,
+            module,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
+            merge_weights=merge_weights,
+            use_rslora=use_rslora,
+            lora_dtype=lora_dtype,
+            init_lora_weights=init_lora_weights,
         )
 
     def delta_weight(self) -> Tensor:
@@ -171,9 +236,17 @@ class Linear(_LinearBase):
         return self._base_forward(x)
 
 
-def _check_split(out_features: int, enable_lora, split_sizes) -> tuple[tuple[bool, ...], tuple[int, ...]]:
-    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or len(enable_lora) == 0:
-        raise ValueError(f"enable_lora={enable_lora!r}: expected a non-empty sequence of bools, one per fused slice")
+def _check_split(
+    out_features: int, enable_lora, split_sizes
+) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    if (
+        isinstance(enable_lora, (str, bytes))
+        or not isinstance(enable_lora, Sequence)
+        or len(enable_lora) == 0
+    ):
+        raise ValueError(
+            f"enable_lora={enable_lora!r}: expected a non-empty sequence of bools, one per fused slice"
+        )
     enabled = tuple(bool(e) for e in enable_lora)
     n = len(enabled)
     if split_sizes is None:
@@ -186,7 +259,9 @@ def _check_split(out_features: int, enable_lora, split_sizes) -> tuple[tuple[boo
     try:
         sizes = tuple(operator.index(s) for s in split_sizes)
     except TypeError:
-        raise TypeError(f"split_sizes={split_sizes!r}: expected a sequence of positive ints") from None
+        raise TypeError(
+            f"split_sizes={split_sizes!r}: expected a sequence of positive ints"
+        ) from None
     if len(sizes) != n:
         raise ValueError(
             f"split_sizes={list(sizes)!r}: expected {n} sizes, one per entry of enable_lora={list(enable_lora)!r}"
@@ -194,7 +269,9 @@ def _check_split(out_features: int, enable_lora, split_sizes) -> tuple[tuple[boo
     if any(s <= 0 for s in sizes):
         raise ValueError(f"split_sizes={list(sizes)!r}: expected positive sizes")
     if sum(sizes) != out_features:
-        raise ValueError(f"split_sizes={list(sizes)!r}: they sum to {sum(sizes)}, expected out_features={out_features}")
+        raise ValueError(
+            f"split_sizes={list(sizes)!r}: they sum to {sum(sizes)}, expected out_features={out_features}"
+        )
     return enabled, sizes
 
 
@@ -248,29 +325,69 @@ class MergedLinear(_LinearBase):
             self.reset_lora_parameters()
 
     @classmethod
-    def from_base(cls, base: nn.Module, r: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None = None,
-                  lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
-                  merge_weights: bool = False, use_rslora: bool = False, lora_dtype: torch.dtype | None = None,
-                  init_lora_weights: bool = True) -> MergedLinear:
+    def from_base(
+        cls,
+        base: nn.Module,
+        r: int,
+        enable_lora: Sequence[bool],
+        split_sizes: Sequence[int] | None = None,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+    ) -> MergedLinear:
         """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy)."""
         shape = cast(Tensor, base.weight).shape
         in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
-        layer = cls(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, enable_lora=enable_lora,
-                    fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, bias=False,
-                    split_sizes=split_sizes, device="meta", dtype=base.weight.dtype, use_rslora=use_rslora)
+        layer = cls(
+            in_f,
+            out_f,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            enable_lora=enable_lora,
+            fan_in_fan_out=fan_in_fan_out,
+            merge_weights=merge_weights,
+            bias=False,
+            split_sizes=split_sizes,
+            device="meta",
+            dtype=base.weight.dtype,
+            use_rslora=use_rslora,
+        )
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @classmethod
-    def wrap(cls, module: nn.Module, r: int, *, lora_alpha: float = 1, lora_dropout: float = 0.0,
-             fan_in_fan_out: bool = False, enable_lora=None, split_sizes=None,
-             merge_weights: bool = False, use_rslora: bool = False,
-             lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True) -> MergedLinear:
+    def wrap(
+        cls,
+        module: nn.Module,
+        r: int,
+        *,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        enable_lora=None,
+        split_sizes=None,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
+    ) -> MergedLinear:
         if enable_lora is None:
             raise TypeError("MergedLinear.wrap: enable_lora is required (one bool per fused slice)")
         return cls.from_base(
-            module, r=r, enable_lora=enable_lora, split_sizes=split_sizes, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
-            merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
+            module,
+            r=r,
+            enable_lora=enable_lora,
+            split_sizes=split_sizes,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
+            merge_weights=merge_weights,
+            use_rslora=use_rslora,
+            lora_dtype=lora_dtype,
             init_lora_weights=init_lora_weights,
         )
 
@@ -307,13 +424,23 @@ class MergedLinear(_LinearBase):
             return None
         return [s for s, e in zip(declared, adapter.enable_lora) if e]
 
-    def slot_fields(self, r: int, lora_alpha: float, use_rslora: bool,
-                    enable_lora: tuple[bool, ...] = (), split_sizes: tuple[int, ...] = ()
-                    ) -> tuple[dict, bool]:
+    def slot_fields(
+        self,
+        r: int,
+        lora_alpha: float,
+        use_rslora: bool,
+        enable_lora: tuple[bool, ...] = (),
+        split_sizes: tuple[int, ...] = (),
+    ) -> tuple[dict, bool]:
         if enable_lora:  # the slices, as blocks of B
-            fields = {"r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
-                      "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
-                      "enable_lora": tuple(enable_lora), "split_sizes": tuple(split_sizes)}
+            fields = {
+                "r": r,
+                "lora_alpha": lora_alpha,
+                "use_rslora": use_rslora,
+                "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
+                "enable_lora": tuple(enable_lora),
+                "split_sizes": tuple(split_sizes),
+            }
             return fields, True
         fields, _ = super().slot_fields(r, lora_alpha, use_rslora)
         fields.update(enable_lora=(True,), split_sizes=(self.out_features,))
@@ -323,12 +450,17 @@ class MergedLinear(_LinearBase):
         """(out, r·k): ``lora_B``'s blocks placed on their slices' rows, zeros elsewhere."""
         return LF.merged_lora_B(self.lora_B, self.split_sizes, self.enable_lora, self.r)
 
+    def _dense_lora_B(self) -> Tensor:
+        return self.expanded_lora_B()
+
     def lora_blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
         """Per enabled slice: (out_start, out_stop, lora_B row start, lora_A row start, stop)."""
         return LF.merged_lora_blocks(self.split_sizes, self.enable_lora, self.r)
 
     def delta_weight(self) -> Tensor:
-        return LF.linear_delta_weight(self.lora_A, self.expanded_lora_B(), self.scaling, self.fan_in_fan_out)
+        return LF.linear_delta_weight(
+            self.lora_A, self.expanded_lora_B(), self.scaling, self.fan_in_fan_out
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.has_adapter and not self.merged:
@@ -346,6 +478,8 @@ def _check_bias_flag(bias) -> None:
     # As in nn.Linear, ``bias`` is whether the layer has one; "lora_only" etc. are LoRAConfig.bias
     # modes, and a string here would silently mean True.
     if not isinstance(bias, bool):
-        raise TypeError(f"bias={bias!r}: expected True or False (whether the layer has a bias, "
-                        "as in nn.Linear); the 'none'/'all'/'lora_only' modes belong to "
-                        "LoRAConfig.bias")
+        raise TypeError(
+            f"bias={bias!r}: expected True or False (whether the layer has a bias, "
+            "as in nn.Linear); the 'none'/'all'/'lora_only' modes belong to "
+            "LoRAConfig.bias"
+        )

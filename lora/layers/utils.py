@@ -10,6 +10,7 @@ from .base import LoRALayer
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
 
+
 def _check_bias(bias) -> None:
     check_choice(bias, BIAS_MODES, "bias")
 
@@ -25,8 +26,10 @@ def _require_lora_layers(model: nn.Module, fn: str) -> None:
     # Without LoRA layers the first would freeze everything (0 trainable parameters) and the second
     # return {}: both are a forgotten inject, never what was meant.
     if not any(True for _ in lora_layers(model)):
-        raise ValueError(f"{fn}: {type(model).__name__} has no LoRA layers (call lora.inject or "
-                         "use lora.Linear & co. first)")
+        raise ValueError(
+            f"{fn}: {type(model).__name__} has no LoRA layers (call lora.inject or "
+            "use lora.Linear & co. first)"
+        )
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:

@@ -83,7 +83,9 @@ def parse_size(size: int | str) -> int:
             )
         value = int(float(match.group(1)) * _UNITS[match.group(2) or "B"])
     else:
-        raise ValueError(f"max_shard_size={size!r}; expected bytes as an int or a string like '2GB'")
+        raise ValueError(
+            f"max_shard_size={size!r}; expected bytes as an int or a string like '2GB'"
+        )
     if value <= 0:
         raise ValueError(f"max_shard_size={size!r}; expected a positive size")
     return value
@@ -103,7 +105,11 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     index = directory / WEIGHTS_INDEX_NAME
     if not index.is_file():
         found = sorted(p.name for p in directory.glob("*.bin")) if directory.is_dir() else []
-        hint = f" (found {found}: pickle files are never read; convert them to safetensors)" if found else ""
+        hint = (
+            f" (found {found}: pickle files are never read; convert them to safetensors)"
+            if found
+            else ""
+        )
         raise FileNotFoundError(
             f"checkpoint directory {str(directory)!r} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}{hint}"
         )
@@ -115,7 +121,9 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     weight_map = body.get("weight_map") if isinstance(body, dict) else None
     names_ok = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
     if not names_ok or not weight_map:
-        raise FileNotFoundError(f"{index} has no 'weight_map'; expected {{tensor name: shard file}}")
+        raise FileNotFoundError(
+            f"{index} has no 'weight_map'; expected {{tensor name: shard file}}"
+        )
     files = [directory / name for name in sorted(set(weight_map.values()))]
     for path in files:
         if not path.is_file():
@@ -142,8 +150,9 @@ def tensor_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt "
-                                  f"({e})") from None
+            raise CheckpointError(
+                f"{path}: not a valid safetensors file, truncated or corrupt ({e})"
+            ) from None
     return shapes
 
 
@@ -183,7 +192,9 @@ def load_into(
 
     skip = set(skip)
     ignore = [re.compile(p) for p in ignore_unexpected]
-    expected = {name: t for name, t in module.state_dict(keep_vars=True).items() if name not in skip}
+    expected = {
+        name: t for name, t in module.state_dict(keep_vars=True).items() if name not in skip
+    }
     files = weight_files(directory)
 
     source: dict[str, Path] = {}
@@ -199,7 +210,9 @@ def load_into(
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(expected[name].shape):
-                    misshapen.append(f"{name}: checkpoint {shape}, model {tuple(expected[name].shape)}")
+                    misshapen.append(
+                        f"{name}: checkpoint {shape}, model {tuple(expected[name].shape)}"
+                    )
                 source[name] = path
     missing = sorted(set(expected) - set(source))
     if missing or unexpected or misshapen:
@@ -211,7 +224,8 @@ def load_into(
         if misshapen:
             parts.append(_describe(misshapen, "tensor(s) of the wrong shape"))
         raise CheckpointError(
-            f"checkpoint {str(directory)!r} does not match {type(module).__name__}: " + "; ".join(parts)
+            f"checkpoint {str(directory)!r} does not match {type(module).__name__}: "
+            + "; ".join(parts)
         )
 
     device = torch.device(device)
@@ -272,7 +286,11 @@ def save_state_dict(
         shard_bytes += nbytes
 
     n = len(shards)
-    names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = (
+        [WEIGHTS_NAME]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     file_metadata = {"format": "pt", **(metadata or {})}
     written = []
     for file_name, keys in zip(names, shards, strict=True):
@@ -282,7 +300,9 @@ def save_state_dict(
     if n > 1:
         total_size = sum(t.numel() * t.element_size() for t in state_dict.values())
         total_parameters = sum(t.numel() for t in state_dict.values())
-        weight_map = {k: file_name for file_name, keys in zip(names, shards, strict=True) for k in keys}
+        weight_map = {
+            k: file_name for file_name, keys in zip(names, shards, strict=True) for k in keys
+        }
         atomic_write_json(
             directory / WEIGHTS_INDEX_NAME,
             {
@@ -293,7 +313,9 @@ def save_state_dict(
 
     # Leftovers of an earlier save would be read instead of (model.safetensors) or beside (shards) ours.
     for path in directory.iterdir():
-        stale_weights = (path.name == WEIGHTS_NAME or _SHARD_NAME.match(path.name)) and path.name not in names
+        stale_weights = (
+            path.name == WEIGHTS_NAME or _SHARD_NAME.match(path.name)
+        ) and path.name not in names
         stale_index = path.name == WEIGHTS_INDEX_NAME and n == 1
         if stale_weights or stale_index:
             path.unlink()

@@ -62,7 +62,13 @@ KVCache = tuple[tuple[Tensor, Tensor], ...]
 # Config
 # ----------------------------------------------------------------------------------------------
 
-_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 # Optional keys whose value None means "not given": left out of to_dict() when None.
 _OMIT_WHEN_NONE = (
     "partial_rotary_factor",
@@ -78,7 +84,9 @@ class RopeSettings(NamedTuple):
 
     rope_type: str  # "default" or "longrope"
     theta: float
-    rotary_dim: int  # int(head_dim * partial_rotary_factor): channels rotated at the start of each head
+    rotary_dim: (
+        int  # int(head_dim * partial_rotary_factor): channels rotated at the start of each head
+    )
     original_max_position_embeddings: int | None  # longrope: the short/long switch point
     short_factor: tuple[float, ...] | None  # longrope: rotary_dim // 2 divisors of the frequencies
     long_factor: tuple[float, ...] | None
@@ -111,15 +119,21 @@ class Phi3Config:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
-    original_max_position_embeddings: int | None = None  # longrope switch point; None: rope dict's, else 4096
+    original_max_position_embeddings: int | None = (
+        None  # longrope switch point; None: rope dict's, else 4096
+    )
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # a value inside rope_scaling / rope_parameters wins
     partial_rotary_factor: float | None = None  # likewise; None: 1.0
     rope_scaling: dict | None = None  # legacy name of rope_parameters; wins when both are given
     rope_parameters: dict | None = None
-    sliding_window: int | None = None  # a token sees itself and the sliding_window - 1 tokens before it
+    sliding_window: int | None = (
+        None  # a token sees itself and the sliding_window - 1 tokens before it
+    )
     resid_pdrop: float = 0.0
-    embd_pdrop: float = 0.0  # kept for the round trip; transformers' Phi-3 does not use it, nor do we
+    embd_pdrop: float = (
+        0.0  # kept for the round trip; transformers' Phi-3 does not use it, nor do we
+    )
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -130,7 +144,9 @@ class Phi3Config:
     torch_dtype: str | None = None  # the checkpoint's dtype; transformers 5 writes it as "dtype"
     dtype: str | None = None
     model_type: str = "phi3"
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, init=False)  # unknown keys, kept verbatim
+    extra: dict[str, Any] = field(
+        default_factory=dict, repr=False, init=False
+    )  # unknown keys, kept verbatim
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs = copy.deepcopy(kwargs)
@@ -171,9 +187,15 @@ class Phi3Config:
         if self.model_type != "phi3":
             raise ValueError(f"Phi3Config: model_type={self.model_type!r}; expected 'phi3'")
         if self.hidden_act != "silu":
-            raise ValueError(f"Phi3Config: hidden_act={self.hidden_act!r}; expected 'silu' (the only one Phi-3 uses)")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise ValueError(f"Phi3Config: sliding_window={self.sliding_window!r}; expected None or a positive int")
+            raise ValueError(
+                f"Phi3Config: hidden_act={self.hidden_act!r}; expected 'silu' (the only one Phi-3 uses)"
+            )
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+        ):
+            raise ValueError(
+                f"Phi3Config: sliding_window={self.sliding_window!r}; expected None or a positive int"
+            )
         _ = self.rope  # resolves and checks the rope keys
 
     @property
@@ -210,7 +232,11 @@ class Phi3Config:
         if rope_type == "default":
             return RopeSettings("default", theta, rotary_dim, None, None, None, 1.0)
 
-        original_max = self.original_max_position_embeddings or params.get("original_max_position_embeddings") or 4096
+        original_max = (
+            self.original_max_position_embeddings
+            or params.get("original_max_position_embeddings")
+            or 4096
+        )
         factors = {}
         for key in ("short_factor", "long_factor"):
             value = params.get(key)
@@ -228,7 +254,9 @@ class Phi3Config:
         factor = params.get("factor") or self.max_position_embeddings / original_max
         attention_factor = params.get("attention_factor")
         if attention_factor is None:
-            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+            attention_factor = (
+                1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+            )
         return RopeSettings(
             "longrope",
             theta,
@@ -270,8 +298,9 @@ class Phi3Config:
             why = f"{type(e).__name__}: {str(e)[:200]}"
             raise ValueError(f"{path}: not a JSON file ({why})") from None
         if not isinstance(body, dict):
-            raise ValueError(f"{path}: expected a JSON object of config keys, got "
-                             f"{type(body).__name__}")
+            raise ValueError(
+                f"{path}: expected a JSON object of config keys, got {type(body).__name__}"
+            )
         try:
             return cls(**body)
         except ValueError as e:
@@ -329,10 +358,14 @@ class Phi3RotaryEmbedding(nn.Module):
         self.register_buffer("long_inv_freq", None, persistent=False)
         self.reset_buffers()
 
-    def _frequencies(self, factors: Sequence[float] | None, device: torch.device | str | None) -> Tensor:
+    def _frequencies(
+        self, factors: Sequence[float] | None, device: torch.device | str | None
+    ) -> Tensor:
         """(r/2,) fp32: theta^(-2i/r), each divided by factors[i] when given (longrope)."""
         r = self.settings.rotary_dim
-        wavelengths = self.settings.theta ** (torch.arange(0, r, 2, dtype=torch.float32, device=device) / r)
+        wavelengths = self.settings.theta ** (
+            torch.arange(0, r, 2, dtype=torch.float32, device=device) / r
+        )
         if factors is not None:
             wavelengths = torch.tensor(factors, dtype=torch.float32, device=device) * wavelengths
         return 1.0 / wavelengths
@@ -359,7 +392,9 @@ class Phi3RotaryEmbedding(nn.Module):
         """
         inv_freq = cast(Tensor, self.inv_freq)  # set by reset_buffers
         if self.long_inv_freq is not None:
-            is_long = position_ids.max() + 1 > cast(int, self.settings.original_max_position_embeddings)
+            is_long = position_ids.max() + 1 > cast(
+                int, self.settings.original_max_position_embeddings
+            )
             inv_freq = torch.where(is_long, self.long_inv_freq, inv_freq)  # no host sync
         freqs = position_ids[..., None].float() * inv_freq  # (b, s, r/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (b, s, r): rotate-half layout
@@ -384,9 +419,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class AttentionMask(NamedTuple):
     """What ``F.scaled_dot_product_attention`` gets, built once per forward and shared by all layers."""
 
-    mask: Tensor | None  # (b|1, 1, q, kv) bool, True = may attend; None when is_causal or nothing is masked
+    mask: (
+        Tensor | None
+    )  # (b|1, 1, q, kv) bool, True = may attend; None when is_causal or nothing is masked
     is_causal: bool
-    empty_rows: Tensor | None  # (b|1, 1, q, 1) bool: queries with no key to attend to; their output is zeroed
+    empty_rows: (
+        Tensor | None
+    )  # (b|1, 1, q, 1) bool: queries with no key to attend to; their output is zeroed
 
 
 def build_attention_mask(
@@ -497,12 +536,19 @@ class Phi3Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = cast(int, config.head_dim)  # resolved by Phi3Config.__post_init__
         self.attention_dropout = config.attention_dropout
-        self.split_sizes = list(fused_layout(config)["qkv_proj"].values())  # [q: H*d, k: KV*d, v: KV*d]
+        self.split_sizes = list(
+            fused_layout(config)["qkv_proj"].values()
+        )  # [q: H*d, k: KV*d, v: KV*d]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMask, past: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn: AttentionMask,
+        past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (b, s, h) -> (b, s, h), and this layer's (keys, values) including the past, (b, KV, kv, d)."""
         b, s, _ = x.shape
@@ -558,7 +604,12 @@ class Phi3DecoderLayer(nn.Module):
         self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMask, past: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn: AttentionMask,
+        past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h, present = self.self_attn(self.input_layernorm(x), cos, sin, attn, past)
         x = x + self.resid_attn_dropout(h)
@@ -602,8 +653,12 @@ class Phi3Model(nn.Module):
         pad = config.pad_token_id
         # As transformers: the pad row of the embedding gets no gradient (when the id is in the vocabulary).
         padding_idx = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=padding_idx
+        )
+        self.layers = nn.ModuleList(
+            Phi3DecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -659,7 +714,9 @@ class Phi3Model(nn.Module):
                 attention_mask = _packed_document_mask(position_ids, batch)
 
         x = self.embed_tokens(input_ids)  # (b, s, h)
-        attn = build_attention_mask(attention_mask, batch, q_len, past_len, self.config.sliding_window, device)
+        attn = build_attention_mask(
+            attention_mask, batch, q_len, past_len, self.config.sliding_window, device
+        )
         cos, sin = self.rotary_emb(position_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
 
@@ -707,7 +764,11 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch
         dtype = config.dtype or config.torch_dtype or "float32"
         if dtype == "auto":
             dtype = "float32"
-    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."), None)
+    resolved = (
+        dtype
+        if isinstance(dtype, torch.dtype)
+        else getattr(torch, str(dtype).removeprefix("torch."), None)
+    )
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(
             f"dtype={dtype!r}; expected a floating torch.dtype or its name, e.g. torch.bfloat16 or 'bfloat16'"
@@ -737,6 +798,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(probs.shape[0], device=probs.device), tgt] -= 1.0
+                assert grad is not None
                 torch.mm(probs.to(hidden.dtype), weight, out=grad[rows])
             del logits
         ctx.save_for_backward(grad)
@@ -802,9 +864,15 @@ class Phi3ForCausalLM(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of parameters, tied ones counted once (works on the meta device)."""
-        skip = {id(self.model.embed_tokens.weight), id(self.lm_head.weight)} if exclude_embeddings else set()
+        skip = (
+            {id(self.model.embed_tokens.weight), id(self.lm_head.weight)}
+            if exclude_embeddings
+            else set()
+        )
         return sum(
-            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+            p.numel()
+            for p in self.parameters()
+            if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
 
     @property
@@ -889,7 +957,9 @@ class Phi3ForCausalLM(nn.Module):
             ValueError: inputs of the wrong shape (the message names the argument, its shape and the
             expected one); TypeError: a 4D attention_mask that is not bool.
         """
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        hidden, cache = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache
+        )
         loss = logits = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -901,13 +971,20 @@ class Phi3ForCausalLM(nn.Module):
             logits = self.lm_head(hidden if logits_to_keep <= 0 else hidden[:, -logits_to_keep:])
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache)
 
-    def _loss(self, hidden: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
+    def _loss(
+        self, hidden: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None
+    ) -> Tensor:
         """Cross-entropy with lm_head run only where a label counts: (N, h) -> (N, V) instead of (b, s, V)."""
         targets = labels[:, 1:]  # (b, s-1): position t predicts token t+1
         counted = targets != IGNORE_INDEX
         head = self.lm_head
-        if (getattr(self, "chunked_loss", False) and type(head) is nn.Linear and head.bias is None
-                and not head.weight.requires_grad and not torch.compiler.is_compiling()):
+        if (
+            getattr(self, "chunked_loss", False)
+            and type(head) is nn.Linear
+            and head.bias is None
+            and not head.weight.requires_grad
+            and not torch.compiler.is_compiling()
+        ):
             # Opt-in (model.chunked_loss = True): a frozen plain head, chunked, never the whole
             # (N, V) logits. Off by default: the two-rank DDP parity test
             # (tests/test_distributed.py) does not yet match with it; not understood yet.
@@ -915,7 +992,9 @@ class Phi3ForCausalLM(nn.Module):
         else:
             logits = head(hidden[:, :-1][counted]).float()  # (N, V)
             total = F.cross_entropy(logits, targets[counted], reduction="sum")
-        denominator = counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        denominator = (
+            counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        )
         return total / denominator
 
     # -- generation -------------------------------------------------------------------------------
@@ -949,7 +1028,9 @@ class Phi3ForCausalLM(nn.Module):
             ValueError: a bad argument (named, with its value and what was expected).
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, seq_len)")
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, seq_len)"
+            )
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 0")
         if temperature < 0:
@@ -965,7 +1046,11 @@ class Phi3ForCausalLM(nn.Module):
             )
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         if pad_token_id is None:
-            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+            pad_token_id = (
+                self.config.pad_token_id
+                if self.config.pad_token_id is not None
+                else (eos[0] if eos else 0)
+            )
         device = input_ids.device
         eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
         rope = self.config.rope
@@ -980,7 +1065,12 @@ class Phi3ForCausalLM(nn.Module):
             cache_is_long = False
             for _ in range(max_new_tokens):
                 total = sequences.shape[1]
-                if cache is not None and switch_at is not None and not cache_is_long and total > switch_at:
+                if (
+                    cache is not None
+                    and switch_at is not None
+                    and not cache_is_long
+                    and total > switch_at
+                ):
                     cache = None  # keys were rotated with the short factors: recompute them all
                 step_ids = sequences if cache is None else sequences[:, cache[0][0].shape[2] :]
                 # Left padding: each row's positions count its real tokens (as transformers')
@@ -996,8 +1086,12 @@ class Phi3ForCausalLM(nn.Module):
                 )
                 cache = out.past_key_values
                 cache_is_long = switch_at is not None and total > switch_at
-                next_token = self._pick(out.logits[:, -1].float(), temperature, top_k, top_p, generator)
-                next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+                next_token = self._pick(
+                    out.logits[:, -1].float(), temperature, top_k, top_p, generator
+                )
+                next_token = torch.where(
+                    finished, torch.full_like(next_token, pad_token_id), next_token
+                )
                 sequences = torch.cat((sequences, next_token[:, None]), dim=1)
                 if attention_mask is not None:
                     attention_mask = torch.cat(
@@ -1013,7 +1107,11 @@ class Phi3ForCausalLM(nn.Module):
 
     @staticmethod
     def _pick(
-        logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+        logits: Tensor,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
     ) -> Tensor:
         """(b, V) fp32 logits -> (b,) next token ids."""
         if temperature == 0:
@@ -1078,7 +1176,9 @@ class Phi3ForCausalLM(nn.Module):
             dtype=dtype,
             device=device,
             skip=skip,
-            ignore_unexpected=(r"(^|\.)rotary_emb\.inv_freq$",),  # frequencies some old checkpoints stored
+            ignore_unexpected=(
+                r"(^|\.)rotary_emb\.inv_freq$",
+            ),  # frequencies some old checkpoints stored
             assign=assign,
         )
         model.tie_weights()
@@ -1086,7 +1186,9 @@ class Phi3ForCausalLM(nn.Module):
         model.name_or_path = str(path)  # type: ignore[assignment]  # what save_adapter records
         return model.eval()
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
+    def save_pretrained(
+        self, path: str | os.PathLike, max_shard_size: int | str = "5GB"
+    ) -> list[Path]:
         """Write config.json and the weights as safetensors, in transformers' layout: one
         model.safetensors, or model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json
         when the weights exceed max_shard_size (bytes, or "2GB" / "500MB" / "2GiB"). Every file is
@@ -1117,11 +1219,22 @@ class Phi3ForCausalLM(nn.Module):
 
 
 # --- config checks (types when read; against the checkpoint before building) ----------------
-_INT_OR_NONE = ("num_key_value_heads", "head_dim", "original_max_position_embeddings",
-                "sliding_window", "bos_token_id", "pad_token_id")
-_REAL = {"rms_norm_eps": (0.0, None, False), "rope_theta": (0.0, None, False),
-         "resid_pdrop": (0.0, 1.0, True), "embd_pdrop": (0.0, 1.0, True),
-         "attention_dropout": (0.0, 1.0, True), "initializer_range": (0.0, None, True)}
+_INT_OR_NONE = (
+    "num_key_value_heads",
+    "head_dim",
+    "original_max_position_embeddings",
+    "sliding_window",
+    "bos_token_id",
+    "pad_token_id",
+)
+_REAL = {
+    "rms_norm_eps": (0.0, None, False),
+    "rope_theta": (0.0, None, False),
+    "resid_pdrop": (0.0, 1.0, True),
+    "embd_pdrop": (0.0, 1.0, True),
+    "attention_dropout": (0.0, 1.0, True),
+    "initializer_range": (0.0, None, True),
+}
 _BOOL = ("tie_word_embeddings", "use_cache")
 _STR_OR_NONE = ("torch_dtype", "dtype")
 
@@ -1148,16 +1261,18 @@ def _check_field_types(c: Phi3Config) -> None:
     if c.partial_rotary_factor is not None:
         v = c.partial_rotary_factor
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise ValueError(f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, "
-                             "1] or null")
+            raise ValueError(
+                f"Phi3Config: partial_rotary_factor={v!r}; expected a number in (0, 1] or null"
+            )
     for key in _BOOL:
         if not isinstance(getattr(c, key), bool):
             raise ValueError(f"Phi3Config: {key}={getattr(c, key)!r}; expected true or false")
     for key in _STR_OR_NONE:
         v = getattr(c, key)
         if v is not None and not isinstance(v, str):
-            raise ValueError(f"Phi3Config: {key}={v!r}; expected a dtype name such as "
-                             "'bfloat16', or null")
+            raise ValueError(
+                f"Phi3Config: {key}={v!r}; expected a dtype name such as 'bfloat16', or null"
+            )
     for key in ("rope_scaling", "rope_parameters"):
         v = getattr(c, key)
         if v is not None and not isinstance(v, dict):
@@ -1165,8 +1280,9 @@ def _check_field_types(c: Phi3Config) -> None:
     eos = c.eos_token_id
     eos_ok = eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))
     if not eos_ok:
-        raise ValueError(f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or "
-                         "null")
+        raise ValueError(
+            f"Phi3Config: eos_token_id={eos!r}; expected an int, a list of ints, or null"
+        )
     if not isinstance(c.hidden_act, str) or not isinstance(c.model_type, str):
         bad = "hidden_act" if not isinstance(c.hidden_act, str) else "model_type"
         raise ValueError(f"Phi3Config: {bad}={getattr(c, bad)!r}; expected a string")
@@ -1180,20 +1296,29 @@ def _check_config_against_tensors(
     Raises ``CheckpointError`` naming the key, its value and what the tensors say.
     """
     problems = []
-    layers = {int(name.split(".")[2]) for name in shapes
-              if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+    layers = {
+        int(name.split(".")[2])
+        for name in shapes
+        if name.startswith("model.layers.") and name.split(".")[2].isdigit()
+    }
     found = max(layers) + 1 if layers else 0
     if config.num_hidden_layers != found:
-        problems.append(f"num_hidden_layers={config.num_hidden_layers}, but the weights hold "
-                        f"{found} layers")
+        problems.append(
+            f"num_hidden_layers={config.num_hidden_layers}, but the weights hold {found} layers"
+        )
     embed = shapes.get("model.embed_tokens.weight")
     if embed is not None and embed != (config.vocab_size, config.hidden_size):
-        problems.append(f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, but "
-                        f"model.embed_tokens.weight is {embed}")
+        problems.append(
+            f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, but "
+            f"model.embed_tokens.weight is {embed}"
+        )
     down = shapes.get("model.layers.0.mlp.down_proj.weight")
     if down is not None and down != (config.hidden_size, config.intermediate_size):
-        problems.append(f"intermediate_size={config.intermediate_size}, but "
-                        f"model.layers.0.mlp.down_proj.weight is {down}")
+        problems.append(
+            f"intermediate_size={config.intermediate_size}, but "
+            f"model.layers.0.mlp.down_proj.weight is {down}"
+        )
     if problems:
-        raise ckpt.CheckpointError(f"{Path(path) / ckpt.CONFIG_NAME} does not match the weights: "
-                                   + "; ".join(problems))
+        raise ckpt.CheckpointError(
+            f"{Path(path) / ckpt.CONFIG_NAME} does not match the weights: " + "; ".join(problems)
+        )

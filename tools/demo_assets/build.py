@@ -146,11 +146,16 @@ def build_tokenizer(corpus_path: Path, out_dir: Path, vocab_size: int = VOCAB_SI
 
     n_chat = len(PHI3_CHAT_SPECIAL_TOKENS)
     if vocab_size <= 256 + len(PHI3_SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size}; expected more than 256 bytes + {len(PHI3_SPECIAL_TOKENS)} special tokens")
+        raise ValueError(
+            f"vocab_size={vocab_size}; expected more than 256 bytes + {len(PHI3_SPECIAL_TOKENS)} special tokens"
+        )
     backend = BackendTokenizer(models.BPE())
     # Digits one by one, as Phi-3's (Llama's) tokenizer does; then GPT-2's byte-level split.
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -163,8 +168,14 @@ def build_tokenizer(corpus_path: Path, out_dir: Path, vocab_size: int = VOCAB_SI
     backend.add_special_tokens(list(PHI3_CHAT_SPECIAL_TOKENS))
     ids = {t: backend.token_to_id(t) for t in PHI3_SPECIAL_TOKENS}
     added_tokens_decoder = {
-        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True}
+        str(ids[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t in PHI3_SPECIAL_TOKENS
     }
     config = {
@@ -272,7 +283,8 @@ def pretrain(
     special = {t: tokenizer.token_to_id(t) for t in PHI3_SPECIAL_TOKENS}
     config = Phi3Config(
         **MODEL_CONFIG,
-        vocab_size=-(-tokenizer.vocab_size // 64) * 64,  # padded to a multiple of 64, as Phi-3's 32064
+        vocab_size=-(-tokenizer.vocab_size // 64)
+        * 64,  # padded to a multiple of 64, as Phi-3's 32064
         bos_token_id=special["<s>"],
         eos_token_id=special["<|endoftext|>"],
         pad_token_id=special["<|endoftext|>"],
@@ -283,18 +295,24 @@ def pretrain(
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=tuple(cfg["betas"]),
+        [
+            {"params": decay, "weight_decay": cfg["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg["lr"],
+        betas=tuple(cfg["betas"]),
     )
     generator = torch.Generator().manual_seed(seed)
     B, T, steps = cfg["batch_size"], cfg["seq_len"], cfg["steps"]
-    log(f"pretraining a {model.num_parameters() / 1e6:.2f}M-parameter Phi-3 on {len(train_stream)} tokens: "
-        f"{steps} steps of {B}x{T} tokens")
+    log(
+        f"pretraining a {model.num_parameters() / 1e6:.2f}M-parameter Phi-3 on {len(train_stream)} tokens: "
+        f"{steps} steps of {B}x{T} tokens"
+    )
     losses = []
     start = time.perf_counter()
     for step in range(steps):
         offsets = torch.randint(0, len(train_stream) - T, (B,), generator=generator)
-        batch = torch.stack([train_stream[o: o + T] for o in offsets.tolist()])
+        batch = torch.stack([train_stream[o : o + T] for o in offsets.tolist()])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, cfg["lr"], cfg["warmup_steps"], cfg["min_lr_ratio"])
         loss = model(batch, labels=batch).loss
@@ -324,8 +342,10 @@ def pretrain(
         "val_loss": round(val_loss, 4),
         "seconds": round(seconds, 1),
     }
-    log(f"pretrained: loss {summary['first_loss']} -> {summary['last_loss']} (held-out {summary['val_loss']}) "
-        f"in {seconds:.0f}s")
+    log(
+        f"pretrained: loss {summary['first_loss']} -> {summary['last_loss']} (held-out {summary['val_loss']}) "
+        f"in {seconds:.0f}s"
+    )
     return summary
 
 
@@ -356,7 +376,9 @@ def build(
     wanted = list(PARTS) if only is None else list(only)
     unknown = [p for p in wanted if p not in PARTS]
     if unknown:
-        raise ValueError(f"only={list(only)!r}; unknown part(s) {unknown}, expected some of {list(PARTS)}")
+        raise ValueError(
+            f"only={list(only)!r}; unknown part(s) {unknown}, expected some of {list(PARTS)}"
+        )
     built: list[str] = []
     depends = {"tokenizer": ["corpus"], "model": ["corpus", "tokenizer"]}
     start = time.perf_counter()
@@ -382,8 +404,14 @@ def build(
         import tokenizers
         import torch
 
-        info.update(seed=SEED, python=platform.python_version(), torch=torch.__version__,
-                    tokenizers=tokenizers.__version__, pretrain_settings=PRETRAIN, built_parts=built)
+        info.update(
+            seed=SEED,
+            python=platform.python_version(),
+            torch=torch.__version__,
+            tokenizers=tokenizers.__version__,
+            pretrain_settings=PRETRAIN,
+            built_parts=built,
+        )
         atomic_write_json(assets / "base" / "build_info.json", info)
     if built:
         # Files are written atomically through temporary files, which are created private (0600);
@@ -396,11 +424,17 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.demo_assets.build",
-                                     description="Build the demo's assets (corpus, tokenizer, chat data, base model).")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.demo_assets.build",
+        description="Build the demo's assets (corpus, tokenizer, chat data, base model).",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even what exists")
-    parser.add_argument("--only", nargs="+", choices=PARTS, help="build only these parts (and what depends on them)")
-    parser.add_argument("--assets", type=Path, default=None, help="output directory (default: the package's assets)")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, help="build only these parts (and what depends on them)"
+    )
+    parser.add_argument(
+        "--assets", type=Path, default=None, help="output directory (default: the package's assets)"
+    )
     args = parser.parse_args(argv)
     built = build(args.assets, force=args.force, only=args.only)
     if not built:

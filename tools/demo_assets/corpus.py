@@ -17,33 +17,174 @@ from lora.demo.skill import number_to_words, sample_quantity
 
 __all__ = ["make_story", "make_corpus"]
 
-_PEOPLE = [("Anna", "she"), ("Tom", "he"), ("Mia", "she"), ("Leo", "he"), ("Sara", "she"), ("Ben", "he"),
-           ("Lily", "she"), ("Sam", "he"), ("Emma", "she"), ("Jack", "he"), ("Nora", "she"), ("Max", "he"),
-           ("Ella", "she"), ("Finn", "he"), ("Zoe", "she"), ("Omar", "he"), ("Ruth", "she"), ("Ivan", "he"),
-           ("Kate", "she"), ("Paul", "he")]
+_PEOPLE = [
+    ("Anna", "she"),
+    ("Tom", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Sara", "she"),
+    ("Ben", "he"),
+    ("Lily", "she"),
+    ("Sam", "he"),
+    ("Emma", "she"),
+    ("Jack", "he"),
+    ("Nora", "she"),
+    ("Max", "he"),
+    ("Ella", "she"),
+    ("Finn", "he"),
+    ("Zoe", "she"),
+    ("Omar", "he"),
+    ("Ruth", "she"),
+    ("Ivan", "he"),
+    ("Kate", "she"),
+    ("Paul", "he"),
+]
 _POSSESSIVE = {"she": "her", "he": "his"}
 _OBJECT = {"she": "her", "he": "him"}
-_THINGS = [("apple", "apples"), ("ball", "balls"), ("book", "books"), ("cup", "cups"), ("kite", "kites"),
-           ("hat", "hats"), ("box", "boxes"), ("pen", "pens"), ("shoe", "shoes"), ("key", "keys"),
-           ("stone", "stones"), ("flower", "flowers"), ("cake", "cakes"), ("coin", "coins"), ("shell", "shells"),
-           ("card", "cards"), ("toy", "toys"), ("bag", "bags"), ("lamp", "lamps"), ("boat", "boats"),
-           ("egg", "eggs"), ("leaf", "leaves"), ("sock", "socks"), ("plate", "plates"), ("bell", "bells")]
-_ANIMALS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("horse", "horses"), ("cow", "cows"),
-            ("fish", "fish"), ("duck", "ducks"), ("rabbit", "rabbits"), ("fox", "foxes"), ("sheep", "sheep"),
-            ("mouse", "mice"), ("goat", "goats")]
-_COLOURS = ["red", "blue", "green", "yellow", "white", "black", "brown", "pink", "orange", "purple", "grey"]
+_THINGS = [
+    ("apple", "apples"),
+    ("ball", "balls"),
+    ("book", "books"),
+    ("cup", "cups"),
+    ("kite", "kites"),
+    ("hat", "hats"),
+    ("box", "boxes"),
+    ("pen", "pens"),
+    ("shoe", "shoes"),
+    ("key", "keys"),
+    ("stone", "stones"),
+    ("flower", "flowers"),
+    ("cake", "cakes"),
+    ("coin", "coins"),
+    ("shell", "shells"),
+    ("card", "cards"),
+    ("toy", "toys"),
+    ("bag", "bags"),
+    ("lamp", "lamps"),
+    ("boat", "boats"),
+    ("egg", "eggs"),
+    ("leaf", "leaves"),
+    ("sock", "socks"),
+    ("plate", "plates"),
+    ("bell", "bells"),
+]
+_ANIMALS = [
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("bird", "birds"),
+    ("horse", "horses"),
+    ("cow", "cows"),
+    ("fish", "fish"),
+    ("duck", "ducks"),
+    ("rabbit", "rabbits"),
+    ("fox", "foxes"),
+    ("sheep", "sheep"),
+    ("mouse", "mice"),
+    ("goat", "goats"),
+]
+_COLOURS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "white",
+    "black",
+    "brown",
+    "pink",
+    "orange",
+    "purple",
+    "grey",
+]
 _SIZES = ["big", "small", "old", "new", "little", "long", "round", "soft", "heavy", "bright"]
-_PLACES = ["park", "market", "school", "garden", "river", "forest", "kitchen", "beach", "library", "station",
-           "farm", "shop", "hill", "village", "bridge", "lake", "field", "castle", "harbour", "museum"]
-_TIMES = ["in the morning", "after lunch", "in the evening", "at night", "on Monday", "on Tuesday",
-          "on Wednesday", "on Thursday", "on Friday", "on Saturday", "on Sunday", "in the spring",
-          "in the summer", "in the autumn", "in the winter", "one day", "the next day", "early"]
-_WEATHER = ["The sun was warm.", "It was raining.", "The wind was cold.", "The sky was grey.",
-            "It was a bright day.", "Snow was falling.", "The air was still.", "Clouds moved over the hill."]
-_FEELINGS = ["happy", "sad", "tired", "surprised", "proud", "hungry", "calm", "excited", "worried", "glad"]
-_FIND_VERBS = ["found", "saw", "bought", "picked up", "painted", "counted", "washed", "made", "sold", "lost"]
+_PLACES = [
+    "park",
+    "market",
+    "school",
+    "garden",
+    "river",
+    "forest",
+    "kitchen",
+    "beach",
+    "library",
+    "station",
+    "farm",
+    "shop",
+    "hill",
+    "village",
+    "bridge",
+    "lake",
+    "field",
+    "castle",
+    "harbour",
+    "museum",
+]
+_TIMES = [
+    "in the morning",
+    "after lunch",
+    "in the evening",
+    "at night",
+    "on Monday",
+    "on Tuesday",
+    "on Wednesday",
+    "on Thursday",
+    "on Friday",
+    "on Saturday",
+    "on Sunday",
+    "in the spring",
+    "in the summer",
+    "in the autumn",
+    "in the winter",
+    "one day",
+    "the next day",
+    "early",
+]
+_WEATHER = [
+    "The sun was warm.",
+    "It was raining.",
+    "The wind was cold.",
+    "The sky was grey.",
+    "It was a bright day.",
+    "Snow was falling.",
+    "The air was still.",
+    "Clouds moved over the hill.",
+]
+_FEELINGS = [
+    "happy",
+    "sad",
+    "tired",
+    "surprised",
+    "proud",
+    "hungry",
+    "calm",
+    "excited",
+    "worried",
+    "glad",
+]
+_FIND_VERBS = [
+    "found",
+    "saw",
+    "bought",
+    "picked up",
+    "painted",
+    "counted",
+    "washed",
+    "made",
+    "sold",
+    "lost",
+]
 _MOVE_VERBS = ["went", "walked", "ran", "rode", "came back"]
-_STREETS = ["Oak", "Hill", "River", "Mill", "Park", "Station", "Church", "Market", "Green", "Bridge"]
+_STREETS = [
+    "Oak",
+    "Hill",
+    "River",
+    "Mill",
+    "Park",
+    "Station",
+    "Church",
+    "Market",
+    "Green",
+    "Bridge",
+]
 
 
 def _cap(s: str) -> str:
@@ -80,13 +221,15 @@ class _Story:
 
 def _opening(s: _Story) -> str:
     r = s.rng
-    return r.choice([
-        f"{_cap(r.choice(_TIMES))}, {s.name} {r.choice(_MOVE_VERBS)} to the {s.place}.",
-        f"{s.name} lived near the {s.place}.",
-        f"{s.name} and {s.friend} {r.choice(_MOVE_VERBS)} to the {s.place} {r.choice(_TIMES)}.",
-        f"There was once {_a(r.choice(_SIZES))} {r.choice(_ANIMALS)[0]} at the {s.place}.",
-        f"{s.name} woke up {r.choice(_TIMES)} and felt {r.choice(_FEELINGS)}.",
-    ])
+    return r.choice(
+        [
+            f"{_cap(r.choice(_TIMES))}, {s.name} {r.choice(_MOVE_VERBS)} to the {s.place}.",
+            f"{s.name} lived near the {s.place}.",
+            f"{s.name} and {s.friend} {r.choice(_MOVE_VERBS)} to the {s.place} {r.choice(_TIMES)}.",
+            f"There was once {_a(r.choice(_SIZES))} {r.choice(_ANIMALS)[0]} at the {s.place}.",
+            f"{s.name} woke up {r.choice(_TIMES)} and felt {r.choice(_FEELINGS)}.",
+        ]
+    )
 
 
 def _event(s: _Story) -> str:
@@ -99,12 +242,18 @@ def _event(s: _Story) -> str:
         lambda: f"{_cap(pro)} {r.choice(_FIND_VERBS)} {s.count_of(s.thing)} at the {s.place}.",
         lambda: f"There were {s.count_of(animal)} near the {r.choice(_PLACES)}.",
         lambda: f"{s.name} gave {s.friend} {s.count_of(thing)}.",
-        lambda: f"{s.friend} had {_a(r.choice(_COLOURS))} {thing[0]} in {_POSSESSIVE[s.friend_pro]} bag.",
-        lambda: f"The {s.colour} {s.thing[0]} was {r.choice(['on the table', 'under the bed', 'by the door', 'in the box', 'on the hill'])}.",
+        lambda: (
+            f"{s.friend} had {_a(r.choice(_COLOURS))} {thing[0]} in {_POSSESSIVE[s.friend_pro]} bag."
+        ),
+        lambda: (
+            f"The {s.colour} {s.thing[0]} was {r.choice(['on the table', 'under the bed', 'by the door', 'in the box', 'on the hill'])}."
+        ),
         lambda: f"{_cap(pro)} counted the {thing[1]}. There were {s.words()} of them.",
         lambda: f"The {animal[0]} was {r.choice(_SIZES)} and {r.choice(_COLOURS)}.",
-        lambda: f"{_cap(poss)} {r.choice(['mother', 'father', 'sister', 'brother', 'teacher', 'friend'])} "
-                f"had {s.count_of(thing)} too.",
+        lambda: (
+            f"{_cap(poss)} {r.choice(['mother', 'father', 'sister', 'brother', 'teacher', 'friend'])} "
+            f"had {s.count_of(thing)} too."
+        ),
         lambda: r.choice(_WEATHER),
         lambda: f"{s.friend} lives at number {s.digits()} on {r.choice(_STREETS)} Street.",
         lambda: f"The bus number {s.digits()} stopped by the {r.choice(_PLACES)}.",
@@ -112,12 +261,18 @@ def _event(s: _Story) -> str:
         lambda: f"The sign on the {r.choice(_PLACES)} said {s.digits()}.",
         lambda: f"Room {s.digits()} was at the end of the hall.",
         lambda: f"{_cap(pro)} wrote a number on the card and gave it to {s.friend}.",
-        lambda: f'"Where is my {s.thing[0]}?" asked {s.name}. "It is by the {r.choice(_PLACES)}," said {s.friend}.',
-        lambda: f'"How many {thing[1]} do you have?" asked {s.friend}. "I have {s.words()}," said {s.name}.',
+        lambda: (
+            f'"Where is my {s.thing[0]}?" asked {s.name}. "It is by the {r.choice(_PLACES)}," said {s.friend}.'
+        ),
+        lambda: (
+            f'"How many {thing[1]} do you have?" asked {s.friend}. "I have {s.words()}," said {s.name}.'
+        ),
         lambda: f"{s.friend} helped {obj} carry the {r.choice(_SIZES)} {thing[0]}.",
         lambda: f"{_cap(pro)} put {s.count_of(thing)} into {_a(r.choice(_COLOURS))} box.",
         lambda: f"Then {pro} {r.choice(_MOVE_VERBS)} to the {r.choice(_PLACES)}.",
-        lambda: f"The {r.choice(_ANIMALS)[0]} ran after the {r.choice(_COLOURS)} {r.choice(_THINGS)[0]}.",
+        lambda: (
+            f"The {r.choice(_ANIMALS)[0]} ran after the {r.choice(_COLOURS)} {r.choice(_THINGS)[0]}."
+        ),
         # Numbers with meaning: counting runs and sums give every number word and every digit an
         # identity of its own (without them, "forty" and "fifty" would be interchangeable).
         lambda: f"{_cap(pro)} counted the {thing[1]}: {_run(r, number_to_words)}.",
@@ -151,36 +306,44 @@ def _small_pair(rng: random.Random) -> tuple[int, int]:
 def _sum_in_words(s: _Story) -> str:
     a, b = _small_pair(s.rng)
     thing = s.rng.choice(_THINGS)
-    return (f"{s.name} had {s.count_of(thing, a)}. {s.friend} gave {_OBJECT[s.pro]} {number_to_words(b)} more, "
-            f"so now {s.pro} had {number_to_words(a + b)}.")
+    return (
+        f"{s.name} had {s.count_of(thing, a)}. {s.friend} gave {_OBJECT[s.pro]} {number_to_words(b)} more, "
+        f"so now {s.pro} had {number_to_words(a + b)}."
+    )
 
 
 def _difference_in_words(s: _Story) -> str:
     a, b = _small_pair(s.rng)
     a, b = a + b, b
     thing = s.rng.choice(_THINGS)
-    return (f"{s.name} had {s.count_of(thing, a)} and lost {number_to_words(b)}, "
-            f"so {s.pro} had {number_to_words(a - b)} left.")
+    return (
+        f"{s.name} had {s.count_of(thing, a)} and lost {number_to_words(b)}, "
+        f"so {s.pro} had {number_to_words(a - b)} left."
+    )
 
 
 def _sum_in_digits(s: _Story) -> str:
     a, b = _small_pair(s.rng)
-    return s.rng.choice([
-        f"On the board the teacher wrote {a} + {b} = {a + b}.",
-        f"The shop sold {a} cups in the morning and {b} in the evening, {a + b} in all.",
-        f"The sign said {a + b} km, and {b} km later it said {a}.",
-    ])
+    return s.rng.choice(
+        [
+            f"On the board the teacher wrote {a} + {b} = {a + b}.",
+            f"The shop sold {a} cups in the morning and {b} in the evening, {a + b} in all.",
+            f"The sign said {a + b} km, and {b} km later it said {a}.",
+        ]
+    )
 
 
 def _ending(s: _Story) -> str:
     r = s.rng
-    return r.choice([
-        f"In the end {s.name} was {r.choice(_FEELINGS)}.",
-        f"{s.name} and {s.friend} went home {r.choice(_TIMES)}.",
-        f"That night {s.pro} dreamed of {s.count_of(r.choice(_THINGS))}.",
-        f"It was a good day at the {s.place}.",
-        f"{_cap(s.pro)} kept the {s.colour} {s.thing[0]} for a long time.",
-    ])
+    return r.choice(
+        [
+            f"In the end {s.name} was {r.choice(_FEELINGS)}.",
+            f"{s.name} and {s.friend} went home {r.choice(_TIMES)}.",
+            f"That night {s.pro} dreamed of {s.count_of(r.choice(_THINGS))}.",
+            f"It was a good day at the {s.place}.",
+            f"{_cap(s.pro)} kept the {s.colour} {s.thing[0]} for a long time.",
+        ]
+    )
 
 
 def make_story(rng: random.Random) -> str:
