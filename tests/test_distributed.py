@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -392,3 +393,41 @@ def test_a_killed_fsdp_job_resumes_on_one_process(job):
         == 0
     )
     assert_close_runs(out, root / "single")
+
+
+def test_two_gloo_ranks_train_as_one_process_with_the_chunked_loss_too(job, monkeypatch):
+    """model.chunked_loss = True (the frozen head's chunked cross-entropy) in every process.
+
+    adam_epsilon 1e-6: with the default 1e-8, Adam divides by ~|g| an element whose gradient is
+    itself near fp32 round-off, so a last-bit difference of summation order (another chunk split
+    of the 2b vs b rows) moves it by a visible fraction of lr. Measured: one element of 3328
+    (a qkv_proj.lora_A) 3.4e-5 apart at eps 1e-8, every element within 5e-7 at eps 1e-6; the
+    gradients themselves agree to fp32 round-off (tests/test_chunked_loss.py, in float64 to 1e-9).
+    """
+    from lora.models.phi3 import Phi3ForCausalLM
+
+    root, common = job["root"], job["common"]
+    one = write_config(root / "one-chunked.json", per_device_train_batch_size=6, adam_epsilon=1e-6)
+    two = write_config(root / "two-chunked.json", per_device_train_batch_size=3, adam_epsilon=1e-6)
+    calls = []
+    real = Phi3ForCausalLM._loss
+
+    def counting(self, *args):
+        calls.append(self.chunked_loss)
+        return real(self, *args)
+
+    monkeypatch.setattr(Phi3ForCausalLM, "chunked_loss", True, raising=False)
+    monkeypatch.setattr(Phi3ForCausalLM, "_loss", counting)
+    single = root / "single-chunked"
+    assert (
+        cli_main([*common, "--config", str(one), "--output", str(single), "--no-progress"]) == 0
+    )
+    assert calls and all(calls)
+    run = torchrun(
+        2, [*common, "--config", str(two), "--output", str(root / "ddp-chunked")], ["--chunked-loss"]
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for rank in (0, 1):
+        n = re.search(rf"rank {rank}: chunked loss calls (\d+)", run.stdout)
+        assert n and int(n.group(1)) > 0, run.stdout[-3000:]
+    assert_close_runs(root / "ddp-chunked", single)

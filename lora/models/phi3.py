@@ -806,6 +806,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kept gradient is a constant
+            raise RuntimeError(
+                "linear_cross_entropy is not twice differentiable (create_graph=True would give a "
+                "silently wrong second derivative); set model.chunked_loss = False for it"
+            )
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None
 
