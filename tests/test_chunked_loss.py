@@ -55,7 +55,9 @@ def _reference_loss(model, batch: dict, num_items) -> torch.Tensor:
     ).logits
     targets = batch["labels"][:, 1:]
     total = F.cross_entropy(
-        logits[:, :-1].reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+        logits[:, :-1].reshape(-1, V),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)

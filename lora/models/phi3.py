@@ -820,7 +820,11 @@ def linear_cross_entropy(
 ) -> Tensor:
     """``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` (in fp32) for a frozen
     ``weight`` (V, h), with hidden (N, h) and targets (N,), chunk rows at a time: peak memory one
-    (chunk, V) block instead of (N, V). The gradient flows to ``hidden`` only."""
+    (chunk, V) block instead of (N, V). The gradient flows to ``hidden`` only; it is formed in
+    forward (when hidden requires grad) and scaled by whatever multiplies the loss afterwards.
+
+    Raises:
+        RuntimeError: in backward with ``create_graph=True`` (not twice differentiable)."""
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
@@ -991,8 +995,8 @@ class Phi3ForCausalLM(nn.Module):
             and not torch.compiler.is_compiling()
         ):
             # Opt-in (model.chunked_loss = True): a frozen plain head, chunked, never the whole
-            # (N, V) logits. Off by default: the two-rank DDP parity test
-            # (tests/test_distributed.py) does not yet match with it; not understood yet.
+            # (N, V) logits. Exact to round-off (tests/test_chunked_loss.py); off by default as
+            # it was not measured faster (docs/performance.md, "Chunked cross-entropy").
             total = linear_cross_entropy(hidden[:, :-1][counted], head.weight, targets[counted])
         else:
             logits = head(hidden[:, :-1][counted]).float()  # (N, V)
