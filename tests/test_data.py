@@ -185,6 +185,24 @@ def test_malformed_records_raise_one_error_listing_every_file_and_line(tmp_path)
         assert f"{path}:{n}: " in str(info.value)  # the message itself lists file:line for each
 
 
+def test_a_lone_surrogate_is_a_record_error_naming_file_line_and_turn(tmp_path):
+    good = {"role": "user", "content": "hi"}
+    bad = {"role": "assistant", "content": "half a pair: \ud83d!"}
+    path = _write_lines(
+        tmp_path / "s.jsonl",
+        [
+            json.dumps({"messages": [good, good | {"role": "assistant"}]}),
+            json.dumps({"messages": [good, bad]}),
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        load_conversations(path, on_error="raise")
+    (error,) = info.value.errors
+    assert (error.path, error.line) == (str(path), 2)
+    assert "messages[1].content (assistant) holds a lone surrogate '\\ud83d'" in error.message
+    assert f"{path}:2: " in str(info.value)
+
+
 def test_skip_mode_drops_malformed_records_and_returns_them(tmp_path):
     path = _write_lines(tmp_path / "bad.jsonl", [line for line, _ in BAD_LINES])
     convs, errors = load_conversations(path, on_error="skip")

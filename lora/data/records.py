@@ -230,6 +230,13 @@ def _parse_messages(messages: Any) -> list[dict[str, str]]:
             )
         if not content.strip():
             raise ValueError(f"{where}.content ({role}) is empty")
+        try:  # JSON's \ud800-style escapes can leave half a surrogate pair, which no tokenizer takes
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{where}.content ({role}) holds a lone surrogate {content[e.start]!r} at "
+                f"character {e.start}; expected valid Unicode text"
+            ) from None
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant turn: nothing to train on")
