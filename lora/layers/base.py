@@ -229,7 +229,13 @@ class LoRALayer(_ModuleBase):
             use_rslora=use_rslora,
             lora_dtype=lora_dtype,
             init_lora_weights=init_lora_weights,
+            **cls._kind_options(module, fan_in_fan_out, enable_lora, split_sizes),
         )
+
+    @classmethod
+    def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
+        """The ``from_base`` options of :meth:`wrap` that only this kind takes (none here)."""
+        return {}
 
     @classmethod
     def peft_incompatibility(cls, module: nn.Module) -> str | None:

@@ -199,33 +199,9 @@ class Linear(_LinearBase):
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @classmethod
-    def wrap(
-        cls,
-        module: nn.Module,
-        r: int,
-        *,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        enable_lora=None,
-        split_sizes=None,
-        merge_weights: bool = False,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-        init_lora_weights: bool = True,
-    ) -> Linear:
+    def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
         # GPT-2's Conv1D stores (in, out) whatever the config says.
-        return cls.from_base(
-            module,
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
-            merge_weights=merge_weights,
-            use_rslora=use_rslora,
-            lora_dtype=lora_dtype,
-            init_lora_weights=init_lora_weights,
-        )
+        return {"fan_in_fan_out": fan_in_fan_out or is_gpt2_conv1d(module)}
 
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
@@ -360,36 +336,14 @@ class MergedLinear(_LinearBase):
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @classmethod
-    def wrap(
-        cls,
-        module: nn.Module,
-        r: int,
-        *,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        enable_lora=None,
-        split_sizes=None,
-        merge_weights: bool = False,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-        init_lora_weights: bool = True,
-    ) -> MergedLinear:
+    def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
         if enable_lora is None:
             raise TypeError("MergedLinear.wrap: enable_lora is required (one bool per fused slice)")
-        return cls.from_base(
-            module,
-            r=r,
-            enable_lora=enable_lora,
-            split_sizes=split_sizes,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            fan_in_fan_out=fan_in_fan_out or is_gpt2_conv1d(module),
-            merge_weights=merge_weights,
-            use_rslora=use_rslora,
-            lora_dtype=lora_dtype,
-            init_lora_weights=init_lora_weights,
-        )
+        return {
+            "enable_lora": enable_lora,
+            "split_sizes": split_sizes,
+            "fan_in_fan_out": fan_in_fan_out or is_gpt2_conv1d(module),
+        }
 
     @property
     def has_adapter(self) -> bool:
