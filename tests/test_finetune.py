@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import chat_records, write_jsonl
+from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
@@ -18,15 +18,7 @@ from lora.finetune.__main__ import main as cli_main
 from lora.finetune.state import list_checkpoints, write_checkpoint
 from lora.models import Phi3ForCausalLM
 
-PEFT = {
-    "r": 4,
-    "lora_alpha": 8,
-    "lora_dropout": 0.1,
-    "bias": "none",
-    "task_type": "CAUSAL_LM",
-    "target_modules": "all-linear",
-    "modules_to_save": None,
-}
+PEFT = TINY_PEFT
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +32,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def training(tmp_path, **over) -> dict:
-    cfg = {
-        "output_dir": str(tmp_path / "out"),
-        "learning_rate": 1e-2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "max_steps": 8,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_steps": 4,
-        "seed": 0,
-        "max_seq_length": 64,
-        "eval_fraction": 0.2,
-    }
-    cfg.update(over)
-    return cfg
+    return tiny_training(tmp_path, **over)
 
 
 def losses(output_dir) -> dict[int, float]:

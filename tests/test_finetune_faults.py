@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import chat_records, write_jsonl
+from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
@@ -30,15 +30,7 @@ from lora.finetune.state import list_checkpoints, recover_checkpoints
 from lora.finetune.trainer import TrainingInterrupted
 from lora.models import Phi3ForCausalLM
 
-PEFT = {
-    "r": 4,
-    "lora_alpha": 8,
-    "lora_dropout": 0.1,
-    "bias": "none",
-    "task_type": "CAUSAL_LM",
-    "target_modules": "all-linear",
-    "modules_to_save": None,
-}
+PEFT = TINY_PEFT
 TIMING = ("tokens_per_second", "elapsed", "memory_mb")  # measured, so never equal run to run
 
 
@@ -53,21 +45,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def training(root, **over) -> dict:
-    cfg = {
-        "output_dir": str(Path(root) / "out"),
-        "learning_rate": 1e-2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "max_steps": 8,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_steps": 4,
-        "seed": 0,
-        "max_seq_length": 64,
-        "eval_fraction": 0.2,
-    }
-    cfg.update(over)
-    return cfg
+    return tiny_training(root, **over)
 
 
 def make_trainer(ckpt, data_file, cfg_dict, peft=None, lines=None) -> Trainer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import chat_records, write_jsonl
+from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
@@ -24,15 +24,7 @@ from lora.models import Phi3ForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = json.loads((Path(__file__).parent / "fixtures" / "phi3_sample_finetune.json").read_text())
-PEFT = {
-    "r": 4,
-    "lora_alpha": 8,
-    "lora_dropout": 0.1,
-    "bias": "none",
-    "task_type": "CAUSAL_LM",
-    "target_modules": "all-linear",
-    "modules_to_save": None,
-}
+PEFT = TINY_PEFT
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +38,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def config(tmp_path, **over) -> dict:
-    cfg = {
-        "output_dir": str(tmp_path / "out"),
-        "learning_rate": 1e-2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "max_steps": 8,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_steps": 4,
-        "seed": 0,
-        "max_seq_length": 64,
-        "eval_fraction": 0.2,
-    }
-    cfg.update(over)
-    return cfg
+    return tiny_training(tmp_path, **over)
 
 
 def trainer(ckpt, data_file, cfg: dict, lines: list | None = None, **kwargs) -> Trainer:

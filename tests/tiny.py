@@ -159,3 +159,33 @@ class Toy(nn.Module):
         for b in self.blocks:
             h = b["norm"](h + b["q_proj"](h) * torch.sigmoid(b["v_proj"](h)))
         return self.lm_head(h)
+
+
+# The fine-tuning tests' shared settings: a tiny LoRA and a short run (8 steps, a checkpoint every 4).
+TINY_PEFT = {
+    "r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.1,
+    "bias": "none",
+    "task_type": "CAUSAL_LM",
+    "target_modules": "all-linear",
+    "modules_to_save": None,
+}
+
+
+def tiny_training(root, **over) -> dict:
+    """A short training_config writing to ``root/out``; ``over`` replaces or adds keys."""
+    return {
+        "output_dir": str(Path(root) / "out"),
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_steps": 8,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_steps": 4,
+        "seed": 0,
+        "max_seq_length": 64,
+        "eval_fraction": 0.2,
+        **over,
+    }
