@@ -21,7 +21,9 @@ from tests.tiny import CORPUS, PHI3_SPECIALS, write_tokenizer
 _CHAT = ["<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
 
 
-def _byte_level(directory: Path, *, digits=False, rstrip=False, post=None, split=False) -> Path:
+def _byte_level(
+    directory: Path, *, digits=False, rstrip=False, lstrip=False, post=None, split=False
+) -> Path:
     """A small byte-level BPE (the demo's kind), with optional variations."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
@@ -42,13 +44,15 @@ def _byte_level(directory: Path, *, digits=False, rstrip=False, post=None, split
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_special_tokens([t for t in PHI3_SPECIALS if t not in _CHAT])
-    tok.add_special_tokens([AddedToken(t, rstrip=rstrip, normalized=False) for t in _CHAT])
+    tok.add_special_tokens(
+        [AddedToken(t, rstrip=rstrip, lstrip=lstrip, normalized=False) for t in _CHAT]
+    )
     if post is not None:
         tok.post_processor = post
     return _save(tok, directory)
 
 
-def _sentencepiece(directory: Path) -> Path:
+def _sentencepiece(directory: Path, normalized_user=False) -> Path:
     """A Llama/Phi-3-style tokenizer: Prepend("▁") + Replace(" ", "▁") normalizer, no
     pre-tokenizer, BPE with byte_fallback over <0xNN> tokens, chat tokens with rstrip."""
     from tokenizers import AddedToken, decoders, models, normalizers, trainers
@@ -70,7 +74,9 @@ def _sentencepiece(directory: Path) -> Path:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
     tok.add_special_tokens([t for t in PHI3_SPECIALS if t not in _CHAT])
-    tok.add_special_tokens([AddedToken(t, rstrip=True, normalized=False) for t in _CHAT])
+    tok.add_special_tokens(
+        [AddedToken(t, rstrip=True, normalized=normalized_user and t == "<|user|>") for t in _CHAT]
+    )
     return _save(tok, directory)
 
 
@@ -97,9 +103,11 @@ _KINDS = {
     "split": (lambda d: _byte_level(d, split=True), True),
     "post-bytelevel": (lambda d: _byte_level(d, post=_post("keep")), True),
     "post-template": (lambda d: _byte_level(d, post=_post("template")), True),
-    "rstrip": (lambda d: _byte_level(d, rstrip=True), True),  # per text: offsets where one occurs
+    "rstrip": (lambda d: _byte_level(d, rstrip=True), True),
+    "lstrip": (lambda d: _byte_level(d, lstrip=True), True),  # per text: offsets where one occurs
     "post-trim": (lambda d: _byte_level(d, post=_post("trim")), False),
-    "sentencepiece": (_sentencepiece, False),
+    "sentencepiece": (_sentencepiece, True),
+    "sentencepiece-normalized": (lambda d: _sentencepiece(d, normalized_user=True), True),
 }
 
 
@@ -119,11 +127,16 @@ def test_the_table_applies_exactly_where_its_proof_holds(tokenizers_by_kind):
     for name, (_, applies) in {**_KINDS, "demo": (None, True)}.items():
         table = TokenBytes.for_backend(tokenizers_by_kind[name].backend)
         assert (table is not None) == applies, name
-    # rstrip chat tokens take the whitespace after them: unknown, so such texts use offsets
-    rstrip = tokenizers_by_kind["rstrip"]
-    table = TokenBytes.for_backend(rstrip.backend)
-    assert table.lengths[rstrip.token_to_id("<|end|>")] == -1
-    assert table.lengths[rstrip.token_to_id("<|endoftext|>")] == len("<|endoftext|>")
+    # rstrip chat tokens take the whitespace after them, found in the text; lstrip ones (and
+    # normalized ones in the SentencePiece family) are unknown: texts holding them use offsets
+    for name in ("rstrip", "sentencepiece"):
+        tok = tokenizers_by_kind[name]
+        table = TokenBytes.for_backend(tok.backend)
+        assert table.rstrip[tok.token_to_id("<|end|>")] == b"<|end|>"
+        assert table.lengths[tok.token_to_id("<|endoftext|>")] == len("<|endoftext|>")
+    for name, token in (("lstrip", "<|end|>"), ("sentencepiece-normalized", "<|user|>")):
+        tok = tokenizers_by_kind[name]
+        assert TokenBytes.for_backend(tok.backend).lengths[tok.token_to_id(token)] == -1
 
 
 _piece = st.sampled_from(
@@ -145,21 +158,30 @@ def _text_and_spans(draw):
     return text, spans
 
 
-def _same(encoder, tokenizer, texts, spans):
-    got = encoder.labels(texts, spans, encoder.encode(texts))
+def _same(name, tokenizer, texts, spans):
+    encoder = BatchEncoder(tokenizer)
+    encodings = encoder.encode(texts)
+    got = encoder.labels(texts, spans, encodings)
     want = _encode_batch(texts, spans, tokenizer)
     assert len(got) == len(want)
     for (ids, mask), (ids0, mask0) in zip(got, want):
         assert ids.dtype == ids0.dtype and mask.dtype == mask0.dtype
         assert np.array_equal(ids, ids0) and np.array_equal(mask, mask0)
+    if encoder.table is None:
+        return
+    # and the ids-only path did it, but where a text holds a token it cannot place
+    for text, sp, enc in zip(texts, spans, encodings):
+        unknown = {"lstrip": _CHAT, "sentencepiece-normalized": ["<|user|>"]}.get(name, [])
+        if not any(t in text for t in unknown):
+            assert encoder.table.labels(text, sp, np.array(enc.ids, dtype=np.int32)) is not None
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(_text_and_spans(), min_size=1, max_size=6))
 def test_encoder_equals_the_offsets_reference_on_any_text_and_spans(tokenizers_by_kind, batch):
     texts, spans = [t for t, _ in batch], [s for _, s in batch]
-    for tokenizer in tokenizers_by_kind.values():
-        _same(BatchEncoder(tokenizer), tokenizer, texts, spans)
+    for name, tokenizer in tokenizers_by_kind.items():
+        _same(name, tokenizer, texts, spans)
 
 
 _content = st.lists(_piece, max_size=8).map("".join)
@@ -175,17 +197,23 @@ def test_encoder_equals_the_reference_on_rendered_conversations(tokenizers_by_ki
     messages = [] if system is None else [{"role": "system", "content": system}]
     for user, assistant in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    for tokenizer in tokenizers_by_kind.values():
+    for name, tokenizer in tokenizers_by_kind.items():
         text, spans = SpanFinder(tokenizer.chat_template, tokenizer.stop_tokens)(messages)
         # and the same text ending at an assistant span's end (a template without a closing tail)
         cut = spans[-1][1] if spans else len(text)
-        _same(BatchEncoder(tokenizer), tokenizer, [text, text[:cut]], [spans, spans])
+        _same(name, tokenizer, [text, text[:cut]], [spans, spans])
 
 
-def test_the_ids_only_path_is_taken_on_the_demo_tokenizer(tokenizers_by_kind, monkeypatch):
-    demo = tokenizers_by_kind["demo"]
-    encoder = BatchEncoder(demo)
-    texts = [demo.chat_template.render([{"role": "user", "content": "hi é"}])]
+@pytest.mark.parametrize("kind", ["demo", "rstrip", "sentencepiece"])
+def test_the_ids_only_path_is_taken_on_chat_text(tokenizers_by_kind, monkeypatch, kind):
+    tokenizer = tokenizers_by_kind[kind]
+    encoder = BatchEncoder(tokenizer)
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi é 🙂 \u00a0 x"},
+        {"role": "assistant", "content": " the  cat\n"},
+    ]
+    texts = [tokenizer.chat_template.render(messages)]
     calls = []
     monkeypatch.setattr(P, "_labels_from_offsets", lambda *a: calls.append(a) or [])
     ((ids, mask),) = encoder.labels(texts, [[(0, 3)]], encoder.encode(texts))

@@ -8,6 +8,12 @@ conversations (one, or several when packed): :class:`ExampleArray` builds each
 :class:`~lora.data.Example` when it is indexed, so 200,000 conversations cost ~5 bytes a token, not
 Python lists.
 
+Tokenizing is a pipeline with one batch in flight (:func:`tokenize_files`): the Rust batch call
+encodes batch ``k`` in a worker thread while this one labels batch ``k-1`` and renders ``k+1``.
+:class:`BatchEncoder` labels from the token ids alone where :class:`TokenBytes` proves it exact
+(byte-level BPE without a normalizer), else from the tokens' offsets (:func:`_encode_batch`, the
+reference).
+
 The cache is a directory ``prepared-<key>`` under the cache directory: raw little-endian arrays
 (``*.bin``) and ``manifest.json`` (the key, the dtype, length and SHA-256 of each array, the split
 stats and the skipped records). Nothing is unpickled. The key hashes the data files' fingerprint
@@ -24,6 +30,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +45,15 @@ from .packing import Example
 from .records import Conversation, RecordError
 from .template import ChatTemplateError
 
-__all__ = ["ExampleArray", "first_fit", "SpanFinder", "cache_key", "CACHE_VERSION"]
+__all__ = [
+    "BatchEncoder",
+    "ExampleArray",
+    "first_fit",
+    "SpanFinder",
+    "TokenBytes",
+    "cache_key",
+    "CACHE_VERSION",
+]
 
 CACHE_VERSION = 1
 CONVERSATIONS_PER_BATCH = (
@@ -177,33 +192,64 @@ def _keeps_offsets(step: dict) -> bool:
     return kind == "TemplateProcessing"
 
 
+# Rust's char::is_whitespace (Unicode White_Space), which an added token's rstrip swallows, in UTF-8
+_WHITESPACE = re.compile(
+    rb"(?:[\t-\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f"
+    rb"|\xe3\x80\x80)*"
+)
+_SPM_NORMALIZER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ],
+}
+
+
 class TokenBytes:
     """The label mask from token ids alone, where that is provably exact: a table of how many
     UTF-8 bytes of the text each token id covers.
 
-    It applies when ``tokenizer.json`` has no normalizer, no truncation or padding; pre-tokenizer
-    steps that only cut the text (one ``ByteLevel`` without a prefix space, ``Digits``, a ``Split``
-    that keeps what it matches); post-processor steps that add nothing without special tokens (none,
-    ``ByteLevel`` without ``trim_offsets``, ``TemplateProcessing``); and a BPE model without dropout,
-    subword prefix or suffix, whose vocabulary has all 256 characters of the byte-level alphabet
-    (so no byte is ever unknown). Then the text is cut into added tokens and pieces, each piece is
-    re-spelt one alphabet character a byte, and BPE splits it into vocabulary strings that
-    concatenate back to it: a vocabulary token covers one byte per character of its string, an
-    added token exactly its content, and token ``t`` starts at byte ``sum(bytes[ids[:t]])``.
+    Two families of ``tokenizer.json`` qualify, both with no truncation or padding, post-processor
+    steps that add nothing without special tokens (none, ``ByteLevel`` without ``trim_offsets``,
+    ``TemplateProcessing``), and a BPE model without dropout, subword prefix or suffix that can
+    never meet an unknown character:
 
-    An added token with ``lstrip``/``rstrip`` also takes the whitespace beside it, a varying length:
-    its entry is unknown (-1). A text with an unknown entry, or whose byte total is not exactly the
-    text's, takes the offsets path (:func:`_labels_from_offsets`).
+    - *byte-level* (GPT-2, Llama-3, Qwen, the demo): no normalizer; pre-tokenizer steps that only
+      cut the text (one ``ByteLevel`` without a prefix space, ``Digits``, a ``Split`` that keeps its
+      matches); all 256 characters of the byte-level alphabet in the vocabulary. The text is cut
+      into added tokens and pieces, each piece re-spelt one alphabet character a byte, and BPE
+      splits it into vocabulary strings that concatenate back to it: a vocabulary token covers one
+      byte per character of its string.
+    - *SentencePiece-style* (Llama-2, Phi-3): the normalizer ``Prepend("▁")`` then
+      ``Replace(" ", "▁")``, no pre-tokenizer, ``byte_fallback`` with all 256 ``<0xNN>`` tokens and
+      ``▁`` in the vocabulary. Each piece between added tokens becomes ``▁`` + the piece with its
+      spaces as ``▁``, and BPE splits that: a vocabulary token covers the bytes of its string with
+      ``▁`` read as a space, a ``<0xNN>`` token one byte, and the first token of a piece (which
+      starts with the prepended ``▁``, aligned to the piece's first character) one byte less. A
+      text holding a literal ``▁`` is ambiguous: it takes the offsets path.
+
+    An added token covers its content, plus with ``rstrip`` the whitespace after it (found in the
+    text; its content is checked there). One that is ``lstrip``, or normalized in the
+    SentencePiece family, is unknown (-1). Token ``t`` starts at byte ``sum(bytes[ids[:t]])``. A text
+    with an unknown token, or whose byte total is not exactly the text's, takes the offsets path
+    (:func:`_labels_from_offsets`).
 
     Why it is the offsets path's mask: a token's character offsets start in the character that
-    holds its first byte (a character split over tokens gives each of them its offsets), and span
-    boundaries are character boundaries; so a token's first byte lies in a span exactly when its
-    first character does, and a token is empty exactly when it covers no byte. A property test
-    compares the two on byte-level and SentencePiece-style tokenizers.
+    holds its first byte (a character split over byte tokens gives each of them its offsets; a
+    piece's lone prepended ``▁`` has its first character's), and span boundaries are character
+    boundaries, so a token's first byte lies in a span exactly when its first character does. A
+    byte-level token is empty exactly when it covers no byte; a SentencePiece-style one never is
+    (its lone ``▁`` covers the first character). A property test compares the two paths on both
+    families and their variations.
     """
 
-    def __init__(self, lengths: np.ndarray):
-        self.lengths = lengths
+    def __init__(self, lengths, added, rstrip, spm: bool, piece_start=None):
+        self.lengths = lengths  # (V,) int64 bytes covered, -1 unknown (rstrip: the content's)
+        self.added = added  # (V,) bool: an added token (a piece ends before it)
+        self.rstrip = rstrip  # {id: content bytes} of the added tokens with rstrip
+        self.spm = spm
+        self.piece_start = piece_start  # (V,) bool: the string starts with "▁" (SentencePiece)
 
     @classmethod
     def for_backend(cls, backend) -> TokenBytes | None:
@@ -218,13 +264,10 @@ class TokenBytes:
         pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
         post = _steps(spec.get("post_processor"), "processors")
         if (
-            spec.get("normalizer") is not None
-            or spec.get("truncation") is not None
+            spec.get("truncation") is not None
             or spec.get("padding") is not None
             or pre is None
             or post is None
-            or sum(s.get("type") == "ByteLevel" for s in pre) != 1
-            or not all(_splits_only(s) for s in pre)
             or not all(_keeps_offsets(s) for s in post)
             or model.get("type") != "BPE"
             or model.get("dropout") is not None
@@ -234,27 +277,90 @@ class TokenBytes:
         ):
             return None
         vocab: dict[str, int] = model["vocab"]
-        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-        if not alphabet <= vocab.keys():
+        byte_tokens = {f"<0x{b:02X}>" for b in range(256)}
+        if spec.get("normalizer") is None:
+            spm = False
+            alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+            if (
+                sum(s.get("type") == "ByteLevel" for s in pre) != 1
+                or not all(_splits_only(s) for s in pre)
+                or not alphabet <= vocab.keys()
+            ):
+                return None
+        elif spec.get("normalizer") == _SPM_NORMALIZER:
+            spm = True
+            if (
+                pre
+                or model.get("byte_fallback") is not True
+                or not byte_tokens <= vocab.keys()
+                or "\u2581" not in vocab
+            ):
+                return None
+        else:
             return None
         added = spec.get("added_tokens") or []
         size = max([*vocab.values(), *(int(t["id"]) for t in added)]) + 1
         lengths = np.full(size, -1, dtype=np.int64)
+        piece_start = np.zeros(size, dtype=bool)
         for token, i in vocab.items():
-            if alphabet.issuperset(token):
+            if spm:
+                n = 1 if token in byte_tokens else len(token.replace("\u2581", " ").encode())
+                lengths[i] = n
+                piece_start[i] = token.startswith("\u2581")
+            elif alphabet.issuperset(token):
                 lengths[i] = len(token)
         in_vocab = set(vocab.values())
+        is_added = np.zeros(size, dtype=bool)
+        rstrip: dict[int, bytes] = {}
         for t in added:
-            i, n = int(t["id"]), len(t["content"].encode("utf-8"))
-            fixed = not (t.get("lstrip") or t.get("rstrip"))
-            lengths[i] = n if fixed and (i not in in_vocab or lengths[i] == n) else -1
-        return cls(lengths)
+            i, content = int(t["id"]), t["content"].encode("utf-8")
+            n = len(content)
+            known = (
+                n > 0
+                and not t.get("lstrip")
+                and not (spm and t.get("normalized"))
+                and (i not in in_vocab or lengths[i] == n)
+            )
+            lengths[i] = n if known else -1
+            is_added[i] = True
+            if known and t.get("rstrip"):
+                rstrip[i] = content
+        return cls(lengths, is_added, rstrip, spm, piece_start if spm else None)
 
     def labels(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray):
         """The mask of ``ids`` (the encoding of ``text``), or None where this table cannot say."""
-        if len(ids) and int(ids.max()) >= len(self.lengths):
+        n = len(ids)
+        if not n:
+            return np.zeros(0, dtype=bool) if not text else None
+        if int(ids.max()) >= len(self.lengths) or (self.spm and "\u2581" in text):
             return None
         lengths = self.lengths[ids]
+        if int(lengths.min()) < 0:
+            return None
+        if self.spm:  # the first token of each piece holds the prepended "▁": no byte of the text
+            added = self.added[ids]
+            first = ~added
+            first[1:] &= added[:-1]
+            if not self.piece_start[ids[first]].all():
+                return None
+            lengths[first] -= 1
+        data = None
+        if self.rstrip:
+            where = [
+                t for t in np.flatnonzero(self.added[ids]).tolist() if int(ids[t]) in self.rstrip
+            ]
+            if where:
+                data = text.encode("utf-8")
+                ends = np.cumsum(lengths)
+                grow = 0
+                for t in where:
+                    content = self.rstrip[int(ids[t])]
+                    end = int(ends[t]) + grow
+                    if data[end - len(content) : end] != content:
+                        return None
+                    extra = _WHITESPACE.match(data, end).end() - end
+                    lengths[t] += extra
+                    grow += extra
         ends = np.cumsum(lengths)
         bounds = [b for span in spans for b in span]
         if text.isascii():  # O(1) in CPython: then bytes are characters
@@ -267,13 +373,11 @@ class TokenBytes:
                 at = b
             total += len(text[at:].encode("utf-8"))
             bounds = pos
-        if len(ids) and (int(lengths.min()) < 0 or int(ends[-1]) != total):
-            return None
-        if not len(ids) and total:
+        if int(ends[-1]) != total:
             return None
         starts = ends - lengths
         inside = np.searchsorted(np.asarray(bounds, dtype=np.int64), starts, side="right") & 1
-        return inside.astype(bool) & (lengths > 0)
+        return inside.astype(bool) if self.spm else inside.astype(bool) & (lengths > 0)
 
 
 class BatchEncoder:
