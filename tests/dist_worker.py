@@ -6,8 +6,8 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
 
 - ``--audit DIR``: writes DIR/rank<R>.txt, every path this rank opened for writing, renamed, removed
   or made (Python's audit hooks see each of these), one a line;
-- ``--chunked-loss``: every Phi-3 model takes the chunked loss (``chunked_loss = True``); the
-  rank prints how many times it ran;
+- ``--plain-loss``: every Phi-3 model takes the plain loss (``chunked_loss = False``, full
+  logits); either way the rank prints how many times the chunked loss ran;
 - ``--die-rank R --die-at I``: rank R kills itself with SIGKILL (no clean-up, as the OOM killer
   would) when it is asked for micro-batch I.
 """
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--die-stamp", help="write time.time() here just before dying")
     ap.add_argument(
-        "--chunked-loss", action="store_true", help="every Phi-3 model takes the chunked loss"
+        "--plain-loss", action="store_true", help="every Phi-3 model takes the plain loss"
     )
     argv = sys.argv[1:]
     cut = argv.index("::") if "::" in argv else len(argv)  # torchrun eats "--"
@@ -64,18 +64,18 @@ def main() -> int:
     from lora.finetune import trainer as trainer_module
     from lora.finetune.__main__ import main as cli_main
 
+    from lora.models import phi3
+
     chunked_calls: list[int] = []
-    if args.chunked_loss:
-        from lora.models import phi3
+    if args.plain_loss:
+        phi3.Phi3ForCausalLM.chunked_loss = False  # the class default, for every instance
+    real_loss = phi3.linear_cross_entropy
 
-        phi3.Phi3ForCausalLM.chunked_loss = True  # the instance attribute's default, for all
-        real_loss = phi3.linear_cross_entropy
+    def counted(*a, **k):
+        chunked_calls.append(1)
+        return real_loss(*a, **k)
 
-        def counted(*a, **k):
-            chunked_calls.append(1)
-            return real_loss(*a, **k)
-
-        phi3.linear_cross_entropy = counted
+    phi3.linear_cross_entropy = counted
 
     if args.die_rank == rank:
         original = trainer_module.Trainer._micro_batch
@@ -93,8 +93,7 @@ def main() -> int:
     try:
         return cli_main(rest)
     finally:
-        if args.chunked_loss:
-            print(f"rank {rank}: chunked loss calls {len(chunked_calls)}", flush=True)
+        print(f"rank {rank}: chunked loss calls {len(chunked_calls)}", flush=True)
         if args.audit:
             os.makedirs(args.audit, exist_ok=True)
             with open(os.path.join(args.audit, f"rank{rank}.txt"), "w") as f:
