@@ -236,7 +236,7 @@ def _records(n):
     return out
 
 
-@pytest.mark.parametrize("kind", ["tiny", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["tiny", "sentencepiece", "lstrip", "post-trim"])
 def test_the_overlapped_pipeline_keeps_results_and_errors_in_order(
     tokenizers_by_kind, tmp_path, monkeypatch, kind
 ):
