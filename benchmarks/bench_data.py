@@ -11,9 +11,14 @@ with a system turn, from the demo corpus's words, sized so that the average conv
 peak RSS is its own:
 
 1. a cold run: ``prepare_chat_data(DIR:train_sft, ..., cache_dir=...)`` from nothing;
-2. a warm run: the same call, served by the cache (the time before training could start).
+2. a warm run: the same call, served by the cache (the time before training could start);
+3. with ``--floor``, the Rust tokenizer alone: every conversation rendered (not timed), then only
+   the batch calls timed, ``encode_batch`` (with offsets) and ``encode_batch_fast`` (without), 512
+   texts a call as the pipeline does: what no preparation can beat on this machine.
 
-Run it alone: ``flock /tmp/lora-heavy.lock python benchmarks/bench_data.py``.
+Run it alone: ``flock /tmp/lora-heavy.lock python benchmarks/bench_data.py``. ``--keep`` keeps the
+synthetic set and ``--reuse`` takes a kept one of the same size instead of writing it again (to
+time another checkout's ``--_prepare DIR CACHE`` on the very same data).
 """
 
 from __future__ import annotations
@@ -133,6 +138,19 @@ def synthesise(directory: Path, n: int, tokens: int, shards: int, seed: int = 0)
     }
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak RSS. Linux's VmHWM, which starts anew at exec: ``ru_maxrss`` does not
+    (it keeps the RSS the parent had when it forked), so a child of a big parent would report the
+    parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> None:
     """The measured part, in its own process: prints one JSON line."""
     t0 = time.perf_counter()
@@ -152,7 +170,7 @@ def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> 
     )
     batch = data.collate(data.train[:4])  # the first batch the trainer would take
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    rss = _peak_rss_gib()
     print(
         json.dumps(
             {
@@ -168,6 +186,39 @@ def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> 
     )
 
 
+def _floor(directory: str) -> None:
+    """The tokenizer's batch calls alone over the rendered conversations: prints one JSON line."""
+    tokenizer, _ = _tokenizer()
+    from lora.data.prepared import CONVERSATIONS_PER_BATCH
+    from lora.data.records import RecordError, iter_conversations
+    from lora.data.sources import resolve_data_files
+
+    backend, template = tokenizer.backend, tokenizer.chat_template
+    seconds = {"encode_batch": 0.0, "encode_batch_fast": 0.0}
+    calls = {name: getattr(backend, name) for name in seconds if hasattr(backend, name)}
+    tokens, texts = 0, []
+
+    def run():
+        nonlocal tokens
+        for name, call in calls.items():
+            t = time.perf_counter()
+            encodings = call(texts, add_special_tokens=False)
+            seconds[name] += time.perf_counter() - t
+        tokens += sum(len(e.ids) for e in encodings)
+        texts.clear()
+
+    for item in iter_conversations(resolve_data_files(f"{directory}:train_sft")):
+        if not isinstance(item, RecordError):
+            texts.append(template.render(item.messages))
+            if len(texts) >= CONVERSATIONS_PER_BATCH:
+                run()
+    run()
+    out = {"tokens": tokens}
+    for name in calls:
+        out[name] = {"seconds": seconds[name], "tokens_per_s": tokens / seconds[name]}
+    print(json.dumps(out))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conversations", type=int, default=200_000)
@@ -179,19 +230,35 @@ def main() -> int:
         "--dir", default="/tmp/lora-bench-data", help="where the synthetic set and the cache go"
     )
     ap.add_argument("--keep", action="store_true", help="keep the synthetic set and the cache")
+    ap.add_argument("--reuse", action="store_true", help="take a kept synthetic set of this size")
+    ap.add_argument("--floor", action="store_true", help="also time the tokenizer's batch calls")
     ap.add_argument("--_prepare", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_floor", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._prepare:
         _prepare(args._prepare[0], args._prepare[1], args.max_seq_length, not args.no_packing)
         return 0
+    if args._floor:
+        _floor(args._floor)
+        return 0
     work = Path(args.dir)
     t = time.perf_counter()
-    facts = synthesise(work / "ultrachat_synthetic", args.conversations, args.tokens, args.shards)
-    print(
-        f"synthesised {facts['conversations']:,} conversations ({facts['format']}, "
-        f"{facts['bytes'] / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s",
-        flush=True,
-    )
+    wanted = {"n": args.conversations, "tokens": args.tokens, "shards": args.shards}
+    stamp = work / "synthetic-facts.json"
+    kept = json.loads(stamp.read_text()) if args.reuse and stamp.is_file() else {}
+    if kept.get("wanted") == wanted:
+        facts = kept["facts"]
+        print(f"reusing the synthetic set in {work / 'ultrachat_synthetic'}", flush=True)
+    else:
+        facts = synthesise(
+            work / "ultrachat_synthetic", args.conversations, args.tokens, args.shards
+        )
+        stamp.write_text(json.dumps({"wanted": wanted, "facts": facts}))
+        print(
+            f"synthesised {facts['conversations']:,} conversations ({facts['format']}, "
+            f"{facts['bytes'] / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     results = {}
@@ -216,6 +283,19 @@ def main() -> int:
             f"cache hit {r['cache_hit']}",
             flush=True,
         )
+    if args.floor:
+        cmd = [sys.executable, __file__, "--_floor", str(work / "ultrachat_synthetic")]
+        out = subprocess.run(
+            cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ
+        ).stdout
+        results["floor"] = json.loads(out.strip().splitlines()[-1])
+        for name, r in results["floor"].items():
+            if isinstance(r, dict):
+                print(
+                    f"floor, {name} alone: {r['seconds']:.1f} s "
+                    f"({r['tokens_per_s'] / 1e6:.2f} M tokens/s)",
+                    flush=True,
+                )
     s = results["cold"]["train"]
     print(
         f"tokens {s['tokens']:,} ({s['tokens'] / max(s['conversations'], 1):.0f} per "

@@ -63,7 +63,6 @@ def main() -> int:
 
     from lora.finetune import trainer as trainer_module
     from lora.finetune.__main__ import main as cli_main
-
     from lora.models import phi3
 
     chunked_calls: list[int] = []

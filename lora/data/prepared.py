@@ -8,6 +8,12 @@ conversations (one, or several when packed): :class:`ExampleArray` builds each
 :class:`~lora.data.Example` when it is indexed, so 200,000 conversations cost ~5 bytes a token, not
 Python lists.
 
+Tokenizing is a pipeline with one batch in flight (:func:`tokenize_files`): the Rust batch call
+encodes batch ``k`` in a worker thread while this one labels batch ``k-1`` and renders ``k+1``.
+:class:`BatchEncoder` labels from the token ids alone where :class:`TokenBytes` proves it exact
+(byte-level BPE without a normalizer), else from the tokens' offsets (:func:`_encode_batch`, the
+reference).
+
 The cache is a directory ``prepared-<key>`` under the cache directory: raw little-endian arrays
 (``*.bin``) and ``manifest.json`` (the key, the dtype, length and SHA-256 of each array, the split
 stats and the skipped records). Nothing is unpickled. The key hashes the data files' fingerprint
@@ -24,6 +30,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +45,15 @@ from .packing import Example
 from .records import Conversation, RecordError
 from .template import ChatTemplateError
 
-__all__ = ["ExampleArray", "first_fit", "SpanFinder", "cache_key", "CACHE_VERSION"]
+__all__ = [
+    "BatchEncoder",
+    "ExampleArray",
+    "first_fit",
+    "SpanFinder",
+    "TokenBytes",
+    "cache_key",
+    "CACHE_VERSION",
+]
 
 CACHE_VERSION = 1
 CONVERSATIONS_PER_BATCH = (
@@ -116,9 +131,18 @@ class SpanFinder:
 
 def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]], tokenizer):
     """``(ids int32, mask bool)`` per text; the mask is where a token's first character lies inside
-    a span (and the token is not empty), as :func:`~lora.data.labels.labels_from_spans`."""
+    a span (and the token is not empty), as :func:`~lora.data.labels.labels_from_spans`.
+
+    The reference way, from the tokens' character offsets: it holds for every tokenizer.
+    :class:`BatchEncoder` uses it where :class:`TokenBytes` does not apply."""
+    return _labels_from_offsets(
+        tokenizer.backend.encode_batch(texts, add_special_tokens=False), spans
+    )
+
+
+def _labels_from_offsets(encodings, spans):
     out = []
-    for enc, sp in zip(tokenizer.backend.encode_batch(texts, add_special_tokens=False), spans):
+    for enc, sp in zip(encodings, spans):
         ids = np.array(enc.ids, dtype=np.int32)
         offsets = enc.offsets
         flat = np.fromiter(
@@ -130,6 +154,269 @@ def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]], tokenize
         )
         out.append((ids, inside.astype(bool) & (ends > starts)))
     return out
+
+
+def _steps(step, key: str) -> list[dict] | None:
+    """The steps of a pre-tokenizer/post-processor (a ``Sequence`` flattened), None if unreadable."""
+    if step is None:
+        return []
+    if not isinstance(step, dict):
+        return None
+    if step.get("type") != "Sequence":
+        return [step]
+    out: list[dict] = []
+    for inner in step.get(key) or []:
+        steps = _steps(inner, key)
+        if steps is None:
+            return None
+        out += steps
+    return out
+
+
+_KEEPING_SPLITS = ("Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")
+
+
+def _splits_only(step: dict) -> bool:
+    """A pre-tokenizer step that only cuts the text, keeping every character."""
+    kind = step.get("type")
+    if kind == "ByteLevel":
+        return step.get("add_prefix_space") is False
+    return kind == "Digits" or (kind == "Split" and step.get("behavior") in _KEEPING_SPLITS)
+
+
+def _keeps_offsets(step: dict) -> bool:
+    """A post-processor step that, without special tokens, changes neither ids nor offsets."""
+    kind = step.get("type")
+    if kind == "ByteLevel":
+        return step.get("trim_offsets") is False
+    return kind == "TemplateProcessing"
+
+
+# Rust's char::is_whitespace (Unicode White_Space), which an added token's rstrip swallows, in UTF-8
+_WHITESPACE = re.compile(
+    rb"(?:[\t-\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f"
+    rb"|\xe3\x80\x80)*"
+)
+_SPM_NORMALIZER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ],
+}
+
+
+class TokenBytes:
+    """The label mask from token ids alone, where that is provably exact: a table of how many
+    UTF-8 bytes of the text each token id covers.
+
+    Two families of ``tokenizer.json`` qualify, both with no truncation or padding, post-processor
+    steps that add nothing without special tokens (none, ``ByteLevel`` without ``trim_offsets``,
+    ``TemplateProcessing``), and a BPE model without dropout, subword prefix or suffix that can
+    never meet an unknown character:
+
+    - *byte-level* (GPT-2, Llama-3, Qwen, the demo): no normalizer; pre-tokenizer steps that only
+      cut the text (one ``ByteLevel`` without a prefix space, ``Digits``, a ``Split`` that keeps its
+      matches); all 256 characters of the byte-level alphabet in the vocabulary. The text is cut
+      into added tokens and pieces, each piece re-spelt one alphabet character a byte, and BPE
+      splits it into vocabulary strings that concatenate back to it: a vocabulary token covers one
+      byte per character of its string.
+    - *SentencePiece-style* (Llama-2, Phi-3): the normalizer ``Prepend("▁")`` then
+      ``Replace(" ", "▁")``, no pre-tokenizer, ``byte_fallback`` with all 256 ``<0xNN>`` tokens and
+      ``▁`` in the vocabulary. Each piece between added tokens becomes ``▁`` + the piece with its
+      spaces as ``▁``, and BPE splits that: a vocabulary token covers the bytes of its string with
+      ``▁`` read as a space, a ``<0xNN>`` token one byte, and the first token of a piece (which
+      starts with the prepended ``▁``, aligned to the piece's first character) one byte less. A
+      text holding a literal ``▁`` is ambiguous: it takes the offsets path.
+
+    An added token covers its content, plus with ``rstrip`` the whitespace after it (found in the
+    text; its content is checked there). One that is ``lstrip``, or normalized in the
+    SentencePiece family, is unknown (-1). Token ``t`` starts at byte ``sum(bytes[ids[:t]])``. A text
+    with an unknown token, or whose byte total is not exactly the text's, takes the offsets path
+    (:func:`_labels_from_offsets`).
+
+    Why it is the offsets path's mask: a token's character offsets start in the character that
+    holds its first byte (a character split over byte tokens gives each of them its offsets; a
+    piece's lone prepended ``▁`` has its first character's), and span boundaries are character
+    boundaries, so a token's first byte lies in a span exactly when its first character does. A
+    byte-level token is empty exactly when it covers no byte; a SentencePiece-style one never is
+    (its lone ``▁`` covers the first character). A property test compares the two paths on both
+    families and their variations.
+    """
+
+    def __init__(self, lengths, added, rstrip, spm: bool, piece_start=None):
+        self.lengths = lengths  # (V,) int64 bytes covered, -1 unknown (rstrip: the content's)
+        self.added = added  # (V,) bool: an added token (a piece ends before it)
+        self.rstrip = rstrip  # {id: content bytes} of the added tokens with rstrip
+        self.spm = spm
+        self.piece_start = piece_start  # (V,) bool: the string starts with "▁" (SentencePiece)
+
+    @classmethod
+    def for_backend(cls, backend) -> TokenBytes | None:
+        """The table of a ``tokenizers.Tokenizer``, or None where the labels need offsets."""
+        from tokenizers import pre_tokenizers
+
+        try:
+            spec = json.loads(backend.to_str())
+        except ValueError:
+            return None
+        model = spec.get("model") or {}
+        pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+        post = _steps(spec.get("post_processor"), "processors")
+        if (
+            spec.get("truncation") is not None
+            or spec.get("padding") is not None
+            or pre is None
+            or post is None
+            or not all(_keeps_offsets(s) for s in post)
+            or model.get("type") != "BPE"
+            or model.get("dropout") is not None
+            or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix")
+            or not isinstance(model.get("vocab"), dict)
+        ):
+            return None
+        vocab: dict[str, int] = model["vocab"]
+        byte_tokens = {f"<0x{b:02X}>" for b in range(256)}
+        if spec.get("normalizer") is None:
+            spm = False
+            alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+            if (
+                sum(s.get("type") == "ByteLevel" for s in pre) != 1
+                or not all(_splits_only(s) for s in pre)
+                or not alphabet <= vocab.keys()
+            ):
+                return None
+        elif spec.get("normalizer") == _SPM_NORMALIZER:
+            spm = True
+            if (
+                pre
+                or model.get("byte_fallback") is not True
+                or not byte_tokens <= vocab.keys()
+                or "\u2581" not in vocab
+            ):
+                return None
+        else:
+            return None
+        added = spec.get("added_tokens") or []
+        size = max([*vocab.values(), *(int(t["id"]) for t in added)]) + 1
+        lengths = np.full(size, -1, dtype=np.int64)
+        piece_start = np.zeros(size, dtype=bool)
+        for token, i in vocab.items():
+            if spm:
+                n = 1 if token in byte_tokens else len(token.replace("\u2581", " ").encode())
+                lengths[i] = n
+                piece_start[i] = token.startswith("\u2581")
+            elif alphabet.issuperset(token):
+                lengths[i] = len(token)
+        in_vocab = set(vocab.values())
+        is_added = np.zeros(size, dtype=bool)
+        rstrip: dict[int, bytes] = {}
+        for t in added:
+            i, content = int(t["id"]), t["content"].encode("utf-8")
+            n = len(content)
+            known = (
+                n > 0
+                and not t.get("lstrip")
+                and not (spm and t.get("normalized"))
+                and (i not in in_vocab or lengths[i] == n)
+            )
+            lengths[i] = n if known else -1
+            is_added[i] = True
+            if known and t.get("rstrip"):
+                rstrip[i] = content
+        return cls(lengths, is_added, rstrip, spm, piece_start if spm else None)
+
+    def labels(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray):
+        """The mask of ``ids`` (the encoding of ``text``), or None where this table cannot say."""
+        n = len(ids)
+        if not n:
+            return np.zeros(0, dtype=bool) if not text else None
+        if int(ids.max()) >= len(self.lengths) or (self.spm and "\u2581" in text):
+            return None
+        lengths = self.lengths[ids]
+        if int(lengths.min()) < 0:
+            return None
+        if self.spm:  # the first token of each piece holds the prepended "▁": no byte of the text
+            added = self.added[ids]
+            first = ~added
+            first[1:] &= added[:-1]
+            if not self.piece_start[ids[first]].all():
+                return None
+            lengths[first] -= 1
+        data = None
+        if self.rstrip:
+            where = [
+                t for t in np.flatnonzero(self.added[ids]).tolist() if int(ids[t]) in self.rstrip
+            ]
+            if where:
+                data = text.encode("utf-8")
+                ends = np.cumsum(lengths)
+                grow = 0
+                for t in where:
+                    content = self.rstrip[int(ids[t])]
+                    end = int(ends[t]) + grow
+                    if data[end - len(content) : end] != content:
+                        return None
+                    extra = _WHITESPACE.match(data, end).end() - end
+                    lengths[t] += extra
+                    grow += extra
+        ends = np.cumsum(lengths)
+        bounds = [b for span in spans for b in span]
+        if text.isascii():  # O(1) in CPython: then bytes are characters
+            total = len(text)
+        else:
+            total, at, pos = 0, 0, []
+            for b in bounds:
+                total += len(text[at:b].encode("utf-8"))
+                pos.append(total)
+                at = b
+            total += len(text[at:].encode("utf-8"))
+            bounds = pos
+        if int(ends[-1]) != total:
+            return None
+        starts = ends - lengths
+        inside = np.searchsorted(np.asarray(bounds, dtype=np.int64), starts, side="right") & 1
+        return inside.astype(bool) if self.spm else inside.astype(bool) & (lengths > 0)
+
+
+class BatchEncoder:
+    """Token ids and the label mask of batches of rendered texts, equal to :func:`_encode_batch`.
+
+    :meth:`encode` is the Rust batch call (it releases the GIL: it may run in another thread while
+    this one post-processes the previous batch); :meth:`labels` turns its encodings into
+    ``(ids int32, mask bool)``. Where :class:`TokenBytes` applies, the encodings come from
+    ``encode_batch_fast`` (no offsets tracked) and the mask from the ids; otherwise, and for any
+    text the table cannot place, from the offsets.
+    """
+
+    def __init__(self, tokenizer):
+        self.backend = tokenizer.backend
+        self.table = TokenBytes.for_backend(self.backend)
+        fast = getattr(self.backend, "encode_batch_fast", None)
+        self._encode = fast if self.table is not None and fast is not None else None
+
+    def encode(self, texts: list[str]):
+        if self._encode is not None:
+            return self._encode(texts, add_special_tokens=False)
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def labels(self, texts: list[str], spans: list[list[tuple[int, int]]], encodings):
+        if self.table is None:
+            return _labels_from_offsets(encodings, spans)
+        out: list = []
+        redo: list[int] = []
+        for k, (text, sp, enc) in enumerate(zip(texts, spans, encodings)):
+            ids = np.array(enc.ids, dtype=np.int32)
+            mask = self.table.labels(text, sp, ids)
+            if mask is None:
+                redo.append(k)
+            out.append((ids, mask))
+        if redo:
+            again = self.backend.encode_batch([texts[k] for k in redo], add_special_tokens=False)
+            for k, pair in zip(redo, _labels_from_offsets(again, [spans[k] for k in redo])):
+                out[k] = pair
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,6 +622,7 @@ def tokenize_files(
     from .records import DataError, iter_conversations
 
     finder = SpanFinder(tokenizer.chat_template, tokenizer.stop_tokens)
+    encoder = BatchEncoder(tokenizer)
     sink = _Sink(directory)
     lengths: list[int] = []
     n_labels: list[int] = []  # counted here: a reduceat over the mask would cast it to int64
@@ -342,8 +630,16 @@ def tokenize_files(
     truncated: list[bool] = []
     built = _Built(None, None, None, None, None, 0)
     pending: list[tuple[int, Conversation]] = []
+    # One batch in flight: batch k's encode_batch runs in `pool` (the Rust call releases the GIL)
+    # while this thread labels and stores batch k-1, then reads and renders batch k+1. At most two
+    # batches of encodings are alive.
+    in_flight: list = []  # [(future, texts, spans, where, count)], at most one
 
-    def flush():
+    def render():
+        """Render ``pending`` (template errors recorded in order), submit its encode, and store the
+        batch before it."""
+        if not pending:
+            return
         texts, spans, where = [], [], []
         for pos, conv in pending:
             try:
@@ -355,7 +651,22 @@ def tokenize_files(
             texts.append(text)
             spans.append(sp)
             where.append((pos, conv))
-        for (pos, conv), (ids, mask) in zip(where, _encode_batch(texts, spans, tokenizer)):
+        batch = (texts, spans, where, len(pending))
+        pending.clear()
+        prev = in_flight.pop() if in_flight else None
+        done = prev[0].result() if prev is not None else None  # batch k-1 encoded
+        in_flight.append((pool.submit(encoder.encode, texts), *batch))  # batch k starts
+        if prev is not None:
+            store(done, *prev[1:])  # batch k-1 labelled while batch k encodes
+
+    def drain():
+        """Label and store the batch in flight, if any."""
+        if in_flight:
+            future, *rest = in_flight.pop()
+            store(future.result(), *rest)
+
+    def store(encodings, texts, spans, where, count):
+        for (pos, conv), (ids, mask) in zip(where, encoder.labels(texts, spans, encodings)):
             if len(ids) > max_seq_length:
                 truncated[pos] = True
                 ids, mask = ids[:max_seq_length], mask[:max_seq_length]
@@ -367,28 +678,32 @@ def tokenize_files(
             lengths.append(len(ids))
             n_labels.append(int(np.count_nonzero(mask)))
             sink.add(ids, mask)
-        bar.update(len(pending))
-        pending.clear()
+        bar.update(count)
 
-    with _progress_bar(progress, "preparing data") as bar:
-        for g, files in enumerate(groups):
-            before = len(example_of)
-            for item in iter_conversations(files):
-                if isinstance(item, RecordError):
-                    built.parse_errors.append(item)
-                    continue
-                pending.append((len(example_of), item))
-                example_of.append(-1)
-                truncated.append(False)
-                if len(pending) >= CONVERSATIONS_PER_BATCH:
-                    flush()
-            flush()
-            if len(example_of) == before:
-                names = ", ".join(str(f) for f in files)
-                errors = [e for e in built.parse_errors if e.path in {str(f) for f in files}]
-                raise DataError(errors, f"no valid record in {names}")
-            if g == 0:
-                built.n_train = len(example_of)
+    with _progress_bar(progress, "preparing data") as bar, ThreadPoolExecutor(1) as pool:
+        try:
+            for g, files in enumerate(groups):
+                before = len(example_of)
+                for item in iter_conversations(files):
+                    if isinstance(item, RecordError):
+                        built.parse_errors.append(item)
+                        continue
+                    pending.append((len(example_of), item))
+                    example_of.append(-1)
+                    truncated.append(False)
+                    if len(pending) >= CONVERSATIONS_PER_BATCH:
+                        render()
+                render()
+                drain()
+                if len(example_of) == before:
+                    names = ", ".join(str(f) for f in files)
+                    errors = [e for e in built.parse_errors if e.path in {str(f) for f in files}]
+                    raise DataError(errors, f"no valid record in {names}")
+                if g == 0:
+                    built.n_train = len(example_of)
+        finally:
+            for future, *_ in in_flight:
+                future.cancel()
     built.tokens, built.mask = sink.finish()
     built.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(
         np.int64
