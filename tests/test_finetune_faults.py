@@ -520,6 +520,16 @@ def test_a_huge_learning_rate_does_not_finish_silently(ckpt, data_file, tmp_path
 # --- interrupts and a full disk -------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_name_the_step_and_the_last_checkpoint(ckpt, data_file, tmp_path, sig):
+    # Python's own SIGINT handler, as in a terminal: a shell starts background jobs with SIGINT
+    # ignored, and SIGINT reaches the trainer only as Python's KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_at_step_5(ckpt, data_file, tmp_path, sig)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_at_step_5(ckpt, data_file, tmp_path, sig):
     trainer = make_trainer(ckpt, data_file, training(tmp_path, max_steps=8, save_steps=2))
     original = trainer._micro_batch
 
