@@ -1,7 +1,7 @@
 """The batched encoder of prepared data (lora.data.prepared.BatchEncoder) is the reference one
-(_encode_batch, from the tokens' offsets) on every tokenizer: the ids-only label path where its
-table applies (byte-level BPE without a normalizer), the offsets path elsewhere (SentencePiece-style
-Llama/Phi-3 tokenizers); and the overlapped pipeline keeps the order of results and errors."""
+(labels from the tokens' offsets) on every tokenizer: the ids-only label path where its table
+applies (byte-level BPE without a normalizer, SentencePiece-style Llama/Phi-3 tokenizers), the
+offsets path elsewhere; and the overlapped pipeline keeps the order of results and errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import lora.data.prepared as P
 from lora.data import PHI3_CHAT_TEMPLATE, DataError, Tokenizer, prepare_chat_data
-from lora.data.prepared import BatchEncoder, SpanFinder, TokenBytes, _encode_batch
+from lora.data.prepared import BatchEncoder, SpanFinder, TokenBytes, _labels_from_offsets
 from tests.tiny import CORPUS, PHI3_SPECIALS, write_tokenizer
 
 _CHAT = ["<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
@@ -158,11 +158,17 @@ def _text_and_spans(draw):
     return text, spans
 
 
+def _offsets_reference(texts, spans, tokenizer):
+    """The reference: encode_batch (offsets tracked), labels from the offsets."""
+    encodings = tokenizer.backend.encode_batch(texts, add_special_tokens=False)
+    return _labels_from_offsets(encodings, spans)
+
+
 def _same(name, tokenizer, texts, spans):
     encoder = BatchEncoder(tokenizer)
     encodings = encoder.encode(texts)
     got = encoder.labels(texts, spans, encodings)
-    want = _encode_batch(texts, spans, tokenizer)
+    want = _offsets_reference(texts, spans, tokenizer)
     assert len(got) == len(want)
     for (ids, mask), (ids0, mask0) in zip(got, want):
         assert ids.dtype == ids0.dtype and mask.dtype == mask0.dtype

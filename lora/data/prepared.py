@@ -11,8 +11,8 @@ Python lists.
 Tokenizing is a pipeline with one batch in flight (:func:`tokenize_files`): the Rust batch call
 encodes batch ``k`` in a worker thread while this one labels batch ``k-1`` and renders ``k+1``.
 :class:`BatchEncoder` labels from the token ids alone where :class:`TokenBytes` proves it exact
-(byte-level BPE without a normalizer), else from the tokens' offsets (:func:`_encode_batch`, the
-reference).
+(byte-level and SentencePiece-style BPE), else from the tokens' offsets
+(:func:`_labels_from_offsets`, the reference).
 
 The cache is a directory ``prepared-<key>`` under the cache directory: raw little-endian arrays
 (``*.bin``) and ``manifest.json`` (the key, the dtype, length and SHA-256 of each array, the split
@@ -129,18 +129,13 @@ class SpanFinder:
         return assistant_spans(messages, self.template, self.stops)
 
 
-def _encode_batch(texts: list[str], spans: list[list[tuple[int, int]]], tokenizer):
-    """``(ids int32, mask bool)`` per text; the mask is where a token's first character lies inside
-    a span (and the token is not empty), as :func:`~lora.data.labels.labels_from_spans`.
-
-    The reference way, from the tokens' character offsets: it holds for every tokenizer.
-    :class:`BatchEncoder` uses it where :class:`TokenBytes` does not apply."""
-    return _labels_from_offsets(
-        tokenizer.backend.encode_batch(texts, add_special_tokens=False), spans
-    )
-
-
 def _labels_from_offsets(encodings, spans):
+    """``(ids int32, mask bool)`` per encoding; the mask is where a token's first character lies
+    inside a span (and the token is not empty), as :func:`~lora.data.labels.labels_from_spans`.
+
+    The reference way, from the tokens' character offsets (``encode_batch``, not its ``_fast``
+    form): it holds for every tokenizer. :class:`BatchEncoder` uses it where :class:`TokenBytes`
+    does not apply."""
     out = []
     for enc, sp in zip(encodings, spans):
         ids = np.array(enc.ids, dtype=np.int32)
@@ -381,7 +376,8 @@ class TokenBytes:
 
 
 class BatchEncoder:
-    """Token ids and the label mask of batches of rendered texts, equal to :func:`_encode_batch`.
+    """Token ids and the label mask of batches of rendered texts, equal to the offsets
+    way (:func:`_labels_from_offsets` over ``encode_batch``).
 
     :meth:`encode` is the Rust batch call (it releases the GIL: it may run in another thread while
     this one post-processes the previous batch); :meth:`labels` turns its encodings into
