@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from lora._io import atomic_write_json
 from lora.checks import IGNORE_INDEX
 from lora.models import checkpoint as ckpt
+from lora.models.fused_ops import rms_norm, swiglu
 
 __all__ = [
     "Phi3Config",
@@ -322,7 +323,8 @@ class Phi3Config:
 
 
 class Phi3RMSNorm(nn.Module):
-    """y = weight * (x / sqrt(mean(x^2) + eps)), the normalisation in fp32, cast back before the weight."""
+    """y = weight * (x / sqrt(mean(x^2) + eps)), the normalisation in fp32, cast back before the weight
+    (:func:`lora.models.fused_ops.rms_norm`)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -330,10 +332,9 @@ class Phi3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # One autograd function (lora.models.fused_ops): the same ops, bitwise; keeps x and the
+        # (..., 1) reciprocal RMS for backward instead of an fp32 copy of x.
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -587,8 +588,9 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (b, s, I)
-        return self.down_proj(up * F.silu(gate))
+        # up * silu(gate) of the (b, s, 2I) [gate | up] output, as one autograd function that
+        # keeps only that output for backward (not up, gate and silu(gate) besides).
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -802,18 +804,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if pad:
                 h = torch.cat((h, h.new_zeros(pad, h.shape[1])))
             logits = (h @ weight.T).to(acc)  # (c + pad, V)
-            lse = torch.logsumexp(logits, dim=-1)
             tgt = targets[rows]
-            total += (lse[:c] - logits[:c].gather(1, tgt[:, None]).squeeze(1)).sum()
+            picked = logits[:c].gather(1, tgt[:, None]).squeeze(1)
+            # torch.logsumexp's own ops (max, exp of the difference, sum, log, + max; bitwise its
+            # result), in place: no second (c + pad, V) temporary beside the logits.
+            top = logits.amax(dim=-1, keepdim=True)
+            top.masked_fill_(top.abs() == math.inf, 0.0)
+            sums = logits.sub_(top).exp_().sum(-1)  # logits now hold exp(logit - max)
+            lse = sums.log().add_(top.squeeze(1))
+            total += (lse[:c] - picked).sum()
             if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(c, device=probs.device), tgt] -= 1.0
+                # softmax, in place; only the name `logits` holds the block, so it is freed
+                # before the next chunk's logits exist
+                logits.div_(sums[:, None])
+                logits[torch.arange(c, device=logits.device), tgt] -= 1.0
                 assert grad is not None
                 if pad:
-                    probs[c:] = 0.0
-                    grad[rows] = torch.mm(probs.to(hidden.dtype), weight)[:c]
+                    logits[c:] = 0.0
+                    grad[rows] = torch.mm(logits.to(hidden.dtype), weight)[:c]
                 else:
-                    torch.mm(probs.to(hidden.dtype), weight, out=grad[rows])
+                    torch.mm(logits.to(hidden.dtype), weight, out=grad[rows])
             del logits
         ctx.save_for_backward(grad)
         return total

@@ -1,0 +1,227 @@
+"""Phi-3's RMSNorm and SwiGLU as autograd functions that keep less for backward.
+
+Autograd through the plain ops keeps what each op needs: RMSNorm's ``x.float()``, ``pow``,
+``rsqrt`` and ``mul`` keep an fp32 copy of the (tokens, hidden) input (and, with a trainable
+weight, the normalised activation); SwiGLU's ``up * silu(gate)`` keeps gate, up and a new
+(tokens, I) ``silu(gate)``. The functions here compute the same forward, op for op (the outputs
+are bitwise equal to the plain composites, :func:`rms_norm_reference` and
+:func:`swiglu_reference`), but keep only their input (in its own dtype) and, for RMSNorm, the
+(tokens, 1) reciprocal RMS. Backward runs chunk of rows by chunk, so that its temporaries stay
+small: RMSNorm's is derived by hand and computed in fp32 (fp64 for fp64); SwiGLU's draws
+silu(gate) again and runs autograd's own backward ops, so its gradient is bitwise the
+composite's.
+
+Pure torch ops, device agnostic. Under ``torch.compile`` and under autocast they call the plain
+composite (as :func:`lora.functional.lora_linear_fused` does), so that inductor fuses it and
+autocast's rules apply. Neither supports a second derivative (``create_graph=True`` through
+them raises).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference"]
+
+# Backward runs over chunks of rows of about this many elements: each temporary is 2 MiB in fp32
+# (not a (tokens, hidden) fp32 copy), small enough to stay in cache across the chunk's passes
+# (at Phi-3-mini's shapes, 2^17-2^20 measured about equally fast; 2^16 and below slower, from
+# the per-op overhead; RMSNorm's backward unchunked ~1.8x slower).
+CHUNK_ELEMENTS = 1 << 19
+
+
+def _composite_path(x: Tensor) -> bool:
+    # Compiled: let inductor fuse the plain ops. Autocast: its per-op rules apply to the composite.
+    return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+
+
+def _chunk_rows(width: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(width, 1))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32 and narrower floats, fp64 for fp64: what a hand-derived backward computes in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm_reference(
+    x: Tensor, weight: Tensor, eps: float, compute_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``weight * (x / sqrt(mean(x²) + eps)).to(x.dtype)``, normalised in ``compute_dtype``: the
+    plain composite (what transformers' Phi3RMSNorm computes), autograd through each op."""
+    dtype = x.dtype
+    h = x.to(compute_dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _check_norm_args(x: Tensor, weight: Tensor, compute_dtype: torch.dtype) -> None:
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(
+            f"rms_norm: x has dtype {x.dtype} and shape {tuple(x.shape)}; "
+            "expected a floating-point tensor (..., hidden)"
+        )
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"rms_norm: weight has shape {tuple(weight.shape)}; expected (hidden,) = ({x.shape[-1]},), "
+            "x's last dim"
+        )
+    if not compute_dtype.is_floating_point:
+        raise ValueError(f"rms_norm: compute_dtype={compute_dtype}; expected a floating dtype")
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, weight: Tensor, eps: float, compute_dtype: torch.dtype
+    ) -> Tensor:
+        # The composite's ops in its order (bitwise equal output), with in-place ops only on a
+        # fresh copy of x.
+        dtype = x.dtype
+        h = x.to(compute_dtype)
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        h = h.mul_(rstd) if h is not x else h * rstd
+        out = weight * h.to(dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.compute_dtype = compute_dtype  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        x, weight, rstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_x, need_w = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        # The forward normalised in compute_dtype; the backward runs in at least fp32.
+        cd = _compute_dtype(ctx.compute_dtype)  # type: ignore[attr-defined]
+        hidden = x.shape[-1]
+        xs = x.reshape(-1, hidden)
+        gs = grad_out.reshape(-1, hidden)
+        rs = rstd.reshape(-1, 1).to(cd)
+        rows = xs.shape[0]
+        w = weight.to(cd)
+        grad_x = torch.empty_like(xs, memory_format=torch.contiguous_format) if need_x else None
+        grad_w = torch.zeros(hidden, dtype=cd, device=x.device) if need_w else None
+        step = min(_chunk_rows(hidden), max(rows, 1))
+        n_buf = torch.empty(step, hidden, dtype=cd, device=x.device)
+        g_buf = torch.empty_like(n_buf)
+        t_buf = torch.empty_like(n_buf)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            k, r = stop - start, rs[start:stop]
+            n = n_buf[:k].copy_(xs[start:stop]).mul_(r)  # the normalised input, n = x · rstd
+            g = g_buf[:k].copy_(gs[start:stop])  # ∂L/∂out
+            if grad_w is not None:
+                # out = weight · n.to(dtype): ∂L/∂weight = Σ_rows ∂L/∂out · n.to(dtype)
+                t = t_buf[:k].copy_(n.to(x.dtype)) if x.dtype != cd else t_buf[:k].copy_(n)
+                grad_w.add_(t.mul_(g).sum(0))
+            if grad_x is not None:
+                g.mul_(w)  # ∂L/∂n
+                # ∂L/∂x = rstd · (∂L/∂n − n · mean(∂L/∂n · n))
+                dot = torch.mul(g, n, out=t_buf[:k]).mean(-1, keepdim=True)
+                grad_x[start:stop] = g.sub_(n.mul_(dot)).mul_(r)
+        return (
+            grad_x.view(x.shape) if grad_x is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float, compute_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """RMSNorm as Phi-3 computes it: ``weight * (x / sqrt(mean(x²) + eps)).to(x.dtype)``.
+
+    x (..., hidden) of any float dtype; weight (hidden,); normalised in ``compute_dtype`` (fp32,
+    as transformers, for every input dtype; fp64 gives an fp64 reference, e.g. for gradcheck),
+    cast back to x's dtype before the weight. Returns the dtype of ``weight * x``. The output is
+    bitwise equal to :func:`rms_norm_reference`.
+
+    Saved for backward: x itself, the weight and the (..., 1) reciprocal RMS in compute_dtype
+    (the composite keeps an fp32 copy of x, and the normalised activation when the weight is
+    trainable). Backward computes ∂x (and ∂weight only when the weight requires grad) in fp32,
+    by hand.
+
+    Raises:
+        ValueError: x not floating point, a weight that is not (hidden,), a compute_dtype that is
+            not floating point.
+    """
+    _check_norm_args(x, weight, compute_dtype)
+    if _composite_path(x):
+        return rms_norm_reference(x, weight, eps, compute_dtype)
+    return _RMSNorm.apply(x, weight, float(eps), compute_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU
+# ----------------------------------------------------------------------------------------------
+
+
+def swiglu_reference(gate_up: Tensor) -> Tensor:
+    """``up * silu(gate)`` with ``gate, up = gate_up.chunk(2, -1)``: the plain composite."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = F.silu(gate).mul_(up)  # = up * silu(gate), bitwise, without a second (..., I) tensor
+        ctx.save_for_backward(gate_up)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        (gate_up,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return (None,)
+        width = gate_up.shape[-1] // 2
+        xs = gate_up.reshape(-1, 2 * width)
+        gs = grad_out.reshape(-1, width)
+        rows = xs.shape[0]
+        grad = torch.empty_like(xs, memory_format=torch.contiguous_format)
+        step = _chunk_rows(width)
+        silu_out = torch.ops.aten.silu.out
+        silu_backward = torch.ops.aten.silu_backward.grad_input
+        for start in range(0, rows, step):
+            r = slice(start, min(start + step, rows))
+            gate, up, g = xs[r, :width], xs[r, width:], gs[r]
+            d_gate, d_up = grad[r, :width], grad[r, width:]
+            # The composite's backward op for op (so the gradient is bitwise autograd's), written
+            # straight into the two halves of the gradient, with silu(gate) drawn again.
+            silu_out(gate, out=d_up).mul_(g)  # ∂L/∂up = ∂L/∂out · silu(gate)
+            torch.mul(g, up, out=d_gate)  # ∂L/∂silu(gate) = ∂L/∂out · up
+            silu_backward(d_gate, gate, grad_input=d_gate)  # · silu'(gate)
+        return (grad.view(gate_up.shape),)
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """Phi-3's gated activation: ``up * silu(gate)`` with ``gate, up = gate_up.chunk(2, -1)``.
+
+    gate_up (..., 2·I), any float dtype -> (..., I); bitwise equal to :func:`swiglu_reference`.
+    Saved for backward: gate_up only (the composite keeps gate, up and a new (..., I)
+    ``silu(gate)``). Backward draws silu(gate) again and runs the composite's backward ops (in
+    gate_up's dtype, as autograd does) chunk by chunk into the two halves of the gradient: it is
+    bitwise the composite's gradient, with no (..., I) temporaries.
+
+    Raises:
+        ValueError: gate_up not floating point, or its last dim not even.
+    """
+    if not gate_up.is_floating_point() or gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"swiglu: gate_up has dtype {gate_up.dtype} and shape {tuple(gate_up.shape)}; "
+            "expected a floating-point tensor (..., 2 * intermediate_size), [gate | up]"
+        )
+    if _composite_path(gate_up):
+        return swiglu_reference(gate_up)
+    return _SwiGLU.apply(gate_up)
