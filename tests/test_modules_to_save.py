@@ -210,3 +210,21 @@ def test_a_tied_pair_with_two_different_tensors_in_the_file_is_refused(tmp_path)
     save_file(tensors, str(file))
     with pytest.raises(lora.AdapterError, match="tied .one tensor., but the file holds different"):
         lora.load_adapter(tied(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_tie_weights_after_inject_ties_the_originals_and_leaves_the_copy(saved):
+    model = tied()
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=[saved]))
+    train_step(model)
+    named = model.lm_head if saved == "lm_head" else model.model.embed_tokens
+    copy = named.modules_to_save["default"].weight
+    trained = copy.detach().clone()
+    keys = set(model.state_dict())
+    model.tie_weights()  # raised KeyError ("attribute 'weight' already exists") on the wrapper
+    assert set(model.state_dict()) == keys  # no stray parameter on the wrapper
+    head = getattr(model.lm_head, "original_module", model.lm_head)
+    embed = getattr(model.model.embed_tokens, "original_module", model.model.embed_tokens)
+    assert head.weight is embed.weight
+    assert named.modules_to_save["default"].weight is copy
+    torch.testing.assert_close(copy, trained, rtol=0, atol=0)
