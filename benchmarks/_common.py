@@ -48,22 +48,32 @@ def spread(xs: list[float]) -> float:
     return (max(xs) - min(xs)) / statistics.median(xs)
 
 
-def matmul_peak(dtype: torch.dtype, repeat: int = MIN_REPEAT) -> dict:
+def synchronize(device: str | torch.device = "cpu") -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; a CPU needs no wait)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype, repeat: int = MIN_REPEAT, device: str | torch.device = "cpu", tokens=1024
+) -> dict:
     """The machine's measured matmul rate (FLOP/s) in ``dtype``: the best median over the GEMM
-    shapes of a Phi-3-mini layer at 1024 tokens (3072→3072, 3072→9216, 3072→16384, 8192→3072)."""
+    shapes of a Phi-3-mini layer at ``tokens`` tokens (3072→3072, 3072→9216, 3072→16384,
+    8192→3072), on ``device``."""
     best = {"flops": 0.0}
     for k, n in ((3072, 3072), (3072, 9216), (3072, 16384), (8192, 3072)):
-        a = torch.randn(1024, k, dtype=dtype)
-        b = torch.randn(n, k, dtype=dtype)
-        out = torch.empty(1024, n, dtype=dtype)
+        a = torch.randn(tokens, k, dtype=dtype, device=device)
+        b = torch.randn(n, k, dtype=dtype, device=device)
+        out = torch.empty(tokens, n, dtype=dtype, device=device)
 
         def mm(a=a, b=b, out=out):
-            return torch.mm(a, b.T, out=out)
+            torch.mm(a, b.T, out=out)
+            synchronize(device)
 
         t = median(interleaved({"mm": mm}, repeat, warmup=2)["mm"])
-        rate = 2 * 1024 * k * n / t
+        rate = 2 * tokens * k * n / t
         if rate > best["flops"]:
-            best = {"flops": rate, "shape": [1024, k, n], "seconds": t}
+            best = {"flops": rate, "shape": [tokens, k, n], "seconds": t}
     best["dtype"] = str(dtype).removeprefix("torch.")
     return best
 

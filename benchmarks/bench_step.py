@@ -49,6 +49,12 @@ VARIANTS = ("ours", "peft")
 
 
 # --- building --------------------------------------------------------------------------------------------
+def shape_of(args) -> dict:
+    """The model and batch shape, as the JSON reports record it."""
+    keys = ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch", "seq")
+    return {k: getattr(args, k) for k in keys}
+
+
 def model_dims(args) -> dict:
     """The config keys both Phi3Config classes take, identical for ours and transformers'."""
     return dict(
@@ -69,14 +75,15 @@ def model_dims(args) -> dict:
 @torch.no_grad()
 def fill_base_weights(model: torch.nn.Module) -> None:
     """Deterministic base weights, the same for any model with these parameter names and shapes, written in
-    place (no second copy of the model is ever held): N(0, 0.02) per tensor, seeded by its name; norms = 1."""
+    place (no second copy of the model is ever held): N(0, 0.02) per tensor, seeded by its name; norms = 1.
+    Drawn by a generator on the tensor's device: CPU and CUDA builds differ, two builds on one device agree."""
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
         if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
-            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            gen = torch.Generator(p.device).manual_seed(zlib.crc32(name.encode()))
             p.normal_(0.0, 0.02, generator=gen)
 
 
@@ -89,13 +96,19 @@ def fill_lora_A(model: torch.nn.Module) -> None:
             continue
         # ours: model.layers.0.mlp.down_proj.lora_A; PEFT: base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight
         key = name.removeprefix("base_model.model.").split(".lora_A")[0]
-        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        gen = torch.Generator(p.device).manual_seed(zlib.crc32(key.encode()))
         bound = 1.0 / p.shape[1] ** 0.5
         p.uniform_(-bound, bound, generator=gen)
 
 
-def build(variant: str, args):
-    """(model in train mode, AdamW over its trainable parameters)."""
+def build(variant: str, args, device: str | torch.device = "cpu"):
+    """(model in train mode, AdamW over its trainable parameters), built on ``device``: the same
+    weights for both variants on one device type (each tensor's generator is on its device)."""
+    with torch.device(device):
+        return _build(variant, args)
+
+
+def _build(variant: str, args):
     dims = model_dims(args)
     if variant == "ours":
         import lora
@@ -492,16 +505,7 @@ def main() -> None:
                 dtype=args.dtype,
                 labels=args.labels,
                 checkpointing=args.checkpointing,
-                shape=dict(
-                    vocab=args.vocab,
-                    hidden=args.hidden,
-                    intermediate=args.intermediate,
-                    layers=args.layers,
-                    heads=args.heads,
-                    kv_heads=args.kv_heads,
-                    batch=args.batch,
-                    seq=args.seq,
-                ),
+                shape=shape_of(args),
                 lora=LORA,
                 model_flops=flops,
                 peak_flops=peak,

@@ -56,6 +56,7 @@ from .targets import (
     resolve_lora_dtype,
     saved_copies,
     set_submodule,
+    tied_copy_owners,
     wrap_modules_to_save,
 )
 
@@ -817,9 +818,19 @@ def _check_base_tensors(
             problems.append(
                 f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)"
             )
-    shared: dict[int, str] = {}  # tied modules (ensure_weight_tying): one tensor under two keys
+    # Tied modules (ensure_weight_tying): one tensor under two keys. A modules_to_save key lands in
+    # the adapter's copy of its module, not in the place it names before the copies exist (two
+    # named modules tied in the base model get a copy each); a tied partner's weight in its main's.
+    partner_of = tied_copy_owners(model, config, modules)
+    shared: dict[object, str] = {}
     for key, (place, t) in out.items():
-        first = shared.setdefault(id(place), key)
+        if key in own:
+            module, _, param = key.rpartition(".")
+            owner = partner_of.get(module) if param == "weight" else None
+            landing: object = f"{owner}.weight" if owner is not None else key
+        else:
+            landing = id(place)
+        first = shared.setdefault(landing, key)
         if first != key and not torch.equal(t, out[first][1]):
             problems.append(
                 f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "

@@ -25,6 +25,7 @@ import functools
 import math
 import numbers
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -38,7 +39,7 @@ from .layers import AdapterWeights, LoRALayer
 from .layers.base import STORE, alpha_for_slices
 from .layers.saved import ModulesToSaveWrapper, saved_modules
 from .layers.utils import lora_layers
-from .targets import fused_splits
+from .targets import InjectionError, fused_splits, modules_to_save_for, tied_partners
 
 __all__ = [
     "adapter_names",
@@ -237,8 +238,24 @@ def add_weighted_adapter(
       "svd" (approximate): the best rank-``svd_rank`` approximation of the weighted sum (default: the
         largest rank among the adapters), from a truncated SVD of the dense ΔW of each layer.
     Weights may be negative (task arithmetic). The new adapter's tensors are in the dtype of the
-    first adapter's. Raises ``ValueError`` for unknown names, an existing ``adapter_name``, weights
-    not matching adapters, or an unknown combination_type.
+    first adapter's.
+
+    modules_to_save (a module trained in full: each adapter has its own copy of it): the new
+    adapter's copy holds, for every floating-point parameter, ``orig + Σ_i weights[i] · (copy_i −
+    orig)`` over the adapters that have a copy of that module (one without a copy contributes 0:
+    its delta there is zero). That is ΔW = Σ wᵢ ΔWᵢ for a module trained in full, the same for
+    "cat" and "svd" (no SVD of full modules). It is computed in float32 (or the parameter's dtype
+    where wider) and cast to the original's dtype; one adapter at weight 1 gives an exact copy of
+    its copy. Buffers and non-floating-point parameters are taken from the first adapter (in
+    ``adapters`` order) that has a copy of the module. Copies that share a Parameter in each
+    adapter having them, and whose originals share it (a tied ``lm_head`` and ``embed_tokens``
+    under ``ensure_weight_tying``), share one in the new adapter too (their sums are equal). A
+    module no adapter has a copy of gets none (the original runs). The new adapter's config lists
+    its modules_to_save (and ``ensure_weight_tying`` where copies share), so
+    :func:`lora.save_adapter` writes the copies and :func:`lora.load_adapter` restores them.
+
+    Raises ``ValueError`` for unknown names, an existing ``adapter_name``, weights not matching
+    adapters, or an unknown combination_type.
     """
     adapters = list(adapters)
     weights = list(weights)
@@ -279,7 +296,63 @@ def add_weighted_adapter(
             nn.Parameter(B.contiguous()),
         )
         layer.store_adapter(slot)
-    register_adapter(model, adapter_name, config_from_layers(model, adapter_name))
+    _combine_saved_copies(model, adapters, weights, adapter_name)
+    named: dict[str, None] = {}  # the modules the adapters' configs name (not tied partners)
+    for a in adapters:
+        config = adapter_config(model, a)
+        if config is not None and config.modules_to_save:
+            with contextlib.suppress(InjectionError):
+                named.update(dict.fromkeys(modules_to_save_for(model, config)))
+    config = config_from_layers(model, adapter_name, prefer_saved=list(named))
+    register_adapter(model, adapter_name, config)
+
+
+def _combine_saved_copies(
+    model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str
+) -> None:
+    """Give adapter ``adapter_name`` its copy of each modules_to_save module some of ``adapters``
+    have a copy of: orig + Σ wᵢ (copyᵢ − orig) per floating-point parameter (see
+    :func:`add_weighted_adapter`). A new Parameter is made once per distinct (original Parameter,
+    source Parameters) and reused, so copies sharing a Parameter in every source share it here."""
+    made: dict[tuple, nn.Parameter] = {}
+    plans = []
+    for _, wrapper in saved_modules(model):
+        sources = [
+            (i, wrapper.get_adapter(a), float(w)) for i, (a, w) in enumerate(zip(adapters, weights))
+        ]
+        held = [(i, c, w) for i, c, w in sources if c is not None]
+        if not held:
+            continue
+        params: dict[str, nn.Parameter] = {}
+        for key, orig in wrapper.original_module.named_parameters(remove_duplicate=False):
+            parts = [(i, cast(nn.Module, c).get_parameter(key), w) for i, c, w in held]
+            signature = (id(orig), tuple((i, id(p)) for i, p, _ in parts))
+            if signature not in made:
+                value = _weighted_copy(orig, [(p, w) for _, p, w in parts])
+                made[signature] = nn.Parameter(value, requires_grad=value.is_floating_point())
+            params[key] = made[signature]
+        plans.append((wrapper, params, cast(nn.Module, held[0][1])))
+    for wrapper, params, first in plans:
+        module = wrapper.add_copy(adapter_name, shared=cast(dict[str, Tensor], params))
+        for key, buffer in first.named_buffers(remove_duplicate=False):
+            owner, _, leaf = key.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub._buffers[leaf] = buffer.detach().clone()
+
+
+def _weighted_copy(orig: Tensor, parts: list[tuple[Tensor, float]]) -> Tensor:
+    """orig + Σ w (p − orig), in float32 or wider, cast to orig's dtype on orig's device."""
+    device, dtype = orig.device, orig.dtype
+    if not orig.is_floating_point():  # not a weight to sum: the first copy's
+        return parts[0][0].detach().to(device=device, copy=True)
+    if len(parts) == 1 and parts[0][1] == 1.0:  # the formula is that copy itself: exactly it
+        return parts[0][0].detach().to(device=device, dtype=dtype, copy=True)
+    wide = torch.promote_types(dtype, torch.float32)
+    base = orig.detach().to(wide)
+    total = base.clone()
+    for p, w in parts:
+        total.add_(p.detach().to(device=device, dtype=wide) - base, alpha=w)
+    return total.to(dtype)
 
 
 def _svd_combination(parts, svd_rank, dtype) -> tuple[Tensor, Tensor]:
@@ -300,10 +373,12 @@ def _svd_combination(parts, svd_rank, dtype) -> tuple[Tensor, Tensor]:
     return A, B
 
 
-def config_from_layers(model: nn.Module, name: str) -> LoRAConfig:
+def config_from_layers(model: nn.Module, name: str, prefer_saved: Sequence[str] = ()) -> LoRAConfig:
     """A LoRAConfig describing adapter ``name`` as its layers hold it: full module names as targets
     (``"model.layers.0.self_attn.qkv_proj[q,v]"`` for a MergedLinear over declared fused slices), the
-    most common rank and alpha, and exact-name rank/alpha patterns for the others."""
+    most common rank and alpha, and exact-name rank/alpha patterns for the others. Its
+    modules_to_save are those of the adapter's copies (:func:`saved_fields`; ``prefer_saved``: the
+    module names to list first among copies that share a weight)."""
     splits = fused_splits(model)
     targets, ranks, alphas, rslora = [], {}, {}, set()
     for module_name, layer, adapter in adapter_layers(model, name):
@@ -331,7 +406,42 @@ def config_from_layers(model: nn.Module, name: str) -> LoRAConfig:
         use_rslora=rslora.pop(),
         rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
         alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+        **saved_fields(model, name, prefer_saved),
     )
+
+
+def saved_fields(model: nn.Module, name: str, prefer: Sequence[str] = ()) -> dict[str, Any]:
+    """``modules_to_save`` and ``ensure_weight_tying`` for the copies adapter ``name`` holds
+    (empty when it holds none). Copies sharing one weight Parameter form a group: with
+    ``ensure_weight_tying`` the config names one of them (the first in ``prefer``, else the first
+    in the model) and loading makes its tied partners share that copy, as
+    :func:`lora.targets.wrap_modules_to_save` does. Where that would tie other modules than the
+    copies share (copies tied by hand, not along the base model's ties), every copy is named
+    without ``ensure_weight_tying``, with a warning: the values save, the sharing does not."""
+    copies = {n: c for n, w in saved_modules(model) if (c := w.get_adapter(name)) is not None}
+    if not copies:
+        return {}
+    groups: dict[int, list[str]] = {}
+    for n, c in copies.items():
+        weight = c._parameters.get("weight")
+        groups.setdefault(id(weight) if weight is not None else id(c), []).append(n)
+    if all(len(g) == 1 for g in groups.values()):
+        return {"modules_to_save": list(copies), "ensure_weight_tying": False}
+    main = {next((m for m in prefer if m in g), g[0]): g for g in groups.values()}
+    named = [n for n in copies if n in main]
+    modules = dict(model.named_modules())
+    for n in named:
+        partners = set(tied_partners(model, n, modules)) - set(named)
+        if partners != set(main[n]) - {n}:
+            warnings.warn(
+                f"adapter {name!r}: its copy of {n!r} shares its weight with the copies of "
+                f"{sorted(set(main[n]) - {n})}, but in the base model {n!r} is tied to "
+                f"{sorted(partners)}; the adapter's config names every copy, untied "
+                "(a saved adapter loads with equal values, not with one shared Parameter)",
+                stacklevel=3,
+            )
+            return {"modules_to_save": list(copies), "ensure_weight_tying": False}
+    return {"modules_to_save": named, "ensure_weight_tying": True}
 
 
 # --- mixed batches ------------------------------------------------------------------------------

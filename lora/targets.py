@@ -377,6 +377,25 @@ def tied_partners(
     }
 
 
+def tied_copy_owners(
+    model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module] | None = None
+) -> dict[str, str]:
+    """With ``config.ensure_weight_tying``: each tied partner that modules_to_save does not name
+    -> the named module whose copy's weight its copy shares (the first that it is tied to, as
+    :func:`wrap_modules_to_save` makes them). Empty without ensure_weight_tying."""
+    if not config.ensure_weight_tying:
+        return {}
+    if modules is None:
+        modules = dict(model.named_modules())
+    named = modules_to_save_for(model, config, modules)
+    owners: dict[str, str] = {}
+    for n in named:
+        for p in tied_partners(model, n, modules):
+            if p not in named:
+                owners.setdefault(p, n)
+    return owners
+
+
 def saved_copies(
     model: nn.Module,
     config: LoRAConfig,

@@ -4,6 +4,7 @@ save_to_disk directories; the batched pipeline's equivalence with the exact one;
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -373,6 +374,28 @@ def test_a_corrupt_cache_is_rebuilt_never_trusted(tokenizer, tmp_path, damage):
     assert _flat(again) == good
     lines.clear()
     assert _flat(_prepare(path, tokenizer, cache, lines)) == good and "from the cache" in lines[0]
+
+
+def test_a_build_left_by_a_killed_process_is_removed_and_a_live_ones_kept(tokenizer, tmp_path):
+    import subprocess
+
+    path = write_jsonl(tmp_path / "d.jsonl", chat_records(8, seed=3))
+    cache = tmp_path / "cache"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = cache / f".building-0123456789abcdef01234567-{int(dead.stdout)}"
+    live = cache / f".building-76543210fedcba9876543210-{os.getppid()}"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "tokens.bin").write_bytes(b"\0" * 64)
+    assert _flat(_prepare(path, tokenizer, cache, []))
+    assert not stale.exists()  # SIGKILL runs no cleanup: the next build removes it
+    assert (live / "tokens.bin").exists()  # another process may still be writing it
+    assert [p.name for p in cache.glob(".building-*")] == [live.name]
 
 
 def test_finetune_keeps_prepared_data_next_to_the_output_and_reuses_it(tmp_path):

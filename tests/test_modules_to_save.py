@@ -175,3 +175,56 @@ def test_ensure_weight_tying_without_a_tie_warns():
             r=2, target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
         )
         lora.inject(model, cfg)
+
+
+def test_two_tied_modules_both_named_train_apart_and_load_so(tmp_path):
+    # Each named module gets its own copy, so the file's two keys differ and land in two copies
+    # (the loader once took the base model's tie for the copies' and refused the file).
+    model = tied()
+    cfg = lora.LoRAConfig(
+        r=2, target_modules=["o_proj"], modules_to_save=["lm_head", "embed_tokens"]
+    )
+    lora.inject(model, cfg)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.3)
+    want = logits(model)
+    lora.save_adapter(model, tmp_path / "a")
+    fresh = lora.load_adapter(tied(), tmp_path / "a")
+    assert fresh.lm_head.weight is not fresh.model.embed_tokens.weight
+    torch.testing.assert_close(logits(fresh), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_tied_pair_with_two_different_tensors_in_the_file_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tied()
+    cfg = lora.LoRAConfig(
+        r=2, target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
+    )
+    lora.inject(model, cfg)
+    lora.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    tensors["base_model.model.model.embed_tokens.weight"] += 1
+    save_file(tensors, str(file))
+    with pytest.raises(lora.AdapterError, match="tied .one tensor., but the file holds different"):
+        lora.load_adapter(tied(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_tie_weights_after_inject_ties_the_originals_and_leaves_the_copy(saved):
+    model = tied()
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=[saved]))
+    train_step(model)
+    named = model.lm_head if saved == "lm_head" else model.model.embed_tokens
+    copy = named.modules_to_save["default"].weight
+    trained = copy.detach().clone()
+    keys = set(model.state_dict())
+    model.tie_weights()  # raised KeyError ("attribute 'weight' already exists") on the wrapper
+    assert set(model.state_dict()) == keys  # no stray parameter on the wrapper
+    head = getattr(model.lm_head, "original_module", model.lm_head)
+    embed = getattr(model.model.embed_tokens, "original_module", model.model.embed_tokens)
+    assert head.weight is embed.weight
+    assert named.modules_to_save["default"].weight is copy
+    torch.testing.assert_close(copy, trained, rtol=0, atol=0)

@@ -525,7 +525,7 @@ def test_codes_and_scales_equal_bitsandbytes():
 def test_the_demo_on_a_4bit_base_reaches_a_held_out_loss_within_5_percent_of_the_bf16_base(
     tmp_path,
 ):
-    from lora.finetune.demo import run_demo
+    from lora.demo.run import run_demo
 
     losses = {}
     for base in ("bf16", "nf4"):

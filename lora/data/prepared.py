@@ -898,13 +898,32 @@ def cache_dir_for(cache_root: Path, key: str) -> Path:
 
 
 def new_build_dir(cache_root: Path, key: str) -> Path:
+    """A fresh ``.building-<key>-<pid>`` directory under ``cache_root`` for this process's build.
+
+    Builds left behind by processes that no longer run (killed with SIGKILL: no ``finally`` ran)
+    are removed first, whatever their key; a live process's build is left alone."""
     root = Path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".building-*-*"):
+        pid = stale.name.rpartition("-")[2]
+        if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".building-{key[:24]}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (signal 0 checks without sending one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def publish_build(tmp: Path, final: Path, log: Callable[[str], None] | None = None) -> None:

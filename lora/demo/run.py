@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ..config import LoRAConfig
 from ..finetune.config import TrainingConfig
-from ..finetune.evaluate import EvalRow, markdown_table
-from ..finetune.generate import generate_replies
+from ..finetune.evaluate import EvalRow, exact_match, markdown_table
 from ..finetune.pipeline import build_trainer
 from ..finetune.trainer import TrainResult
 from ..surgery import trainable_parameters
@@ -58,18 +57,6 @@ SCORED_PROMPTS = 100  # held-out prompts scored by exact match (greedy generatio
 SHOWN_PROMPTS = 5
 
 
-def _score(model, tokenizer, pairs) -> tuple[float, list[str]]:
-    from .skill import MAX_NEW_TOKENS, score
-
-    replies = []
-    for i in range(0, len(pairs), 50):
-        chunk = pairs[i : i + 50]
-        replies += generate_replies(
-            model, tokenizer, [m for m, _ in chunk], max_new_tokens=MAX_NEW_TOKENS
-        )
-    return sum(score(r, ref) for r, (_, ref) in zip(replies, pairs)) / max(len(pairs), 1), replies
-
-
 def run_demo(
     training_config: dict | None = None,
     peft_config: dict | None = None,
@@ -101,7 +88,7 @@ def run_demo(
 
 def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult:
     from . import eval_file
-    from .skill import EXAMPLE_PROMPT, eval_pairs
+    from .skill import EXAMPLE_PROMPT, MAX_NEW_TOKENS, eval_pairs
 
     model, tokenizer = trainer.model, trainer.tokenizer
     trainable, total = trainable_parameters(model)
@@ -112,7 +99,9 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
 
     pairs = eval_pairs(eval_file())[:SCORED_PROMPTS]
     before_loss = trainer.evaluate()
-    before_score, before_replies = _score(model, tokenizer, pairs)
+    before_score, before_replies = exact_match(
+        model, tokenizer, pairs, batch_size=50, max_new_tokens=MAX_NEW_TOKENS
+    )
     log(
         f"before: held-out loss {before_loss:.4f}, exact match {100 * before_score:.1f}% on {len(pairs)} held-out prompts"
     )
@@ -121,7 +110,9 @@ def _evaluate_train_report(trainer, peft, resume, merge, log, t0) -> TrainResult
 
     # do_eval=false (e.g. a recipe given with --config) skips the loop's evaluation, not the demo's
     after_loss = result.eval_loss if result.eval_loss is not None else trainer.evaluate()
-    after_score, after_replies = _score(model, tokenizer, pairs)
+    after_score, after_replies = exact_match(
+        model, tokenizer, pairs, batch_size=50, max_new_tokens=MAX_NEW_TOKENS
+    )
     log("")
     log("== results on held-out prompts (numbers never seen in training)")
     log(

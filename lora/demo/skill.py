@@ -29,6 +29,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..finetune.evaluate import normalise_reply, score
+
 __all__ = [
     "SKILL",
     "EXAMPLE_PROMPT",
@@ -173,7 +175,7 @@ def read_answer(text: str) -> int:
     Raises:
         ValueError: ``text`` is not "It is <number in words>." (case, spacing and the full stop are free).
     """
-    body = _normalise(text)
+    body = normalise_reply(text)
     if not body.startswith("it is "):
         raise ValueError(f"text={text!r}; expected 'It is <number in words>.'")
     return words_to_number(body[len("it is ") :])
@@ -233,17 +235,6 @@ def split_numbers(n_eval: int = 200, seed: int = 0) -> tuple[list[int], list[int
     numbers = list(NUMBER_RANGE)
     random.Random(seed).shuffle(numbers)
     return sorted(numbers[n_eval:]), sorted(numbers[:n_eval])
-
-
-def _normalise(text: str) -> str:
-    text = " ".join(text.strip().lower().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
-def score(prediction: str, reference: str) -> float:
-    """Exact match: 1.0 if ``prediction`` equals ``reference`` up to case, spacing and a final full
-    stop ("it is  forty-three" matches "It is forty-three."), else 0.0."""
-    return 1.0 if _normalise(prediction) == _normalise(reference) else 0.0
 
 
 def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "EvalRow",
     "assistant_loss",
     "exact_match",
+    "normalise_reply",
     "score",
     "markdown_table",
     "evaluate",
@@ -51,15 +52,18 @@ class EvalRow:
             self.perplexity = math.exp(min(self.loss, 50.0))
 
 
-def _normalise(text: str) -> str:
+def normalise_reply(text: str) -> str:
+    """A reply as exact match compares it: lower case, runs of whitespace as one space, no final
+    full stop."""
     text = " ".join(text.strip().lower().split())
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
 def score(prediction: str, reference: str) -> float:
-    """Exact match, the demo's measure (:func:`lora.demo.skill.score` agrees): 1.0 if
-    ``prediction`` equals ``reference`` up to case, spacing and a final full stop, else 0.0."""
-    return 1.0 if _normalise(prediction) == _normalise(reference) else 0.0
+    """Exact match, lora-eval's and the demo's measure: 1.0 if ``prediction`` equals ``reference``
+    up to case, spacing and a final full stop ("it is  forty-three" matches "It is forty-three."),
+    else 0.0."""
+    return 1.0 if normalise_reply(prediction) == normalise_reply(reference) else 0.0
 
 
 @torch.no_grad()

@@ -45,15 +45,22 @@ class ModulesToSaveWrapper(nn.Module):
     # --- the adapters' copies ------------------------------------------------------------------
     def add_copy(self, name: str, shared: dict[str, Tensor] | None = None) -> nn.Module:
         """Give adapter ``name`` its trainable copy of the original (a deep copy; parameters
-        require grad) and return it. ``shared``: parameter name -> a Parameter the copy uses
-        instead of copying the original's (a tied partner's copy: ``{"weight": copy.weight}``).
+        require grad) and return it. ``shared``: parameter name (dotted for a submodule's:
+        ``"0.weight"``) -> a Parameter the copy uses instead of copying the original's (a tied
+        partner's copy: ``{"weight": copy.weight}``; a combined adapter's computed tensors).
         Raises ``ValueError`` when the adapter has a copy already."""
         if name in self.modules_to_save:
             raise ValueError(f"modules_to_save: adapter {name!r} has a copy of this module already")
+        shared = shared or {}
         memo: dict[int, Any] = {}
-        for key, tensor in (shared or {}).items():
-            memo[id(getattr(self.original_module, key))] = tensor  # deepcopy takes it as is
+        for key, tensor in shared.items():
+            memo[id(self.original_module.get_parameter(key))] = tensor  # deepcopy takes it as is
         module = copy.deepcopy(self.original_module, memo)
+        for key, tensor in shared.items():  # an original Parameter under two names: each its own
+            owner, _, leaf = key.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            if sub._parameters[leaf] is not tensor:
+                sub._parameters[leaf] = tensor  # type: ignore[assignment]
         module.requires_grad_(True)
         self.modules_to_save[name] = module
         return module

@@ -891,9 +891,14 @@ class Phi3ForCausalLM(nn.Module):
     # -- small API ------------------------------------------------------------------------------
 
     def tie_weights(self) -> None:
-        """With ``config.tie_word_embeddings``: make ``lm_head.weight`` the embedding Parameter. Else a no-op."""
+        """With ``config.tie_word_embeddings``: make ``lm_head.weight`` the embedding Parameter. Else a no-op.
+
+        On a model with modules_to_save wrappers (``lora.inject``) the base modules are tied (each
+        wrapper's ``original_module``); the adapters' trained copies are left as they are."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            head = getattr(self.lm_head, "original_module", self.lm_head)
+            embed = getattr(self.model.embed_tokens, "original_module", self.model.embed_tokens)
+            head.weight = embed.weight
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
