@@ -5,8 +5,9 @@ torch can use, and skips where there is none (CI). ``LORA_TEST_DEVICES=cpu`` run
 the CPU, which is how they are kept honest between sessions that have a GPU. The references are
 computed on the CPU (fp64 where it matters), so a device-specific branch that computes something
 else fails here: the fused LoRA linear (its seeded dropout mask drawn on the device), the fused
-MergedLinear blocks, Phi-3 with LoRA (logits, loss, gradients, chunked and plain loss), greedy
-generation with the KV cache, a 4-bit base, and the trainer's bf16 loop with checkpoint and resume.
+MergedLinear blocks, the fused RMSNorm and SwiGLU, Phi-3 with LoRA (logits, loss, gradients,
+chunked and plain loss), greedy generation with the KV cache, a 4-bit base, and the trainer's bf16
+loop with checkpoint and resume.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tiny import TINY_PHI3, chat_records, tiny_training, write_checkpoint, write
 
 import lora
 import lora.functional as LF
+import lora.models.fused_ops as FO
 from lora.layers.utils import lora_layers
 from lora.models import Phi3Config, Phi3ForCausalLM
 
@@ -120,6 +122,41 @@ def _tiny(seed=0, **over) -> Phi3ForCausalLM:
     for _, layer in lora_layers(model):
         randomize_lora(layer, g, scale=0.2)
     return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_and_swiglu_are_the_composite_and_match_the_float64_reference(device, dtype):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 37, 96, generator=g, dtype=torch.float64) * 3
+    w = torch.rand(96, generator=g, dtype=torch.float64) + 0.5
+    gate_up = torch.randn(3, 37, 160, generator=g, dtype=torch.float64)
+    cases = (
+        (FO.rms_norm, FO.rms_norm_reference, (x, w), (1e-5,)),
+        (FO.swiglu, FO.swiglu_reference, (gate_up,), ()),
+    )
+    for fused, plain, args, extra in cases:
+        ours = [a.to(device, dtype).requires_grad_(True) for a in args]
+        twin = [a.detach().clone().requires_grad_(True) for a in ours]
+        got, want = fused(*ours, *extra), plain(*twin, *extra)
+        assert torch.equal(got, want), fused.__name__  # the same ops on the same device
+        upstream = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        (got.double() * upstream.to(device)).sum().backward()
+        # the reference: the operands as the device saw them, autograd in fp64 on the CPU
+        ref = [a.detach().cpu().double().requires_grad_(True) for a in ours]
+        out = (
+            FO.rms_norm_reference(*ref, *extra, compute_dtype=torch.float64)
+            if fused is FO.rms_norm
+            else plain(*ref)
+        )
+        (out * upstream).sum().backward()
+        for a, r in zip(ours, ref):
+            assert a.grad.device.type == torch.device(device).type and a.grad.dtype == dtype
+            # bf16: the upstream gradient itself arrives rounded to bf16 (2⁻⁹ relative)
+            scale = r.grad.abs().max().item()
+            tol = (
+                dict(rtol=2e-2, atol=1e-2 * scale) if dtype == torch.bfloat16 else _tolerance(dtype)
+            )
+            torch.testing.assert_close(a.grad.cpu().double(), r.grad, **tol)
 
 
 @pytest.mark.parametrize("chunked", [True, False])
