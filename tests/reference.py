@@ -68,3 +68,20 @@ def randomize_lora(layer, generator=None, scale=0.5):
                 torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) * scale
             )
     return layer
+
+
+def saved_bytes(fn, exclude=()):
+    """Bytes of distinct tensor storages saved for backward by ``fn()``, leaving out ``exclude``."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import randomize_lora
+from reference import randomize_lora, saved_bytes
 from tiny import TINY_PHI3
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -203,23 +203,6 @@ def test_gradient_checkpointing_recomputes_the_same_mask():
 
 
 # --- memory: what is saved, and no fp32 copies of bf16 activations ------------------------------
-
-
-def saved_bytes(fn, exclude=()):
-    """Bytes of distinct tensor storages saved for backward by ``fn()``, leaving out ``exclude``."""
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = [0]
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total[0], out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import saved_bytes
 from tiny import TINY_PHI3
 
 import lora.models.fused_ops as FO
@@ -225,23 +226,6 @@ def composite_phi3():
         mock.patch.object(phi3, "swiglu", FO.swiglu_reference),
     ):
         yield
-
-
-def saved_bytes(fn, exclude=()):
-    """Bytes of distinct tensor storages saved for backward by ``fn()``, leaving out ``exclude``."""
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = [0]
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total[0], out
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
