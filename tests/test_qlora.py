@@ -121,6 +121,20 @@ def test_round_trip_matches_an_independent_reference(shape):
     torch.testing.assert_close(dequantize_nf4(data, torch.float64), expected, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_decode_is_the_fp32_decode_rounded_once(dtype):
+    # The decode writes code · scale, computed in fp32, straight into the 16-bit result: the same
+    # bits as decoding in fp32 and casting (not a product of already-rounded 16-bit factors).
+    torch.manual_seed(1)
+    data = quantize_nf4(torch.randn(37, 130) * 0.05)
+    fp32 = dequantize_nf4(data, torch.float32)
+    assert torch.equal(dequantize_nf4(data, dtype), fp32.to(dtype))
+    book, scales = nf4_code_book(torch.float32), data.block_scales()
+    codes = unpack_4bit(data.packed)[: fp32.numel()].long()
+    blocks = torch.arange(fp32.numel()) // data.block_size
+    assert torch.equal(fp32.reshape(-1), book[codes] * scales[blocks])
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(1, 40),

@@ -236,8 +236,15 @@ def dequantize_blocks(
     scales = data.block_scales() if scales is None else scales
     table = byte_pair_table(data.packed.device) if pair_table is None else pair_table
     packed = data.packed[b0 * bs // 2 : b1 * bs // 2]
-    values = table[packed.int()].view(b1 - b0, bs)
-    return values.mul_(scales[b0:b1].unsqueeze(1)).to(dtype).view(-1)
+    # index_select, not table[...]: on a CPU advanced indexing is about 4x slower for this gather
+    values = torch.index_select(table, 0, packed.int()).view(b1 - b0, bs)
+    block_scale = scales[b0:b1].unsqueeze(1)
+    if dtype == values.dtype:
+        return values.mul_(block_scale).view(-1)
+    # The product in fp32, rounded once into dtype as it is stored: bitwise (v * s).to(dtype),
+    # without a second pass over an fp32 copy.
+    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    return torch.mul(values, block_scale, out=out).view(-1)
 
 
 def dequantize_nf4(data: NF4Data, dtype: torch.dtype = torch.float32) -> Tensor:
