@@ -8,24 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import randomize_lora
+from tiny import MODULES_TO_SAVE_IDS as IDS
+from tiny import MODULES_TO_SAVE_PHI3 as PHI3
 from torch import nn
 
 import lora
 from lora.models import Phi3Config, Phi3ForCausalLM
-
-IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
-PHI3 = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
 
 
 class Shift(nn.Module):

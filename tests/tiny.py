@@ -112,6 +112,21 @@ def write_jsonl(path: Path, records) -> Path:
 
 
 # A tiny Phi-3 config (grouped-query attention), and longrope settings to add to it.
+# A one-layer Phi-3 for the modules_to_save tests (a 64-token vocabulary whose head and embedding
+# are worth a trained copy), and the ids they run.
+MODULES_TO_SAVE_IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
+MODULES_TO_SAVE_PHI3 = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 TINY_PHI3 = dict(
     vocab_size=96,
     hidden_size=32,
