@@ -6,6 +6,8 @@
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py step --layers 32 --base nf4
     # tokens/s, nf4 vs bf16 base, same shapes:
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py speed --layers 2
+    # step time on one 4-bit model, the recomputation keeping its decoded weights or not, alternating:
+    flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py keep --layers 2 --rounds 4
     # demo held-out loss, nf4 vs bf16 base:
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py quality [--max-steps 400]
 
@@ -15,6 +17,9 @@ base Linear quantised as soon as it exists (--base nf4), so the whole model is n
 LoRA r=16, alpha=32, all-linear, fp32 adapters, AdamW; one step at batch 1 × --seq 512 tokens with
 activation checkpointing, compute in bf16. It prints peak RSS (ru_maxrss of its own process) and
 tokens/s. ``speed`` runs ``step`` once per base in separate processes and prints the ratio.
+``keep``: the same step on one 4-bit model, alternating rounds with and without
+``lora.quant.keep_decoded_on_recompute`` (without it, backward decodes each weight a third time);
+the fastest step of each counts, so load from elsewhere hurts both alike.
 Nothing here asserts: these are measurements.
 """
 
@@ -193,6 +198,43 @@ def cmd_step(args) -> dict:
     return result
 
 
+def cmd_keep(args) -> dict:
+    from lora.models import phi3
+
+    torch.manual_seed(0)
+    dims = {**MINI, "num_hidden_layers": args.layers}
+    model = build(dims, "nf4", torch.bfloat16)
+    lora.inject(model, LORA)
+    model.gradient_checkpointing_enable()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    ids = torch.randint(0, dims["vocab_size"] - 100, (1, args.seq))
+    keep = phi3.keep_decoded_on_recompute
+
+    def step(kept: bool) -> float:
+        phi3.keep_decoded_on_recompute = keep if kept else (lambda fn: fn)  # type: ignore[assignment]
+        try:
+            t = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t
+        finally:
+            phi3.keep_decoded_on_recompute = keep
+
+    step(True)  # warm-up
+    times: dict[str, list[float]] = {"kept": [], "decoded in backward": []}
+    for _ in range(args.rounds):
+        times["kept"].append(step(True))
+        times["decoded in backward"].append(step(False))
+    for name, ts in times.items():
+        print(f"{name:20s} best {min(ts):.2f}s  all " + " ".join(f"{t:.2f}" for t in ts))
+    ratio = min(times["decoded in backward"]) / min(times["kept"])
+    print(f"layers={args.layers} 1x{args.seq}: decoding in backward takes {ratio:.3f}x the step")
+    return times
+
+
 def cmd_speed(args) -> dict:
     res = {}
     for base in ("bf16", "nf4"):
@@ -263,6 +305,10 @@ def main(argv=None) -> int:
         if name == "step":
             p.add_argument("--base", choices=["nf4", "bf16"], default="nf4")
             p.add_argument("--json", action="store_true")
+    k = sub.add_parser("keep")
+    k.add_argument("--layers", type=int, default=2)
+    k.add_argument("--seq", type=int, default=512)
+    k.add_argument("--rounds", type=int, default=4)
     q = sub.add_parser("quality")
     q.add_argument("--max-steps", type=int, default=400)
     args = ap.parse_args(argv)
@@ -271,6 +317,7 @@ def main(argv=None) -> int:
         "memory": cmd_memory,
         "step": cmd_step,
         "speed": cmd_speed,
+        "keep": cmd_keep,
         "quality": cmd_quality,
     }[args.cmd](args)
     return 0

@@ -91,7 +91,9 @@ def lora_linear(
 # whose input needs a gradient keeps nothing but W, and the adapter needs x for dA anyway), the
 # parameters (no copies), the rank-r activation v = c·dropout_keep(x) Aᵀ of shape (tokens, r), and
 # an int seed. The dropout mask is never stored: backward draws the same random bits again from the
-# seed. Activations stay in their own dtype: the (tiny) A and B are cast to it, never x to theirs.
+# seed. A 4-bit base adds what its backward_slot gives: nothing, or under a checkpoint a zero-byte
+# placeholder in the first forward and the decoded weight in the recomputation (lora.quant).
+# Activations stay in their own dtype: the (tiny) A and B are cast to it, never x to theirs.
 
 # Dropout draws 16 random bits per element: one mt19937 (CPU) or Philox (CUDA) 64-bit draw yields
 # four elements' bits, about 4x fewer draws than one float per element. An element is dropped iff
@@ -176,22 +178,36 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 1 << 62, (1,)).item())
 
 
-def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
+def base_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    fan_in_fan_out: bool,
+    saved: Tensor | None = None,
+) -> Tensor:
     """The frozen base layer's forward, ``x Wᵀ + b``: the fused path's single base call site.
 
     A quantised base (a 4-bit weight such as :class:`lora.quant.NF4Weight`) plugs in here and in
     :func:`base_linear_input_grad`: it is not a Tensor, answers ``F.linear`` through its
-    ``__torch_function__`` and gives ``grad_input(grad_out)``; it never has ``fan_in_fan_out``.
+    ``__torch_function__`` and gives ``grad_input(grad_out, saved)``; it never has
+    ``fan_in_fan_out``. ``saved``: inside an autograd function's forward, what the quantised
+    weight's ``backward_slot`` gave (then this runs its ``linear_no_grad``, which may use it).
     """
     if not isinstance(weight, Tensor):
+        if saved is not None:
+            return weight.linear_no_grad(x, bias, saved)
         return F.linear(x, weight, bias)
     return F.linear(x, weight.T if fan_in_fan_out else weight, bias)
 
 
-def base_linear_input_grad(grad_out: Tensor, weight: Tensor, fan_in_fan_out: bool) -> Tensor:
-    """``∂(x Wᵀ)/∂x`` applied to ``grad_out`` (tokens, out): ``grad_out @ W``, (tokens, in)."""
+def base_linear_input_grad(
+    grad_out: Tensor, weight: Tensor, fan_in_fan_out: bool, saved: Tensor | None = None
+) -> Tensor:
+    """``∂(x Wᵀ)/∂x`` applied to ``grad_out`` (tokens, out): ``grad_out @ W``, (tokens, in).
+
+    ``saved``: for a quantised base, what its ``backward_slot`` gave in forward."""
     if not isinstance(weight, Tensor):  # a quantised base: it dequantises slab by slab
-        return weight.grad_input(grad_out)
+        return weight.grad_input(grad_out, saved)
     return grad_out @ (weight.T if fan_in_fan_out else weight)
 
 
@@ -212,7 +228,11 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, fan_in_fan_out, blocks):
         A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
         B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
-        y = base_linear(x, weight, bias, fan_in_fan_out)
+        # A quantised base weight is a module, not a Tensor: keep a reference, and what it asks to
+        # save (its decoded self in a checkpoint's recomputation: backward then decodes nothing).
+        quantized = not isinstance(weight, Tensor)
+        slot = weight.backward_slot(x.dtype, ctx.needs_input_grad[0]) if quantized else None
+        y = base_linear(x, weight, bias, fan_in_fan_out, slot)
         if p > 0:
             c = scaling / (1.0 - realised_dropout_p(p))
             v = x.new_empty(x.shape[0], A.shape[0])
@@ -230,11 +250,8 @@ class _LoRALinear(torch.autograd.Function):
                 y[:, rows].add_((vb @ Bb.T).to(y.dtype))
             else:
                 y[:, rows].addmm_(vb, Bb.T)
-        # A quantised base weight is a module, not a Tensor: keep a reference instead.
-        ctx.quantized_weight = None if isinstance(weight, Tensor) else weight
-        ctx.save_for_backward(
-            x, weight if ctx.quantized_weight is None else None, lora_A, lora_B, v
-        )
+        ctx.quantized_weight = weight if quantized else None
+        ctx.save_for_backward(x, None if quantized else weight, lora_A, lora_B, v, slot)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.blocks = blocks
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -242,7 +259,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, v = ctx.saved_tensors
+        x, weight, lora_A, lora_B, v, slot = ctx.saved_tensors
         if ctx.quantized_weight is not None:
             weight = ctx.quantized_weight
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
@@ -263,7 +280,8 @@ class _LoRALinear(torch.autograd.Function):
                     grad_B[b0 : b0 + Bb.shape[0]] = g[:, rows].T @ vb
             grad_B = grad_B.to(lora_B.dtype)
         if need_x:
-            grad_x = base_linear_input_grad(g, weight, fifo)
+            grad_x = base_linear_input_grad(g, weight, fifo, slot)
+        del slot  # a decoded 4-bit weight: freed as soon as it has served
         if need_A or need_x:
             # (tokens, r·k): ∂L/∂(keep(x) Aᵀ)
             if ctx.blocks is None:

@@ -172,7 +172,8 @@ def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
         seed=cfg.seed,
         packing=cfg.packing,
     )
-    model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16 if cfg.bf16 else None)
+    dtype = torch.bfloat16 if cfg.bf16 else None
+    model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=dtype, quantize=cfg.quantize)
     lora.inject(model, lora.LoRAConfig(**PEFT))
     return Trainer(model, tok, data, cfg, log=log, progress=False)
 
@@ -181,7 +182,13 @@ class Killed(Exception):
     pass
 
 
-def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp_path):
+# A 4-bit base under activation checkpointing: the recomputation keeps the decoded weights for
+# the backward that follows (lora.quant.keep_decoded_on_recompute); resuming stays exact.
+QLORA_CHECKPOINTED = {"quantize": "nf4", "gradient_checkpointing": True}
+
+
+@pytest.mark.parametrize("extra", [{}, QLORA_CHECKPOINTED], ids=["plain", "nf4-checkpointed"])
+def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp_path, extra):
     full = training(
         tmp_path / "a",
         max_steps=10,
@@ -189,6 +196,7 @@ def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp
         warmup_ratio=0.2,
         save_steps=4,
         gradient_accumulation_steps=2,
+        **extra,
     )
     _trainer(ckpt, data_file, full).train()
     want = losses(tmp_path / "a" / "out")
@@ -200,6 +208,7 @@ def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp
         warmup_ratio=0.2,
         save_steps=4,
         gradient_accumulation_steps=2,
+        **extra,
     )
     trainer = _trainer(ckpt, data_file, cut)
     original = trainer._micro_batch

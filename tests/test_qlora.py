@@ -452,6 +452,98 @@ def test_an_adapter_trained_on_a_4bit_base_saves_and_loads_in_peft_format(ckpt, 
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+# --- activation checkpointing: each 4-bit weight decoded twice a step, not three times -------------
+def _checkpointed_nf4_step(ckpt, targets, reentrant, dtype, monkeypatch, keep=True):
+    """One checkpointed step of the tiny Phi-3 on a 4-bit base, dropout on. Returns the loss, the
+    adapter gradients, whole decodes per weight, and the weights decoded whole (weakrefs) before
+    and during backward."""
+    import gc
+    import weakref
+
+    import lora.quant.weight as qweight
+    from lora.models import phi3
+
+    if not keep:  # today's checkpointing: the recomputation keeps nothing
+        monkeypatch.setattr(phi3, "keep_decoded_on_recompute", lambda fn: fn)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=dtype, quantize="nf4")
+    weights = quantized_modules(model)
+    for w in weights.values():  # several slabs of 64 rows (gate_up: 4, qkv_proj: 2)
+        w.chunk_elements = 64 * w.in_features
+    cfg = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": targets}
+    lora.inject(model, {**cfg, "init_lora_weights": False})
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    model.train()
+    name_of = {id(w.packed): n for n, w in weights.items()}
+    decoded_blocks = dict.fromkeys(weights, 0)
+    real_blocks, real_dequantize = qweight.dequantize_blocks, NF4Weight.dequantize
+    whole = []
+
+    def counting_blocks(data, b0, b1, *args, **kwargs):
+        decoded_blocks[name_of[id(data.packed)]] += b1 - b0
+        return real_blocks(data, b0, b1, *args, **kwargs)
+
+    def recording_dequantize(self, dtype=None):
+        out = real_dequantize(self, dtype)
+        whole.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(qweight, "dequantize_blocks", counting_blocks)
+    monkeypatch.setattr(NF4Weight, "dequantize", recording_dequantize)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (2, 12))
+    loss = model(input_ids=ids, labels=ids).loss
+    whole_in_forward = len(whole)
+    loss.backward()
+    del loss
+    gc.collect()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    decodes = {n: decoded_blocks[n] / w.data_parts().n_blocks for n, w in weights.items()}
+    return grads, decodes, whole_in_forward, whole
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize(
+    "targets",
+    ["all-linear", ["qkv_proj"]],
+    ids=["adapters-everywhere", "frozen-4bit-linears-without-adapters"],
+)
+def test_a_checkpointed_step_decodes_each_4bit_weight_twice_and_keeps_none_afterwards(
+    ckpt, targets, reentrant, monkeypatch
+):
+    grads, decodes, whole_in_forward, whole = _checkpointed_nf4_step(
+        ckpt, targets, reentrant, torch.float32, monkeypatch
+    )
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    # forward, recomputation; the input gradient reuses what the recomputation decoded
+    assert decodes == dict.fromkeys(decodes, 2.0)
+    # the forward pass decodes slab by slab and keeps nothing; the recomputation of each layer
+    # keeps its weights whose input needs a gradient (all but layer 0's qkv_proj, whose input is
+    # the frozen embedding's, unless the reentrant kind made it need one), and all are freed by
+    # the end of backward
+    assert whole_in_forward == 0
+    assert len(whole) == len(decodes) - (0 if reentrant else 1)
+    assert all(ref() is None for ref in whole)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_keeping_the_recomputed_decode_leaves_every_gradient_bitwise_the_same(
+    ckpt, dtype, reentrant, monkeypatch
+):
+    got = {}
+    for keep in (True, False):
+        with monkeypatch.context() as m:
+            grads, decodes, _, _ = _checkpointed_nf4_step(
+                ckpt, "all-linear", reentrant, dtype, m, keep=keep
+            )
+        got[keep] = grads
+        assert max(decodes.values()) == (2.0 if keep else 3.0)  # 3 without: the test can fail
+    assert got[True].keys() == got[False].keys() and len(got[True]) == 2 * 4 * 2
+    for name, g in got[True].items():
+        assert torch.equal(g, got[False][name]), name
+
+
 def test_finetune_with_quantize_nf4_trains_and_merges_into_a_normal_checkpoint(ckpt, tmp_path):
     from lora.finetune import finetune
 

@@ -35,6 +35,7 @@ from lora._io import atomic_write_json
 from lora.checks import IGNORE_INDEX
 from lora.models import checkpoint as ckpt
 from lora.models.fused_ops import rms_norm, swiglu
+from lora.quant import keep_decoded_on_recompute
 
 __all__ = [
     "Phi3Config",
@@ -731,7 +732,8 @@ class Phi3Model(nn.Module):
                     # The reentrant kind only back-propagates into a segment whose tensor inputs
                     # need grad; with a frozen embedding none does (transformers' remedy too).
                     x = x.requires_grad_()
-                x, present = checkpoint(layer, x, cos, sin, attn, past, use_reentrant=reentrant)
+                run = keep_decoded_on_recompute(layer)  # 4-bit weights: 2 decodes a step, not 3
+                x, present = checkpoint(run, x, cos, sin, attn, past, use_reentrant=reentrant)
             else:
                 x, present = layer(x, cos, sin, attn, past)
             if use_cache:

@@ -3,6 +3,8 @@
 lora.quantize(model, "nf4")     # frozen base Linear weights -> NF4 (embeddings, head stay 16-bit)
 lora.inject(model, config)      # LoRA A/B train in bf16/fp32 on top, as on any base
 lora.merge_and_unload(model)    # dequantises to 16 bits, then merges: a normal checkpoint
+
+checkpoint(keep_decoded_on_recompute(layer), x, ...)   # 2 decodes a step under checkpointing, not 3
 """
 
 from .model import (
@@ -24,7 +26,14 @@ from .nf4 import (
     quantize_nf4,
     unpack_4bit,
 )
-from .weight import FrozenWeightError, NF4LinearFunction, NF4Weight, is_quantized, nf4_linear
+from .weight import (
+    FrozenWeightError,
+    NF4LinearFunction,
+    NF4Weight,
+    is_quantized,
+    keep_decoded_on_recompute,
+    nf4_linear,
+)
 
 __all__ = [
     "METHODS",
@@ -47,4 +56,5 @@ __all__ = [
     "quantizing_assign",
     "is_quantized",
     "check_method",
+    "keep_decoded_on_recompute",
 ]

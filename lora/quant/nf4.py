@@ -227,10 +227,12 @@ def dequantize_blocks(
     dtype: torch.dtype,
     scales: Tensor | None = None,
     pair_table: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Blocks ``b0:b1`` of ``data`` decoded: ((b1 - b0) · block_size,) in ``dtype`` (fp32 math).
 
     ``scales`` / ``pair_table``: precomputed ``data.block_scales()`` / byte table, for reuse.
+    ``out``: a contiguous ((b1 - b0) · block_size,) tensor in ``dtype`` to decode into (returned).
     """
     bs = data.block_size
     scales = data.block_scales() if scales is None else scales
@@ -239,12 +241,15 @@ def dequantize_blocks(
     # index_select, not table[...]: on a CPU advanced indexing is about 4x slower for this gather
     values = torch.index_select(table, 0, packed.int()).view(b1 - b0, bs)
     block_scale = scales[b0:b1].unsqueeze(1)
+    if out is not None:
+        torch.mul(values, block_scale, out=out.view(values.shape))
+        return out
     if dtype == values.dtype:
         return values.mul_(block_scale).view(-1)
     # The product in fp32, rounded once into dtype as it is stored: bitwise (v * s).to(dtype),
     # without a second pass over an fp32 copy.
-    out = torch.empty(values.shape, dtype=dtype, device=values.device)
-    return torch.mul(values, block_scale, out=out).view(-1)
+    result = torch.empty(values.shape, dtype=dtype, device=values.device)
+    return torch.mul(values, block_scale, out=result).view(-1)
 
 
 def dequantize_nf4(data: NF4Data, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -12,12 +12,23 @@ moves them and ``state_dict()`` carries them (``<layer>.weight.packed``, ...). I
 ``shape``, ``dtype`` (the dtype it computes in, that of the weight it replaced), ``device`` and
 ``requires_grad`` (False) like the tensor it stands for. Any other torch function given an
 NF4Weight runs on its dequantised copy; in-place functions are refused: the weight is frozen.
+
+Under activation checkpointing a layer's forward runs twice: once in the forward pass, once again
+right before that layer's backward. :func:`keep_decoded_on_recompute` wraps the checkpointed
+function so that the second run keeps each weight it decodes for the backward that follows, which
+then needs no decode of its own: two decodes a step instead of three. The first run keeps none
+(that would be the whole model in 16 bits); what it saves in the decoded weight's place is a
+zero-byte placeholder of the same shape and dtype, which the non-reentrant checkpoint replaces by
+what the second run saves.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +44,14 @@ from .nf4 import (
     quantize_nf4,
 )
 
-__all__ = ["NF4Weight", "NF4LinearFunction", "nf4_linear", "is_quantized", "FrozenWeightError"]
+__all__ = [
+    "NF4Weight",
+    "NF4LinearFunction",
+    "nf4_linear",
+    "is_quantized",
+    "FrozenWeightError",
+    "keep_decoded_on_recompute",
+]
 
 # Elements of the weight dequantised at once in forward/backward (a slab of output rows): bounds the
 # transient fp32 copy to 32 MiB whatever the layer's size.
@@ -45,6 +63,41 @@ _IN_PLACE_DUNDER = re.compile(
 
 class FrozenWeightError(RuntimeError):
     """An operation would change a frozen 4-bit weight (merging into it, an in-place op)."""
+
+
+# Which run of a checkpointed function is on: None (not checkpointed), the first ("forward") or a
+# recomputation ("recompute"). Set only by keep_decoded_on_recompute, read by backward_slot.
+_FORWARD, _RECOMPUTE = "forward", "recompute"
+_PHASE: ContextVar[str | None] = ContextVar("lora_quant_checkpoint_phase", default=None)
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def keep_decoded_on_recompute(fn: _F) -> _F:
+    """``fn`` for one ``torch.utils.checkpoint.checkpoint`` call, decoding each 4-bit weight once
+    fewer: ``checkpoint(keep_decoded_on_recompute(layer), x, ..., use_reentrant=...)``.
+
+    The wrapper's first call is the checkpoint's forward; every later call is a recomputation,
+    which runs right before the segment's backward. There, each 4-bit linear whose input needs a
+    gradient decodes its weight whole and saves it for that backward (which then decodes nothing);
+    it is freed when that backward is done. So a segment holds its own weights in 16 bits from its
+    recomputation to its backward, never in the forward pass. Gradients are bitwise those without
+    it. Both kinds of checkpoint (``use_reentrant`` True or False) work; wrap afresh for each
+    checkpoint call (a wrapper whose first call is spent treats every call as a recomputation).
+    Without 4-bit weights in ``fn`` it changes nothing.
+    """
+    calls = 0
+
+    def run(*args, **kwargs):
+        nonlocal calls
+        token = _PHASE.set(_FORWARD if calls == 0 else _RECOMPUTE)
+        calls += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _PHASE.reset(token)
+
+    return run  # type: ignore[return-value]
 
 
 def is_quantized(weight) -> bool:
@@ -162,9 +215,21 @@ class NF4Weight(nn.Module):
 
     # --- dequantising -----------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The full (out, in) weight in ``dtype`` (default: :attr:`dtype`), a new tensor."""
-        rows = [w for _, _, w in self.row_chunks(dtype or self._dtype)]
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        """The full (out, in) weight in ``dtype`` (default: :attr:`dtype`), a new tensor.
+
+        Decoded into one allocation, at most :attr:`chunk_elements` at a time (the fp32 transient);
+        bitwise what :meth:`row_chunks` yields (each element is decoded on its own)."""
+        dtype = dtype or self._dtype
+        data = self.data_parts()
+        bs, n_blocks = self.block_size, data.n_blocks
+        flat = torch.empty(n_blocks * bs, dtype=dtype, device=self.device)
+        scales = data.block_scales()
+        table = byte_pair_table(self.packed.device)
+        step = max(1, self.chunk_elements // bs)
+        for b0 in range(0, n_blocks, step):
+            b1 = min(n_blocks, b0 + step)
+            dequantize_blocks(data, b0, b1, dtype, scales, table, out=flat[b0 * bs : b1 * bs])
+        return flat[: data.numel].view(self._shape)
 
     def rows_per_chunk(self) -> int:
         # A multiple of the block size in rows: every slab then starts on a block boundary.
@@ -187,9 +252,39 @@ class NF4Weight(nn.Module):
             offset = start - (start // bs) * bs
             yield r0, r1, flat[offset : offset + end - start].view(r1 - r0, in_f)
 
+    def _slabs(self, dtype: torch.dtype, saved: Tensor | None):
+        # The slabs of row_chunks: decoded now, or views of a weight decoded whole before (the same
+        # rows, values, shapes and strides, so every matmul below gives bitwise the same result).
+        decoded = _decoded(saved, dtype)
+        if decoded is None:
+            yield from self.row_chunks(dtype)
+            return
+        out_f, step = self._shape[0], self.rows_per_chunk()
+        for r0 in range(0, out_f, step):
+            r1 = min(out_f, r0 + step)
+            yield r0, r1, decoded[r0:r1]
+
+    # --- what an autograd function over this weight saves for backward ----------------------------
+    def backward_slot(self, dtype: torch.dtype, input_needs_grad: bool) -> Tensor | None:
+        """What a forward in ``dtype`` over this weight saves for its backward.
+
+        None outside :func:`keep_decoded_on_recompute`. In a checkpoint's recomputation, when the
+        input needs a gradient: the whole weight decoded in ``dtype``, for :meth:`linear_no_grad`
+        and :meth:`grad_input` to use instead of decoding. Otherwise a placeholder of the same
+        shape, dtype and device that holds no memory (so that both runs of a checkpointed function
+        save the same tensors, as the non-reentrant checkpoint requires)."""
+        phase = _PHASE.get()
+        if phase is None:
+            return None
+        if phase == _RECOMPUTE and input_needs_grad:
+            return self.dequantize(dtype)
+        return torch.zeros((), dtype=dtype, device=self.device).expand(self._shape)
+
     # --- the matmuls (no autograd: NF4LinearFunction wraps them) ----------------------------------
-    def linear_no_grad(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``x Wᵀ + b`` for x (N, in) -> (N, out), in x's dtype, a slab of W at a time."""
+    def linear_no_grad(self, x: Tensor, bias: Tensor | None, saved: Tensor | None = None) -> Tensor:
+        """``x Wᵀ + b`` for x (N, in) -> (N, out), in x's dtype, a slab of W at a time.
+
+        ``saved``: what :meth:`backward_slot` gave; a decoded weight is used, not decoded again."""
         out_f, in_f = self._shape
         if x.shape[-1] != in_f:
             raise RuntimeError(
@@ -197,20 +292,23 @@ class NF4Weight(nn.Module):
             )
         b = None if bias is None else bias.to(x.dtype)
         if self.rows_per_chunk() >= out_f:  # one slab: the plain call
-            return F.linear(x, next(self.row_chunks(x.dtype))[2], b)
+            return F.linear(x, next(self._slabs(x.dtype, saved))[2], b)
         out = x.new_empty(*x.shape[:-1], out_f)
-        for r0, r1, w in self.row_chunks(x.dtype):
+        for r0, r1, w in self._slabs(x.dtype, saved):
             out[..., r0:r1] = F.linear(x, w)
         if b is not None:
             out.add_(b)
         return out
 
-    def grad_input(self, grad_out: Tensor) -> Tensor:
-        """``grad_out W`` for grad_out (..., out) -> (..., in), a slab of W at a time."""
+    def grad_input(self, grad_out: Tensor, saved: Tensor | None = None) -> Tensor:
+        """``grad_out W`` for grad_out (..., out) -> (..., in), a slab of W at a time.
+
+        ``saved``: what :meth:`backward_slot` gave in forward; a decoded weight (in grad_out's
+        dtype) is used instead of decoding."""
         out_f, in_f = self._shape
         g2 = grad_out.reshape(-1, out_f)
         gx = None
-        for r0, r1, w in self.row_chunks(grad_out.dtype):
+        for r0, r1, w in self._slabs(grad_out.dtype, saved):
             part = g2[:, r0:r1]
             gx = part @ w if gx is None else gx.addmm_(part, w)
         return gx.view(*grad_out.shape[:-1], in_f)
@@ -261,19 +359,32 @@ class NF4Weight(nn.Module):
         )
 
 
+def _decoded(saved: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # A weight decoded whole by backward_slot, or None (nothing saved, or the placeholder, whose
+    # strides are all 0: a decoded weight is contiguous and never is).
+    if saved is None or saved.dtype != dtype or all(st == 0 for st in saved.stride()):
+        return None
+    return saved
+
+
 class NF4LinearFunction(torch.autograd.Function):
     """``y = x Ŵᵀ + b`` with Ŵ the dequantised NF4 weight; x (N, in). Backward: ``∂x = ∂y Ŵ`` and
-    ``∂b = Σ ∂y``; no gradient for the weight, and nothing saved but a reference to the weight."""
+    ``∂b = Σ ∂y``; no gradient for the weight. Saved: a reference to the weight, and what
+    :meth:`NF4Weight.backward_slot` gives (nothing outside :func:`keep_decoded_on_recompute`; the
+    decoded weight in a checkpoint's recomputation)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, weight: NF4Weight) -> Tensor:
         ctx.weight = weight
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return weight.linear_no_grad(x, bias)
+        saved = weight.backward_slot(x.dtype, ctx.needs_input_grad[0])
+        ctx.save_for_backward(saved)
+        return weight.linear_no_grad(x, bias, saved)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_x = ctx.weight.grad_input(grad_out) if ctx.needs_input_grad[0] else None
+        (saved,) = ctx.saved_tensors
+        grad_x = ctx.weight.grad_input(grad_out, saved) if ctx.needs_input_grad[0] else None
         grad_b = None
         if ctx.needs_input_grad[1]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
