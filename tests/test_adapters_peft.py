@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -408,3 +410,73 @@ def test_a_combination_keeping_trained_biases_loads_in_peft_with_them(tmp_path):
     assert theirs.peft_config["default"].bias == "all"
     with torch.no_grad():
         assert max_diff(theirs(IDS % 20), want) <= ATOL
+
+
+# --- bias="all" / "lora_only" with modules_to_save (a head with a bias) --------------------------
+def _saved_head_config(bias: str) -> dict:
+    return dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["head"], bias=bias)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_bias_with_a_saved_head_loads_into_ours_with_equal_logits(tmp_path, bias):
+    original = toy().head.bias.detach().clone()
+    trained = peft.get_peft_model(
+        toy(), peft.LoraConfig(init_lora_weights=False, **_saved_head_config(bias))
+    )
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:  # the copy, LoRA, and the biases bias= trains
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    trained.eval()
+    with torch.no_grad():
+        want = trained(IDS % 20)
+    trained.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        written = set(f.keys())
+    # PEFT writes the copy's bias twice under "all" (and the original's, untrained, once more).
+    extra = {
+        "base_model.model.head.modules_to_save.bias",
+        "base_model.model.head.original_module.bias",
+    }
+    assert (extra <= written) == (bias == "all")
+    mine = lora.load_adapter(toy(), tmp_path)
+    with torch.no_grad():
+        assert max_diff(mine(IDS % 20), want) <= ATOL
+    torch.testing.assert_close(mine.head.original_module.bias, original, rtol=0, atol=0)
+    assert mine.head.bias.requires_grad and not mine.head.original_module.bias.requires_grad
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_our_bias_with_a_saved_head_loads_in_peft_with_equal_logits(tmp_path, bias):
+    ours = lora.inject(toy(), lora.LoRAConfig(**_saved_head_config(bias)))
+    g = torch.Generator().manual_seed(6)
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, generator=g, scale=0.3)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad and "lora_" not in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        want = ours(IDS % 20)
+    lora.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(toy(), tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(theirs(IDS % 20), want) <= ATOL
+        torch.testing.assert_close(
+            theirs.base_model.model.head.original_module.bias, toy().head.bias, rtol=0, atol=0
+        )
+
+
+def test_peft_duplicate_head_bias_keys_must_agree(tmp_path):
+    trained = peft.get_peft_model(toy(), peft.LoraConfig(**_saved_head_config("all")))
+    trained.save_pretrained(tmp_path)
+    file = tmp_path / WEIGHTS_NAME
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["base_model.model.head.modules_to_save.bias"] += 1
+    save_file(tensors, str(file))
+    with pytest.raises(
+        lora.AdapterError,
+        match=r"head\.(modules_to_save\.)?bias: the same tensor \(one tensor\), but the file",
+    ):
+        lora.load_adapter(toy(), tmp_path)

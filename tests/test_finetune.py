@@ -233,6 +233,50 @@ def test_resuming_with_more_steps_continues_the_same_run(ckpt, data_file, tmp_pa
     assert got == want
 
 
+def test_bias_all_with_a_saved_biased_head_trains_saves_resumes_and_loads(
+    ckpt, data_file, tmp_path
+):
+    # Phi-3 has no bias anywhere: give it a head with one, so bias="all" and modules_to_save meet.
+    peft = lora.LoRAConfig(**{**PEFT, "bias": "all", "modules_to_save": ["lm_head"]})
+
+    def biased_head_model():
+        model = Phi3ForCausalLM.from_pretrained(ckpt)
+        head = torch.nn.Linear(*model.lm_head.weight.shape[::-1], bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.copy_(torch.linspace(-0.5, 0.5, head.out_features))
+        model.lm_head = head
+        return model
+
+    def trainer(root):
+        cfg = TrainingConfig.from_dict(training(root, max_steps=4, save_steps=2))
+        torch.manual_seed(cfg.seed)
+        tok = Tokenizer.from_pretrained(ckpt)
+        data = prepare_chat_data(data_file, tok, cfg.max_seq_length, eval_fraction=0.2, seed=0)
+        return Trainer(
+            biased_head_model(), tok, data, cfg, peft=peft, log=lambda s: None, progress=False
+        )
+
+    original = biased_head_model().lm_head.bias.detach().clone()
+    whole = trainer(tmp_path / "a")
+    result = whole.train()
+    head = whole.model.lm_head
+    assert not torch.equal(head.bias, original)  # the copy's bias trained
+    torch.testing.assert_close(head.original_module.bias, original, rtol=0, atol=0)  # untouched
+    # resume from the step-2 checkpoint in a fresh process: the same losses, the same adapter
+    cut = trainer(tmp_path / "b")
+    cut.train(resume=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert losses(tmp_path / "b" / "out") == {
+        s: v for s, v in losses(tmp_path / "a" / "out").items() if s > 2
+    }
+    torch.testing.assert_close(cut.model.lm_head.bias, head.bias, rtol=0, atol=0)
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    loaded = lora.load_adapter(biased_head_model(), result.adapter_dir).eval()
+    whole.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, whole.model(ids).logits, rtol=0, atol=0)
+
+
 def test_a_fresh_run_never_deletes_an_earlier_one_unless_told(ckpt, data_file, tmp_path):
     _trainer(ckpt, data_file, training(tmp_path, max_steps=2)).train()
     with pytest.raises(
