@@ -116,6 +116,10 @@ def test_the_phi3_recipe_training_config_is_accepted_as_written():
             {"gradient_checkpointing_kwargs": {"preserve_rng_state": False}},
             r"at most 'use_reentrant'",
         ),
+        (
+            {"gradient_checkpointing_layers": -1},
+            r"gradient_checkpointing_layers=-1: expected how many decoder layers",
+        ),
     ],
 )
 def test_bad_training_keys_are_named(bad, match):
@@ -336,10 +340,26 @@ def test_gradient_checkpointing_and_packing_train_like_the_plain_loop(ckpt, data
     )
     assert checkpointed.model.gradient_checkpointing
     checkpointed.train()
-    want, got = losses(tmp_path / "p" / "out"), losses(tmp_path / "c" / "out")
-    assert got.keys() == want.keys() == {1, 2, 3}
-    for step in want:  # recomputation replays dropout's RNG, so the runs agree
-        assert math.isclose(got[step], want[step], rel_tol=1e-5), step
+    some = _trainer(  # only the first of the two decoder layers checkpointed
+        ckpt,
+        data_file,
+        training(
+            tmp_path / "s",
+            max_steps=3,
+            packing=True,
+            gradient_checkpointing=True,
+            gradient_checkpointing_layers=1,
+        ),
+    )
+    assert some.model.gradient_checkpointing and some.model.model.checkpoint_layers == 1
+    some.train()
+    want = losses(tmp_path / "p" / "out")
+    assert want.keys() == {1, 2, 3}
+    for run in ("c", "s"):
+        got = losses(tmp_path / run / "out")
+        assert got.keys() == want.keys()
+        for step in want:  # recomputation replays dropout's RNG, so the runs agree
+            assert math.isclose(got[step], want[step], rel_tol=1e-5), (run, step)
 
 
 def test_bf16_base_trains_fp32_adapters(ckpt, data_file, tmp_path):
