@@ -134,7 +134,8 @@ def test_no_scope_when_not_training_or_when_other_hooks_are_in_use():
     assert tally == {"bytes": 0, "recipes": 0}
     with recompute.scope() as on:
         assert on and recompute.active()
-        with recompute.scope() as inner:  # a scope's own hooks are in use: the inner one steps aside
+        # a scope's own hooks are in use: the inner one steps aside
+        with recompute.scope() as inner:
             assert not inner
     with recompute.scope(enabled=False) as on:
         assert not on and not recompute.active()
