@@ -50,6 +50,7 @@ from .layers.utils import lora_layers
 from .surgery import inject
 from .targets import (
     InjectionError,
+    SavedTargetWarning,
     TargetPlan,
     layer_class_for,
     modules_to_save_for,
@@ -246,7 +247,7 @@ def _peft_config_dict(
             dict.fromkeys(parse_target(t)[0] for t in targets)
         )  # slices: the whole fused module
     exclude = config.exclude_modules
-    if set(_peft_targets(model, targets, exclude)) != set(modules):
+    if set(_peft_targets(model, targets, exclude, config)) != set(modules):
         # Rank-0 patterns or slices leave modules out: name the modules one by one instead.
         targets, exclude = list(modules), None
     d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
@@ -258,9 +259,10 @@ def _peft_config_dict(
     return d
 
 
-def _peft_targets(model: nn.Module, targets, exclude) -> list[str]:
+def _peft_targets(model: nn.Module, targets, exclude, config: LoRAConfig) -> list[str]:
+    # What PEFT targets under these names: modules_to_save (and tied partners) left out as it does.
     try:
-        config = LoRAConfig(target_modules=targets, exclude_modules=exclude)
+        config = dataclasses.replace(config, target_modules=targets, exclude_modules=exclude)
         return list(TargetPlan(model, config, existing_ok=True).targets)
     except InjectionError:
         return []
@@ -634,7 +636,9 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
     """Change the model, once everything is checked: inject or add, then copy the tensors.
     ``modules``: the module tree as it was before (the plain modules that get wrapped)."""
     if mode == "fresh":
-        inject(model, config)
+        with warnings.catch_warnings():  # the file's config, as PEFT reads it: nothing to fix here
+            warnings.simplefilter("ignore", SavedTargetWarning)
+            inject(model, config)
         for load in loads:
             model.get_submodule(load.module).adapter_name = adapter_name
         for _, wrapper in saved_modules(model):

@@ -480,3 +480,49 @@ def test_peft_duplicate_head_bias_keys_must_agree(tmp_path):
         match=r"head\.(modules_to_save\.)?bias: the same tensor \(one tensor\), but the file",
     ):
         lora.load_adapter(toy(), tmp_path)
+
+
+# --- LoRA targets inside a modules_to_save module: PEFT leaves them out, so do we ---------------
+OVERLAP = dict(target_modules=["o_proj", "qkv_proj"], modules_to_save=["layers.0"])
+
+
+def _perturb_copies(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_peft_adapter_with_targets_inside_a_saved_layer_loads_into_ours(tmp_path):
+    hf, ours, base = pair()
+    with torch.no_grad():
+        want_base = hf(input_ids=IDS).logits
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **OVERLAP)
+    )
+    _perturb_copies(peft_model, 3)
+    with torch.no_grad():
+        want = peft_model(input_ids=IDS).logits
+    assert max_diff(want, want_base) > 0.1
+    peft_model.save_pretrained(tmp_path)
+    lora.load_adapter(ours, tmp_path)  # refused before: "missing ...layers.0...lora_A.weight"
+    assert isinstance(ours.model.layers[0], lora.layers.saved.ModulesToSaveWrapper)
+    with torch.no_grad():
+        assert max_diff(ours(IDS).logits, want) <= ATOL
+
+
+def test_our_adapter_with_targets_inside_a_saved_layer_loads_in_peft(tmp_path):
+    hf, ours, _ = pair()
+    with pytest.warns(lora.SavedTargetWarning, match=r"'model\.layers\.0' \(holds"):
+        lora.inject(ours, lora.LoRAConfig(r=2, lora_alpha=4, **OVERLAP))
+    g = torch.Generator().manual_seed(4)
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, generator=g, scale=0.1)
+    _perturb_copies(ours, 5)
+    with torch.no_grad():
+        want = ours(IDS).logits
+    lora.save_adapter(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(peft_model(input_ids=IDS).logits, want) <= ATOL

@@ -281,6 +281,39 @@ def test_bias_all_with_a_saved_biased_head_trains_saves_resumes_and_loads(
         torch.testing.assert_close(loaded(ids).logits, whole.model(ids).logits, rtol=0, atol=0)
 
 
+def test_targets_inside_a_saved_layer_train_save_and_load(ckpt, data_file, tmp_path):
+    # A decoder layer trained in full (its o_proj too, no LoRA there), LoRA on the other o_proj:
+    # the run's adapter loads back (load_adapter refused it: the adapter was lost).
+    peft = lora.LoRAConfig(
+        **{**PEFT, "target_modules": ["o_proj"], "modules_to_save": ["layers.0"]}
+    )
+    cfg = TrainingConfig.from_dict(training(tmp_path, max_steps=2, save_steps=2))
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer.from_pretrained(ckpt)
+    data = prepare_chat_data(data_file, tok, cfg.max_seq_length, eval_fraction=0.2, seed=0)
+    model = Phi3ForCausalLM.from_pretrained(ckpt)
+    with pytest.warns(lora.SavedTargetWarning, match=r"'model\.layers\.0' \(holds"):
+        trainer = Trainer(model, tok, data, cfg, peft=peft, log=lambda s: None, progress=False)
+    result = trainer.train()
+    layer = trainer.model.model.layers[0]
+    assert not torch.equal(  # the copy trained in full, the original stayed
+        layer.modules_to_save["default"].self_attn.o_proj.weight,
+        layer.original_module.self_attn.o_proj.weight,
+    )
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    loaded = lora.load_adapter(Phi3ForCausalLM.from_pretrained(ckpt), result.adapter_dir).eval()
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trainer.model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_peft_config_adapting_only_saved_modules_fails_before_training(ckpt, data_file, tmp_path):
+    peft = {**PEFT, "target_modules": ["lm_head"], "modules_to_save": ["lm_head"]}
+    with pytest.raises(lora.InjectionError, match=r"nothing left to adapt"):
+        finetune(ckpt, data_file, training(tmp_path), peft, progress=False, log=lambda s: None)
+    assert not list_checkpoints(tmp_path / "out")
+
+
 def test_a_fresh_run_never_deletes_an_earlier_one_unless_told(ckpt, data_file, tmp_path):
     _trainer(ckpt, data_file, training(tmp_path, max_steps=2)).train()
     with pytest.raises(
