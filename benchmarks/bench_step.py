@@ -119,7 +119,7 @@ def _build(variant: str, args):
         model.to(args.torch_dtype)
         lora.inject(model, lora.LoRAConfig(**LORA))  # lora_dtype="auto": fp32 adapters on bf16
         if args.checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(layers=args.checkpoint_layers)
     elif variant == "peft":
         import peft
         import transformers
@@ -278,6 +278,8 @@ def memory_in_subprocess(variant: str, args) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.checkpointing:
         cmd.append("--checkpointing")
+    if args.checkpoint_layers is not None:
+        cmd += ["--checkpoint-layers", str(args.checkpoint_layers)]
     if args.time_in_subprocess:
         cmd.append("--time-in-subprocess")
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -347,6 +349,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both")
     ap.add_argument(
+        "--checkpoint-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --checkpointing: ours checkpoints only the first N decoder layers (PEFT: all)",
+    )
+    ap.add_argument(
         "--small",
         action="store_true",
         help="the earlier small model: hidden 512, intermediate 1376, 4 layers, 8 heads, 4 x 256",
@@ -409,7 +418,8 @@ def main() -> None:
         f"layers={args.layers} heads={args.heads}/{args.kv_heads}; batch={args.batch} seq={args.seq} "
         f"({n_labelled} of {args.batch * (args.seq - 1)} targets labelled); "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear; "
-        f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}; "
+        f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}"
+        f"{f' (ours: the first {args.checkpoint_layers} layers)' if args.checkpoint_layers is not None else ''}; "
         f"torch {torch.__version__}, threads={torch.get_num_threads()}",
         flush=True,
     )

@@ -31,6 +31,7 @@ from .multi import (
 from .quant import QuantizationError, dequantize, quantize
 from .surgery import (
     InjectionError,
+    SavedTargetWarning,
     fused_splits,
     inject,
     merge_and_unload,
@@ -61,6 +62,7 @@ __all__ = [
     "trainable_parameters",
     "print_trainable_parameters",
     "InjectionError",
+    "SavedTargetWarning",
     "save_adapter",
     "load_adapter",
     "AdapterError",

@@ -45,11 +45,12 @@ from ._regex_guard import check_bounded_regex
 from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
-from .layers.saved import saved_modules
+from .layers.saved import ModulesToSaveWrapper, saved_modules
 from .layers.utils import lora_layers
 from .surgery import inject
 from .targets import (
     InjectionError,
+    SavedTargetWarning,
     TargetPlan,
     layer_class_for,
     modules_to_save_for,
@@ -246,7 +247,7 @@ def _peft_config_dict(
             dict.fromkeys(parse_target(t)[0] for t in targets)
         )  # slices: the whole fused module
     exclude = config.exclude_modules
-    if set(_peft_targets(model, targets, exclude)) != set(modules):
+    if set(_peft_targets(model, targets, exclude, config)) != set(modules):
         # Rank-0 patterns or slices leave modules out: name the modules one by one instead.
         targets, exclude = list(modules), None
     d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
@@ -258,9 +259,10 @@ def _peft_config_dict(
     return d
 
 
-def _peft_targets(model: nn.Module, targets, exclude) -> list[str]:
+def _peft_targets(model: nn.Module, targets, exclude, config: LoRAConfig) -> list[str]:
+    # What PEFT targets under these names: modules_to_save (and tied partners) left out as it does.
     try:
-        config = LoRAConfig(target_modules=targets, exclude_modules=exclude)
+        config = dataclasses.replace(config, target_modules=targets, exclude_modules=exclude)
         return list(TargetPlan(model, config, existing_ok=True).targets)
     except InjectionError:
         return []
@@ -457,15 +459,18 @@ def _base_places(
     required_only: bool = True,
     modules: dict[str, nn.Module] | None = None,
     optional_targets: bool = True,
+    peft_aliases: bool = False,
 ) -> dict[str, Tensor]:
     """The model tensors an adapter file of this config holds besides LoRA's, by file key (no prefix):
     modules_to_save (``<module>.<param>``: adapter ``adapter_name``'s copy, or the original module
     while it has none) and biases per ``config.bias`` (a targeted module's as
-    ``<module>.base_layer.bias``, as PEFT names them). With ``required_only=False``, also the tied
-    partners of modules_to_save under ``ensure_weight_tying`` (PEFT writes them; they share the
-    tensor) and, with ``optional_targets``, each targeted module's ``base_layer.weight``, which PEFT
-    saves for targeted embeddings. ``modules``: ``dict(model.named_modules())`` when the caller
-    has it."""
+    ``<module>.base_layer.bias``, as PEFT names them; a modules_to_save module's bias is its copy's,
+    ``<module>.bias``, never the original's or another adapter's). With ``required_only=False``,
+    also the tied partners of modules_to_save under ``ensure_weight_tying`` (PEFT writes them; they
+    share the tensor) and, with ``optional_targets``, each targeted module's ``base_layer.weight``,
+    which PEFT saves for targeted embeddings. With ``peft_aliases`` (files PEFT wrote), also the
+    extra bias keys of each modules_to_save module PEFT writes under ``bias="all"``:
+    :func:`_peft_saved_aliases`. ``modules``: ``dict(model.named_modules())`` when the caller has it."""
     if modules is None:
         modules = dict(model.named_modules())
     places: dict[str, Tensor] = {}
@@ -476,11 +481,18 @@ def _base_places(
             continue
         for key, t in module.state_dict(keep_vars=True).items():
             places[f"{module_name}.{key}"] = t
+    if peft_aliases:
+        for key, (_, t) in _peft_saved_aliases(config, saved, modules).items():
+            places.setdefault(key, t)
     if config.bias != "none":
+        # A wrapper's original and copies are its own: the adapter's copy is in `saved` above.
+        inside = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
         for module_name in modules:
             module = modules[module_name]
             bias = module._parameters.get("bias")
             if bias is None or (config.bias == "lora_only" and module_name not in adapted):
+                continue
+            if module_name in saved or (inside and module_name.startswith(inside)):
                 continue
             key = (
                 f"{module_name}.base_layer.bias"
@@ -493,6 +505,29 @@ def _base_places(
             weight = modules[module_name].weight
             places.setdefault(f"{module_name}.base_layer.weight", weight)  # type: ignore[arg-type]
     return places
+
+
+def _peft_saved_aliases(
+    config: LoRAConfig, saved: dict[str, nn.Module], modules: dict[str, nn.Module]
+) -> dict[str, tuple[str | None, Tensor]]:
+    """The extra keys PEFT's ``get_peft_model_state_dict`` writes for a modules_to_save module under
+    ``bias="all"`` (it takes every state-dict key ending in ``.bias``, the wrapper's included), by
+    file key -> (the key of the same tensor in our files or None, the model tensor):
+    ``<module>.modules_to_save.<k>`` (the adapter's copy: the tensor of ``<module>.<k>``) and
+    ``<module>.original_module.<k>`` (the original's, which training leaves as it was).
+    ``saved``: :func:`~lora.targets.saved_copies`. Empty for other bias modes."""
+    if config.bias != "all":
+        return {}
+    out: dict[str, tuple[str | None, Tensor]] = {}
+    for module_name, copy in saved.items():
+        wrapper = modules.get(module_name)
+        original = wrapper.original_module if isinstance(wrapper, ModulesToSaveWrapper) else copy
+        for source, kind in ((copy, "modules_to_save"), (original, "original_module")):
+            for k, t in source.state_dict(keep_vars=True).items():
+                if k == "bias" or k.endswith(".bias"):
+                    same = f"{module_name}.{k}" if kind == "modules_to_save" else None
+                    out[f"{module_name}.{kind}.{k}"] = (same, t)
+    return out
 
 
 # ================================================================================================
@@ -601,7 +636,9 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
     """Change the model, once everything is checked: inject or add, then copy the tensors.
     ``modules``: the module tree as it was before (the plain modules that get wrapped)."""
     if mode == "fresh":
-        inject(model, config)
+        with warnings.catch_warnings():  # the file's config, as PEFT reads it: nothing to fix here
+            warnings.simplefilter("ignore", SavedTargetWarning)
+            inject(model, config)
         for load in loads:
             model.get_submodule(load.module).adapter_name = adapter_name
         for _, wrapper in saved_modules(model):
@@ -620,7 +657,12 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
         for wrapper in fresh_copies.values():
             wrapper.activate_adapter(adapter_name)
     places = _base_places(
-        model, config, {load.module for load in loads}, adapter_name, required_only=False
+        model,
+        config,
+        {load.module for load in loads},
+        adapter_name,
+        required_only=False,
+        peft_aliases=True,
     )
     for key, (_, tensor) in base.items():
         places[key].copy_(tensor)
@@ -752,18 +794,6 @@ def _blocks(B: Tensor, split_sizes, enable_lora, r: int) -> Tensor:
     return torch.cat(rows, dim=0)
 
 
-def _bias_places(model, config, adapted, modules) -> dict[str, Tensor]:
-    return _base_places(
-        model,
-        dataclasses.replace(config, modules_to_save=None),
-        adapted,
-        "",
-        required_only=False,
-        modules=modules,
-        optional_targets=False,
-    )
-
-
 def _check_base_tensors(
     model, files, config, specs, mode, problems, modules, adapter_name
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -775,20 +805,31 @@ def _check_base_tensors(
         problems.append(f"{e}")
         return {}
     optional = _base_places(
-        model, config, set(specs), adapter_name, required_only=False, modules=modules
+        model,
+        config,
+        set(specs),
+        adapter_name,
+        required_only=False,
+        modules=modules,
+        peft_aliases=True,
     )
     # modules_to_save tensors go into the adapter's own copies: an added adapter may bring its own.
+    # (Everything else is the base model's, shared by every adapter.)
+    saved = saved_copies(model, config, adapter_name, modules)
+    aliases = {
+        k: same for k, (same, _) in _peft_saved_aliases(config, saved, modules).items() if same
+    }
     own = set(
         _base_places(
             model,
-            config,
+            dataclasses.replace(config, bias="none"),
             set(),
             adapter_name,
             required_only=False,
             modules=modules,
             optional_targets=False,
         )
-    ) - set(_bias_places(model, config, set(specs), modules))
+    ) | set(aliases)
     tensors = {k[len(PREFIX) :]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
     out = {}
     for key, t in tensors.items():
@@ -825,15 +866,18 @@ def _check_base_tensors(
     shared: dict[object, str] = {}
     for key, (place, t) in out.items():
         if key in own:
-            module, _, param = key.rpartition(".")
+            module, _, param = aliases.get(key, key).rpartition(".")
             owner = partner_of.get(module) if param == "weight" else None
-            landing: object = f"{owner}.weight" if owner is not None else key
+            landing: object = f"{owner}.weight" if owner is not None else aliases.get(key, key)
         else:
             landing = id(place)
         first = shared.setdefault(landing, key)
         if first != key and not torch.equal(t, out[first][1]):
+            why = (
+                "the same tensor" if aliases.get(key, key) == aliases.get(first, first) else "tied"
+            )
             problems.append(
-                f"{PREFIX}{key} and {PREFIX}{first}: tied (one tensor), but the "
+                f"{PREFIX}{key} and {PREFIX}{first}: {why} (one tensor), but the "
                 "file holds different values"
             )
     for key in files.tensors:

@@ -24,6 +24,7 @@ __all__ = [
     "check_alpha",
     "check_dropout",
     "check_positive_int",
+    "check_checkpoint_layers",
     "check_str_list",
     "check_choice",
     "listing",
@@ -74,6 +75,17 @@ def check_positive_int(value, name: str) -> int:
     """Return ``value``; ``ValueError`` unless a positive int (a bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r}: expected a positive int")
+    return value
+
+
+def check_checkpoint_layers(value, name: str) -> int | None:
+    """Return ``value``: how many decoder layers to checkpoint, from the first (an int >= 0), or
+    None for all of them; else ``ValueError``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(
+            f"{name}={value!r}: expected how many decoder layers to checkpoint, from the first "
+            "(an int >= 0), or None for all of them"
+        )
     return value
 
 

@@ -21,6 +21,7 @@ is the active adapter's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -54,6 +55,8 @@ __all__ = [
 __all__ += ["STORE", "alpha_for_slices"]  # defined with LoRALayer; re-exported from their old home
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# How far from 1 the weights of the adapters training one bias may sum (see _combined_bias).
+_BIAS_WEIGHT_TOLERANCE = 1e-9
 _RESERVED = set(dir(nn.ModuleDict()))
 
 
@@ -254,8 +257,20 @@ def add_weighted_adapter(
     its modules_to_save (and ``ensure_weight_tying`` where copies share), so
     :func:`lora.save_adapter` writes the copies and :func:`lora.load_adapter` restores them.
 
+    The rest of the new adapter's config (docs/adapters.md, "What the combined config says"):
+    ``lora_dropout`` and ``merge_weights`` are the first adapter's (as PEFT: they do not change
+    ΔW; each layer of the new adapter gets that dropout); ``task_type`` the one the adapters
+    name (None when none does); ``fan_in_fan_out`` what the layers store; ``use_rslora`` False
+    and ``init_lora_weights`` True (the scaling is in B; the tensors are set). ``bias``: a bias is
+    the base model's, one tensor shared by every adapter, so there is no per-adapter bias to
+    weight; the combination keeps the trained biases when, for every bias some adapter trains
+    (its ``bias`` mode covers it), the weights of the adapters training it sum to 1, and its
+    config then covers them ("lora_only" when every such adapter is "lora_only", else "all").
+
     Raises ``ValueError`` for unknown names, an existing ``adapter_name``, weights not matching
-    adapters, or an unknown combination_type.
+    adapters, an unknown combination_type, adapters naming different task types, or trained
+    biases whose weights do not sum to 1 (the error names the bias, the adapters and the sum).
+    Nothing is changed when it raises.
     """
     adapters = list(adapters)
     weights = list(weights)
@@ -277,6 +292,7 @@ def add_weighted_adapter(
         )
     if combination_type not in ("cat", "svd"):
         raise ValueError(f"combination_type={combination_type!r}: expected 'cat' or 'svd'")
+    settings = _combined_settings(model, adapters, weights)
 
     for _, layer in lora_layers(model):
         parts = [(layer.get_adapter(a), w) for a, w in zip(adapters, weights)]
@@ -294,6 +310,7 @@ def add_weighted_adapter(
             layer.one_lora_fields(A.shape[0]),
             nn.Parameter(A.contiguous()),
             nn.Parameter(B.contiguous()),
+            layer.dropout_for(settings["lora_dropout"]),
         )
         layer.store_adapter(slot)
     _combine_saved_copies(model, adapters, weights, adapter_name)
@@ -304,7 +321,64 @@ def add_weighted_adapter(
             with contextlib.suppress(InjectionError):
                 named.update(dict.fromkeys(modules_to_save_for(model, config)))
     config = config_from_layers(model, adapter_name, prefer_saved=list(named))
-    register_adapter(model, adapter_name, config)
+    register_adapter(model, adapter_name, dataclasses.replace(config, **settings))
+
+
+def _combined_settings(
+    model: nn.Module, adapters: list[str], weights: list[float]
+) -> dict[str, Any]:
+    """The fields of a combination's config that its layers do not say (see
+    :func:`add_weighted_adapter`); raises ``ValueError`` before anything is changed."""
+    configs = [adapter_config(model, a) or config_from_layers(model, a) for a in adapters]
+    tasks = {c.task_type: a for a, c in zip(adapters, configs) if c.task_type is not None}
+    if len(tasks) > 1:
+        named = ", ".join(f"{a!r}: {t!r}" for t, a in tasks.items())
+        raise ValueError(
+            f"adapters={adapters!r}: their configs name different task types ({named}); "
+            "combine adapters trained for the same task"
+        )
+    return {
+        "lora_dropout": configs[0].lora_dropout,
+        "merge_weights": configs[0].merge_weights,
+        "task_type": next(iter(tasks), None),
+        "bias": _combined_bias(model, adapters, weights, [c.bias for c in configs]),
+    }
+
+
+def _combined_bias(
+    model: nn.Module, adapters: list[str], weights: list[float], modes: list[str]
+) -> str:
+    """The bias mode of a combination, or ``ValueError`` where the biases it would run are
+    not orig + Σ wᵢ (biasᵢ − orig). A bias is the base layer's, shared by every adapter (and
+    by the base model): an adapter whose mode covers it means the model's bias there, one whose
+    mode does not means the original. So the sum is the model's bias exactly when the weights of
+    the adapters covering it sum to 1; otherwise it needs the original, which nothing keeps."""
+    if all(m == "none" for m in modes):
+        return "none"
+    modules = dict(model.named_modules())
+    inside = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
+    biased = [  # modules_to_save copies combine as copies (their originals stay as they are)
+        n
+        for n, m in modules.items()
+        if m._parameters.get("bias") is not None and not (inside and n.startswith(inside))
+    ]
+    covered = []
+    for a, mode in zip(adapters, modes):
+        held = {n for n, _, _ in adapter_layers(model, a)}
+        covered.append({n for n in biased if mode == "all" or (mode == "lora_only" and n in held)})
+    for n in biased:
+        trainers = [(a, m, w) for a, m, w, c in zip(adapters, modes, weights, covered) if n in c]
+        total = math.fsum(w for _, _, w in trainers)
+        if trainers and abs(total - 1.0) > _BIAS_WEIGHT_TOLERANCE:
+            named = ", ".join(f"{a!r} (bias={m!r}, weight {w:g})" for a, m, w in trainers)
+            raise ValueError(
+                f"weights={weights!r}: {n}.bias is trained by {named}, whose weights sum to "
+                f"{total:g}, not 1. A bias is the base model's, one tensor shared by every adapter "
+                "(not a copy per adapter), so orig + Σ wᵢ (biasᵢ − orig) is known only when the "
+                "weights of the adapters training it sum to 1 (it is then the trained bias). Give "
+                "those adapters weights summing to 1, or combine adapters trained with bias='none'"
+            )
+    return "all" if "all" in modes else "lora_only"
 
 
 def _combine_saved_copies(
@@ -376,13 +450,19 @@ def _svd_combination(parts, svd_rank, dtype) -> tuple[Tensor, Tensor]:
 def config_from_layers(model: nn.Module, name: str, prefer_saved: Sequence[str] = ()) -> LoRAConfig:
     """A LoRAConfig describing adapter ``name`` as its layers hold it: full module names as targets
     (``"model.layers.0.self_attn.qkv_proj[q,v]"`` for a MergedLinear over declared fused slices), the
-    most common rank and alpha, and exact-name rank/alpha patterns for the others. Its
-    modules_to_save are those of the adapter's copies (:func:`saved_fields`; ``prefer_saved``: the
-    module names to list first among copies that share a weight)."""
+    most common rank and alpha, and exact-name rank/alpha patterns for the others, the largest
+    dropout of its layers, and ``fan_in_fan_out`` when every linear layer stores (in, out) (GPT-2's
+    Conv1D is recognised either way). Its modules_to_save are those of the adapter's copies
+    (:func:`saved_fields`; ``prefer_saved``: the module names to list first among copies that share
+    a weight). ``bias`` is "none": which biases an adapter trained is not in its layers."""
     splits = fused_splits(model)
     targets, ranks, alphas, rslora = [], {}, {}, set()
+    dropout, layouts = 0.0, []
     for module_name, layer, adapter in adapter_layers(model, name):
         rslora.add(bool(adapter.use_rslora))
+        dropout = max(dropout, float(getattr(adapter.lora_dropout, "p", 0.0)))
+        if hasattr(layer, "fan_in_fan_out"):  # a linear layer: which layout it stores
+            layouts.append(bool(layer.fan_in_fan_out))
         chosen = layer.adapter_slices(adapter, splits.get(module_name.rpartition(".")[2]))
         if chosen is not None:
             targets.append(f"{module_name}[{','.join(chosen)}]")
@@ -406,6 +486,8 @@ def config_from_layers(model: nn.Module, name: str, prefer_saved: Sequence[str] 
         use_rslora=rslora.pop(),
         rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
         alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+        lora_dropout=dropout,
+        fan_in_fan_out=bool(layouts) and all(layouts),
         **saved_fields(model, name, prefer_saved),
     )
 

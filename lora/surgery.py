@@ -14,6 +14,7 @@ the sizes its ``config`` implies. The matching itself lives in :mod:`lora.target
 
 from __future__ import annotations
 
+import warnings
 from typing import cast
 
 import torch
@@ -25,6 +26,7 @@ from .layers.saved import saved_modules
 from .layers.utils import lora_layers, mark_only_lora_as_trainable
 from .targets import (
     InjectionError,
+    SavedTargetWarning,
     TargetPlan,
     fused_splits,
     lora_layer_for,
@@ -42,6 +44,7 @@ __all__ = [
     "trainable_parameters",
     "print_trainable_parameters",
     "InjectionError",
+    "SavedTargetWarning",
 ]
 
 
@@ -75,11 +78,13 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
     adapter's copies of ``config.modules_to_save`` (each such module is wrapped in a
     :class:`~lora.layers.saved.ModulesToSaveWrapper`: the original stays untouched, the adapter
     "default" trains a copy; ``config.ensure_weight_tying`` says what happens to a tied partner).
-    A rank of 0 from ``rank_pattern`` leaves that module alone.
+    A rank of 0 from ``rank_pattern`` leaves that module alone. A target that a modules_to_save
+    module is, or lies inside, gets no LoRA layer (PEFT's rule: the copy trains it in full, and the
+    adapter file holds the copy); a :class:`SavedTargetWarning` names it unless ``exclude_modules`` does.
 
     Returns ``model``. Raises :class:`InjectionError` (a ``ValueError``) naming the targets that
-    match nothing, the modules that cannot take LoRA, unknown fused slices, or a model that was
-    injected before.
+    match nothing, the modules that cannot take LoRA, unknown fused slices, targets all inside
+    modules_to_save, or a model that was injected before (all checked before the model changes).
     """
     if isinstance(config, dict):
         config = LoRAConfig(**config)
@@ -91,6 +96,9 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
             "(call lora.merge_and_unload first, or load more adapters with lora.load_adapter)"
         )
     plan = TargetPlan(model, config)
+    overlap = plan.saved_targets_warning()
+    if overlap is not None:
+        warnings.warn(overlap, SavedTargetWarning, stacklevel=2)
     for name, slices in plan.targets.items():
         base = plan.modules[name]
         if config.rank_for(name) == 0:

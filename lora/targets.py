@@ -21,12 +21,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .checks import listing
 from .config import LoRAConfig, parse_target
 from .layers import LAYER_KINDS, LoRALayer, is_gpt2_conv1d
 from .layers.saved import ModulesToSaveWrapper
 
 __all__ = [
     "InjectionError",
+    "SavedTargetWarning",
     "TargetPlan",
     "fused_splits",
     "FUSED_LAYOUTS",
@@ -47,6 +49,11 @@ __all__ = [
 
 class InjectionError(ValueError):
     """The config does not fit the model: targets that match nothing or an unsupported module."""
+
+
+class SavedTargetWarning(UserWarning):
+    """:func:`lora.inject`: target_modules match modules that modules_to_save trains in full; those
+    get no LoRA layer (PEFT's rule; :class:`TargetPlan`)."""
 
 
 # --- layer kinds ---------------------------------------------------------------------------------
@@ -177,6 +184,12 @@ class TargetPlan:
     named one); each counts as the torch layer it wraps, and the modules inside it are not
     candidates.
     ``modules``: ``dict(model.named_modules())`` when the caller has it already.
+
+    PEFT's rule for an overlap with ``config.modules_to_save``: a module that it names (with
+    ``ensure_weight_tying``, also a tied partner of one), or one inside such a module, is trained in
+    full (the adapter's copy of the module) and gets no LoRA layer. ``saved_targets``: each such
+    module that target_modules matched -> the modules_to_save module it is or lies in. Nothing
+    left to adapt is an :class:`InjectionError`.
     """
 
     def __init__(
@@ -199,8 +212,10 @@ class TargetPlan:
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
         self.splits = fused_splits(model)
         self.targets: dict[str, tuple[str, ...] | None] = {}
+        self.saved_targets: dict[str, str] = {}
         self._match_targets()
         self._drop_excluded()
+        self._drop_saved()
         self._check_types()
 
     def split_for(self, name: str) -> dict[str, int]:
@@ -268,6 +283,63 @@ class TargetPlan:
             raise InjectionError(
                 f"exclude_modules={excl!r} excludes every module that target_modules matched"
             )
+
+    def _drop_saved(self) -> None:
+        if not self.config.modules_to_save:
+            return
+        owners = list(modules_to_save_for(self.model, self.config, self.modules))
+        if self.config.ensure_weight_tying:  # their partners are wrapped too (wrap_modules_to_save)
+            for n in list(owners):
+                owners += [p for p in tied_partners(self.model, n, self.modules) if p not in owners]
+        for o in owners:  # a copy made now would copy the other adapters' LoRA layers inside it
+            if isinstance(self.modules[o], ModulesToSaveWrapper):
+                continue
+            held = [
+                n
+                for n, m in self.modules.items()
+                if isinstance(m, LoRALayer) and (n == o or n.startswith(o + "."))
+            ]
+            if held:
+                raise InjectionError(
+                    f"modules_to_save: {o!r} holds LoRA layers of the model's adapters "
+                    f"({listing(held, 6)}); a copy of it trained in full cannot hold them: load "
+                    "this adapter into a model without them (or leave the module out of one of the two)"
+                )
+        for n in self.targets:
+            owner = next((o for o in owners if n == o or n.startswith(o + ".")), None)
+            if owner is not None:
+                self.saved_targets[n] = owner
+        for n in self.saved_targets:
+            del self.targets[n]
+        if not self.targets:
+            raise InjectionError(
+                f"target_modules={self.config.target_modules!r} match only modules that "
+                f"modules_to_save={self.config.modules_to_save!r} trains in full "
+                f"({listing(sorted(self.saved_targets), 8)}): nothing left to adapt; a module is "
+                "either adapted or trained in full, so name other modules in target_modules "
+                "(or drop them from modules_to_save)"
+            )
+
+    def saved_targets_warning(self) -> str | None:
+        """What :func:`lora.inject` warns about :attr:`saved_targets` (None when there are none):
+        the modules, the pattern and the modules_to_save entry, and how to say it explicitly."""
+        if not self.saved_targets:
+            return None
+        by_owner: dict[str, list[str]] = {}
+        for n, owner in self.saved_targets.items():
+            by_owner.setdefault(owner, []).append(n)
+        parts = [
+            f"{owner!r} ({'is that module' if names == [owner] else 'holds ' + listing(names, 6)})"
+            for owner, names in by_owner.items()
+        ]
+        return (
+            f"target_modules={self.config.target_modules!r} match modules that "
+            f"modules_to_save={self.config.modules_to_save!r} trains in full: "
+            f"{'; '.join(parts)}. As in PEFT they get no LoRA layer (the adapter's copy of the "
+            "module trains them in full, and the adapter file holds that copy); add them to "
+            f"exclude_modules={sorted(self.saved_targets)!r} to say so, or drop the module "
+            "from modules_to_save to adapt them with LoRA"
+        )
 
     def _linear(self, m: nn.Module) -> bool:
         return is_linear(m, existing_ok=self.existing_ok)

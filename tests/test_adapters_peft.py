@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -330,3 +332,197 @@ def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tyin
     with torch.no_grad():
         got = peft_model(input_ids=IDS).logits
     assert max_diff(got, want) <= ATOL
+
+
+# --- add_weighted_adapter against PEFT's ---------------------------------------------------------
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_combining_peft_adapters_matches_peft_and_the_combination_loads_in_peft(
+    tmp_path, use_rslora
+):
+    hf, _, base = pair()
+    common = dict(
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+        target_modules=["qkv_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, **common)
+    )
+    peft_model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=2, lora_dropout=0.2, **common))
+    peft_model.save_pretrained(tmp_path / "peft")  # "default" there, "b" in peft/b
+    peft_model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    peft_model.eval()
+    theirs = peft_model.peft_config["mix"]
+
+    ours = ours_with(base)
+    lora.load_adapter(ours, tmp_path / "peft", adapter_name="default")
+    lora.load_adapter(ours, tmp_path / "peft" / "b", adapter_name="b")
+    lora.add_weighted_adapter(ours, ["default", "b"], [0.7, -0.4], "mix")
+    lora.set_adapter(ours, "mix")
+    config = ours.lora_configs["mix"]
+    assert (config.lora_dropout, config.bias, config.task_type) == (0.1, "none", "CAUSAL_LM")
+    assert (config.lora_dropout, config.bias) == (theirs.lora_dropout, theirs.bias)
+    assert config.use_rslora is False  # the scaling (1) is in B
+    with torch.no_grad():
+        want = ours(IDS).logits
+        # PEFT 0.21.2 keeps use_rslora: its combination is sqrt(r) too large (peft#3449)
+        if not use_rslora:
+            assert max_diff(peft_model(input_ids=IDS).logits, want) <= ATOL
+    lora.save_adapter(ours, tmp_path / "mix")
+    hf_again = transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3)).eval()
+    hf_again.load_state_dict(base)
+    loaded = peft.PeftModel.from_pretrained(hf_again, tmp_path / "mix").eval()
+    assert isinstance(loaded, peft.PeftModelForCausalLM)  # the task type came along
+    with torch.no_grad():
+        assert max_diff(loaded(input_ids=IDS).logits, want) <= ATOL
+
+
+def test_a_combination_keeping_trained_biases_loads_in_peft_with_them(tmp_path):
+    def trained_biases():
+        model = toy()
+        with torch.no_grad():
+            for module in (model.q_proj, model.conv, model.head):
+                module.bias.add_(0.5)
+        return model
+
+    configs = {
+        "a": lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "conv"], bias="all"),
+        "b": lora.LoRAConfig(r=3, lora_alpha=3, target_modules=["q_proj", "embed"]),
+    }
+    for seed, (name, config) in enumerate(configs.items()):
+        source = lora.inject(trained_biases(), config)
+        g = torch.Generator().manual_seed(seed)
+        for _, layer in lora.layers.lora_layers(source):
+            randomize_lora(layer, generator=g, scale=0.3)
+        lora.save_adapter(source, tmp_path / name)
+    model = trained_biases()
+    for name in configs:
+        lora.load_adapter(model, tmp_path / name, adapter_name=name)
+    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], "mix")  # bias trained by "a" at 1
+    assert model.lora_configs["mix"].bias == "all"
+    lora.set_adapter(model, "mix")
+    with torch.no_grad():
+        want = model(IDS % 20)
+    lora.save_adapter(model, tmp_path / "mix")
+    theirs = peft.PeftModel.from_pretrained(toy(), tmp_path / "mix").eval()  # untrained biases
+    assert theirs.peft_config["default"].bias == "all"
+    with torch.no_grad():
+        assert max_diff(theirs(IDS % 20), want) <= ATOL
+
+
+# --- bias="all" / "lora_only" with modules_to_save (a head with a bias) --------------------------
+def _saved_head_config(bias: str) -> dict:
+    return dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["head"], bias=bias)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_bias_with_a_saved_head_loads_into_ours_with_equal_logits(tmp_path, bias):
+    original = toy().head.bias.detach().clone()
+    trained = peft.get_peft_model(
+        toy(), peft.LoraConfig(init_lora_weights=False, **_saved_head_config(bias))
+    )
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:  # the copy, LoRA, and the biases bias= trains
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    trained.eval()
+    with torch.no_grad():
+        want = trained(IDS % 20)
+    trained.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        written = set(f.keys())
+    # PEFT writes the copy's bias twice under "all" (and the original's, untrained, once more).
+    extra = {
+        "base_model.model.head.modules_to_save.bias",
+        "base_model.model.head.original_module.bias",
+    }
+    assert (extra <= written) == (bias == "all")
+    mine = lora.load_adapter(toy(), tmp_path)
+    with torch.no_grad():
+        assert max_diff(mine(IDS % 20), want) <= ATOL
+    torch.testing.assert_close(mine.head.original_module.bias, original, rtol=0, atol=0)
+    assert mine.head.bias.requires_grad and not mine.head.original_module.bias.requires_grad
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_our_bias_with_a_saved_head_loads_in_peft_with_equal_logits(tmp_path, bias):
+    ours = lora.inject(toy(), lora.LoRAConfig(**_saved_head_config(bias)))
+    g = torch.Generator().manual_seed(6)
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, generator=g, scale=0.3)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad and "lora_" not in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        want = ours(IDS % 20)
+    lora.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(toy(), tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(theirs(IDS % 20), want) <= ATOL
+        torch.testing.assert_close(
+            theirs.base_model.model.head.original_module.bias, toy().head.bias, rtol=0, atol=0
+        )
+
+
+def test_peft_duplicate_head_bias_keys_must_agree(tmp_path):
+    trained = peft.get_peft_model(toy(), peft.LoraConfig(**_saved_head_config("all")))
+    trained.save_pretrained(tmp_path)
+    file = tmp_path / WEIGHTS_NAME
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["base_model.model.head.modules_to_save.bias"] += 1
+    save_file(tensors, str(file))
+    with pytest.raises(
+        lora.AdapterError,
+        match=r"head\.(modules_to_save\.)?bias: the same tensor \(one tensor\), but the file",
+    ):
+        lora.load_adapter(toy(), tmp_path)
+
+
+# --- LoRA targets inside a modules_to_save module: PEFT leaves them out, so do we ---------------
+OVERLAP = dict(target_modules=["o_proj", "qkv_proj"], modules_to_save=["layers.0"])
+
+
+def _perturb_copies(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_peft_adapter_with_targets_inside_a_saved_layer_loads_into_ours(tmp_path):
+    hf, ours, base = pair()
+    with torch.no_grad():
+        want_base = hf(input_ids=IDS).logits
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **OVERLAP)
+    )
+    _perturb_copies(peft_model, 3)
+    with torch.no_grad():
+        want = peft_model(input_ids=IDS).logits
+    assert max_diff(want, want_base) > 0.1
+    peft_model.save_pretrained(tmp_path)
+    lora.load_adapter(ours, tmp_path)  # refused before: "missing ...layers.0...lora_A.weight"
+    assert isinstance(ours.model.layers[0], lora.layers.saved.ModulesToSaveWrapper)
+    with torch.no_grad():
+        assert max_diff(ours(IDS).logits, want) <= ATOL
+
+
+def test_our_adapter_with_targets_inside_a_saved_layer_loads_in_peft(tmp_path):
+    hf, ours, _ = pair()
+    with pytest.warns(lora.SavedTargetWarning, match=r"'model\.layers\.0' \(holds"):
+        lora.inject(ours, lora.LoRAConfig(r=2, lora_alpha=4, **OVERLAP))
+    g = torch.Generator().manual_seed(4)
+    for _, layer in lora.layers.lora_layers(ours):
+        randomize_lora(layer, generator=g, scale=0.1)
+    _perturb_copies(ours, 5)
+    with torch.no_grad():
+        want = ours(IDS).logits
+    lora.save_adapter(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(peft_model(input_ids=IDS).logits, want) <= ATOL

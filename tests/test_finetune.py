@@ -116,6 +116,10 @@ def test_the_phi3_recipe_training_config_is_accepted_as_written():
             {"gradient_checkpointing_kwargs": {"preserve_rng_state": False}},
             r"at most 'use_reentrant'",
         ),
+        (
+            {"gradient_checkpointing_layers": -1},
+            r"gradient_checkpointing_layers=-1: expected how many decoder layers",
+        ),
     ],
 )
 def test_bad_training_keys_are_named(bad, match):
@@ -242,6 +246,83 @@ def test_resuming_with_more_steps_continues_the_same_run(ckpt, data_file, tmp_pa
     assert got == want
 
 
+def test_bias_all_with_a_saved_biased_head_trains_saves_resumes_and_loads(
+    ckpt, data_file, tmp_path
+):
+    # Phi-3 has no bias anywhere: give it a head with one, so bias="all" and modules_to_save meet.
+    peft = lora.LoRAConfig(**{**PEFT, "bias": "all", "modules_to_save": ["lm_head"]})
+
+    def biased_head_model():
+        model = Phi3ForCausalLM.from_pretrained(ckpt)
+        head = torch.nn.Linear(*model.lm_head.weight.shape[::-1], bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.copy_(torch.linspace(-0.5, 0.5, head.out_features))
+        model.lm_head = head
+        return model
+
+    def trainer(root):
+        cfg = TrainingConfig.from_dict(training(root, max_steps=4, save_steps=2))
+        torch.manual_seed(cfg.seed)
+        tok = Tokenizer.from_pretrained(ckpt)
+        data = prepare_chat_data(data_file, tok, cfg.max_seq_length, eval_fraction=0.2, seed=0)
+        return Trainer(
+            biased_head_model(), tok, data, cfg, peft=peft, log=lambda s: None, progress=False
+        )
+
+    original = biased_head_model().lm_head.bias.detach().clone()
+    whole = trainer(tmp_path / "a")
+    result = whole.train()
+    head = whole.model.lm_head
+    assert not torch.equal(head.bias, original)  # the copy's bias trained
+    torch.testing.assert_close(head.original_module.bias, original, rtol=0, atol=0)  # untouched
+    # resume from the step-2 checkpoint in a fresh process: the same losses, the same adapter
+    cut = trainer(tmp_path / "b")
+    cut.train(resume=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert losses(tmp_path / "b" / "out") == {
+        s: v for s, v in losses(tmp_path / "a" / "out").items() if s > 2
+    }
+    torch.testing.assert_close(cut.model.lm_head.bias, head.bias, rtol=0, atol=0)
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    loaded = lora.load_adapter(biased_head_model(), result.adapter_dir).eval()
+    whole.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, whole.model(ids).logits, rtol=0, atol=0)
+
+
+def test_targets_inside_a_saved_layer_train_save_and_load(ckpt, data_file, tmp_path):
+    # A decoder layer trained in full (its o_proj too, no LoRA there), LoRA on the other o_proj:
+    # the run's adapter loads back (load_adapter refused it: the adapter was lost).
+    peft = lora.LoRAConfig(
+        **{**PEFT, "target_modules": ["o_proj"], "modules_to_save": ["layers.0"]}
+    )
+    cfg = TrainingConfig.from_dict(training(tmp_path, max_steps=2, save_steps=2))
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer.from_pretrained(ckpt)
+    data = prepare_chat_data(data_file, tok, cfg.max_seq_length, eval_fraction=0.2, seed=0)
+    model = Phi3ForCausalLM.from_pretrained(ckpt)
+    with pytest.warns(lora.SavedTargetWarning, match=r"'model\.layers\.0' \(holds"):
+        trainer = Trainer(model, tok, data, cfg, peft=peft, log=lambda s: None, progress=False)
+    result = trainer.train()
+    layer = trainer.model.model.layers[0]
+    assert not torch.equal(  # the copy trained in full, the original stayed
+        layer.modules_to_save["default"].self_attn.o_proj.weight,
+        layer.original_module.self_attn.o_proj.weight,
+    )
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    loaded = lora.load_adapter(Phi3ForCausalLM.from_pretrained(ckpt), result.adapter_dir).eval()
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trainer.model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_peft_config_adapting_only_saved_modules_fails_before_training(ckpt, data_file, tmp_path):
+    peft = {**PEFT, "target_modules": ["lm_head"], "modules_to_save": ["lm_head"]}
+    with pytest.raises(lora.InjectionError, match=r"nothing left to adapt"):
+        finetune(ckpt, data_file, training(tmp_path), peft, progress=False, log=lambda s: None)
+    assert not list_checkpoints(tmp_path / "out")
+
+
 def test_a_fresh_run_never_deletes_an_earlier_one_unless_told(ckpt, data_file, tmp_path):
     _trainer(ckpt, data_file, training(tmp_path, max_steps=2)).train()
     with pytest.raises(
@@ -301,10 +382,26 @@ def test_gradient_checkpointing_and_packing_train_like_the_plain_loop(ckpt, data
     )
     assert checkpointed.model.gradient_checkpointing
     checkpointed.train()
-    want, got = losses(tmp_path / "p" / "out"), losses(tmp_path / "c" / "out")
-    assert got.keys() == want.keys() == {1, 2, 3}
-    for step in want:  # recomputation replays dropout's RNG, so the runs agree
-        assert math.isclose(got[step], want[step], rel_tol=1e-5), step
+    some = _trainer(  # only the first of the two decoder layers checkpointed
+        ckpt,
+        data_file,
+        training(
+            tmp_path / "s",
+            max_steps=3,
+            packing=True,
+            gradient_checkpointing=True,
+            gradient_checkpointing_layers=1,
+        ),
+    )
+    assert some.model.gradient_checkpointing and some.model.model.checkpoint_layers == 1
+    some.train()
+    want = losses(tmp_path / "p" / "out")
+    assert want.keys() == {1, 2, 3}
+    for run in ("c", "s"):
+        got = losses(tmp_path / run / "out")
+        assert got.keys() == want.keys()
+        for step in want:  # recomputation replays dropout's RNG, so the runs agree
+            assert math.isclose(got[step], want[step], rel_tol=1e-5), (run, step)
 
 
 def test_bf16_base_trains_fp32_adapters(ckpt, data_file, tmp_path):

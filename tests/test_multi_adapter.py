@@ -193,6 +193,21 @@ def test_named_adapters_each_train_their_own_modules_to_save_copy(tmp_path):
     torch.testing.assert_close(model.head.weight, original, rtol=0, atol=0)
 
 
+def test_an_adapter_added_to_an_eval_model_runs_its_dropout_only_in_training(tmp_path):
+    cfg = lora.LoRAConfig(r=2, lora_dropout=0.5, target_modules=["q_proj", "v_proj"])
+    path, want = make_adapter(tmp_path, toy, cfg, 4, "drop")
+    model = lora.load_adapter(toy(), make_adapter(tmp_path, toy, A_CFG, 1, "a")[0])
+    lora.load_adapter(model, path, adapter_name="drop")  # model in eval mode
+    lora.add_weighted_adapter(model, ["drop"], [1.0], "same")
+    for name in ("drop", "same"):
+        lora.set_adapter(model, name)
+        dropout = model.q_proj.lora_dropout
+        assert isinstance(dropout, nn.Dropout) and dropout.p == 0.5 and not dropout.training
+        torch.testing.assert_close(run(model), want, rtol=1e-5, atol=1e-5)  # no dropout
+    model.train()
+    assert model.q_proj.lora_dropout.training
+
+
 # --- combining ----------------------------------------------------------------------------------
 def _delta(model, name, module):
     lora.set_adapter(model, name)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checks import check_choice, check_positive_int
+from ..checks import check_checkpoint_layers, check_choice, check_positive_int
 from ..data.records import ON_ERROR_MODES
 
 __all__ = [
@@ -255,6 +255,9 @@ class TrainingConfig:
     processes. ``global_train_batch_size``: sequences per micro-batch over all ranks (None:
     per_device_train_batch_size × world size); when set it must divide by the world size and fixes
     the per-device batch.
+    ``gradient_checkpointing_layers`` (ours, not transformers'): with ``gradient_checkpointing``,
+    checkpoint only the first N decoder layers (None: all); the rest keep their activations,
+    trading memory for a faster step (docs/performance.md).
     ``quantize``: None, or "nf4" to load the base Linear weights as 4-bit NormalFloat (QLoRA,
     docs/qlora.md; bf16 then sets the compute dtype).
     """
@@ -299,6 +302,7 @@ class TrainingConfig:
     use_cpu: bool = False
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: dict = field(default_factory=lambda: {"use_reentrant": False})
+    gradient_checkpointing_layers: int | None = None
     max_seq_length: int = 1024
     packing: bool = False
     eval_fraction: float = 0.05
@@ -423,6 +427,9 @@ class TrainingConfig:
                 f"training_config gradient_checkpointing_kwargs={kwargs!r}: use_reentrant must be "
                 "true or false"
             )
+        check_checkpoint_layers(
+            self.gradient_checkpointing_layers, "training_config gradient_checkpointing_layers"
+        )
         check_choice(self.on_error, ON_ERROR_MODES, "training_config on_error")
         if self.quantize is not None:
             from ..quant import check_method

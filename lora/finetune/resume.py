@@ -42,6 +42,7 @@ FREE_ON_RESUME = frozenset(
         "num_train_epochs",
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",
+        "gradient_checkpointing_layers",
         "on_error",
         # keys other versions may carry that change no number either
         "log_level",

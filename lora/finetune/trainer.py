@@ -320,7 +320,13 @@ class Trainer:
             inject(model, peft)
         self.peft = model.lora_config
         if training.gradient_checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": training.use_reentrant})
+            kwargs = {"use_reentrant": training.use_reentrant}
+            if training.gradient_checkpointing_layers is None:
+                model.gradient_checkpointing_enable(kwargs)
+            else:  # ours only (lora.models.Phi3ForCausalLM)
+                model.gradient_checkpointing_enable(
+                    kwargs, layers=training.gradient_checkpointing_layers
+                )
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("Trainer: the model has no trainable parameter")

@@ -400,7 +400,9 @@ class LoRALayer(_ModuleBase):
         return store[name] if name is not None and store is not None and name in store else None
 
     def store_adapter(self, slot: AdapterWeights) -> None:
-        """Keep ``slot`` in the layer as an inactive adapter."""
+        """Keep ``slot`` in the layer as an inactive adapter, in the layer's train/eval mode (a
+        new slot's dropout would otherwise run in training mode inside an eval model)."""
+        slot.train(self.training)
         store = self.inactive_adapters
         if store is None:
             store = nn.ModuleDict()

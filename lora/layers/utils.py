@@ -7,6 +7,7 @@ from torch import nn
 
 from ..checks import BIAS_MODES, check_choice
 from .base import LoRALayer
+from .saved import ModulesToSaveWrapper
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
 
@@ -37,15 +38,20 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
     ``bias``: "none"; "all" (every parameter named ``*bias*``); "lora_only" (the biases of LoRA
     layers, conv layers included). Raises ``ValueError`` for any other value.
+
+    A modules_to_save wrapper (:class:`~lora.layers.saved.ModulesToSaveWrapper`) keeps its own
+    settings, as in PEFT: its original stays frozen (also its bias under "all") and the adapters'
+    copies train in full.
     """
     _check_bias(bias)
     _require_lora_layers(model, "mark_only_lora_as_trainable")
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
     for name, p in model.named_parameters():
-        if "lora_" not in name:
+        if "lora_" not in name and not (inside and name.startswith(inside)):
             p.requires_grad = False
     if bias == "all":
         for name, p in model.named_parameters():
-            if "bias" in name:
+            if "bias" in name and not (inside and name.startswith(inside)):
                 p.requires_grad = True
     elif bias == "lora_only":
         for _, m in lora_layers(model):
