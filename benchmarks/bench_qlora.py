@@ -266,7 +266,7 @@ def cmd_speed(args) -> dict:
 
 # --- quality on the demo data ---------------------------------------------------------------------
 def cmd_quality(args) -> dict:
-    from lora.finetune.demo import run_demo
+    from lora.demo.run import run_demo
 
     out = {}
     for base in ("bf16", "nf4"):
