@@ -90,35 +90,49 @@ def lora_linear(
 # What it saves for backward: the input x (the same tensor object, no copy: a frozen base layer
 # whose input needs a gradient keeps nothing but W, and the adapter needs x for dA anyway), the
 # parameters (no copies), the rank-r activation v = c·dropout_keep(x) Aᵀ of shape (tokens, r), and
-# an int seed. The dropout mask is never stored: backward draws the same random bits again from the
+# an int seed. The dropout mask is never stored: backward draws the same mask again from the
 # seed. A 4-bit base adds what its backward_slot gives: nothing, or under a checkpoint a zero-byte
 # placeholder in the first forward and the decoded weight in the recomputation (lora.quant).
 # Activations stay in their own dtype: the (tiny) A and B are cast to it, never x to theirs.
 
-# Dropout draws 16 random bits per element: one mt19937 (CPU) or Philox (CUDA) 64-bit draw yields
-# four elements' bits, about 4x fewer draws than one float per element. An element is dropped iff
-# its 16 bits, read as a signed int16 v, satisfy v < -32768 + round(65536·p): an exact
-# Bernoulli(p') with p' = round(65536·p) / 65536, independent across elements.
+# How dropout picks its elements (i.i.d. Bernoulli(p) each), by device:
+# - CPU: the positions of the dropped elements, drawn as geometric gaps. A Bernoulli(p) sequence is
+#   the same as gaps between its ones that are i.i.d. Geometric(p) on {1, 2, ...}, and
+#   G = 1 + floor(log(1 - U) / log(1 - p)) with U uniform in [0, 1) (53 random bits, float64) is
+#   one, by inverting its CDF. That takes one draw per *dropped* element (p·n of them) instead of
+#   random bits for every element: at p = 0.05 about 20x fewer draws of the serial mt19937, and
+#   the mask is applied by zeroing those positions (index_fill_) in a copy. The probability is p
+#   itself (to float64's resolution).
+# - Elsewhere (CUDA): 16 random bits per element, four per Philox 64-bit draw (cheap there, one
+#   kernel, no host sync). An element is dropped iff its 16 bits, read as a signed int16 v,
+#   satisfy v < -32768 + round(65536·p): an exact Bernoulli(p') with p' = round(65536·p) / 65536.
 _MASK_BITS = 16
 _MASK_LEVELS = 1 << _MASK_BITS
 
 
-def realised_dropout_p(p: float) -> float:
-    """The drop probability the fused dropout really uses: ``round(65536·p) / 65536``.
+def _draws_positions(device: torch.device) -> bool:
+    return device.type == "cpu"
 
-    It is within 2⁻¹⁷ of ``p`` (0.05 becomes 3277/65536 = 0.0500030...), and at most
-    1 - 2⁻¹⁶. The kept elements are scaled by ``1 / (1 - p')``, so E[dropout(x)] = x exactly.
+
+def realised_dropout_p(p: float, device: torch.device | str = "cpu") -> float:
+    """The drop probability the fused dropout really uses on ``device``.
+
+    On CPU: ``p`` itself. On other devices (16 random bits an element): ``round(65536·p) / 65536``,
+    within 2⁻¹⁷ of ``p`` (0.05 becomes 3277/65536 = 0.0500030...) and at most 1 - 2⁻¹⁶. The kept
+    elements are scaled by ``1 / (1 - p')``, so E[dropout(x)] = x exactly either way.
     """
+    if _draws_positions(torch.device(device)):
+        return float(p)
     return min(round(p * _MASK_LEVELS), _MASK_LEVELS - 1) / _MASK_LEVELS
 
 
-# On CPU the mask is drawn and applied in row chunks of about this many elements: fresh tensors of
-# (tokens, in) cost page faults on every call (glibc hands big blocks back to the kernel), so the
-# chunk's buffers (a few hundred KiB, reused) are what makes dropout cheap. 2^18 rather than 2^16:
-# fewer, less skinny matmuls per chunk (bf16 3072->3072 at 512 tokens, p=0.05: 1.20x the frozen
-# layer against 1.27x, measured side by side). On CUDA the caching allocator has no such cost: one
+# On CPU the mask is drawn and applied in row chunks of at most this many elements (4 Mi: the
+# (tokens, in) masked copy of 1 x 1024 tokens of 3072 features is one chunk), so that the masked
+# copy of a long batch stays a bounded buffer. Chunks cost: each is three more skinny matmuls per
+# step and its own positions' draw (bf16 3072->3072 at 512 tokens, p=0.05, over the frozen layer:
+# 1.12x in one chunk against 1.20x in chunks of 2^18, medians of 15 interleaved). On CUDA: one
 # chunk, the fewest kernel launches.
-_CPU_CHUNK_ELEMENTS = 1 << 18
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
@@ -127,30 +141,69 @@ def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
     return max(1, min(rows, _CPU_CHUNK_ELEMENTS // max(cols, 1)))
 
 
-class _MaskStream:
-    """The keep-mask of a (rows, cols) input, drawn chunk by chunk in row order from a private
-    generator seeded with ``seed``. Iterating yields ``(start, n, keep)`` with keep (n, cols) uint8
-    (1 = kept; multiplying by uint8 is about twice as fast as by bool on CPU); ``keep`` is a
-    reused buffer, valid until the next step of the iteration."""
+_GAP_MARGIN = (6.0, 16.0)  # standard deviations, and a constant (a test shrinks them)
+
+
+def _dropped_positions(numel: int, p: float, gen: torch.Generator) -> Tensor:
+    """The sorted flat indices in [0, numel) that a Bernoulli(p) sequence drops (int64), drawn
+    from ``gen`` as geometric gaps (see above). Deterministic in (numel, p, gen's state)."""
+    inv_log_keep = 1.0 / math.log1p(-p)  # < 0
+    parts = []
+    last = -1.0  # the last position drawn so far
+    while True:
+        mean = (numel - 1 - last) * p  # dropped elements expected in what is left
+        # enough gaps but for a ~1e-9 chance (then draw on from the last position)
+        m = max(1, int(mean + _GAP_MARGIN[0] * math.sqrt(mean) + _GAP_MARGIN[1]))
+        u = torch.empty(m, dtype=torch.float64, device=gen.device).uniform_(generator=gen)
+        # 1 - u in (0, 1]: log(1 - u) / log(1 - p) >= 0, floored, plus 1: a gap; summed: positions.
+        pos = u.neg_().log1p_().mul_(inv_log_keep).floor_().add_(1.0).cumsum_(0).add_(last)
+        end = int(torch.searchsorted(pos, float(numel)))  # the first position >= numel
+        parts.append(pos[:end])
+        if end < m:
+            break
+        last = float(pos[-1])
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int64)
+
+
+class _DropStream:
+    """Which elements of a (rows, cols) input dropout drops, chunk by chunk in row order, from a
+    private generator seeded with ``seed``. Iterating yields ``(start, n, m)``; ``apply(m, src,
+    out)`` writes the chunk's (n, cols) ``src`` with its dropped elements zeroed into ``out``
+    (contiguous; ``src`` may be ``out``). ``m``: the chunk's dropped positions (CPU) or its uint8
+    keep-mask (1 = kept; a reused buffer, valid until the next step of the iteration)."""
 
     def __init__(self, rows: int, cols: int, p: float, seed: int, device: torch.device):
-        self.rows, self.cols, self.seed, self.device = rows, cols, seed, device
+        self.rows, self.cols, self.p, self.seed, self.device = rows, cols, p, seed, device
         self.chunk = _chunk_rows(rows, cols, device)
-        self.threshold = -(1 << 15) + round(realised_dropout_p(p) * _MASK_LEVELS)
+        self.positions = _draws_positions(device)
+        self.threshold = -(1 << 15) + round(realised_dropout_p(p, device) * _MASK_LEVELS)
 
     def __iter__(self):
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed)
-        cols = self.cols
-        words = torch.empty((self.chunk * cols + 3) // 4, dtype=torch.int64, device=self.device)
-        keep = torch.empty(self.chunk, cols, dtype=torch.bool, device=self.device)
-        for start in range(0, self.rows, self.chunk):
-            n = min(self.chunk, self.rows - start)
+        cols, chunk = self.cols, self.chunk
+        if self.positions:
+            for start in range(0, self.rows, chunk):
+                n = min(chunk, self.rows - start)
+                yield start, n, _dropped_positions(n * cols, self.p, gen)
+            return
+        words = torch.empty((chunk * cols + 3) // 4, dtype=torch.int64, device=self.device)
+        keep = torch.empty(chunk, cols, dtype=torch.bool, device=self.device)
+        for start in range(0, self.rows, chunk):
+            n = min(chunk, self.rows - start)
             w = words[: (n * cols + 3) // 4]
             # from=int64 min, to=None: all 64 bits random (random_'s full-range form).
             w.random_(-(1 << 63), None, generator=gen)
             lanes = w.view(torch.int16)[: n * cols].view(n, cols)
             yield start, n, torch.ge(lanes, self.threshold, out=keep[:n]).view(torch.uint8)
+
+    def apply(self, m: Tensor, src: Tensor, out: Tensor) -> Tensor:
+        if not self.positions:
+            return torch.mul(src, m, out=out)
+        if src is not out:
+            out.copy_(src)
+        out.view(-1).index_fill_(0, m, 0)
+        return out
 
 
 def dropout_keep_mask(
@@ -160,16 +213,18 @@ def dropout_keep_mask(
 
     ``shape`` is the input's shape (..., in). Deterministic in (shape, p, seed, device type):
     backward draws it again instead of storing it. Each element is kept independently with
-    probability ``1 - realised_dropout_p(p)``. The bits come from a private ``torch.Generator``
-    seeded with ``seed``; the global generator is not touched here.
+    probability ``1 - realised_dropout_p(p, device)``. The draws come from a private
+    ``torch.Generator`` seeded with ``seed``; the global generator is not touched here.
     """
     device = torch.device(device)
     cols = shape[-1] if len(shape) else 1
     rows = math.prod(shape[:-1]) if len(shape) else 1
-    out = torch.empty(rows, cols, dtype=torch.bool, device=device)
-    for start, n, keep in _MaskStream(rows, cols, p, seed, device):
-        out[start : start + n] = keep.view(torch.bool)
-    return out.view(*shape)
+    out = torch.ones(rows, cols, dtype=torch.uint8, device=device)
+    stream = _DropStream(rows, cols, p, seed, device)
+    for start, n, m in stream:
+        chunk = out[start : start + n]
+        stream.apply(m, chunk, chunk)
+    return out.bool().view(*shape)
 
 
 def _draw_seed() -> int:
@@ -234,12 +289,12 @@ class _LoRALinear(torch.autograd.Function):
         slot = weight.backward_slot(x.dtype, ctx.needs_input_grad[0]) if quantized else None
         y = base_linear(x, weight, bias, fan_in_fan_out, slot)
         if p > 0:
-            c = scaling / (1.0 - realised_dropout_p(p))
+            c = scaling / (1.0 - realised_dropout_p(p, x.device))
             v = x.new_empty(x.shape[0], A.shape[0])
-            stream = _MaskStream(x.shape[0], x.shape[1], p, seed, x.device)
+            stream = _DropStream(x.shape[0], x.shape[1], p, seed, x.device)
             hbuf = x.new_empty(stream.chunk, x.shape[1])
-            for start, n, keep in stream:
-                h = torch.mul(x[start : start + n], keep, out=hbuf[:n])
+            for start, n, m in stream:
+                h = stream.apply(m, x[start : start + n], hbuf[:n])
                 torch.mm(h, A.T, out=v[start : start + n])
             del hbuf
             v.mul_(c)
@@ -268,7 +323,7 @@ class _LoRALinear(torch.autograd.Function):
         g = g.contiguous()
         A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
         B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
-        c = ctx.scaling / (1.0 - realised_dropout_p(p)) if p > 0 else ctx.scaling
+        c = ctx.scaling / (1.0 - realised_dropout_p(p, x.device)) if p > 0 else ctx.scaling
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_B:
             grad_B = torch.zeros_like(B) if ctx.blocks is not None else None
@@ -302,18 +357,19 @@ class _LoRALinear(torch.autograd.Function):
                 acc_dtype = torch.float32 if _low_precision(x.dtype) else x.dtype
                 if need_A:
                     grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device)
-                stream = _MaskStream(x.shape[0], x.shape[1], p, ctx.seed, x.device)
+                stream = _DropStream(x.shape[0], x.shape[1], p, ctx.seed, x.device)
                 buf = x.new_empty(stream.chunk, x.shape[1])
-                for start, n, keep in stream:
+                for start, n, m in stream:
                     rows = slice(start, start + n)
                     if need_A:
-                        h = torch.mul(x[rows], keep, out=buf[:n])
+                        h = stream.apply(m, x[rows], buf[:n])
                         if acc_dtype == x.dtype:
                             grad_A.addmm_(du[rows].T, h)
                         else:
                             grad_A.add_(du[rows].T @ h)
                     if need_x:
-                        grad_x[rows].add_(torch.mm(du[rows], A, out=buf[:n]).mul_(keep))
+                        t = torch.mm(du[rows], A, out=buf[:n])
+                        grad_x[rows].add_(stream.apply(m, t, t))
                 if need_A:
                     grad_A = grad_A.to(lora_A.dtype)
         if need_w:
@@ -355,7 +411,8 @@ def lora_linear_fused(
     None; lora_A (r, in); lora_B (out, r). Returns (..., out) in x's dtype (the base's result).
 
     ``dropout_p`` in [0, 1): inverted dropout on the adapter's input, each element dropped
-    independently with probability :func:`realised_dropout_p` (p to within 2⁻¹⁷). The mask comes
+    independently with probability :func:`realised_dropout_p` (p on CPU, within 2⁻¹⁷ of it on
+    other devices). The mask comes
     from ``seed`` (default: drawn from torch's global CPU generator, so saved RNG state covers it)
     and is regenerated in backward, never stored. Saved for backward: x itself, the parameters and
     the (..., r) rank-r activation. The adapter runs in x's dtype (fp32 A and B are cast to a bf16

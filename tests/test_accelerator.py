@@ -81,7 +81,7 @@ def test_fused_lora_linear_matches_the_float64_reference(device, dtype, p, merge
     Br = B_d.detach().cpu().double().requires_grad_(True)
     Wr = on["W"].cpu().double()
     Bfull = LF.merged_lora_B(Br, sizes, [True, False, True], r) if merged else Br
-    h = xr if keep is None else xr * keep / (1 - LF.realised_dropout_p(p))
+    h = xr if keep is None else xr * keep / (1 - LF.realised_dropout_p(p, device))
     want = xr @ Wr.T + s * (h @ Ar.T) @ Bfull.T
     (want * w_out).sum().backward()
 
@@ -104,7 +104,7 @@ def test_the_dropout_mask_on_the_device_is_seeded_and_bernoulli(device):
     assert torch.equal(a, LF.dropout_keep_mask(shape, p, 5, device))  # backward draws it again
     assert not torch.equal(a, LF.dropout_keep_mask(shape, p, 6, device))
     n, dropped = a.numel(), int((~a).sum())
-    q = LF.realised_dropout_p(p)
+    q = LF.realised_dropout_p(p, device)
     assert abs(dropped - n * q) < 6 * math.sqrt(n * q * (1 - q)), (dropped, n * q)
     # rows and columns alike: no stripe of the mask is kept or dropped more than chance allows
     per_col = (~a).double().mean(0)

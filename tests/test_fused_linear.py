@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -50,9 +51,15 @@ def fused_case(draw):
     return x, W, b, A, B, draw(st.sampled_from([0.5, 2.0])), p, fifo, grads
 
 
-@given(fused_case())
+@given(fused_case(), st.sampled_from(["positions", "bits"]))
 @settings(max_examples=60, deadline=None)
-def test_fused_forward_and_gradients_match_autograd_on_dense_reference(case):
+def test_fused_forward_and_gradients_match_autograd_on_dense_reference(case, kind):
+    """Both ways of drawing the mask (the CPU's positions, CUDA's bits, here on the CPU)."""
+    with mock.patch.object(LF, "_draws_positions", lambda device: kind == "positions"):
+        _check_fused_against_dense_reference(case)
+
+
+def _check_fused_against_dense_reference(case):
     x, W, b, A, B, s, p, fifo, grads = case
     seed = 1234
     leaves = dict(x=x, W=W, b=b, A=A, B=B)
@@ -102,12 +109,20 @@ def test_fused_rejects_a_bad_dropout_p():
 # --- dropout statistics ------------------------------------------------------------------------
 
 
+def _use_mask_kind(monkeypatch, kind):
+    """Make the CPU draw its mask as ``kind``: "positions" (its own way) or "bits" (CUDA's)."""
+    monkeypatch.setattr(LF, "_draws_positions", lambda device: kind == "positions")
+
+
+@pytest.mark.parametrize("kind", ["positions", "bits"])
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_dropout_mask_drops_each_element_with_probability_p(p):
-    shape = (300, 1000)  # several CPU chunks
+def test_dropout_mask_drops_each_element_with_probability_p(p, kind, monkeypatch):
+    _use_mask_kind(monkeypatch, kind)
+    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 1 << 16)  # several chunks, cheaply
+    shape = (300, 1000)
     n = math.prod(shape)
     p_real = LF.realised_dropout_p(p)
-    assert abs(p_real - p) <= 2**-17
+    assert p_real == p if kind == "positions" else abs(p_real - p) <= 2**-17
     drop = ~LF.dropout_keep_mask(shape, p, seed=5)
     sigma = math.sqrt(p_real * (1 - p_real) / n)
     assert abs(drop.float().mean().item() - p_real) < 5 * sigma
@@ -124,7 +139,10 @@ def test_dropout_mask_drops_each_element_with_probability_p(p):
     assert cols.std().item() < 2 * math.sqrt(p_real * (1 - p_real) / shape[0])
 
 
-def test_dropout_chunks_are_distinct_and_seeds_differ():
+@pytest.mark.parametrize("kind", ["positions", "bits"])
+def test_dropout_chunks_are_distinct_and_seeds_differ(kind, monkeypatch):
+    _use_mask_kind(monkeypatch, kind)
+    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 1 << 16)
     shape = (1024, 512)
     chunk = LF._chunk_rows(shape[0], shape[1], torch.device("cpu"))
     assert chunk < shape[0]  # the test spans chunks
@@ -132,6 +150,42 @@ def test_dropout_chunks_are_distinct_and_seeds_differ():
     assert not torch.equal(m[:chunk], m[chunk : 2 * chunk])
     assert not torch.equal(m, LF.dropout_keep_mask(shape, 0.5, seed=12))
     assert torch.equal(m, LF.dropout_keep_mask(shape, 0.5, seed=11))
+
+
+def test_dropped_positions_are_a_bernoulli_sequence_exactly():
+    """Every one of the 2^3 patterns of 3 elements comes with probability p^k (1-p)^(3-k): the
+    gaps start at the first element (no offset) and nothing between them is left out."""
+    p, seeds = 0.3, 6000
+    counts = torch.zeros(8)
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        pos = LF._dropped_positions(3, p, gen)
+        counts[int(sum(1 << int(i) for i in pos))] += 1
+    for pattern in range(8):
+        k = bin(pattern).count("1")
+        want = p**k * (1 - p) ** (3 - k)
+        sigma = math.sqrt(want * (1 - want) / seeds)
+        assert abs(counts[pattern].item() / seeds - want) < 5 * sigma, (pattern, counts)
+
+
+@pytest.mark.parametrize("p", [0.001, 0.05, 0.9])
+def test_dropped_positions_gaps_are_geometric_and_a_short_draw_draws_on(p, monkeypatch):
+    n = 400_000
+    full = LF._dropped_positions(n, p, torch.Generator().manual_seed(1))
+    # no margin: the first batch of gaps falls short of n about half the time, then more are drawn
+    monkeypatch.setattr(LF, "_GAP_MARGIN", (0.0, 0.0))
+    short = [LF._dropped_positions(n, p, torch.Generator().manual_seed(s)) for s in range(4)]
+    for pos in [full, *short]:
+        assert pos.dtype == torch.int64 and int(pos.min()) >= 0 and int(pos.max()) < n
+        assert bool((pos[1:] > pos[:-1]).all())  # sorted, no position twice
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(pos.numel() - n * p) < 5 * sigma, (pos.numel(), n * p)
+    gaps = torch.diff(full).double()
+    # Geometric(p) on {1, 2, ...}: P(gap = 1) = p, mean 1/p
+    ones = (gaps == 1).double().mean().item()
+    assert abs(ones - p) < 5 * math.sqrt(p * (1 - p) / gaps.numel())
+    sd_mean = math.sqrt((1 - p) / p**2 / gaps.numel())
+    assert abs(gaps.mean().item() - 1 / p) < 5 * sd_mean
 
 
 def test_fused_dropout_is_unbiased():
