@@ -46,7 +46,7 @@ from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
 from .layers.saved import ModulesToSaveWrapper, saved_modules
-from .layers.utils import lora_layers
+from .layers.utils import lora_layers, saved_prefixes
 from .surgery import inject
 from .targets import (
     InjectionError,
@@ -561,7 +561,7 @@ def load_adapter(
     adapter added next to others may not change the base model they share: its modules_to_save or
     bias tensors must equal the model's. A single ``.pt`` / ``.bin`` / ``.safetensors`` file with no
     ``adapter_config.json`` beside it is a loralib ``lora_state_dict``, loaded strictly into the
-    active adapter.
+    active adapter (its modules_to_save copies included: a file without them is refused).
 
     Returns ``model``. Raises :class:`AdapterError` naming the file and the keys or modules that do not
     match; the model is left unchanged when it does.
@@ -948,8 +948,9 @@ def _wrap_without_adapter(module: nn.Module, spec: _Spec, config: LoRAConfig) ->
 # --- loralib checkpoints --------------------------------------------------------------------------
 def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
     """A loralib ``lora_state_dict`` file (model state-dict keys) into the model's active adapter:
-    every key must be a LoRA parameter or bias of the model with its shape, and every LoRA parameter
-    of the active adapter must receive a tensor."""
+    every key must be a LoRA parameter, a bias, or an entry of a modules_to_save copy of the model
+    with its shape; every LoRA parameter of the active adapter, and every entry of each wrapper's
+    active copy, must receive a tensor. A wrapper's frozen original takes none."""
     if file.suffix == ".safetensors":
         tensors, _ = read_safetensors(file)
     else:
@@ -966,24 +967,85 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             "(inject or build the LoRA layers first)"
         )
     state = dict(model.named_parameters())
+    copy_prefixes, original_prefixes = saved_prefixes(model)
+    copies: dict[str, Tensor] = {}  # every adapter's copies: state-dict key -> the model's tensor
+    aliases: dict[int, list[str]] = {}  # one tensor under several keys (ensure_weight_tying)
+    required: dict[str, list[str]] = {}  # wrapper -> the keys of its active copy
+    if copy_prefixes:
+        entries = model.state_dict(keep_vars=True)
+        copies = {k: t for k, t in entries.items() if k.startswith(copy_prefixes)}
+        for k, t in copies.items():
+            aliases.setdefault(id(t), []).append(k)
+        for name, wrapper in saved_modules(model):
+            active = wrapper.active_adapter
+            if wrapper.get_adapter(active) is not None:
+                prefix = (
+                    f"{name}.modules_to_save.{active}." if name else f"modules_to_save.{active}."
+                )
+                required[name] = [k for k in copies if k.startswith(prefix)]
     problems = [f"missing {k}" for k in params if k not in tensors]
+    short: dict[str, list[str]] = {}  # wrapper -> its active copy's keys the file lacks
+    # (a tied alias in the file counts: one tensor)
+    for name, keys in required.items():
+        lacking = [k for k in keys if not any(a in tensors for a in aliases[id(copies[k])])]
+        if lacking:
+            short[name] = lacking
+            problems += [f"missing {k}" for k in lacking]
+    places: dict[str, Tensor] = {}
     for k, t in tensors.items():
-        place = params.get(k) if k in params else (state.get(k) if k.endswith("bias") else None)
+        if k.startswith(original_prefixes):
+            problems.append(
+                f"{k}: no place for it (the frozen original of a modules_to_save wrapper; "
+                "lora_state_dict leaves it out and loading never changes it)"
+            )
+            continue
+        place = params.get(k) if k in params else copies.get(k)
+        if place is None and k.endswith("bias"):
+            place = state.get(k)
         if place is None:
-            problems.append(f"{k}: no place for it (not a LoRA parameter or bias of the model)")
+            problems.append(
+                f"{k}: no place for it (not a LoRA parameter, bias or modules_to_save copy "
+                "entry of the model)"
+            )
         elif place.shape != t.shape:
             problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
+        else:
+            places[k] = place
+    for keys in aliases.values():
+        held = [k for k in keys if k in places]
+        if any(not torch.equal(tensors[held[0]], tensors[k]) for k in held[1:]):
+            problems.append(
+                f"{', '.join(held)}: one tensor in the model (tied copies), different in the file"
+            )
     if problems:
+        note = ""
+        if short:
+            if any(k.startswith(copy_prefixes) for k in tensors):
+                note = (
+                    "\nThe file lacks part of the active adapter's modules_to_save copies of "
+                    f"{sorted(short)}."
+                )
+            else:
+                note = (
+                    "\nThe file holds no modules_to_save copies (e.g. written by an older "
+                    "lora_state_dict, which left them out), but the active adapter has copies of "
+                    f"{sorted(short)}."
+                )
+            note += (
+                " model.load_state_dict(torch.load(file, weights_only=True), strict=False) loads "
+                "it, leaving the model's copies as they are."
+            )
         raise AdapterError(
             f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
             + listing(problems, 20, "\n  ")
+            + note
         )
     merged = [layer for _, layer in layers if layer.merged]
     with torch.no_grad():
         for layer in merged:
             layer.unmerge()
         for k, t in tensors.items():
-            (params[k] if k in params else state[k]).copy_(t)
+            places[k].copy_(t)
         for layer in merged:
             layer.merge()
     return model

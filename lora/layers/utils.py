@@ -7,7 +7,7 @@ from torch import nn
 
 from ..checks import BIAS_MODES, check_choice
 from .base import LoRALayer
-from .saved import ModulesToSaveWrapper
+from .saved import ModulesToSaveWrapper, saved_modules
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
 
@@ -59,21 +59,48 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                 m.bias.requires_grad = True
 
 
+def saved_prefixes(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The state-dict key prefixes of ``model``'s modules_to_save wrappers: those of the adapters'
+    copies (``lm_head.modules_to_save.``) and those of the frozen originals
+    (``lm_head.original_module.``). Both empty for a model without wrappers."""
+    copies, originals = [], []
+    for name, _ in saved_modules(model):
+        prefix = f"{name}." if name else ""
+        copies.append(f"{prefix}modules_to_save.")
+        originals.append(f"{prefix}original_module.")
+    return tuple(copies), tuple(originals)
+
+
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The entries of ``model.state_dict()`` that hold LoRA parameters (keys containing ``lora_``),
-    plus biases per ``bias`` ("none", "all", or "lora_only": the biases of LoRA layers)."""
+    plus biases per ``bias`` ("none", "all", or "lora_only": the biases of LoRA layers).
+
+    With modules_to_save wrappers (:class:`~lora.layers.saved.ModulesToSaveWrapper`) it also
+    holds every entry (parameters and buffers) of every adapter's copy
+    (``lm_head.modules_to_save.<adapter>.weight``): they are trained, so
+    ``model.load_state_dict(lora_state_dict, strict=False)`` restores them. Nothing under a
+    wrapper's ``original_module`` (frozen, never changed) is included, whatever ``bias`` says. A
+    model without wrappers gets loralib's keys exactly."""
     _check_bias(bias)
     _require_lora_layers(model, "lora_state_dict")
     state = model.state_dict()
-    if bias == "none":
-        return {k: v for k, v in state.items() if "lora_" in k}
-    if bias == "all":
-        return {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
-    keep = {k for k in state if "lora_" in k}
-    for name, m in lora_layers(model):
-        if m.has_adapter and getattr(m, "bias", None) is not None:
-            keep.add(f"{name}.bias" if name else "bias")
-    return {k: v for k, v in state.items() if k in keep}
+    copies, originals = saved_prefixes(model)
+    lora_biases: set[str] = set()
+    if bias == "lora_only":
+        for name, m in lora_layers(model):
+            if m.has_adapter and getattr(m, "bias", None) is not None:
+                lora_biases.add(f"{name}.bias" if name else "bias")
+
+    def wanted(key: str) -> bool:
+        if key.startswith(originals):
+            return False
+        if "lora_" in key or key.startswith(copies):
+            return True
+        if bias == "all":
+            return "bias" in key
+        return key in lora_biases
+
+    return {k: v for k, v in state.items() if wanted(k)}
 
 
 def merge(model: nn.Module) -> nn.Module:
