@@ -45,6 +45,7 @@ from ._regex_guard import check_bounded_regex
 from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
+from .layers.base import AdapterKey, adapter_state_keys, route_adapter_key
 from .layers.saved import ModulesToSaveWrapper, saved_modules
 from .layers.utils import lora_layers, saved_prefixes
 from .surgery import inject
@@ -560,8 +561,10 @@ def load_adapter(
     adapter (and each modules_to_save / bias tensor its config asks for) must receive one. A named
     adapter added next to others may not change the base model they share: its modules_to_save or
     bias tensors must equal the model's. A single ``.pt`` / ``.bin`` / ``.safetensors`` file with no
-    ``adapter_config.json`` beside it is a loralib ``lora_state_dict``, loaded strictly into the
-    active adapter (its modules_to_save copies included: a file without them is refused).
+    ``adapter_config.json`` beside it is a loralib ``lora_state_dict``, loaded strictly: named keys
+    (``<m>.lora_A.<name>``, several adapters) into each adapter's slots, loralib's into the layer's
+    only adapter, or the active one when the file names none; every adapter it names must receive
+    all its tensors, modules_to_save copies included (a file without them is refused).
 
     Returns ``model``. Raises :class:`AdapterError` naming the file and the keys or modules that do not
     match; the model is left unchanged when it does.
@@ -946,60 +949,113 @@ def _wrap_without_adapter(module: nn.Module, spec: _Spec, config: LoRAConfig) ->
 
 
 # --- loralib checkpoints --------------------------------------------------------------------------
+def _lora_route(key: str, layers: dict[str, LoRALayer]) -> tuple[str, AdapterKey] | None:
+    """``(layer name, route)`` when ``key`` is a LoRA tensor's state-dict key of one of ``layers``
+    (``<m>.lora_A`` or ``<m>.lora_A.<name>``: :func:`~lora.layers.base.route_adapter_key`)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in ("lora_A", "lora_B"):
+            module_name = ".".join(parts[:i])
+            layer = layers.get(module_name)
+            if layer is not None:
+                route = route_adapter_key(layer, ".".join(parts[i:]), module_name)
+                if route is not None:
+                    return module_name, route
+    return None
+
+
 def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
-    """A loralib ``lora_state_dict`` file (model state-dict keys) into the model's active adapter:
-    every key must be a LoRA parameter, a bias, or an entry of a modules_to_save copy of the model
-    with its shape; every LoRA parameter of the active adapter, and every entry of each wrapper's
-    active copy, must receive a tensor. A wrapper's frozen original takes none."""
+    """A loralib ``lora_state_dict`` file (model state-dict keys) into the model's adapters.
+
+    LoRA keys go where ``load_state_dict`` puts them (:func:`~lora.layers.base.route_adapter_key`):
+    ``<m>.lora_A.<name>`` to adapter ``name``'s slot of layer ``m`` (active or stored), loralib's
+    ``<m>.lora_A`` to the layer's only adapter; in a file that names no adapter (one adapter's
+    file) an unnamed key into a layer holding several goes to its active adapter. Every other key
+    must be a bias or an entry of a modules_to_save copy of the model, with its shape. Every
+    adapter the file names (a LoRA key or a copy's key; the active adapter when it names none)
+    must receive each of its LoRA tensors, in every layer holding it, and every entry of each of
+    its copies. A wrapper's frozen original takes none."""
     if file.suffix == ".safetensors":
         tensors, _ = read_safetensors(file)
     else:
         tensors = read_torch_file(file)
-    params = {}
-    layers = list(lora_layers(model))
-    for module_name, layer in layers:
-        if layer.has_adapter:
-            for p in ("lora_A", "lora_B"):
-                params[f"{module_name}.{p}" if module_name else p] = getattr(layer, p)
-    if not params:
+    layers = dict(lora_layers(model))
+    if not any(layer.held_adapters() for layer in layers.values()):
         raise AdapterError(
-            f"{file}: {type(model).__name__} has no active LoRA adapter to load a lora_state_dict into "
+            f"{file}: {type(model).__name__} has no LoRA adapter to load a lora_state_dict into "
             "(inject or build the LoRA layers first)"
         )
+    adapters = multi.names_in_layers(model, layers.values())
+    wrappers = list(saved_modules(model))
+    adapters += [a for _, w in wrappers for a in w.adapter_names if a not in adapters]
+    lacks = f"which {type(model).__name__} does not have (it has {adapters})"
+    active = next((a for a in map(multi.layer_active, layers.values()) if a is not None), None)
     state = dict(model.named_parameters())
     copy_prefixes, original_prefixes = saved_prefixes(model)
     copies: dict[str, Tensor] = {}  # every adapter's copies: state-dict key -> the model's tensor
     aliases: dict[int, list[str]] = {}  # one tensor under several keys (ensure_weight_tying)
-    required: dict[str, list[str]] = {}  # wrapper -> the keys of its active copy
     if copy_prefixes:
         entries = model.state_dict(keep_vars=True)
         copies = {k: t for k, t in entries.items() if k.startswith(copy_prefixes)}
         for k, t in copies.items():
             aliases.setdefault(id(t), []).append(k)
-        for name, wrapper in saved_modules(model):
-            active = wrapper.active_adapter
-            if wrapper.get_adapter(active) is not None:
-                prefix = (
-                    f"{name}.modules_to_save.{active}." if name else f"modules_to_save.{active}."
-                )
-                required[name] = [k for k in copies if k.startswith(prefix)]
-    problems = [f"missing {k}" for k in params if k not in tensors]
-    short: dict[str, list[str]] = {}  # wrapper -> its active copy's keys the file lacks
-    # (a tied alias in the file counts: one tensor)
-    for name, keys in required.items():
-        lacking = [k for k in keys if not any(a in tensors for a in aliases[id(copies[k])])]
-        if lacking:
-            short[name] = lacking
-            problems += [f"missing {k}" for k in lacking]
+
+    problems: list[str] = []
     places: dict[str, Tensor] = {}
+    named: dict[str, None] = {}  # the adapters the file names (fills), in order
+    routes = {k: r for k in tensors if (r := _lora_route(k, layers)) is not None}
+    one_adapter_file = not any(route.name for _, route in routes.values())
+    received: dict[tuple[str, str, str], str] = {}  # (layer, adapter, param) -> the file's key
+    for k, (module_name, route) in routes.items():
+        layer = layers[module_name]
+        if route.adapter is None and not route.name and one_adapter_file:
+            if layer.active_adapter_name is not None:  # loralib's file into the active adapter
+                route = route._replace(adapter=layer.active_adapter_name)
+        if route.adapter is None:
+            if route.name and route.name not in adapters:
+                problems.append(f"{k}: names adapter {route.name!r}, {lacks}")
+            else:
+                problems.append(f"{k}: {route.problem}")
+            continue
+        slot = (module_name, route.adapter, route.param)
+        if slot in received:
+            problems.append(
+                f"{received[slot]}, {k}: both are adapter {route.adapter!r}'s {route.param} of "
+                f"{module_name!r}; a file holds one"
+            )
+            continue
+        received[slot] = k
+        named[route.adapter] = None
+        place = getattr(layer.get_adapter(route.adapter), route.param)
+        if place.shape != tensors[k].shape:
+            problems.append(f"{k}: shape {tuple(tensors[k].shape)}, expected {tuple(place.shape)}")
+        else:
+            places[k] = place
     for k, t in tensors.items():
+        if k in routes:
+            continue
         if k.startswith(original_prefixes):
             problems.append(
                 f"{k}: no place for it (the frozen original of a modules_to_save wrapper; "
                 "lora_state_dict leaves it out and loading never changes it)"
             )
             continue
-        place = params.get(k) if k in params else copies.get(k)
+        place = copies.get(k)
+        owner = next(((w, p) for w, p in zip(wrappers, copy_prefixes) if k.startswith(p)), None)
+        if owner is not None:  # <wrapper>.modules_to_save.<adapter>.<entry>
+            (name, wrapper), prefix = owner
+            adapter = k[len(prefix) :].partition(".")[0]
+            if adapter not in adapters:
+                problems.append(f"{k}: names adapter {adapter!r}, {lacks}")
+                continue
+            if wrapper.get_adapter(adapter) is None:
+                problems.append(
+                    f"{k}: names adapter {adapter!r}, which has no modules_to_save copy of "
+                    f"{name!r} (copies: {wrapper.adapter_names})"
+                )
+                continue
+            if place is not None:
+                named[adapter] = None
         if place is None and k.endswith("bias"):
             place = state.get(k)
         if place is None:
@@ -1011,6 +1067,37 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
         else:
             places[k] = place
+    if not named and active is not None:
+        named[active] = None  # a file of no adapter's tensors: the active adapter's, all missing
+    elif not named:
+        problems.append("the file holds no adapter's tensors, and no adapter is active")
+    # What each adapter named must receive: its LoRA tensors in every layer holding it ...
+    for adapter in named:
+        for module_name, layer in layers.items():
+            if layer.get_adapter(adapter) is None:
+                continue
+            one_key = one_adapter_file and layer.active_adapter_name == adapter
+            for key, (name, param) in adapter_state_keys(layer).items():
+                if name == adapter and (module_name, adapter, param) not in received:
+                    want = param if one_key else key  # loralib's key, in a one-adapter file
+                    problems.append(
+                        f"missing {module_name}.{want}" if module_name else f"missing {want}"
+                    )
+    # ... and every entry of each of its copies (a tied alias in the file counts: one tensor)
+    short: dict[str, list[str]] = {}  # adapter -> the wrappers whose copy the file lacks part of
+    for adapter in named:
+        for name, wrapper in wrappers:
+            if wrapper.get_adapter(adapter) is None:
+                continue
+            prefix = f"{name}.modules_to_save.{adapter}." if name else f"modules_to_save.{adapter}."
+            lacking = [
+                k
+                for k in copies
+                if k.startswith(prefix) and not any(a in tensors for a in aliases[id(copies[k])])
+            ]
+            if lacking:
+                short.setdefault(adapter, []).append(name)
+                problems += [f"missing {k}" for k in lacking]
     for keys in aliases.values():
         held = [k for k in keys if k in places]
         if any(not torch.equal(tensors[held[0]], tensors[k]) for k in held[1:]):
@@ -1020,16 +1107,14 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
     if problems:
         note = ""
         if short:
+            whose = "; ".join(f"adapter {a!r}: {sorted(w)}" for a, w in short.items())
             if any(k.startswith(copy_prefixes) for k in tensors):
-                note = (
-                    "\nThe file lacks part of the active adapter's modules_to_save copies of "
-                    f"{sorted(short)}."
-                )
+                note = f"\nThe file lacks part of the modules_to_save copies of {whose}."
             else:
                 note = (
                     "\nThe file holds no modules_to_save copies (e.g. written by an older "
-                    "lora_state_dict, which left them out), but the active adapter has copies of "
-                    f"{sorted(short)}."
+                    "lora_state_dict, which left them out), but the adapters it fills have "
+                    f"copies ({whose})."
                 )
             note += (
                 " model.load_state_dict(torch.load(file, weights_only=True), strict=False) loads "
@@ -1040,7 +1125,7 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             + listing(problems, 20, "\n  ")
             + note
         )
-    merged = [layer for _, layer in layers if layer.merged]
+    merged = [layer for layer in layers.values() if layer.merged]
     with torch.no_grad():
         for layer in merged:
             layer.unmerge()

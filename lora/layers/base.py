@@ -14,7 +14,7 @@ eval mode is never merged a second time when loaded.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,10 @@ from ..checks import check_alpha, check_dropout, check_rank
 __all__ = [
     "LoRALayer",
     "AdapterWeights",
+    "AdapterKey",
     "STORE",
+    "adapter_state_keys",
+    "route_adapter_key",
     "alpha_for_slices",
     "check_rank",
     "check_dropout",
@@ -489,6 +492,52 @@ class LoRALayer(_ModuleBase):
 _LORA_PARAMS = ("lora_A", "lora_B")
 
 
+class AdapterKey(NamedTuple):
+    """What a state-dict key of a layer's LoRA tensors says when loading (:func:`route_adapter_key`)."""
+
+    param: str  # "lora_A" or "lora_B"
+    name: str  # the adapter the key names ("lora_A.<name>"); "" for loralib's unnamed "lora_A"
+    adapter: str | None  # the adapter whose tensor it is, wherever that lives now; None: no place
+    problem: str  # why it has no place that is certainly right (when adapter is None), else ""
+
+
+def adapter_state_keys(layer: LoRALayer) -> dict[str, tuple[str, str]]:
+    """The state-dict keys of the LoRA tensors of every adapter ``layer`` holds, relative to the
+    layer, -> ``(adapter, parameter)``: loralib's ``lora_A`` / ``lora_B`` when it holds one (active
+    or not), ``lora_A.<name>`` / ``lora_B.<name>`` for each when it holds several. The one naming
+    rule of :meth:`~torch.nn.Module.state_dict` and ``load_state_dict`` (and the single-file loader)."""
+    held = layer.held_adapters()
+    one = len(held) == 1
+    return {(p if one else f"{p}.{name}"): (name, p) for name in held for p in _LORA_PARAMS}
+
+
+def route_adapter_key(layer: LoRALayer, rest: str, where: str) -> AdapterKey | None:
+    """Loading, the inverse of :func:`adapter_state_keys`: where the key ``rest`` (relative to the
+    layer named ``where``) goes. ``lora_A.<name>`` fills adapter ``name``; loralib's ``lora_A`` the
+    layer's only adapter. A key naming an adapter the layer does not hold, or an unnamed key while
+    it holds several, has no place (``adapter`` None, ``problem`` says why). None when ``rest`` is
+    not a LoRA tensor's key, or is unnamed and the layer holds no adapter."""
+    param, _, name = rest.partition(".")
+    if param not in _LORA_PARAMS:
+        return None
+    held = list(layer.held_adapters())
+    if name:
+        if name in held:
+            return AdapterKey(param, name, name, "")
+        problem = (
+            f"the state dict names adapter {name!r}, which the layer {where!r} does not hold "
+            f"(it holds {held})"
+        )
+        return AdapterKey(param, name, None, problem)
+    if len(held) > 1:
+        problem = (
+            f"a key without an adapter name, but the layer {where!r} holds adapters {held}; a "
+            f"state dict of several adapters names each ({param}.<name>)"
+        )
+        return AdapterKey(param, "", None, problem)
+    return AdapterKey(param, "", held[0], "") if held else None
+
+
 def _named_adapter_keys(layer: LoRALayer, state_dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook: rewrite the layer's physical LoRA keys as keys that name the adapter
     (``lora_A.<name>``) when it holds several, or as loralib's ``lora_A`` for its one adapter."""
@@ -496,11 +545,10 @@ def _named_adapter_keys(layer: LoRALayer, state_dict, prefix: str, local_metadat
     if not held or (len(held) == 1 and layer.has_adapter):
         return  # nothing, or one active adapter: the physical keys are loralib's already
     entries = []
-    for name in held:
-        for p in _LORA_PARAMS:
-            key = prefix + layer._physical_prefix(name) + p
-            if key in state_dict:
-                entries.append((key, prefix + (p if len(held) == 1 else f"{p}.{name}")))
+    for key, (name, p) in adapter_state_keys(layer).items():
+        physical = prefix + layer._physical_prefix(name) + p
+        if physical in state_dict:
+            entries.append((physical, prefix + key))
     for old, new in entries:
         state_dict[new] = state_dict.pop(old)
 
@@ -515,39 +563,22 @@ def _place_named_adapter_keys(
     unexpected_keys,
     error_msgs,
 ) -> None:
-    """Load pre-hook, the inverse of :func:`_named_adapter_keys`: ``lora_A.<name>`` goes to adapter
-    ``name`` wherever it now lives (active or not); loralib's ``lora_A`` to the layer's only
-    adapter. A key naming an adapter the layer does not hold, or an unnamed key when it holds
-    several, is an error naming the adapters (whatever ``strict`` says: the tensors have no
-    place that is certainly right)."""
-    held = list(layer.held_adapters())
+    """Load pre-hook, the inverse of :func:`_named_adapter_keys` (:func:`route_adapter_key`):
+    ``lora_A.<name>`` goes to adapter ``name`` wherever it now lives (active or not); loralib's
+    ``lora_A`` to the layer's only adapter. A key naming an adapter the layer does not hold, or an
+    unnamed key when it holds several, is an error naming the adapters (whatever ``strict`` says:
+    the tensors have no place that is certainly right)."""
     layer.__dict__["_lora_load_prefix"] = prefix  # for _name_missing_adapter_keys
     moves = []
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix) :]
-        param, _, name = rest.partition(".")
-        if param not in _LORA_PARAMS:
-            continue
-        if name:
-            if name not in held:
-                error_msgs.append(
-                    f"{key}: the state dict names adapter {name!r}, which the layer "
-                    f"{prefix[:-1]!r} does not hold (it holds {held})"
-                )
-                moves.append((key, None))
-                continue
-        elif len(held) > 1:
-            error_msgs.append(
-                f"{key}: a key without an adapter name, but the layer {prefix[:-1]!r} holds "
-                f"adapters {held}; a state dict of several adapters names each ({param}.<name>)"
-            )
+        route = route_adapter_key(layer, key[len(prefix) :], prefix[:-1])
+        if route is None:
+            continue  # not a LoRA key, or one torch reports as unexpected
+        if route.adapter is None:
+            error_msgs.append(f"{key}: {route.problem}")
             moves.append((key, None))
-            continue
-        elif not held:
-            continue  # torch reports it as unexpected
         else:
-            name = held[0]
-        moves.append((key, prefix + layer._physical_prefix(name) + param))
+            moves.append((key, prefix + layer._physical_prefix(route.adapter) + route.param))
     for old, new in moves:
         tensor = state_dict.pop(old)
         if new is not None:
@@ -558,15 +589,12 @@ def _name_missing_adapter_keys(layer: LoRALayer, incompatible) -> None:
     """Load post-hook: report a missing LoRA tensor under the key the state dict should have
     held (``lora_A.<name>``), not under where the adapter happens to live now."""
     prefix = layer.__dict__.pop("_lora_load_prefix", None)
-    held = list(layer.held_adapters())
-    if prefix is None or not held:
+    if prefix is None or not layer.held_adapters():
         return
-    names = {}
-    for name in held:
-        for p in _LORA_PARAMS:
-            names[prefix + layer._physical_prefix(name) + p] = prefix + (
-                p if len(held) == 1 else f"{p}.{name}"
-            )
+    names = {
+        prefix + layer._physical_prefix(name) + p: prefix + key
+        for key, (name, p) in adapter_state_keys(layer).items()
+    }
     missing = incompatible.missing_keys
     missing[:] = [names.get(k, k) for k in missing]
 
