@@ -85,3 +85,17 @@ def saved_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return total[0], out
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every state-dict entry of ``model``, for :func:`assert_state_unchanged`."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    """``model``'s state dict holds the keys and values of ``before`` exactly (a refused load
+    changed nothing)."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k

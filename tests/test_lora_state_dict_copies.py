@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import randomize_lora
+from reference import assert_state_unchanged, randomize_lora, state_snapshot
 from safetensors.torch import save_file
 from tiny import TINY_PHI3, Toy
 from torch import nn
@@ -62,17 +62,6 @@ def old_filter(model, bias: str = "none") -> dict[str, torch.Tensor]:
         if m.has_adapter and getattr(m, "bias", None) is not None:
             keep.add(f"{name}.bias" if name else "bias")
     return {k: v for k, v in state.items() if k in keep}
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
 
 
 # --- (a) loralib's recipe ---------------------------------------------------------------------------
@@ -146,11 +135,11 @@ def test_tied_copies_hold_both_names_and_round_trip_still_tied(tmp_path):
     both = {**saved, EMBED: saved[EMBED] + 1}
     torch.save(both, tmp_path / "differ.pt")
     target = tied_phi3()
-    before = snapshot(target)
+    before = state_snapshot(target)
     with pytest.raises(lora.AdapterError) as e:
         lora.load_adapter(target, tmp_path / "differ.pt")
     assert EMBED in str(e.value) and "tied copies" in str(e.value)
-    assert_same_state(target, before)
+    assert_state_unchanged(target, before)
 
 
 # --- (b) through load_adapter --------------------------------------------------------------------
@@ -246,14 +235,14 @@ def test_a_file_without_the_copy_is_refused_and_the_model_is_unchanged(tmp_path)
     model = trained()
     torch.save(old_filter(model), tmp_path / "old.pt")  # what lora_state_dict wrote before
     target = lora.inject(toy(), CFG)
-    before = snapshot(target)
+    before = state_snapshot(target)
     with pytest.raises(lora.AdapterError) as e:
         lora.load_adapter(target, tmp_path / "old.pt")
     msg = str(e.value)
     assert f"missing {COPY}weight" in msg and f"missing {COPY}bias" in msg
     assert "holds no modules_to_save copies" in msg and "older lora_state_dict" in msg
     assert "load_state_dict" in msg and "strict=False" in msg and "['lm_head']" in msg
-    assert_same_state(target, before)
+    assert_state_unchanged(target, before)
     # ... and what the message says works: strict=False loads it, leaving the copy as is
     target.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True), strict=False)
     assert torch.equal(target.blocks[0].q_proj.lora_A, model.blocks[0].q_proj.lora_A)
@@ -270,13 +259,13 @@ def test_an_original_module_key_or_a_misshapen_copy_is_refused(tmp_path):
     }
     torch.save(bad, tmp_path / "bad.pt")
     target = lora.inject(toy(), CFG)
-    before = snapshot(target)
+    before = state_snapshot(target)
     with pytest.raises(lora.AdapterError) as e:
         lora.load_adapter(target, tmp_path / "bad.pt")
     msg = str(e.value)
     assert "lm_head.original_module.bias: no place for it (the frozen original" in msg
     assert f"{COPY}weight: shape (20, 9), expected (20, 8)" in msg
-    assert_same_state(target, before)
+    assert_state_unchanged(target, before)
 
 
 # --- (e) two adapters, each with a copy -------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_state_unchanged, state_snapshot
 from safetensors.torch import save_file
 from tiny import Toy
 
@@ -71,17 +72,6 @@ def write(saved: dict[str, torch.Tensor], path):
     return path
 
 
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize("saved_with,loaded_with", [("a", "a"), ("a", "b"), ("b", "a")])
 def test_a_two_adapter_file_restores_both_whichever_is_active(
@@ -124,14 +114,14 @@ def test_a_file_missing_one_tensor_of_b_is_refused_naming_it(blanks, tmp_path, d
     assert dropped in saved
     path = write({k: v for k, v in saved.items() if k != dropped}, tmp_path / "short.pt")
     target = two(blanks)
-    before = snapshot(target)
+    before = state_snapshot(target)
     with pytest.raises(lora.AdapterError) as e:
         lora.load_adapter(target, path)
     msg = str(e.value)
     assert f"missing {dropped}" in msg and "1 problem(s); nothing was loaded" in msg
     if "modules_to_save" in dropped:
         assert "lacks part of the modules_to_save copies of adapter 'b': ['lm_head']" in msg
-    assert_same_state(target, before)
+    assert_state_unchanged(target, before)
 
 
 @pytest.mark.parametrize(
@@ -160,11 +150,11 @@ def test_a_key_without_a_certain_place_is_refused_naming_the_adapter(blanks, tmp
     ]
     path = write({**saved, extra: like.clone()}, tmp_path / "extra.pt")
     target = two(blanks)
-    before = snapshot(target)
+    before = state_snapshot(target)
     with pytest.raises(lora.AdapterError) as e:
         lora.load_adapter(target, path)
     assert f"{extra}: {says}" in str(e.value)
-    assert_same_state(target, before)
+    assert_state_unchanged(target, before)
 
 
 def test_a_file_of_one_adapters_keys_fills_that_adapter_only(blanks, tmp_path):
