@@ -974,163 +974,247 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
     must be a bias or an entry of a modules_to_save copy of the model, with its shape. Every
     adapter the file names (a LoRA key or a copy's key; the active adapter when it names none)
     must receive each of its LoRA tensors, in every layer holding it, and every entry of each of
-    its copies. A wrapper's frozen original takes none."""
+    its copies. A wrapper's frozen original takes none. Everything is checked before anything is
+    copied."""
     if file.suffix == ".safetensors":
         tensors, _ = read_safetensors(file)
     else:
         tensors = read_torch_file(file)
-    layers = dict(lora_layers(model))
-    if not any(layer.held_adapters() for layer in layers.values()):
-        raise AdapterError(
-            f"{file}: {type(model).__name__} has no LoRA adapter to load a lora_state_dict into "
-            "(inject or build the LoRA layers first)"
-        )
-    adapters = multi.names_in_layers(model, layers.values())
-    wrappers = list(saved_modules(model))
-    adapters += [a for _, w in wrappers for a in w.adapter_names if a not in adapters]
-    lacks = f"which {type(model).__name__} does not have (it has {adapters})"
-    active = next((a for a in map(multi.layer_active, layers.values()) if a is not None), None)
-    state = dict(model.named_parameters())
-    copy_prefixes, original_prefixes = saved_prefixes(model)
-    copies: dict[str, Tensor] = {}  # every adapter's copies: state-dict key -> the model's tensor
-    aliases: dict[int, list[str]] = {}  # one tensor under several keys (ensure_weight_tying)
-    if copy_prefixes:
-        entries = model.state_dict(keep_vars=True)
-        copies = {k: t for k, t in entries.items() if k.startswith(copy_prefixes)}
-        for k, t in copies.items():
-            aliases.setdefault(id(t), []).append(k)
-
-    problems: list[str] = []
-    places: dict[str, Tensor] = {}
-    named: dict[str, None] = {}  # the adapters the file names (fills), in order
-    routes = {k: r for k in tensors if (r := _lora_route(k, layers)) is not None}
+    target = _FileTarget.of(model, file)
+    placing = _Placing(tensors)
+    routes = {k: r for k in tensors if (r := _lora_route(k, target.layers)) is not None}
     one_adapter_file = not any(route.name for _, route in routes.values())
-    received: dict[tuple[str, str, str], str] = {}  # (layer, adapter, param) -> the file's key
-    for k, (module_name, route) in routes.items():
-        layer = layers[module_name]
-        if route.adapter is None and not route.name and one_adapter_file:
-            if layer.active_adapter_name is not None:  # loralib's file into the active adapter
-                route = route._replace(adapter=layer.active_adapter_name)
-        if route.adapter is None:
-            if route.name and route.name not in adapters:
-                problems.append(f"{k}: names adapter {route.name!r}, {lacks}")
-            else:
-                problems.append(f"{k}: {route.problem}")
-            continue
-        slot = (module_name, route.adapter, route.param)
-        if slot in received:
-            problems.append(
-                f"{received[slot]}, {k}: both are adapter {route.adapter!r}'s {route.param} of "
-                f"{module_name!r}; a file holds one"
-            )
-            continue
-        received[slot] = k
-        named[route.adapter] = None
-        place = getattr(layer.get_adapter(route.adapter), route.param)
-        if place.shape != tensors[k].shape:
-            problems.append(f"{k}: shape {tuple(tensors[k].shape)}, expected {tuple(place.shape)}")
+    received = placing.lora_keys(target, routes, one_adapter_file)
+    placing.other_keys(target, [k for k in tensors if k not in routes])
+    if not placing.named:
+        if target.active is not None:
+            placing.named[target.active] = None  # no adapter's tensors: the active's, all missing
         else:
-            places[k] = place
-    for k, t in tensors.items():
-        if k in routes:
-            continue
-        if k.startswith(original_prefixes):
-            problems.append(
-                f"{k}: no place for it (the frozen original of a modules_to_save wrapper; "
-                "lora_state_dict leaves it out and loading never changes it)"
-            )
-            continue
-        place = copies.get(k)
-        owner = next(((w, p) for w, p in zip(wrappers, copy_prefixes) if k.startswith(p)), None)
-        if owner is not None:  # <wrapper>.modules_to_save.<adapter>.<entry>
-            (name, wrapper), prefix = owner
-            adapter = k[len(prefix) :].partition(".")[0]
-            if adapter not in adapters:
-                problems.append(f"{k}: names adapter {adapter!r}, {lacks}")
-                continue
-            if wrapper.get_adapter(adapter) is None:
-                problems.append(
-                    f"{k}: names adapter {adapter!r}, which has no modules_to_save copy of "
-                    f"{name!r} (copies: {wrapper.adapter_names})"
-                )
-                continue
-            if place is not None:
-                named[adapter] = None
-        if place is None and k.endswith("bias"):
-            place = state.get(k)
-        if place is None:
-            problems.append(
-                f"{k}: no place for it (not a LoRA parameter, bias or modules_to_save copy "
-                "entry of the model)"
-            )
-        elif place.shape != t.shape:
-            problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
-        else:
-            places[k] = place
-    if not named and active is not None:
-        named[active] = None  # a file of no adapter's tensors: the active adapter's, all missing
-    elif not named:
-        problems.append("the file holds no adapter's tensors, and no adapter is active")
-    # What each adapter named must receive: its LoRA tensors in every layer holding it ...
-    for adapter in named:
-        for module_name, layer in layers.items():
-            if layer.get_adapter(adapter) is None:
-                continue
-            one_key = one_adapter_file and layer.active_adapter_name == adapter
-            for key, (name, param) in adapter_state_keys(layer).items():
-                if name == adapter and (module_name, adapter, param) not in received:
-                    want = param if one_key else key  # loralib's key, in a one-adapter file
-                    problems.append(
-                        f"missing {module_name}.{want}" if module_name else f"missing {want}"
-                    )
-    # ... and every entry of each of its copies (a tied alias in the file counts: one tensor)
-    short: dict[str, list[str]] = {}  # adapter -> the wrappers whose copy the file lacks part of
-    for adapter in named:
-        for name, wrapper in wrappers:
-            if wrapper.get_adapter(adapter) is None:
-                continue
-            prefix = f"{name}.modules_to_save.{adapter}." if name else f"modules_to_save.{adapter}."
-            lacking = [
-                k
-                for k in copies
-                if k.startswith(prefix) and not any(a in tensors for a in aliases[id(copies[k])])
-            ]
-            if lacking:
-                short.setdefault(adapter, []).append(name)
-                problems += [f"missing {k}" for k in lacking]
-    for keys in aliases.values():
-        held = [k for k in keys if k in places]
-        if any(not torch.equal(tensors[held[0]], tensors[k]) for k in held[1:]):
-            problems.append(
-                f"{', '.join(held)}: one tensor in the model (tied copies), different in the file"
-            )
-    if problems:
-        note = ""
-        if short:
-            whose = "; ".join(f"adapter {a!r}: {sorted(w)}" for a, w in short.items())
-            if any(k.startswith(copy_prefixes) for k in tensors):
-                note = f"\nThe file lacks part of the modules_to_save copies of {whose}."
-            else:
-                note = (
-                    "\nThe file holds no modules_to_save copies (e.g. written by an older "
-                    "lora_state_dict, which left them out), but the adapters it fills have "
-                    f"copies ({whose})."
-                )
-            note += (
-                " model.load_state_dict(torch.load(file, weights_only=True), strict=False) loads "
-                "it, leaving the model's copies as they are."
-            )
+            placing.problems.append("the file holds no adapter's tensors, and no adapter is active")
+    placing.require_lora_tensors(target, received, one_adapter_file)
+    short = placing.require_copies(target)
+    placing.check_tied(target)
+    if placing.problems:
         raise AdapterError(
-            f"{file} does not fit the model ({len(problems)} problem(s); nothing was loaded):\n  "
-            + listing(problems, 20, "\n  ")
-            + note
+            f"{file} does not fit the model ({len(placing.problems)} problem(s); nothing was "
+            "loaded):\n  "
+            + listing(placing.problems, 20, "\n  ")
+            + _copies_note(short, target, tensors)
         )
-    merged = [layer for layer in layers.values() if layer.merged]
+    merged = [layer for layer in target.layers.values() if layer.merged]
     with torch.no_grad():
         for layer in merged:
             layer.unmerge()
         for k, t in tensors.items():
-            places[k].copy_(t)
+            placing.places[k].copy_(t)
         for layer in merged:
             layer.merge()
     return model
+
+
+@dataclass
+class _FileTarget:
+    """What a model offers a loralib file: its LoRA layers and adapters, its parameters (for bias
+    keys) and its modules_to_save wrappers with their copies' state-dict entries."""
+
+    model_name: str
+    layers: dict[str, LoRALayer]
+    adapters: list[str]  # every adapter of a LoRA layer or a wrapper
+    active: str | None
+    params: dict[str, Tensor]
+    wrappers: list[tuple[str, ModulesToSaveWrapper]]
+    copy_prefixes: tuple[str, ...]  # "<wrapper>.modules_to_save.", one per wrapper
+    original_prefixes: tuple[str, ...]  # "<wrapper>.original_module."
+    copies: dict[str, Tensor]  # every adapter's copies: state-dict key -> the model's tensor
+    aliases: dict[int, list[str]]  # one tensor under several keys (ensure_weight_tying)
+
+    @classmethod
+    def of(cls, model: nn.Module, file: Path) -> _FileTarget:
+        layers = dict(lora_layers(model))
+        if not any(layer.held_adapters() for layer in layers.values()):
+            raise AdapterError(
+                f"{file}: {type(model).__name__} has no LoRA adapter to load a lora_state_dict "
+                "into (inject or build the LoRA layers first)"
+            )
+        adapters = multi.names_in_layers(model, layers.values())
+        wrappers = list(saved_modules(model))
+        adapters += [a for _, w in wrappers for a in w.adapter_names if a not in adapters]
+        copy_prefixes, original_prefixes = saved_prefixes(model)
+        copies: dict[str, Tensor] = {}
+        aliases: dict[int, list[str]] = {}
+        if copy_prefixes:
+            entries = model.state_dict(keep_vars=True)
+            copies = {k: t for k, t in entries.items() if k.startswith(copy_prefixes)}
+            for k, t in copies.items():
+                aliases.setdefault(id(t), []).append(k)
+        active = next((a for a in map(multi.layer_active, layers.values()) if a is not None), None)
+        return cls(
+            type(model).__name__,
+            layers,
+            adapters,
+            active,
+            dict(model.named_parameters()),
+            wrappers,
+            copy_prefixes,
+            original_prefixes,
+            copies,
+            aliases,
+        )
+
+    def lacks(self, adapter: str) -> str:
+        return f"names adapter {adapter!r}, which {self.model_name} does not have (it has {self.adapters})"
+
+
+@dataclass
+class _Placing:
+    """A loralib file's tensors on their way into a model: where each goes, which adapters the
+    file fills, and what does not fit (everything is found before anything is copied)."""
+
+    tensors: dict[str, Tensor]
+    places: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # file key -> model tensor
+    named: dict[str, None] = dataclasses.field(default_factory=dict)  # adapters filled, in order
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def _place(self, k: str, place: Tensor) -> None:
+        t = self.tensors[k]
+        if place.shape != t.shape:
+            self.problems.append(f"{k}: shape {tuple(t.shape)}, expected {tuple(place.shape)}")
+        else:
+            self.places[k] = place
+
+    def lora_keys(
+        self, target: _FileTarget, routes: dict[str, tuple[str, AdapterKey]], one_adapter_file: bool
+    ) -> dict[tuple[str, str, str], str]:
+        """Place the LoRA keys; returns (layer, adapter, parameter) -> the file's key."""
+        received: dict[tuple[str, str, str], str] = {}
+        for k, (module_name, route) in routes.items():
+            layer = target.layers[module_name]
+            if route.adapter is None and not route.name and one_adapter_file:
+                if layer.active_adapter_name is not None:  # loralib's file into the active adapter
+                    route = route._replace(adapter=layer.active_adapter_name)
+            if route.adapter is None:
+                if route.name and route.name not in target.adapters:
+                    self.problems.append(f"{k}: {target.lacks(route.name)}")
+                else:
+                    self.problems.append(f"{k}: {route.problem}")
+                continue
+            slot = (module_name, route.adapter, route.param)
+            if slot in received:
+                self.problems.append(
+                    f"{received[slot]}, {k}: both are adapter {route.adapter!r}'s {route.param} of "
+                    f"{module_name!r}; a file holds one"
+                )
+                continue
+            received[slot] = k
+            self.named[route.adapter] = None
+            self._place(k, getattr(layer.get_adapter(route.adapter), route.param))
+        return received
+
+    def other_keys(self, target: _FileTarget, keys: list[str]) -> None:
+        """Place the keys that are no LoRA tensor's: copies' entries and biases."""
+        for k in keys:
+            if k.startswith(target.original_prefixes):
+                self.problems.append(
+                    f"{k}: no place for it (the frozen original of a modules_to_save wrapper; "
+                    "lora_state_dict leaves it out and loading never changes it)"
+                )
+                continue
+            place = target.copies.get(k)
+            owner = next(
+                ((w, p) for w, p in zip(target.wrappers, target.copy_prefixes) if k.startswith(p)),
+                None,
+            )
+            if owner is not None:  # <wrapper>.modules_to_save.<adapter>.<entry>
+                (name, wrapper), prefix = owner
+                adapter = k[len(prefix) :].partition(".")[0]
+                if adapter not in target.adapters:
+                    self.problems.append(f"{k}: {target.lacks(adapter)}")
+                    continue
+                if wrapper.get_adapter(adapter) is None:
+                    self.problems.append(
+                        f"{k}: names adapter {adapter!r}, which has no modules_to_save copy of "
+                        f"{name!r} (copies: {wrapper.adapter_names})"
+                    )
+                    continue
+                if place is not None:
+                    self.named[adapter] = None
+            if place is None and k.endswith("bias"):
+                place = target.params.get(k)
+            if place is None:
+                self.problems.append(
+                    f"{k}: no place for it (not a LoRA parameter, bias or modules_to_save copy "
+                    "entry of the model)"
+                )
+            else:
+                self._place(k, place)
+
+    def require_lora_tensors(
+        self,
+        target: _FileTarget,
+        received: dict[tuple[str, str, str], str],
+        one_adapter_file: bool,
+    ) -> None:
+        """Each adapter named gets its LoRA tensors in every layer holding it."""
+        for adapter in self.named:
+            for module_name, layer in target.layers.items():
+                if layer.get_adapter(adapter) is None:
+                    continue
+                one_key = one_adapter_file and layer.active_adapter_name == adapter
+                for key, (name, param) in adapter_state_keys(layer).items():
+                    if name == adapter and (module_name, adapter, param) not in received:
+                        want = param if one_key else key  # loralib's key, in a one-adapter file
+                        self.problems.append(
+                            f"missing {module_name}.{want}" if module_name else f"missing {want}"
+                        )
+
+    def require_copies(self, target: _FileTarget) -> dict[str, list[str]]:
+        """Each adapter named gets every entry of each of its copies (a tied alias in the file
+        counts: one tensor). Returns adapter -> the wrappers whose copy the file lacks part of."""
+        short: dict[str, list[str]] = {}
+        for adapter in self.named:
+            for name, wrapper in target.wrappers:
+                if wrapper.get_adapter(adapter) is None:
+                    continue
+                prefix = (
+                    f"{name}.modules_to_save.{adapter}." if name else f"modules_to_save.{adapter}."
+                )
+                lacking = [
+                    k
+                    for k, t in target.copies.items()
+                    if k.startswith(prefix)
+                    and not any(a in self.tensors for a in target.aliases[id(t)])
+                ]
+                if lacking:
+                    short.setdefault(adapter, []).append(name)
+                    self.problems += [f"missing {k}" for k in lacking]
+        return short
+
+    def check_tied(self, target: _FileTarget) -> None:
+        """Keys of one tensor in the model (tied copies) must hold equal values in the file."""
+        for keys in target.aliases.values():
+            held = [k for k in keys if k in self.places]
+            if any(not torch.equal(self.tensors[held[0]], self.tensors[k]) for k in held[1:]):
+                self.problems.append(
+                    f"{', '.join(held)}: one tensor in the model (tied copies), different in the file"
+                )
+
+
+def _copies_note(
+    short: dict[str, list[str]], target: _FileTarget, tensors: dict[str, Tensor]
+) -> str:
+    """What a refusal adds when the file lacks (part of) the modules_to_save copies."""
+    if not short:
+        return ""
+    whose = "; ".join(f"adapter {a!r}: {sorted(w)}" for a, w in short.items())
+    if any(k.startswith(target.copy_prefixes) for k in tensors):
+        note = f"\nThe file lacks part of the modules_to_save copies of {whose}."
+    else:
+        note = (
+            "\nThe file holds no modules_to_save copies (e.g. written by an older "
+            "lora_state_dict, which left them out), but the adapters it fills have "
+            f"copies ({whose})."
+        )
+    return note + (
+        " model.load_state_dict(torch.load(file, weights_only=True), strict=False) loads "
+        "it, leaving the model's copies as they are."
+    )

@@ -128,10 +128,9 @@ def realised_dropout_p(p: float, device: torch.device | str = "cpu") -> float:
 
 # On CPU the mask is drawn and applied in row chunks of at most this many elements (4 Mi: 1024
 # tokens of 3072 features are one chunk), so that the masked copy of a long batch stays a bounded
-# buffer. Chunks cost: each is three more skinny matmuls per
-# step and its own positions' draw (bf16 3072->3072 at 512 tokens, p=0.05, over the frozen layer:
-# 1.12x in one chunk against 1.20x in chunks of 2^18, medians of 15 interleaved). On CUDA: one
-# chunk, the fewest kernel launches.
+# buffer. Each chunk costs three more skinny matmuls a step and its own draw of positions (bf16
+# 3072->3072 at 512 tokens, p=0.05, over the frozen layer: 1.12x in one chunk against 1.20x in
+# chunks of 2^18, medians of 15 interleaved). On CUDA: one chunk, the fewest kernel launches.
 _CPU_CHUNK_ELEMENTS = 1 << 22
 
 
