@@ -400,7 +400,10 @@ def modules_to_save_for(
     """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter):
     name -> the plain module, or its :class:`~lora.layers.saved.ModulesToSaveWrapper` once wrapped
     (the modules inside a wrapper are not candidates). ``modules``: ``dict(model.named_modules())``
-    when the caller has it. Raises :class:`InjectionError` for an entry that matches no module."""
+    when the caller has it. Raises :class:`InjectionError` for an entry that matches no module, and
+    for one that names a container without a forward of its own (an ``nn.ModuleList`` such as a
+    model's ``layers``): a wrapper runs the module in its place, and the parent iterates or indexes
+    it, which a wrapper cannot stand in for; the message names the modules in it to list instead."""
     if not config.modules_to_save:
         return {}
     if modules is None:
@@ -413,6 +416,21 @@ def modules_to_save_for(
         hits = {n: modules[n] for n in names if suffix_match(n, entry)}
         if not hits:
             missing.append(entry)
+        for n, m in hits.items():
+            if not isinstance(m, ModulesToSaveWrapper) and type(m).forward is nn.Module.forward:
+                children = [f"{entry}.{c}" for c, _ in m.named_children()]
+                instead = (
+                    "name the modules in it instead: modules_to_save=["
+                    + listing([repr(c) for c in children], 4)
+                    + "]"
+                    if children
+                    else "it holds no module to train"
+                )
+                raise InjectionError(
+                    f"modules_to_save entry {entry!r} names {n!r}, a {type(m).__name__}: a "
+                    f"container without a forward of its own, which a modules_to_save wrapper "
+                    f"cannot stand in for; {instead}"
+                )
         found.update(hits)
     if missing:
         raise InjectionError(

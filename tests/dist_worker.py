@@ -9,7 +9,10 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
 - ``--plain-loss``: every Phi-3 model takes the plain loss (``chunked_loss = False``, full
   logits); either way the rank prints how many times the chunked loss ran;
 - ``--die-rank R --die-at I``: rank R kills itself with SIGKILL (no clean-up, as the OOM killer
-  would) when it is asked for micro-batch I.
+  would) when it is asked for micro-batch I;
+- ``--dump DIR``: when training is done, every rank writes DIR/rank<R>.safetensors: its model's
+  whole state dict (a sharded tensor gathered whole: a collective, in key order on every rank)
+  and, as ``logits``, the model's eval-mode logits on :data:`DUMP_IDS`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ import os
 import signal
 import sys
 import time
+
+import torch
+
+# The sequences whose logits --dump records (token ids below the tiny tokenizer's vocabulary).
+DUMP_IDS = torch.tensor([[3, 5, 7, 11, 13, 17, 19, 23], [2, 4, 6, 8, 10, 12, 14, 16]])
 
 WRITE_EVENTS = {
     "os.rename",
@@ -37,6 +45,7 @@ def main() -> int:
     ap.add_argument("--die-rank", type=int)
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--die-stamp", help="write time.time() here just before dying")
+    ap.add_argument("--dump", help="write each rank's model state and logits here at the end")
     ap.add_argument(
         "--plain-loss", action="store_true", help="every Phi-3 model takes the plain loss"
     )
@@ -89,6 +98,15 @@ def main() -> int:
             return original(self, index)
 
         trainer_module.Trainer._micro_batch = dying
+    if args.dump:
+        trained = trainer_module.Trainer.train
+
+        def train_and_dump(self, *a, **k):
+            result = trained(self, *a, **k)
+            dump(self.model, os.path.join(args.dump, f"rank{rank}.safetensors"))
+            return result
+
+        trainer_module.Trainer.train = train_and_dump
     try:
         return cli_main(rest)
     finally:
@@ -97,6 +115,25 @@ def main() -> int:
             os.makedirs(args.audit, exist_ok=True)
             with open(os.path.join(args.audit, f"rank{rank}.txt"), "w") as f:
                 f.write("".join(p + "\n" for p in touched if not p.startswith(args.audit)))
+
+
+def dump(model, path: str) -> None:
+    """``model``'s state dict, whole (DTensors gathered on every rank alike), and its logits on
+    DUMP_IDS, to ``path``."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        state[key] = tensor.detach().cpu().clone().contiguous()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        state["logits"] = model(DUMP_IDS).logits.detach().cpu().contiguous()
+    model.train(was_training)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(state, path)
 
 
 if __name__ == "__main__":

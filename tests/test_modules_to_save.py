@@ -136,6 +136,28 @@ def test_a_module_both_targeted_and_saved_is_refused():
         )
 
 
+def test_a_container_without_forward_is_refused_naming_its_modules():
+    # A wrapper in place of model.layers (a ModuleList) once injected fine and then failed in the
+    # first forward ("'ModulesToSaveWrapper' object is not iterable"): refused before any change.
+    model = Phi3ForCausalLM(Phi3Config(**{**PHI3, "num_hidden_layers": 2}))
+    cfg = lora.LoRAConfig(r=2, target_modules=["lm_head"], modules_to_save=["layers"])
+    with pytest.raises(
+        lora.InjectionError,
+        match=r"modules_to_save entry 'layers' names 'model.layers', a ModuleList: .*"
+        r"name the modules in it instead: modules_to_save=\['layers.0', 'layers.1'\]",
+    ):
+        lora.inject(model, cfg)
+    assert type(model.model.layers) is nn.ModuleList
+    assert all(p.requires_grad for p in model.parameters())  # nothing injected, nothing frozen
+    # a decoder layer of it (a module with a forward) is what to name instead
+    lora.inject(
+        model, lora.LoRAConfig(r=2, target_modules=["lm_head"], modules_to_save=["layers.1"])
+    )
+    assert isinstance(model.model.layers[1], ModulesToSaveWrapper)
+    model(IDS).logits.sum().backward()
+    assert model.model.layers[1].modules_to_save["default"].mlp.down_proj.weight.grad is not None
+
+
 def test_ensure_weight_tying_reads_and_writes_peft_key():
     cfg = lora.LoRAConfig(
         target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True

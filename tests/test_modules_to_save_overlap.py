@@ -150,7 +150,7 @@ def test_exclude_modules_naming_the_overlap_silences_the_warning():
 
 
 @pytest.mark.parametrize(
-    ("targets", "saved"), [(["lm_head"], ["lm_head"]), (["q_proj"], ["blocks"])]
+    ("targets", "saved"), [(["lm_head"], ["lm_head"]), (["q_proj"], ["blocks.0", "blocks.1"])]
 )
 def test_targets_all_inside_modules_to_save_are_refused_before_the_model_changes(targets, saved):
     model = net()
