@@ -12,7 +12,10 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
   would) when it is asked for micro-batch I;
 - ``--dump DIR``: when training is done, every rank writes DIR/rank<R>.safetensors: its model's
   whole state dict (a sharded tensor gathered whole: a collective, in key order on every rank)
-  and, as ``logits``, the model's eval-mode logits on :data:`DUMP_IDS`.
+  and, as ``logits``, the model's eval-mode logits on :data:`DUMP_IDS` (``base_logits``: under
+  ``lora.disabled``, the base model's); and DIR/rank<R>.gathered,
+  the parameters FSDP all-gathered in training (their names, one a line, each once; nothing
+  without FSDP).
 """
 
 from __future__ import annotations
@@ -98,11 +101,24 @@ def main() -> int:
             return original(self, index)
 
         trainer_module.Trainer._micro_batch = dying
+    gathered: set[str] = set()
     if args.dump:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as groups
+
+        all_gather = groups.foreach_all_gather  # FSDP2's one all-gather of a unit's parameters
+
+        def recorded(fsdp_params, *a, **k):
+            gathered.update(str(p._param_fqn) for p in fsdp_params)
+            return all_gather(fsdp_params, *a, **k)
+
+        groups.foreach_all_gather = recorded
         trained = trainer_module.Trainer.train
 
         def train_and_dump(self, *a, **k):
             result = trained(self, *a, **k)
+            os.makedirs(args.dump, exist_ok=True)
+            with open(os.path.join(args.dump, f"rank{rank}.gathered"), "w") as f:
+                f.write("".join(name + "\n" for name in sorted(gathered)))
             dump(self.model, os.path.join(args.dump, f"rank{rank}.safetensors"))
             return result
 
@@ -122,6 +138,8 @@ def dump(model, path: str) -> None:
     DUMP_IDS, to ``path``."""
     from safetensors.torch import save_file
 
+    import lora
+
     state = {}
     for key, tensor in model.state_dict().items():
         if hasattr(tensor, "full_tensor"):
@@ -131,6 +149,8 @@ def dump(model, path: str) -> None:
     model.eval()
     with torch.no_grad():
         state["logits"] = model(DUMP_IDS).logits.detach().cpu().contiguous()
+        with lora.disabled(model):  # the base model: the frozen originals run
+            state["base_logits"] = model(DUMP_IDS).logits.detach().cpu().contiguous()
     model.train(was_training)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(state, path)

@@ -423,6 +423,26 @@ _SAVED_PARTS = re.compile(r"\.original_module(?=\.)|\.modules_to_save\.[^.]+(?=\
 
 
 # --- FSDP2 ----------------------------------------------------------------------------------------
+def _separate_originals(model: nn.Module) -> list[nn.Module]:
+    """The frozen originals of ``model``'s modules_to_save wrappers that can be FSDP units of their
+    own: all but those with a parameter that a module outside them holds too (a tied lm_head's
+    original holds the embedding's weight: it stays in the unit of its partner)."""
+    from ..layers.saved import saved_modules
+
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    out = []
+    for _, wrapper in saved_modules(model):
+        original = wrapper.original_module
+        inside: dict[int, int] = {}
+        for _, p in original.named_parameters(remove_duplicate=False):
+            inside[id(p)] = inside.get(id(p), 0) + 1
+        if inside and all(uses[i] == n for i, n in inside.items()):
+            out.append(original)
+    return out
+
+
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` of a tensor's dim 0 that rank ``rank`` holds under FSDP2's
     Shard(0) (``torch.chunk`` semantics: chunks of ceil(rows / world_size), the last ones shorter
@@ -438,8 +458,10 @@ def load_sharded_phi3(
     """A Phi-3 checkpoint, LoRA-injected and FSDP2-sharded, read so that no rank holds it whole.
 
     The model is built and injected on the meta device; each decoder layer becomes one
-    ``fully_shard`` unit, the embedding and lm_head one each (tied, they stay in the root), and
-    the root (the final norm) another, with every trainable parameter (LoRA, modules_to_save,
+    ``fully_shard`` unit, the embedding and lm_head one each (tied, they stay in the root), the
+    frozen original of each modules_to_save wrapper one of its own (it never runs while its copy
+    does, so it is never gathered; not a tied original, which stays with its partner), and the
+    root (the final norm) another, with every trainable parameter (LoRA, modules_to_save copies,
     trained biases) in ``ignored_params``. Then each
     rank reads from the safetensors files only its own rows of each frozen tensor
     (``get_slice``), and the LoRA parameters are initialised from the RNG state the caller left,
@@ -469,6 +491,12 @@ def load_sharded_phi3(
     inject(model, peft)
     trainable = {p for p in model.parameters() if p.requires_grad}
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    # A modules_to_save wrapper runs its copy (trainable, ignored: whole), never its frozen
+    # original, which is then a unit of its own: it is gathered only if it runs (lora.disabled),
+    # not in every forward and backward of the unit around it (a whole decoder layer gathered for
+    # nothing, per step, when the layer is the saved module).
+    for unit in _separate_originals(model):
+        fully_shard(unit, mesh=mesh, ignored_params=trainable)
     units = list(model.model.layers)
     if not config.tie_word_embeddings:
         # Their own units too: the root would otherwise hold both whole for the entire forward.
