@@ -57,12 +57,13 @@ def job(tmp_path_factory):
     ckpt = write_checkpoint(root / "ckpt")
     data = write_jsonl(root / "chat.jsonl", chat_records(40))
     common = ["--model", str(ckpt), "--data", str(data)]
-    configs = {}
+    configs, ones = {}, {}
     # the wrapper in a decoder layer's place is the layer the model checkpoints
     options = {"layer": {"gradient_checkpointing": True}, "mlp": {}}
     for name, saved in SAVED.items():
         extra = options[name]
         one = write_config(root / f"one-{name}.json", saved, per_device_train_batch_size=6, **extra)
+        ones[name] = one
         configs[name] = write_config(
             root / f"two-{name}.json", saved, per_device_train_batch_size=3, **extra
         )
@@ -82,7 +83,14 @@ def job(tmp_path_factory):
             runs[name] = out
         return runs[name]
 
-    return {"root": root, "ckpt": ckpt, "common": common, "configs": configs, "run": run}
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "common": common,
+        "configs": configs,
+        "ones": ones,
+        "run": run,
+    }
 
 
 def dumps(job, name: str) -> list[dict[str, torch.Tensor]]:
@@ -191,6 +199,14 @@ def test_a_killed_run_with_a_saved_layer_resumes_bit_for_bit(job, mode):
     run = torchrun(2, args, ["--die-rank", "1", "--die-at", "5"])
     assert run.returncode != 0 and "rank      : 1 (local_rank: 1)" in run.stdout + run.stderr
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    # on one process with the global batch: the one-process run, up to fp32 rounding
+    single = job["root"] / f"{mode}-layer-then-single"
+    shutil.copytree(out, single)
+    one = [*job["common"], "--config", str(job["ones"]["layer"]), "--output", str(single)]
+    assert cli_main([*one, "--resume", "--no-progress"]) == 0
+    assert_close_runs(single, job["root"] / "single-layer", rel=1e-6)
+    shutil.rmtree(single)
+    # on the same two ranks: the uninterrupted two-rank run, bit for bit
     run = torchrun(2, [*args, "--resume"])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert losses(out) == losses(whole)
