@@ -159,8 +159,7 @@ def test_dropped_positions_are_a_bernoulli_sequence_exactly():
     p, seeds = 0.3, 6000
     counts = torch.zeros(8)
     for seed in range(seeds):
-        gen = torch.Generator().manual_seed(seed)
-        pos = LF._dropped_positions(3, p, gen)
+        pos = LF._dropped_positions(3, p, LF._position_rng(seed))
         counts[int(sum(1 << int(i) for i in pos))] += 1
     for pattern in range(8):
         k = bin(pattern).count("1")
@@ -172,10 +171,10 @@ def test_dropped_positions_are_a_bernoulli_sequence_exactly():
 @pytest.mark.parametrize("p", [0.001, 0.05, 0.9])
 def test_dropped_positions_gaps_are_geometric_and_a_short_draw_draws_on(p, monkeypatch):
     n = 400_000
-    full = LF._dropped_positions(n, p, torch.Generator().manual_seed(1))
+    full = LF._dropped_positions(n, p, LF._position_rng(1))
     # no margin: the first batch of gaps falls short of n about half the time, then more are drawn
     monkeypatch.setattr(LF, "_GAP_MARGIN", (0.0, 0.0))
-    short = [LF._dropped_positions(n, p, torch.Generator().manual_seed(s)) for s in range(4)]
+    short = [LF._dropped_positions(n, p, LF._position_rng(s)) for s in range(4)]
     for pos in [full, *short]:
         assert pos.dtype == torch.int64 and int(pos.min()) >= 0 and int(pos.max()) < n
         assert bool((pos[1:] > pos[:-1]).all())  # sorted, no position twice
@@ -187,6 +186,17 @@ def test_dropped_positions_gaps_are_geometric_and_a_short_draw_draws_on(p, monke
     assert abs(ones - p) < 5 * math.sqrt(p * (1 - p) / gaps.numel())
     sd_mean = math.sqrt((1 - p) / p**2 / gaps.numel())
     assert abs(gaps.mean().item() - 1 / p) < 5 * sd_mean
+
+
+def test_dropped_positions_at_extreme_p_stay_in_range():
+    """A tiny p makes gaps of ~1e300 elements (capped before the integer sums), a p near 1
+    drops nearly everything; either way the positions are sorted, unique and in range."""
+    n = 5000
+    assert LF._dropped_positions(n, 1e-300, LF._position_rng(0)).numel() == 0
+    for p in (1e-9, 1 - 1e-12):
+        pos = LF._dropped_positions(n, p, LF._position_rng(1))
+        assert bool(((pos >= 0) & (pos < n)).all()) and bool((pos[1:] > pos[:-1]).all())
+    assert pos.numel() == n  # p = 1 - 1e-12: all dropped but for a ~5e-9 chance
 
 
 def test_fused_dropout_is_unbiased():
