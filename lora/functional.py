@@ -18,6 +18,7 @@ parameter's own dtype.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -138,6 +139,32 @@ def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
     if device.type != "cpu":
         return max(rows, 1)
     return max(1, min(rows, _CPU_CHUNK_ELEMENTS // max(cols, 1)))
+
+
+class _Scratch(threading.local):
+    """One reused CPU buffer per dtype (per thread) for the masked chunks of x and of dx's
+    adapter part. Its contents are dead between uses: a layer's forward or backward fills it,
+    reads it and is done with it before it returns. A fresh buffer each call costs its page
+    faults: a new 8 MB (512 x 8192 bf16) chunk took 3 ms to fill inside a training step, 0.12 ms
+    reused. At most one chunk (2^22 elements: 16 MB in fp32) a dtype stays allocated."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, Tensor] = {}
+
+
+_scratch = _Scratch()
+
+
+def _chunk_buffer(rows: int, cols: int, like: Tensor) -> Tensor:
+    """An uninitialised (rows, cols) buffer of ``like``'s dtype and device: on CPU the reused
+    scratch (valid until the next call), elsewhere a fresh tensor (the caching allocator's)."""
+    if like.device.type != "cpu":
+        return like.new_empty(rows, cols)
+    n = rows * cols
+    buf = _scratch.buffers.get(like.dtype)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buffers[like.dtype] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(rows, cols)
 
 
 _GAP_MARGIN = (6.0, 16.0)  # standard deviations, and a constant (a test shrinks them)
@@ -291,7 +318,7 @@ class _LoRALinear(torch.autograd.Function):
             c = scaling / (1.0 - realised_dropout_p(p, x.device))
             v = x.new_empty(x.shape[0], A.shape[0])
             stream = _DropStream(x.shape[0], x.shape[1], p, seed, x.device)
-            hbuf = x.new_empty(stream.chunk, x.shape[1])
+            hbuf = _chunk_buffer(stream.chunk, x.shape[1], x)
             for start, n, m in stream:
                 h = stream.apply(m, x[start : start + n], hbuf[:n])
                 torch.mm(h, A.T, out=v[start : start + n])
@@ -357,7 +384,7 @@ class _LoRALinear(torch.autograd.Function):
                 if need_A:
                     grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device)
                 stream = _DropStream(x.shape[0], x.shape[1], p, ctx.seed, x.device)
-                buf = x.new_empty(stream.chunk, x.shape[1])
+                buf = _chunk_buffer(stream.chunk, x.shape[1], x)
                 for start, n, m in stream:
                     rows = slice(start, start + n)
                     if need_A:

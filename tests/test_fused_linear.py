@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 from unittest import mock
 
 import pytest
@@ -226,6 +227,43 @@ def test_same_rng_state_gives_bit_identical_output_and_gradients(kind):
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     assert not torch.equal(first[0], other[0])
+
+
+def test_reused_chunk_buffer_is_per_thread_and_per_dtype(monkeypatch):
+    """The masked chunks go through one reused scratch buffer (per thread and dtype): layers of
+    other shapes and dtypes in between, or in another thread at the same time, change nothing."""
+    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 64 * 40)  # several chunks of 64 rows
+
+    def run(fin, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(300, fin, generator=g).to(dtype).requires_grad_()
+        W = torch.randn(7, fin, generator=g).to(dtype)
+        A = torch.randn(3, fin, generator=g).requires_grad_()
+        B = torch.randn(7, 3, generator=g).requires_grad_()
+        y = LF.lora_linear_fused(x, W, None, A, B, 2.0, 0.3, seed=seed)
+        y.square().sum().backward()
+        return [t.detach().clone() for t in (y, x.grad, A.grad, B.grad)]
+
+    jobs = [(40, torch.float32, 1), (25, torch.bfloat16, 2), (40, torch.float64, 3)]
+    alone = []
+    for job in jobs:
+        LF._scratch.buffers.clear()
+        alone.append(run(*job))
+    results: dict[int, list] = {}
+
+    def worker(i):
+        for _ in range(12):  # interleaved with the other threads' layers
+            results[i] = [run(*jobs[j]) for j in range(len(jobs))]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        for expected, got in zip(alone, results[i]):
+            for a, b in zip(expected, got):
+                assert torch.equal(a, b)
 
 
 def test_rng_state_restore_replays_the_same_masks():
