@@ -112,7 +112,10 @@ class AdapterFiles:
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFiles:
-    """Read an adapter directory (or its ``adapter_model.safetensors``): config and every tensor.
+    """Read an adapter directory, or a weights file with the directory's config beside it: config
+    and every tensor. A directory's weights are its ``adapter_model.safetensors`` (or legacy
+    ``adapter_model.bin``); a file given is read itself, whatever its name (``.safetensors``, else
+    a torch file read without unpickling).
 
     Raises :class:`AdapterError` naming the file when the config is missing or not JSON, or the
     weights are missing, truncated, corrupt, or (legacy ``.bin``) hold anything but tensors.
@@ -130,9 +133,11 @@ def read_adapter(path: str | os.PathLike) -> AdapterFiles:
         raise AdapterError(f"{config_path}: not a readable JSON file ({e})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    weights_path = directory / WEIGHTS_NAME
-    if weights_path.is_file():
+    weights_path = path if path.is_file() else directory / WEIGHTS_NAME
+    if weights_path.is_file() and weights_path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(weights_path)
+    elif path.is_file():
+        tensors, metadata = read_torch_file(weights_path), {}
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         weights_path = directory / LEGACY_WEIGHTS_NAME
         tensors, metadata = read_torch_file(weights_path), {}
@@ -141,6 +146,27 @@ def read_adapter(path: str | os.PathLike) -> AdapterFiles:
             f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter directory"
         )
     return AdapterFiles(config, tensors, metadata, config_path, weights_path)
+
+
+def _peft_weights_file(file: Path) -> bool:
+    """Whether ``file`` is the weights of a PEFT-format adapter directory: a config beside it, and
+    PEFT's file name or keys that all carry PEFT's prefix (else it is a ``lora_state_dict`` file
+    that happens to lie in an adapter directory, and is read as one)."""
+    if not (file.parent / CONFIG_NAME).is_file():
+        return False
+    if file.name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        return True
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            return False  # the loralib loader names the broken file
+    else:
+        keys = list(read_torch_file(file))
+    return bool(keys) and all(k.startswith(PREFIX) for k in keys)
 
 
 def read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -573,7 +599,7 @@ def load_adapter(
     match; the model is left unchanged when it does.
     """
     p = Path(path)
-    if p.is_file() and not (p.parent / CONFIG_NAME).is_file():
+    if p.is_file() and not _peft_weights_file(p):
         return _load_lora_state_dict(model, p)
     files = read_adapter(p)
     config = config_from_files(files)

@@ -580,6 +580,32 @@ def test_legacy_bin_adapter_loads_through_weights_only(tmp_path):
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
 
 
+def test_a_weights_file_given_is_the_one_loaded_even_inside_an_adapter_directory(tmp_path):
+    """A path to a file loads that file: PEFT's weights under another name (keys with PEFT's
+    prefix, the directory's config beside them), a legacy .bin next to a .safetensors, or a
+    lora_state_dict file saved into an adapter directory; never the directory's own weights."""
+    config = lora.LoRAConfig(r=2, target_modules=["q_proj", "embed"])
+    first = trained(toy(), config, seed=1)
+    lora.save_adapter(first, tmp_path)
+    second = trained(toy(), config, seed=2)
+    other = tmp_path / "other"
+    lora.save_adapter(second, other)
+    (other / WEIGHTS_NAME).rename(tmp_path / "step-2.safetensors")  # beside first's config
+    with safe_open(str(tmp_path / "step-2.safetensors"), "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, tmp_path / "adapter_model.bin")
+    torch.save(lora.lora_state_dict(second), tmp_path / "lora.pt")
+    assert not torch.equal(logits(first), logits(second))
+    for name in ("step-2.safetensors", "adapter_model.bin", "lora.pt"):
+        fresh = toy()
+        if name == "lora.pt":  # a loralib file goes into layers that exist
+            lora.inject(fresh, config)
+        lora.load_adapter(fresh, tmp_path / name)
+        torch.testing.assert_close(logits(fresh), logits(second), rtol=0, atol=0, msg=name)
+    fresh = toy()
+    lora.load_adapter(fresh, tmp_path)  # the directory: its own adapter_model.safetensors
+    torch.testing.assert_close(logits(fresh), logits(first), rtol=0, atol=0)
+
+
 # --- loralib checkpoints ---------------------------------------------------------------------------
 def test_loralib_lora_state_dict_pt_still_loads_with_strict_false(tmp_path):
     class Net(nn.Module):
