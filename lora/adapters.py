@@ -112,7 +112,10 @@ class AdapterFiles:
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFiles:
-    """Read an adapter directory (or its ``adapter_model.safetensors``): config and every tensor.
+    """Read an adapter directory, or a weights file with the directory's config beside it: config
+    and every tensor. A directory's weights are its ``adapter_model.safetensors`` (or legacy
+    ``adapter_model.bin``); a file given is read itself, whatever its name (``.safetensors``, else
+    a torch file read without unpickling).
 
     Raises :class:`AdapterError` naming the file when the config is missing or not JSON, or the
     weights are missing, truncated, corrupt, or (legacy ``.bin``) hold anything but tensors.
@@ -130,9 +133,11 @@ def read_adapter(path: str | os.PathLike) -> AdapterFiles:
         raise AdapterError(f"{config_path}: not a readable JSON file ({e})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    weights_path = directory / WEIGHTS_NAME
-    if weights_path.is_file():
+    weights_path = path if path.is_file() else directory / WEIGHTS_NAME
+    if weights_path.is_file() and weights_path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(weights_path)
+    elif path.is_file():
+        tensors, metadata = read_torch_file(weights_path), {}
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         weights_path = directory / LEGACY_WEIGHTS_NAME
         tensors, metadata = read_torch_file(weights_path), {}
@@ -141,6 +146,27 @@ def read_adapter(path: str | os.PathLike) -> AdapterFiles:
             f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter directory"
         )
     return AdapterFiles(config, tensors, metadata, config_path, weights_path)
+
+
+def _peft_weights_file(file: Path) -> bool:
+    """Whether ``file`` is the weights of a PEFT-format adapter directory: a config beside it, and
+    PEFT's file name or keys that all carry PEFT's prefix (else it is a ``lora_state_dict`` file
+    that happens to lie in an adapter directory, and is read as one)."""
+    if not (file.parent / CONFIG_NAME).is_file():
+        return False
+    if file.name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        return True
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            return False  # the loralib loader names the broken file
+    else:
+        keys = list(read_torch_file(file))
+    return bool(keys) and all(k.startswith(PREFIX) for k in keys)
 
 
 def read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -564,13 +590,16 @@ def load_adapter(
     ``adapter_config.json`` beside it is a loralib ``lora_state_dict``, loaded strictly: named keys
     (``<m>.lora_A.<name>``, several adapters) into each adapter's slots, loralib's into the layer's
     only adapter, or the active one when the file names none; every adapter it names must receive
-    all its tensors, modules_to_save copies included (a file without them is refused).
+    all its tensors, modules_to_save copies included (a file without them is refused). A file
+    whose keys all carry PEFT's prefix (``base_model.model.``) is PEFT's adapter_model file without
+    its config, refused as such; keys named as PEFT names them (``<m>.lora_A.weight``) are refused
+    naming loralib's key (``<m>.lora_A``) and how to load a PEFT adapter.
 
     Returns ``model``. Raises :class:`AdapterError` naming the file and the keys or modules that do not
     match; the model is left unchanged when it does.
     """
     p = Path(path)
-    if p.is_file() and not (p.parent / CONFIG_NAME).is_file():
+    if p.is_file() and not _peft_weights_file(p):
         return _load_lora_state_dict(model, p)
     files = read_adapter(p)
     config = config_from_files(files)
@@ -980,6 +1009,7 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
         tensors, _ = read_safetensors(file)
     else:
         tensors = read_torch_file(file)
+    _refuse_a_lone_peft_file(model, file, tensors)
     target = _FileTarget.of(model, file)
     placing = _Placing(tensors)
     routes = {k: r for k in tensors if (r := _lora_route(k, target.layers)) is not None}
@@ -1000,6 +1030,7 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
             "loaded):\n  "
             + listing(placing.problems, 20, "\n  ")
             + _copies_note(short, target, tensors)
+            + _peft_keys_note(placing.peft_named)
         )
     merged = [layer for layer in target.layers.values() if layer.merged]
     with torch.no_grad():
@@ -1010,6 +1041,52 @@ def _load_lora_state_dict(model: nn.Module, file: Path) -> nn.Module:
         for layer in merged:
             layer.merge()
     return model
+
+
+def _peft_named_key(key: str, layers: dict[str, LoRALayer]) -> str | None:
+    """Why ``key`` has no place, when it is a LoRA layer's tensor as PEFT's adapter_model file
+    names it and no state dict does (an embedding's ``<m>.lora_embedding_A``), else None."""
+    for module_name, layer in layers.items():
+        start = f"{module_name}." if module_name else ""
+        rest = key[len(start) :] if key.startswith(start) else None
+        if rest in layer.peft_keys and rest not in ("lora_A", "lora_B"):
+            param = ("lora_A", "lora_B")[layer.peft_keys.index(rest)]
+            return (
+                f"named as in a PEFT adapter_model file (<m>.{rest}), not as a state dict names "
+                f"it ({start}{param}, or {start}{param}.<adapter> for one of several adapters)"
+            )
+    return None
+
+
+def _refuse_a_lone_peft_file(model: nn.Module, file: Path, tensors: dict[str, Tensor]) -> None:
+    """A file whose keys all carry PEFT's prefix is a PEFT adapter_model file, not a loralib one:
+    without its adapter_config.json beside it (r, lora_alpha, target_modules) it cannot be read as
+    one, so it is refused as what it is (not as a lora_state_dict whose keys have no place)."""
+    if not tensors or not all(k.startswith(PREFIX) for k in tensors):
+        return
+    if any(n == PREFIX[:-1] or n.startswith(PREFIX) for n, _ in model.named_modules()):
+        return  # the model's own keys start so: a lora_state_dict of it
+    first = next(iter(tensors))
+    raise AdapterError(
+        f"{file}: a PEFT adapter_model file (its keys are PEFT's, {PREFIX}<m>.lora_A.weight: "
+        f"{first!r}, ...; a lora_state_dict file has the model's own keys, <m>.lora_A), but there "
+        f"is no {CONFIG_NAME} beside it, which PEFT's format needs (r, lora_alpha, "
+        f"target_modules): put it as {WEIGHTS_NAME} in a directory with the {CONFIG_NAME} written "
+        "with it, and load that directory: lora.load_adapter(model, directory)"
+    )
+
+
+def _peft_keys_note(keys: list[str]) -> str:
+    """What a refusal adds when some keys are named as in a PEFT adapter_model file."""
+    if not keys:
+        return ""
+    return (
+        f"\n{len(keys)} key(s) are named as in a PEFT adapter_model file (<m>.lora_A.weight, "
+        "<m>.lora_embedding_A), where a lora_state_dict file has loralib's (<m>.lora_A). A PEFT "
+        f"adapter loads from its directory ({CONFIG_NAME} and {WEIGHTS_NAME}, keys "
+        f"{PREFIX}<m>.lora_A.weight): lora.load_adapter(model, directory). Or rename the file's "
+        "keys to loralib's: <m>.lora_A.weight -> <m>.lora_A (<m>.lora_embedding_A -> <m>.lora_A)."
+    )
 
 
 @dataclass
@@ -1074,6 +1151,7 @@ class _Placing:
     places: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # file key -> model tensor
     named: dict[str, None] = dataclasses.field(default_factory=dict)  # adapters filled, in order
     problems: list[str] = dataclasses.field(default_factory=list)
+    peft_named: list[str] = dataclasses.field(default_factory=list)  # keys named as PEFT names them
 
     def _place(self, k: str, place: Tensor) -> None:
         t = self.tensors[k]
@@ -1093,7 +1171,9 @@ class _Placing:
                 if layer.active_adapter_name is not None:  # loralib's file into the active adapter
                     route = route._replace(adapter=layer.active_adapter_name)
             if route.adapter is None:
-                if route.name and route.name not in target.adapters:
+                if route.peft:  # <m>.lora_A.weight: PEFT's name (route.problem says so)
+                    self.peft_named.append(k)
+                if route.name and route.name not in target.adapters and not route.peft:
                     self.problems.append(f"{k}: {target.lacks(route.name)}")
                 else:
                     self.problems.append(f"{k}: {route.problem}")
@@ -1140,7 +1220,11 @@ class _Placing:
                     self.named[adapter] = None
             if place is None and k.endswith("bias"):
                 place = target.params.get(k)
-            if place is None:
+            peft = _peft_named_key(k, target.layers) if place is None else None
+            if peft is not None:
+                self.peft_named.append(k)
+                self.problems.append(f"{k}: {peft}")
+            elif place is None:
                 self.problems.append(
                     f"{k}: no place for it (not a LoRA parameter, bias or modules_to_save copy "
                     "entry of the model)"

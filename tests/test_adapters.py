@@ -580,6 +580,32 @@ def test_legacy_bin_adapter_loads_through_weights_only(tmp_path):
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
 
 
+def test_a_weights_file_given_is_the_one_loaded_even_inside_an_adapter_directory(tmp_path):
+    """A path to a file loads that file: PEFT's weights under another name (keys with PEFT's
+    prefix, the directory's config beside them), a legacy .bin next to a .safetensors, or a
+    lora_state_dict file saved into an adapter directory; never the directory's own weights."""
+    config = lora.LoRAConfig(r=2, target_modules=["q_proj", "embed"])
+    first = trained(toy(), config, seed=1)
+    lora.save_adapter(first, tmp_path)
+    second = trained(toy(), config, seed=2)
+    other = tmp_path / "other"
+    lora.save_adapter(second, other)
+    (other / WEIGHTS_NAME).rename(tmp_path / "step-2.safetensors")  # beside first's config
+    with safe_open(str(tmp_path / "step-2.safetensors"), "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, tmp_path / "adapter_model.bin")
+    torch.save(lora.lora_state_dict(second), tmp_path / "lora.pt")
+    assert not torch.equal(logits(first), logits(second))
+    for name in ("step-2.safetensors", "adapter_model.bin", "lora.pt"):
+        fresh = toy()
+        if name == "lora.pt":  # a loralib file goes into layers that exist
+            lora.inject(fresh, config)
+        lora.load_adapter(fresh, tmp_path / name)
+        torch.testing.assert_close(logits(fresh), logits(second), rtol=0, atol=0, msg=name)
+    fresh = toy()
+    lora.load_adapter(fresh, tmp_path)  # the directory: its own adapter_model.safetensors
+    torch.testing.assert_close(logits(fresh), logits(first), rtol=0, atol=0)
+
+
 # --- loralib checkpoints ---------------------------------------------------------------------------
 def test_loralib_lora_state_dict_pt_still_loads_with_strict_false(tmp_path):
     class Net(nn.Module):
@@ -618,6 +644,88 @@ def test_loralib_lora_state_dict_pt_still_loads_with_strict_false(tmp_path):
     with pytest.raises(lora.AdapterError) as e:
         lora.load_adapter(Net(), tmp_path / "partial.pt")
     assert "missing qkv.lora_A" in str(e.value) and "fc.lora_C: no place for it" in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_lora_state_dict_file_with_peft_named_keys_is_refused_naming_the_key_and_the_form(
+    tmp_path, suffix
+):
+    model = trained(toy(), TOY_CONFIG)
+    saved = lora.lora_state_dict(model)
+    renamed = {"blocks.0.q_proj.lora_A": "blocks.0.q_proj.lora_A.weight"}
+    renamed["embed.lora_B"] = "embed.lora_embedding_B"
+    file = {renamed.get(k, k): v.clone() for k, v in saved.items()}
+    path = tmp_path / f"lora{suffix}"
+    save_file(file, path) if suffix == ".safetensors" else torch.save(file, path)
+    target = toy()
+    lora.inject(target, TOY_CONFIG)
+    before = state(target)
+    with pytest.raises(lora.AdapterError) as e:
+        lora.load_adapter(target, path)
+    msg = str(e.value)
+    assert (
+        "blocks.0.q_proj.lora_A.weight: named as in a PEFT adapter_model file (<m>.lora_A.weight),"
+        " not as a state dict names it (blocks.0.q_proj.lora_A, or blocks.0.q_proj.lora_A.<adapter>"
+        in msg
+    )
+    assert (
+        "embed.lora_embedding_B: named as in a PEFT adapter_model file (<m>.lora_embedding_B), not"
+        " as a state dict names it (embed.lora_B," in msg
+    )
+    assert "missing blocks.0.q_proj.lora_A" in msg and "missing embed.lora_B" in msg
+    assert "2 key(s) are named as in a PEFT adapter_model file" in msg
+    assert "lora.load_adapter(model, directory)" in msg and "<m>.lora_A.weight -> <m>.lora_A" in msg
+    assert "names adapter 'weight', which" not in msg  # what it said: no hint at the cause
+    assert all(torch.equal(v, before[k]) for k, v in state(target).items())
+    # load_state_dict names it the same way (the layers' key routing)
+    with pytest.raises(RuntimeError, match=r"lora_A\.weight: named as in a PEFT adapter_model"):
+        target.load_state_dict(file, strict=False)
+
+
+def test_a_peft_adapter_file_without_its_config_is_refused_as_one(tmp_path):
+    lora.save_adapter(trained(toy(), TOY_CONFIG), tmp_path / "adapter")
+    lone = tmp_path / "lone" / WEIGHTS_NAME  # PEFT's file, its adapter_config.json left behind
+    lone.parent.mkdir()
+    lone.write_bytes((tmp_path / "adapter" / WEIGHTS_NAME).read_bytes())
+    target = toy()
+    lora.inject(target, TOY_CONFIG)
+    before = state(target)
+    with pytest.raises(lora.AdapterError) as e:
+        lora.load_adapter(target, lone)
+    msg = str(e.value)
+    assert f"{lone}: a PEFT adapter_model file (its keys are PEFT's" in msg
+    assert "'base_model.model." in msg  # a key of the file, named
+    assert f"no {CONFIG_NAME} beside it" in msg and "lora.load_adapter(model, directory)" in msg
+    assert "no place for it" not in msg  # what it said: read as a lora_state_dict file
+    assert all(torch.equal(v, before[k]) for k, v in state(target).items())
+    # with the config beside it, the same file is read as PEFT's
+    lora.load_adapter(target, tmp_path / "adapter" / WEIGHTS_NAME)
+    torch.testing.assert_close(logits(target), logits(trained(toy(), TOY_CONFIG)), rtol=0, atol=0)
+
+
+def test_an_adapter_named_weight_still_takes_its_named_keys(tmp_path):
+    config = lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    lora.save_adapter(lora.inject(toy(), config), tmp_path / "blank")
+
+    def two(seed):
+        model = toy()
+        lora.load_adapter(model, tmp_path / "blank")
+        lora.load_adapter(model, tmp_path / "blank", adapter_name="weight")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in lora.layers.lora_layers(model):
+                for adapter in layer.held_adapters().values():
+                    for p in (adapter.lora_A, adapter.lora_B):
+                        p.copy_(torch.randn(p.shape, generator=g))
+        return model
+
+    saved = lora.lora_state_dict(two(1))
+    assert "blocks.0.q_proj.lora_A.weight" in saved  # adapter "weight"'s, not PEFT's name
+    torch.save(saved, tmp_path / "two.pt")
+    target = two(2)
+    lora.load_adapter(target, tmp_path / "two.pt")
+    got = lora.lora_state_dict(target)
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
 
 
 def test_hand_built_model_saves_with_a_derived_config_and_reloads_in_place(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 from unittest import mock
 
 import pytest
@@ -158,8 +159,7 @@ def test_dropped_positions_are_a_bernoulli_sequence_exactly():
     p, seeds = 0.3, 6000
     counts = torch.zeros(8)
     for seed in range(seeds):
-        gen = torch.Generator().manual_seed(seed)
-        pos = LF._dropped_positions(3, p, gen)
+        pos = LF._dropped_positions(3, p, LF._position_rng(seed))
         counts[int(sum(1 << int(i) for i in pos))] += 1
     for pattern in range(8):
         k = bin(pattern).count("1")
@@ -171,10 +171,10 @@ def test_dropped_positions_are_a_bernoulli_sequence_exactly():
 @pytest.mark.parametrize("p", [0.001, 0.05, 0.9])
 def test_dropped_positions_gaps_are_geometric_and_a_short_draw_draws_on(p, monkeypatch):
     n = 400_000
-    full = LF._dropped_positions(n, p, torch.Generator().manual_seed(1))
+    full = LF._dropped_positions(n, p, LF._position_rng(1))
     # no margin: the first batch of gaps falls short of n about half the time, then more are drawn
     monkeypatch.setattr(LF, "_GAP_MARGIN", (0.0, 0.0))
-    short = [LF._dropped_positions(n, p, torch.Generator().manual_seed(s)) for s in range(4)]
+    short = [LF._dropped_positions(n, p, LF._position_rng(s)) for s in range(4)]
     for pos in [full, *short]:
         assert pos.dtype == torch.int64 and int(pos.min()) >= 0 and int(pos.max()) < n
         assert bool((pos[1:] > pos[:-1]).all())  # sorted, no position twice
@@ -186,6 +186,17 @@ def test_dropped_positions_gaps_are_geometric_and_a_short_draw_draws_on(p, monke
     assert abs(ones - p) < 5 * math.sqrt(p * (1 - p) / gaps.numel())
     sd_mean = math.sqrt((1 - p) / p**2 / gaps.numel())
     assert abs(gaps.mean().item() - 1 / p) < 5 * sd_mean
+
+
+def test_dropped_positions_at_extreme_p_stay_in_range():
+    """A tiny p makes gaps of ~1e300 elements (capped before the integer sums), a p near 1
+    drops nearly everything; either way the positions are sorted, unique and in range."""
+    n = 5000
+    assert LF._dropped_positions(n, 1e-300, LF._position_rng(0)).numel() == 0
+    for p in (1e-9, 1 - 1e-12):
+        pos = LF._dropped_positions(n, p, LF._position_rng(1))
+        assert bool(((pos >= 0) & (pos < n)).all()) and bool((pos[1:] > pos[:-1]).all())
+    assert pos.numel() == n  # p = 1 - 1e-12: all dropped but for a ~5e-9 chance
 
 
 def test_fused_dropout_is_unbiased():
@@ -226,6 +237,43 @@ def test_same_rng_state_gives_bit_identical_output_and_gradients(kind):
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     assert not torch.equal(first[0], other[0])
+
+
+def test_reused_chunk_buffer_is_per_thread_and_per_dtype(monkeypatch):
+    """The masked chunks go through one reused scratch buffer (per thread and dtype): layers of
+    other shapes and dtypes in between, or in another thread at the same time, change nothing."""
+    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 64 * 40)  # several chunks of 64 rows
+
+    def run(fin, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(300, fin, generator=g).to(dtype).requires_grad_()
+        W = torch.randn(7, fin, generator=g).to(dtype)
+        A = torch.randn(3, fin, generator=g).requires_grad_()
+        B = torch.randn(7, 3, generator=g).requires_grad_()
+        y = LF.lora_linear_fused(x, W, None, A, B, 2.0, 0.3, seed=seed)
+        y.square().sum().backward()
+        return [t.detach().clone() for t in (y, x.grad, A.grad, B.grad)]
+
+    jobs = [(40, torch.float32, 1), (25, torch.bfloat16, 2), (40, torch.float64, 3)]
+    alone = []
+    for job in jobs:
+        LF._scratch.buffers.clear()
+        alone.append(run(*job))
+    results: dict[int, list] = {}
+
+    def worker(i):
+        for _ in range(12):  # interleaved with the other threads' layers
+            results[i] = [run(*jobs[j]) for j in range(len(jobs))]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        for expected, got in zip(alone, results[i]):
+            for a, b in zip(expected, got):
+                assert torch.equal(a, b)
 
 
 def test_rng_state_restore_replays_the_same_masks():

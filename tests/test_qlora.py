@@ -519,10 +519,10 @@ def test_a_checkpointed_step_decodes_each_4bit_weight_twice_and_keeps_none_after
     assert decodes == dict.fromkeys(decodes, 2.0)
     # the forward pass decodes slab by slab and keeps nothing; the recomputation of each layer
     # keeps its weights whose input needs a gradient (all but layer 0's qkv_proj, whose input is
-    # the frozen embedding's, unless the reentrant kind made it need one), and all are freed by
-    # the end of backward
+    # the frozen embedding's: the reentrant kind too, which no longer makes it need one), and all
+    # are freed by the end of backward
     assert whole_in_forward == 0
-    assert len(whole) == len(decodes) - (0 if reentrant else 1)
+    assert len(whole) == len(decodes) - 1
     assert all(ref() is None for ref in whole)
 
 

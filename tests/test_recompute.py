@@ -5,6 +5,7 @@ exactly the marked tensors, and the scope refuses what it cannot recompute faith
 from __future__ import annotations
 
 import contextlib
+import warnings
 from unittest import mock
 
 import pytest
@@ -210,3 +211,101 @@ def test_bad_checkpoint_layers_are_named(bad):
     with pytest.raises(ValueError, match=rf"layers={bad!r}: expected how many decoder layers"):
         model.gradient_checkpointing_enable(layers=bad)
     assert not model.gradient_checkpointing
+
+
+# --- the reentrant kind: nothing makes layer 0's input need a gradient -----------------------------
+
+
+def counted_input_grads(monkeypatch):
+    """Count the frozen base's input-gradient matmuls of the fused LoRA linears (one per linear
+    whose input needs a gradient)."""
+    import lora.functional as functional
+
+    calls = [0]
+    real = functional.base_linear_input_grad
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "base_linear_input_grad", counting)
+    return calls
+
+
+def embedding_outputs(model):
+    """The embedding's outputs, as each forward leaves them (requires_grad may be changed later)."""
+    out: list[torch.Tensor] = []
+    model.model.embed_tokens.register_forward_hook(lambda m, a, y: out.append(y))
+    return out
+
+
+KINDS = {"plain": None, "non-reentrant": False, "reentrant": True}
+
+
+def kind_grads(model, ids, kind, seed=5):
+    if KINDS[kind] is None:
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": KINDS[kind]})
+    return step_grads(model, ids, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_reentrant_checkpointing_gives_bitwise_the_gradients_of_the_other_kinds(dropout, dtype):
+    model = build(dtype, "all-linear", dropout, num_hidden_layers=3)
+    ids = torch.randint(3, TINY_PHI3["vocab_size"], (2, 9))
+    grads = {kind: kind_grads(model, ids, kind) for kind in KINDS}
+    assert len(grads["plain"]) == 2 * 4 * 3  # A and B of every linear: all of them get one
+    assert_bitwise(grads["reentrant"], grads["plain"])
+    assert_bitwise(grads["non-reentrant"], grads["plain"])
+
+
+def test_the_reentrant_kind_computes_no_input_gradient_for_layer_0(monkeypatch):
+    model = build(torch.float32, "all-linear", 0.1)
+    ids = torch.randint(3, TINY_PHI3["vocab_size"], (2, 8))
+    calls = counted_input_grads(monkeypatch)
+    embedded = embedding_outputs(model)
+    counts = {}
+    for kind in KINDS:
+        calls[0] = 0
+        kind_grads(model, ids, kind)
+        counts[kind] = calls[0]
+    # every linear but layer 0's qkv_proj, whose input (the frozen embedding's, normed) needs none
+    assert counts == dict.fromkeys(KINDS, 4 * 2 - 1)
+    # the embedding's output stays a tensor that needs no gradient, and gets none
+    assert len(embedded) == 3 and not any(e.requires_grad or e.grad is not None for e in embedded)
+
+
+def test_a_frozen_first_layer_is_not_recomputed_by_the_reentrant_kind():
+    model = build(torch.float32, "all-linear", 0.1, num_hidden_layers=3)
+    for p in model.model.layers[0].parameters():  # train layers 1 and 2 only
+        p.requires_grad_(False)
+    ids = torch.randint(3, TINY_PHI3["vocab_size"], (2, 8))
+    want = kind_grads(model, ids, "plain")
+    assert want and not any(".layers.0." in name for name in want)
+    for kind in ("non-reentrant", "reentrant"):
+        calls = layer_calls(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "None of the inputs have requires_grad=True"
+            got = kind_grads(model, ids, kind)
+        assert_bitwise(got, want)
+        # nothing back-propagates into layer 0: the reentrant kind runs it once, as the other does
+        # (which recomputes only what backward reaches)
+        assert calls == [1, 2, 2], kind
+        for layer in model.model.layers:
+            layer._forward_pre_hooks.clear()
+
+
+def test_the_reentrant_kind_with_adapters_disabled_still_runs_backward():
+    # The adapters' parameters need grad but take no part: nothing in a layer's recomputation needs
+    # one, which torch's reentrant checkpoint would refuse; the anchor stands in (as before, when
+    # the embedding's output was made to need a gradient, backward ran and gave nothing).
+    model = build(torch.float32, "all-linear", 0.1)
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    ids = torch.randint(3, TINY_PHI3["vocab_size"], (2, 8))
+    model.zero_grad(set_to_none=True)
+    with lora.disabled(model):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())

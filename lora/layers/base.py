@@ -499,6 +499,7 @@ class AdapterKey(NamedTuple):
     name: str  # the adapter the key names ("lora_A.<name>"); "" for loralib's unnamed "lora_A"
     adapter: str | None  # the adapter whose tensor it is, wherever that lives now; None: no place
     problem: str  # why it has no place that is certainly right (when adapter is None), else ""
+    peft: bool = False  # no place, and named as PEFT's adapter_model file names it (lora_A.weight)
 
 
 def adapter_state_keys(layer: LoRALayer) -> dict[str, tuple[str, str]]:
@@ -515,8 +516,9 @@ def route_adapter_key(layer: LoRALayer, rest: str, where: str) -> AdapterKey | N
     """Loading, the inverse of :func:`adapter_state_keys`: where the key ``rest`` (relative to the
     layer named ``where``) goes. ``lora_A.<name>`` fills adapter ``name``; loralib's ``lora_A`` the
     layer's only adapter. A key naming an adapter the layer does not hold, or an unnamed key while
-    it holds several, has no place (``adapter`` None, ``problem`` says why). None when ``rest`` is
-    not a LoRA tensor's key, or is unnamed and the layer holds no adapter."""
+    it holds several, has no place (``adapter`` None, ``problem`` says why; ``peft`` when it is
+    named as PEFT's files name it, ``lora_A.weight``, and the layer holds no adapter "weight").
+    None when ``rest`` is not a LoRA tensor's key, or is unnamed and the layer holds no adapter."""
     param, _, name = rest.partition(".")
     if param not in _LORA_PARAMS:
         return None
@@ -524,6 +526,14 @@ def route_adapter_key(layer: LoRALayer, rest: str, where: str) -> AdapterKey | N
     if name:
         if name in held:
             return AdapterKey(param, name, name, "")
+        if rest in layer.peft_keys:  # lora_A.weight: PEFT's name, not an adapter named "weight"
+            want = f"{where}.{param}" if where else param
+            problem = (
+                f"named as in a PEFT adapter_model file (<m>.{rest}), not as a state dict names "
+                f"it ({want}, or {want}.<adapter> for one of several adapters); the layer "
+                f"{where!r} holds no adapter {name!r} (it holds {held})"
+            )
+            return AdapterKey(param, name, None, problem, peft=True)
         problem = (
             f"the state dict names adapter {name!r}, which the layer {where!r} does not hold "
             f"(it holds {held})"

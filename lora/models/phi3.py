@@ -660,6 +660,27 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (real.cumsum(-1) - 1).masked_fill(real == 0, 0)
 
 
+def _trains(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` needs a gradient."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _anchored(run):
+    """``run`` for a reentrant checkpoint that also takes an empty ``anchor`` needing grad, which
+    makes the checkpoint back-propagate into a segment whose inputs need no gradient; the segment
+    itself never sees it. In the recomputation (grad on), when nothing in the segment turned out
+    to train (adapters disabled, say), its output is tied to the anchor, so that backward has
+    something to run (the reentrant kind refuses outputs that need no grad); the value is unused."""
+
+    def segment(x, cos, sin, attn, past, anchor):
+        out, present = run(x, cos, sin, attn, past)
+        if torch.is_grad_enabled() and not out.requires_grad:
+            out = out + anchor.sum()
+        return out, present
+
+    return segment
+
+
 class Phi3Model(nn.Module):
     """Embedding, decoder layers and the final norm: input ids (b, s) -> hidden states (b, s, h)."""
 
@@ -747,16 +768,27 @@ class Phi3Model(nn.Module):
 
         presents = []
         training = self.training and torch.is_grad_enabled()
+        anchor: Tensor | None = None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
             if self.gradient_checkpointing and self.training and self._checkpointed(i):
-                reentrant = self.checkpoint_use_reentrant
-                if reentrant and not x.requires_grad and torch.is_grad_enabled():
-                    # The reentrant kind only back-propagates into a segment whose tensor inputs
-                    # need grad; with a frozen embedding none does (transformers' remedy too).
-                    x = x.requires_grad_()
                 run = keep_decoded_on_recompute(layer)  # 4-bit weights: 2 decodes a step, not 3
-                x, present = checkpoint(run, x, cos, sin, attn, past, use_reentrant=reentrant)
+                reentrant = self.checkpoint_use_reentrant
+                if reentrant and training and not x.requires_grad:
+                    # The reentrant kind only back-propagates into a segment whose tensor inputs
+                    # need grad; with a frozen embedding x does not. Rather than make x need one
+                    # (transformers' remedy: layer 0 would then compute an input gradient nobody
+                    # uses, and keep what that needs), an empty tensor that needs grad goes in.
+                    if not _trains(layer):  # nothing to back-propagate: nothing to checkpoint
+                        x, present = layer(x, cos, sin, attn, past)
+                    else:
+                        if anchor is None:
+                            anchor = torch.empty(0, device=device, requires_grad=True)
+                        x, present = checkpoint(
+                            _anchored(run), x, cos, sin, attn, past, anchor, use_reentrant=True
+                        )
+                else:
+                    x, present = checkpoint(run, x, cos, sin, attn, past, use_reentrant=reentrant)
             else:
                 # A layer that is not checkpointed keeps its activations for backward, less the
                 # cheap ones it marks recomputable (lora.models.recompute).
