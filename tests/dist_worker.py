@@ -9,7 +9,10 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
 - ``--plain-loss``: every Phi-3 model takes the plain loss (``chunked_loss = False``, full
   logits); either way the rank prints how many times the chunked loss ran;
 - ``--die-rank R --die-at I``: rank R kills itself with SIGKILL (no clean-up, as the OOM killer
-  would) when it is asked for micro-batch I.
+  would) when it is asked for micro-batch I;
+- ``--dump DIR``: when training is done, every rank writes DIR/rank<R>.safetensors: the buffers of
+  its 4-bit base weights (``base.<module>.<buffer>``, the local shard under FSDP) and its model's
+  logits on :data:`PROBE` (``logits``; under FSDP every rank computes them together).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import os
 import signal
 import sys
 import time
+
+# The token ids the --dump logits are computed on (one sequence).
+PROBE = [[5, 17, 42, 7, 99, 3, 64, 12, 250, 31, 8, 77]]
 
 WRITE_EVENTS = {
     "os.rename",
@@ -37,6 +43,7 @@ def main() -> int:
     ap.add_argument("--die-rank", type=int)
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--die-stamp", help="write time.time() here just before dying")
+    ap.add_argument("--dump", help="write each rank's 4-bit base and probe logits here at the end")
     ap.add_argument(
         "--plain-loss", action="store_true", help="every Phi-3 model takes the plain loss"
     )
@@ -89,6 +96,15 @@ def main() -> int:
             return original(self, index)
 
         trainer_module.Trainer._micro_batch = dying
+    if args.dump:
+        train = trainer_module.Trainer.train
+
+        def train_and_dump(self, *a, **k):
+            result = train(self, *a, **k)
+            dump(self.model, args.dump, rank)
+            return result
+
+        trainer_module.Trainer.train = train_and_dump
     try:
         return cli_main(rest)
     finally:
@@ -97,6 +113,28 @@ def main() -> int:
             os.makedirs(args.audit, exist_ok=True)
             with open(os.path.join(args.audit, f"rank{rank}.txt"), "w") as f:
                 f.write("".join(p + "\n" for p in touched if not p.startswith(args.audit)))
+
+
+def dump(model, directory: str, rank: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from lora.quant import quantized_modules
+
+    out = {}
+    for name, weight in quantized_modules(model).items():
+        for key, buf in weight.named_buffers():
+            if buf is not None:
+                local = buf.to_local() if hasattr(buf, "to_local") else buf
+                out[f"base.{name}.{key}"] = local.detach().cpu().contiguous()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor(PROBE, device=model.lm_head.weight.device)
+        out["logits"] = model(input_ids=ids).logits.float().cpu().contiguous()
+    model.train(was_training)
+    os.makedirs(directory, exist_ok=True)
+    save_file(out, os.path.join(directory, f"rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":

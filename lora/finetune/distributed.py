@@ -182,8 +182,9 @@ class DistContext:
     # --- metrics ----------------------------------------------------------------------------------
     def memory_row(self, model: nn.Module) -> dict:
         """The per-rank figures of a metrics row (a collective): ``world_size``; ``memory_mb``, each
-        rank's peak memory (:func:`peak_memory_mb`); ``params_mb``, the parameter bytes each rank
-        holds between steps (its shards under FSDP), in MiB."""
+        rank's peak memory (:func:`peak_memory_mb`); ``params_mb``, the weight bytes each rank
+        holds between steps (:func:`parameter_mb`: 4-bit codes and scales included; its shards
+        under FSDP), in MiB."""
         peak, held = peak_memory_mb(self.device), parameter_mb(model)
         if not self.enabled:
             return {"world_size": 1, "memory_mb": [peak], "params_mb": [held]}
@@ -200,10 +201,18 @@ class DistContext:
 
 
 def parameter_mb(model: nn.Module) -> float:
-    """MiB of the parameters this process holds: the local shard of a sharded (DTensor) one."""
+    """MiB of the weights this process holds: the parameters, and the buffers of each 4-bit base
+    weight (an NF4Weight keeps its packed codes and scales as buffers, not parameters); of a
+    sharded (DTensor) one, the local shard."""
+    from ..quant import is_quantized
+
+    tensors = {id(p): p for p in model.parameters()}
+    for m in model.modules():
+        if is_quantized(m):
+            tensors.update((id(b), b) for b in m.buffers() if b is not None)
     total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
+    for t in tensors.values():
+        local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total / 2**20
 
