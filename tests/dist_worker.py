@@ -123,7 +123,7 @@ def dump(model, directory: str, rank: int) -> None:
 
     out = {}
     for name, weight in quantized_modules(model).items():
-        for key, buf in weight.named_buffers():
+        for key, buf in [*weight.named_parameters(), *weight.named_buffers()]:
             if buf is not None:
                 local = buf.to_local() if hasattr(buf, "to_local") else buf
                 out[f"base.{name}.{key}"] = local.detach().cpu().contiguous()

@@ -96,7 +96,9 @@ def test_two_ranks_over_an_nf4_base_train_as_one_process(job):
     assert nf4 > 0.05 * params  # (the tiny model is mostly embedding) a difference approx sees
     want = (params + nf4) / 2**20
     assert all(r["params_mb"] == [pytest.approx(want)] * 2 for r in train)
-    assert all(r["params_mb"] == [pytest.approx(want)] for r in rows(root / "single") if "loss" in r)
+    assert all(
+        r["params_mb"] == [pytest.approx(want)] for r in rows(root / "single") if "loss" in r
+    )
     # the adapter trained: it is not the B = 0 it started from
     assert any(
         float(t.abs().max()) > 0 for k, t in adapter(root / "ddp" / "adapter").items() if "B" in k
@@ -162,3 +164,73 @@ def test_a_killed_nf4_job_resumes_as_the_uninterrupted_run(job):
     )
     assert code == 0
     assert_close_runs(single, root / "single")
+
+
+def test_fsdp_shards_the_nf4_base_by_blocks_and_trains_the_same_adapter(job):
+    root, common = job["root"], job["common"]
+    run = torchrun(
+        2,
+        [*common, "--config", str(job["two"]), "--output", str(root / "fsdp"), "--fsdp"],
+        ["--dump", str(root / "dump-fsdp")],
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_close_runs(root / "fsdp", root / "single")
+    assert tree(root / "fsdp") == tree(root / "single")
+    # each rank holds its half of the blocks; together, bitwise the base one process quantises
+    ranks = [base_of(load_file(str(root / "dump-fsdp" / f"rank{r}.safetensors"))) for r in (0, 1)]
+    want = quantised_checkpoint(job["ckpt"])
+    assert ranks[0].keys() == ranks[1].keys() == want.keys()
+    for key, whole in want.items():
+        if key.endswith((".packed", ".scale_codes")):
+            halves = [r[key].reshape(-1) for r in ranks]
+            assert 0 < halves[0].numel() < whole.numel() and halves[1].numel() > 0, key
+            assert torch.equal(torch.cat(halves), whole), key
+        else:  # the group absmax and the mean: whole on every rank
+            assert all(torch.equal(r[key], whole) for r in ranks), key
+    held = [r["params_mb"] for r in rows(root / "fsdp") if "loss" in r][-1]
+    whole_mb = [r["params_mb"] for r in rows(root / "single") if "loss" in r][-1][0]
+    assert len(held) == 2 and all(h < 0.8 * whole_mb for h in held)
+    # the adapter it saved reproduces its logits on one process
+    model = Phi3ForCausalLM.from_pretrained(job["ckpt"], quantize="nf4")
+    lora.load_adapter(model, root / "fsdp" / "adapter")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor(PROBE)).logits
+    dumped = load_file(str(root / "dump-fsdp" / "rank0.safetensors"))["logits"]
+    torch.testing.assert_close(logits, dumped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_over_nf4_with_checkpointing_killed_and_resumed_on_one_process(job, tmp_path):
+    # gradient checkpointing: the recomputation runs in backward, inside FSDP's gathered unit
+    common = job["common"]
+    one = write_config(
+        tmp_path / "one.json",
+        per_device_train_batch_size=6,
+        quantize="nf4",
+        adam_epsilon=1e-6,
+        gradient_checkpointing=True,
+    )
+    two = write_config(
+        tmp_path / "two.json",
+        per_device_train_batch_size=3,
+        quantize="nf4",
+        adam_epsilon=1e-6,
+        gradient_checkpointing=True,
+    )
+    code = cli_main(
+        [*common, "--config", str(one), "--output", str(tmp_path / "single"), "--no-progress"]
+    )
+    assert code == 0
+    out = tmp_path / "fsdp"
+    run = torchrun(
+        2,
+        [*common, "--config", str(two), "--output", str(out), "--fsdp"],
+        ["--die-rank", "1", "--die-at", "5"],
+    )
+    assert run.returncode != 0 and "rank      : 1 (local_rank: 1)" in run.stdout + run.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    code = cli_main(
+        [*common, "--config", str(one), "--output", str(out), "--resume", "--no-progress"]
+    )
+    assert code == 0
+    assert_close_runs(out, tmp_path / "single")
