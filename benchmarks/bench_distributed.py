@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distributed.py           # CPU, gloo; a 169M-parameter Phi-3 shape
     python benchmarks/bench_distributed.py --device cuda --nproc 2 --bf16   # 2 GPUs, nccl
+    python benchmarks/bench_distributed.py --quantize nf4   # a 4-bit base (QLoRA; FSDP shards it)
 
 Writes a random Phi-3-shaped checkpoint and a chat file to a temporary directory, then runs
 ``lora-finetune`` on them three ways with the same global batch, and prints, per run, the median
@@ -37,11 +38,13 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32064)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--quantize", choices=["nf4"], help="the base's Linear weights in 4 bits")
     args = ap.parse_args()
 
     from tiny import chat_records, write_checkpoint, write_jsonl
@@ -49,7 +52,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     ckpt = write_checkpoint(
         work / "ckpt",
-        vocab_size=32064,
+        vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
@@ -74,6 +77,7 @@ def main() -> None:
                         "eval_fraction": 0.0,
                         "device": args.device,
                         "bf16": args.bf16,
+                        "quantize": args.quantize,
                         "learning_rate": 1e-3,
                     },
                     "peft_config": {

@@ -172,15 +172,20 @@ def _untie_config_if_untied(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; a parameter shared by several modules counts once.
-    A 4-bit base weight (lora.quant; buffers, not Parameters) counts in the total with its size."""
+    A 4-bit base weight (lora.quant) counts in the total with its size, not with its storage
+    (buffers, or in the layout FSDP shards, frozen uint8/int8 Parameters)."""
     from .quant import quantized_modules
 
+    quantized = quantized_modules(model)
+    storage = {id(p) for w in quantized.values() for p in w.parameters()}
     trainable = total = 0
     for p in model.parameters():
+        if id(p) in storage:
+            continue
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-    total += sum({id(w): w.numel() for w in quantized_modules(model).values()}.values())
+    total += sum({id(w): w.numel() for w in quantized.values()}.values())
     return trainable, total
 
 

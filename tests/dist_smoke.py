@@ -2,6 +2,7 @@
 
     python tests/dist_smoke.py --device cuda --nproc 1     # one GPU: the nccl code paths
     python tests/dist_smoke.py --device cpu --nproc 2      # CPU, gloo
+    python tests/dist_smoke.py --device cuda --quantize nf4   # a 4-bit base (QLoRA, FSDP-QLoRA)
 
 Writes a tiny checkpoint and chat file to a temporary directory, runs ``lora-finetune`` under
 ``torchrun --standalone`` once per mode (4 steps, a checkpoint at step 2, then ``--resume`` of the
@@ -26,6 +27,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--quantize", choices=["nf4"], help="the base's Linear weights in 4 bits")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -45,6 +47,7 @@ def main() -> int:
                     "max_seq_length": 64,
                     "per_device_train_batch_size": 2,
                     "device": args.device,
+                    "quantize": args.quantize,
                 },
                 "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
             }

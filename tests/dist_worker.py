@@ -11,11 +11,12 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
 - ``--die-rank R --die-at I``: rank R kills itself with SIGKILL (no clean-up, as the OOM killer
   would) when it is asked for micro-batch I;
 - ``--dump DIR``: when training is done, every rank writes DIR/rank<R>.safetensors: its model's
-  whole state dict (a sharded tensor gathered whole: a collective, in key order on every rank)
-  and, as ``logits``, the model's eval-mode logits on :data:`DUMP_IDS` (``base_logits``: under
-  ``lora.disabled``, the base model's); and DIR/rank<R>.gathered,
-  the parameters FSDP all-gathered in training (their names, one a line, each once; nothing
-  without FSDP).
+  whole state dict (a sharded tensor gathered whole: a collective, in key order on every rank),
+  the buffers and parameters of its 4-bit base weights as it holds them (``base.<module>.<name>``,
+  the local shard under FSDP; none without a 4-bit base) and, as ``logits``, the model's
+  eval-mode logits on :data:`DUMP_IDS` (``base_logits``: under ``lora.disabled``, the base
+  model's); and DIR/rank<R>.gathered, the parameters FSDP all-gathered in training (their names,
+  one a line, each once; nothing without FSDP).
 """
 
 from __future__ import annotations
@@ -134,17 +135,24 @@ def main() -> int:
 
 
 def dump(model, path: str) -> None:
-    """``model``'s state dict, whole (DTensors gathered on every rank alike), and its logits on
-    DUMP_IDS, to ``path``."""
+    """``model``'s state dict, whole (DTensors gathered on every rank alike), its 4-bit base
+    weights' tensors as this rank holds them (``base.<module>.<name>``: the local shard under
+    FSDP), and its logits on DUMP_IDS, to ``path``."""
     from safetensors.torch import save_file
 
     import lora
+    from lora.quant import quantized_modules
 
     state = {}
     for key, tensor in model.state_dict().items():
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
         state[key] = tensor.detach().cpu().clone().contiguous()
+    for name, weight in quantized_modules(model).items():
+        for key, t in [*weight.named_parameters(), *weight.named_buffers()]:
+            if t is not None:
+                local = t.to_local() if hasattr(t, "to_local") else t
+                state[f"base.{name}.{key}"] = local.detach().cpu().clone().contiguous()
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -644,3 +644,57 @@ def test_the_demo_on_a_4bit_base_reaches_a_held_out_loss_within_5_percent_of_the
         }
         losses[base] = run_demo(training, progress=False, log=lambda s: None).eval_loss
     assert losses["nf4"] <= 1.05 * losses["bf16"], losses
+
+
+# --- the layout FSDP shards ------------------------------------------------------------------------
+@settings(max_examples=20)
+@given(
+    rows=st.integers(1, 40), cols=st.integers(1, 70), cut=st.floats(0, 1), seed=st.integers(0, 99)
+)
+def test_blocks_quantised_apart_are_bitwise_those_of_the_whole_tensor(rows, cols, cut, seed):
+    from lora.quant import quantize_blocks, quantize_scales
+
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+    whole = quantize_nf4(w, scale_block_size=4)  # small groups: a split runs through some
+    flat, bs = w.reshape(-1), 64
+    n_blocks = -(-flat.numel() // bs)
+    b = int(cut * n_blocks)  # any block boundary, also inside a row
+    parts = [quantize_blocks(flat[: b * bs]), quantize_blocks(flat[b * bs :])]
+    packed = torch.cat([p for p, _ in parts])
+    scales = torch.cat([s for _, s in parts])
+    codes, absmax, mean = quantize_scales(scales, 4)
+    assert torch.equal(packed, whole.packed) and torch.equal(codes, whole.scale_codes)
+    assert torch.equal(absmax, whole.scale_absmax) and torch.equal(mean, whole.scale_mean)
+
+
+def test_the_shardable_layout_computes_what_the_plain_one_does():
+    torch.manual_seed(0)
+    w = torch.randn(48, 80) * 0.02
+    plain, shardable = NF4Weight.from_float(w), NF4Weight.from_float(w).make_shardable()
+    assert {n for n, _ in shardable.named_parameters()} == {"packed", "scale_codes"}
+    assert shardable.packed.shape == (48 * 80 // 64, 32) and not shardable.packed.requires_grad
+    assert shardable.nbytes() == plain.nbytes()
+    x = torch.randn(3, 80, requires_grad=True)
+    assert torch.equal(F.linear(x, shardable), F.linear(x, plain))
+    assert torch.equal(shardable.dequantize(), plain.dequantize())
+    shardable.to(torch.float64)  # a float cast: the compute dtype; the codes keep theirs
+    assert shardable.dtype == torch.float64 and shardable.packed.dtype == torch.uint8
+    layer = nn.Linear(80, 48, bias=False)
+    lora.quantize(layer)
+    layer.weight.make_shardable()
+    assert lora.trainable_parameters(layer) == (0, 48 * 80)  # counted once, by its size
+    with pytest.raises(ValueError, match="double_quant=False"):
+        NF4Weight.from_float(w, double_quant=False).make_shardable()
+
+
+def test_an_empty_shardable_weight_is_made_on_meta_and_materialised_by_to_empty():
+    from lora.quant import quantize_shardable
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    made = quantize_shardable(model)
+    assert set(made) == {"0", "2"} and made["0"].device.type == "meta"
+    model.to_empty(device="cpu")
+    w = model[0].weight
+    assert w.device.type == "cpu" and w.packed.shape == (32, 32) and w.scale_mean.shape == ()
+    assert w.packed.dtype == torch.uint8 and w.scale_codes.dtype == torch.int8

@@ -20,7 +20,8 @@ torchrun) every call is a no-op, so such a run is what it always was. Under torc
 With ``fsdp`` the frozen base is sharded by FSDP2 (``fully_shard``, one unit per decoder layer
 and one for the rest) and read from the checkpoint shard by shard (:func:`load_sharded_phi3`); the
 LoRA parameters are left out of the sharding (``ignored_params``), so they stay whole on every
-rank, train as above and save as usual.
+rank, train as above and save as usual. With ``quantize="nf4"`` the sharded base is the 4-bit one:
+each rank holds and quantises whole blocks of 64 weights (see :func:`load_sharded_phi3`).
 """
 
 from __future__ import annotations
@@ -182,8 +183,9 @@ class DistContext:
     # --- metrics ----------------------------------------------------------------------------------
     def memory_row(self, model: nn.Module) -> dict:
         """The per-rank figures of a metrics row (a collective): ``world_size``; ``memory_mb``, each
-        rank's peak memory (:func:`peak_memory_mb`); ``params_mb``, the parameter bytes each rank
-        holds between steps (its shards under FSDP), in MiB."""
+        rank's peak memory (:func:`peak_memory_mb`); ``params_mb``, the weight bytes each rank
+        holds between steps (:func:`parameter_mb`: 4-bit codes and scales included; its shards
+        under FSDP), in MiB."""
         peak, held = peak_memory_mb(self.device), parameter_mb(model)
         if not self.enabled:
             return {"world_size": 1, "memory_mb": [peak], "params_mb": [held]}
@@ -200,10 +202,18 @@ class DistContext:
 
 
 def parameter_mb(model: nn.Module) -> float:
-    """MiB of the parameters this process holds: the local shard of a sharded (DTensor) one."""
+    """MiB of the weights this process holds: the parameters, and the buffers of each 4-bit base
+    weight (an NF4Weight keeps its packed codes and scales as buffers, not parameters); of a
+    sharded (DTensor) one, the local shard."""
+    from ..quant import is_quantized
+
+    tensors = {id(p): p for p in model.parameters()}
+    for m in model.modules():
+        if is_quantized(m):
+            tensors.update((id(b), b) for b in m.buffers() if b is not None)
     total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
+    for t in tensors.values():
+        local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total / 2**20
 
@@ -453,7 +463,11 @@ def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def load_sharded_phi3(
-    model_dir: str | os.PathLike, peft, dtype: torch.dtype, ctx: DistContext
+    model_dir: str | os.PathLike,
+    peft,
+    dtype: torch.dtype,
+    ctx: DistContext,
+    quantize: str | None = None,
 ) -> nn.Module:
     """A Phi-3 checkpoint, LoRA-injected and FSDP2-sharded, read so that no rank holds it whole.
 
@@ -468,6 +482,13 @@ def load_sharded_phi3(
     drawn in the order :func:`lora.inject` draws them: a seed gives the same adapter as the
     one-process run. ``peft``: the :class:`lora.LoRAConfig` to inject.
 
+    ``quantize="nf4"``: the Linear weights :func:`lora.quantize` would quantise are 4-bit, in the
+    layout FSDP2 shards (:meth:`lora.quant.NF4Weight.make_shardable`: one row per block of 64
+    weights, so a shard is whole blocks); each rank reads the rows that hold its blocks,
+    quantises them (:func:`lora.quant.quantize_blocks`), and the ranks all-gather the block
+    absmax (4 bytes per 64 weights) to double-quantise the scales as one process does. So each
+    rank holds bitwise its slice of what ``from_pretrained(..., quantize="nf4")`` holds whole.
+
     Raises DistributedSetupError when ``ctx`` has no process group; CheckpointError /
     FileNotFoundError as :meth:`Phi3ForCausalLM.from_pretrained`.
     """
@@ -478,6 +499,7 @@ def load_sharded_phi3(
     from ..layers.base import LoRALayer
     from ..models import Phi3Config, Phi3ForCausalLM
     from ..models import checkpoint as ckpt
+    from ..quant import quantize_shardable
     from ..surgery import inject
 
     if not ctx.enabled:
@@ -489,6 +511,12 @@ def load_sharded_phi3(
         model = Phi3ForCausalLM(config)
     model.to(dtype)
     inject(model, peft)
+    nf4 = quantize_shardable(model, quantize) if quantize is not None else {}
+    # checkpoint name -> the 4-bit weights read from it (a modules_to_save original and copy: two)
+    nf4_by_name: dict[str, list] = {}
+    for module_name, weight in nf4.items():
+        nf4_by_name.setdefault(_SAVED_PARTS.sub("", f"{module_name}.weight"), []).append(weight)
+    nf4_prefixes = tuple(f"{module_name}.weight." for module_name in nf4)
     trainable = {p for p in model.parameters() if p.requires_grad}
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     # A modules_to_save wrapper runs its copy (trainable, ignored: whole), never its frozen
@@ -523,7 +551,7 @@ def load_sharded_phi3(
     # the module's own tensor; a tied lm_head reads the embedding.
     expected: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in lora_ids:
+        if id(tensor) in lora_ids or key.startswith(nf4_prefixes):  # (4-bit: read below)
             continue
         name = _SAVED_PARTS.sub("", key)
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -539,11 +567,15 @@ def load_sharded_phi3(
                         config.tie_word_embeddings and name == "lm_head.weight"
                     ):
                         continue
+                    sl = f.get_slice(name)
+                    shape = tuple(sl.get_shape())
+                    if name in nf4_by_name:
+                        problems += _read_nf4(name, sl, shape, nf4_by_name[name], dtype, ctx)
+                        found.add(name)
+                        continue
                     if name not in expected:
                         problems.append(f"unexpected tensor {name} (in {file.name})")
                         continue
-                    sl = f.get_slice(name)
-                    shape = tuple(sl.get_shape())
                     for key, target in expected[name]:
                         if shape != tuple(target.shape):
                             problems.append(
@@ -558,7 +590,7 @@ def load_sharded_phi3(
                             local, part = target, sl[:]
                         local.copy_(part.to(local.dtype))
                     found.add(name)
-    problems += [f"missing tensor {m}" for m in sorted(set(expected) - found)]
+    problems += [f"missing tensor {m}" for m in sorted((set(expected) | set(nf4_by_name)) - found)]
     if problems:
         more = f" ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ckpt.CheckpointError(
@@ -575,3 +607,50 @@ def load_sharded_phi3(
             if not peft.init_lora_weights:
                 module._randomize_lora_B()
     return model.eval()
+
+
+def _read_nf4(name: str, sl, shape: tuple, weights: list, dtype: torch.dtype, ctx) -> list[str]:
+    """Fill this rank's blocks of the 4-bit ``weights`` (FSDP-sharded, :meth:`make_shardable`
+    layout) from the checkpoint slice ``sl`` of tensor ``name``; a collective (every rank calls
+    it for every 4-bit tensor, in the same order). Returns the problems found (none: [])."""
+    import torch.distributed as dist
+
+    from ..quant import quantize_blocks, quantize_scales
+
+    w0 = weights[0]
+    if shape != tuple(w0.shape):
+        return [f"{name}: checkpoint {shape}, model {tuple(w0.shape)}"]
+    rows, cols = shape
+    n, bs = rows * cols, w0.block_size
+    n_blocks = -(-n // bs)
+    b0, b1 = shard_rows(n_blocks, ctx.world_size, ctx.rank)
+    e0, e1 = b0 * bs, min(b1 * bs, n)  # this rank's elements of the flattened weight
+    if e1 > e0:
+        r0, r1 = e0 // cols, -(-e1 // cols)  # the rows that hold them
+        part = sl[r0:r1].to(device=ctx.device, dtype=dtype).reshape(-1)
+        packed, scales = quantize_blocks(part[e0 - r0 * cols : e1 - r0 * cols], bs)
+    else:
+        packed = torch.empty(0, dtype=torch.uint8, device=ctx.device)
+        scales = torch.empty(0, dtype=torch.float32, device=ctx.device)
+    # Double quantisation needs every block's scale: gather them (the ranks' blocks are
+    # consecutive chunks of ceil(n_blocks / world) blocks, the last ones shorter or empty).
+    chunk = -(-n_blocks // ctx.world_size)
+    mine = torch.zeros(chunk, dtype=torch.float32, device=ctx._comm_device)
+    mine[: scales.numel()] = scales.to(mine.device)
+    parts = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, mine)
+    every = torch.cat(parts)[:n_blocks].to(ctx.device)
+    codes, group_absmax, mean = quantize_scales(every, w0.scale_block_size)
+    for w in weights:
+        local_packed, local_codes = w.packed.to_local(), w.scale_codes.to_local()
+        if local_packed.shape[0] != b1 - b0 or local_codes.shape[0] != b1 - b0:
+            raise DistributedSetupError(
+                f"{name}: FSDP holds blocks {tuple(local_packed.shape)} / "
+                f"{tuple(local_codes.shape)} on rank {ctx.rank}; expected {b1 - b0} blocks "
+                f"({b0}:{b1} of {n_blocks}, torch.chunk's split)"
+            )
+        local_packed.copy_(packed.view(-1, bs // 2))
+        local_codes.copy_(codes[b0:b1])
+        w.scale_absmax.copy_(group_absmax)
+        w.scale_mean.copy_(mean)
+    return []

@@ -101,13 +101,9 @@ def _build(
     if prints(training, "info"):
         say(data.summary())
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
-    if dist.fsdp and training.quantize is not None:
-        raise ValueError(
-            f"training_config quantize={training.quantize!r} with fsdp: not supported together; "
-            "a 4-bit base fits one device (docs/qlora.md)"
-        )
     if dist.fsdp:  # each rank reads only its shards; LoRA drawn from the seed as inject draws it
-        model = load_sharded_phi3(model_dir, peft, dtype, dist)
+        # (a 4-bit base too: each rank quantises its own blocks as it reads them)
+        model = load_sharded_phi3(model_dir, peft, dtype, dist, quantize=training.quantize)
     else:
         model = Phi3ForCausalLM.from_pretrained(
             model_dir, dtype=dtype, device=dist.device, quantize=training.quantize

@@ -13,6 +13,7 @@ from .model import (
     check_method,
     dequantize,
     quantize,
+    quantize_shardable,
     quantized_modules,
     quantizing_assign,
 )
@@ -23,7 +24,9 @@ from .nf4 import (
     dequantize_nf4,
     nf4_code_book,
     pack_4bit,
+    quantize_blocks,
     quantize_nf4,
+    quantize_scales,
     unpack_4bit,
 )
 from .weight import (
@@ -47,6 +50,8 @@ __all__ = [
     "nf4_linear",
     "nf4_code_book",
     "quantize_nf4",
+    "quantize_blocks",
+    "quantize_scales",
     "dequantize_nf4",
     "pack_4bit",
     "unpack_4bit",
@@ -54,6 +59,7 @@ __all__ = [
     "dequantize",
     "quantized_modules",
     "quantizing_assign",
+    "quantize_shardable",
     "is_quantized",
     "check_method",
     "keep_decoded_on_recompute",

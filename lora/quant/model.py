@@ -21,6 +21,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantizing_assign",
+    "quantize_shardable",
     "quantized_modules",
     "check_method",
 ]
@@ -195,3 +196,22 @@ def quantizing_assign(
         return True
 
     return assign
+
+
+def quantize_shardable(
+    model: nn.Module, method: str = "nf4", skip_modules: Iterable[str] | None = None
+) -> dict[str, NF4Weight]:
+    """Give each Linear that :func:`quantize` would quantise an empty 4-bit weight in the layout
+    FSDP2 shards (:meth:`NF4Weight.empty_shardable`, on the weight's device: meta for a model
+    built there), for a loader to fill; returns ``{module name: its NF4Weight}``. ``model`` is
+    not loaded yet: its weights are only shapes (the FSDP loader builds it on the meta device)."""
+    check_method(method, "quantize")
+    out = {}
+    for name, m in _targets(model, skip_modules).items():
+        if is_quantized(m.weight):
+            continue
+        w = m.weight
+        new = NF4Weight.empty_shardable(tuple(w.shape), w.dtype, w.device)
+        _replace_weight(m, new)
+        out[name] = new
+    return out

@@ -35,6 +35,8 @@ __all__ = [
     "unpack_4bit",
     "NF4Data",
     "quantize_nf4",
+    "quantize_blocks",
+    "quantize_scales",
     "dequantize_nf4",
     "dequantize_blocks",
 ]
@@ -154,15 +156,29 @@ def quantize_nf4(
     if weight.device.type == "meta":
         raise ValueError("weight is on the meta device: it has no values to quantise")
 
-    flat = weight.detach().reshape(-1)
+    packed, scales = quantize_blocks(weight.detach().reshape(-1), block_size)
+    if not double_quant:
+        zero = torch.zeros((), dtype=torch.float32, device=weight.device)
+        return NF4Data(packed, None, scales, zero, weight.shape, block_size, scale_block_size)
+    codes8, absmax2, mean = quantize_scales(scales, scale_block_size)
+    return NF4Data(packed, codes8, absmax2, mean, weight.shape, block_size, scale_block_size)
+
+
+def quantize_blocks(flat: Tensor, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
+    """The first stage of :func:`quantize_nf4` on a run of whole blocks: a 1-D floating ``flat``
+    (its last block may be short: zero-padded) -> ((n_blocks · block_size / 2,) uint8 packed codes,
+    (n_blocks,) fp32 block absmax). Each block depends on its own elements only, so the blocks
+    ``b0:b1`` of a tensor quantised on their own are bitwise those of the whole tensor (the FSDP
+    loader quantises each rank's blocks so); the double quantisation of the scales
+    (:func:`quantize_scales`) needs them all."""
     n = flat.numel()
     n_blocks = -(-n // block_size)
-    code_book = nf4_code_book(torch.float32, weight.device)
+    code_book = nf4_code_book(torch.float32, flat.device)
     # Nearest code = the number of midpoints below the value (a value on a midpoint takes the lower
     # code, as bitsandbytes' bucketize and torchao's argmin do).
     midpoints = (code_book[1:] + code_book[:-1]) / 2
-    packed = torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=weight.device)
-    scales = torch.empty(n_blocks, dtype=torch.float32, device=weight.device)
+    packed = torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=flat.device)
+    scales = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
     chunk_blocks = max(1, _QUANT_CHUNK // block_size)
     for b0 in range(0, n_blocks, chunk_blocks):
         b1 = min(n_blocks, b0 + chunk_blocks)
@@ -175,12 +191,7 @@ def quantize_nf4(
         normalised = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
         codes = torch.bucketize(normalised.reshape(-1), midpoints, out_int32=True)
         packed[b0 * block_size // 2 : b1 * block_size // 2] = pack_4bit(codes)
-
-    if not double_quant:
-        zero = torch.zeros((), dtype=torch.float32, device=weight.device)
-        return NF4Data(packed, None, scales, zero, weight.shape, block_size, scale_block_size)
-    codes8, absmax2, mean = quantize_scales(scales, scale_block_size)
-    return NF4Data(packed, codes8, absmax2, mean, weight.shape, block_size, scale_block_size)
+    return packed, scales
 
 
 def quantize_scales(

@@ -152,6 +152,51 @@ class NF4Weight(nn.Module):
         data = quantize_nf4(weight, block_size, scale_block_size, double_quant)
         return cls(data, dtype if dtype is not None else weight.dtype)
 
+    @classmethod
+    def empty_shardable(
+        cls,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device | str = "meta",
+        block_size: int = BLOCK_SIZE,
+        scale_block_size: int = SCALE_BLOCK_SIZE,
+    ) -> NF4Weight:
+        """An NF4Weight of ``shape`` with no values yet (``device`` "meta": no memory), in the
+        layout that FSDP2 can shard: see :meth:`make_shardable`. The FSDP loader
+        (``lora.finetune.distributed.load_sharded_phi3``) fills each rank's blocks."""
+        n_blocks = -(-math.prod(shape) // block_size)
+        groups = -(-n_blocks // scale_block_size)
+        data = NF4Data(
+            torch.empty(n_blocks * block_size // 2, dtype=torch.uint8, device=device),
+            torch.empty(n_blocks, dtype=torch.int8, device=device),
+            torch.empty(groups, dtype=torch.float32, device=device),
+            torch.empty((), dtype=torch.float32, device=device),
+            torch.Size(shape),
+            block_size,
+            scale_block_size,
+        )
+        return cls(data, dtype).make_shardable()
+
+    def make_shardable(self) -> NF4Weight:
+        """Hold the per-block parts as frozen Parameters with one row per block, so that FSDP2's
+        ``fully_shard`` shards them (it shards Parameters by dim 0, never buffers): ``packed``
+        (n_blocks, block_size / 2) uint8 and ``scale_codes`` (n_blocks,) int8, split at the same
+        block boundaries on every rank. The per-group absmax and the mean (4 bytes per
+        ``block_size · scale_block_size`` weights) stay whole buffers. Inside an FSDP unit's
+        forward and backward the Parameters are the gathered whole; dequantising reads them then.
+        Returns ``self``. Needs double-quantised scales (``scale_codes``); ``ValueError`` without."""
+        if self._buffers.get("scale_codes") is None and "scale_codes" not in self._parameters:
+            raise ValueError(
+                "NF4Weight.make_shardable: the weight has fp32 block scales (double_quant=False); "
+                "expected double-quantised scales (the default)"
+            )
+        for name, rows in (("packed", (-1, self.block_size // 2)), ("scale_codes", (-1,))):
+            if name in self._buffers:
+                t = self._buffers.pop(name)
+                assert t is not None
+                self.register_parameter(name, nn.Parameter(t.view(rows), requires_grad=False))
+        return self
+
     # --- what the tensor it replaces would answer ------------------------------------------------
     @property
     def shape(self) -> torch.Size:
@@ -199,13 +244,17 @@ class NF4Weight(nn.Module):
         return self.T
 
     def nbytes(self) -> int:
-        """Bytes of storage: codes, scale codes, group absmax and mean."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+        """Bytes of storage: codes, scale codes, group absmax and mean (the whole weight's, also
+        when FSDP holds a shard of it here)."""
+        parts = [*self._buffers.values(), *self._parameters.values()]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def data_parts(self) -> NF4Data:
+        # (the shardable layout's (n_blocks, block_size / 2) codes as the flat run NF4Data holds)
+        packed, codes = self.packed, self.scale_codes
         return NF4Data(
-            self.packed,
-            self.scale_codes,
+            packed if packed.dim() == 1 else packed.reshape(-1),
+            codes,
             self.scale_absmax,
             self.scale_mean,
             self._shape,
@@ -344,9 +393,18 @@ class NF4Weight(nn.Module):
     # --- moving: buffers change device, never dtype (a float cast sets the compute dtype) ------
     def _apply(self, fn, recurse=True):
         probe = fn(torch.zeros((), dtype=self._dtype, device=self.device))
+        if self._parameters:  # the shardable layout: integer codes, which no float cast changes
+            buffers = self.__dict__["_buffers"]
+            self.__dict__["_buffers"] = {}
+            try:  # nn.Module's own handling (FSDP2's DTensor shards included), buffers aside
+                super()._apply(fn, recurse=False)
+            finally:
+                self.__dict__["_buffers"] = buffers
         for key, buf in self._buffers.items():
             if buf is not None:
-                self._buffers[key] = buf.to(probe.device)
+                # a meta buffer (the FSDP loader's, before to_empty) has no values to move
+                moved = torch.empty_like(buf, device=probe.device) if buf.is_meta else None
+                self._buffers[key] = moved if moved is not None else buf.to(probe.device)
         if probe.is_floating_point():
             self._dtype = probe.dtype
         return self
