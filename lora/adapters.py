@@ -46,7 +46,7 @@ from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
 from .layers.base import AdapterKey, adapter_state_keys, route_adapter_key
-from .layers.saved import ModulesToSaveWrapper, saved_modules
+from .layers.saved import ModulesToSaveWrapper, copy_state, saved_modules
 from .layers.utils import lora_layers, saved_prefixes
 from .surgery import inject
 from .targets import (
@@ -506,7 +506,7 @@ def _base_places(
     for module_name, module in saved.items():
         if required_only and module_name not in named:
             continue
-        for key, t in module.state_dict(keep_vars=True).items():
+        for key, t in copy_state(module).items():  # (a copy to be: 4-bit weights as 16-bit)
             places[f"{module_name}.{key}"] = t
     if peft_aliases:
         for key, (_, t) in _peft_saved_aliases(config, saved, modules).items():

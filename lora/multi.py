@@ -398,7 +398,7 @@ def _combine_saved_copies(
         if not held:
             continue
         params: dict[str, nn.Parameter] = {}
-        for key, orig in wrapper.original_module.named_parameters(remove_duplicate=False):
+        for key, orig in wrapper.original_parameters():  # (a 4-bit weight: its 16-bit values)
             parts = [(i, cast(nn.Module, c).get_parameter(key), w) for i, c, w in held]
             signature = (id(orig), tuple((i, id(p)) for i, p, _ in parts))
             if signature not in made:

@@ -9,6 +9,7 @@ checkpoint gives, and that the saved adapter reproduces the trained model's logi
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -17,6 +18,7 @@ from dist_worker import DUMP_IDS, dump
 from safetensors.torch import load_file
 from test_distributed import (
     PEFT,
+    TRAINING,
     adapter,
     assert_close_runs,
     losses,
@@ -234,3 +236,92 @@ def test_fsdp_over_nf4_with_checkpointing_killed_and_resumed_on_one_process(job,
     )
     assert code == 0
     assert_close_runs(out, tmp_path / "single")
+
+
+# --- modules_to_save over the 4-bit base, under FSDP ---------------------------------------------
+SAVED_PEFT = {**PEFT, "modules_to_save": ["layers.1.mlp"]}
+
+
+def write_saved_config(path, **training):
+    body = {
+        "training_config": {**TRAINING, "quantize": "nf4", "adam_epsilon": 1e-6, **training},
+        "peft_config": SAVED_PEFT,
+    }
+    path.write_text(json.dumps(body))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::lora.SavedTargetWarning")
+def test_fsdp_over_nf4_trains_a_modules_to_save_copy_whole_from_the_dequantised_weights(job):
+    """The copy of a module over the 4-bit base is 16/32-bit and trainable, whole on every rank
+    (ignored by FSDP), filled as one process fills it; the 4-bit original stays sharded."""
+    root, common, ckpt = job["root"], job["common"], job["ckpt"]
+    one = write_saved_config(root / "saved-one.json", per_device_train_batch_size=6)
+    two = write_saved_config(root / "saved-two.json", per_device_train_batch_size=3)
+    args = [*common, "--config", str(one), "--output", str(root / "saved-single"), "--no-progress"]
+    assert cli_main(args) == 0
+    run = torchrun(
+        2,
+        [*common, "--config", str(two), "--output", str(root / "saved-fsdp"), "--fsdp"],
+        ["--dump", str(root / "saved-dump")],
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_close_runs(root / "saved-fsdp", root / "saved-single")
+
+    # what one process's copy starts from: the dequantised 4-bit weights
+    model = lora.inject(
+        Phi3ForCausalLM.from_pretrained(ckpt, quantize="nf4"), lora.LoRAConfig(**SAVED_PEFT)
+    )
+    wrapper = model.get_submodule("model.layers.1.mlp")
+    start = {
+        f"model.layers.1.mlp.modules_to_save.default.{n}": p.detach()
+        for n, p in wrapper.modules_to_save["default"].named_parameters()
+    }
+    assert sorted(start) == [
+        "model.layers.1.mlp.modules_to_save.default.down_proj.weight",
+        "model.layers.1.mlp.modules_to_save.default.gate_up_proj.weight",
+    ]
+    ranks = [load_file(str(root / "saved-dump" / f"rank{r}.safetensors")) for r in (0, 1)]
+    saved = adapter(root / "saved-fsdp" / "adapter")
+    for key, value in start.items():
+        a, b = ranks[0][key], ranks[1][key]
+        assert a.shape == value.shape and torch.equal(a, b), key  # whole, the same on both ranks
+        assert not torch.equal(a, value), key  # it trained
+        file_key = "base_model.model." + key.replace(".modules_to_save.default", "")
+        assert torch.equal(saved[file_key], a), key
+    # the 4-bit original: sharded, its shards together bitwise the one-process quantisation
+    want = {
+        k: v
+        for k, v in quantised_checkpoint(ckpt).items()
+        if k.startswith("base.model.layers.1.mlp.")
+    }
+    assert want
+    for key, whole in want.items():
+        name = key.replace("base.model.layers.1.mlp.", "base.model.layers.1.mlp.original_module.")
+        parts = [r[name].reshape(-1) for r in ranks]
+        if key.endswith((".packed", ".scale_codes")):
+            assert 0 < parts[0].numel() < whole.numel(), key
+            assert torch.equal(torch.cat(parts), whole.reshape(-1)), key
+    assert not [k for k in ranks[0] if k.startswith("base.") and ".modules_to_save." in k]
+    # the adapter loads on one process over a 4-bit base and gives the distributed logits
+    again = lora.load_adapter(
+        Phi3ForCausalLM.from_pretrained(ckpt, quantize="nf4"), root / "saved-fsdp" / "adapter"
+    )
+    with torch.no_grad():
+        logits = again.eval()(input_ids=DUMP_IDS).logits
+    torch.testing.assert_close(logits, ranks[0]["logits"], rtol=1e-5, atol=1e-6)
+
+    # with a learning rate of 0 nothing moves: the copy FSDP loaded is bitwise one process's
+    still = write_saved_config(
+        root / "saved-still.json", per_device_train_batch_size=3, learning_rate=0.0, max_steps=1
+    )
+    run = torchrun(
+        2,
+        [*common, "--config", str(still), "--output", str(root / "saved-still"), "--fsdp"],
+        ["--dump", str(root / "saved-still-dump")],
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for r in (0, 1):
+        dumped = load_file(str(root / "saved-still-dump" / f"rank{r}.safetensors"))
+        for key, value in start.items():
+            assert dumped[key].dtype == value.dtype and torch.equal(dumped[key], value), key

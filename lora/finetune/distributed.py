@@ -488,6 +488,9 @@ def load_sharded_phi3(
     quantises them (:func:`lora.quant.quantize_blocks`), and the ranks all-gather the block
     absmax (4 bytes per 64 weights) to double-quantise the scales as one process does. So each
     rank holds bitwise its slice of what ``from_pretrained(..., quantize="nf4")`` holds whole.
+    A modules_to_save copy is not 4-bit: its weights (whole on every rank, trainable) are the
+    dequantised quantisation of the whole checkpoint tensor, bitwise what one process's copy
+    starts from (``ModulesToSaveWrapper.add_copy`` over a 4-bit original).
 
     Raises DistributedSetupError when ``ctx`` has no process group; CheckpointError /
     FileNotFoundError as :meth:`Phi3ForCausalLM.from_pretrained`.
@@ -512,7 +515,8 @@ def load_sharded_phi3(
     model.to(dtype)
     inject(model, peft)
     nf4 = quantize_shardable(model, quantize) if quantize is not None else {}
-    # checkpoint name -> the 4-bit weights read from it (a modules_to_save original and copy: two)
+    # checkpoint name -> the 4-bit weights read from it. (A modules_to_save copy is never 4-bit:
+    # it trains in full, from the dequantised values of its original's 4-bit weight: _read_decoded.)
     nf4_by_name: dict[str, list] = {}
     for module_name, weight in nf4.items():
         nf4_by_name.setdefault(_SAVED_PARTS.sub("", f"{module_name}.weight"), []).append(weight)
@@ -571,6 +575,8 @@ def load_sharded_phi3(
                     shape = tuple(sl.get_shape())
                     if name in nf4_by_name:
                         problems += _read_nf4(name, sl, shape, nf4_by_name[name], dtype, ctx)
+                        for key, target in expected.get(name, []):  # a modules_to_save copy
+                            problems += _read_decoded(key, sl, shape, target, nf4_by_name[name][0])
                         found.add(name)
                         continue
                     if name not in expected:
@@ -607,6 +613,24 @@ def load_sharded_phi3(
             if not peft.init_lora_weights:
                 module._randomize_lora_B()
     return model.eval()
+
+
+def _read_decoded(key: str, sl, shape: tuple, target: torch.Tensor, like) -> list[str]:
+    """Fill ``target``, the whole (FSDP-ignored) trainable weight of a modules_to_save copy, with
+    the dequantised 4-bit quantisation of checkpoint tensor ``sl`` as one process's copy starts
+    from it (``from_pretrained(..., quantize="nf4")`` quantises the whole tensor, read in the
+    model's dtype; the copy dequantises that to its compute dtype): bitwise the same values.
+    ``like``: the original's 4-bit weight (block sizes). Returns the problems found (none: [])."""
+    from ..quant import NF4Weight
+
+    if shape != tuple(target.shape):
+        return [f"{key}: checkpoint {shape}, model {tuple(target.shape)}"]
+    whole = sl[:].to(device=target.device, dtype=target.dtype)
+    nf4 = NF4Weight.from_float(
+        whole, block_size=like.block_size, scale_block_size=like.scale_block_size
+    )
+    target.copy_(nf4.dequantize(target.dtype))
+    return []
 
 
 def _read_nf4(name: str, sl, shape: tuple, weights: list, dtype: torch.dtype, ctx) -> list[str]:

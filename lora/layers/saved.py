@@ -11,6 +11,10 @@ A copy is independent of the original, also when the original's weight is tied t
 (Phi-4-mini's ``lm_head`` and ``embed_tokens``): only the named module changes. With
 ``ensure_weight_tying`` the tied partner is wrapped too and its copy shares the copy's weight
 (:meth:`ModulesToSaveWrapper.add_copy` with ``shared``), so both change together.
+
+Over a 4-bit base (``lora.quant``) the original keeps its frozen NF4 weights, and the copy, which
+trains in full, gets each of them as a trainable Parameter of its dequantised values in the weight's
+compute dtype: it starts as the function the original computes, and saves as a 16-bit module does.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ModulesToSaveWrapper", "saved_modules"]
+from ..quant import dequantize, is_quantized
+
+__all__ = ["ModulesToSaveWrapper", "saved_modules", "copy_state"]
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -48,22 +55,41 @@ class ModulesToSaveWrapper(nn.Module):
         require grad) and return it. ``shared``: parameter name (dotted for a submodule's:
         ``"0.weight"``) -> a Parameter the copy uses instead of copying the original's (a tied
         partner's copy: ``{"weight": copy.weight}``; a combined adapter's computed tensors).
-        Raises ``ValueError`` when the adapter has a copy already."""
+        A 4-bit (NF4) weight of the original becomes, in the copy, a Parameter of its dequantised
+        values in its compute dtype (:meth:`~lora.quant.NF4Weight.dequantize`): the copy trains
+        in full. Raises ``ValueError`` when the adapter has a copy already."""
         if name in self.modules_to_save:
             raise ValueError(f"modules_to_save: adapter {name!r} has a copy of this module already")
         shared = shared or {}
         memo: dict[int, Any] = {}
         for key, tensor in shared.items():
-            memo[id(self.original_module.get_parameter(key))] = tensor  # deepcopy takes it as is
+            owner, _, leaf = key.rpartition(".")
+            held = self.original_module.get_submodule(owner)._parameters.get(leaf)
+            if held is not None:  # (a 4-bit weight is no Parameter: replaced after the copy)
+                memo[id(held)] = tensor  # deepcopy takes it as is
         module = copy.deepcopy(self.original_module, memo)
+        if any(is_quantized(m) for m in module.modules()):
+            dequantize(module)  # each 4-bit weight -> a Parameter of its values, compute dtype
         for key, tensor in shared.items():  # an original Parameter under two names: each its own
             owner, _, leaf = key.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            if sub._parameters[leaf] is not tensor:
+            sub = module.get_submodule(owner)
+            if sub._parameters.get(leaf) is not tensor:
                 sub._parameters[leaf] = tensor  # type: ignore[assignment]
         module.requires_grad_(True)
         self.modules_to_save[name] = module
         return module
+
+    def original_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, tensor)`` for each parameter a copy of the original holds, with the values a
+        fresh copy starts from: the original's Parameters, and each 4-bit weight dequantised to its
+        compute dtype (a new tensor; the copy holds it as a Parameter under the same name)."""
+        yield from self.original_module.named_parameters(remove_duplicate=False)
+        decoded: dict[int, Tensor] = {}  # a 4-bit weight under two names: one tensor, as the copy
+        for owner, m in self.original_module.named_modules(remove_duplicate=False):
+            w = m._modules.get("weight")
+            if is_quantized(w):
+                value = decoded.setdefault(id(w), w.dequantize())
+                yield (f"{owner}.weight" if owner else "weight"), value
 
     def get_adapter(self, name: str | None) -> nn.Module | None:
         """Adapter ``name``'s copy, or None when it has none."""
@@ -132,3 +158,20 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             yield name, module
+
+
+def copy_state(module: nn.Module) -> dict[str, Tensor]:
+    """The state-dict entries (``keep_vars``) a modules_to_save copy of ``module`` holds, without
+    making one: ``module``'s own, except that each 4-bit weight (``<owner>.weight.packed``, ...)
+    is one entry ``<owner>.weight``, a meta tensor of its shape and compute dtype (what
+    :meth:`ModulesToSaveWrapper.add_copy` makes of it). For checking a file against a copy to be."""
+    state = module.state_dict(keep_vars=True)
+    for owner, m in module.named_modules():
+        w = m._modules.get("weight")
+        if not is_quantized(w):
+            continue
+        key = f"{owner}.weight" if owner else "weight"
+        for part in [k for k in state if k.startswith(key + ".")]:
+            del state[part]
+        state[key] = torch.empty(w.shape, dtype=w.dtype, device="meta")
+    return state

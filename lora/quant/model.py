@@ -3,7 +3,8 @@
 Which layers: every ``nn.Linear`` (a LoRA ``Linear``/``MergedLinear`` counts as its base Linear)
 but the output head (``model.get_output_embeddings()``, or modules named ``lm_head``), any Linear
 whose weight is shared with an embedding (a tied head), and the modules ``skip_modules`` names.
-Embeddings, norms and biases stay in 16/32 bits, as in QLoRA.
+Embeddings, norms and biases stay in 16/32 bits, as in QLoRA. So do the modules inside a
+modules_to_save copy (``lora.layers.saved.ModulesToSaveWrapper``): a copy trains in full.
 """
 
 from __future__ import annotations
@@ -61,12 +62,24 @@ def _head_ids(model: nn.Module) -> set[int]:
     return heads
 
 
+def _in_saved_copies(model: nn.Module) -> set[int]:
+    """The modules of ``model`` inside a modules_to_save copy: they train in full, never 4-bit.
+    (A ModulesToSaveWrapper, which lora.quant sits below, is known by its PEFT attribute names:
+    ``original_module`` and the ModuleDict ``modules_to_save`` of its copies.)"""
+    out: set[int] = set()
+    for m in model.modules():
+        copies = m._modules.get("modules_to_save")
+        if isinstance(copies, nn.ModuleDict) and "original_module" in m._modules:
+            out |= {id(s) for c in copies.values() for s in c.modules()}
+    return out
+
+
 def _targets(model: nn.Module, skip_modules: Iterable[str] | None) -> dict[str, nn.Linear]:
     """The Linear modules to quantise, by name (tied and head modules left out)."""
     skip = list(skip_modules or ())
     if isinstance(skip_modules, str):
         raise TypeError(f"skip_modules={skip_modules!r}: expected a list of module-name suffixes")
-    heads = _head_ids(model)
+    heads = _head_ids(model) | _in_saved_copies(model)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out = {}
     for name, m in model.named_modules():
@@ -111,7 +124,8 @@ def quantize(
     """Store the frozen base Linear weights of ``model`` as 4-bit NF4, in place; returns ``model``.
 
     Works before or after :func:`lora.inject` (a LoRA layer's base weight is quantised; its
-    adapter stays as it is). Weights already quantised are left alone. Each weight keeps its dtype
+    adapter stays as it is; a modules_to_save copy keeps its trainable weights as they are, while
+    the original it was copied from is quantised). Weights already quantised are left alone. Each weight keeps its dtype
     as the compute dtype. ``skip_modules``: module-name suffixes to leave in 16 bits.
 
     Raises ``ValueError`` for an unknown ``method``; :class:`QuantizationError` (nothing changed)
