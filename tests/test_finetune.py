@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from killing import train_until_killed
 from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
@@ -182,10 +183,6 @@ def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
     return Trainer(model, tok, data, cfg, log=log, progress=False)
 
 
-class Killed(Exception):
-    pass
-
-
 # A 4-bit base under activation checkpointing: the recomputation keeps the decoded weights for
 # the backward that follows (lora.quant.keep_decoded_on_recompute); resuming stays exact.
 QLORA_CHECKPOINTED = {"quantize": "nf4", "gradient_checkpointing": True}
@@ -214,17 +211,8 @@ def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp
         gradient_accumulation_steps=2,
         **extra,
     )
-    trainer = _trainer(ckpt, data_file, cut)
-    original = trainer._micro_batch
-
-    def dying(index):  # the process dies during step 7 (checkpoint 4 is the newest)
-        if index >= 6 * 2:
-            raise Killed()
-        return original(index)
-
-    trainer._micro_batch = dying
-    with pytest.raises(Killed):
-        trainer.train()
+    # the process dies during step 7 (checkpoint 4 is the newest)
+    train_until_killed(_trainer(ckpt, data_file, cut), 6 * 2)
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "out")] == [4]
     # a fresh process: a new model, new optimizer, the RNG somewhere else
     torch.manual_seed(12345)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from killing import Killed, train_until_killed
 from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
@@ -84,10 +85,6 @@ def rows(output_dir) -> list[dict]:
 
 def leftovers(output_dir) -> list[str]:
     return sorted(p.name for p in Path(output_dir).iterdir() if p.name.startswith(".checkpoint"))
-
-
-class Killed(Exception):
-    """Stands for kill -9: nothing in the trainer catches it, so no cleanup runs."""
 
 
 def kill_at(monkeypatch, point: str, before=None):
@@ -299,17 +296,7 @@ def test_resume_with_no_checkpoint_is_an_error_saying_what_it_found(ckpt, data_f
 def test_a_metrics_row_cut_by_a_kill_is_dropped_and_never_appended_to(ckpt, data_file, tmp_path):
     make_trainer(ckpt, data_file, training(tmp_path / "ref")).train()
     cfg = training(tmp_path)
-    trainer = make_trainer(ckpt, data_file, cfg)
-    original = trainer._micro_batch
-
-    def dying(index):
-        if index >= 6:
-            raise Killed()
-        return original(index)
-
-    trainer._micro_batch = dying
-    with pytest.raises(Killed):
-        trainer.train()
+    train_until_killed(make_trainer(ckpt, data_file, cfg), 6)
     out = tmp_path / "out"
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 2.1')  # killed while writing a row
@@ -344,17 +331,8 @@ def test_a_logging_window_spanning_the_kill_averages_the_same_steps(ckpt, data_f
     ref = training(tmp_path / "ref", max_steps=9, logging_steps=3, save_steps=4)
     make_trainer(ckpt, data_file, ref).train()
     cfg = training(tmp_path, max_steps=9, logging_steps=3, save_steps=4)
-    trainer = make_trainer(ckpt, data_file, cfg)
-    original = trainer._micro_batch
-
-    def dying(index):  # dies during step 6: checkpoint-4 holds step 4 of the window 4..6
-        if index >= 5:
-            raise Killed()
-        return original(index)
-
-    trainer._micro_batch = dying
-    with pytest.raises(Killed):
-        trainer.train()
+    # dies during step 6: checkpoint-4 holds step 4 of the window 4..6
+    train_until_killed(make_trainer(ckpt, data_file, cfg), 5)
     make_trainer(ckpt, data_file, cfg).train(resume=True)
     got, want = rows(tmp_path / "out"), rows(tmp_path / "ref" / "out")
     assert [r["step"] for r in got] == [3, 6, 9, 9]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from killing import train_until_killed
 from safetensors.torch import load_file
-from test_finetune import Killed, losses, training
+from test_finetune import losses, training
 from tiny import chat_records, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
@@ -222,17 +223,8 @@ def test_the_trainer_trains_the_copy_over_nf4_and_resumes_bit_for_bit(ckpt, data
         assert not torch.equal(saved[f"base_model.model.{SAVED}.{n}"], p), n
 
     cut = training(tmp_path / "b", **opts)
-    trainer = _trainer(ckpt, data_file, cut)
-    original = trainer._micro_batch
-
-    def dying(index):  # the process dies during step 5 (checkpoint 4 is the newest)
-        if index >= 4 * 2:
-            raise Killed()
-        return original(index)
-
-    trainer._micro_batch = dying
-    with pytest.raises(Killed):
-        trainer.train()
+    # the process dies during step 5 (checkpoint 4 is the newest)
+    train_until_killed(_trainer(ckpt, data_file, cut), 4 * 2)
     assert [s for s, _ in list_checkpoints(tmp_path / "b" / "out")][-1] == 4
     torch.manual_seed(12345)
     _trainer(ckpt, data_file, cut).train(resume=True)
