@@ -45,7 +45,7 @@ from ._regex_guard import check_bounded_regex
 from .checks import listing
 from .config import LoRAConfig, parse_target, pattern_value
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
-from .layers.base import AdapterKey, adapter_state_keys, route_adapter_key
+from .layers.base import AdapterKey, adapter_state_keys, peft_named_problem, route_adapter_key
 from .layers.saved import ModulesToSaveWrapper, copy_state, saved_modules
 from .layers.utils import lora_layers, saved_prefixes
 from .surgery import inject
@@ -1051,10 +1051,7 @@ def _peft_named_key(key: str, layers: dict[str, LoRALayer]) -> str | None:
         rest = key[len(start) :] if key.startswith(start) else None
         if rest in layer.peft_keys and rest not in ("lora_A", "lora_B"):
             param = ("lora_A", "lora_B")[layer.peft_keys.index(rest)]
-            return (
-                f"named as in a PEFT adapter_model file (<m>.{rest}), not as a state dict names "
-                f"it ({start}{param}, or {start}{param}.<adapter> for one of several adapters)"
-            )
+            return peft_named_problem(rest, f"{start}{param}")
     return None
 
 

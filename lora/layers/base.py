@@ -512,6 +512,15 @@ def adapter_state_keys(layer: LoRALayer) -> dict[str, tuple[str, str]]:
     return {(p if one else f"{p}.{name}"): (name, p) for name in held for p in _LORA_PARAMS}
 
 
+def peft_named_problem(rest: str, want: str) -> str:
+    """Why a key ending in ``rest`` (``lora_A.weight``, ``lora_embedding_A``: PEFT's adapter_model
+    names) has no place in a state dict, whose key for that tensor is ``want`` (``fc.lora_A``)."""
+    return (
+        f"named as in a PEFT adapter_model file (<m>.{rest}), not as a state dict names it "
+        f"({want}, or {want}.<adapter> for one of several adapters)"
+    )
+
+
 def route_adapter_key(layer: LoRALayer, rest: str, where: str) -> AdapterKey | None:
     """Loading, the inverse of :func:`adapter_state_keys`: where the key ``rest`` (relative to the
     layer named ``where``) goes. ``lora_A.<name>`` fills adapter ``name``; loralib's ``lora_A`` the
@@ -529,9 +538,8 @@ def route_adapter_key(layer: LoRALayer, rest: str, where: str) -> AdapterKey | N
         if rest in layer.peft_keys:  # lora_A.weight: PEFT's name, not an adapter named "weight"
             want = f"{where}.{param}" if where else param
             problem = (
-                f"named as in a PEFT adapter_model file (<m>.{rest}), not as a state dict names "
-                f"it ({want}, or {want}.<adapter> for one of several adapters); the layer "
-                f"{where!r} holds no adapter {name!r} (it holds {held})"
+                f"{peft_named_problem(rest, want)}; the layer {where!r} holds no adapter "
+                f"{name!r} (it holds {held})"
             )
             return AdapterKey(param, name, None, problem, peft=True)
         problem = (
