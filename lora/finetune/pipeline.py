@@ -180,10 +180,6 @@ def finetune(
         if merge:
             result.merged_dir = trainer.merge_and_save()
             say(f"merged model written to {result.merged_dir}")
-        # Every rank done with every collective before the group is destroyed: a rank that tears
-        # gloo down while the other still finishes its last all-gather can abort at exit
-        # ("terminate called without an active exception", seen at the end of an FSDP run).
-        dist.barrier()
         return result
     finally:
         if trainer is not None:
