@@ -164,5 +164,25 @@ def dump(model, path: str) -> None:
     save_file(state, path)
 
 
+def _exit_without_teardown() -> None:
+    # Run main, flush, and leave with os._exit: everything the tests read (outputs, dumps, audit
+    # files) is written and closed by then. In the FSDP tests with a modules_to_save layer, rank
+    # 0 sometimes aborted in the interpreter's teardown after main had returned ("terminate called
+    # without an active exception": a C++ thread still joinable at exit), turning a finished run
+    # into exit code -6. Not understood yet; see the session note.
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_without_teardown()
