@@ -17,11 +17,16 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
   eval-mode logits on :data:`DUMP_IDS` (``base_logits``: under ``lora.disabled``, the base
   model's); and DIR/rank<R>.gathered, the parameters FSDP all-gathered in training (their names,
   one a line, each once; nothing without FSDP).
+
+When ``lora-finetune`` returns, each rank prints its threads' names (``rank R: threads after the
+run: [...]``, JSON; null where they cannot be read) and leaves through the interpreter's own
+teardown, as ``lora-finetune`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -128,6 +133,9 @@ def main() -> int:
         return cli_main(rest)
     finally:
         print(f"rank {rank}: chunked loss calls {len(chunked_calls)}", flush=True)
+        # the job has left its process group by now: none of its backend's threads may be left
+        # to the interpreter's teardown (see DistContext.close)
+        print(f"rank {rank}: threads after the run: {json.dumps(thread_names())}", flush=True)
         if args.audit:
             os.makedirs(args.audit, exist_ok=True)
             with open(os.path.join(args.audit, f"rank{rank}.txt"), "w") as f:
@@ -164,25 +172,22 @@ def dump(model, path: str) -> None:
     save_file(state, path)
 
 
-def _exit_without_teardown() -> None:
-    # Run main, flush, and leave with os._exit: everything the tests read (outputs, dumps, audit
-    # files) is written and closed by then. In the FSDP tests with a modules_to_save layer, rank
-    # 0 sometimes aborted in the interpreter's teardown after main had returned ("terminate called
-    # without an active exception": a C++ thread still joinable at exit), turning a finished run
-    # into exit code -6. Not understood yet; see the session note.
+def thread_names() -> list[str] | None:
+    """The names of this process's threads (Linux: /proc/self/task/*/comm), sorted; None where
+    they cannot be read."""
     try:
-        code = main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(int(code or 0))
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as f:
+                names.append(f.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(names)
 
 
 if __name__ == "__main__":
-    _exit_without_teardown()
+    sys.exit(main())

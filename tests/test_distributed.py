@@ -61,7 +61,15 @@ def write_config(path: Path, **training) -> Path:
     return path
 
 
-def torchrun(nproc: int, args: list[str], worker: list[str] = (), timeout: float = LAUNCH_TIMEOUT):
+def torchrun(
+    nproc: int,
+    args: list[str],
+    worker: list[str] = (),
+    timeout: float = LAUNCH_TIMEOUT,
+    cli: bool = False,
+):
+    """``nproc`` ranks of tests/dist_worker.py (``worker``: its options) running ``lora-finetune
+    args``; with ``cli``, of ``python -m lora.finetune args`` itself, no test worker."""
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(WORKER.parent)]), OMP_NUM_THREADS="1"
     )
@@ -74,13 +82,31 @@ def torchrun(nproc: int, args: list[str], worker: list[str] = (), timeout: float
         "--standalone",
         f"--nproc_per_node={nproc}",
         "--monitor-interval=0.2",
-        str(WORKER),
-        *worker,
-        "::",
+        *(["-m", "lora.finetune"] if cli else [str(WORKER), *worker, "::"]),
         *args,
         "--no-progress",
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Name prefixes of the threads c10d's backends start (Linux names): ProcessGroupGloo's workers
+# (pt_gloo_runloop), gloo's TCP loop (gloo_tcp_loop), ProcessGroupNCCL's watchdog and monitor.
+BACKEND_THREADS = ("pt_gloo", "gloo_", "pt_nccl")
+
+
+def assert_exited_cleanly(run, nproc: int = 2) -> None:
+    """A finished torchrun job of tests/dist_worker.py: exit code 0, no abort in an interpreter's
+    teardown, and every rank's process group freed, its backend's threads ended, before that
+    teardown began (a gloo worker thread that meets a finalizing interpreter aborts the process:
+    "terminate called without an active exception"; see DistContext.close)."""
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "terminate called" not in run.stderr, run.stderr[-3000:]
+    for rank in range(nproc):
+        line = re.search(rf"rank {rank}: threads after the run: (.*)", run.stdout)
+        assert line, run.stdout[-3000:]
+        names = json.loads(line.group(1))  # null: no /proc to read them from
+        left = [n for n in names or [] if n.startswith(BACKEND_THREADS)]
+        assert not left, f"rank {rank}: the process group's threads outlive the job: {names}"
 
 
 def rows(output_dir: Path) -> list[dict]:
@@ -138,7 +164,7 @@ def job(tmp_path_factory):
         [*common, "--config", str(two), "--output", str(root / "ddp")],
         ["--audit", str(root / "audit")],
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_exited_cleanly(run)
     return {"root": root, "common": common, "one": one, "two": two, "run": run}
 
 
@@ -232,7 +258,7 @@ def test_fsdp_shards_the_base_and_trains_the_same_adapter(job):
     run = torchrun(
         2, [*common, "--config", str(job["two"]), "--output", str(root / "fsdp"), "--fsdp"]
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_exited_cleanly(run)
     assert_close_runs(root / "fsdp", root / "single")
     assert tree(root / "fsdp") == tree(root / "single")
     held = [r["params_mb"] for r in rows(root / "fsdp") if "loss" in r][-1]
@@ -324,6 +350,50 @@ def test_shard_rows_follow_torch_chunk(rows_, world):
     sizes = [stop - start for start, stop in got]
     assert sizes[: len(want)] == want and all(s == 0 for s in sizes[len(want) :])
     assert all(got[i][1] == got[i + 1][0] or sizes[i + 1] == 0 for i in range(world - 1))
+
+
+def test_close_frees_the_group_and_ends_its_threads_before_the_teardown(monkeypatch):
+    """DistContext.close on a one-rank gloo group made in this process: the group is freed then
+    and there (its threads end), though a DTensor op on a device mesh of it has put the mesh in
+    DTensor's caches, which keep it for the life of the process."""
+    import socket
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lora.finetune.distributed import setup
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert not dist.is_initialized()
+    ctx = setup("cpu")
+    try:
+        assert ctx.owns_group and ctx.backend == "gloo"
+        group = weakref.ref(dist.group.WORLD)
+        mesh = init_device_mesh("cpu", (1,))
+        ctx.meshes.append(mesh)  # as load_sharded_phi3 does
+        x = distribute_tensor(torch.arange(6.0), mesh, [Shard(0)])
+        assert torch.equal((x * 2).full_tensor(), torch.arange(6.0) * 2)
+        del x, mesh
+    finally:
+        ctx.close()
+    assert not dist.is_initialized()
+    assert group() is None, "the process group outlives DistContext.close"
+    if os.path.isdir("/proc/self/task"):
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+            except OSError:
+                pass
+        assert not [n for n in names if n.startswith(BACKEND_THREADS)], names
 
 
 @pytest.mark.slow

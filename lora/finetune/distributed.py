@@ -32,7 +32,7 @@ import re
 import resource
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,8 @@ class DistContext:
     device: where this rank's model and batches live. backend: "gloo", "nccl", or None (no group).
     fsdp: the frozen base is sharded (see :func:`load_sharded_phi3`).
     owns_group: this context created the process group, and :meth:`close` destroys it.
+    meshes: the device meshes made on the group for this job (:func:`load_sharded_phi3`); each
+    holds the group until :meth:`close` clears it.
     """
 
     rank: int = 0
@@ -75,6 +77,7 @@ class DistContext:
     backend: str | None = None
     fsdp: bool = False
     owns_group: bool = False
+    meshes: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -158,13 +161,40 @@ class DistContext:
             else:
                 dist.barrier()
 
-    def close(self) -> None:
-        """Destroy the process group if this context made it."""
+    def close(self, free: bool = True) -> None:
+        """Destroy the process group if this context made it, and (``free``) free it now, while
+        the interpreter is whole: its backend's threads end here, not in the interpreter's
+        teardown. ``free=False`` (a job that failed, and that torchrun may stop any moment) only
+        destroys it, at once.
+
+        ``destroy_process_group`` only unregisters the group; the C++ object, with gloo's worker
+        threads, lives on while a Python object refers to it. Here that is the FSDP-sharded
+        model (the caller drops it first), each device mesh made on the group (DTensor's sharding
+        caches keep every mesh for the life of the process; :attr:`meshes` lets go of the group
+        here) and ``torch.distributed.nn.functional``'s default arguments (:func:`setup` imports
+        it before the group exists). Freed only in the interpreter's teardown, the group's
+        destructor ran while Python was finalizing; a gloo worker thread still dropping the
+        tensors of its last collective, whose Python objects it frees under the GIL, then met a
+        finalizing interpreter, which ends such a thread (pthread_exit) from inside a noexcept
+        destructor: std::terminate, "terminate called without an active exception", SIGABRT,
+        after the job's work was saved. Freed here, the destructor waits for those threads
+        while this one has released the GIL.
+        """
         if self.enabled and self.owns_group:
+            import gc
+
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if not free:
+                return
+            for mesh in self.meshes:
+                registry = getattr(mesh, "_pg_registry", None)  # where a mesh holds its groups
+                if isinstance(registry, dict):
+                    registry.clear()
+            self.meshes.clear()
+            gc.collect()  # FSDP's state holds the group in reference cycles
 
     # --- data -------------------------------------------------------------------------------------
     def shard(self, ids: Sequence[int], per_device: int) -> list[int]:
@@ -370,6 +400,11 @@ def setup(device: str = "auto", fsdp: bool = False, timeout_s: float | None = No
         )
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        # Imported once the group exists (torch._dynamo's import does that, lazily), its
+        # functions take the group as a default argument and hold it until the interpreter's
+        # teardown, where freeing it can abort the process (see DistContext.close).
+        import torch.distributed.nn as _dist_nn  # noqa: F401  (binds no local `torch`)
+
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout) if timeout > 0 else None,
@@ -523,6 +558,7 @@ def load_sharded_phi3(
     nf4_prefixes = tuple(f"{module_name}.weight." for module_name in nf4)
     trainable = {p for p in model.parameters() if p.requires_grad}
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    ctx.meshes.append(mesh)  # for DistContext.close to free the group
     # A modules_to_save wrapper runs its copy (trainable, ignored: whole), never its frozen
     # original, which is then a unit of its own: it is gathered only if it runs (lora.disabled),
     # not in every forward and backward of the unit around it (a whole decoder layer gathered for

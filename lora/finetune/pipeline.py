@@ -163,6 +163,7 @@ def finetune(
             (log or print)(line)
 
     trainer = None
+    finished = False
     try:
         trainer = build_trainer(
             model_dir,
@@ -180,8 +181,14 @@ def finetune(
         if merge:
             result.merged_dir = trainer.merge_and_save()
             say(f"merged model written to {result.merged_dir}")
+        finished = True
         return result
     finally:
         if trainer is not None:
             trainer.release_lock()
-        dist.close()
+        # The model goes before the group: an FSDP-sharded one holds it, and a finished job's
+        # group is freed in dist.close(), not in the interpreter's teardown (DistContext.close).
+        # A failed one only leaves it, at once: another rank may be gone, and torchrun is about
+        # to stop this one (its error message is still to be printed).
+        trainer = None
+        dist.close(free=finished)
