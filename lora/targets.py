@@ -44,6 +44,7 @@ __all__ = [
     "output_head_names",
     "set_submodule",
     "suffix_match",
+    "saved_match",
 ]
 
 
@@ -122,8 +123,15 @@ def resolve_lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
 
 # --- names ---------------------------------------------------------------------------------------
 def suffix_match(name: str, suffix: str) -> bool:
-    """PEFT's rule: ``name`` equals ``suffix`` or ends with ``"." + suffix``."""
+    """PEFT's rule for target_modules: ``name`` equals ``suffix`` or ends with ``"." + suffix``."""
     return name == suffix or name.endswith("." + suffix)
+
+
+def saved_match(name: str, entry: str) -> bool:
+    """PEFT's rule for modules_to_save (``_set_trainable``): ``name`` ends with ``entry`` as a
+    string, not only at a dot: ``"norm"`` names ``model.norm`` and every
+    ``input_layernorm`` and ``post_attention_layernorm`` too, ``"head"`` names ``lm_head``."""
+    return name.endswith(entry)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -397,10 +405,11 @@ def _out_rows(m: nn.Module) -> int:
 def modules_to_save_for(
     model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module] | None = None
 ) -> dict[str, nn.Module]:
-    """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter):
+    """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter;
+    a module is named when its name ends with an entry, as a string: :func:`saved_match`):
     name -> the plain module, or its :class:`~lora.layers.saved.ModulesToSaveWrapper` once wrapped
-    (the modules inside a wrapper are not candidates). ``modules``: ``dict(model.named_modules())``
-    when the caller has it. Raises :class:`InjectionError` for an entry that matches no module, and
+    (the modules inside a wrapper or a LoRA layer are not candidates). ``modules``:
+    ``dict(model.named_modules())`` when the caller has it. Raises :class:`InjectionError` for an entry that matches no module, and
     for one that names a container without a forward of its own (an ``nn.ModuleList`` such as a
     model's ``layers``): a wrapper runs the module in its place, and the parent iterates or indexes
     it, which a wrapper cannot stand in for; the message names the modules in it to list instead."""
@@ -408,12 +417,16 @@ def modules_to_save_for(
         return {}
     if modules is None:
         modules = dict(model.named_modules())
-    inside = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
+    # Not candidates: what a wrapper or a LoRA layer holds (a LoRA layer's adapter slots are named
+    # after their adapters: "q_proj.lora_inactive.own_head" must not answer to "head").
+    inside = tuple(
+        f"{n}." for n, m in modules.items() if isinstance(m, (ModulesToSaveWrapper, LoRALayer))
+    )
     names = [n for n in modules if n and not (inside and n.startswith(inside))]
     found: dict[str, nn.Module] = {}
     missing = []
     for entry in config.modules_to_save:
-        hits = {n: modules[n] for n in names if suffix_match(n, entry)}
+        hits = {n: modules[n] for n in names if saved_match(n, entry)}
         if not hits:
             missing.append(entry)
         for n, m in hits.items():
