@@ -885,6 +885,7 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.dist.release_freed_memory()
             self.step += 1
             last_loss = step_loss
             window["loss"] += step_loss
