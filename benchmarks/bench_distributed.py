@@ -82,7 +82,9 @@ def main() -> None:
         max_position_embeddings=max(256, args.seq),
         dtype=torch.bfloat16 if args.full else torch.float32,
     )
-    data = write_jsonl(work / "chat.jsonl", chat_records(200 + args.batch * args.steps * args.seq // 8))
+    data = write_jsonl(
+        work / "chat.jsonl", chat_records(200 + args.batch * args.steps * args.seq // 8)
+    )
     params = sum(os.path.getsize(p) for p in ckpt.glob("*.safetensors"))
     print(f"checkpoint: {params / 2**20:,.0f} MiB of weights in {ckpt}")
 
