@@ -143,10 +143,6 @@ class LoRALayer(_ModuleBase):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def _dropout_or_none(self):
-        # None lets the functional path skip a call when dropout is the identity.
-        return None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout
-
     # --- building from an existing torch layer (model surgery) ----------------------------------
     def _adopt_base(
         self, base: nn.Module, lora_dtype: torch.dtype | None = None, init_lora_weights: bool = True
