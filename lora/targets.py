@@ -38,6 +38,8 @@ __all__ = [
     "lora_layer_for",
     "resolve_lora_dtype",
     "modules_to_save_for",
+    "saved_owners",
+    "sharded_copies_problem",
     "saved_copies",
     "tied_partners",
     "wrap_modules_to_save",
@@ -295,10 +297,13 @@ class TargetPlan:
     def _drop_saved(self) -> None:
         if not self.config.modules_to_save:
             return
-        owners = list(modules_to_save_for(self.model, self.config, self.modules))
-        if self.config.ensure_weight_tying:  # their partners are wrapped too (wrap_modules_to_save)
-            for n in list(owners):
-                owners += [p for p in tied_partners(self.model, n, self.modules) if p not in owners]
+        owners = saved_owners(self.model, self.config, self.modules)
+        problem = sharded_copies_problem(
+            [o for o in owners if not isinstance(self.modules[o], ModulesToSaveWrapper)],
+            self.modules,
+        )
+        if problem is not None:
+            raise InjectionError(problem)
         for o in owners:  # a copy made now would copy the other adapters' LoRA layers inside it
             if isinstance(self.modules[o], ModulesToSaveWrapper):
                 continue
@@ -457,6 +462,31 @@ def _own_weight(module: nn.Module) -> Tensor | None:
         module = module.original_module
     weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
     return weight
+
+
+def saved_owners(model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module]) -> list[str]:
+    """The modules that get a copy for ``config``'s adapter: those modules_to_save names and,
+    with ``ensure_weight_tying``, their tied partners (wrapped too: :func:`wrap_modules_to_save`)."""
+    owners = list(modules_to_save_for(model, config, modules))
+    if config.ensure_weight_tying:
+        for n in list(owners):
+            owners += [p for p in tied_partners(model, n, modules) if p not in owners]
+    return owners
+
+
+def sharded_copies_problem(names: list[str], modules: dict[str, nn.Module]) -> str | None:
+    """What is wrong when copies of the modules ``names`` are to be made and FSDP2 has sharded
+    some of them (their parameters are DTensors: no rank holds the whole values a copy starts
+    from, and FSDP refuses to be deep-copied); None when none is sharded."""
+    sharded = [n for n in names if any(hasattr(p, "to_local") for p in modules[n].parameters())]
+    if not sharded:
+        return None
+    return (
+        f"modules_to_save: {listing(sharded, 6)} would need a new trainable copy, but FSDP has "
+        "sharded it (DTensor parameters) and a copy is made from the whole module: give the "
+        "model its adapters with modules_to_save before fully_shard (load_sharded_phi3 injects "
+        "the run's adapter first), or load this adapter on a model that is not sharded"
+    )
 
 
 def tied_partners(

@@ -165,7 +165,7 @@ def test_finetune_trains_logs_checkpoints_and_rotates(ckpt, data_file, tmp_path)
     assert result.steps == 12 and result.eval_loss == eval_rows[-1]["eval_loss"]
 
 
-def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
+def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None, **kw):
     cfg = TrainingConfig.from_dict(cfg_dict)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(ckpt)
@@ -180,7 +180,22 @@ def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
     dtype = torch.bfloat16 if cfg.bf16 else None
     model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=dtype, quantize=cfg.quantize)
     lora.inject(model, lora.LoRAConfig(**PEFT))
-    return Trainer(model, tok, data, cfg, log=log, progress=False)
+    return Trainer(model, tok, data, cfg, log=log, progress=False, **kw)
+
+
+@pytest.mark.parametrize("fsdp", [True, False])
+def test_the_heap_is_trimmed_after_every_step_under_fsdp_on_cpu_only(
+    ckpt, data_file, tmp_path, monkeypatch, fsdp
+):
+    # FSDP's gathers fragment glibc's heap step after step on CPU (docs/scaling.md); a trim after
+    # each optimizer step keeps a rank's memory flat. One-process and DDP runs are left alone.
+    from lora.finetune import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "trim_heap", lambda: calls.append(1) or True)
+    cfg = training(tmp_path, max_steps=3, save_steps=100)
+    _trainer(ckpt, data_file, cfg, dist=distributed.DistContext(fsdp=fsdp)).train()
+    assert len(calls) == (3 if fsdp else 0)
 
 
 # A 4-bit base under activation checkpointing: the recomputation keeps the decoded weights for

@@ -936,6 +936,7 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.dist.release_freed_memory()
             self.step += 1
             loss_sum += step_loss
             loss_steps += 1
