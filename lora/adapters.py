@@ -57,7 +57,9 @@ from .targets import (
     modules_to_save_for,
     resolve_lora_dtype,
     saved_copies,
+    saved_owners,
     set_submodule,
+    sharded_copies_problem,
     tied_copy_owners,
     wrap_modules_to_save,
 )
@@ -632,6 +634,9 @@ def load_adapter(
         base = _check_base_tensors(
             model, files, config, specs, mode, problems, modules, adapter_name
         )
+        if mode == "add":  # a new name: every module it saves gets a copy (fresh: inject checks)
+            sharded = sharded_copies_problem(saved_owners(model, config, modules), modules)
+            problems += [sharded] if sharded is not None else []
         if problems:
             raise AdapterError(_report(files, problems))
         _apply(model, adapter_name, config, mode, loads, base, modules)
