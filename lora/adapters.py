@@ -58,6 +58,7 @@ from .targets import (
     resolve_lora_dtype,
     saved_copies,
     set_submodule,
+    suffix_match,
     tied_copy_owners,
     wrap_modules_to_save,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "load_adapter",
     "read_adapter",
     "AdapterError",
+    "PeftCompatibilityWarning",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
@@ -89,6 +91,11 @@ _STRUCTURAL = (
 )
 # Every LoRA key name a file may hold (each layer kind names its own: LoRALayer.peft_keys).
 _LORA_KEY_SUFFIXES = tuple(dict.fromkeys(k for cls in LAYER_KINDS for k in cls.peft_keys))
+
+
+class PeftCompatibilityWarning(UserWarning):
+    """:func:`save_adapter`: PEFT will read the file as something else than the adapter it holds
+    (the message says what), and no file could say it so that PEFT reads the same."""
 
 
 class AdapterError(ValueError):
@@ -274,10 +281,15 @@ def _peft_config_dict(
             dict.fromkeys(parse_target(t)[0] for t in targets)
         )  # slices: the whole fused module
     exclude = config.exclude_modules
-    if set(_peft_targets(model, targets, exclude, config)) != set(modules):
-        # Rank-0 patterns or slices leave modules out: name the modules one by one instead.
-        targets, exclude = list(modules), None
+    if targets == "all-linear" or set(_peft_targets(model, targets, exclude, config)) != set(
+        modules
+    ):
+        # "all-linear": PEFT leaves the output head out of a transformers model only (it adapts a
+        # plain module's lm_head), and writes the names itself. Rank-0 patterns or slices leave
+        # modules out. Either way: the modules by name.
+        targets, exclude = _exact_targets(model, config, modules)
     d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
+    d["modules_to_save"] = _peft_modules_to_save(model, config)
     d["rank_pattern"] = _exact_pattern(
         modules, {k: v for k, v in config.rank_pattern.items() if v}, config.r, 0
     )
@@ -293,6 +305,107 @@ def _peft_targets(model: nn.Module, targets, exclude, config: LoRAConfig) -> lis
         return list(TargetPlan(model, config, existing_ok=True).targets)
     except InjectionError:
         return []
+
+
+def _exact_targets(
+    model: nn.Module, config: LoRAConfig, modules: dict[str, tuple[int, float]]
+) -> tuple[list[str] | str, list[str] | None]:
+    """target_modules and exclude_modules under which PEFT adapts exactly ``modules``: their names.
+    A name PEFT (like us) also reads as the suffix of longer ones (a top-level ``proj`` names
+    ``layers.0.attn.proj`` too) has those excluded by name; where even that is not exact, a regex
+    of the names. Raises :class:`AdapterError` when neither is (a regex too long to read back)."""
+    names, want = list(modules), set(modules)
+    extra = [n for n in _peft_targets(model, names, None, config) if n not in want]
+    regex = "|".join(re.escape(n) for n in names)
+    for targets, exclude in ((names, extra or None), (regex, None)):
+        if targets is regex:
+            try:
+                check_bounded_regex(regex, "target_modules")
+            except ValueError:
+                continue
+        if set(_peft_targets(model, targets, exclude, config)) == want:
+            return targets, exclude
+    raise AdapterError(
+        f"save_adapter: no target_modules / exclude_modules that PEFT reads as exactly the "
+        f"adapted modules ({listing(names, 6)}): their names are suffixes of other modules' "
+        f"({listing(extra, 6)}) and a regex of them is too long"
+    )
+
+
+def _peft_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str] | None:
+    """config.modules_to_save as the file writes it, so that PEFT wraps the modules we wrap.
+
+    PEFT matches a modules_to_save entry by plain string ending (``key.endswith(entry)``: ``"norm"``
+    names ``input_layernorm`` too, ``"head"`` names ``lm_head``); we match on a dot boundary, as
+    target_modules. The entries are written as they are when PEFT reads them as we do, else as the
+    full names of the modules, and where PEFT reads even those as more modules (a top-level
+    ``head`` next to an ``lm_head``) a :class:`PeftCompatibilityWarning` names what PEFT adds."""
+    entries = config.modules_to_save
+    if not entries:
+        return entries
+    modules = dict(model.named_modules())
+    ours = list(modules_to_save_for(model, config, modules))
+    names = _plain_names(modules)
+
+    def peft_reads(written: list[str]) -> list[str]:
+        return [n for n in names if any(n.endswith(e) for e in written)]
+
+    if set(peft_reads(entries)) == set(ours):
+        return entries
+    extra = [n for n in peft_reads(ours) if n not in ours]
+    if extra:
+        warnings.warn(
+            f"save_adapter: modules_to_save={entries!r} names {ours!r} here; PEFT matches "
+            f"modules_to_save by plain string ending, so it also trains a copy of {extra!r} "
+            "(from the unchanged original) when it loads this file, or refuses it where that "
+            "module is a LoRA target. Rename the modules or name none whose name is the end of "
+            "another's to have PEFT read the same",
+            PeftCompatibilityWarning,
+            stacklevel=4,
+        )
+    return ours
+
+
+def _plain_names(modules: dict[str, nn.Module]) -> list[str]:
+    """The names of the model's modules as PEFT's model has them: not those inside a LoRA layer
+    or a modules_to_save wrapper (the wrapper itself has the module's name)."""
+    inside = tuple(
+        f"{n}." for n, m in modules.items() if isinstance(m, (ModulesToSaveWrapper, LoRALayer))
+    )
+    return [n for n in modules if n and not (inside and n.startswith(inside))]
+
+
+def _as_peft_reads(
+    config: LoRAConfig, files: AdapterFiles, modules: dict[str, nn.Module]
+) -> LoRAConfig:
+    """The file's config with its module lists meaning what PEFT made of them when it wrote it.
+
+    PEFT ignores a target_modules or modules_to_save entry that matches no module (its
+    ``["q_proj", "k_proj", "v_proj"]`` fits many architectures; its sequence-classification models
+    write ``["classifier", "score"]``), and matches modules_to_save entries by plain string ending
+    (``"head"`` names ``lm_head`` too). So: entries matching no module are dropped (unless none
+    matches: then the error says so), and a module that only PEFT's ending rule names joins
+    modules_to_save by its full name when the file holds its copy (its entries but biases). The
+    file is still checked strictly against the result."""
+    names = _plain_names(modules)
+    changes: dict[str, Any] = {}
+    targets = config.target_modules
+    if isinstance(targets, list):
+        hit = [t for t in targets if any(suffix_match(n, parse_target(t)[0]) for n in names)]
+        if hit and len(hit) < len(targets):
+            changes["target_modules"] = hit
+    entries = config.modules_to_save
+    if entries:
+        kept = [e for e in entries if any(suffix_match(n, e) for n in names)]
+        keys = {k[len(PREFIX) :] for k in files.tensors if k.startswith(PREFIX)}
+        for n in names:
+            if any(n.endswith(e) for e in entries) and not any(suffix_match(n, e) for e in kept):
+                held = [k for k in modules[n].state_dict() if not k.endswith("bias")]
+                if held and all(f"{n}.{k}" in keys for k in held):
+                    kept.append(n)
+        if kept != entries:
+            changes["modules_to_save"] = kept or None
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _exact_pattern(
@@ -541,7 +654,10 @@ def _peft_saved_aliases(
     ``bias="all"`` (it takes every state-dict key ending in ``.bias``, the wrapper's included), by
     file key -> (the key of the same tensor in our files or None, the model tensor):
     ``<module>.modules_to_save.<k>`` (the adapter's copy: the tensor of ``<module>.<k>``) and
-    ``<module>.original_module.<k>`` (the original's, which training leaves as it was).
+    ``<module>.original_module.<k>`` (the original's, which training leaves as it was). PEFT drops
+    its adapter name from a key only where it is the last part but one, so the copy of a module
+    with submodules keeps it: ``layers.1.modules_to_save.default.mlp.down_proj.bias`` (for PEFT's
+    adapter "default", the name a file of one adapter is written under).
     ``saved``: :func:`~lora.targets.saved_copies`. Empty for other bias modes."""
     if config.bias != "all":
         return {}
@@ -553,7 +669,8 @@ def _peft_saved_aliases(
             for k, t in source.state_dict(keep_vars=True).items():
                 if k == "bias" or k.endswith(".bias"):
                     same = f"{module_name}.{k}" if kind == "modules_to_save" else None
-                    out[f"{module_name}.{kind}.{k}"] = (same, t)
+                    where = f"{kind}.default" if kind == "modules_to_save" and "." in k else kind
+                    out[f"{module_name}.{where}.{k}"] = (same, t)
     return out
 
 
@@ -602,9 +719,9 @@ def load_adapter(
     if p.is_file() and not _peft_weights_file(p):
         return _load_lora_state_dict(model, p)
     files = read_adapter(p)
-    config = config_from_files(files)
     # One walk of the module tree for every check below (the model is not changed until _apply).
     modules = dict(model.named_modules())
+    config = _as_peft_reads(config_from_files(files), files, modules)
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
     existing = multi.names_in_layers(model, layers.values())
     has_layers = bool(layers)

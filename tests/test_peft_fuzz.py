@@ -1,0 +1,99 @@
+"""Differential fuzz against PEFT: random LoRA configs applied by ours and by PEFT must build the
+same adapter (modules, r, alpha, scaling; modules_to_save; trainable parameters) and, through the
+adapter file both ways, compute the same logits (fp32). The harness is tests/peft_diff.py.
+
+The fixed cases are the differences the fuzz found, each as its smallest config; the drawn ones
+keep looking (a few examples here, more under ``-m slow``). Skips without peft or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import peft_diff as D  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import lora  # noqa: E402
+from lora.adapters import PeftCompatibilityWarning  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore:`is_gradient_checkpointing`:FutureWarning"
+)
+
+FOUND = [
+    # "all-linear" on a plain module: PEFT adapts its lm_head (only a transformers model's
+    # get_output_embeddings() is left out); ours left every "lm_head" out. The file said
+    # "all-linear", so PEFT loaded a random lm_head adapter the file did not hold.
+    ("custom", {"target_modules": "all-linear", "init_lora_weights": False}),
+    # A rank-0 pattern: the file named the adapted modules, and the top-level "proj" reads as
+    # layers.*.self_attn.proj too, in PEFT: it built a LoRA the file did not hold.
+    ("custom", {"target_modules": ["proj"], "rank_pattern": {r"layers\.0\.self_attn\.proj": 0}}),
+    # PEFT's bias="all" file holds a nested copy's biases again as
+    # "layers.1.modules_to_save.default.mlp.down_proj.bias"; ours refused them.
+    ("custom", {"target_modules": ["embed"], "modules_to_save": ["layers.1"], "bias": "all"}),
+    # A target entry that matches nothing: PEFT ignores it; ours refused PEFT's file.
+    ("custom", {"target_modules": ["q_proj", "k_proj"]}),
+    # modules_to_save by plain string ending in PEFT ("norm" names input_layernorm too): our file
+    # names model.norm in full; PEFT's file loads into ours with all its copies.
+    ("phi3", {"target_modules": ["o_proj"], "modules_to_save": ["norm"]}),
+    # The same where no name says it to PEFT ("head" next to "lm_head"): our save warns; PEFT's
+    # file (and its entries matching nothing, like the "classifier" of its SEQ_CLS models) loads.
+    ("custom", {"target_modules": ["q_proj"], "modules_to_save": ["head", "classifier"]}),
+    # A modules_to_save module inside another one: ours nested a wrapper in the copy (PEFT does
+    # not), wrote a file PEFT failed on, and crashed with a KeyError on PEFT's file.
+    ("phi3", {"target_modules": ["qkv_proj"], "modules_to_save": ["o_proj", "layers.1"]}),
+]
+
+
+@pytest.mark.parametrize(("kind", "cfg"), FOUND, ids=[str(i) for i in range(len(FOUND))])
+def test_found_difference_is_gone(tmp_path, kind, cfg):
+    diffs = D.compare(kind, cfg, tmp_path)
+    assert D.problems(diffs) == []
+    assert not [d for d in diffs if d[:2] == ("refused", "load")]  # PEFT's file loads into ours
+
+
+def test_a_modules_to_save_entry_peft_reads_as_more_modules_warns_on_save(tmp_path):
+    model = lora.inject(
+        D.Custom(), lora.LoRAConfig(target_modules=["q_proj"], modules_to_save=["head"])
+    )
+    with pytest.warns(PeftCompatibilityWarning, match=r"also trains a copy of \['lm_head'\]"):
+        lora.save_adapter(model, tmp_path)
+    again = lora.load_adapter(D.Custom(), tmp_path)  # ours reads its own file as it was
+    assert sorted(lora.surgery.modules_to_save(again)) == ["head"]
+
+
+def test_a_modules_to_save_entry_is_written_in_full_where_peft_reads_more(tmp_path):
+    state = D.base_state("phi3")
+    model = lora.inject(
+        D.our_side("phi3", state),
+        lora.LoRAConfig(target_modules=["o_proj"], modules_to_save=["norm"]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftCompatibilityWarning)
+        lora.save_adapter(model, tmp_path)
+    body = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert body["modules_to_save"] == ["model.norm"]  # PEFT reads "norm" as every *norm
+
+
+@settings(max_examples=6)
+@given(data=st.data())
+def test_drawn_configs_agree_with_peft(tmp_path_factory, data):
+    kind = data.draw(st.sampled_from(["phi3", "custom"]))
+    cfg = data.draw(D.config_strategy(kind))
+    assert D.problems(D.compare(kind, cfg, tmp_path_factory.mktemp("fuzz"))) == []
+
+
+@pytest.mark.slow
+@settings(max_examples=300)
+@given(data=st.data())
+def test_drawn_configs_agree_with_peft_many(tmp_path_factory, data):
+    kind = data.draw(st.sampled_from(["phi3", "custom"]))
+    cfg = data.draw(D.config_strategy(kind))
+    assert D.problems(D.compare(kind, cfg, tmp_path_factory.mktemp("fuzz"))) == []
