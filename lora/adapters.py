@@ -43,7 +43,7 @@ from . import model_state, multi
 from ._io import atomic_save_safetensors, atomic_write_json
 from ._regex_guard import check_bounded_regex
 from .checks import listing
-from .config import LoRAConfig, parse_target, pattern_value
+from .config import LoRAConfig, parse_target, pattern_values
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
 from .layers.base import AdapterKey, adapter_state_keys, peft_named_problem, route_adapter_key
 from .layers.saved import ModulesToSaveWrapper, copy_state, saved_modules
@@ -94,8 +94,10 @@ _LORA_KEY_SUFFIXES = tuple(dict.fromkeys(k for cls in LAYER_KINDS for k in cls.p
 
 
 class PeftCompatibilityWarning(UserWarning):
-    """:func:`save_adapter`: PEFT will read the file as something else than the adapter it holds
-    (the message says what), and no file could say it so that PEFT reads the same."""
+    """PEFT's format cannot say exactly what the adapter is (the message says what):
+    :func:`save_adapter` writes a file PEFT will read as something else, and no file could say
+    it so that PEFT reads the same; :func:`load_adapter` reads a PEFT file that may not say what
+    PEFT trained."""
 
 
 class AdapterError(ValueError):
@@ -345,14 +347,22 @@ def _peft_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str] | N
         return entries
     modules = dict(model.named_modules())
     ours = list(modules_to_save_for(model, config, modules))
-    names = _plain_names(modules)
+    names = list(_plain_names(modules))
 
-    def peft_reads(written: list[str]) -> list[str]:
-        return [n for n in names if any(n.endswith(e) for e in written)]
+    def peft_wraps(written: list[str]) -> list[str]:
+        # PEFT wraps each module whose name ends with an entry, but for one inside another it
+        # wrapped: that is skipped, unless the other is its parent, then it is wrapped again inside.
+        read = [n for n in names if any(n.endswith(e) for e in written)]
+        wrapped = []
+        for n in read:
+            around = [o for o in read if n.startswith(o + ".")]
+            if not around or around == [n.rpartition(".")[0]]:
+                wrapped.append(n)
+        return wrapped
 
-    if set(peft_reads(entries)) == set(ours):
+    if set(peft_wraps(entries)) == set(ours):
         return entries
-    extra = [n for n in peft_reads(ours) if n not in ours]
+    extra = [n for n in peft_wraps(ours) if n not in ours]
     if extra:
         warnings.warn(
             f"save_adapter: modules_to_save={entries!r} names {ours!r} here; PEFT matches "
@@ -366,13 +376,24 @@ def _peft_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str] | N
     return ours
 
 
-def _plain_names(modules: dict[str, nn.Module]) -> list[str]:
-    """The names of the model's modules as PEFT's model has them: not those inside a LoRA layer
-    or a modules_to_save wrapper (the wrapper itself has the module's name)."""
-    inside = tuple(
-        f"{n}." for n, m in modules.items() if isinstance(m, (ModulesToSaveWrapper, LoRALayer))
-    )
-    return [n for n in modules if n and not (inside and n.startswith(inside))]
+def _plain_names(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The model's modules by the names PEFT's model has for them, those from before any LoRA
+    layer or modules_to_save wrapper: a wrapper's original stands at the wrapper's name (its
+    submodules under it), its copies and a LoRA layer's insides are left out."""
+    wrappers = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
+    layers = tuple(f"{n}." for n, m in modules.items() if isinstance(m, LoRALayer))
+    out = {}
+    for n, m in modules.items():
+        if not n or (layers and n.startswith(layers)):
+            continue
+        w = next((w for w in wrappers if n.startswith(w)), None)
+        if w is not None:
+            head, _, rest = n[len(w) :].partition(".")
+            if head != "original_module" or not rest:
+                continue
+            n = w + rest
+        out[n] = m
+    return out
 
 
 def _as_peft_reads(
@@ -387,7 +408,8 @@ def _as_peft_reads(
     matches: then the error says so), and a module that only PEFT's ending rule names joins
     modules_to_save by its full name when the file holds its copy (its entries but biases). The
     file is still checked strictly against the result."""
-    names = _plain_names(modules)
+    plain = _plain_names(modules)
+    names = list(plain)
     changes: dict[str, Any] = {}
     targets = config.target_modules
     if isinstance(targets, list):
@@ -398,25 +420,44 @@ def _as_peft_reads(
     if entries:
         kept = [e for e in entries if any(suffix_match(n, e) for n in names)]
         keys = {k[len(PREFIX) :] for k in files.tensors if k.startswith(PREFIX)}
-        for n in names:
-            if any(n.endswith(e) for e in entries) and not any(suffix_match(n, e) for e in kept):
-                held = [k for k in modules[n].state_dict() if not k.endswith("bias")]
+        peft_named = [n for n in names if any(n.endswith(e) for e in entries)]
+        for n in peft_named:
+            if not any(suffix_match(n, e) for e in kept):
+                held = [k for k in plain[n].state_dict() if not k.endswith("bias")]
                 if held and all(f"{n}.{k}" in keys for k in held):
                     kept.append(n)
         if kept != entries:
             changes["modules_to_save"] = kept or None
+        nested = [n for n in peft_named if n.rpartition(".")[0] in peft_named]
+        if nested:
+            warnings.warn(
+                f"{files.config_path}: modules_to_save={entries!r} names {nested!r} and the "
+                "module each lies in; PEFT then wraps each again inside the outer one's wrapper, "
+                "where its copy never runs, and freezes the outer copy's, so this file may not "
+                "hold what PEFT ran; loaded here as the outer module's copy",
+                PeftCompatibilityWarning,
+                stacklevel=3,
+            )
     return dataclasses.replace(config, **changes) if changes else config
 
 
 def _exact_pattern(
     modules: dict[str, tuple[int, float]], pattern: dict, default, which: int
 ) -> dict:
-    # PEFT takes the first key k with re.match(rf"(.*\.)?({k})$", name): exact names go first.
-    exact = {}
-    for name, values in modules.items():
-        if pattern_value(pattern, name, default) != values[which]:
-            exact[re.escape(name)] = values[which]
-    return {**exact, **pattern}
+    """rank_pattern / alpha_pattern as the file writes them, giving each of ``modules`` its value
+    (``values[which]``) and the others ``default``. PEFT, like us, takes the first key that
+    matches; but its ``save_pretrained`` sorts the keys (``json.dumps(sort_keys=True)``), so a file
+    whose meaning depends on their order means something else once PEFT writes it again. So the
+    config's keys are kept where every key matching a module gives it its value; else each module
+    whose value is not the default is named exactly: ``^`` and its escaped name (a bare name would
+    also match longer names ending with it)."""
+    if all(
+        set(pattern_values(pattern, n)) <= {v[which]}
+        and (v[which] == default or pattern_values(pattern, n))
+        for n, v in modules.items()
+    ):
+        return dict(pattern)
+    return {f"^{re.escape(n)}": v[which] for n, v in modules.items() if v[which] != default}
 
 
 # ================================================================================================
@@ -738,6 +779,7 @@ def load_adapter(
     mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
 
     specs = _specs(model, config, str(files.config_path), modules)
+    _warn_if_order_lost(config, specs, files)
     # Unmerged, every weight is the base weight (checks compare with it); merged again on the way out.
     merged = [layer for layer in layers.values() if layer.merged]
     for layer in merged:
@@ -771,6 +813,29 @@ def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
         f"loading it into {actual!r}",
         stacklevel=3,
     )
+
+
+def _warn_if_order_lost(config: LoRAConfig, specs: dict, files: AdapterFiles) -> None:
+    # The first matching key of a rank/alpha pattern counts; PEFT's save_pretrained writes the
+    # keys sorted, so where keys in sorted order give one module different values, the order
+    # they were trained with (and so the value) is not in the file.
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, key)
+        if list(pattern) != sorted(pattern) or list(files.config.get(key) or {}) != list(pattern):
+            continue
+        for module in specs:
+            values = pattern_values(pattern, module)
+            if len(set(values)) > 1:
+                keys = [k for k in pattern if pattern_values({k: 0}, module)]
+                warnings.warn(
+                    f"{files.config_path}: {key} keys {keys!r} all match {module!r}, with "
+                    f"values {values!r}; the first counts (as in PEFT), but the keys are in "
+                    "sorted order, as PEFT's save_pretrained writes them whatever order they "
+                    "were given in, so the adapter may have been trained with another of them",
+                    PeftCompatibilityWarning,
+                    stacklevel=3,
+                )
+                break
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -49,6 +49,14 @@ FOUND = [
     # A modules_to_save module inside another one: ours nested a wrapper in the copy (PEFT does
     # not), wrote a file PEFT failed on, and crashed with a KeyError on PEFT's file.
     ("phi3", {"target_modules": ["qkv_proj"], "modules_to_save": ["o_proj", "layers.1"]}),
+    # The same with the inner module a direct child: PEFT wraps it again inside the outer wrapper
+    # (that copy never runs; its file holds it) and failed on our file: ours names the outer
+    # modules in full; load_adapter warns about PEFT's file.
+    ("phi3", {"target_modules": ["lm_head"], "modules_to_save": ["layers.0.mlp", "down_proj"]}),
+    # Overlapping pattern keys: the first match counts, and PEFT's save_pretrained sorts the keys
+    # (json sort_keys), so our file, written again by PEFT, read another alpha; PEFT's own file
+    # may not say which key it trained with: load_adapter warns.
+    ("custom", {"target_modules": "all-linear", "alpha_pattern": {"self_attn.proj": 2, "proj": 6}}),
 ]
 
 
