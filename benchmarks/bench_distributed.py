@@ -3,6 +3,7 @@
     python benchmarks/bench_distributed.py           # CPU, gloo; a 169M-parameter Phi-3 shape
     python benchmarks/bench_distributed.py --device cuda --nproc 2 --bf16   # 2 GPUs, nccl
     python benchmarks/bench_distributed.py --quantize nf4   # a 4-bit base (QLoRA; FSDP shards it)
+    python benchmarks/bench_distributed.py --full --runs fsdp   # full-size Phi-3-mini, FSDP only
 
 Writes a random Phi-3-shaped checkpoint and a chat file to a temporary directory, then runs
 ``lora-finetune`` on them three ways with the same global batch, and prints, per run, the median
@@ -25,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -45,7 +48,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--quantize", choices=["nf4"], help="the base's Linear weights in 4 bits")
+    ap.add_argument("--seq", type=int, default=128, help="max_seq_length (packed: every row full)")
+    ap.add_argument("--no-packing", action="store_true", help="one conversation a row, padded")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient_checkpointing")
+    ap.add_argument(
+        "--runs", default="one,ddp,fsdp", help="which of one (process), ddp, fsdp; comma-separated"
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="Phi-3-mini's shapes (3072 / 8192, 32 layers, 32 heads), a bf16 checkpoint, "
+        "sequences of 512, --bf16 and --checkpointing",
+    )
     args = ap.parse_args()
+    if args.full:
+        args.hidden, args.intermediate, args.layers, args.heads = 3072, 8192, 32, 32
+        args.seq, args.bf16, args.checkpointing = 512, True, True
+    runs_wanted = set(args.runs.split(","))
+    if not runs_wanted <= {"one", "ddp", "fsdp"}:
+        ap.error(f"--runs={args.runs!r}: expected names from one, ddp, fsdp")
 
     from tiny import chat_records, write_checkpoint, write_jsonl
 
@@ -58,10 +79,14 @@ def main() -> None:
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
+        max_position_embeddings=max(256, args.seq),
+        dtype=torch.bfloat16 if args.full else torch.float32,
     )
-    data = write_jsonl(work / "chat.jsonl", chat_records(200))
+    data = write_jsonl(
+        work / "chat.jsonl", chat_records(200 + args.batch * args.steps * args.seq // 8)
+    )
     params = sum(os.path.getsize(p) for p in ckpt.glob("*.safetensors"))
-    print(f"checkpoint: {params / 2**20:,.0f} MiB of fp32 weights in {ckpt}")
+    print(f"checkpoint: {params / 2**20:,.0f} MiB of weights in {ckpt}")
 
     def config(per_device: int) -> Path:
         path = work / f"c{per_device}.json"
@@ -73,7 +98,9 @@ def main() -> None:
                         "max_steps": args.steps,
                         "logging_steps": 1,
                         "save_steps": 10_000,
-                        "max_seq_length": 128,
+                        "max_seq_length": args.seq,
+                        "packing": not args.no_packing,
+                        "gradient_checkpointing": args.checkpointing,
                         "eval_fraction": 0.0,
                         "device": args.device,
                         "bf16": args.bf16,
@@ -118,6 +145,8 @@ def main() -> None:
         ],
     }
     runs[f"FSDP x{args.nproc}"] = runs[f"DDP x{args.nproc}"] + ["--fsdp"]
+    keep = dict(zip(runs, ("one", "ddp", "fsdp"), strict=True))
+    runs = {name: cmd for name, cmd in runs.items() if keep[name] in runs_wanted}
     print(
         f"{'run':<10} {'wall s':>7} {'tok/s':>9}  "
         "peak memory per rank (MiB) | parameters held per rank (MiB)"

@@ -57,7 +57,10 @@ from .targets import (
     modules_to_save_for,
     resolve_lora_dtype,
     saved_copies,
+    saved_match,
+    saved_owners,
     set_submodule,
+    sharded_copies_problem,
     suffix_match,
     tied_copy_owners,
     wrap_modules_to_save,
@@ -337,39 +340,25 @@ def _exact_targets(
 def _peft_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str] | None:
     """config.modules_to_save as the file writes it, so that PEFT wraps the modules we wrap.
 
-    PEFT matches a modules_to_save entry by plain string ending (``key.endswith(entry)``: ``"norm"``
-    names ``input_layernorm`` too, ``"head"`` names ``lm_head``); we match on a dot boundary, as
-    target_modules. The entries are written as they are when PEFT reads them as we do, else as the
-    full names of the modules, and where PEFT reads even those as more modules (a top-level
-    ``head`` next to an ``lm_head``) a :class:`PeftCompatibilityWarning` names what PEFT adds."""
+    Both match an entry by string ending (:func:`~lora.targets.saved_match`), but where a module
+    named lies inside another one named, ours trains it in the outer one's copy and PEFT wraps
+    it again inside (:func:`_peft_wrapped`). The entries are written as they are when PEFT wraps
+    the modules we wrap, else as the full names of ours, and where PEFT would read even those as
+    more modules a :class:`PeftCompatibilityWarning` names them."""
     entries = config.modules_to_save
     if not entries:
         return entries
     modules = dict(model.named_modules())
     ours = list(modules_to_save_for(model, config, modules))
     names = list(_plain_names(modules))
-
-    def peft_wraps(written: list[str]) -> list[str]:
-        # PEFT wraps each module whose name ends with an entry, but for one inside another it
-        # wrapped: that is skipped, unless the other is its parent, then it is wrapped again inside.
-        read = [n for n in names if any(n.endswith(e) for e in written)]
-        wrapped = []
-        for n in read:
-            around = [o for o in read if n.startswith(o + ".")]
-            if not around or around == [n.rpartition(".")[0]]:
-                wrapped.append(n)
-        return wrapped
-
-    if set(peft_wraps(entries)) == set(ours):
+    if set(_peft_wrapped(names, entries)) == set(ours):
         return entries
-    extra = [n for n in peft_wraps(ours) if n not in ours]
+    extra = [n for n in _peft_wrapped(names, ours) if n not in ours]
     if extra:
         warnings.warn(
-            f"save_adapter: modules_to_save={entries!r} names {ours!r} here; PEFT matches "
-            f"modules_to_save by plain string ending, so it also trains a copy of {extra!r} "
-            "(from the unchanged original) when it loads this file, or refuses it where that "
-            "module is a LoRA target. Rename the modules or name none whose name is the end of "
-            "another's to have PEFT read the same",
+            f"save_adapter: modules_to_save={entries!r} names {ours!r} here; PEFT, reading "
+            f"the file, also wraps {extra!r}, each inside its parent's wrapper, where the copy "
+            "does not run. Name the outer modules alone to have PEFT read the same",
             PeftCompatibilityWarning,
             stacklevel=4,
         )
@@ -403,13 +392,10 @@ def _as_peft_reads(
 
     PEFT ignores a target_modules or modules_to_save entry that matches no module (its
     ``["q_proj", "k_proj", "v_proj"]`` fits many architectures; its sequence-classification models
-    write ``["classifier", "score"]``), and matches modules_to_save entries by plain string ending
-    (``"head"`` names ``lm_head`` too). So: entries matching no module are dropped (unless none
-    matches: then the error says so), and a module that only PEFT's ending rule names joins
-    modules_to_save by its full name when the file holds its copy (its entries but biases). The
-    file is still checked strictly against the result."""
-    plain = _plain_names(modules)
-    names = list(plain)
+    write ``["classifier", "score"]``): such entries are dropped here (unless none matches: then
+    the error says so). The file is still checked strictly against the result. Warns where PEFT
+    wrapped a modules_to_save module again inside its parent's wrapper (:func:`_peft_wrapped`)."""
+    names = list(_plain_names(modules))
     changes: dict[str, Any] = {}
     targets = config.target_modules
     if isinstance(targets, list):
@@ -418,17 +404,11 @@ def _as_peft_reads(
             changes["target_modules"] = hit
     entries = config.modules_to_save
     if entries:
-        kept = [e for e in entries if any(suffix_match(n, e) for n in names)]
-        keys = {k[len(PREFIX) :] for k in files.tensors if k.startswith(PREFIX)}
-        peft_named = [n for n in names if any(n.endswith(e) for e in entries)]
-        for n in peft_named:
-            if not any(suffix_match(n, e) for e in kept):
-                held = [k for k in plain[n].state_dict() if not k.endswith("bias")]
-                if held and all(f"{n}.{k}" in keys for k in held):
-                    kept.append(n)
-        if kept != entries:
-            changes["modules_to_save"] = kept or None
-        nested = [n for n in peft_named if n.rpartition(".")[0] in peft_named]
+        kept = [e for e in entries if any(saved_match(n, e) for n in names)]
+        if kept and len(kept) < len(entries):
+            changes["modules_to_save"] = kept
+        wrapped = _peft_wrapped(names, entries)
+        nested = [n for n in wrapped if n.rpartition(".")[0] in wrapped]
         if nested:
             warnings.warn(
                 f"{files.config_path}: modules_to_save={entries!r} names {nested!r} and the "
@@ -439,6 +419,20 @@ def _as_peft_reads(
                 stacklevel=3,
             )
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def _peft_wrapped(names: list[str], entries: list[str]) -> list[str]:
+    """The modules PEFT's ``_set_trainable`` wraps for modules_to_save ``entries``: each whose name
+    ends with an entry (:func:`~lora.targets.saved_match`), except one inside another it wrapped,
+    which it skips, unless that other is its parent: then it wraps it again, inside the parent's
+    wrapper (its copy never runs there). Ours: the outer module's copy trains it."""
+    read = [n for n in names if any(saved_match(n, e) for e in entries)]
+    wrapped = []
+    for n in read:
+        around = [o for o in read if n.startswith(o + ".")]
+        if not around or around == [n.rpartition(".")[0]]:
+            wrapped.append(n)
+    return wrapped
 
 
 def _exact_pattern(
@@ -791,6 +785,9 @@ def load_adapter(
         base = _check_base_tensors(
             model, files, config, specs, mode, problems, modules, adapter_name
         )
+        if mode == "add":  # a new name: every module it saves gets a copy (fresh: inject checks)
+            sharded = sharded_copies_problem(saved_owners(model, config, modules), modules)
+            problems += [sharded] if sharded is not None else []
         if problems:
             raise AdapterError(_report(files, problems))
         _apply(model, adapter_name, config, mode, loads, base, modules)

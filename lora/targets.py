@@ -38,12 +38,15 @@ __all__ = [
     "lora_layer_for",
     "resolve_lora_dtype",
     "modules_to_save_for",
+    "saved_owners",
+    "sharded_copies_problem",
     "saved_copies",
     "tied_partners",
     "wrap_modules_to_save",
     "output_head_names",
     "set_submodule",
     "suffix_match",
+    "saved_match",
 ]
 
 
@@ -122,8 +125,15 @@ def resolve_lora_dtype(weight: torch.Tensor, lora_dtype) -> torch.dtype:
 
 # --- names ---------------------------------------------------------------------------------------
 def suffix_match(name: str, suffix: str) -> bool:
-    """PEFT's rule: ``name`` equals ``suffix`` or ends with ``"." + suffix``."""
+    """PEFT's rule for target_modules: ``name`` equals ``suffix`` or ends with ``"." + suffix``."""
     return name == suffix or name.endswith("." + suffix)
+
+
+def saved_match(name: str, entry: str) -> bool:
+    """PEFT's rule for modules_to_save (``_set_trainable``): ``name`` ends with ``entry`` as a
+    string, not only at a dot: ``"norm"`` names ``model.norm`` and every
+    ``input_layernorm`` and ``post_attention_layernorm`` too, ``"head"`` names ``lm_head``."""
+    return name.endswith(entry)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -288,10 +298,13 @@ class TargetPlan:
     def _drop_saved(self) -> None:
         if not self.config.modules_to_save:
             return
-        owners = list(modules_to_save_for(self.model, self.config, self.modules))
-        if self.config.ensure_weight_tying:  # their partners are wrapped too (wrap_modules_to_save)
-            for n in list(owners):
-                owners += [p for p in tied_partners(self.model, n, self.modules) if p not in owners]
+        owners = saved_owners(self.model, self.config, self.modules)
+        problem = sharded_copies_problem(
+            [o for o in owners if not isinstance(self.modules[o], ModulesToSaveWrapper)],
+            self.modules,
+        )
+        if problem is not None:
+            raise InjectionError(problem)
         for o in owners:  # a copy made now would copy the other adapters' LoRA layers inside it
             if isinstance(self.modules[o], ModulesToSaveWrapper):
                 continue
@@ -398,10 +411,11 @@ def _out_rows(m: nn.Module) -> int:
 def modules_to_save_for(
     model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module] | None = None
 ) -> dict[str, nn.Module]:
-    """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter):
+    """The modules that ``config.modules_to_save`` names (trained in full, saved with the adapter;
+    a module is named when its name ends with an entry, as a string: :func:`saved_match`):
     name -> the plain module, or its :class:`~lora.layers.saved.ModulesToSaveWrapper` once wrapped
-    (the modules inside a wrapper are not candidates). ``modules``: ``dict(model.named_modules())``
-    when the caller has it. Raises :class:`InjectionError` for an entry that matches no module, and
+    (the modules inside a wrapper or a LoRA layer are not candidates). ``modules``:
+    ``dict(model.named_modules())`` when the caller has it. Raises :class:`InjectionError` for an entry that matches no module, and
     for one that names a container without a forward of its own (an ``nn.ModuleList`` such as a
     model's ``layers``): a wrapper runs the module in its place, and the parent iterates or indexes
     it, which a wrapper cannot stand in for; the message names the modules in it to list instead.
@@ -410,12 +424,16 @@ def modules_to_save_for(
         return {}
     if modules is None:
         modules = dict(model.named_modules())
-    inside = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
+    # Not candidates: what a wrapper or a LoRA layer holds (a LoRA layer's adapter slots are named
+    # after their adapters: "q_proj.lora_inactive.own_head" must not answer to "head").
+    inside = tuple(
+        f"{n}." for n, m in modules.items() if isinstance(m, (ModulesToSaveWrapper, LoRALayer))
+    )
     names = [n for n in modules if n and not (inside and n.startswith(inside))]
     found: dict[str, nn.Module] = {}
     missing = []
     for entry in config.modules_to_save:
-        hits = {n: modules[n] for n in names if suffix_match(n, entry)}
+        hits = {n: modules[n] for n in names if saved_match(n, entry)}
         if not hits:
             missing.append(entry)
         for n, m in hits.items():
@@ -449,6 +467,31 @@ def _own_weight(module: nn.Module) -> Tensor | None:
         module = module.original_module
     weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
     return weight
+
+
+def saved_owners(model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module]) -> list[str]:
+    """The modules that get a copy for ``config``'s adapter: those modules_to_save names and,
+    with ``ensure_weight_tying``, their tied partners (wrapped too: :func:`wrap_modules_to_save`)."""
+    owners = list(modules_to_save_for(model, config, modules))
+    if config.ensure_weight_tying:
+        for n in list(owners):
+            owners += [p for p in tied_partners(model, n, modules) if p not in owners]
+    return owners
+
+
+def sharded_copies_problem(names: list[str], modules: dict[str, nn.Module]) -> str | None:
+    """What is wrong when copies of the modules ``names`` are to be made and FSDP2 has sharded
+    some of them (their parameters are DTensors: no rank holds the whole values a copy starts
+    from, and FSDP refuses to be deep-copied); None when none is sharded."""
+    sharded = [n for n in names if any(hasattr(p, "to_local") for p in modules[n].parameters())]
+    if not sharded:
+        return None
+    return (
+        f"modules_to_save: {listing(sharded, 6)} would need a new trainable copy, but FSDP has "
+        "sharded it (DTensor parameters) and a copy is made from the whole module: give the "
+        "model its adapters with modules_to_save before fully_shard (load_sharded_phi3 injects "
+        "the run's adapter first), or load this adapter on a model that is not sharded"
+    )
 
 
 def tied_partners(

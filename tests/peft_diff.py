@@ -257,12 +257,6 @@ def compare(kind: str, cfg: dict, tmp: str | Path) -> list:
         diffs.append(("refused", "ours", our_error))
     if theirs is not None and ours is not None:
         mine, peft_built = our_structure(ours), peft_structure(theirs)
-        known = _plain_ending_extra(peft_side(kind, state), cfg.get("modules_to_save"))
-        if known and set(peft_built["modules_to_save"]) - set(mine["modules_to_save"]) <= known:
-            # PEFT's modules_to_save matches by plain string ending ("head" names lm_head): a
-            # difference docs/surgery.md describes; save_adapter warns where it matters.
-            diffs.append(("known", "modules_to_save by plain string ending", sorted(known)))
-            mine, peft_built = _without(mine, known), _without(peft_built, known)
         nested = [
             n
             for n in peft_built["modules_to_save"]
@@ -284,18 +278,6 @@ def compare(kind: str, cfg: dict, tmp: str | Path) -> list:
     if theirs is not None:
         diffs += _peft_to_ours(kind, state, theirs, tmp / "peft")
     return diffs
-
-
-def _plain_ending_extra(model: nn.Module, entries) -> set[str]:
-    """The modules PEFT's modules_to_save rule (``name.endswith(entry)``) names and ours (on a
-    dot boundary) does not."""
-    names = [n for n, _ in model.named_modules() if n]
-    return {
-        n
-        for n in names
-        if any(n.endswith(e) for e in entries or ())
-        and not any(n == e or n.endswith("." + e) for e in entries or ())
-    }
 
 
 def _without(built: dict, names: set[str]) -> dict:

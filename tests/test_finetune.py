@@ -165,7 +165,7 @@ def test_finetune_trains_logs_checkpoints_and_rotates(ckpt, data_file, tmp_path)
     assert result.steps == 12 and result.eval_loss == eval_rows[-1]["eval_loss"]
 
 
-def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
+def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None, **kw):
     cfg = TrainingConfig.from_dict(cfg_dict)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(ckpt)
@@ -180,7 +180,22 @@ def _trainer(ckpt, data_file, cfg_dict, log=lambda s: None):
     dtype = torch.bfloat16 if cfg.bf16 else None
     model = Phi3ForCausalLM.from_pretrained(ckpt, dtype=dtype, quantize=cfg.quantize)
     lora.inject(model, lora.LoRAConfig(**PEFT))
-    return Trainer(model, tok, data, cfg, log=log, progress=False)
+    return Trainer(model, tok, data, cfg, log=log, progress=False, **kw)
+
+
+@pytest.mark.parametrize("fsdp", [True, False])
+def test_the_heap_is_trimmed_after_every_step_under_fsdp_on_cpu_only(
+    ckpt, data_file, tmp_path, monkeypatch, fsdp
+):
+    # FSDP's gathers fragment glibc's heap step after step on CPU (docs/scaling.md); a trim after
+    # each optimizer step keeps a rank's memory flat. One-process and DDP runs are left alone.
+    from lora.finetune import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "trim_heap", lambda: calls.append(1) or True)
+    cfg = training(tmp_path, max_steps=3, save_steps=100)
+    _trainer(ckpt, data_file, cfg, dist=distributed.DistContext(fsdp=fsdp)).train()
+    assert len(calls) == (3 if fsdp else 0)
 
 
 # A 4-bit base under activation checkpointing: the recomputation keeps the decoded weights for
@@ -221,6 +236,72 @@ def test_resume_gives_bit_identical_losses_dropout_included(ckpt, data_file, tmp
     assert got.keys() == want.keys()
     for step in want:
         assert got[step] == want[step], step  # bit-identical
+
+
+def _record_micro_batches(trainer) -> list[tuple[int, int]]:
+    seen: list[tuple[int, int]] = []  # (optimizer step, micro-batch index) in the order used
+    original = trainer._micro_batch
+
+    def recording(index):
+        seen.append((trainer.step, index))
+        return original(index)
+
+    trainer._micro_batch = recording
+    return seen
+
+
+def test_an_epoch_uses_every_micro_batch_when_accumulation_does_not_divide_them(
+    ckpt, data_file, tmp_path
+):
+    # 32 training sequences in micro-batches of 5: 7 an epoch (the last of 2). Accumulating 2 per
+    # step, an epoch is 4 steps, the last of one micro-batch, as in transformers' Trainer (which
+    # counts ceil(7 / 2) update steps an epoch); no step takes micro-batches of two epochs.
+    cfg = training(
+        tmp_path,
+        per_device_train_batch_size=5,
+        gradient_accumulation_steps=2,
+        max_steps=-1,
+        num_train_epochs=2,
+        save_strategy="no",
+    )
+    trainer = _trainer(ckpt, data_file, cfg)
+    seen = _record_micro_batches(trainer)
+    result = trainer.train()
+    assert (trainer.micro_per_epoch, trainer.steps_per_epoch, result.steps) == (7, 4, 8)
+    per_step: dict[int, list[int]] = {}
+    for step, index in seen:
+        per_step.setdefault(step, []).append(index)
+    assert list(per_step.values()) == [[0, 1], [2, 3], [4, 5], [6], [7, 8], [9, 10], [11, 12], [13]]
+    rows = [r for r in result.metrics if "loss" in r]
+    assert [r["epoch"] for r in rows] == [k / 7 for k in (2, 4, 6, 7, 9, 11, 13, 14)]
+    # train_loss is the mean step loss of the run (transformers' TrainOutput.training_loss)
+    assert result.train_loss == pytest.approx(sum(r["loss"] for r in rows) / len(rows), rel=1e-12)
+
+
+@pytest.mark.parametrize("batch, refused", [(5, True), (4, False)])
+def test_a_checkpoint_from_before_the_epoch_layout_resumes_only_where_it_is_unchanged(
+    ckpt, data_file, tmp_path, batch, refused
+):
+    # Before steps_per_epoch was recorded an epoch had floor(M / G) steps; with 7 micro-batches
+    # and G = 2 that data order differs from here on, with 8 it is the same.
+    cfg = training(
+        tmp_path,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        save_steps=2,
+    )
+    train_until_killed(_trainer(ckpt, data_file, cfg), 3 * 2)
+    state_file = tmp_path / "out" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("steps_per_epoch") == 4
+    state_file.write_text(json.dumps(state))
+    resumed = _trainer(ckpt, data_file, cfg)
+    if refused:
+        with pytest.raises(lora.finetune.ResumeMismatch, match=r"epochs held 3 optimizer steps"):
+            resumed.train(resume=True)
+    else:
+        assert resumed.train(resume=True).steps == 6
 
 
 def test_resuming_with_more_steps_continues_the_same_run(ckpt, data_file, tmp_path):

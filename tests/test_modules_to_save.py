@@ -240,3 +240,27 @@ def test_tie_weights_after_inject_ties_the_originals_and_leaves_the_copy(saved):
     assert head.weight is embed.weight
     assert named.modules_to_save["default"].weight is copy
     torch.testing.assert_close(copy, trained, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "entry, wrapped",
+    [
+        (
+            "norm",
+            [
+                "model.layers.0.input_layernorm",
+                "model.layers.0.post_attention_layernorm",
+                "model.norm",
+            ],
+        ),
+        ("head", ["lm_head"]),
+        ("model.norm", ["model.norm"]),
+    ],
+)
+def test_an_entry_names_every_module_whose_name_ends_with_it_as_peft_does(entry, wrapped):
+    # PEFT's _set_trainable: key.endswith(entry), at a dot or not (target_modules match at a dot
+    # only). "norm" trains every RMSNorm of Phi-3, as a PEFT run of the same peft_config would.
+    model = Phi3ForCausalLM(Phi3Config(**PHI3))
+    lora.inject(model, lora.LoRAConfig(r=2, target_modules=["o_proj"], modules_to_save=[entry]))
+    got = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert got == wrapped

@@ -40,16 +40,13 @@ FOUND = [
     ("custom", {"target_modules": ["embed"], "modules_to_save": ["layers.1"], "bias": "all"}),
     # A target entry that matches nothing: PEFT ignores it; ours refused PEFT's file.
     ("custom", {"target_modules": ["q_proj", "k_proj"]}),
-    # modules_to_save by plain string ending in PEFT ("norm" names input_layernorm too): our file
-    # names model.norm in full; PEFT's file loads into ours with all its copies.
-    ("phi3", {"target_modules": ["o_proj"], "modules_to_save": ["norm"]}),
-    # The same where no name says it to PEFT ("head" next to "lm_head"): our save warns; PEFT's
-    # file (and its entries matching nothing, like the "classifier" of its SEQ_CLS models) loads.
+    # A modules_to_save entry that matches nothing (the "classifier" PEFT's SEQ_CLS models
+    # write): PEFT ignores it; ours refused PEFT's file.
     ("custom", {"target_modules": ["q_proj"], "modules_to_save": ["head", "classifier"]}),
     # A modules_to_save module inside another one: ours nested a wrapper in the copy (PEFT does
     # not), wrote a file PEFT failed on, and crashed with a KeyError on PEFT's file.
     ("phi3", {"target_modules": ["qkv_proj"], "modules_to_save": ["o_proj", "layers.1"]}),
-    # The same with the inner module a direct child: PEFT wraps it again inside the outer wrapper
+    # A modules_to_save module a direct child of another: PEFT wraps it again inside the outer wrapper
     # (that copy never runs; its file holds it) and failed on our file: ours names the outer
     # modules in full; load_adapter warns about PEFT's file.
     ("phi3", {"target_modules": ["lm_head"], "modules_to_save": ["layers.0.mlp", "down_proj"]}),
@@ -67,27 +64,52 @@ def test_found_difference_is_gone(tmp_path, kind, cfg):
     assert not [d for d in diffs if d[:2] == ("refused", "load")]  # PEFT's file loads into ours
 
 
-def test_a_modules_to_save_entry_peft_reads_as_more_modules_warns_on_save(tmp_path):
-    model = lora.inject(
-        D.Custom(), lora.LoRAConfig(target_modules=["q_proj"], modules_to_save=["head"])
-    )
-    with pytest.warns(PeftCompatibilityWarning, match=r"also trains a copy of \['lm_head'\]"):
-        lora.save_adapter(model, tmp_path)
-    again = lora.load_adapter(D.Custom(), tmp_path)  # ours reads its own file as it was
-    assert sorted(lora.surgery.modules_to_save(again)) == ["head"]
-
-
-def test_a_modules_to_save_entry_is_written_in_full_where_peft_reads_more(tmp_path):
+def test_modules_to_save_inside_another_is_written_as_the_outer_modules(tmp_path):
+    # PEFT would wrap model.layers.0.mlp.down_proj again inside layers.0.mlp's wrapper.
     state = D.base_state("phi3")
     model = lora.inject(
         D.our_side("phi3", state),
-        lora.LoRAConfig(target_modules=["o_proj"], modules_to_save=["norm"]),
+        lora.LoRAConfig(target_modules=["o_proj"], modules_to_save=["layers.0.mlp", "down_proj"]),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", PeftCompatibilityWarning)
         lora.save_adapter(model, tmp_path)
     body = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert body["modules_to_save"] == ["model.norm"]  # PEFT reads "norm" as every *norm
+    assert body["modules_to_save"] == ["model.layers.0.mlp", "model.layers.1.mlp.down_proj"]
+
+
+def test_a_peft_file_with_nested_modules_to_save_warns(tmp_path):
+    theirs = D.peft.get_peft_model(
+        D.peft_side("phi3", D.base_state("phi3")),
+        D.peft.LoraConfig(target_modules=["o_proj"], modules_to_save=["layers.0.mlp", "down_proj"]),
+    )
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(PeftCompatibilityWarning, match=r"wraps each again inside"):
+        lora.load_adapter(D.our_side("phi3", D.base_state("phi3")), tmp_path)
+
+
+def test_overlapping_pattern_keys_in_a_sorted_peft_file_warn(tmp_path):
+    theirs = D.peft.get_peft_model(
+        D.peft_side("custom", D.base_state("custom")),
+        D.peft.LoraConfig(target_modules=["proj"], alpha_pattern={"self_attn.proj": 2, "proj": 6}),
+    )
+    theirs.save_pretrained(tmp_path)  # PEFT writes the keys sorted: "proj" first
+    with pytest.warns(PeftCompatibilityWarning, match=r"alpha_pattern keys \['proj', 'self_attn"):
+        lora.load_adapter(D.our_side("custom", D.base_state("custom")), tmp_path)
+
+
+def test_our_overlapping_pattern_keys_are_written_one_key_per_module(tmp_path):
+    model = lora.inject(
+        D.Custom(),
+        lora.LoRAConfig(target_modules=["proj"], alpha_pattern={"self_attn.proj": 2, "proj": 6}),
+    )
+    lora.save_adapter(model, tmp_path)
+    body = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert body["alpha_pattern"] == {
+        r"^layers\.0\.self_attn\.proj": 2,
+        r"^layers\.1\.self_attn\.proj": 2,
+        "^proj": 6,
+    }
 
 
 @settings(max_examples=6)

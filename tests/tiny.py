@@ -64,8 +64,11 @@ def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     return directory
 
 
-def write_checkpoint(directory: Path, seed: int = 0, **config) -> Path:
-    """A random tiny Phi-3 (GQA) with the tokenizer above, saved with save_pretrained."""
+def write_checkpoint(
+    directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config
+) -> Path:
+    """A random tiny Phi-3 (GQA) with the tokenizer above, saved with save_pretrained; built in
+    ``dtype`` (bfloat16 for a full-size one: half the memory and file bytes of float32)."""
     from tokenizers import Tokenizer
 
     from lora.models import Phi3Config, Phi3ForCausalLM
@@ -86,7 +89,13 @@ def write_checkpoint(directory: Path, seed: int = 0, **config) -> Path:
     )
     cfg.update(config)
     torch.manual_seed(seed)
-    Phi3ForCausalLM(Phi3Config(**cfg)).save_pretrained(directory)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Phi3ForCausalLM(Phi3Config(**cfg))
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(directory)
     return directory
 
 

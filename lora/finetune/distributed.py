@@ -26,7 +26,9 @@ each rank holds and quantises whole blocks of 64 weights (see :func:`load_sharde
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import functools
 import os
 import re
 import resource
@@ -167,6 +169,16 @@ class DistContext:
                 dist.destroy_process_group()
 
     # --- data -------------------------------------------------------------------------------------
+    def release_freed_memory(self) -> None:
+        """After an optimizer step, under FSDP on CPU: give the C heap's free pages back to the
+        system (:func:`trim_heap`). FSDP2 gathers and frees whole units in every forward and
+        backward; on CPU that fragments glibc's heap a little more each step, and the resident set
+        of a rank grew step after step (a 4-layer model, 2 gloo ranks, bf16: 657 → 1820 MiB over
+        60 steps, against 656 → 916 MiB trimmed, with the same losses and no measurable cost).
+        Data-parallel and one-process runs stay flat, and are left alone."""
+        if self.fsdp and self.device.type == "cpu":
+            trim_heap()
+
     def shard(self, ids: Sequence[int], per_device: int) -> list[int]:
         """This rank's slice of a global micro-batch ``ids`` (up to ``per_device × world_size``
         ids): ``ids[rank·per_device : (rank+1)·per_device]``; empty for a rank past a short last
@@ -216,6 +228,25 @@ def parameter_mb(model: nn.Module) -> float:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total / 2**20
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
+    except (AttributeError, OSError):
+        return None
+
+
+def trim_heap() -> bool:
+    """Return the free memory inside the C heap to the system (glibc ``malloc_trim(0)``: the
+    free pages of every arena, not only its top); the live allocations are not touched. Returns
+    whether the C library has it (False elsewhere: nothing is done)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def peak_memory_mb(device: torch.device) -> float:

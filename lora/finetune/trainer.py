@@ -7,9 +7,11 @@ or, with objects already in hand (the demo does this to evaluate the base model 
     trainer = Trainer(model, tokenizer, data, TrainingConfig(...), LoRAConfig(...))
     trainer.train()
 
-Data order is a pure function of (seed, step): optimizer step s uses micro-batches
-s·G … s·G+G−1 (G = gradient_accumulation_steps) of one endless stream made of per-epoch
-permutations seeded with seed + epoch. Resuming therefore needs only the step, and a run resumed
+Data order is a pure function of (seed, step). Each epoch is a permutation of the training
+sequences seeded with seed + epoch, cut into M micro-batches; an epoch has ⌈M/G⌉ optimizer steps
+(G = gradient_accumulation_steps), step u of an epoch taking its micro-batches u·G … u·G+G−1 and
+the last step of the epoch the M − (⌈M/G⌉−1)·G left: transformers' Trainer's epochs, so that
+``num_train_epochs`` trains on every sequence. Resuming therefore needs only the step, and a run resumed
 from a checkpoint gives the same loss at every later step as one never interrupted (the optimizer,
 the learning-rate position and the RNG state that dropout draws from are restored exactly).
 
@@ -254,6 +256,12 @@ class TensorBoardReporter:
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.train` returns. ``steps``: the optimizer step the run ended at;
+    ``train_loss``: the mean of the step losses of the steps this call trained (transformers'
+    ``TrainOutput.training_loss``: after a resume, the steps since the checkpoint), None when it
+    trained none; ``eval_loss``: the final evaluation's, None without evaluation; ``metrics``:
+    the rows of metrics.jsonl."""
+
     output_dir: Path
     adapter_dir: Path | None
     merged_dir: Path | None
@@ -336,7 +344,11 @@ class Trainer:
         self._set_tf32()
         n = len(data.train)
         self.micro_per_epoch = math.ceil(n / self.global_batch)
-        self.steps_per_epoch = max(1, self.micro_per_epoch // training.gradient_accumulation_steps)
+        # As transformers' Trainer: the last step of an epoch takes the micro-batches left over
+        # (M % G of them when G does not divide M); no step spans two epochs.
+        self.steps_per_epoch = math.ceil(
+            self.micro_per_epoch / training.gradient_accumulation_steps
+        )
         self.total_steps = (
             training.max_steps
             if training.max_steps > 0
@@ -451,6 +463,20 @@ class Trainer:
             return batch
         return self.collate([self.data.train[i] for i in mine])
 
+    def micro_batches_of(self, step: int) -> range:
+        """The micro-batch indices (over the whole run: epoch · M + k) that optimizer step
+        ``step`` (0-based) accumulates: G of them, fewer at the last step of an epoch."""
+        epoch, u = divmod(step, self.steps_per_epoch)
+        M, G = self.micro_per_epoch, self.cfg.gradient_accumulation_steps
+        return range(epoch * M + u * G, epoch * M + min(u * G + G, M))
+
+    def epoch_after(self, steps: int) -> float:
+        """The epoch count after ``steps`` optimizer steps, by micro-batches (as transformers logs it)."""
+        if steps == 0:
+            return 0.0
+        last = self.micro_batches_of(steps - 1)[-1] + 1
+        return last / self.micro_per_epoch
+
     def _ranks_note(self) -> str:
         w = self.dist.world_size
         if w == 1:
@@ -534,6 +560,7 @@ class Trainer:
                 },
                 "world_size": self.dist.world_size,
                 "global_train_batch_size": self.global_batch,
+                "steps_per_epoch": self.steps_per_epoch,
             }
             if self.scaler is not None:
                 extra["grad_scaler"] = self.scaler.state_dict()
@@ -599,6 +626,8 @@ class Trainer:
             problems.append(
                 _global_batch_message(state, saved_global, self.global_batch, self.dist.world_size)
             )
+        elif (problem := self._epoch_layout_problem(state)) is not None:
+            problems.append(problem)
         if problems and not self.allow_resume_changes:
             raise ResumeMismatch(
                 f"--resume from {checkpoint}: the run differs from the checkpoint's ("
@@ -645,6 +674,28 @@ class Trainer:
         self.dist.barrier()
         self.log(f"resumed from {checkpoint} at step {self.step}")
         return self.step
+
+    def _epoch_layout_problem(self, state: dict) -> str | None:
+        # Checkpoints before steps_per_epoch was recorded were written by a loop whose epochs held
+        # floor(M / G) steps, the M % G micro-batches left running on into the next epoch's steps;
+        # where G divides M that is the same data order as now.
+        M, G = self.micro_per_epoch, self.cfg.gradient_accumulation_steps
+        saved = state.get("steps_per_epoch")
+        if saved is None and M % G == 0:
+            return None
+        if saved == self.steps_per_epoch:
+            return None
+        if saved is None:
+            return (
+                f"it was written by an earlier lora-finetune whose epochs held {M // G} optimizer "
+                f"steps of {G} micro-batches, the {M % G} left over running on into the next "
+                f"epoch; an epoch now holds {self.steps_per_epoch} steps, the last taking those "
+                f"{M % G} (as transformers' Trainer does), so the data order from here differs"
+            )
+        return (
+            f"it was trained with {saved} optimizer steps per epoch, this run has "
+            f"{self.steps_per_epoch} ({M} micro-batches, gradient accumulation {G})"
+        )
 
     def _describe_output_dir(self) -> str:
         if not self.output_dir.is_dir():
@@ -781,7 +832,7 @@ class Trainer:
             self.log(self._why_eval)
         self._open_reporters()
         try:
-            last_loss = self._loop(tqdm)
+            train_loss = self._loop(tqdm)
             eval_loss = None
             if self.evaluates:
                 eval_loss = self._logged_eval(self.step)  # a resumed run that had evaluated already
@@ -804,7 +855,7 @@ class Trainer:
             adapter_dir,
             None,
             self.step,
-            last_loss,
+            train_loss,
             eval_loss,
             read_metrics(self.output_dir),
             plot,
@@ -816,6 +867,7 @@ class Trainer:
         return self.progress and not self.cfg.disable_tqdm and _is_terminal(sys.stderr)
 
     def _loop(self, tqdm) -> float | None:
+        """Train to ``total_steps``; returns the mean step loss of the steps trained here."""
         cfg, when = self.cfg, self.intervals
         if cfg.eval_on_start and self.evaluates and self.step == 0:
             self._log_eval(self.evaluate())
@@ -833,15 +885,14 @@ class Trainer:
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         start_step = self.step
-        last_loss = None
+        loss_sum, loss_steps = 0.0, 0  # this call's steps: the mean is TrainResult.train_loss
         while self.step < self.total_steps:
             lr = cfg.learning_rate * lr_factor(
                 self.step, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type
             )
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            G = cfg.gradient_accumulation_steps
-            batches = [self._micro_batch(self.step * G + i) for i in range(G)]
+            batches = [self._micro_batch(i) for i in self.micro_batches_of(self.step)]
             self.dist.step_seed(cfg.seed, self.step)
             num_items = max(1, int(self.dist.sum([sum(self._count_labels(b) for b in batches)])[0]))
             step_loss = 0.0
@@ -885,8 +936,10 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.dist.release_freed_memory()
             self.step += 1
-            last_loss = step_loss
+            loss_sum += step_loss
+            loss_steps += 1
             window["loss"] += step_loss
             window["steps"] += 1
             window["tokens"] += step_tokens
@@ -903,7 +956,7 @@ class Trainer:
                     "loss": window["loss"] / window["steps"],
                     "learning_rate": lr,
                     "tokens_per_second": tps,
-                    "epoch": self.step / self.steps_per_epoch,
+                    "epoch": self.epoch_after(self.step),
                     "grad_norm": grad_norm,
                     "elapsed": elapsed,
                 }
@@ -924,7 +977,7 @@ class Trainer:
                 path = self.save_checkpoint()
                 self.log(f"saved {path}")
         bar.close()
-        return last_loss
+        return loss_sum / loss_steps if loss_steps else None
 
     def _last_good(self) -> str:
         last = latest_checkpoint(self.output_dir)

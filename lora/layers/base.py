@@ -73,6 +73,9 @@ class LoRALayer(_ModuleBase):
     kind: ClassVar[str] = "linear"
     peft_keys: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")  # PEFT's key names
     sliced_class: ClassVar[type[LoRALayer] | None] = None  # the kind over slices of this module
+    # The torch constructor arguments that, read back from a module of this kind (attributes of the
+    # same names), build one like it: its shapes and options, not bias, device or dtype.
+    _torch_options: ClassVar[tuple[str, ...]] = ()
 
     if TYPE_CHECKING:  # set by the torch layer / _init_lora
         weight: Tensor
@@ -81,8 +84,6 @@ class LoRALayer(_ModuleBase):
         lora_dropout: nn.Module
         use_rslora: bool
         _unmerged_weight: Tensor | None
-
-        def reset_lora_parameters(self) -> None: ...
 
     r: int
     lora_alpha: float
@@ -103,7 +104,7 @@ class LoRALayer(_ModuleBase):
         p = check_dropout(lora_dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = LF.lora_scaling(self.r, self.lora_alpha, self.use_rslora)
-        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.lora_dropout = self.dropout_for(p)
         self.merge_weights = bool(merge_weights)
         self.merged = False
         self.register_buffer("_unmerged_weight", None, persistent=False)
@@ -122,9 +123,25 @@ class LoRALayer(_ModuleBase):
         """``scaling · ΔW`` in the layout and shape of ``self.weight`` (dtype of the LoRA parameters)."""
         raise NotImplementedError
 
-    def _dropout_or_none(self):
-        # None lets the functional path skip a call when dropout is the identity.
-        return None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout
+    def _add_lora_parameters(self, a_shape, b_shape, dtype: torch.dtype | None = None) -> None:
+        # lora_A and lora_B on the weight's device, in ``dtype`` (default: the weight's), initialised
+        # by reset_lora_parameters; the weight is frozen.
+        device, dtype = self.weight.device, self.weight.dtype if dtype is None else dtype
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=dtype))
+        self.weight.requires_grad_(False)
+        self.reset_lora_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the base weight (as the torch layer does) and the LoRA parameters."""
+        super().reset_parameters()  # type: ignore[misc]  # the torch layer's
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (a=√5), B zero: a fresh adapter adds nothing."""
+        if "lora_A" in self._parameters:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
 
     # --- building from an existing torch layer (model surgery) ----------------------------------
     def _adopt_base(
@@ -143,17 +160,9 @@ class LoRALayer(_ModuleBase):
         # layer's declaration of bias)
         nn.Module.__setattr__(self, "bias", cast(Any, getattr(base, "bias", None)))
         if self.has_adapter:
-            device = base_weight.device
-            dtype = lora_dtype if lora_dtype is not None else base_weight.dtype
-            for name in ("lora_A", "lora_B"):
-                shape = cast(nn.Parameter, self._parameters[name]).shape
-                self._parameters[name] = nn.Parameter(
-                    torch.empty(shape, device=device, dtype=dtype)
-                )
-            self.reset_lora_parameters()
+            self._add_lora_parameters(self.lora_A.shape, self.lora_B.shape, lora_dtype)
             if not init_lora_weights:
                 self._randomize_lora_B()
-            self.weight.requires_grad_(False)
         # The replaced module is kept (unregistered: not in the module tree or the state dict) as
         # the shell that merge_and_unload puts back, so that any torch-like class round-trips.
         self.__dict__["_lora_base_module"] = base
@@ -239,6 +248,11 @@ class LoRALayer(_ModuleBase):
     def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
         """The ``from_base`` options of :meth:`wrap` that only this kind takes (none here)."""
         return {}
+
+    @classmethod
+    def _options_of(cls, module: nn.Module) -> dict[str, Any]:
+        """``module``'s values of :attr:`_torch_options` (what ``from_base`` and ``_plain_like`` pass)."""
+        return {name: getattr(module, name) for name in cls._torch_options}
 
     @classmethod
     def peft_incompatibility(cls, module: nn.Module) -> str | None:

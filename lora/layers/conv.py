@@ -27,11 +27,22 @@ __all__ = ["ConvLoRA", "Conv1d", "Conv2d", "Conv3d"]
 
 
 class ConvLoRA(LoRALayer):
-    """Mixin for nn.ConvNd: the base keys stay exactly ``weight`` and ``bias``."""
+    """Mixin for nn.ConvNd: the base keys stay exactly ``weight`` and ``bias``. Its ``__init__``
+    is each conv's (see :class:`Conv1d`)."""
 
     _conv_fn: Any = None  # F.conv1d / conv2d / conv3d, set by each subclass
     _torch_class: ClassVar[type[nn.Module]]  # nn.Conv1d / Conv2d / Conv3d, set by each subclass
     kind = "conv"
+    _torch_options = (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    )
 
     if TYPE_CHECKING:  # from the torch conv class it is combined with
         in_channels: int
@@ -44,6 +55,24 @@ class ConvLoRA(LoRALayer):
         bias: Tensor | None
 
         def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        r=0,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        merge_weights=True,
+        use_rslora=False,
+        **kwargs,
+    ):
+        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
+        self._torch_class.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        if self.r > 0:  # the shapes are PEFT's (see the module docstring)
+            self._add_lora_parameters(*self.peft_shapes(self, self.r))
 
     # --- what this kind says about its module -------------------------------------------
     @classmethod
@@ -70,30 +99,11 @@ class ConvLoRA(LoRALayer):
 
     def _plain_like(self) -> nn.Module:
         return self._torch_class(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
+            **self._options_of(self),
             bias=self.bias is not None,
-            padding_mode=self.padding_mode,
             device="meta",
             dtype=self.weight.dtype,
         )
-
-    def _init_conv_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> None:
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        if self.r > 0:
-            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-            ones = (1,) * len(self.kernel_size)
-            self.lora_A = nn.Parameter(
-                torch.empty(self.r, self.in_channels // self.groups, *self.kernel_size, **factory)
-            )
-            self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r, *ones, **factory))
-            self.weight.requires_grad_(False)
-            self.reset_lora_parameters()
 
     @classmethod
     def from_base(
@@ -110,33 +120,17 @@ class ConvLoRA(LoRALayer):
     ):
         """Wrap an existing ``nn.ConvNd`` of the same dimensionality, sharing its weight and bias (no copy)."""
         layer = cls(
-            base.in_channels,
-            base.out_channels,
-            base.kernel_size,
+            **cls._options_of(base),
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             merge_weights=merge_weights,
             use_rslora=use_rslora,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
-            groups=base.groups,
             bias=False,
-            padding_mode=base.padding_mode,
             device="meta",
             dtype=base.weight.dtype,
         )
         return layer._adopt_base(base, lora_dtype, init_lora_weights)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()  # type: ignore[misc]  # the torch conv's
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        if "lora_A" in self._parameters:
-            nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-            nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> Tensor:
         return LF.conv_delta_weight(self.lora_A, self.lora_B, self.scaling)
@@ -192,22 +186,6 @@ class Conv1d(ConvLoRA, nn.Conv1d):
     _conv_fn = staticmethod(F.conv1d)
     _torch_class = nn.Conv1d
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        r=0,
-        lora_alpha=1,
-        lora_dropout=0.0,
-        merge_weights=True,
-        use_rslora=False,
-        **kwargs,
-    ):
-        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
-        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-
 
 class Conv2d(ConvLoRA, nn.Conv2d):
     """``nn.Conv2d`` with a low-rank update of its kernel; as :class:`Conv1d`, with
@@ -216,22 +194,6 @@ class Conv2d(ConvLoRA, nn.Conv2d):
     _conv_fn = staticmethod(F.conv2d)
     _torch_class = nn.Conv2d
 
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        r=0,
-        lora_alpha=1,
-        lora_dropout=0.0,
-        merge_weights=True,
-        use_rslora=False,
-        **kwargs,
-    ):
-        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-
 
 class Conv3d(ConvLoRA, nn.Conv3d):
     """``nn.Conv3d`` with a low-rank update of its kernel; as :class:`Conv1d`, with
@@ -239,22 +201,6 @@ class Conv3d(ConvLoRA, nn.Conv3d):
 
     _conv_fn = staticmethod(F.conv3d)
     _torch_class = nn.Conv3d
-
-    def __init__(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        r=0,
-        lora_alpha=1,
-        lora_dropout=0.0,
-        merge_weights=True,
-        use_rslora=False,
-        **kwargs,
-    ):
-        _check_groups(in_channels, out_channels, kwargs.get("groups", 1))
-        nn.Conv3d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_conv_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
 
 
 _ConvLoRA = ConvLoRA  # the old private name, kept for code written against it

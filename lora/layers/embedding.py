@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -41,11 +41,7 @@ class Embedding(LoRALayer, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
         if self.r > 0:
-            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-            self.lora_A = nn.Parameter(torch.empty(self.r, num_embeddings, **factory))
-            self.lora_B = nn.Parameter(torch.empty(embedding_dim, self.r, **factory))
-            self.weight.requires_grad_(False)
-            self.reset_lora_parameters()
+            self._add_lora_parameters((self.r, num_embeddings), (embedding_dim, self.r))
 
     @classmethod
     def from_base(
@@ -61,17 +57,11 @@ class Embedding(LoRALayer, nn.Embedding):
     ) -> Embedding:
         """Wrap an existing ``nn.Embedding``, sharing its weight (no copy). Dropout does not apply."""
         layer = cls(
-            base.num_embeddings,
-            base.embedding_dim,
+            **cls._options_of(base),
             r=r,
             lora_alpha=lora_alpha,
             merge_weights=merge_weights,
             use_rslora=use_rslora,
-            padding_idx=base.padding_idx,
-            max_norm=base.max_norm,
-            norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=base.sparse,
             device="meta",
             dtype=base.weight.dtype,
         )
@@ -80,6 +70,15 @@ class Embedding(LoRALayer, nn.Embedding):
     # --- what this kind says about its module -------------------------------------------
     kind = "embedding"
     peft_keys = ("lora_embedding_A", "lora_embedding_B")
+    _torch_options = (
+        "num_embeddings",
+        "embedding_dim",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    )
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
@@ -106,21 +105,7 @@ class Embedding(LoRALayer, nn.Embedding):
         return nn.Identity()  # dropout does not apply to a lookup
 
     def _plain_like(self) -> nn.Module:
-        return nn.Embedding(
-            self.num_embeddings,
-            self.embedding_dim,
-            padding_idx=self.padding_idx,
-            max_norm=self.max_norm,
-            norm_type=self.norm_type,
-            scale_grad_by_freq=self.scale_grad_by_freq,
-            sparse=self.sparse,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-
-    def reset_parameters(self) -> None:
-        nn.Embedding.reset_parameters(self)
-        self.reset_lora_parameters()
+        return nn.Embedding(**self._options_of(self), device="meta", dtype=self.weight.dtype)
 
     def reset_lora_parameters(self) -> None:
         if "lora_A" in self._parameters:

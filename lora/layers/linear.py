@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -90,11 +90,6 @@ class _LinearBase(LoRALayer, nn.Linear):
             nn.Linear.reset_parameters(self)
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        if "lora_A" in self._parameters:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-
     def _base_forward(self, x: Tensor) -> Tensor:
         return LF.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
 
@@ -160,11 +155,7 @@ class Linear(_LinearBase):
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self._store_fan_in_fan_out(fan_in_fan_out)
         if self.r > 0:
-            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-            self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
-            self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
-            self.weight.requires_grad_(False)
-            self.reset_lora_parameters()
+            self._add_lora_parameters((self.r, in_features), (out_features, self.r))
 
     @classmethod
     def from_base(
@@ -293,12 +284,8 @@ class MergedLinear(_LinearBase):
         self._store_fan_in_fan_out(fan_in_fan_out)
         k = sum(self.enable_lora)
         if self.r > 0 and k > 0:
-            factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
             enabled_rows = sum(s for s, e in zip(self.split_sizes, self.enable_lora) if e)
-            self.lora_A = nn.Parameter(torch.empty(self.r * k, in_features, **factory))
-            self.lora_B = nn.Parameter(torch.empty(enabled_rows, self.r, **factory))
-            self.weight.requires_grad_(False)
-            self.reset_lora_parameters()
+            self._add_lora_parameters((self.r * k, in_features), (enabled_rows, self.r))
 
     @classmethod
     def from_base(
@@ -386,17 +373,10 @@ class MergedLinear(_LinearBase):
         enable_lora: tuple[bool, ...] = (),
         split_sizes: tuple[int, ...] = (),
     ) -> tuple[dict, bool]:
+        fields, _ = super().slot_fields(r, lora_alpha, use_rslora)  # those of one rank-r LoRA
         if enable_lora:  # the slices, as blocks of B
-            fields = {
-                "r": r,
-                "lora_alpha": lora_alpha,
-                "use_rslora": use_rslora,
-                "scaling": LF.lora_scaling(r, lora_alpha, use_rslora),
-                "enable_lora": tuple(enable_lora),
-                "split_sizes": tuple(split_sizes),
-            }
+            fields.update(enable_lora=tuple(enable_lora), split_sizes=tuple(split_sizes))
             return fields, True
-        fields, _ = super().slot_fields(r, lora_alpha, use_rslora)
         fields.update(enable_lora=(True,), split_sizes=(self.out_features,))
         return fields, False
 
