@@ -280,6 +280,8 @@ def _peft_config_dict(
     """The adapter_config.json body under which PEFT builds, for each module in ``modules``, an
     adapter of exactly that (rank, alpha), and none elsewhere."""
     d = config.to_peft_dict()
+    d["modules_to_save"] = _peft_modules_to_save(model, config)
+    config = dataclasses.replace(config, modules_to_save=d["modules_to_save"])  # as PEFT reads it
     targets = config.target_modules
     if isinstance(targets, list):
         targets = list(
@@ -294,7 +296,6 @@ def _peft_config_dict(
         # modules out. Either way: the modules by name.
         targets, exclude = _exact_targets(model, config, modules)
     d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
-    d["modules_to_save"] = _peft_modules_to_save(model, config)
     d["rank_pattern"] = _exact_pattern(
         modules, {k: v for k, v in config.rank_pattern.items() if v}, config.r, 0
     )
@@ -304,12 +305,27 @@ def _peft_config_dict(
 
 
 def _peft_targets(model: nn.Module, targets, exclude, config: LoRAConfig) -> list[str]:
-    # What PEFT targets under these names: modules_to_save (and tied partners) left out as it does.
+    r"""What PEFT targets under these names. Both leave out the targets a modules_to_save module is
+    or holds, but PEFT finds those by ``re.match(rf"(^|.*\.){entry}($|\..*)", name)``, at a dot
+    only, while it wraps by string ending: a target that ``"head"`` wraps (``lm_head``) stays a
+    target there (and PEFT then refuses to wrap it)."""
     try:
         config = dataclasses.replace(config, target_modules=targets, exclude_modules=exclude)
-        return list(TargetPlan(model, config, existing_ok=True).targets)
+        plan = TargetPlan(model, config, existing_ok=True)
     except InjectionError:
         return []
+    entries = config.modules_to_save or []
+    return list(plan.targets) + [
+        n for n in plan.saved_targets if not any(_peft_saved_target(e, n) for e in entries)
+    ]
+
+
+def _peft_saved_target(entry: str, name: str) -> bool:
+    # PEFT's check_target_module_exists: the entry is used as a regex, as it is.
+    try:
+        return re.match(rf"(^|.*\.){entry}($|\..*)", name) is not None
+    except re.error:
+        return False
 
 
 def _exact_targets(

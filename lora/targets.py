@@ -452,6 +452,13 @@ def modules_to_save_for(
                     f"cannot stand in for; {instead}"
                 )
         found.update(hits)
+    # An entry naming only modules inside a wrapper that another entry names (``down_proj``, all
+    # inside a wrapped ``mlp``) names something: that wrapper's copy trains them.
+    wrapped = tuple(f"{n}." for n, m in found.items() if isinstance(m, ModulesToSaveWrapper))
+    held = tuple(f"{n}." for n, m in modules.items() if isinstance(m, LoRALayer))
+    covered = [n for n in modules if wrapped and n.startswith(wrapped)]
+    covered = [n for n in covered if not (held and n.startswith(held))]
+    missing = [e for e in missing if not any(saved_match(n, e) for n in covered)]
     if missing:
         raise InjectionError(
             f"modules_to_save: {missing!r} match no module of {type(model).__name__}"

@@ -43,6 +43,10 @@ FOUND = [
     # A modules_to_save entry that matches nothing (the "classifier" PEFT's SEQ_CLS models
     # write): PEFT ignores it; ours refused PEFT's file.
     ("custom", {"target_modules": ["q_proj"], "modules_to_save": ["head", "classifier"]}),
+    # "head" wraps lm_head (string ending), a LoRA target too: ours trains it in full; PEFT leaves
+    # out of LoRA only what an entry names at a dot, so it refused our file (its target_modules
+    # named lm_head): now named module by module, without it.
+    ("custom", {"target_modules": ["lm_head", "embed"], "modules_to_save": ["head"]}),
     # A modules_to_save module inside another one: ours nested a wrapper in the copy (PEFT does
     # not), wrote a file PEFT failed on, and crashed with a KeyError on PEFT's file.
     ("phi3", {"target_modules": ["qkv_proj"], "modules_to_save": ["o_proj", "layers.1"]}),
@@ -50,6 +54,9 @@ FOUND = [
     # (that copy never runs; its file holds it) and failed on our file: ours names the outer
     # modules in full; load_adapter warns about PEFT's file.
     ("phi3", {"target_modules": ["lm_head"], "modules_to_save": ["layers.0.mlp", "down_proj"]}),
+    # ... and with every module an entry names inside another's: save_adapter raised "modules_to_save:
+    # ['down_proj'] match no module" (they were all inside the mlp wrappers by then).
+    ("custom", {"target_modules": ["q_proj"], "modules_to_save": ["down_proj", "mlp"]}),
     # Overlapping pattern keys: the first match counts, and PEFT's save_pretrained sorts the keys
     # (json sort_keys), so our file, written again by PEFT, read another alpha; PEFT's own file
     # may not say which key it trained with: load_adapter warns.
