@@ -43,7 +43,7 @@ from . import model_state, multi
 from ._io import atomic_save_safetensors, atomic_write_json
 from ._regex_guard import check_bounded_regex
 from .checks import listing
-from .config import LoRAConfig, parse_target, pattern_value
+from .config import LoRAConfig, parse_target, pattern_values
 from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
 from .layers.base import AdapterKey, adapter_state_keys, peft_named_problem, route_adapter_key
 from .layers.saved import ModulesToSaveWrapper, copy_state, saved_modules
@@ -57,9 +57,11 @@ from .targets import (
     modules_to_save_for,
     resolve_lora_dtype,
     saved_copies,
+    saved_match,
     saved_owners,
     set_submodule,
     sharded_copies_problem,
+    suffix_match,
     tied_copy_owners,
     wrap_modules_to_save,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "load_adapter",
     "read_adapter",
     "AdapterError",
+    "PeftCompatibilityWarning",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
@@ -91,6 +94,13 @@ _STRUCTURAL = (
 )
 # Every LoRA key name a file may hold (each layer kind names its own: LoRALayer.peft_keys).
 _LORA_KEY_SUFFIXES = tuple(dict.fromkeys(k for cls in LAYER_KINDS for k in cls.peft_keys))
+
+
+class PeftCompatibilityWarning(UserWarning):
+    """PEFT's format cannot say exactly what the adapter is (the message says what):
+    :func:`save_adapter` writes a file PEFT will read as something else, and no file could say
+    it so that PEFT reads the same; :func:`load_adapter` reads a PEFT file that may not say what
+    PEFT trained."""
 
 
 class AdapterError(ValueError):
@@ -270,15 +280,21 @@ def _peft_config_dict(
     """The adapter_config.json body under which PEFT builds, for each module in ``modules``, an
     adapter of exactly that (rank, alpha), and none elsewhere."""
     d = config.to_peft_dict()
+    d["modules_to_save"] = _peft_modules_to_save(model, config)
+    config = dataclasses.replace(config, modules_to_save=d["modules_to_save"])  # as PEFT reads it
     targets = config.target_modules
     if isinstance(targets, list):
         targets = list(
             dict.fromkeys(parse_target(t)[0] for t in targets)
         )  # slices: the whole fused module
     exclude = config.exclude_modules
-    if set(_peft_targets(model, targets, exclude, config)) != set(modules):
-        # Rank-0 patterns or slices leave modules out: name the modules one by one instead.
-        targets, exclude = list(modules), None
+    if targets == "all-linear" or set(_peft_targets(model, targets, exclude, config)) != set(
+        modules
+    ):
+        # "all-linear": PEFT leaves the output head out of a transformers model only (it adapts a
+        # plain module's lm_head), and writes the names itself. Rank-0 patterns or slices leave
+        # modules out. Either way: the modules by name.
+        targets, exclude = _exact_targets(model, config, modules)
     d.update(target_modules=targets, exclude_modules=exclude, use_rslora=use_rslora)
     d["rank_pattern"] = _exact_pattern(
         modules, {k: v for k, v in config.rank_pattern.items() if v}, config.r, 0
@@ -289,23 +305,169 @@ def _peft_config_dict(
 
 
 def _peft_targets(model: nn.Module, targets, exclude, config: LoRAConfig) -> list[str]:
-    # What PEFT targets under these names: modules_to_save (and tied partners) left out as it does.
+    r"""What PEFT targets under these names. Both leave out the targets a modules_to_save module is
+    or holds, but PEFT finds those by ``re.match(rf"(^|.*\.){entry}($|\..*)", name)``, at a dot
+    only, while it wraps by string ending: a target that ``"head"`` wraps (``lm_head``) stays a
+    target there (and PEFT then refuses to wrap it)."""
     try:
         config = dataclasses.replace(config, target_modules=targets, exclude_modules=exclude)
-        return list(TargetPlan(model, config, existing_ok=True).targets)
+        plan = TargetPlan(model, config, existing_ok=True)
     except InjectionError:
         return []
+    entries = config.modules_to_save or []
+    return list(plan.targets) + [
+        n for n in plan.saved_targets if not any(_peft_saved_target(e, n) for e in entries)
+    ]
+
+
+def _peft_saved_target(entry: str, name: str) -> bool:
+    # PEFT's check_target_module_exists: the entry is used as a regex, as it is.
+    try:
+        return re.match(rf"(^|.*\.){entry}($|\..*)", name) is not None
+    except re.error:
+        return False
+
+
+def _exact_targets(
+    model: nn.Module, config: LoRAConfig, modules: dict[str, tuple[int, float]]
+) -> tuple[list[str] | str, list[str] | None]:
+    """target_modules and exclude_modules under which PEFT adapts exactly ``modules``: their names.
+    A name PEFT (like us) also reads as the suffix of longer ones (a top-level ``proj`` names
+    ``layers.0.attn.proj`` too) has those excluded by name; where even that is not exact, a regex
+    of the names. Raises :class:`AdapterError` when neither is (a regex too long to read back)."""
+    names, want = list(modules), set(modules)
+    extra = [n for n in _peft_targets(model, names, None, config) if n not in want]
+    regex = "|".join(re.escape(n) for n in names)
+    for targets, exclude in ((names, extra or None), (regex, None)):
+        if targets is regex:
+            try:
+                check_bounded_regex(regex, "target_modules")
+            except ValueError:
+                continue
+        if set(_peft_targets(model, targets, exclude, config)) == want:
+            return targets, exclude
+    raise AdapterError(
+        f"save_adapter: no target_modules / exclude_modules that PEFT reads as exactly the "
+        f"adapted modules ({listing(names, 6)}): their names are suffixes of other modules' "
+        f"({listing(extra, 6)}) and a regex of them is too long"
+    )
+
+
+def _peft_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str] | None:
+    """config.modules_to_save as the file writes it, so that PEFT wraps the modules we wrap.
+
+    Both match an entry by string ending (:func:`~lora.targets.saved_match`), but where a module
+    named lies inside another one named, ours trains it in the outer one's copy and PEFT wraps
+    it again inside (:func:`_peft_wrapped`). The entries are written as they are when PEFT wraps
+    the modules we wrap, else as the full names of ours, and where PEFT would read even those as
+    more modules a :class:`PeftCompatibilityWarning` names them."""
+    entries = config.modules_to_save
+    if not entries:
+        return entries
+    modules = dict(model.named_modules())
+    ours = list(modules_to_save_for(model, config, modules))
+    names = list(_plain_names(modules))
+    if set(_peft_wrapped(names, entries)) == set(ours):
+        return entries
+    extra = [n for n in _peft_wrapped(names, ours) if n not in ours]
+    if extra:
+        warnings.warn(
+            f"save_adapter: modules_to_save={entries!r} names {ours!r} here; PEFT, reading "
+            f"the file, also wraps {extra!r}, each inside its parent's wrapper, where the copy "
+            "does not run. Name the outer modules alone to have PEFT read the same",
+            PeftCompatibilityWarning,
+            stacklevel=4,
+        )
+    return ours
+
+
+def _plain_names(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The model's modules by the names PEFT's model has for them, those from before any LoRA
+    layer or modules_to_save wrapper: a wrapper's original stands at the wrapper's name (its
+    submodules under it), its copies and a LoRA layer's insides are left out."""
+    wrappers = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper))
+    layers = tuple(f"{n}." for n, m in modules.items() if isinstance(m, LoRALayer))
+    out = {}
+    for n, m in modules.items():
+        if not n or (layers and n.startswith(layers)):
+            continue
+        w = next((w for w in wrappers if n.startswith(w)), None)
+        if w is not None:
+            head, _, rest = n[len(w) :].partition(".")
+            if head != "original_module" or not rest:
+                continue
+            n = w + rest
+        out[n] = m
+    return out
+
+
+def _as_peft_reads(
+    config: LoRAConfig, files: AdapterFiles, modules: dict[str, nn.Module]
+) -> LoRAConfig:
+    """The file's config with its module lists meaning what PEFT made of them when it wrote it.
+
+    PEFT ignores a target_modules or modules_to_save entry that matches no module (its
+    ``["q_proj", "k_proj", "v_proj"]`` fits many architectures; its sequence-classification models
+    write ``["classifier", "score"]``): such entries are dropped here (unless none matches: then
+    the error says so). The file is still checked strictly against the result. Warns where PEFT
+    wrapped a modules_to_save module again inside its parent's wrapper (:func:`_peft_wrapped`)."""
+    names = list(_plain_names(modules))
+    changes: dict[str, Any] = {}
+    targets = config.target_modules
+    if isinstance(targets, list):
+        hit = [t for t in targets if any(suffix_match(n, parse_target(t)[0]) for n in names)]
+        if hit and len(hit) < len(targets):
+            changes["target_modules"] = hit
+    entries = config.modules_to_save
+    if entries:
+        kept = [e for e in entries if any(saved_match(n, e) for n in names)]
+        if kept and len(kept) < len(entries):
+            changes["modules_to_save"] = kept
+        wrapped = _peft_wrapped(names, entries)
+        nested = [n for n in wrapped if n.rpartition(".")[0] in wrapped]
+        if nested:
+            warnings.warn(
+                f"{files.config_path}: modules_to_save={entries!r} names {nested!r} and the "
+                "module each lies in; PEFT then wraps each again inside the outer one's wrapper, "
+                "where its copy never runs, and freezes the outer copy's, so this file may not "
+                "hold what PEFT ran; loaded here as the outer module's copy",
+                PeftCompatibilityWarning,
+                stacklevel=3,
+            )
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _peft_wrapped(names: list[str], entries: list[str]) -> list[str]:
+    """The modules PEFT's ``_set_trainable`` wraps for modules_to_save ``entries``: each whose name
+    ends with an entry (:func:`~lora.targets.saved_match`), except one inside another it wrapped,
+    which it skips, unless that other is its parent: then it wraps it again, inside the parent's
+    wrapper (its copy never runs there). Ours: the outer module's copy trains it."""
+    read = [n for n in names if any(saved_match(n, e) for e in entries)]
+    wrapped = []
+    for n in read:
+        around = [o for o in read if n.startswith(o + ".")]
+        if not around or around == [n.rpartition(".")[0]]:
+            wrapped.append(n)
+    return wrapped
 
 
 def _exact_pattern(
     modules: dict[str, tuple[int, float]], pattern: dict, default, which: int
 ) -> dict:
-    # PEFT takes the first key k with re.match(rf"(.*\.)?({k})$", name): exact names go first.
-    exact = {}
-    for name, values in modules.items():
-        if pattern_value(pattern, name, default) != values[which]:
-            exact[re.escape(name)] = values[which]
-    return {**exact, **pattern}
+    """rank_pattern / alpha_pattern as the file writes them, giving each of ``modules`` its value
+    (``values[which]``) and the others ``default``. PEFT, like us, takes the first key that
+    matches; but its ``save_pretrained`` sorts the keys (``json.dumps(sort_keys=True)``), so a file
+    whose meaning depends on their order means something else once PEFT writes it again. So the
+    config's keys are kept where every key matching a module gives it its value; else each module
+    whose value is not the default is named exactly: ``^`` and its escaped name (a bare name would
+    also match longer names ending with it)."""
+    if all(
+        set(pattern_values(pattern, n)) <= {v[which]}
+        and (v[which] == default or pattern_values(pattern, n))
+        for n, v in modules.items()
+    ):
+        return dict(pattern)
+    return {f"^{re.escape(n)}": v[which] for n, v in modules.items() if v[which] != default}
 
 
 # ================================================================================================
@@ -543,7 +705,10 @@ def _peft_saved_aliases(
     ``bias="all"`` (it takes every state-dict key ending in ``.bias``, the wrapper's included), by
     file key -> (the key of the same tensor in our files or None, the model tensor):
     ``<module>.modules_to_save.<k>`` (the adapter's copy: the tensor of ``<module>.<k>``) and
-    ``<module>.original_module.<k>`` (the original's, which training leaves as it was).
+    ``<module>.original_module.<k>`` (the original's, which training leaves as it was). PEFT drops
+    its adapter name from a key only where it is the last part but one, so the copy of a module
+    with submodules keeps it: ``layers.1.modules_to_save.default.mlp.down_proj.bias`` (for PEFT's
+    adapter "default", the name a file of one adapter is written under).
     ``saved``: :func:`~lora.targets.saved_copies`. Empty for other bias modes."""
     if config.bias != "all":
         return {}
@@ -555,7 +720,8 @@ def _peft_saved_aliases(
             for k, t in source.state_dict(keep_vars=True).items():
                 if k == "bias" or k.endswith(".bias"):
                     same = f"{module_name}.{k}" if kind == "modules_to_save" else None
-                    out[f"{module_name}.{kind}.{k}"] = (same, t)
+                    where = f"{kind}.default" if kind == "modules_to_save" and "." in k else kind
+                    out[f"{module_name}.{where}.{k}"] = (same, t)
     return out
 
 
@@ -604,9 +770,9 @@ def load_adapter(
     if p.is_file() and not _peft_weights_file(p):
         return _load_lora_state_dict(model, p)
     files = read_adapter(p)
-    config = config_from_files(files)
     # One walk of the module tree for every check below (the model is not changed until _apply).
     modules = dict(model.named_modules())
+    config = _as_peft_reads(config_from_files(files), files, modules)
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
     existing = multi.names_in_layers(model, layers.values())
     has_layers = bool(layers)
@@ -623,6 +789,7 @@ def load_adapter(
     mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
 
     specs = _specs(model, config, str(files.config_path), modules)
+    _warn_if_order_lost(config, specs, files)
     # Unmerged, every weight is the base weight (checks compare with it); merged again on the way out.
     merged = [layer for layer in layers.values() if layer.merged]
     for layer in merged:
@@ -659,6 +826,29 @@ def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
         f"loading it into {actual!r}",
         stacklevel=3,
     )
+
+
+def _warn_if_order_lost(config: LoRAConfig, specs: dict, files: AdapterFiles) -> None:
+    # The first matching key of a rank/alpha pattern counts; PEFT's save_pretrained writes the
+    # keys sorted, so where keys in sorted order give one module different values, the order
+    # they were trained with (and so the value) is not in the file.
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, key)
+        if list(pattern) != sorted(pattern) or list(files.config.get(key) or {}) != list(pattern):
+            continue
+        for module in specs:
+            values = pattern_values(pattern, module)
+            if len(set(values)) > 1:
+                keys = [k for k in pattern if pattern_values({k: 0}, module)]
+                warnings.warn(
+                    f"{files.config_path}: {key} keys {keys!r} all match {module!r}, with "
+                    f"values {values!r}; the first counts (as in PEFT), but the keys are in "
+                    "sorted order, as PEFT's save_pretrained writes them whatever order they "
+                    "were given in, so the adapter may have been trained with another of them",
+                    PeftCompatibilityWarning,
+                    stacklevel=3,
+                )
+                break
 
 
 def _same_path(a: str, b: str) -> bool:

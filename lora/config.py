@@ -21,7 +21,7 @@ from .checks import (
     sort_keys,
 )
 
-__all__ = ["LoRAConfig", "parse_target", "pattern_value", "BIAS_MODES"]
+__all__ = ["LoRAConfig", "parse_target", "pattern_value", "pattern_values", "BIAS_MODES"]
 
 # Keys PEFT writes into adapter_config.json that carry no meaning for a plain LoRA adapter when they
 # hold these values. from_peft_dict drops them; any other value is refused as unsupported.
@@ -226,7 +226,12 @@ def _check_pattern(pattern, name: str, check_value) -> dict:
 def pattern_value(pattern: dict, module_name: str, default):
     """The value of the first key of ``pattern`` (a regex) that matches ``module_name``, else
     ``default``. As PEFT: a key matches a module whose name ends with it, on a dot boundary."""
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
-            return value
+    for value in pattern_values(pattern, module_name):
+        return value
     return default
+
+
+def pattern_values(pattern: dict, module_name: str) -> list:
+    """The values of every key of ``pattern`` that matches ``module_name``, in key order (the
+    first is the one that counts)."""
+    return [v for k, v in pattern.items() if re.fullmatch(rf"(?:.*\.)?(?:{k})", module_name)]

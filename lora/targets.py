@@ -137,15 +137,16 @@ def saved_match(name: str, entry: str) -> bool:
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """The names of the model's output head (``get_output_embeddings()``, else any lm_head)."""
+    """The names of the model's output head, which ``"all-linear"`` leaves out: the module
+    ``get_output_embeddings()`` returns (a transformers model's, or lora.models'), as PEFT does.
+    A model without one has none: PEFT then adapts a module named ``lm_head`` like any Linear."""
     head = None
     if hasattr(model, "get_output_embeddings"):
         try:
             head = model.get_output_embeddings()  # type: ignore[operator]
         except (NotImplementedError, AttributeError):
             head = None
-    names = {n for n, m in model.named_modules() if head is not None and m is head}
-    return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -417,7 +418,8 @@ def modules_to_save_for(
     ``dict(model.named_modules())`` when the caller has it. Raises :class:`InjectionError` for an entry that matches no module, and
     for one that names a container without a forward of its own (an ``nn.ModuleList`` such as a
     model's ``layers``): a wrapper runs the module in its place, and the parent iterates or indexes
-    it, which a wrapper cannot stand in for; the message names the modules in it to list instead."""
+    it, which a wrapper cannot stand in for; the message names the modules in it to list instead.
+    A module inside another one found is left out: the outer one's copy trains it."""
     if not config.modules_to_save:
         return {}
     if modules is None:
@@ -450,11 +452,21 @@ def modules_to_save_for(
                     f"cannot stand in for; {instead}"
                 )
         found.update(hits)
+    # An entry naming only modules inside a wrapper that another entry names (``down_proj``, all
+    # inside a wrapped ``mlp``) names something: that wrapper's copy trains them.
+    wrapped = tuple(f"{n}." for n, m in found.items() if isinstance(m, ModulesToSaveWrapper))
+    held = tuple(f"{n}." for n, m in modules.items() if isinstance(m, LoRALayer))
+    covered = [n for n in modules if wrapped and n.startswith(wrapped)]
+    covered = [n for n in covered if not (held and n.startswith(held))]
+    missing = [e for e in missing if not any(saved_match(n, e) for n in covered)]
     if missing:
         raise InjectionError(
             f"modules_to_save: {missing!r} match no module of {type(model).__name__}"
         )
-    return found
+    # A module inside another one named (``o_proj`` inside ``layers.1``) is trained in full by
+    # that one's copy: no wrapper of its own (one inside the copy would nest them), as in PEFT.
+    outer = tuple(f"{n}." for n in found)
+    return {n: m for n, m in found.items() if not n.startswith(outer)}
 
 
 def _own_weight(module: nn.Module) -> Tensor | None:

@@ -203,12 +203,12 @@ def test_merged_linear_is_saved_as_the_equivalent_single_lora_and_restored(tmp_p
     )  # r·k = 8
     body = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert body["target_modules"] == ["qkv_proj", "gate_up_proj", "o_proj"]
-    name = r"model\.layers\.0\.self_attn\.qkv_proj"
+    name = r"^model\.layers\.0\.self_attn\.qkv_proj"  # exact: one key per module (order-free)
     assert body["rank_pattern"][name] == 8
     k_alpha = 8 * (2**0.5 if use_rslora else 2)
     assert body["alpha_pattern"][name] == pytest.approx(k_alpha)
     assert (
-        r"model\.layers\.1\.mlp\.gate_up_proj" not in body["rank_pattern"]
+        r"^model\.layers\.1\.mlp\.gate_up_proj" not in body["rank_pattern"]
     )  # one slice: rank r, alpha unchanged
     assert json.loads(meta["lora.config"])["target_modules"][0] == "qkv_proj[q,v]"
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
@@ -290,7 +290,7 @@ def test_edited_config_loads_fused_adapter_as_peft_would(tmp_path):
     want = logits(model)
     lora.save_adapter(model, tmp_path)
     body = json.loads((tmp_path / CONFIG_NAME).read_text())
-    body["alpha_pattern"][r"model\.layers\.1\.self_attn\.qkv_proj"] = (
+    body["alpha_pattern"][r"^model\.layers\.1\.self_attn\.qkv_proj"] = (
         32  # doubles that module's scaling
     )
     (tmp_path / CONFIG_NAME).write_text(json.dumps(body))
@@ -301,7 +301,7 @@ def test_edited_config_loads_fused_adapter_as_peft_would(tmp_path):
         type(fresh.model.layers[0].self_attn.qkv_proj) is lora.Linear
     )  # one LoRA over the fused matrix
     assert fresh.model.layers[1].self_attn.qkv_proj.scaling == 4.0
-    body["alpha_pattern"][r"model\.layers\.1\.self_attn\.qkv_proj"] = 16
+    body["alpha_pattern"][r"^model\.layers\.1\.self_attn\.qkv_proj"] = 16
     (tmp_path / CONFIG_NAME).write_text(json.dumps(body))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

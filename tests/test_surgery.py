@@ -84,12 +84,21 @@ def test_one_training_step_moves_only_lora_parameters():
     assert changed and all("lora_" in n for n in changed)
 
 
+class HeadedToy(Toy):
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
 def test_all_linear_skips_the_output_head_and_regex_and_exclude_work():
-    model = lora.inject(Toy(), lora.LoRAConfig(target_modules="all-linear"))
+    model = lora.inject(HeadedToy(), lora.LoRAConfig(target_modules="all-linear"))
     assert type(model.lm_head) is nn.Linear
     assert {n for n, _ in lora.layers.lora_layers(model)} == {
         f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj")
     }
+    # PEFT's rule: only get_output_embeddings() says what the output head is; a plain module's
+    # lm_head is a Linear like the others (exclude_modules=["lm_head"] leaves it out).
+    model = lora.inject(Toy(), lora.LoRAConfig(target_modules="all-linear"))
+    assert isinstance(model.lm_head, lora.Linear)
     model = lora.inject(Toy(), lora.LoRAConfig(target_modules=r"blocks\.\d\.q_proj"))
     assert {n for n, _ in lora.layers.lora_layers(model)} == {"blocks.0.q_proj", "blocks.1.q_proj"}
     model = lora.inject(
