@@ -120,6 +120,7 @@ def _build(variant: str, args):
         lora.inject(model, lora.LoRAConfig(**LORA))  # lora_dtype="auto": fp32 adapters on bf16
         if args.checkpointing:
             model.gradient_checkpointing_enable(layers=args.checkpoint_layers)
+        model.model.release_heap_every = args.release_heap_every
     elif variant == "peft":
         import peft
         import transformers
@@ -280,6 +281,7 @@ def memory_in_subprocess(variant: str, args) -> dict:
         cmd.append("--checkpointing")
     if args.checkpoint_layers is not None:
         cmd += ["--checkpoint-layers", str(args.checkpoint_layers)]
+    cmd += ["--release-heap-every", str(args.release_heap_every)]
     if args.time_in_subprocess:
         cmd.append("--time-in-subprocess")
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -354,6 +356,14 @@ def parse_args(argv=None):
         default=None,
         metavar="N",
         help="with --checkpointing: ours checkpoints only the first N decoder layers (PEFT: all)",
+    )
+    ap.add_argument(
+        "--release-heap-every",
+        type=int,
+        default=4,
+        metavar="K",
+        help="ours, with --checkpointing: trim the C heap every K layers (0: never; "
+        "model.model.release_heap_every)",
     )
     ap.add_argument(
         "--small",

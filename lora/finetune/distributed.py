@@ -26,9 +26,7 @@ each rank holds and quantises whole blocks of 64 weights (see :func:`load_sharde
 
 from __future__ import annotations
 
-import ctypes
 import datetime
-import functools
 import os
 import re
 import resource
@@ -40,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._heap import trim_heap  # re-exported: it lived here first
+
 __all__ = [
     "DistContext",
     "DistributedSetupError",
@@ -49,6 +49,7 @@ __all__ = [
     "shard_rows",
     "load_sharded_phi3",
     "peak_memory_mb",
+    "trim_heap",
     "lost_rank_message",
     "TORCHRUN_STOP",
     "resume_comparable",
@@ -258,25 +259,6 @@ def parameter_mb(model: nn.Module) -> float:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total / 2**20
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
-    except (AttributeError, OSError):
-        return None
-
-
-def trim_heap() -> bool:
-    """Return the free memory inside the C heap to the system (glibc ``malloc_trim(0)``: the
-    free pages of every arena, not only its top); the live allocations are not touched. Returns
-    whether the C library has it (False elsewhere: nothing is done)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 def peak_memory_mb(device: torch.device) -> float:

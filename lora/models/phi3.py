@@ -36,6 +36,7 @@ from lora.checks import IGNORE_INDEX, check_checkpoint_layers
 from lora.models import checkpoint as ckpt
 from lora.models import recompute
 from lora.models.fused_ops import rms_norm, swiglu
+from lora._heap import trim_heap
 from lora.quant import keep_decoded_on_recompute
 
 __all__ = [
@@ -681,6 +682,21 @@ def _anchored(run):
     return segment
 
 
+def _trimming_on_recompute(run):
+    """``run`` for one checkpoint call that trims the C heap before each call but the first:
+    the recomputation, which starts the segment's backward (the forward's trim is the caller's)."""
+    calls = 0
+
+    def segment(*args):
+        nonlocal calls
+        if calls:
+            trim_heap()
+        calls += 1
+        return run(*args)
+
+    return segment
+
+
 class Phi3Model(nn.Module):
     """Embedding, decoder layers and the final norm: input ids (b, s) -> hidden states (b, s, h)."""
 
@@ -706,6 +722,23 @@ class Phi3Model(nn.Module):
         # Training without checkpointing a layer: recompute its cheap activations in backward
         # instead of keeping them (lora.models.recompute); off only to measure what it saves.
         self.recompute_cheap = True
+        # Training under gradient checkpointing on CPU: hand the C heap's free pages back to the
+        # system (lora._heap.trim_heap) before every ``release_heap_every``-th decoder layer's
+        # forward (layers 0, k, 2k, ...), before the recomputation of every k-th checkpointed
+        # layer counted from the last (where backward starts), and before the final norm and the
+        # loss. 0: never (to measure what it saves; docs/performance.md, "Full-size Phi-3-mini").
+        self.release_heap_every = 4
+
+    def _releases_heap(self, device: torch.device) -> bool:
+        """Whether this forward trims the C heap between layers (see ``release_heap_every``)."""
+        return (
+            self.release_heap_every > 0
+            and self.gradient_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        )
 
     def _checkpointed(self, i: int) -> bool:
         return self.checkpoint_layers is None or i < self.checkpoint_layers
@@ -768,11 +801,17 @@ class Phi3Model(nn.Module):
 
         presents = []
         training = self.training and torch.is_grad_enabled()
+        release = self._releases_heap(x.device)
+        every, last = self.release_heap_every, len(self.layers) - 1
         anchor: Tensor | None = None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
+            if release and i % every == 0:
+                trim_heap()
             if self.gradient_checkpointing and self.training and self._checkpointed(i):
                 run = keep_decoded_on_recompute(layer)  # 4-bit weights: 2 decodes a step, not 3
+                if release and (last - i) % every == 0:
+                    run = _trimming_on_recompute(run)
                 reentrant = self.checkpoint_use_reentrant
                 if reentrant and training and not x.requires_grad:
                     # The reentrant kind only back-propagates into a segment whose tensor inputs
@@ -796,6 +835,8 @@ class Phi3Model(nn.Module):
                     x, present = layer(x, cos, sin, attn, past)
             if use_cache:
                 presents.append(present)
+        if release:
+            trim_heap()  # before the loss: the last layer's temporaries are free
         return self.norm(x), (tuple(presents) if use_cache else None)
 
 
