@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lora._heap import trim_heap
 from lora._io import atomic_write_json
 from lora.checks import IGNORE_INDEX, check_checkpoint_layers
 from lora.models import checkpoint as ckpt
 from lora.models import recompute
 from lora.models.fused_ops import rms_norm, swiglu
-from lora._heap import trim_heap
 from lora.quant import keep_decoded_on_recompute
 
 __all__ = [
