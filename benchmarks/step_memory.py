@@ -174,7 +174,10 @@ def main() -> None:
         gc.collect()
         r = rss_mib()
         report["rss_mib"][name] = r
-        print(f"[{time.perf_counter() - T0:7.1f} s] {name:28s} RSS {r:8.0f} MiB  {mallinfo()}", flush=True)
+        print(
+            f"[{time.perf_counter() - T0:7.1f} s] {name:28s} RSS {r:8.0f} MiB  {mallinfo()}",
+            flush=True,
+        )
 
     mark("start (python)")
     import torch
@@ -260,6 +263,7 @@ def main() -> None:
 
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(layer_hook(i))
+
     def norm_hook(module, inputs, output):
         if not state["backward"]:
             sampler.phase = "loss"
