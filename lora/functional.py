@@ -491,7 +491,18 @@ def lora_linear_fused(
         bool(fan_in_fan_out),
         tuple(tuple(b) for b in blocks) if blocks is not None else None,
     )
-    return out.view(*lead, out.shape[-1])
+    return unflatten_rows(out, lead)
+
+
+def unflatten_rows(y: Tensor, lead: Sequence[int]) -> Tensor:
+    """A 2-D (tokens, out) result of an autograd function back to (*lead, out), as a tensor of its
+    own rather than a view of ``y``.
+
+    ``y`` is fresh (nothing else aliases it), so nothing is lost by not tracking the alias, and
+    the result takes in-place ops and module hooks as any layer's output: FSDP2 warns of, and
+    would lose its pre-backward all-gather on an in-place op on, a module output that is a view.
+    """
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
 
 
 def _expand_blocks(lora_B: Tensor, blocks, out_features: int, rk: int) -> Tensor:

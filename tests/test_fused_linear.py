@@ -489,3 +489,36 @@ def test_autocast_takes_the_composite_path_and_trains():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "merged", "nf4-lora", "nf4-plain"])
+def test_a_layer_output_is_its_own_tensor_and_takes_in_place_ops(kind, dtype):
+    """A (b, s, out) output is not a view of the 2-D result inside: FSDP2 drops its pre-backward
+    all-gather on an in-place op on a module output that is a view (and warns of any such output),
+    and an in-place add on the output gives the gradients of the out-of-place one."""
+    torch.manual_seed(0)
+    if kind == "merged":
+        layer = lora.MergedLinear(64, 96, r=4, lora_alpha=8, enable_lora=[True, False, True])
+    else:
+        layer = lora.Linear(64, 96, r=4, lora_alpha=8, lora_dropout=0.1)
+    randomize_lora(layer)
+    layer.weight.requires_grad_(False)
+    if kind.startswith("nf4"):
+        layer = torch.nn.Sequential(layer)
+        if kind == "nf4-plain":
+            layer[0] = torch.nn.Linear(64, 96, bias=False)
+            layer[0].weight.requires_grad_(False)
+        lora.quantize(layer, "nf4")
+    layer = layer.to(dtype) if kind == "linear" or kind == "merged" else layer
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    grads = []
+    for in_place in (False, True):
+        torch.manual_seed(1)  # the same dropout mask both times
+        x.grad = None
+        y = layer(x)
+        assert y._base is None and y.shape == (2, 5, 96)
+        y = y.add_(1.0) if in_place else y + 1.0
+        (y.float() ** 2).sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from ..functional import unflatten_rows
 from .nf4 import (
     BLOCK_SIZE,
     SCALE_BLOCK_SIZE,
@@ -451,7 +452,7 @@ class NF4LinearFunction(torch.autograd.Function):
 
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., in), weight (out, in) -> (..., out)."""
-    # The function works on 2-D (tokens, features); the views back to x's shape are made here, under
-    # autograd, so that a caller may add to the output in place (a view made inside it may not be).
+    # The function works on 2-D (tokens, features); the result goes back to x's shape here, under
+    # autograd, so that a caller may add to the output in place.
     y = NF4LinearFunction.apply(x.reshape(-1, x.shape[-1]), bias, weight)
-    return y.view(*x.shape[:-1], weight.out_features)
+    return unflatten_rows(y, x.shape[:-1])
