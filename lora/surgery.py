@@ -84,7 +84,7 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
 
     Returns ``model``. Raises :class:`InjectionError` (a ``ValueError``) naming the targets that
     match nothing, the modules that cannot take LoRA, unknown fused slices, targets all inside
-    modules_to_save, or a model that was injected before (all checked before the model changes).
+    modules_to_save, a rank_pattern that gives every target rank 0, or a model that was injected before (all checked before the model changes).
     """
     if isinstance(config, dict):
         config = LoRAConfig(**config)
@@ -99,11 +99,17 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
     overlap = plan.saved_targets_warning()
     if overlap is not None:
         warnings.warn(overlap, SavedTargetWarning, stacklevel=2)
-    for name, slices in plan.targets.items():
-        base = plan.modules[name]
-        if config.rank_for(name) == 0:
-            continue
-        set_submodule(model, name, build_layer(name, base, slices, config, plan, lora_dtype))
+    built = {n: s for n, s in plan.targets.items() if config.rank_for(n) > 0}
+    if plan.targets and not built:
+        raise InjectionError(
+            f"rank_pattern={config.rank_pattern!r} gives every target rank 0 "
+            f"({', '.join(list(plan.targets)[:6])}{', ...' if len(plan.targets) > 6 else ''}): "
+            "no module would get a LoRA layer; expected at least one target with r > 0"
+        )
+    for name, slices in built.items():
+        set_submodule(
+            model, name, build_layer(name, plan.modules[name], slices, config, plan, lora_dtype)
+        )
 
     mark_only_lora_as_trainable(model, bias=config.bias)
     for wrapper in wrap_modules_to_save(model, config, "default").values():

@@ -273,6 +273,9 @@ class TargetPlan:
                         f"target_modules: module {n!r} is named twice with different slices"
                     )
                 self.targets[n] = slices
+        # In the model's order, not the entries': layers are built (and draw their init) in this
+        # order, so ["q_proj", "v_proj"] and ["v_proj", "q_proj"] must give the same adapter.
+        self.targets = {n: self.targets[n] for n in self.names if n in self.targets}
         if unmatched:
             example = ", ".join(sorted({n.split(".")[-1] for n in self.names})[:12])
             raise InjectionError(
@@ -465,8 +468,10 @@ def modules_to_save_for(
         )
     # A module inside another one named (``o_proj`` inside ``layers.1``) is trained in full by
     # that one's copy: no wrapper of its own (one inside the copy would nest them), as in PEFT.
+    # In the model's order, not the entries': a tied partner of two named modules shares the
+    # copy of the first (wrap_modules_to_save), which must not depend on how the entries run.
     outer = tuple(f"{n}." for n in found)
-    return {n: m for n, m in found.items() if not n.startswith(outer)}
+    return {n: found[n] for n in names if n in found and not n.startswith(outer)}
 
 
 def _own_weight(module: nn.Module) -> Tensor | None:

@@ -1,6 +1,6 @@
 """One rank of a test job, launched as
 
-    torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] :: ARGS
+    torchrun ... tests/dist_worker.py [--audit DIR] [--die-rank R --die-at I] ... :: ARGS
 
 Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worker, and for tests:
 
@@ -17,6 +17,11 @@ Runs ``lora-finetune ARGS`` (lora.finetune.__main__.main) in this torchrun worke
   eval-mode logits on :data:`DUMP_IDS` (``base_logits``: under ``lora.disabled``, the base
   model's); and DIR/rank<R>.gathered, the parameters FSDP all-gathered in training (their names,
   one a line, each once; nothing without FSDP).
+- ``--watch-gathers DIR``: under FSDP, writes DIR/rank<R>.json when lora-finetune returns: how
+  many gloo all-gathers (``all_gather_single``) ran, and at the start of each unit's compute (a
+  forward pre-hook after the library's), the units whose parameters were gathered whole
+  (``"unsharded"``) and whether any gather buffer was still held (``"buffers"``: a group's
+  pending all-gather result, or the one FSDP2 keeps after a forward gather).
 
 When ``lora-finetune`` returns, each rank prints its threads' names (``rank R: threads after the
 run: [...]``, JSON; null where they cannot be read) and leaves through the interpreter's own
@@ -55,6 +60,7 @@ def main() -> int:
     ap.add_argument("--die-at", type=int)
     ap.add_argument("--die-stamp", help="write time.time() here just before dying")
     ap.add_argument("--dump", help="write each rank's model state and logits here at the end")
+    ap.add_argument("--watch-gathers", help="record FSDP's gathered units at each compute")
     ap.add_argument(
         "--plain-loss", action="store_true", help="every Phi-3 model takes the plain loss"
     )
@@ -129,9 +135,49 @@ def main() -> int:
             return result
 
         trainer_module.Trainer.train = train_and_dump
+    watched: list[dict] = []
+    gloo_gathers: list[int] = []
+    if args.watch_gathers:
+        import torch.distributed as dist
+
+        from lora.finetune import pipeline
+
+        single = dist.all_gather_single
+
+        def counted_gather(*a, **k):
+            gloo_gathers.append(1)
+            return single(*a, **k)
+
+        dist.all_gather_single = counted_gather
+        load = pipeline.load_sharded_phi3
+
+        def watched_load(*a, **k):
+            model = load(*a, **k)
+            units = {m: n or "root" for n, m in model.named_modules() if hasattr(m, "unshard")}
+
+            def look(module, _args):
+                unsharded, buffers = [], 0
+                for unit, name in units.items():
+                    state = unit._get_fsdp_state()
+                    for group in state._fsdp_param_groups:
+                        if group.is_unsharded:
+                            unsharded.append(name)
+                        buffers += group._all_gather_result is not None
+                    buffers += getattr(state._comm_ctx, "all_gather_state", None) is not None
+                watched.append({"unit": units[module], "unsharded": unsharded, "buffers": buffers})
+
+            for unit in units:
+                unit.register_forward_pre_hook(look)
+            return model
+
+        pipeline.load_sharded_phi3 = watched_load
     try:
         return cli_main(rest)
     finally:
+        if args.watch_gathers:
+            os.makedirs(args.watch_gathers, exist_ok=True)
+            with open(os.path.join(args.watch_gathers, f"rank{rank}.json"), "w") as f:
+                json.dump({"all_gather_single": len(gloo_gathers), "computes": watched}, f)
         print(f"rank {rank}: chunked loss calls {len(chunked_calls)}", flush=True)
         # the job has left its process group by now: none of its backend's threads may be left
         # to the interpreter's teardown (see DistContext.close)

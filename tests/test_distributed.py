@@ -253,12 +253,37 @@ def test_a_resumed_two_process_run_is_bit_identical_to_an_uninterrupted_one(job)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def assert_one_unit_gathered_at_a_time(directory: Path, recomputed: bool) -> None:
+    """What tests/dist_worker.py --watch-gathers recorded on each rank of an FSDP job on CPU:
+    every unit gathered through broadcasts (no gloo all-gather: it stages a second copy of the
+    unit), and when a unit computes, it alone (with the root) gathered and no gather buffer left:
+    not the next unit's (FSDP2 prefetches in backward) nor its own (FSDP2 keeps it in forward)."""
+    for rank in (0, 1):
+        seen = json.loads((directory / f"rank{rank}.json").read_text())
+        assert seen["all_gather_single"] == 0, rank
+        computes = seen["computes"]
+        assert any(c["unit"] == "model.layers.1" for c in computes), computes
+        # each decoder layer computes once a forward (training and eval), and again in backward
+        # when checkpointed: its recomputation was watched too
+        per_layer = sum(c["unit"] == "model.layers.0" for c in computes)
+        forwards = sum(c["unit"] == "root" for c in computes)
+        assert per_layer == sum(c["unit"] == "model.layers.1" for c in computes) > 0
+        assert per_layer > forwards if recomputed else per_layer == forwards
+        for c in computes:
+            assert c["buffers"] == 0, (rank, c)
+            assert set(c["unsharded"]) <= {c["unit"], "root"}, (rank, c)
+            assert c["unit"] in c["unsharded"] or c["unit"] == "root", (rank, c)
+
+
 def test_fsdp_shards_the_base_and_trains_the_same_adapter(job):
     root, common = job["root"], job["common"]
     run = torchrun(
-        2, [*common, "--config", str(job["two"]), "--output", str(root / "fsdp"), "--fsdp"]
+        2,
+        [*common, "--config", str(job["two"]), "--output", str(root / "fsdp"), "--fsdp"],
+        ["--watch-gathers", str(root / "fsdp-gathers")],
     )
     assert_exited_cleanly(run)
+    assert_one_unit_gathered_at_a_time(root / "fsdp-gathers", recomputed=False)
     assert_close_runs(root / "fsdp", root / "single")
     assert tree(root / "fsdp") == tree(root / "single")
     held = [r["params_mb"] for r in rows(root / "fsdp") if "loss" in r][-1]
@@ -438,9 +463,11 @@ def test_fsdp_with_tied_embeddings_modules_to_save_packing_and_checkpointing(job
             str(tmp_path / "fsdp"),
             "--fsdp",
         ],
+        ["--watch-gathers", str(tmp_path / "gathers")],
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert_close_runs(tmp_path / "fsdp", tmp_path / "single")
+    assert_one_unit_gathered_at_a_time(tmp_path / "gathers", recomputed=True)
 
 
 @pytest.mark.slow

@@ -122,6 +122,24 @@ def test_rank_and_alpha_patterns():
     assert model.blocks[0]["v_proj"].scaling == 8.0 and model.blocks[0]["q_proj"].scaling == 4.0
 
 
+def test_a_rank_pattern_of_zeros_for_every_target_is_refused_naming_it():
+    model = Toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = lora.LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 0})
+    with pytest.raises(
+        lora.InjectionError, match=r"rank_pattern=\{'q_proj': 0\} gives every target rank 0"
+    ) as e:
+        lora.inject(model, cfg)
+    assert "blocks.0.q_proj" in str(e.value) and "r > 0" in str(e.value)
+    assert not any(isinstance(m, lora.LoRALayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # one target left with a rank: injected as before (rank 0 leaves the other alone)
+    cfg = lora.LoRAConfig(r=4, target_modules=["q_proj"], rank_pattern={r"blocks\.0\.q_proj": 0})
+    lora.inject(model, cfg)
+    assert not isinstance(model.blocks[0]["q_proj"], lora.Linear)
+    assert isinstance(model.blocks[1]["q_proj"], lora.Linear)
+
+
 @pytest.mark.parametrize(
     "config,match",
     [
