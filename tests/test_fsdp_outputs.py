@@ -7,14 +7,9 @@ One gloo process (world size 1) in a subprocess, so that no process group outliv
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from test_sharded_copies import ROOT, free_port
+from test_sharded_copies import one_gloo_rank
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="needs torch.distributed"
@@ -53,26 +48,6 @@ ctx.close()
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_a_lora_lm_head_unit_returns_its_own_tensor(tmp_path, quant):
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        OMP_NUM_THREADS="1",
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), quant],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = one_gloo_rank(SCRIPT, str(tmp_path), quant)
     assert out["views"] == []
     assert out["same"] and out["n"] > 0

@@ -73,8 +73,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_a_copy_of_a_sharded_module_is_refused_before_the_model_changes(tmp_path, quant):
+def one_gloo_rank(script: str, *args: str) -> dict:
+    """Run ``script`` (python -c) as the only rank of a gloo job (world size 1) with ``args``;
+    returns the JSON it printed last on a line starting ``RESULT ``."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
@@ -87,7 +88,7 @@ def test_a_copy_of_a_sharded_module_is_refused_before_the_model_changes(tmp_path
         MASTER_PORT=str(free_port()),
     )
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), quant],
+        [sys.executable, "-c", script, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -95,7 +96,12 @@ def test_a_copy_of_a_sharded_module_is_refused_before_the_model_changes(tmp_path
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_a_copy_of_a_sharded_module_is_refused_before_the_model_changes(tmp_path, quant):
+    out = one_gloo_rank(SCRIPT, str(tmp_path), quant)
     kind, message = out["load"]
     assert kind == "AdapterError"
     assert "model.layers.1.mlp" in message and "FSDP has sharded it" in message
