@@ -26,7 +26,6 @@ writes the samples and events. The figures are MiB (2**20 bytes).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -34,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _malloc import mallinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -58,33 +59,6 @@ with open(out, "w") as f:
 
 
 # --- the worker: one rank of lora-finetune, instrumented --------------------------------------------
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _mallinfo():
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (AttributeError, OSError):
-        return None
-    fn.restype = _Mallinfo2
-    return fn
-
-
 def _rss() -> tuple[int, int]:
     with open("/proc/self/statm") as f:
         fields = f.read().split()
@@ -95,7 +69,6 @@ def _rss() -> tuple[int, int]:
 class Recorder:
     def __init__(self) -> None:
         self.events: list[dict] = []
-        self.mallinfo = _mallinfo()
         self.model = None
         self.step = 0
         self.phase = "load"
@@ -142,9 +115,9 @@ class Recorder:
             "rss": rss,
             "file": file,
         }
-        if self.mallinfo is not None:
-            m = self.mallinfo()
-            row.update(heap_used=m.uordblks, heap_free=m.fordblks, mmapped=m.hblkhd)
+        m = mallinfo(unit=1)
+        if m is not None:
+            row.update(heap_used=m["heap_used"], heap_free=m["heap_free"], mmapped=m["mmapped"])
         row.update(self.gathered())
         self.events.append(row)
 

@@ -20,7 +20,6 @@ Linux + glibc only (``/proc/self``, ``mallinfo2``). Nothing here asserts anythin
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -28,6 +27,8 @@ import resource
 import sys
 import threading
 import time
+
+from _malloc import mallinfo
 
 T0 = time.perf_counter()
 
@@ -45,42 +46,6 @@ def status_kib(*keys: str) -> dict[str, int]:
 def rss_mib() -> float:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def mallinfo() -> dict[str, float] | None:
-    """glibc's counters in MiB: ``mmapped`` (blocks malloc mmapped, in use), ``heap_used`` and
-    ``heap_free`` (inside the arenas), ``heap`` (the arenas' total size)."""
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (AttributeError, OSError):
-        return None
-    fn.restype = _MallInfo2
-    m = fn()
-    mib = 2**20
-    return dict(
-        mmapped=m.hblkhd / mib,
-        heap_used=m.uordblks / mib,
-        heap_free=m.fordblks / mib,
-        heap=m.arena / mib,
-    )
 
 
 def reset_hwm() -> None:
