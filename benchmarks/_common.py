@@ -104,3 +104,39 @@ def write_json(path: str, obj) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+def finetune_job(
+    *,
+    steps: int,
+    seq: int,
+    per_device: int = 1,
+    packing: bool = True,
+    checkpointing: bool = True,
+    bf16: bool = True,
+    **training,
+) -> dict:
+    """The two dictionaries of a benchmark's ``lora-finetune --config`` job: ``steps`` optimizer
+    steps of ``per_device`` packed rows of ``seq`` tokens, logged every step, no eval, no checkpoint
+    saved, r=16 / alpha 32 on all-linear without dropout; ``training``: more training_config keys."""
+    return {
+        "training_config": {
+            "per_device_train_batch_size": per_device,
+            "max_steps": steps,
+            "logging_steps": 1,
+            "save_steps": 10_000,
+            "max_seq_length": seq,
+            "packing": packing,
+            "gradient_checkpointing": checkpointing,
+            "eval_fraction": 0.0,
+            "bf16": bf16,
+            "learning_rate": 1e-3,
+            **training,
+        },
+        "peft_config": {
+            "r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.0,
+            "target_modules": "all-linear",
+        },
+    }

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import finetune_job
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -90,32 +91,17 @@ def main() -> None:
 
     def config(per_device: int) -> Path:
         path = work / f"c{per_device}.json"
-        path.write_text(
-            json.dumps(
-                {
-                    "training_config": {
-                        "per_device_train_batch_size": per_device,
-                        "max_steps": args.steps,
-                        "logging_steps": 1,
-                        "save_steps": 10_000,
-                        "max_seq_length": args.seq,
-                        "packing": not args.no_packing,
-                        "gradient_checkpointing": args.checkpointing,
-                        "eval_fraction": 0.0,
-                        "device": args.device,
-                        "bf16": args.bf16,
-                        "quantize": args.quantize,
-                        "learning_rate": 1e-3,
-                    },
-                    "peft_config": {
-                        "r": 16,
-                        "lora_alpha": 32,
-                        "lora_dropout": 0.0,
-                        "target_modules": "all-linear",
-                    },
-                }
-            )
+        job = finetune_job(
+            steps=args.steps,
+            seq=args.seq,
+            per_device=per_device,
+            packing=not args.no_packing,
+            checkpointing=args.checkpointing,
+            bf16=args.bf16,
+            device=args.device,
+            quantize=args.quantize,
         )
+        path.write_text(json.dumps(job))
         return path
 
     env = dict(

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import finetune_job
 from _malloc import mallinfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,30 +325,7 @@ def main() -> None:
         print(f"checkpoint: {ckpt}")
     data = write_jsonl(work / "chat.jsonl", chat_records(200 + args.nproc * args.steps * args.seq))
     config = work / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "training_config": {
-                    "per_device_train_batch_size": 1,
-                    "max_steps": args.steps,
-                    "logging_steps": 1,
-                    "save_steps": 10_000,
-                    "max_seq_length": args.seq,
-                    "packing": True,
-                    "gradient_checkpointing": True,
-                    "eval_fraction": 0.0,
-                    "bf16": True,
-                    "learning_rate": 1e-3,
-                },
-                "peft_config": {
-                    "r": 16,
-                    "lora_alpha": 32,
-                    "lora_dropout": 0.0,
-                    "target_modules": "all-linear",
-                },
-            }
-        )
-    )
+    config.write_text(json.dumps(finetune_job(steps=args.steps, seq=args.seq)))
     out = Path(args.json) if args.json else work / "trace"
     out.mkdir(parents=True, exist_ok=True)
     env = dict(
