@@ -45,7 +45,6 @@ cfg = lora.LoRAConfig(**{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
 
 def randomize_b(model):
     # B starts at zero (no gradient for A); the same values in both models, by name
-    # (load_sharded_phi3 cannot take init_lora_weights=False: it is drawn on the meta device)
     for i, (name, p) in enumerate(sorted(model.named_parameters())):
         if "lora_B" in name:
             p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)

@@ -740,7 +740,7 @@ def load_sharded_phi3(
         if isinstance(module, LoRALayer) and module.has_adapter:
             module.reset_lora_parameters()
             if not peft.init_lora_weights:
-                module._randomize_lora_B()
+                module.randomize_lora_parameters()
     return model.eval()
 
 
