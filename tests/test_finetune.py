@@ -422,6 +422,20 @@ def test_a_fresh_run_never_deletes_an_earlier_one_unless_told(ckpt, data_file, t
     assert sorted(losses(tmp_path / "out")) == [1, 2, 3]
 
 
+def test_a_fresh_run_into_an_earlier_one_is_refused_before_the_data_is_read(
+    ckpt, data_file, tmp_path
+):
+    # The refusal costs no work: a missing data file is not even looked at (before, the data and
+    # the model were prepared first, then the trainer refused).
+    quiet = dict(progress=False, log=lambda s: None)
+    finetune(ckpt, data_file, training(tmp_path, max_steps=1), PEFT, **quiet)
+    with pytest.raises(ValueError, match=r"holds an earlier run \(adapter, checkpoint-1"):
+        finetune(ckpt, tmp_path / "absent.jsonl", training(tmp_path, max_steps=2), PEFT, **quiet)
+    with pytest.raises(FileNotFoundError):  # resuming expects the earlier run: the data is read
+        finetune(ckpt, tmp_path / "absent.jsonl", training(tmp_path), PEFT, resume=True, **quiet)
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [1]
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data_file, tmp_path):
     trainer = _trainer(ckpt, data_file, training(tmp_path, max_steps=8, save_steps=2))
     forward = trainer._forward

@@ -78,7 +78,14 @@ def run_demo(
     log(f"   the skill to learn: {SKILL}")
     # The same pipeline as lora-finetune; the trainer's own lines go through tqdm (log=None).
     trainer = build_trainer(
-        model_dir, train_file(), training, peft, eval_file=eval_file(), say=log, progress=progress
+        model_dir,
+        train_file(),
+        training,
+        peft,
+        eval_file=eval_file(),
+        say=log,
+        progress=progress,
+        resume=resume,
     )
     try:  # build_trainer locked the output directory; it stays locked until the demo is done
         return _evaluate_train_report(trainer, peft, resume, merge, log, t0)

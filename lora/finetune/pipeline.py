@@ -18,7 +18,7 @@ from ..surgery import inject
 from .config import TrainingConfig
 from .distributed import DistContext, load_sharded_phi3, setup
 from .lock import OutputDirLock, check_output_dir
-from .trainer import Trainer, TrainResult, make_loss_scaler, prints
+from .trainer import Trainer, TrainResult, earlier_run, earlier_run_error, make_loss_scaler, prints
 
 __all__ = ["build_trainer", "finetune"]
 
@@ -34,6 +34,7 @@ def build_trainer(
     progress: bool = True,
     data_cache: bool = True,
     dist: DistContext | None = None,
+    resume: bool | str | os.PathLike = False,
 ) -> Trainer:
     """Seed, read the tokenizer and the data (``say`` gets its summary, if ``log_level`` lets
     info lines through), load the Phi-3 checkpoint in ``model_dir`` (bf16 / fp16 when
@@ -46,7 +47,9 @@ def build_trainer(
     when ``do_eval`` is false: nothing is evaluated). Raises what the data and checkpoint loaders
     raise (:class:`lora.data.DataError`, ``FileNotFoundError``, ``ValueError``; fp16 off CUDA is a
     ``ValueError`` too) before anything is trained, and first :class:`OutputDirBusy` (another run
-    holds ``training.output_dir``) or ``ValueError`` (it cannot be a writable directory). The
+    holds ``training.output_dir``) or ``ValueError`` (it cannot be a writable directory; or, for a
+    fresh run, ``resume`` false and no ``resume_from_checkpoint``, it holds an earlier run and
+    ``overwrite_output_dir`` is not set, as :meth:`Trainer.train` would refuse). The
     returned trainer holds the output directory's lock: call ``trainer.release_lock()`` when done.
     With ``data_cache``, the prepared data is kept in ``output_dir/data_cache`` and reused by a
     later run with the same data, tokenizer, template and options (docs/data.md).
@@ -58,6 +61,10 @@ def build_trainer(
     # Under torchrun rank 0 alone checks, creates and locks the directory: it is the only writer.
     lock = OutputDirLock.acquire(check_output_dir(training.output_dir)) if dist.is_main else None
     try:
+        fresh = not resume and not training.resume_from_checkpoint
+        earlier = earlier_run(training.output_dir) if fresh else []
+        if earlier and not training.overwrite_output_dir:
+            raise earlier_run_error(training.output_dir, earlier)
         trainer = _build(
             model_dir, train_file, training, peft, eval_file, say, log, progress, data_cache, dist
         )
@@ -175,6 +182,7 @@ def finetune(
             log=log,
             progress=progress,
             dist=dist,
+            resume=resume,
         )
         trainer.allow_resume_changes = allow_resume_changes
         result = trainer.train(resume=resume)

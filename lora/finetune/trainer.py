@@ -714,18 +714,12 @@ class Trainer:
 
     def _start_fresh(self) -> None:
         # An earlier run's files are removed only when the user said so: nothing is lost by accident.
-        earlier = [p for _, p in list_checkpoints(self.output_dir)]
-        earlier += [
-            p for p in (self.output_dir / METRICS_FILE, self.output_dir / "adapter") if p.exists()
-        ]
+        earlier = earlier_run(self.output_dir)
         if not earlier:
             self.dist.barrier()
             return
         if not self.cfg.overwrite_output_dir:
-            raise ValueError(
-                f"output_dir {str(self.output_dir)!r} holds an earlier run ({', '.join(sorted(p.name for p in earlier))}): "
-                "resume it (--resume), choose another --output, or set overwrite_output_dir to start over"
-            )
+            raise earlier_run_error(self.output_dir, earlier)
         if self.dist.is_main:  # every rank saw the earlier run; one removes it
             derived = [self.output_dir / name for name in ("loss_curve.png", "merged", "runs")]
             for p in earlier + derived:
@@ -1031,6 +1025,23 @@ class Trainer:
                 self.tokenizer.save_pretrained(directory)
         self.dist.barrier()
         return directory
+
+
+def earlier_run(output_dir: str | os.PathLike) -> list[Path]:
+    """What an earlier run left in ``output_dir``: its checkpoints, metrics file and adapter."""
+    out = Path(output_dir)
+    found = [p for _, p in list_checkpoints(out)]
+    return found + [p for p in (out / METRICS_FILE, out / "adapter") if p.exists()]
+
+
+def earlier_run_error(output_dir: str | os.PathLike, earlier: list[Path]) -> ValueError:
+    """The refusal of a fresh run into ``output_dir``, which holds ``earlier`` (:func:`earlier_run`)
+    and no ``overwrite_output_dir``."""
+    return ValueError(
+        f"output_dir {str(output_dir)!r} holds an earlier run "
+        f"({', '.join(sorted(p.name for p in earlier))}): resume it (--resume), choose another "
+        "--output, or set overwrite_output_dir to start over"
+    )
 
 
 def _grad_norm(params) -> float:
