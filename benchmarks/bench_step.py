@@ -122,23 +122,7 @@ def _build(variant: str, args):
             model.gradient_checkpointing_enable(layers=args.checkpoint_layers)
         model.model.release_heap_every = args.release_heap_every
     elif variant == "peft":
-        import peft
-        import transformers
-
-        config = transformers.Phi3Config(**dims, attn_implementation="sdpa")
-        model = transformers.Phi3ForCausalLM(config)
-        if model.config._attn_implementation != "sdpa":
-            raise SystemExit(
-                f"transformers picked attention {model.config._attn_implementation!r}, not sdpa"
-            )
-        fill_base_weights(model)
-        model.to(args.torch_dtype)
-        if args.checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        # autocast_adapter_dtype (PEFT's default) keeps fp32 adapters on a bf16 base, as ours.
-        model = peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
+        model = build_peft(args, args.checkpointing)
     else:
         raise ValueError(variant)
     fill_lora_A(model)
@@ -148,6 +132,28 @@ def _build(variant: str, args):
         raise SystemExit(f"{variant}: expected only LoRA parameters to be trainable")
     opt = torch.optim.AdamW(params, lr=1e-3)
     return model, opt
+
+
+def build_peft(args, checkpointing: bool, built=lambda: None):
+    """transformers' Phi3ForCausalLM (sdpa) with the deterministic base weights in
+    ``args.torch_dtype``, then ``peft.get_peft_model`` (LoRA A not yet filled); ``built()`` is
+    called between the two (step_memory.py marks the resident set there)."""
+    import peft
+    import transformers
+
+    config = transformers.Phi3Config(**model_dims(args), attn_implementation="sdpa")
+    model = transformers.Phi3ForCausalLM(config)
+    if model.config._attn_implementation != "sdpa":
+        raise SystemExit(
+            f"transformers picked attention {model.config._attn_implementation!r}, not sdpa"
+        )
+    fill_base_weights(model)
+    model.to(args.torch_dtype)
+    built()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # autocast_adapter_dtype (PEFT's default) keeps fp32 adapters on a bf16 base, as ours.
+    return peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
 
 
 def make_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,8 +368,8 @@ def parse_args(argv=None):
         type=int,
         default=4,
         metavar="K",
-        help="ours, with --checkpointing: trim the C heap every K layers (0: never; "
-        "model.model.release_heap_every)",
+        help="ours: under --checkpointing trim the C heap every K layers, without it around "
+        "every layer (0: never; model.model.release_heap_every)",
     )
     ap.add_argument(
         "--small",

@@ -2,6 +2,11 @@
 
     python benchmarks/step_memory.py [--layers 32] [--dtype bfloat16] [--checkpoint-layers N]
         [--no-checkpointing] [--steps 3] [--from-pretrained DIR] [--save DIR] [--json PATH]
+        [--batch 1] [--labels all|chat] [--variant ours|peft]
+
+bench_step.py's end-to-end shape is ``--layers 2 --batch 2 --no-checkpointing``; ``--variant peft``
+measures transformers' Phi-3 + PEFT the same way (built as bench_step.py builds it; the same phase
+hooks on its decoder layers and final norm).
 
 Builds the model as bench_step.py does (ours: lora.models.Phi3ForCausalLM, deterministic random
 weights, r=16 all-linear LoRA, AdamW over the adapters; Phi-3-mini's shapes), or loads it with
@@ -12,7 +17,10 @@ building), and for each step where the peak fell: a thread samples the resident 
 and hooks name the phase the step is in (forward of layer i, the loss, the recomputation and
 backward of layer i, the optimizer step). At each new high it also reads glibc's mallinfo2: the
 bytes malloc has handed out (mmapped blocks and heap in use, i.e. tensors and everything else
-that mallocs) and the heap's free bytes (slack that may be resident).
+that mallocs) and the heap's free bytes (slack that may be resident; pages a trim handed back still count as free,
+so after a trim free bytes overstate the resident slack). A layer that is not checkpointed is
+marked "bwd L<i>" when the gradient of its output arrives (a tensor hook), where its backward
+starts.
 
 Linux + glibc only (``/proc/self``, ``mallinfo2``). Nothing here asserts anything.
 """
@@ -96,7 +104,15 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=32064)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--labels", choices=("all", "chat"), default="all")
+    ap.add_argument(
+        "--variant",
+        choices=("ours", "peft"),
+        default="ours",
+        help="peft: transformers' Phi-3 + PEFT, built as bench_step.py builds it",
+    )
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--checkpoint-layers", type=int, default=None)
@@ -113,21 +129,21 @@ def main() -> None:
         default="",
         help="comma list of where to call trim_heap (malloc_trim(0)): ready, step (after the "
         "optimizer step), loss (before the loss), backward (before loss.backward), layers (before "
-        "each decoder layer, forward and backward)",
+        "each decoder layer, forward and backward), mlp (before each MLP's forward and backward)",
     )
     ap.add_argument(
         "--release-heap-every",
         type=int,
         default=4,
         metavar="K",
-        help="model.model.release_heap_every (0: no trim between layers under checkpointing)",
+        help="model.model.release_heap_every (0: no trim between layers)",
     )
     ap.add_argument(
         "--ab-pairs",
         type=int,
         default=0,
         metavar="P",
-        help="then, with every layer checkpointed, P pairs of steps alternating "
+        help="then (every layer checkpointed unless --no-checkpointing) P pairs of steps alternating "
         "release_heap_every = K and 0 (ABBA order): seconds and minor faults of each",
     )
     ap.add_argument("--json", default=None)
@@ -140,7 +156,8 @@ def main() -> None:
         r = rss_mib()
         report["rss_mib"][name] = r
         print(
-            f"[{time.perf_counter() - T0:7.1f} s] {name:28s} RSS {r:8.0f} MiB  {mallinfo()}",
+            f"[{time.perf_counter() - T0:7.1f} s] {name:28s} RSS {r:8.0f} MiB  {mallinfo()}"
+            f"{'  (torch._dynamo imported)' if 'torch._dynamo' in sys.modules else ''}",
             flush=True,
         )
 
@@ -160,31 +177,41 @@ def main() -> None:
             f"--hidden={args.hidden}",
             f"--intermediate={args.intermediate}",
             f"--vocab={args.vocab}",
-            "--batch=1",
+            f"--batch={args.batch}",
             f"--seq={args.seq}",
             f"--dtype={args.dtype}",
+            f"--labels={args.labels}",
         ]
     )
     dtype = bargs.torch_dtype
-    if args.from_pretrained:
-        model = Phi3ForCausalLM.from_pretrained(args.from_pretrained, dtype=dtype)
-        report["load_hwm_mib"] = status_kib("VmHWM")["VmHWM"] / 1024
-        mark("from_pretrained")
+    if args.variant == "peft":
+        model = B.build_peft(
+            bargs, not args.no_checkpointing, built=lambda: mark("built (random, cast)")
+        )
+        B.fill_lora_A(model)
+        mark("inject")
+        decoder = model.base_model.model.model
     else:
-        model = Phi3ForCausalLM(Phi3Config(**B.model_dims(bargs)))
-        B.fill_base_weights(model)
-        model.to(dtype)
-        mark("built (random, cast)")
-        if args.save:
-            model.save_pretrained(args.save)
-            print(f"saved {args.save}")
-            return
-    lora.inject(model, lora.LoRAConfig(**B.LORA))
-    B.fill_lora_A(model)
-    mark("inject")
-    if not args.no_checkpointing:
-        model.gradient_checkpointing_enable(layers=args.checkpoint_layers)
-    model.model.release_heap_every = args.release_heap_every
+        if args.from_pretrained:
+            model = Phi3ForCausalLM.from_pretrained(args.from_pretrained, dtype=dtype)
+            report["load_hwm_mib"] = status_kib("VmHWM")["VmHWM"] / 1024
+            mark("from_pretrained")
+        else:
+            model = Phi3ForCausalLM(Phi3Config(**B.model_dims(bargs)))
+            B.fill_base_weights(model)
+            model.to(dtype)
+            mark("built (random, cast)")
+            if args.save:
+                model.save_pretrained(args.save)
+                print(f"saved {args.save}")
+                return
+        lora.inject(model, lora.LoRAConfig(**B.LORA))
+        B.fill_lora_A(model)
+        mark("inject")
+        if not args.no_checkpointing:
+            model.gradient_checkpointing_enable(layers=args.checkpoint_layers)
+        model.model.release_heap_every = args.release_heap_every
+        decoder = model.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if args.trainer_optimizer:
@@ -194,6 +221,7 @@ def main() -> None:
         opt = make_optimizer(TrainingConfig(output_dir="/tmp/unused"), params)
     else:
         opt = torch.optim.AdamW(params, lr=1e-3)
+    mark("optimizer")
     input_ids, labels = B.make_inputs(bargs)
     mark("ready")
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -226,8 +254,34 @@ def main() -> None:
 
         return hook
 
-    for i, layer in enumerate(model.model.layers):
+    def output_hook(i):
+        # A layer that is not checkpointed runs no forward in backward: its backward starts when
+        # the gradient of its output is ready.
+        def on_grad(grad):
+            sampler.phase = f"bwd L{i:02d}"
+            if "layers" in trims:
+                trim_heap()
+
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not state["backward"] and out.requires_grad:
+                out.register_hook(on_grad)
+
+        return hook
+
+    def mlp_pre_hook(module, inputs):
+        if "mlp" in trims and torch.is_grad_enabled():
+            trim_heap()
+
+    def mlp_hook(module, inputs, output):
+        if "mlp" in trims and not state["backward"] and output.requires_grad:
+            output.register_hook(lambda grad: trim_heap())
+
+    for i, layer in enumerate(decoder.layers):
         layer.register_forward_pre_hook(layer_hook(i))
+        layer.register_forward_hook(output_hook(i))
+        layer.mlp.register_forward_pre_hook(mlp_pre_hook)
+        layer.mlp.register_forward_hook(mlp_hook)
 
     def norm_hook(module, inputs, output):
         if not state["backward"]:
@@ -235,7 +289,7 @@ def main() -> None:
             if "loss" in trims:
                 trim_heap()
 
-    model.model.norm.register_forward_hook(norm_hook)
+    decoder.norm.register_forward_hook(norm_hook)
 
     steps = []
     for step in range(args.steps):
@@ -290,9 +344,10 @@ def main() -> None:
     sampler.stop()
     report["steps"] = steps
     if args.ab_pairs:
-        model.model.checkpoint_layers = None
-        if model.model.gradient_checkpointing is False:
-            model.gradient_checkpointing_enable()
+        if not args.no_checkpointing:
+            model.model.checkpoint_layers = None
+            if model.model.gradient_checkpointing is False:
+                model.gradient_checkpointing_enable()
         ab: dict[int, list] = {args.release_heap_every: [], 0: []}
         order = [args.release_heap_every, 0, 0, args.release_heap_every] * args.ab_pairs
         for k in order[: 2 * args.ab_pairs]:

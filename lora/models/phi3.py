@@ -699,6 +699,11 @@ def _trimming_on_recompute(run):
     return segment
 
 
+def _trim_before_backward(grad: Tensor) -> None:
+    """A gradient hook on a decoder layer's output: the layer's backward starts next."""
+    trim_heap()
+
+
 class Phi3Model(nn.Module):
     """Embedding, decoder layers and the final norm: input ids (b, s) -> hidden states (b, s, h)."""
 
@@ -724,11 +729,12 @@ class Phi3Model(nn.Module):
         # Training without checkpointing a layer: recompute its cheap activations in backward
         # instead of keeping them (lora.models.recompute); off only to measure what it saves.
         self.recompute_cheap = True
-        # Training under gradient checkpointing on CPU: hand the C heap's free pages back to the
-        # system (lora._heap.trim_heap) before every ``release_heap_every``-th decoder layer's
-        # forward (layers 0, k, 2k, ...), before the recomputation of every k-th checkpointed
-        # layer counted from the last (where backward starts), and before the final norm and the
-        # loss. 0: never (to measure what it saves; docs/performance.md, "Full-size Phi-3-mini").
+        # Training on CPU: hand the C heap's free pages back to the system (lora._heap.trim_heap)
+        # under gradient checkpointing before every ``release_heap_every``-th decoder layer's
+        # forward (layers 0, k, 2k, ...) and recomputation (counted from the last, where backward
+        # starts); in fp32 before the forward and the backward of every layer that is not
+        # checkpointed; in both cases before the final norm and the loss. 0: never (to measure
+        # what it saves; docs/performance.md, "Full-size Phi-3-mini" and "The fp32 peak").
         self.release_heap_every = 4
         # True where each decoder layer trims the heap itself just before it computes, forward
         # and recomputation (FSDP units gathered in place on CPU: lora.finetune.distributed):
@@ -740,7 +746,6 @@ class Phi3Model(nn.Module):
         """Whether this forward trims the C heap between layers (see ``release_heap_every``)."""
         return (
             self.release_heap_every > 0
-            and self.gradient_checkpointing
             and self.training
             and torch.is_grad_enabled()
             and device.type == "cpu"
@@ -809,16 +814,26 @@ class Phi3Model(nn.Module):
         presents = []
         training = self.training and torch.is_grad_enabled()
         release = self._releases_heap(x.device)
-        between = release and not self.layers_release_heap  # the trims between layers
         every, last = self.release_heap_every, len(self.layers) - 1
+        # Around each layer that is not checkpointed only in fp32: there the re-faulted pages
+        # cost ~2% of a step for a third of its working set; a bf16 step is ~4x faster and they
+        # cost ~11% (docs/performance.md, "The fp32 peak").
+        release_plain = release and x.dtype == torch.float32
+        release_checkpointed = release and self.gradient_checkpointing
+        release_loss = release_plain or release_checkpointed
+        if self.layers_release_heap:  # the trims between layers step aside
+            release_plain = release_checkpointed = False
         anchor: Tensor | None = None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            if between and i % every == 0:
+            checkpointed = self.gradient_checkpointing and self.training and self._checkpointed(i)
+            # A checkpointed layer's forward keeps only its input: every k-th trim suffices. One
+            # that is not keeps its activations between its temporaries' holes: each is trimmed.
+            if (release_checkpointed and i % every == 0) or (release_plain and not checkpointed):
                 trim_heap()
-            if self.gradient_checkpointing and self.training and self._checkpointed(i):
+            if checkpointed:
                 run = keep_decoded_on_recompute(layer)  # 4-bit weights: 2 decodes a step, not 3
-                if between and (last - i) % every == 0:
+                if release_checkpointed and (last - i) % every == 0:
                     run = _trimming_on_recompute(run)
                 reentrant = self.checkpoint_use_reentrant
                 if reentrant and training and not x.requires_grad:
@@ -841,9 +856,11 @@ class Phi3Model(nn.Module):
                 # cheap ones it marks recomputable (lora.models.recompute).
                 with recompute.scope(training and self.recompute_cheap):
                     x, present = layer(x, cos, sin, attn, past)
+                if release_plain and x.requires_grad:
+                    x.register_hook(_trim_before_backward)  # runs before this layer's backward
             if use_cache:
                 presents.append(present)
-        if release:
+        if release_loss:
             trim_heap()  # before the loss: the last layer's temporaries are free
         return self.norm(x), (tuple(presents) if use_cache else None)
 
