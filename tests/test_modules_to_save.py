@@ -207,7 +207,9 @@ def test_two_tied_modules_both_named_train_apart_and_load_so(tmp_path):
     torch.testing.assert_close(logits(fresh), want, rtol=1e-6, atol=1e-6)
 
 
-def test_a_tied_pair_with_two_different_tensors_in_the_file_is_refused(tmp_path):
+def _tied_adapter_file(path, edit):
+    """Our tied adapter (ensure_weight_tying, lm_head named) of the tied model, its copy trained
+    a little, saved to ``path`` with ``edit(tensors)`` applied to the file's tensors."""
     from safetensors.torch import load_file, save_file
 
     model = tied()
@@ -215,13 +217,66 @@ def test_a_tied_pair_with_two_different_tensors_in_the_file_is_refused(tmp_path)
         r=2, target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
     )
     lora.inject(model, cfg)
-    lora.save_adapter(model, tmp_path / "a")
-    file = tmp_path / "a" / "adapter_model.safetensors"
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.3)
+    lora.save_adapter(model, path)
+    file = path / "adapter_model.safetensors"
     tensors = load_file(str(file))
-    tensors["base_model.model.model.embed_tokens.weight"] += 1
+    edit(tensors)
     save_file(tensors, str(file))
-    with pytest.raises(lora.AdapterError, match="tied .one tensor., but the file holds different"):
-        lora.load_adapter(tied(), tmp_path / "a")
+    return model
+
+
+HEAD, EMBED = "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"
+
+
+def test_a_tied_pair_with_two_different_tensors_in_the_file_loads_into_two_copies(tmp_path):
+    # The file says ensure_weight_tying, but its two keys differ: not tied copies. Each module
+    # gets its own copy with its key's values (as PEFT runs such a file on a model where it finds
+    # no tie), with a warning; the load was refused before.
+    def differ(tensors):
+        tensors[EMBED] += 1
+
+    _tied_adapter_file(tmp_path / "a", differ)
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="different weights for"):
+        model = lora.load_adapter(tied(), tmp_path / "a")
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert head.weight is not embed.weight
+    torch.testing.assert_close(embed.weight, head.weight + 1, rtol=0, atol=0)
+    assert model.lora_config.ensure_weight_tying is False
+    assert model.lora_config.modules_to_save == ["lm_head", "model.embed_tokens"]
+    want = logits(model)
+    lora.save_adapter(model, tmp_path / "b")  # says what it is: two copies, untied
+    torch.testing.assert_close(logits(lora.load_adapter(tied(), tmp_path / "b")), want)
+
+
+def test_a_tied_file_without_the_partner_key_loads_the_named_copy_alone(tmp_path):
+    # What PEFT writes where it finds no tie (a plain torch model): ensure_weight_tying, and only
+    # the named module's copy. Loaded untied: the partner runs the original weight.
+    source = _tied_adapter_file(tmp_path / "a", lambda tensors: tensors.pop(EMBED))
+    base = logits(tied())
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="no weight for 'model.embed"):
+        model = lora.load_adapter(tied(), tmp_path / "a")
+    assert not isinstance(model.model.embed_tokens, ModulesToSaveWrapper)
+    assert model.model.embed_tokens.weight is model.lm_head.original_module.weight
+    torch.testing.assert_close(model.lm_head.weight, source.lm_head.weight, rtol=0, atol=0)
+    assert model.lora_config.ensure_weight_tying is False
+    with lora.disabled(model):
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+
+
+def test_an_untied_file_into_a_tied_adapter_in_place_is_refused(tmp_path):
+    # In place the adapter's copies share one weight; untying it there is not a load.
+    model = _tied_adapter_file(tmp_path / "a", lambda tensors: tensors.pop(EMBED))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with (
+        pytest.warns(lora.adapters.PeftCompatibilityWarning),
+        pytest.raises(
+            lora.AdapterError, match="model.embed_tokens: adapter 'default' of the model shares"
+        ),
+    ):
+        lora.load_adapter(model, tmp_path / "a")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
