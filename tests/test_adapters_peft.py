@@ -273,26 +273,34 @@ def ours_tied(base) -> Phi3ForCausalLM:
 TIED_CASES = [(m, t) for m in ("lm_head", "embed_tokens") for t in (False, True)]
 
 
+def _peft_trained_copy(model, target: str, saved: str, tying: bool):
+    """PEFT's LoRA on ``target`` (random B) with modules_to_save=[saved]
+    (``ensure_weight_tying=tying``), its copies perturbed as training would: the PeftModel."""
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        init_lora_weights=False,
+        target_modules=[target],
+        modules_to_save=[saved],
+        ensure_weight_tying=tying,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return peft_model
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
 def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tying):
     hf, _, base = tied_pair()
     with torch.no_grad():
         want_base = hf(input_ids=IDS).logits
-    config = peft.LoraConfig(
-        r=2,
-        lora_alpha=4,
-        init_lora_weights=False,
-        target_modules=["o_proj"],
-        modules_to_save=[saved],
-        ensure_weight_tying=tying,
-    )
-    peft_model = peft.get_peft_model(hf, config)
-    g = torch.Generator().manual_seed(3)
+    peft_model = _peft_trained_copy(hf, "o_proj", saved, tying)
     with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if ".modules_to_save." in n:
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
         want = peft_model(input_ids=IDS).logits
     assert max_diff(want, want_base) > 0.1
     peft_model.save_pretrained(tmp_path)
@@ -307,26 +315,33 @@ def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tyi
     assert (head.weight is embed.weight) == tying  # a copy of the named module only, or both tied
 
 
+def _inject_trained_copy(model, target: str, saved: str, tying: bool) -> None:
+    """Inject a LoRA on ``target`` with modules_to_save=[saved] (``ensure_weight_tying=tying``)
+    and perturb the LoRA tensors and the named module's copy, as training would."""
+    config = lora.LoRAConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=[target],
+        modules_to_save=[saved],
+        ensure_weight_tying=tying,
+    )
+    lora.inject(model, config)
+    g = torch.Generator().manual_seed(4)
+    for _, layer in lora.layers.lora_layers(model):
+        randomize_lora(layer, generator=g, scale=0.1)
+    named = model.lm_head if saved == "lm_head" else model.model.embed_tokens
+    with torch.no_grad():
+        named.weight.add_(0.5 * torch.randn(named.weight.shape, generator=g))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
 def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tying):
     hf, ours, _ = tied_pair()
     with torch.no_grad():
         want_base = ours(IDS).logits
-    config = lora.LoRAConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=["o_proj"],
-        modules_to_save=[saved],
-        ensure_weight_tying=tying,
-    )
-    lora.inject(ours, config)
-    g = torch.Generator().manual_seed(4)
-    for _, layer in lora.layers.lora_layers(ours):
-        randomize_lora(layer, generator=g, scale=0.1)
-    named = ours.lm_head if saved == "lm_head" else ours.model.embed_tokens
+    _inject_trained_copy(ours, "o_proj", saved, tying)
     with torch.no_grad():
-        named.weight.add_(0.5 * torch.randn(named.weight.shape, generator=g))
         want = ours(IDS).logits
         with lora.disabled(ours):
             assert max_diff(ours(IDS).logits, want_base) == 0  # the original, untouched
@@ -370,21 +385,8 @@ def _peft_file_of_hand_tied(path, saved: str) -> tuple[torch.Tensor, torch.Tenso
     copies perturbed, saved to ``path``: returns (the logits PEFT ran, the base model's)."""
     model = hand_tied()
     want_base = _run(model)
-    config = peft.LoraConfig(
-        r=2,
-        lora_alpha=4,
-        init_lora_weights=False,
-        target_modules=["proj"],
-        modules_to_save=[saved],
-        ensure_weight_tying=True,
-    )
     with pytest.warns(UserWarning, match="no tied modules were found"):
-        peft_model = peft.get_peft_model(model, config)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if ".modules_to_save." in n:
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        peft_model = _peft_trained_copy(model, "proj", saved, True)
     want = _run(peft_model)
     assert max_diff(want, want_base) > 0.1
     peft_model.save_pretrained(path)
@@ -456,20 +458,8 @@ def test_our_tied_adapter_on_a_plain_model_loads_into_peft_with_our_logits(tmp_p
     # We tie by Parameter identity, also where PEFT finds no tie; the file holds both keys (equal),
     # and PEFT runs each module with its key's values: our logits.
     ours = hand_tied()
-    config = lora.LoRAConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=["proj"],
-        modules_to_save=[saved],
-        ensure_weight_tying=True,
-    )
-    lora.inject(ours, config)
+    _inject_trained_copy(ours, "proj", saved, True)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the copies share
-    g = torch.Generator().manual_seed(4)
-    for _, layer in lora.layers.lora_layers(ours):
-        randomize_lora(layer, generator=g, scale=0.3)
-    with torch.no_grad():
-        ours.lm_head.weight.add_(0.5 * torch.randn(ours.lm_head.weight.shape, generator=g))
     want = _run(ours)
     lora.save_adapter(ours, tmp_path)
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
