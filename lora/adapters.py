@@ -438,15 +438,9 @@ def _as_peft_reads(
 
 
 def _ties_the_file_holds(
-    model: nn.Module,
-    config: LoRAConfig,
-    files: AdapterFiles,
-    modules: dict[str, nn.Module],
-    mode: str,
-    adapter_name: str,
-) -> tuple[LoRAConfig, list[str]]:
-    """The file's config with ``ensure_weight_tying`` as the file's tensors say, and the problems
-    (an adapter of the model that cannot be untied in place). Returns ``(config, problems)``.
+    model: nn.Module, config: LoRAConfig, files: AdapterFiles, modules: dict[str, nn.Module]
+) -> LoRAConfig:
+    """The file's config with ``ensure_weight_tying`` as the file's tensors say.
 
     We tie by Parameter identity (:func:`~lora.targets.tied_partners`); PEFT ties only what
     transformers' ``_tied_weights_keys`` names, so on a plain torch model it trains a copy of the
@@ -458,11 +452,11 @@ def _ties_the_file_holds(
     values (each key runs its values, as in PEFT). Untied, the config says
     ``ensure_weight_tying=False`` and names the partners that keep a copy."""
     if not config.ensure_weight_tying:
-        return config, []
+        return config
     try:
         partner_of = tied_copy_owners(model, config, modules)
     except InjectionError:
-        return config, []  # the plan of targets reports the entries
+        return config  # the plan of targets reports the entries
     tensors = {k[len(PREFIX) :]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
     absent, differing = [], []
     for partner, owner in partner_of.items():
@@ -474,7 +468,7 @@ def _ties_the_file_holds(
         elif not torch.equal(tensors[mine], tensors[theirs]):
             differing.append((partner, owner))
     if not absent and not differing:
-        return config, []
+        return config
     why = [
         f"it holds no weight for {p!r}, tied to {o!r} in the model: PEFT did not tie them (it "
         f"finds ties through transformers' _tied_weights_keys only) and trained a copy of {o!r} "
@@ -490,23 +484,60 @@ def _ties_the_file_holds(
         PeftCompatibilityWarning,
         stacklevel=3,
     )
-    problems = []
-    if mode == "in_place":
-        for partner, owner in absent + differing:
-            held = modules[partner]
-            copy_ = (
-                held.get_adapter(adapter_name) if isinstance(held, ModulesToSaveWrapper) else None
-            )
-            if copy_ is not None:
-                problems.append(
-                    f"module {partner}: adapter {adapter_name!r} of the model shares {owner!r}'s "
-                    "copy (ensure_weight_tying); the file's copies are untied, which an adapter "
-                    "cannot become in place (load it into a fresh model, or under another "
-                    "adapter_name)"
-                )
     entries = list(config.modules_to_save or [])
     entries += [p for p, _ in differing if p not in entries]
-    return dataclasses.replace(config, ensure_weight_tying=False, modules_to_save=entries), problems
+    return dataclasses.replace(config, ensure_weight_tying=False, modules_to_save=entries)
+
+
+def _in_place_copy_problems(
+    model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module], adapter_name: str
+) -> list[str]:
+    """Loading in place, adapter ``adapter_name`` must have a modules_to_save copy of exactly the
+    modules the file's config (:func:`_ties_the_file_holds`) gives one, sharing a weight exactly
+    where the file's copies do: copies are made, and tied or not, when an adapter is built, never
+    by a load into them (a copy made now would never run; one key loaded into shared copies would
+    set both). One problem per module where they differ."""
+    try:
+        owners = saved_owners(model, config, modules)
+        named = modules_to_save_for(model, config, modules)
+        planned = tied_copy_owners(model, config, modules)
+    except InjectionError:
+        return []  # the plan of targets reports the entries
+    copies = {
+        n: c
+        for n, m in modules.items()
+        if isinstance(m, ModulesToSaveWrapper) and (c := m.get_adapter(adapter_name)) is not None
+    }
+    where = f"adapter {adapter_name!r} of the model"
+    fix = "load the file into a fresh model, or under another adapter_name"
+    problems = [
+        f"module {n}: the file has a modules_to_save copy of it; {where} has none ({fix})"
+        for n in owners
+        if n not in copies
+    ] + [
+        f"module {n}: {where} has a modules_to_save copy of it; the file has none (its config "
+        f"neither names it nor ties it to a module it names) ({fix})"
+        for n in copies
+        if n not in owners
+    ]
+    weight = {n: c._parameters.get("weight") for n, c in copies.items()}
+    for p in owners:
+        if weight.get(p) is None:
+            continue
+        shares = next((n for n in named if n != p and weight.get(n) is weight[p]), None)
+        if shares != planned.get(p):
+            problems.append(
+                f"module {p}: "
+                + (
+                    f"its copy in {where} shares one weight with the copy of {shares!r}; the "
+                    "file's two copies are untied"
+                    if shares is not None
+                    else f"its copy in {where} has a weight of its own; the file's shares one "
+                    f"with the copy of {planned[p]!r} (ensure_weight_tying)"
+                )
+                + f". Copies are tied or untied when they are made, not by a load into them: {fix}"
+            )
+    return problems
 
 
 def _peft_wrapped(names: list[str], entries: list[str]) -> list[str]:
@@ -862,7 +893,7 @@ def load_adapter(
             )
     multi.check_adapter_name(adapter_name)
     mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
-    config, retied = _ties_the_file_holds(model, config, files, modules, mode, adapter_name)
+    config = _ties_the_file_holds(model, config, files, modules)
 
     specs = _specs(model, config, str(files.config_path), modules)
     _warn_if_order_lost(config, specs, files)
@@ -871,7 +902,9 @@ def load_adapter(
     for layer in merged:
         layer.unmerge()
     try:
-        problems: list[str] = list(retied)
+        problems: list[str] = []
+        if mode == "in_place":
+            problems += _in_place_copy_problems(model, config, modules, adapter_name)
         targets = _targets(modules, layers, adapter_name, specs, mode, problems)
         loads = _check_lora_tensors(files, specs, targets, problems)
         base = _check_base_tensors(

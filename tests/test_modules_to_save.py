@@ -3,6 +3,9 @@ trains its own copy; ``ensure_weight_tying`` says whether a tied partner shares 
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 from tiny import MODULES_TO_SAVE_IDS as IDS
@@ -265,17 +268,46 @@ def test_a_tied_file_without_the_partner_key_loads_the_named_copy_alone(tmp_path
         torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
 
 
-def test_an_untied_file_into_a_tied_adapter_in_place_is_refused(tmp_path):
-    # In place the adapter's copies share one weight; untying it there is not a load.
-    model = _tied_adapter_file(tmp_path / "a", lambda tensors: tensors.pop(EMBED))
+@pytest.mark.parametrize("adapter_tied", [True, False])
+@pytest.mark.parametrize("file", ["tied", "untied", "partner key dropped", "partner key changed"])
+def test_loading_in_place_keeps_or_refuses_the_adapters_tie(tmp_path, adapter_tied, file):
+    # In place the adapter's copies are made already: a file whose copies are tied otherwise is
+    # refused, naming the partner (a load into shared copies wrote one key into both; a tied file
+    # into untied copies left the partner's new copy idle: logits ~15 off the file's model).
+    source = tied()
+    cfg = lora.LoRAConfig(
+        r=2,
+        target_modules=["o_proj"],
+        modules_to_save=["lm_head"],
+        ensure_weight_tying=file != "untied",
+    )
+    lora.inject(source, cfg)
+    with torch.no_grad():
+        source.lm_head.weight.add_(0.3)
+    lora.save_adapter(source, tmp_path / "a")
+    if file.startswith("partner key"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+        if file.endswith("dropped"):
+            del tensors[EMBED]
+        else:
+            tensors[EMBED] += 1  # two copies: the adapter has one only, or tied
+        save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    model = tied()
+    lora.inject(model, dataclasses.replace(cfg, ensure_weight_tying=adapter_tied))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with (
-        pytest.warns(lora.adapters.PeftCompatibilityWarning),
-        pytest.raises(
-            lora.AdapterError, match="model.embed_tokens: adapter 'default' of the model shares"
-        ),
-    ):
-        lora.load_adapter(model, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora.adapters.PeftCompatibilityWarning)
+        if adapter_tied == (file == "tied") and file != "partner key changed":
+            lora.load_adapter(model, tmp_path / "a")
+            want = logits(lora.load_adapter(tied(), tmp_path / "a"))  # what the file means
+            torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+            return
+        with pytest.raises(
+            lora.AdapterError, match=r"module model\.embed_tokens: .*adapter 'default' of the model"
+        ):
+            lora.load_adapter(model, tmp_path / "a")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
