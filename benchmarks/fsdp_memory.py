@@ -3,11 +3,14 @@
     python benchmarks/fsdp_memory.py --layers 4             # Phi-3-mini's width, 4 decoder layers
     python benchmarks/fsdp_memory.py --full                 # full-size Phi-3-mini (32 layers)
     python benchmarks/fsdp_memory.py --ckpt DIR ...         # reuse a checkpoint written before
+    python benchmarks/fsdp_memory.py --hidden 768 --intermediate 2048 --per-device 2 \
+        --seq 1024 --reply-words 16                         # where the logits weigh most
 
-Writes a random bf16 Phi-3-shaped checkpoint (Phi-3-mini's width: hidden 3072, intermediate 8192,
-32 heads, vocab 32064; ``--layers`` of them) unless ``--ckpt`` names one, and runs the real
-trainer (``lora-finetune --fsdp`` under ``torchrun``, 2 gloo ranks: packed rows of ``--seq``
-tokens, one a rank, gradient checkpointing, bf16, LoRA r=16 on all linear layers) with two
+Writes a random bf16 Phi-3-shaped checkpoint (Phi-3-mini's width unless ``--hidden`` /
+``--intermediate`` say otherwise: hidden 3072, intermediate 8192, heads of 96, vocab 32064;
+``--layers`` of them) unless ``--ckpt`` names one, and runs the real trainer (``lora-finetune
+--fsdp`` under ``torchrun``, 2 gloo ranks: packed rows of ``--seq`` tokens, ``--per-device`` a
+rank, gradient checkpointing, bf16, LoRA r=16 on all linear layers) with two
 instruments on each rank:
 
 - a sampler, a separate process (so the rank's GIL never delays it), reads the rank's resident
@@ -293,6 +296,15 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="32 layers: full-size Phi-3-mini")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--per-device", type=int, default=1, help="packed rows of --seq a rank")
+    ap.add_argument("--hidden", type=int, default=3072, help="hidden size (heads of 96)")
+    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument(
+        "--reply-words",
+        type=int,
+        default=1,
+        help="words of each assistant reply (the labelled tokens; 1: ~1 token in 8 labelled)",
+    )
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--ckpt", help="a checkpoint directory written by an earlier run")
     ap.add_argument("--json", help="write the samples and events here (a directory)")
@@ -314,18 +326,25 @@ def main() -> None:
         ckpt = write_checkpoint(
             work / "ckpt",
             vocab_size=32064,
-            hidden_size=3072,
-            intermediate_size=8192,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
             num_hidden_layers=layers,
-            num_attention_heads=32,
-            num_key_value_heads=32,
+            num_attention_heads=args.hidden // 96,
+            num_key_value_heads=args.hidden // 96,
             max_position_embeddings=max(4096, args.seq),
             dtype=torch.bfloat16,
         )
         print(f"checkpoint: {ckpt}")
-    data = write_jsonl(work / "chat.jsonl", chat_records(200 + args.nproc * args.steps * args.seq))
+    rows_needed = args.nproc * args.per_device * args.steps
+    records = chat_records(200 + rows_needed * args.seq // max(1, args.reply_words))
+    for record in records:  # "say W" -> "W W ... W": longer replies, more labelled tokens
+        reply = record["messages"][-1]
+        reply["content"] = " ".join([reply["content"]] * args.reply_words)
+    data = write_jsonl(work / "chat.jsonl", records)
     config = work / "config.json"
-    config.write_text(json.dumps(finetune_job(steps=args.steps, seq=args.seq)))
+    config.write_text(
+        json.dumps(finetune_job(steps=args.steps, seq=args.seq, per_device=args.per_device))
+    )
     out = Path(args.json) if args.json else work / "trace"
     out.mkdir(parents=True, exist_ok=True)
     env = dict(
@@ -360,7 +379,8 @@ def main() -> None:
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if x]
     train = [r for r in rows if "loss" in r]
     print(
-        f"{layers} layers, {args.seq} tokens a rank, {args.steps} steps, {wall:.0f} s; losses "
+        f"{layers} layers, {args.per_device} x {args.seq} tokens a rank, {args.steps} steps, "
+        f"{wall:.0f} s; losses "
         + ", ".join(f"{r['loss']:.6f}" for r in train)
         + "; peak per rank (VmHWM) "
         + ", ".join(f"{m:,.0f}" for m in train[-1]["memory_mb"])

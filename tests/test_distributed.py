@@ -283,6 +283,9 @@ def test_fsdp_shards_the_base_and_trains_the_same_adapter(job):
         ["--watch-gathers", str(root / "fsdp-gathers")],
     )
     assert_exited_cleanly(run)
+    for rank in (0, 1):  # the chunked loss ran under FSDP too (lm_head an FSDPLinear unit)
+        n = re.search(rf"rank {rank}: chunked loss calls (\d+)", run.stdout)
+        assert n and int(n.group(1)) > 0, run.stdout[-3000:]
     assert_one_unit_gathered_at_a_time(root / "fsdp-gathers", recomputed=False)
     assert_close_runs(root / "fsdp", root / "single")
     assert tree(root / "fsdp") == tree(root / "single")

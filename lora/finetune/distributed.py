@@ -534,7 +534,11 @@ def _gather_in_place(model: nn.Module) -> None:
     current one computes. A unit that lists itself as the one to prefetch turns that off (FSDP2
     has no other switch: an empty list means its default); itself is already gathered when the
     prefetch comes, so it is a no-op. The values gathered are the same bytes: losses and adapter
-    are bitwise those of the default FSDP2 path."""
+    are bitwise those of the default FSDP2 path.
+
+    Each decoder layer, a unit, then trims the heap before it computes: a Phi-3 model's own trims
+    between layers under gradient checkpointing (``Phi3Model.release_heap_every``) would repeat
+    them back to back, and step aside (``layers_release_heap``); its trim before the loss stays."""
     from torch.distributed.fsdp import FSDPModule
 
     comm = _BroadcastAllGather()  # FSDP2 calls allocate and __call__ (it checks no base class)
@@ -544,6 +548,9 @@ def _gather_in_place(model: nn.Module) -> None:
             module.set_modules_to_backward_prefetch([module])
             # after FSDP's own pre-forward hook (it prepends its), once the unit is gathered
             module.register_forward_pre_hook(_free_before_compute)
+    for module in model.modules():
+        if hasattr(module, "layers_release_heap"):  # Phi3Model: its layers trim (above)
+            module.layers_release_heap = True
 
 
 def _free_before_compute(module: nn.Module, args) -> None:
@@ -733,7 +740,7 @@ def load_sharded_phi3(
         if isinstance(module, LoRALayer) and module.has_adapter:
             module.reset_lora_parameters()
             if not peft.init_lora_weights:
-                module._randomize_lora_B()
+                module.randomize_lora_parameters()
     return model.eval()
 
 

@@ -162,7 +162,7 @@ class LoRALayer(_ModuleBase):
         if self.has_adapter:
             self._add_lora_parameters(self.lora_A.shape, self.lora_B.shape, lora_dtype)
             if not init_lora_weights:
-                self._randomize_lora_B()
+                self.randomize_lora_parameters()
         # The replaced module is kept (unregistered: not in the module tree or the state dict) as
         # the shell that merge_and_unload puts back, so that any torch-like class round-trips.
         self.__dict__["_lora_base_module"] = base
@@ -170,7 +170,13 @@ class LoRALayer(_ModuleBase):
         return self
 
     @torch.no_grad()
-    def _randomize_lora_B(self) -> None:
+    def randomize_lora_parameters(self) -> None:
+        """A non-zero adapter, as PEFT's ``init_lora_weights=False`` makes it: B Kaiming-uniform
+        (a=√5), and A normal where it starts at zero (Embedding). Call it after
+        :meth:`reset_lora_parameters`. On the meta device nothing is drawn (a layer built there,
+        e.g. by the FSDP loader, gets its values later: it calls this once they exist)."""
+        if self.lora_B.is_meta:
+            return
         nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         if not self.lora_A.any():  # Embedding's A starts at zero
             nn.init.normal_(self.lora_A)

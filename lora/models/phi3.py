@@ -16,12 +16,14 @@ H query heads, KV key/value heads, d head_dim, r rotary dims, V vocab_size, I in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -728,6 +730,11 @@ class Phi3Model(nn.Module):
         # layer counted from the last (where backward starts), and before the final norm and the
         # loss. 0: never (to measure what it saves; docs/performance.md, "Full-size Phi-3-mini").
         self.release_heap_every = 4
+        # True where each decoder layer trims the heap itself just before it computes, forward
+        # and recomputation (FSDP units gathered in place on CPU: lora.finetune.distributed):
+        # the trims between layers then step aside (each would repeat one at once); the one
+        # before the final norm and the loss stays.
+        self.layers_release_heap = False
 
     def _releases_heap(self, device: torch.device) -> bool:
         """Whether this forward trims the C heap between layers (see ``release_heap_every``)."""
@@ -802,15 +809,16 @@ class Phi3Model(nn.Module):
         presents = []
         training = self.training and torch.is_grad_enabled()
         release = self._releases_heap(x.device)
+        between = release and not self.layers_release_heap  # the trims between layers
         every, last = self.release_heap_every, len(self.layers) - 1
         anchor: Tensor | None = None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            if release and i % every == 0:
+            if between and i % every == 0:
                 trim_heap()
             if self.gradient_checkpointing and self.training and self._checkpointed(i):
                 run = keep_decoded_on_recompute(layer)  # 4-bit weights: 2 decodes a step, not 3
-                if release and (last - i) % every == 0:
+                if between and (last - i) % every == 0:
                     run = _trimming_on_recompute(run)
                 reentrant = self.checkpoint_use_reentrant
                 if reentrant and training and not x.requires_grad:
@@ -955,6 +963,38 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
+def _fsdp_unit(module: nn.Module) -> bool:
+    """Whether ``module`` is an FSDP2 unit (``fully_shard``: an ``FSDPModule``). Nothing is
+    imported for it: without torch.distributed.fsdp imported, no module can be one."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """A torch ``nn.Linear`` itself, or one that FSDP2 made a unit of its own (``fully_shard``
+    swaps its class for ``FSDPLinear(FSDPModule, nn.Linear)``: the same forward and weight)."""
+    cls = type(module)
+    return cls is nn.Linear or (cls.__bases__[-1:] == (nn.Linear,) and _fsdp_unit(module))
+
+
+@contextlib.contextmanager
+def _whole_weight(linear: nn.Linear) -> Iterator[Tensor]:
+    """``linear.weight`` whole, for the block. An FSDP2 unit holds only its shard between its
+    forwards: it is gathered here (``unshard``, FSDP's own all-gather: what its forward would
+    gather) and resharded when the block ends, error or not. Only the chunked loss's forward
+    reads the weight (its backward scales the gradient it kept), so the unit is not gathered in
+    backward, and it is gathered alone: the layer before it was resharded after its forward.
+    A unit found gathered already (its weight no DTensor shard) is used and left as it is."""
+    if not (_fsdp_unit(linear) and hasattr(linear.weight, "to_local")):
+        yield linear.weight
+        return
+    linear.unshard()  # type: ignore[operator]
+    try:
+        yield linear.weight
+    finally:
+        linear.reshard()  # type: ignore[operator]
+
+
 class Phi3ForCausalLM(nn.Module):
     """Phi-3 decoder with a language-model head: ``model`` (Phi3Model) and ``lm_head``.
 
@@ -962,9 +1002,11 @@ class Phi3ForCausalLM(nn.Module):
     directory with ``from_pretrained``. With ``tie_word_embeddings`` (Phi-4-mini) ``lm_head.weight``
     is the embedding matrix itself.
 
-    ``chunked_loss`` (default True): with labels and a frozen plain ``lm_head``, the loss runs
-    through :func:`linear_cross_entropy`, 256 rows of logits at a time, never the whole (N, V)
-    logits; ``model.chunked_loss = False`` takes the plain ``F.cross_entropy`` over full logits.
+    ``chunked_loss`` (default True): with labels and a frozen plain ``lm_head`` (an ``nn.Linear``
+    without bias, an FSDP2 unit of its own too), the loss runs through
+    :func:`linear_cross_entropy`, 256 rows of logits at a time, never the whole (N, V) logits;
+    ``model.chunked_loss = False`` takes the plain ``F.cross_entropy`` over full logits. A LoRA or
+    modules_to_save (trained) head takes the plain path.
     """
 
     chunked_loss: bool = True
@@ -1143,14 +1185,15 @@ class Phi3ForCausalLM(nn.Module):
         head = self.lm_head
         if (
             self.chunked_loss
-            and type(head) is nn.Linear
+            and _plain_linear(head)
             and head.bias is None
             and not head.weight.requires_grad
             and not torch.compiler.is_compiling()
         ):
             # A frozen plain head, chunked, never the whole (N, V) logits: exact to round-off
             # (tests/test_chunked_loss.py), faster and smaller (docs/performance.md).
-            total = linear_cross_entropy(hidden[:, :-1][counted], head.weight, targets[counted])
+            with _whole_weight(head) as weight:
+                total = linear_cross_entropy(hidden[:, :-1][counted], weight, targets[counted])
         else:
             logits = head(hidden[:, :-1][counted]).float()  # (N, V)
             total = F.cross_entropy(logits, targets[counted], reduction="sum")
