@@ -484,8 +484,10 @@ def _ties_the_file_holds(
         PeftCompatibilityWarning,
         stacklevel=3,
     )
+    # One flag for the whole config: a partner whose key is there (other values, or equal ones
+    # beside another pair the file left untied) keeps a copy of its own, named.
     entries = list(config.modules_to_save or [])
-    entries += [p for p, _ in differing if p not in entries]
+    entries += [p for p in partner_of if f"{p}.weight" in tensors and p not in entries]
     return dataclasses.replace(config, ensure_weight_tying=False, modules_to_save=entries)
 
 

@@ -268,6 +268,44 @@ def test_a_tied_file_without_the_partner_key_loads_the_named_copy_alone(tmp_path
         torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
 
 
+def test_two_tied_pairs_one_left_untied_by_the_file_load_with_equal_logits(tmp_path):
+    # ensure_weight_tying is one flag: where the file leaves one pair untied, the other pair's
+    # partner (its key there, equal) gets a copy of its own with those values.
+    def two_pairs() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8)
+        )
+        model[4].weight = model[0].weight  # (8, 4) both
+        model[2].weight = model[1].weight
+        return model
+
+    ids = torch.tensor([[1, 2, 3]])
+    source = two_pairs()
+    cfg = lora.LoRAConfig(
+        r=2, target_modules=["3"], modules_to_save=["4", "2"], ensure_weight_tying=True
+    )
+    lora.inject(source, cfg)
+    with torch.no_grad():
+        source[4].weight.add_(0.5)
+        source[2].weight.add_(0.25)
+    lora.save_adapter(source, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    del tensors["base_model.model.0.weight"]  # the head's partner: as PEFT writes it, untied
+    save_file(tensors, str(file))
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="no weight for '0'"):
+        model = lora.load_adapter(two_pairs(), tmp_path)
+    assert model.lora_config.modules_to_save == ["4", "2", "1"]
+    assert not isinstance(model[0], ModulesToSaveWrapper)
+    torch.testing.assert_close(model[1].weight, source[1].weight, rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].weight.copy_(source[0].weight)  # the file's meaning: the base embedding there
+        torch.testing.assert_close(model(ids), source(ids), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("adapter_tied", [True, False])
 @pytest.mark.parametrize("file", ["tied", "untied", "partner key dropped", "partner key changed"])
 def test_loading_in_place_keeps_or_refuses_the_adapters_tie(tmp_path, adapter_tied, file):
