@@ -437,6 +437,111 @@ def _as_peft_reads(
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def _ties_the_file_holds(
+    model: nn.Module, config: LoRAConfig, files: AdapterFiles, modules: dict[str, nn.Module]
+) -> LoRAConfig:
+    """The file's config with ``ensure_weight_tying`` as the file's tensors say.
+
+    We tie by Parameter identity (:func:`~lora.targets.tied_partners`); PEFT ties only what
+    transformers' ``_tied_weights_keys`` names, so on a plain torch model it trains a copy of the
+    named module alone and still writes ``"ensure_weight_tying": true``. Where PEFT tied, it wrote
+    the partner's weight too, the same tensor. So a tie is kept only when the file holds the
+    partner's ``<m>.weight`` with the named copy's values; else the adapter loads untied (with a
+    :class:`PeftCompatibilityWarning` naming the modules): no copy for a partner the file has no
+    key for (it runs the original, as in PEFT), and its own copy for one whose key holds other
+    values (each key runs its values, as in PEFT). Untied, the config says
+    ``ensure_weight_tying=False`` and names the partners that keep a copy."""
+    if not config.ensure_weight_tying:
+        return config
+    try:
+        partner_of = tied_copy_owners(model, config, modules)
+    except InjectionError:
+        return config  # the plan of targets reports the entries
+    tensors = {k[len(PREFIX) :]: v for k, v in files.tensors.items() if k.startswith(PREFIX)}
+    absent, differing = [], []
+    for partner, owner in partner_of.items():
+        mine, theirs = f"{partner}.weight", f"{owner}.weight"
+        if theirs not in tensors:
+            continue  # the strict check names the missing key
+        if mine not in tensors:
+            absent.append((partner, owner))
+        elif not torch.equal(tensors[mine], tensors[theirs]):
+            differing.append((partner, owner))
+    if not absent and not differing:
+        return config
+    why = [
+        f"it holds no weight for {p!r}, tied to {o!r} in the model: PEFT did not tie them (it "
+        f"finds ties through transformers' _tied_weights_keys only) and trained a copy of {o!r} "
+        f"alone, so {p!r} keeps the base weight"
+        for p, o in absent
+    ] + [
+        f"it holds different weights for {p!r} and {o!r}, tied in the model: each gets its own copy"
+        for p, o in differing
+    ]
+    warnings.warn(
+        f"{files.config_path}: ensure_weight_tying=True, but {files.weights_path.name} did not "
+        f"come from tied copies; {'; '.join(why)}. Loaded untied, as PEFT runs the file",
+        PeftCompatibilityWarning,
+        stacklevel=3,
+    )
+    # One flag for the whole config: a partner whose key is there (other values, or equal ones
+    # beside another pair the file left untied) keeps a copy of its own, named.
+    entries = list(config.modules_to_save or [])
+    entries += [p for p in partner_of if f"{p}.weight" in tensors and p not in entries]
+    return dataclasses.replace(config, ensure_weight_tying=False, modules_to_save=entries)
+
+
+def _in_place_copy_problems(
+    model: nn.Module, config: LoRAConfig, modules: dict[str, nn.Module], adapter_name: str
+) -> list[str]:
+    """Loading in place, adapter ``adapter_name`` must have a modules_to_save copy of exactly the
+    modules the file's config (:func:`_ties_the_file_holds`) gives one, sharing a weight exactly
+    where the file's copies do: copies are made, and tied or not, when an adapter is built, never
+    by a load into them (a copy made now would never run; one key loaded into shared copies would
+    set both). One problem per module where they differ."""
+    try:
+        owners = saved_owners(model, config, modules)
+        named = modules_to_save_for(model, config, modules)
+        planned = tied_copy_owners(model, config, modules)
+    except InjectionError:
+        return []  # the plan of targets reports the entries
+    copies = {
+        n: c
+        for n, m in modules.items()
+        if isinstance(m, ModulesToSaveWrapper) and (c := m.get_adapter(adapter_name)) is not None
+    }
+    where = f"adapter {adapter_name!r} of the model"
+    fix = "load the file into a fresh model, or under another adapter_name"
+    problems = [
+        f"module {n}: the file has a modules_to_save copy of it; {where} has none ({fix})"
+        for n in owners
+        if n not in copies
+    ] + [
+        f"module {n}: {where} has a modules_to_save copy of it; the file has none (its config "
+        f"neither names it nor ties it to a module it names) ({fix})"
+        for n in copies
+        if n not in owners
+    ]
+    weight = {n: c._parameters.get("weight") for n, c in copies.items()}
+    for p in owners:
+        if weight.get(p) is None:
+            continue
+        shares = next((n for n in named if n != p and weight.get(n) is weight[p]), None)
+        if shares != planned.get(p):
+            problems.append(
+                f"module {p}: "
+                + (
+                    f"its copy in {where} shares one weight with the copy of {shares!r}; the "
+                    "file's two copies are untied"
+                    if shares is not None
+                    else f"its copy in {where} has a weight of its own; the file's shares one "
+                    f"with the copy of {planned[p]!r} (ensure_weight_tying)"
+                )
+                + f". Copies are tied or untied when they are made, not by a load into them: {fix}"
+            )
+    return problems
+
+
 def _peft_wrapped(names: list[str], entries: list[str]) -> list[str]:
     """The modules PEFT's ``_set_trainable`` wraps for modules_to_save ``entries``: each whose name
     ends with an entry (:func:`~lora.targets.saved_match`), except one inside another it wrapped,
@@ -761,7 +866,10 @@ def load_adapter(
     all its tensors, modules_to_save copies included (a file without them is refused). A file
     whose keys all carry PEFT's prefix (``base_model.model.``) is PEFT's adapter_model file without
     its config, refused as such; keys named as PEFT names them (``<m>.lora_A.weight``) are refused
-    naming loralib's key (``<m>.lora_A``) and how to load a PEFT adapter.
+    naming loralib's key (``<m>.lora_A``) and how to load a PEFT adapter. Under
+    ``ensure_weight_tying`` the file decides whether a tied partner shares the named copy: only
+    when it holds the partner's weight, equal (PEFT, finding no tie, writes the named copy alone:
+    loaded untied, with a :class:`PeftCompatibilityWarning`).
 
     Returns ``model``. Raises :class:`AdapterError` naming the file and the keys or modules that do not
     match; the model is left unchanged when it does.
@@ -787,6 +895,7 @@ def load_adapter(
             )
     multi.check_adapter_name(adapter_name)
     mode = "in_place" if adapter_name in existing else ("add" if has_layers else "fresh")
+    config = _ties_the_file_holds(model, config, files, modules)
 
     specs = _specs(model, config, str(files.config_path), modules)
     _warn_if_order_lost(config, specs, files)
@@ -796,6 +905,8 @@ def load_adapter(
         layer.unmerge()
     try:
         problems: list[str] = []
+        if mode == "in_place":
+            problems += _in_place_copy_problems(model, config, modules, adapter_name)
         targets = _targets(modules, layers, adapter_name, specs, mode, problems)
         loads = _check_lora_tensors(files, specs, targets, problems)
         base = _check_base_tensors(
@@ -1086,25 +1197,18 @@ def _check_base_tensors(
             problems.append(
                 f"missing {PREFIX}{key} (the config's modules_to_save / bias={config.bias!r} name it)"
             )
-    # Tied modules (ensure_weight_tying): one tensor under two keys. A modules_to_save key lands in
-    # the adapter's copy of its module, not in the place it names before the copies exist (two
-    # named modules tied in the base model get a copy each); a tied partner's weight in its main's.
-    partner_of = tied_copy_owners(model, config, modules)
+    # One tensor under two keys (PEFT's bias="all" aliases of a copy's bias) must hold one value.
+    # A modules_to_save key lands in the adapter's copy of its module, not in the place it names
+    # before the copies exist (two named modules tied in the base model get a copy each). A tied
+    # partner's weight under ensure_weight_tying equals its main's: _ties_the_file_holds unties
+    # the config otherwise.
     shared: dict[object, str] = {}
     for key, (place, t) in out.items():
-        if key in own:
-            module, _, param = aliases.get(key, key).rpartition(".")
-            owner = partner_of.get(module) if param == "weight" else None
-            landing: object = f"{owner}.weight" if owner is not None else aliases.get(key, key)
-        else:
-            landing = id(place)
+        landing: object = aliases.get(key, key) if key in own else id(place)
         first = shared.setdefault(landing, key)
         if first != key and not torch.equal(t, out[first][1]):
-            why = (
-                "the same tensor" if aliases.get(key, key) == aliases.get(first, first) else "tied"
-            )
             problems.append(
-                f"{PREFIX}{key} and {PREFIX}{first}: {why} (one tensor), but the "
+                f"{PREFIX}{key} and {PREFIX}{first}: the same tensor (one tensor), but the "
                 "file holds different values"
             )
     for key in files.tensors:

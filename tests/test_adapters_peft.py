@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -272,26 +273,34 @@ def ours_tied(base) -> Phi3ForCausalLM:
 TIED_CASES = [(m, t) for m in ("lm_head", "embed_tokens") for t in (False, True)]
 
 
+def _peft_trained_copy(model, target: str, saved: str, tying: bool):
+    """PEFT's LoRA on ``target`` (random B) with modules_to_save=[saved]
+    (``ensure_weight_tying=tying``), its copies perturbed as training would: the PeftModel."""
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        init_lora_weights=False,
+        target_modules=[target],
+        modules_to_save=[saved],
+        ensure_weight_tying=tying,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return peft_model
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
 def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tying):
     hf, _, base = tied_pair()
     with torch.no_grad():
         want_base = hf(input_ids=IDS).logits
-    config = peft.LoraConfig(
-        r=2,
-        lora_alpha=4,
-        init_lora_weights=False,
-        target_modules=["o_proj"],
-        modules_to_save=[saved],
-        ensure_weight_tying=tying,
-    )
-    peft_model = peft.get_peft_model(hf, config)
-    g = torch.Generator().manual_seed(3)
+    peft_model = _peft_trained_copy(hf, "o_proj", saved, tying)
     with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if ".modules_to_save." in n:
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
         want = peft_model(input_ids=IDS).logits
     assert max_diff(want, want_base) > 0.1
     peft_model.save_pretrained(tmp_path)
@@ -306,26 +315,33 @@ def test_peft_modules_to_save_on_tied_model_loads_into_ours(tmp_path, saved, tyi
     assert (head.weight is embed.weight) == tying  # a copy of the named module only, or both tied
 
 
+def _inject_trained_copy(model, target: str, saved: str, tying: bool) -> None:
+    """Inject a LoRA on ``target`` with modules_to_save=[saved] (``ensure_weight_tying=tying``)
+    and perturb the LoRA tensors and the named module's copy, as training would."""
+    config = lora.LoRAConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=[target],
+        modules_to_save=[saved],
+        ensure_weight_tying=tying,
+    )
+    lora.inject(model, config)
+    g = torch.Generator().manual_seed(4)
+    for _, layer in lora.layers.lora_layers(model):
+        randomize_lora(layer, generator=g, scale=0.1)
+    named = model.lm_head if saved == "lm_head" else model.model.embed_tokens
+    with torch.no_grad():
+        named.weight.add_(0.5 * torch.randn(named.weight.shape, generator=g))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("saved", "tying"), TIED_CASES)
 def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tying):
     hf, ours, _ = tied_pair()
     with torch.no_grad():
         want_base = ours(IDS).logits
-    config = lora.LoRAConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=["o_proj"],
-        modules_to_save=[saved],
-        ensure_weight_tying=tying,
-    )
-    lora.inject(ours, config)
-    g = torch.Generator().manual_seed(4)
-    for _, layer in lora.layers.lora_layers(ours):
-        randomize_lora(layer, generator=g, scale=0.1)
-    named = ours.lm_head if saved == "lm_head" else ours.model.embed_tokens
+    _inject_trained_copy(ours, "o_proj", saved, tying)
     with torch.no_grad():
-        named.weight.add_(0.5 * torch.randn(named.weight.shape, generator=g))
         want = ours(IDS).logits
         with lora.disabled(ours):
             assert max_diff(ours(IDS).logits, want_base) == 0  # the original, untouched
@@ -335,6 +351,159 @@ def test_our_modules_to_save_on_tied_model_loads_into_peft(tmp_path, saved, tyin
     with torch.no_grad():
         got = peft_model(input_ids=IDS).logits
     assert max_diff(got, want) <= ATOL
+
+
+# --- a plain torch model tied by hand: PEFT finds no tie, we do --------------------------------
+class HandTied(nn.Module):
+    """A plain torch model whose head shares the embedding's Parameter (no transformers, no
+    ``_tied_weights_keys``): PEFT's ``ensure_weight_tying`` finds no tie here; ours does."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(64, 16)
+        self.model.proj = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 64, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids):
+        return self.lm_head(torch.tanh(self.model.proj(self.model.embed_tokens(input_ids))))
+
+
+def hand_tied() -> HandTied:
+    torch.manual_seed(0)
+    return HandTied().eval()
+
+
+def _run(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
+
+
+def _peft_file_of_hand_tied(path, saved: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's adapter of HandTied with ensure_weight_tying=True and modules_to_save=[saved], its
+    copies perturbed, saved to ``path``: returns (the logits PEFT ran, the base model's)."""
+    model = hand_tied()
+    want_base = _run(model)
+    with pytest.warns(UserWarning, match="no tied modules were found"):
+        peft_model = _peft_trained_copy(model, "proj", saved, True)
+    want = _run(peft_model)
+    assert max_diff(want, want_base) > 0.1
+    peft_model.save_pretrained(path)
+    return want, want_base
+
+
+@pytest.mark.filterwarnings("ignore:You have requested `ensure_weight_tying`:UserWarning")
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_a_peft_file_that_did_not_tie_loads_untied_into_ours_on_a_plain_model(tmp_path, saved):
+    # PEFT ties only what transformers' _tied_weights_keys names: on a plain model it trains a copy
+    # of the named module alone, yet the file says ensure_weight_tying. Ours once tied the partner
+    # to that copy on load (logits off by ~9 here).
+    want, want_base = _peft_file_of_hand_tied(tmp_path / "peft", saved)
+    config = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    assert config["ensure_weight_tying"] is True
+    with safe_open(str(tmp_path / "peft" / WEIGHTS_NAME), "pt") as f:
+        copies = [k for k in f.keys() if "lora_" not in k]
+    named = "lm_head" if saved == "lm_head" else "model.embed_tokens"
+    partner = "model.embed_tokens" if saved == "lm_head" else "lm_head"
+    assert copies == [f"base_model.model.{named}.weight"]  # the partner's key is not there
+
+    theirs = peft.PeftModel.from_pretrained(hand_tied(), tmp_path / "peft").eval()
+    assert max_diff(_run(theirs), want) == 0  # PEFT's own load: the reference
+
+    ours = hand_tied()
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match=rf"no weight for '{partner}'"):
+        lora.load_adapter(ours, tmp_path / "peft")
+    assert max_diff(_run(ours), want) <= ATOL
+    with lora.disabled(ours):
+        assert max_diff(_run(ours), want_base) == 0
+    assert not isinstance(ours.get_submodule(partner), lora.layers.ModulesToSaveWrapper)
+    assert ours.get_submodule(partner).weight is ours.get_submodule(named).original_module.weight
+    assert ours.lora_config.ensure_weight_tying is False  # what the adapter is: untied
+
+    # saved again by us, it loads untied into PEFT and ours, without a warning
+    lora.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(hand_tied(), tmp_path / "ours").eval()
+    assert max_diff(_run(again), want) <= ATOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.adapters.PeftCompatibilityWarning)
+        fresh = lora.load_adapter(hand_tied(), tmp_path / "ours")
+    assert max_diff(_run(fresh), want) <= ATOL
+
+
+@pytest.mark.filterwarnings("ignore:You have requested `ensure_weight_tying`:UserWarning")
+def test_a_file_with_different_tied_weights_loads_each_into_its_own_copy_as_peft_runs_it(tmp_path):
+    # Both keys, different values (no tied training writes that): PEFT runs each module with its
+    # key's values on a plain model; ours gives each its own copy (and keeps the base intact).
+    _peft_file_of_hand_tied(tmp_path, "lm_head")
+    file = tmp_path / WEIGHTS_NAME
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    head = tensors["base_model.model.lm_head.weight"]
+    tensors["base_model.model.model.embed_tokens.weight"] = head + 0.5
+    save_file(tensors, str(file))
+    want = _run(peft.PeftModel.from_pretrained(hand_tied(), tmp_path).eval())
+    ours = hand_tied()
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="different weights"):
+        lora.load_adapter(ours, tmp_path)
+    assert max_diff(_run(ours), want) <= ATOL
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    assert torch.equal(ours.model.embed_tokens.weight, head + 0.5)
+    assert ours.lora_config.modules_to_save == ["lm_head", "model.embed_tokens"]
+
+
+@pytest.mark.filterwarnings("ignore:You have requested `ensure_weight_tying`:UserWarning")
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_our_tied_adapter_on_a_plain_model_loads_into_peft_with_our_logits(tmp_path, saved):
+    # We tie by Parameter identity, also where PEFT finds no tie; the file holds both keys (equal),
+    # and PEFT runs each module with its key's values: our logits.
+    ours = hand_tied()
+    _inject_trained_copy(ours, "proj", saved, True)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the copies share
+    want = _run(ours)
+    lora.save_adapter(ours, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        head, embed = (
+            f.get_tensor(f"base_model.model.{m}.weight") for m in ("lm_head", "model.embed_tokens")
+        )
+    assert torch.equal(head, embed)
+    theirs = peft.PeftModel.from_pretrained(hand_tied(), tmp_path).eval()
+    assert max_diff(_run(theirs), want) <= ATOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.adapters.PeftCompatibilityWarning)
+        fresh = lora.load_adapter(hand_tied(), tmp_path)  # tied again: the file holds both keys
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert max_diff(_run(fresh), want) <= ATOL
+
+
+@pytest.mark.filterwarnings("ignore:You have requested `ensure_weight_tying`:UserWarning")
+def test_an_untied_peft_file_added_next_to_a_tied_adapter_and_combined(tmp_path):
+    # Several adapters: a PEFT file that did not tie, added under a name next to our tied adapter,
+    # runs PEFT's logits, leaves the tied adapter as it was, and combines.
+    want, _ = _peft_file_of_hand_tied(tmp_path / "peft", "lm_head")
+    model = hand_tied()
+    lora.inject(
+        model,
+        lora.LoRAConfig(
+            r=2, target_modules=["proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
+        ),
+    )
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.25)
+    tied_logits = _run(model)
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="no weight for"):
+        lora.load_adapter(model, tmp_path / "peft", adapter_name="peft")
+    assert torch.equal(_run(model), tied_logits)
+    lora.set_adapter(model, "peft")
+    assert max_diff(_run(model), want) <= ATOL
+    assert model.model.embed_tokens.get_adapter("peft") is None  # no copy: the original runs
+    lora.add_weighted_adapter(model, ["peft"], [1.0], "again")
+    lora.set_adapter(model, "again")
+    assert max_diff(_run(model), want) <= ATOL
+    assert model.lora_configs["again"].ensure_weight_tying is False
+    lora.save_adapter(model, tmp_path / "again")
+    fresh = lora.load_adapter(hand_tied(), tmp_path / "again")
+    assert max_diff(_run(fresh), want) <= ATOL
 
 
 # --- add_weighted_adapter against PEFT's ---------------------------------------------------------

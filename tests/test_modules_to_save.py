@@ -3,6 +3,9 @@ trains its own copy; ``ensure_weight_tying`` says whether a tied partner shares 
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 from tiny import MODULES_TO_SAVE_IDS as IDS
@@ -207,7 +210,9 @@ def test_two_tied_modules_both_named_train_apart_and_load_so(tmp_path):
     torch.testing.assert_close(logits(fresh), want, rtol=1e-6, atol=1e-6)
 
 
-def test_a_tied_pair_with_two_different_tensors_in_the_file_is_refused(tmp_path):
+def _tied_adapter_file(path, edit):
+    """Our tied adapter (ensure_weight_tying, lm_head named) of the tied model, its copy trained
+    a little, saved to ``path`` with ``edit(tensors)`` applied to the file's tensors."""
     from safetensors.torch import load_file, save_file
 
     model = tied()
@@ -215,13 +220,133 @@ def test_a_tied_pair_with_two_different_tensors_in_the_file_is_refused(tmp_path)
         r=2, target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True
     )
     lora.inject(model, cfg)
-    lora.save_adapter(model, tmp_path / "a")
-    file = tmp_path / "a" / "adapter_model.safetensors"
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.3)
+    lora.save_adapter(model, path)
+    file = path / "adapter_model.safetensors"
     tensors = load_file(str(file))
-    tensors["base_model.model.model.embed_tokens.weight"] += 1
+    edit(tensors)
     save_file(tensors, str(file))
-    with pytest.raises(lora.AdapterError, match="tied .one tensor., but the file holds different"):
-        lora.load_adapter(tied(), tmp_path / "a")
+    return model
+
+
+HEAD, EMBED = "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"
+
+
+def test_a_tied_pair_with_two_different_tensors_in_the_file_loads_into_two_copies(tmp_path):
+    # The file says ensure_weight_tying, but its two keys differ: not tied copies. Each module
+    # gets its own copy with its key's values (as PEFT runs such a file on a model where it finds
+    # no tie), with a warning; the load was refused before.
+    def differ(tensors):
+        tensors[EMBED] += 1
+
+    _tied_adapter_file(tmp_path / "a", differ)
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="different weights for"):
+        model = lora.load_adapter(tied(), tmp_path / "a")
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert head.weight is not embed.weight
+    torch.testing.assert_close(embed.weight, head.weight + 1, rtol=0, atol=0)
+    assert model.lora_config.ensure_weight_tying is False
+    assert model.lora_config.modules_to_save == ["lm_head", "model.embed_tokens"]
+    want = logits(model)
+    lora.save_adapter(model, tmp_path / "b")  # says what it is: two copies, untied
+    torch.testing.assert_close(logits(lora.load_adapter(tied(), tmp_path / "b")), want)
+
+
+def test_a_tied_file_without_the_partner_key_loads_the_named_copy_alone(tmp_path):
+    # What PEFT writes where it finds no tie (a plain torch model): ensure_weight_tying, and only
+    # the named module's copy. Loaded untied: the partner runs the original weight.
+    source = _tied_adapter_file(tmp_path / "a", lambda tensors: tensors.pop(EMBED))
+    base = logits(tied())
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="no weight for 'model.embed"):
+        model = lora.load_adapter(tied(), tmp_path / "a")
+    assert not isinstance(model.model.embed_tokens, ModulesToSaveWrapper)
+    assert model.model.embed_tokens.weight is model.lm_head.original_module.weight
+    torch.testing.assert_close(model.lm_head.weight, source.lm_head.weight, rtol=0, atol=0)
+    assert model.lora_config.ensure_weight_tying is False
+    with lora.disabled(model):
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+
+
+def test_two_tied_pairs_one_left_untied_by_the_file_load_with_equal_logits(tmp_path):
+    # ensure_weight_tying is one flag: where the file leaves one pair untied, the other pair's
+    # partner (its key there, equal) gets a copy of its own with those values.
+    def two_pairs() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8)
+        )
+        model[4].weight = model[0].weight  # (8, 4) both
+        model[2].weight = model[1].weight
+        return model
+
+    ids = torch.tensor([[1, 2, 3]])
+    source = two_pairs()
+    cfg = lora.LoRAConfig(
+        r=2, target_modules=["3"], modules_to_save=["4", "2"], ensure_weight_tying=True
+    )
+    lora.inject(source, cfg)
+    with torch.no_grad():
+        source[4].weight.add_(0.5)
+        source[2].weight.add_(0.25)
+    lora.save_adapter(source, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    del tensors["base_model.model.0.weight"]  # the head's partner: as PEFT writes it, untied
+    save_file(tensors, str(file))
+    with pytest.warns(lora.adapters.PeftCompatibilityWarning, match="no weight for '0'"):
+        model = lora.load_adapter(two_pairs(), tmp_path)
+    assert model.lora_config.modules_to_save == ["4", "2", "1"]
+    assert not isinstance(model[0], ModulesToSaveWrapper)
+    torch.testing.assert_close(model[1].weight, source[1].weight, rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].weight.copy_(source[0].weight)  # the file's meaning: the base embedding there
+        torch.testing.assert_close(model(ids), source(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("adapter_tied", [True, False])
+@pytest.mark.parametrize("file", ["tied", "untied", "partner key dropped", "partner key changed"])
+def test_loading_in_place_keeps_or_refuses_the_adapters_tie(tmp_path, adapter_tied, file):
+    # In place the adapter's copies are made already: a file whose copies are tied otherwise is
+    # refused, naming the partner (a load into shared copies wrote one key into both; a tied file
+    # into untied copies left the partner's new copy idle: logits ~15 off the file's model).
+    source = tied()
+    cfg = lora.LoRAConfig(
+        r=2,
+        target_modules=["o_proj"],
+        modules_to_save=["lm_head"],
+        ensure_weight_tying=file != "untied",
+    )
+    lora.inject(source, cfg)
+    with torch.no_grad():
+        source.lm_head.weight.add_(0.3)
+    lora.save_adapter(source, tmp_path / "a")
+    if file.startswith("partner key"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+        if file.endswith("dropped"):
+            del tensors[EMBED]
+        else:
+            tensors[EMBED] += 1  # two copies: the adapter has one only, or tied
+        save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    model = tied()
+    lora.inject(model, dataclasses.replace(cfg, ensure_weight_tying=adapter_tied))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora.adapters.PeftCompatibilityWarning)
+        if adapter_tied == (file == "tied") and file != "partner key changed":
+            lora.load_adapter(model, tmp_path / "a")
+            want = logits(lora.load_adapter(tied(), tmp_path / "a"))  # what the file means
+            torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+            return
+        with pytest.raises(
+            lora.AdapterError, match=r"module model\.embed_tokens: .*adapter 'default' of the model"
+        ):
+            lora.load_adapter(model, tmp_path / "a")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
