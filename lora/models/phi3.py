@@ -699,6 +699,14 @@ def _trimming_on_recompute(run):
     return segment
 
 
+class _HeapTrims(NamedTuple):
+    """Where a Phi3Model forward trims the C heap (:meth:`Phi3Model._heap_trims`)."""
+
+    checkpointed: bool  # every k-th checkpointed layer's forward and recomputation
+    plain: bool  # the forward and the backward of each layer that is not checkpointed
+    loss: bool  # before the final norm and the loss
+
+
 def _trim_before_backward(grad: Tensor) -> None:
     """A gradient hook on a decoder layer's output: the layer's backward starts next."""
     trim_heap()
@@ -742,15 +750,23 @@ class Phi3Model(nn.Module):
         # before the final norm and the loss stays.
         self.layers_release_heap = False
 
-    def _releases_heap(self, device: torch.device) -> bool:
-        """Whether this forward trims the C heap between layers (see ``release_heap_every``)."""
-        return (
+    def _heap_trims(self, x: Tensor) -> _HeapTrims:
+        """Where this forward, on hidden states ``x``, trims the C heap (``release_heap_every``):
+        only training on CPU, outside torch.compile. Around each layer that is not checkpointed
+        only in fp32: there the re-faulted pages cost ~2% of a step for a third of its working
+        set; a bf16 step is ~4x faster and they cost ~11% (docs/performance.md, "The fp32 peak").
+        Under ``layers_release_heap`` the trims between layers step aside; the loss's stays."""
+        on = (
             self.release_heap_every > 0
             and self.training
             and torch.is_grad_enabled()
-            and device.type == "cpu"
+            and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
         )
+        plain = on and x.dtype == torch.float32
+        checkpointed = on and self.gradient_checkpointing
+        between = not self.layers_release_heap
+        return _HeapTrims(checkpointed and between, plain and between, plain or checkpointed)
 
     def _checkpointed(self, i: int) -> bool:
         return self.checkpoint_layers is None or i < self.checkpoint_layers
@@ -813,27 +829,19 @@ class Phi3Model(nn.Module):
 
         presents = []
         training = self.training and torch.is_grad_enabled()
-        release = self._releases_heap(x.device)
+        trims = self._heap_trims(x)
         every, last = self.release_heap_every, len(self.layers) - 1
-        # Around each layer that is not checkpointed only in fp32: there the re-faulted pages
-        # cost ~2% of a step for a third of its working set; a bf16 step is ~4x faster and they
-        # cost ~11% (docs/performance.md, "The fp32 peak").
-        release_plain = release and x.dtype == torch.float32
-        release_checkpointed = release and self.gradient_checkpointing
-        release_loss = release_plain or release_checkpointed
-        if self.layers_release_heap:  # the trims between layers step aside
-            release_plain = release_checkpointed = False
         anchor: Tensor | None = None
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
             checkpointed = self.gradient_checkpointing and self.training and self._checkpointed(i)
             # A checkpointed layer's forward keeps only its input: every k-th trim suffices. One
             # that is not keeps its activations between its temporaries' holes: each is trimmed.
-            if (release_checkpointed and i % every == 0) or (release_plain and not checkpointed):
+            if (trims.checkpointed and i % every == 0) or (trims.plain and not checkpointed):
                 trim_heap()
             if checkpointed:
                 run = keep_decoded_on_recompute(layer)  # 4-bit weights: 2 decodes a step, not 3
-                if release_checkpointed and (last - i) % every == 0:
+                if trims.checkpointed and (last - i) % every == 0:
                     run = _trimming_on_recompute(run)
                 reentrant = self.checkpoint_use_reentrant
                 if reentrant and training and not x.requires_grad:
@@ -856,11 +864,11 @@ class Phi3Model(nn.Module):
                 # cheap ones it marks recomputable (lora.models.recompute).
                 with recompute.scope(training and self.recompute_cheap):
                     x, present = layer(x, cos, sin, attn, past)
-                if release_plain and x.requires_grad:
+                if trims.plain and x.requires_grad:
                     x.register_hook(_trim_before_backward)  # runs before this layer's backward
             if use_cache:
                 presents.append(present)
-        if release_loss:
+        if trims.loss:
             trim_heap()  # before the loss: the last layer's temporaries are free
         return self.norm(x), (tuple(presents) if use_cache else None)
 
