@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _matmul
+
 __all__ = [
     "lora_scaling",
     "linear_delta_weight",
@@ -291,7 +293,7 @@ def base_linear(
         if saved is not None:
             return weight.linear_no_grad(x, bias, saved)
         return F.linear(x, weight, bias)
-    return F.linear(x, weight.T if fan_in_fan_out else weight, bias)
+    return _matmul.linear(x, weight.T if fan_in_fan_out else weight, bias)
 
 
 def base_linear_input_grad(
@@ -302,7 +304,7 @@ def base_linear_input_grad(
     ``saved``: for a quantised base, what its ``backward_slot`` gave in forward."""
     if not isinstance(weight, Tensor):  # a quantised base: it dequantises slab by slab
         return weight.grad_input(grad_out, saved)
-    return grad_out @ (weight.T if fan_in_fan_out else weight)
+    return _matmul.mm(grad_out, weight.T if fan_in_fan_out else weight)
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
@@ -334,16 +336,18 @@ class _LoRALinear(torch.autograd.Function):
             hbuf = _chunk_buffer(stream.chunk, x.shape[1], x)
             for start, n, m in stream:
                 h = stream.apply(m, x[start : start + n], hbuf[:n])
-                torch.mm(h, A.T, out=v[start : start + n])
+                _matmul.mm(h, A.T, out=v[start : start + n])
             del hbuf
             v.mul_(c)
         else:
-            v = (x @ A.T).mul_(scaling)  # (tokens, r): the only activation the adapter adds
+            v = _matmul.mm(x, A.T).mul_(
+                scaling
+            )  # (tokens, r): the only activation the adapter adds
         for rows, vb, Bb in _blocks(blocks, v, B, y.shape[1]):
             if y.dtype != v.dtype:  # a base whose output dtype differs from its input's (rare)
-                y[:, rows].add_((vb @ Bb.T).to(y.dtype))
+                y[:, rows].add_(_matmul.mm(vb, Bb.T).to(y.dtype))
             else:
-                y[:, rows].addmm_(vb, Bb.T)
+                _matmul.addmm_(y[:, rows], vb, Bb.T)
         ctx.quantized_weight = weight if quantized else None
         ctx.save_for_backward(x, None if quantized else weight, lora_A, lora_B, v, slot)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
@@ -368,10 +372,10 @@ class _LoRALinear(torch.autograd.Function):
             grad_B = torch.zeros_like(B) if ctx.blocks is not None else None
             for rows, vb, Bb in _blocks(ctx.blocks, v, B, g.shape[1]):
                 if grad_B is None:
-                    grad_B = g.T @ vb  # (out, r)
+                    grad_B = _matmul.mm(g.T, vb)  # (out, r)
                 else:
                     b0 = _b_start(ctx.blocks, rows)
-                    grad_B[b0 : b0 + Bb.shape[0]] = g[:, rows].T @ vb
+                    grad_B[b0 : b0 + Bb.shape[0]] = _matmul.mm(g[:, rows].T, vb)
             grad_B = grad_B.to(lora_B.dtype)
         if need_x:
             grad_x = base_linear_input_grad(g, weight, fifo, slot)
@@ -379,17 +383,17 @@ class _LoRALinear(torch.autograd.Function):
         if need_A or need_x:
             # (tokens, r·k): ∂L/∂(keep(x) Aᵀ)
             if ctx.blocks is None:
-                du = g @ B
+                du = _matmul.mm(g, B)
             else:
                 du = v.new_zeros(v.shape)
                 for o0, o1, b0, a0, a1 in ctx.blocks:
-                    du[:, a0:a1] = g[:, o0:o1] @ B[b0 : b0 + (o1 - o0)]
+                    du[:, a0:a1] = _matmul.mm(g[:, o0:o1], B[b0 : b0 + (o1 - o0)])
             du.mul_(c)
             if p == 0:
                 if need_A:
-                    grad_A = (du.T @ x).to(lora_A.dtype)
+                    grad_A = _matmul.mm(du.T, x).to(lora_A.dtype)
                 if need_x:
-                    grad_x.addmm_(du, A)
+                    _matmul.addmm_(grad_x, du, A)
             else:
                 # Chunk by chunk, with the mask drawn again; a low-precision x accumulates dA
                 # in fp32 across chunks.
@@ -405,14 +409,14 @@ class _LoRALinear(torch.autograd.Function):
                         if acc_dtype == x.dtype:
                             grad_A.addmm_(du[rows].T, h)
                         else:
-                            grad_A.add_(du[rows].T @ h)
+                            grad_A.add_(_matmul.mm(du[rows].T, h))
                     if need_x:
-                        t = torch.mm(du[rows], A, out=buf[:n])
+                        t = _matmul.mm(du[rows], A, out=buf[:n])
                         grad_x[rows].add_(stream.apply(m, t, t))
                 if need_A:
                     grad_A = grad_A.to(lora_A.dtype)
         if need_w:
-            gw = g.T @ x  # (out, in)
+            gw = _matmul.mm(g.T, x)  # (out, in)
             grad_w = (gw.T if fifo else gw).to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
             grad_b = grad_y.sum(0).to(ctx.bias_dtype)

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora._heap import trim_heap
 from lora._io import atomic_write_json
+from lora._matmul import frozen_linear, linear, mm, sdpa_inputs
 from lora.checks import IGNORE_INDEX, check_checkpoint_layers
 from lora.models import checkpoint as ckpt
 from lora.models import recompute
@@ -566,7 +567,7 @@ class Phi3Attention(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (b, s, h) -> (b, s, h), and this layer's (keys, values) including the past, (b, KV, kv, d)."""
         b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v = frozen_linear(self.qkv_proj, x).split(self.split_sizes, dim=-1)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (b, H, s, d)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, s, d)
         # contiguous: else v, saved for backward, is a view that keeps the whole fused qkv output alive
@@ -576,22 +577,25 @@ class Phi3Attention(nn.Module):
             k = torch.cat((past[0], k), dim=2)  # (b, KV, kv, d)
             v = torch.cat((past[1], v), dim=2)
         present = (k, v)
+        dtype = q.dtype
+        # fp32 where the CPU has no bf16 kernels (lora._matmul); else q, k, v, mask themselves
+        q, k, v, mask = sdpa_inputs(q, k, v, attn.mask)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             # query head h reads kv head h // (H / KV), without copying k and v out to H heads
             enable_gqa=self.num_kv_heads != self.num_heads,
-            attn_mask=attn.mask,
+            attn_mask=mask,
             is_causal=attn.is_causal,
             dropout_p=self.attention_dropout if self.training else 0.0,
-        )  # (b, H, s, d)
+        ).to(dtype)  # (b, H, s, d)
         if attn.empty_rows is not None:
             out = out.masked_fill(attn.empty_rows, 0.0)
         # o_proj's input, kept by a LoRA o_proj: the same numbers as SDPA's output (kept by SDPA)
         # in another layout, so rebuilt from it in backward where a recompute.scope is open.
         out = recompute.recomputable(_merge_heads, out)
-        return self.o_proj(out), present
+        return frozen_linear(self.o_proj, out), present
 
 
 class Phi3MLP(nn.Module):
@@ -607,7 +611,8 @@ class Phi3MLP(nn.Module):
         # keeps only that output for backward (not up, gate and silu(gate) besides).
         # down_proj's input, kept by a LoRA down_proj, is recomputed from gate_up's output (which
         # SwiGLU keeps) in backward where a recompute.scope is open.
-        return self.down_proj(recompute.recomputable(swiglu, self.gate_up_proj(x)))
+        up = frozen_linear(self.gate_up_proj, x)
+        return frozen_linear(self.down_proj, recompute.recomputable(swiglu, up))
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -937,7 +942,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             pad = -c % _ROW_MULTIPLE if c > _ROW_MULTIPLE else 0
             if pad:
                 h = torch.cat((h, h.new_zeros(pad, h.shape[1])))
-            logits = (h @ weight.T).to(acc)  # (c + pad, V)
+            logits = linear(h, weight).to(acc)  # (c + pad, V)
             tgt = targets[rows]
             picked = logits[:c].gather(1, tgt[:, None]).squeeze(1)
             # torch.logsumexp's own ops (max, exp of the difference, sum, log, + max; bitwise its
@@ -955,9 +960,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 assert grad is not None
                 if pad:
                     logits[c:] = 0.0
-                    grad[rows] = torch.mm(logits.to(hidden.dtype), weight)[:c]
+                    grad[rows] = mm(logits.to(hidden.dtype), weight)[:c]
                 else:
-                    torch.mm(logits.to(hidden.dtype), weight, out=grad[rows])
+                    mm(logits.to(hidden.dtype), weight, out=grad[rows])
             del logits
         ctx.save_for_backward(grad)
         return total
@@ -1198,7 +1203,7 @@ class Phi3ForCausalLM(nn.Module):
                 # the whole weight, expanded to (b, h, V), on every call (1.3 s at Phi-3's head
                 # for b = 2), where the contiguous slice folds into one (b·k, h) matmul.
                 hidden = hidden[:, -logits_to_keep:].contiguous()
-            logits = self.lm_head(hidden)
+            logits = frozen_linear(self.lm_head, hidden)
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=cache)
 
     def _loss(

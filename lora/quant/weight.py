@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .. import _matmul
 from ..functional import unflatten_rows
 from .nf4 import (
     BLOCK_SIZE,
@@ -342,10 +343,10 @@ class NF4Weight(nn.Module):
             )
         b = None if bias is None else bias.to(x.dtype)
         if self.rows_per_chunk() >= out_f:  # one slab: the plain call
-            return F.linear(x, next(self._slabs(x.dtype, saved))[2], b)
+            return _matmul.linear(x, next(self._slabs(x.dtype, saved))[2], b)
         out = x.new_empty(*x.shape[:-1], out_f)
         for r0, r1, w in self._slabs(x.dtype, saved):
-            out[..., r0:r1] = F.linear(x, w)
+            out[..., r0:r1] = _matmul.linear(x, w)
         if b is not None:
             out.add_(b)
         return out
@@ -360,7 +361,7 @@ class NF4Weight(nn.Module):
         gx = None
         for r0, r1, w in self._slabs(grad_out.dtype, saved):
             part = g2[:, r0:r1]
-            gx = part @ w if gx is None else gx.addmm_(part, w)
+            gx = _matmul.mm(part, w) if gx is None else _matmul.addmm_(gx, part, w)
         return gx.view(*grad_out.shape[:-1], in_f)
 
     # --- torch functions --------------------------------------------------------------------------
