@@ -12,13 +12,9 @@ fp32 too; so converting the operands, multiplying in fp32 and rounding the resul
 what a native kernel gives, up to the order of the sums. Large operands are converted a slab at a
 time (at most :data:`_SLAB_ELEMENTS` elements each), so the fp32 copies stay small.
 
-``LORA_LOWP_MATMUL`` chooses: ``native`` (the default for now: torch's kernels), ``auto`` (fp32
-where the CPU has no native kernel for the dtype) or ``fp32`` (always, on CPU). CUDA and other
-devices are never touched. :func:`mode` sets it for a block of code (tests use it). ``auto`` is
-not the default yet: one test compares two evaluations of the same bf16 model (a trainer's, with a
-zero LoRA over qkv_proj, and the plain model's) at 1e-6 relative. With torch's kernels their losses
-differ by 2e-8, under ``auto`` by 3e-7 (the perplexity by 1.8e-6): rounding noise far below bf16's
-eps, but the test's tolerance and the default change together, with a CI run.
+``LORA_LOWP_MATMUL`` chooses: ``auto`` (the default: fp32 where the CPU has no native kernel for
+the dtype), ``fp32`` (always, on CPU) or ``native`` (never: torch's kernels). CUDA and other devices
+are never touched. :func:`mode` sets it for a block of code (tests use it).
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ _override: list[str] = []
 def _mode() -> str:
     if _override:
         return _override[-1]
-    value = os.environ.get(_ENV, "native") or "native"
+    value = os.environ.get(_ENV, "auto") or "auto"
     if value not in _MODES:
         raise ValueError(f"{_ENV}={value!r}: expected one of 'auto', 'fp32', 'native'")
     return value

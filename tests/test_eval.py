@@ -44,8 +44,10 @@ def test_base_loss_equals_the_trainers_eval_loss(demo, tmp_path):
     expected = trainer.evaluate()
     report = evaluate(model_dir, data, max_seq_length=128, batch_size=8, log=lambda *_: None)
     (base,) = report["rows"]
-    assert base["loss"] == pytest.approx(expected, rel=1e-6)
-    assert base["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+    # bf16 through different modules (a zero LoRA over qkv_proj, the plain model): rounding noise,
+    # 2e-8 with torch's kernels, 3e-7 through lora._matmul's fp32 route (loss 5.91; bf16 eps 8e-3)
+    assert base["loss"] == pytest.approx(expected, rel=1e-5)
+    assert base["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert (
         report["conversations"] == 200
         and report["assistant_tokens"] == prepared.eval_stats.labelled_tokens
