@@ -147,8 +147,8 @@ def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
 
 
 class _Scratch(threading.local):
-    """One reused CPU buffer per dtype (per thread) for the masked chunks of x and of dx's
-    adapter part. Its contents are dead between uses: a layer's forward or backward fills it,
+    """One reused CPU buffer per dtype (per thread) for the masked chunks of x (dx's masked
+    adapter part is written into dx itself). Its contents are dead between uses: a layer's forward or backward fills it,
     reads it and is done with it before it returns. A fresh buffer each call costs its page
     faults: a new 8 MB (512 x 8192 bf16) chunk took 3 ms to fill inside a training step, 0.12 ms
     reused. At most one chunk (2^22 elements: 16 MB in fp32) a dtype stays allocated."""
@@ -192,16 +192,16 @@ def _dropped_positions(numel: int, p: float, rng: np.random.Generator) -> Tensor
         e = rng.standard_exponential(m)
         # A gap past the end is as good as any longer one: capped, the int64 sums cannot overflow.
         np.minimum(np.multiply(e, scale, out=e), numel + 1, out=e)
-        pos = e.astype(np.int64)  # floor (e >= 0)
-        pos += 1
-        np.cumsum(pos, out=pos)
-        pos += last
-        end = int(np.searchsorted(pos, numel))  # the first position >= numel
+        pos = torch.from_numpy(e.astype(np.int64))  # floor (e >= 0)
+        pos.add_(1)  # the gaps
+        pos[0] += last  # counted from the last position drawn
+        pos.cumsum_(0)  # torch's: 7x faster than numpy's here (25 against 168 us at 78k)
+        end = int(torch.searchsorted(pos, numel))  # the first position >= numel
         parts.append(pos[:end])
         if end < m:
             break
         last = int(pos[-1])
-    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _DropStream:
@@ -297,14 +297,21 @@ def base_linear(
 
 
 def base_linear_input_grad(
-    grad_out: Tensor, weight: Tensor, fan_in_fan_out: bool, saved: Tensor | None = None
+    grad_out: Tensor,
+    weight: Tensor,
+    fan_in_fan_out: bool,
+    saved: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``∂(x Wᵀ)/∂x`` applied to ``grad_out`` (tokens, out): ``grad_out @ W``, (tokens, in).
 
-    ``saved``: for a quantised base, what its ``backward_slot`` gave in forward."""
+    ``saved``: for a quantised base, what its ``backward_slot`` gave in forward. ``out``: a
+    contiguous (tokens, in) tensor that the result is added into, inside the matmul (in place;
+    returned)."""
     if not isinstance(weight, Tensor):  # a quantised base: it dequantises slab by slab
-        return weight.grad_input(grad_out, saved)
-    return _matmul.mm(grad_out, weight.T if fan_in_fan_out else weight)
+        return weight.grad_input(grad_out, saved, out)
+    w = weight.T if fan_in_fan_out else weight
+    return _matmul.mm(grad_out, w) if out is None else _matmul.addmm_(out, grad_out, w)
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
@@ -371,15 +378,19 @@ class _LoRALinear(torch.autograd.Function):
         if need_B:
             grad_B = torch.zeros_like(B) if ctx.blocks is not None else None
             for rows, vb, Bb in _blocks(ctx.blocks, v, B, g.shape[1]):
+                # (vᵀ g)ᵀ with vᵀ made contiguous: oneDNN's skinny kernels take a (16, 512) row-major
+                # left operand 1.3-1.4x faster than a transposed view (bf16, 512 x 3072, r = 16)
+                gB = _matmul.mm(vb.T.contiguous(), g[:, rows]).T  # (out, r)
                 if grad_B is None:
-                    grad_B = _matmul.mm(g.T, vb)  # (out, r)
+                    grad_B = gB
                 else:
                     b0 = _b_start(ctx.blocks, rows)
-                    grad_B[b0 : b0 + Bb.shape[0]] = _matmul.mm(g[:, rows].T, vb)
-            grad_B = grad_B.to(lora_B.dtype)
-        if need_x:
-            grad_x = base_linear_input_grad(g, weight, fifo, slot)
-        del slot  # a decoded 4-bit weight: freed as soon as it has served
+                    grad_B[b0 : b0 + Bb.shape[0]] = gB
+            grad_B = grad_B.to(lora_B.dtype, memory_format=torch.contiguous_format)
+        # dx = keep(du A) + g W, built in that order: the (masked) adapter part written straight
+        # into dx, then the base's matmul accumulating into it. With dropout that saves a scratch
+        # copy and a full add pass over dx (bf16 8192 -> 3072, p = 0.05: 1.46x -> 1.33x the frozen
+        # layer); it rounds once, where adding to the base's rounded result rounded twice.
         if need_A or need_x:
             # (tokens, r·k): ∂L/∂(keep(x) Aᵀ)
             if ctx.blocks is None:
@@ -389,32 +400,38 @@ class _LoRALinear(torch.autograd.Function):
                 for o0, o1, b0, a0, a1 in ctx.blocks:
                     du[:, a0:a1] = _matmul.mm(g[:, o0:o1], B[b0 : b0 + (o1 - o0)])
             du.mul_(c)
+            duT = du.T.contiguous() if need_A else None  # (r, tokens): see grad_B's comment
             if p == 0:
                 if need_A:
-                    grad_A = _matmul.mm(du.T, x).to(lora_A.dtype)
+                    grad_A = _matmul.mm(duT, x).to(lora_A.dtype)
                 if need_x:
-                    _matmul.addmm_(grad_x, du, A)
+                    grad_x = _matmul.mm(du, A)
             else:
                 # Chunk by chunk, with the mask drawn again; a low-precision x accumulates dA
                 # in fp32 across chunks.
                 acc_dtype = torch.float32 if _low_precision(x.dtype) else x.dtype
                 if need_A:
                     grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device)
+                if need_x:
+                    grad_x = x.new_empty(x.shape)  # contiguous: its row chunks are matmul outputs
                 stream = _DropStream(x.shape[0], x.shape[1], p, ctx.seed, x.device)
-                buf = _chunk_buffer(stream.chunk, x.shape[1], x)
+                buf = _chunk_buffer(stream.chunk, x.shape[1], x) if need_A else None
                 for start, n, m in stream:
                     rows = slice(start, start + n)
                     if need_A:
                         h = stream.apply(m, x[rows], buf[:n])
                         if acc_dtype == x.dtype:
-                            grad_A.addmm_(du[rows].T, h)
+                            grad_A.addmm_(duT[:, rows], h)
                         else:
-                            grad_A.add_(_matmul.mm(du[rows].T, h))
+                            grad_A.add_(_matmul.mm(duT[:, rows], h))
                     if need_x:
-                        t = _matmul.mm(du[rows], A, out=buf[:n])
-                        grad_x[rows].add_(stream.apply(m, t, t))
+                        t = _matmul.mm(du[rows], A, out=grad_x[rows])
+                        stream.apply(m, t, t)
                 if need_A:
                     grad_A = grad_A.to(lora_A.dtype)
+        if need_x:
+            grad_x = base_linear_input_grad(g, weight, fifo, slot, out=grad_x)
+        del slot  # a decoded 4-bit weight: freed as soon as it has served
         if need_w:
             gw = _matmul.mm(g.T, x)  # (out, in)
             grad_w = (gw.T if fifo else gw).to(weight.dtype)

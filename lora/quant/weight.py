@@ -351,14 +351,17 @@ class NF4Weight(nn.Module):
             out.add_(b)
         return out
 
-    def grad_input(self, grad_out: Tensor, saved: Tensor | None = None) -> Tensor:
+    def grad_input(
+        self, grad_out: Tensor, saved: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
         """``grad_out W`` for grad_out (..., out) -> (..., in), a slab of W at a time.
 
         ``saved``: what :meth:`backward_slot` gave in forward; a decoded weight (in grad_out's
-        dtype) is used instead of decoding."""
+        dtype) is used instead of decoding. ``out``: a contiguous (tokens, in) tensor to add the
+        result into (in place; returned as (..., in))."""
         out_f, in_f = self._shape
         g2 = grad_out.reshape(-1, out_f)
-        gx = None
+        gx = out
         for r0, r1, w in self._slabs(grad_out.dtype, saved):
             part = g2[:, r0:r1]
             gx = _matmul.mm(part, w) if gx is None else _matmul.addmm_(gx, part, w)
