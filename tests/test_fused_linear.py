@@ -524,3 +524,31 @@ def test_a_layer_output_is_its_own_tensor_and_takes_in_place_ops(kind, dtype):
         (y.float() ** 2).sum().backward()
         grads.append(x.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fan_in_fan_out", "nf4", "nf4-slabs"])
+def test_the_base_input_gradient_adds_into_out_when_given(kind):
+    # The fused backward writes dx's adapter part first and lets the base's matmul add g W into
+    # it: with out=, the result must be out + g W, in out's own storage; without, g W alone.
+    from lora.quant import NF4Weight
+
+    torch.manual_seed(0)
+    dense = torch.randn(96, 64, dtype=torch.float64) * 0.1
+    weight, fifo, as_dense = dense, False, dense
+    if kind == "fan_in_fan_out":
+        weight, fifo = dense.T.contiguous(), True
+    elif kind.startswith("nf4"):
+        weight = NF4Weight.from_float(dense)
+        if kind == "nf4-slabs":  # several slabs of output rows, each accumulated in turn
+            weight.chunk_elements = 64 * 64
+        as_dense = weight.dequantize()
+        assert kind == "nf4" or weight.rows_per_chunk() < 96
+    g = torch.randn(10, 96, dtype=torch.float64)
+    start = torch.randn(10, 64, dtype=torch.float64)
+    out = start.clone()
+    got = LF.base_linear_input_grad(g, weight, fifo, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, start + g @ as_dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        LF.base_linear_input_grad(g, weight, fifo), g @ as_dense, rtol=1e-12, atol=1e-12
+    )
