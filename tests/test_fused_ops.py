@@ -1,4 +1,4 @@
-"""Phi-3's fused RMSNorm and SwiGLU (lora.models.fused_ops): bitwise the composite's forward,
+"""Phi-3's fused RMSNorm, SwiGLU and rotary embedding (lora.models.fused_ops): bitwise the composite's forward,
 gradients against autograd through the plain ops, what they keep for backward, and the model's
 paths that must keep working through them (checkpointing, autocast, compile)."""
 
@@ -194,9 +194,72 @@ def test_swiglu_rejects_an_odd_width():
         FO.swiglu(torch.randn(2, 7))
 
 
+@st.composite
+def rotary_case(draw):
+    b = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, 4))
+    s = draw(st.integers(0, 9))
+    half = draw(st.integers(1, 6))
+    d = 2 * half + draw(st.sampled_from([0, 0, 1, 3, 4]))  # r = 2·half rotated of d (partial)
+    dtype = draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    # q as the model makes it: (b, s, heads, d) from a projection, transposed to (b, heads, s, d)
+    x = torch.randn(b, s, heads, d, generator=g).to(dtype).transpose(1, 2)
+    if draw(st.booleans()):
+        x = x.contiguous()
+    angles = torch.rand(b if draw(st.booleans()) else 1, s, half, generator=g) * 20
+    angles = torch.cat((angles, angles), dim=-1)
+    return x, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@given(rotary_case())
+@settings(max_examples=80, deadline=None)
+def test_rotary_forward_and_gradient_are_bitwise_the_composites(case):
+    x, cos, sin = case
+    ours, ref = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    got, want = FO.rotary(ours, cos, sin), FO.rotary_reference(ref, cos, sin)
+    assert got.shape == want.shape == x.shape and got.dtype == x.dtype
+    assert got.is_contiguous()
+    assert torch.equal(got, want)
+    upstream = torch.randn(got.shape).to(got.dtype)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert torch.equal(ours.grad, ref.grad)
+
+
+def test_rotary_rotates_each_pair_by_its_angle():
+    # An independent check of the composite's meaning (not only that the two agree): channel i and
+    # i + r/2 of a head form the pair (a, b) that the angle θ_i turns into (a cosθ - b sinθ,
+    # b cosθ + a sinθ); channels past r pass through.
+    x = torch.randn(1, 2, 3, 6, dtype=torch.float64)
+    theta = torch.rand(1, 3, 2, dtype=torch.float64) * 6
+    angles = torch.cat((theta, theta), dim=-1)
+    out = FO.rotary(x, angles.cos(), angles.sin())
+    c, s = theta.cos().unsqueeze(1), theta.sin().unsqueeze(1)
+    a, b = x[..., 0:2], x[..., 2:4]
+    torch.testing.assert_close(out[..., 0:2], a * c - b * s, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[..., 2:4], b * c + a * s, rtol=0, atol=1e-12)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+
+
+def test_rotary_passes_fp64_gradcheck_and_keeps_only_cos_and_sin():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    angles = torch.rand(1, 5, 3, dtype=torch.float64, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    assert torch.autograd.gradcheck(lambda t: FO.rotary(t, cos, sin), (x,))
+    # nothing of x is kept: cos and sin are shared by every layer and live anyway
+    assert saved_bytes(lambda: FO.rotary(x, cos, sin), exclude=(x, cos, sin))[0] == 0
+
+
 def test_a_second_derivative_through_them_raises():
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    for fn in (lambda t: FO.rms_norm(t, torch.ones(8, dtype=t.dtype), 1e-5), FO.swiglu):
+    cos, sin = torch.ones(1, 3, 8, dtype=torch.float64), torch.zeros(1, 3, 8, dtype=torch.float64)
+    for fn in (
+        lambda t: FO.rms_norm(t, torch.ones(8, dtype=t.dtype), 1e-5),
+        FO.swiglu,
+        lambda t: FO.rotary(t.view(1, 1, 3, 8), cos, sin),
+    ):
         (g,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             g.sum().backward()
@@ -207,12 +270,16 @@ def test_autocast_and_compile_take_the_composite():
     w = torch.ones(8)
     assert type(FO.rms_norm(x, w, 1e-5).grad_fn).__name__ == "_RMSNormBackward"
     assert type(FO.swiglu(x).grad_fn).__name__ == "_SwiGLUBackward"
+    q, cs = x.view(1, 1, 4, 8), torch.ones(1, 4, 8)
+    assert type(FO.rotary(q, cs, cs).grad_fn).__name__ == "_RotaryBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(FO.rms_norm(x, w, 1e-5).grad_fn).__name__ == "MulBackward0"
         assert type(FO.swiglu(x).grad_fn).__name__ == "MulBackward0"
+        assert type(FO.rotary(q, cs, cs).grad_fn).__name__ == "CatBackward0"
     with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
         assert type(FO.rms_norm(x, w, 1e-5).grad_fn).__name__ == "MulBackward0"
         assert type(FO.swiglu(x).grad_fn).__name__ == "MulBackward0"
+        assert type(FO.rotary(q, cs, cs).grad_fn).__name__ == "CatBackward0"
 
 
 # --- in the model ------------------------------------------------------------------------------
@@ -224,6 +291,7 @@ def composite_phi3():
     with (
         mock.patch.object(phi3, "rms_norm", FO.rms_norm_reference),
         mock.patch.object(phi3, "swiglu", FO.swiglu_reference),
+        mock.patch.object(phi3, "rotary", FO.rotary_reference),
     ):
         yield
 

@@ -1,4 +1,5 @@
-"""Phi-3's RMSNorm and SwiGLU as autograd functions that keep less for backward.
+"""Phi-3's RMSNorm, SwiGLU and rotary embedding as autograd functions that keep less for backward
+(the rotary one: that make fewer passes).
 
 Autograd through the plain ops keeps what each op needs: RMSNorm's ``x.float()``, ``pow``,
 ``rsqrt`` and ``mul`` keep an fp32 copy of the (tokens, hidden) input (and, with a trainable
@@ -10,6 +11,11 @@ are bitwise equal to the plain composites, :func:`rms_norm_reference` and
 small: RMSNorm's is derived by hand and computed in fp32 (fp64 for fp64); SwiGLU's draws
 silu(gate) again and runs autograd's own backward ops, so its gradient is bitwise the
 composite's.
+
+The rotary embedding (:func:`rotary`) keeps nothing the composite did not (cos and sin, shared by
+every layer) but writes its output in three passes over the heads where the composite's
+``x·cos + rotate_half(x)·sin`` and its concatenations make six, and backward likewise; it too is
+bitwise the composite (:func:`rotary_reference`), forward and backward.
 
 Pure torch ops, device agnostic. Under ``torch.compile`` and under autocast they call the plain
 composite (as :func:`lora.functional.lora_linear_fused` does), so that inductor fuses it and
@@ -24,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference"]
+__all__ = [
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary",
+    "rotary_reference",
+    "swiglu",
+    "swiglu_reference",
+]
 
 # Backward runs over chunks of rows of about this many elements: each temporary is 2 MiB in fp32
 # (not a (tokens, hidden) fp32 copy), small enough to stay in cache across the chunk's passes
@@ -225,3 +238,73 @@ def swiglu(gate_up: Tensor) -> Tensor:
     if _composite_path(gate_up):
         return swiglu_reference(gate_up)
     return _SwiGLU.apply(gate_up)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first r channels of each head, the plain composite (transformers' layout):
+    ``cat(x_r·cos + cat(-x2, x1)·sin, x_pass)`` with ``x1, x2`` the halves of ``x_r = x[..., :r]``.
+
+    x (b, heads, s, d); cos, sin (b|1, s, r) -> (b, heads, s, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    # The composite's arithmetic op for op, into one output: x·cos, then (-x2)·s1 = -(x2·s1) and
+    # x1·s2 (negation is exact), added; in backward g·cos, plus (g·sin)'s second half into the
+    # first and minus its first half from the second (a - b = a + (-b), and a sum does not depend
+    # on its order), which is what autograd adds up through the composite's cat, neg and chunk.
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        r = cos.shape[-1]
+        h = r // 2
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as cat's is
+        rot = out[..., :r]
+        torch.mul(x[..., :r], cos, out=rot)
+        u = torch.empty(rot.shape, dtype=x.dtype, device=x.device)
+        torch.mul(x[..., h:r], sin[..., :h], out=u[..., :h]).neg_()
+        torch.mul(x[..., :h], sin[..., h:], out=u[..., h:])
+        rot.add_(u)
+        if r < x.shape[-1]:
+            out[..., r:] = x[..., r:]
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        cos, sin = ctx.saved_tensors  # type: ignore[attr-defined]
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None, None
+        r = cos.shape[-1]
+        h = r // 2
+        g = grad_out[..., :r]
+        grad = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+        torch.mul(g, cos, out=grad[..., :r])
+        gs = g * sin
+        grad[..., :h].add_(gs[..., h:])
+        grad[..., h:r].sub_(gs[..., :h])
+        if r < grad_out.shape[-1]:
+            grad[..., r:] = grad_out[..., r:]
+        return grad, None, None
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Phi-3's rotary embedding on the first r channels of each head (rotate-half layout).
+
+    x (b, heads, s, d); cos, sin (b|1, s, r), r even and ≤ d -> (b, heads, s, d), contiguous.
+    Bitwise equal to :func:`rotary_reference`, forward and backward, in three passes over x where
+    the composite makes six (and as many fewer temporaries); it saves only cos and sin, as the
+    composite does. cos and sin that need a gradient take the composite.
+    """
+    if _composite_path(x) or cos.requires_grad or sin.requires_grad:
+        return rotary_reference(x, cos, sin)
+    return _Rotary.apply(x, cos.unsqueeze(1), sin.unsqueeze(1))

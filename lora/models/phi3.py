@@ -39,7 +39,7 @@ from lora._matmul import frozen_linear, linear, mm, sdpa_inputs
 from lora.checks import IGNORE_INDEX, check_checkpoint_layers
 from lora.models import checkpoint as ckpt
 from lora.models import recompute
-from lora.models.fused_ops import rms_norm, swiglu
+from lora.models.fused_ops import rms_norm, rotary, swiglu
 from lora.quant import keep_decoded_on_recompute
 
 __all__ = [
@@ -411,20 +411,6 @@ class Phi3RotaryEmbedding(nn.Module):
         return angles.cos() * scale, angles.sin() * scale
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """[x1, x2] -> [-x2, x1] on the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first r channels of each head: x (b, heads, s, d), cos/sin (b|1, s, r) -> (b, heads, s, d)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
 class AttentionMask(NamedTuple):
     """What ``F.scaled_dot_product_attention`` gets, built once per forward and shared by all layers."""
 
@@ -572,7 +558,7 @@ class Phi3Attention(nn.Module):
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV, s, d)
         # contiguous: else v, saved for backward, is a view that keeps the whole fused qkv output alive
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # fused_ops: bitwise the composite
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # (b, KV, kv, d)
             v = torch.cat((past[1], v), dim=2)
