@@ -227,6 +227,14 @@ def test_rotary_forward_and_gradient_are_bitwise_the_composites(case):
     assert torch.equal(ours.grad, ref.grad)
 
 
+def test_rotary_with_cos_and_sin_of_another_dtype_is_the_composites_promotion():
+    x = torch.randn(1, 2, 3, 8).to(torch.bfloat16)
+    angles = torch.rand(1, 3, 8)
+    got = FO.rotary(x, angles.cos(), angles.sin())
+    want = FO.rotary_reference(x, angles.cos(), angles.sin())
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_rotary_rotates_each_pair_by_its_angle():
     # An independent check of the composite's meaning (not only that the two agree): channel i and
     # i + r/2 of a head form the pair (a, b) that the angle θ_i turns into (a cosθ - b sinθ,

@@ -303,8 +303,19 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x (b, heads, s, d); cos, sin (b|1, s, r), r even and ≤ d -> (b, heads, s, d), contiguous.
     Bitwise equal to :func:`rotary_reference`, forward and backward, in three passes over x where
     the composite makes six (and as many fewer temporaries); it saves only cos and sin, as the
-    composite does. cos and sin that need a gradient take the composite.
+    composite does. cos and sin that need a gradient, or of another dtype than x (the composite
+    then promotes), take the composite, as does anything else the fused path does not cover.
     """
-    if _composite_path(x) or cos.requires_grad or sin.requires_grad:
+    r = cos.shape[-1] if cos.dim() else 0
+    if (
+        _composite_path(x)
+        or cos.requires_grad
+        or sin.requires_grad
+        or cos.dtype != x.dtype
+        or sin.dtype != x.dtype
+        or r % 2
+        or r > x.shape[-1]
+        or sin.shape != cos.shape
+    ):
         return rotary_reference(x, cos, sin)
     return _Rotary.apply(x, cos.unsqueeze(1), sin.unsqueeze(1))
