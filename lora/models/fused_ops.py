@@ -19,7 +19,7 @@ bitwise the composite (:func:`rotary_reference`), forward and backward.
 
 Pure torch ops, device agnostic. Under ``torch.compile`` and under autocast they call the plain
 composite (as :func:`lora.functional.lora_linear_fused` does), so that inductor fuses it and
-autocast's rules apply. Neither supports a second derivative (``create_graph=True`` through
+autocast's rules apply. None of them supports a second derivative (``create_graph=True`` through
 them raises).
 """
 
@@ -306,15 +306,15 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     composite does. cos and sin that need a gradient, or of another dtype than x (the composite
     then promotes), take the composite, as does anything else the fused path does not cover.
     """
-    r = cos.shape[-1] if cos.dim() else 0
     if (
-        _composite_path(x)
+        cos.dim() != 3
+        or _composite_path(x)
         or cos.requires_grad
         or sin.requires_grad
         or cos.dtype != x.dtype
         or sin.dtype != x.dtype
-        or r % 2
-        or r > x.shape[-1]
+        or cos.shape[-1] % 2
+        or cos.shape[-1] > x.shape[-1]
         or sin.shape != cos.shape
     ):
         return rotary_reference(x, cos, sin)
