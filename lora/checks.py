@@ -51,14 +51,23 @@ def check_rank(r, name: str = "r") -> int:
     return value
 
 
-def check_alpha(lora_alpha, name: str = "lora_alpha") -> float:
-    """Return ``lora_alpha`` as given (an int stays an int); ``TypeError`` unless a finite real."""
+def check_alpha(lora_alpha, name: str = "lora_alpha", zero_ok: bool = False) -> float:
+    """Return ``lora_alpha`` as given (an int stays an int); ``TypeError`` unless a finite real,
+    ``ValueError`` for 0 unless ``zero_ok`` (a layer of rank 0, which has no adapter). A
+    negative alpha is accepted: it flips the sign of the update, as in PEFT."""
     if (
         isinstance(lora_alpha, bool)
         or not isinstance(lora_alpha, numbers.Real)
         or not math.isfinite(lora_alpha)
     ):
         raise TypeError(f"{name}={lora_alpha!r}: expected a finite real number")
+    if lora_alpha == 0 and not zero_ok:
+        # scaling = alpha / r = 0: the adapter never changes the output, and since B's gradient
+        # is scaled by it too, training would run, report a loss and learn nothing.
+        raise ValueError(
+            f"{name}={lora_alpha!r}: expected a nonzero number (scaling = lora_alpha / r; with 0 "
+            "the adapter adds nothing and its B gets no gradient, so training would learn nothing)"
+        )
     return cast(float, lora_alpha)  # as given: configs write an int alpha back as an int
 
 

@@ -64,6 +64,7 @@ class LoRAConfig:
     Attributes (PEFT's names):
         r: rank (> 0).
         lora_alpha: scaling numerator: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with use_rslora).
+            Nonzero (0 would leave the adapter without effect or gradient); negative flips its sign.
         lora_dropout: dropout on the adapters' input, in [0, 1).
         bias: "none" | "all" | "lora_only": which biases train.
         target_modules: a list of module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``),

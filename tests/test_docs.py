@@ -271,12 +271,20 @@ def test_finetune_md_optim_table_is_the_optimizers_supported():
 
 def test_surgery_md_loraconfig_table_names_every_field():
     text = section("docs/surgery.md", "## `LoRAConfig`")
-    documented = {k for row in table_rows(text, "| key | meaning |") for k in names(row[0])}
-    fields = {f.name for f in dataclasses.fields(lora.LoRAConfig)}
-    assert documented == fields, (
-        f"in the table, not in LoRAConfig: {sorted(documented - fields)}; "
-        f"in LoRAConfig, not in the table: {sorted(fields - documented)}"
+    rows = table_rows(text, "| key | default | meaning |")
+    documented = {k for row in rows for k in names(row[0])}
+    fields = {f.name: f for f in dataclasses.fields(lora.LoRAConfig)}
+    assert documented == set(fields), (
+        f"in the table, not in LoRAConfig: {sorted(documented - set(fields))}; "
+        f"in LoRAConfig, not in the table: {sorted(set(fields) - documented)}"
     )
+    # the defaults column is the dataclass's: "none" for a string, {} for an empty dict
+    for row in rows:
+        for k in names(row[0]):
+            f = fields[k]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            shown = f'"{default}"' if isinstance(default, str) else str(default)
+            assert row[1].startswith(shown), (k, row[1], shown)
 
 
 # --- command-line flags ------------------------------------------------------------------------

@@ -16,6 +16,13 @@ import lora
         (lambda: lora.Linear(4, 4, r=2, lora_dropout=1.0), ValueError, r"lora_dropout=1\.0"),
         (lambda: lora.Linear(4, 4, r=2, lora_dropout=-0.1), ValueError, r"lora_dropout=-0\.1"),
         (lambda: lora.Linear(4, 4, r=2, lora_alpha="8"), TypeError, r"lora_alpha='8'"),
+        (lambda: lora.Linear(4, 4, r=2, lora_alpha=0), ValueError, r"lora_alpha=0: .*nonzero"),
+        (lambda: lora.LoRAConfig(r=4, lora_alpha=0.0), ValueError, r"lora_alpha=0\.0: .*nonzero"),
+        (
+            lambda: lora.LoRAConfig(r=4, alpha_pattern={"q_proj": 0}),
+            ValueError,
+            r"alpha_pattern.*0: .*nonzero",
+        ),
         (
             lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, False, True]),
             ValueError,
@@ -40,6 +47,18 @@ import lora
 def test_bad_arguments_name_the_argument_and_value(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_a_zero_alpha_is_refused_only_where_there_is_an_adapter():
+    # rank 0 is a plain layer, whatever its alpha; a negative alpha flips the update's sign
+    plain = lora.Linear(4, 3, r=0, lora_alpha=0)
+    assert not hasattr(plain, "lora_A")
+    layer = lora.Linear(4, 3, r=2, lora_alpha=-4)
+    assert layer.scaling == -2.0
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 4)
+    delta = layer.scaling * (x @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias + delta)
 
 
 @pytest.mark.parametrize("fn", [lora.mark_only_lora_as_trainable, lora.lora_state_dict])

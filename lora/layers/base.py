@@ -100,7 +100,7 @@ class LoRALayer(_ModuleBase):
     ) -> None:
         # Called after the torch base class's __init__ (so buffers can be registered).
         self.r = check_rank(r)
-        self.lora_alpha = check_alpha(lora_alpha)
+        self.lora_alpha = check_alpha(lora_alpha, zero_ok=self.r == 0)  # r=0: no adapter
         p = check_dropout(lora_dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = LF.lora_scaling(self.r, self.lora_alpha, self.use_rslora)
