@@ -16,7 +16,9 @@ Time: 2 warm-up steps each, then --repeat steps of each variant, interleaved (ou
 ours, ...) so that both see the same machine noise; medians are reported. Memory: each variant runs
 again in its own subprocess (--variant ours|peft), which reports (a) peak RSS during the steps minus
 the RSS right after building the model and inputs, and (b) the peak of the torch CPU allocator's
-live bytes during one step, from torch.profiler(profile_memory=True). Machines are shared and noisy:
+live bytes during one step, from torch.profiler(profile_memory=True). The C heap's setting is the
+same for both (--heap): by default what ours sets itself (in 16-bit, freed pages reused, set once
+the models are built), or glibc's own with --heap glibc. Machines are shared and noisy:
 trust the ratios, not the absolutes. Nothing here asserts on timings.
 
     python benchmarks/bench_step.py [--vocab 32064] [--hidden 512] [--intermediate 1376] [--layers 4]
@@ -121,6 +123,7 @@ def _build(variant: str, args):
         if args.checkpointing:
             model.gradient_checkpointing_enable(layers=args.checkpoint_layers)
         model.model.release_heap_every = args.release_heap_every
+        model.model.reuse_heap = args.heap != "glibc"
     elif variant == "peft":
         model = build_peft(args, args.checkpointing)
     else:
@@ -154,6 +157,20 @@ def build_peft(args, checkpointing: bool, built=lambda: None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # autocast_adapter_dtype (PEFT's default) keeps fp32 adapters on a bf16 base, as ours.
     return peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
+
+
+def set_heap(args) -> bool:
+    """Under ``--heap shipped`` in 16-bit (``reuse``: in any dtype): the freed pages reused from
+    now on, for every model in the process (what ours' model sets itself in its first 16-bit
+    training forward). Called once the
+    models are built, so their construction's freed temporaries are not kept. Returns whether
+    the setting is in effect."""
+    import lora._heap
+
+    sixteen = args.torch_dtype in (torch.bfloat16, torch.float16)
+    if args.heap == "reuse" or (args.heap == "shipped" and sixteen):
+        return lora._heap.reuse_freed_pages()
+    return lora._heap.reusing_freed_pages()
 
 
 def make_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +253,7 @@ def measure_memory(variant: str, args) -> dict:
     model, opt = build(variant, args)
     input_ids, labels = make_inputs(args)
     gc.collect()
+    reusing = set_heap(args)
     base_rss = rss_mb()
     reset = reset_peak_rss()
     build_peak = maxrss_mb()
@@ -259,6 +277,7 @@ def measure_memory(variant: str, args) -> dict:
         peak_rss_mb=peak_rss,
         working_set_mb=peak_rss - base_rss,
         hiwater_reset=reset,
+        freed_pages_reused=reusing,
         # Without the reset, a construction peak above the steps' peak would hide the latter.
         build_peak_mb=build_peak,
         alloc_peak_mb=alloc,
@@ -287,7 +306,7 @@ def memory_in_subprocess(variant: str, args) -> dict:
         cmd.append("--checkpointing")
     if args.checkpoint_layers is not None:
         cmd += ["--checkpoint-layers", str(args.checkpoint_layers)]
-    cmd += ["--release-heap-every", str(args.release_heap_every)]
+    cmd += ["--release-heap-every", str(args.release_heap_every), "--heap", args.heap]
     if args.time_in_subprocess:
         cmd.append("--time-in-subprocess")
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -372,6 +391,15 @@ def parse_args(argv=None):
         "every layer (0: never; model.model.release_heap_every)",
     )
     ap.add_argument(
+        "--heap",
+        choices=("shipped", "glibc", "reuse"),
+        default="shipped",
+        help="the C heap's setting, the same for both variants: shipped (default) = what ours "
+        "sets itself, in 16-bit the freed pages reused (lora._heap.reuse_freed_pages, set after "
+        "the models are built), in fp32 glibc's own; glibc = glibc's own setting for both "
+        "(ours' model.model.reuse_heap off); reuse = freed pages reused for both in any dtype",
+    )
+    ap.add_argument(
         "--small",
         action="store_true",
         help="the earlier small model: hidden 512, intermediate 1376, 4 layers, 8 heads, 4 x 256",
@@ -434,7 +462,7 @@ def main() -> None:
         f"layers={args.layers} heads={args.heads}/{args.kv_heads}; batch={args.batch} seq={args.seq} "
         f"({n_labelled} of {args.batch * (args.seq - 1)} targets labelled); "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear; "
-        f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}"
+        f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}; heap {args.heap}"
         f"{f' (ours: the first {args.checkpoint_layers} layers)' if args.checkpoint_layers is not None else ''}; "
         f"torch {torch.__version__}, threads={torch.get_num_threads()}",
         flush=True,
@@ -444,6 +472,7 @@ def main() -> None:
         times = {v: mem[v]["step_times"] for v in variants}
     else:
         models = {v: build(v, args) for v in variants}
+        set_heap(args)
         losses = check_losses(models, input_ids, labels)
         tol = 1e-4 if args.dtype == "float32" else 3e-2
         for step in range(2):
@@ -531,6 +560,7 @@ def main() -> None:
                 dtype=args.dtype,
                 labels=args.labels,
                 checkpointing=args.checkpointing,
+                heap=args.heap,
                 shape=shape_of(args),
                 lora=LORA,
                 model_flops=flops,
