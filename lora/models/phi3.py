@@ -753,23 +753,16 @@ class Phi3Model(nn.Module):
         set; a bf16 step is ~4x faster and they cost ~11% (docs/performance.md, "The fp32 peak").
         Under ``layers_release_heap`` the trims between layers step aside; the loss's stays.
         A 16-bit training forward on CPU also makes the heap keep freed pages (``reuse_heap``)."""
-        on = (
-            self.release_heap_every > 0
-            and self.training
+        cpu_training = (
+            self.training
             and torch.is_grad_enabled()
             and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
         )
-        plain = on and x.dtype == torch.float32
-        if (
-            self.reuse_heap
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and self.training
-            and torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-        ):
+        if cpu_training and self.reuse_heap and x.dtype in (torch.bfloat16, torch.float16):
             reuse_freed_pages()  # once per process; idempotent
+        on = cpu_training and self.release_heap_every > 0
+        plain = on and x.dtype == torch.float32
         checkpointed = on and self.gradient_checkpointing
         between = not self.layers_release_heap
         return _HeapTrims(checkpointed and between, plain and between, plain or checkpointed)
@@ -985,7 +978,8 @@ def loss_chunk_rows(dtype: torch.dtype) -> int:
     computed in fp32), 128 KiB a row at Phi-3's vocabulary: 64 or 32 MiB. A bf16 head's GEMMs
     run faster at 512 rows (a bf16 step at Phi-3-mini's shapes, every token labelled: 4.5%
     faster than at 256, 3% at 1024, on a CPU with AMX); an fp32 step gained nothing measurable
-    from 512 rows (docs/performance.md, "The loss's chunk")."""
+    from 512 rows (docs/performance.md, "The heap's freed pages reused, and the loss's
+    chunk")."""
     return 512 if dtype in (torch.bfloat16, torch.float16) else 256
 
 
