@@ -18,7 +18,8 @@ again in its own subprocess (--variant ours|peft), which reports (a) peak RSS du
 the RSS right after building the model and inputs, and (b) the peak of the torch CPU allocator's
 live bytes during one step, from torch.profiler(profile_memory=True). The C heap's setting is the
 same for both (--heap): by default what ours sets itself (in 16-bit, freed pages reused, set once
-the models are built), or glibc's own with --heap glibc. Machines are shared and noisy:
+the models are built), glibc's own with --heap glibc, or reused in any dtype with --heap reuse.
+Machines are shared and noisy:
 trust the ratios, not the absolutes. Nothing here asserts on timings.
 
     python benchmarks/bench_step.py [--vocab 32064] [--hidden 512] [--intermediate 1376] [--layers 4]
@@ -162,9 +163,8 @@ def build_peft(args, checkpointing: bool, built=lambda: None):
 def set_heap(args) -> bool:
     """Under ``--heap shipped`` in 16-bit (``reuse``: in any dtype): the freed pages reused from
     now on, for every model in the process (what ours' model sets itself in its first 16-bit
-    training forward). Called once the
-    models are built, so their construction's freed temporaries are not kept. Returns whether
-    the setting is in effect."""
+    training forward). Called once the models are built, so their construction's freed
+    temporaries are not kept. Returns whether the setting is in effect."""
     import lora._heap
 
     sixteen = args.torch_dtype in (torch.bfloat16, torch.float16)

@@ -24,11 +24,21 @@ __all__ = ["reuse_freed_pages", "reusing_freed_pages", "trim_heap"]
 
 
 @functools.cache
-def _malloc_trim():
+def _libc_function(name: str):
+    """The C library's function ``name`` (glibc's malloc_trim, mallopt), or None where it has
+    none (musl, macOS)."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
+        return getattr(ctypes.CDLL(None), name)
     except (AttributeError, OSError):
         return None
+
+
+def _malloc_trim():
+    return _libc_function("malloc_trim")
+
+
+def _mallopt():
+    return _libc_function("mallopt")
 
 
 def trim_heap() -> bool:
@@ -51,14 +61,6 @@ _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = (1 << 31) - 1
 
 _reusing = False
-
-
-@functools.cache
-def _mallopt():
-    try:
-        return ctypes.CDLL(None).mallopt  # glibc's
-    except (AttributeError, OSError):
-        return None
 
 
 def reuse_freed_pages() -> bool:
