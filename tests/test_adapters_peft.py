@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from reference import randomize_lora  # noqa: E402
+from tiny import ADAPTER_PHI3 as PHI3  # noqa: E402
 
 import lora  # noqa: E402
 from lora.adapters import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
@@ -36,18 +37,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 ATOL = 1e-5
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17, 19], [2, 4, 6, 8, 10, 12, 14]])
-PHI3 = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
 
 
 def pair():

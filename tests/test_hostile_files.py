@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import ADAPTER_PHI3 as PHI3
 from tiny import write_checkpoint
 
 import lora
@@ -22,18 +23,6 @@ from lora.finetune.generate import main as generate_main
 from lora.models import Phi3Config, Phi3ForCausalLM
 from lora.models.checkpoint import CheckpointError
 
-PHI3 = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
 M = [{"role": "user", "content": "hi"}]
 
 

@@ -7,6 +7,7 @@ import torch
 from reference import effective_weight, randomize_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import ADAPTER_PHI3 as PHI3
 from torch import nn
 
 import lora
@@ -14,18 +15,6 @@ from lora.adapters import WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12], [9, 9, 8, 7, 1, 2]])
-PHI3 = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
 
 
 class Toy(nn.Module):

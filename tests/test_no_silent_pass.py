@@ -7,24 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import ADAPTER_PHI3 as PHI3
 from torch import nn
 
 import lora
 from lora.adapters import WEIGHTS_NAME
 from lora.models import Phi3Config, Phi3ForCausalLM
 
-PHI3 = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
 CONFIG = {"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj", "o_proj"]}
 
 

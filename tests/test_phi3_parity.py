@@ -14,6 +14,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from tiny import LONGROPE  # noqa: E402
 from transformers import Phi3Config as HFPhi3Config  # noqa: E402
 from transformers import Phi3ForCausalLM as HFPhi3ForCausalLM  # noqa: E402
 
@@ -31,15 +32,6 @@ BASE = dict(
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,
-)
-LONGROPE = dict(
-    max_position_embeddings=64,
-    original_max_position_embeddings=16,
-    rope_scaling={
-        "type": "longrope",
-        "short_factor": [1.0, 1.2, 1.5, 2.0],
-        "long_factor": [2.0, 4.0, 8.0, 16.0],
-    },
 )
 CONFIGS = {
     "mha": dict(BASE),

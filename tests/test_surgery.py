@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from reference import randomize_lora
-from tiny import Toy
+from tiny import ADAPTER_PHI3, Toy
 from torch import nn
 
 import lora
@@ -18,21 +18,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def tiny_phi3(**over) -> Phi3ForCausalLM:
-    cfg = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    cfg.update(over)
     torch.manual_seed(0)
-    return Phi3ForCausalLM(Phi3Config(**cfg)).eval()
+    return Phi3ForCausalLM(Phi3Config(**dict(ADAPTER_PHI3, **over))).eval()
 
 
 IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])

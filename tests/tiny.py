@@ -120,22 +120,25 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-# A tiny Phi-3 config (grouped-query attention), and longrope settings to add to it.
-# A one-layer Phi-3 for the modules_to_save tests (a 64-token vocabulary whose head and embedding
-# are worth a trained copy), and the ids they run.
-MODULES_TO_SAVE_IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
-MODULES_TO_SAVE_PHI3 = dict(
+# The two-layer Phi-3 of the adapter and surgery tests: a 64-token vocabulary, grouped-query
+# attention (4 heads over 2 key/value heads).
+ADAPTER_PHI3 = dict(
     vocab_size=64,
     hidden_size=32,
     intermediate_size=48,
-    num_hidden_layers=1,
+    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=64,
+    max_position_embeddings=128,
     pad_token_id=0,
     eos_token_id=1,
     bos_token_id=2,
 )
+# One layer of it for the modules_to_save tests (a vocabulary small enough that the head and the
+# embedding are worth a trained copy), and the ids they run.
+MODULES_TO_SAVE_IDS = torch.tensor([[3, 5, 7, 11, 13, 17], [2, 4, 6, 8, 10, 12]])
+MODULES_TO_SAVE_PHI3 = dict(ADAPTER_PHI3, num_hidden_layers=1, max_position_embeddings=64)
+# A tiny Phi-3 config (grouped-query attention), and longrope settings to add to it.
 TINY_PHI3 = dict(
     vocab_size=96,
     hidden_size=32,
