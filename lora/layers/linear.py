@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import cast
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from .. import functional as LF
 from .base import LoRALayer, alpha_for_slices
 
-__all__ = ["Linear", "MergedLinear", "is_gpt2_conv1d"]
+__all__ = ["Linear", "MergedLinear", "is_gpt2_conv1d", "stores_in_out"]
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -24,6 +25,31 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
         and hasattr(module, "nf")
         and getattr(module, "weight", None) is not None
     )
+
+
+def stores_in_out(module: nn.Module, fan_in_fan_out: bool = False, *, warn: bool = True) -> bool:
+    """Whether ``module`` stores its weight as (in, out): what its type says where it says
+    (a LoRA Linear/MergedLinear its own ``fan_in_fan_out``, a torch ``nn.Linear`` no, GPT-2's
+    Conv1D yes), else ``fan_in_fan_out`` (a layer of another type with an (in, out) weight).
+
+    ``fan_in_fan_out=True`` for a torch ``nn.Linear`` would read its (out, in) weight transposed:
+    wrong outputs (an error only where in != out). It is set right, with a warning (unless
+    ``warn=False``) as PEFT does, so a config written for GPT-2 still adapts the model's plain
+    linear layers correctly."""
+    if isinstance(module, _LinearBase):
+        return module.fan_in_fan_out
+    if is_gpt2_conv1d(module):
+        return True
+    if isinstance(module, nn.Linear):
+        if fan_in_fan_out and warn:
+            warnings.warn(
+                f"fan_in_fan_out=True: ignored for {type(module).__name__}, a torch nn.Linear, whose "
+                "weight is stored (out_features, in_features); using fan_in_fan_out=False "
+                "(True is for layers storing (in, out), as GPT-2's Conv1D)",
+                stacklevel=3,
+            )
+        return False
+    return bool(fan_in_fan_out)
 
 
 class _LinearBase(LoRALayer, nn.Linear):
@@ -44,7 +70,7 @@ class _LinearBase(LoRALayer, nn.Linear):
         """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D: (in, out))."""
         if isinstance(module, _LinearBase):
             return module.in_features, module.out_features
-        fifo = fan_in_fan_out or is_gpt2_conv1d(module)
+        fifo = stores_in_out(module, fan_in_fan_out, warn=False)  # from_base is what warns
         rows, cols = cast(Tensor, module.weight).shape
         return (rows, cols) if fifo else (cols, rows)
 
@@ -171,9 +197,10 @@ class Linear(_LinearBase):
         init_lora_weights: bool = True,
     ) -> Linear:
         """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
-        sharing its weight and bias tensors: no copy, same device and dtype."""
-        shape = cast(Tensor, base.weight).shape
-        in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
+        sharing its weight and bias tensors: no copy, same device and dtype. The layout of a torch
+        ``nn.Linear`` and of GPT-2's Conv1D is read from the module (:func:`stores_in_out`)."""
+        fan_in_fan_out = stores_in_out(base, fan_in_fan_out)
+        in_f, out_f = cls.linear_dims(base, fan_in_fan_out)
         layer = cls(
             in_f,
             out_f,
@@ -191,8 +218,8 @@ class Linear(_LinearBase):
 
     @classmethod
     def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
-        # GPT-2's Conv1D stores (in, out) whatever the config says.
-        return {"fan_in_fan_out": fan_in_fan_out or is_gpt2_conv1d(module)}
+        # from_base reads the layout of the types that say it (stores_in_out)
+        return {"fan_in_fan_out": fan_in_fan_out}
 
     def delta_weight(self) -> Tensor:
         return LF.linear_delta_weight(self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
@@ -302,9 +329,10 @@ class MergedLinear(_LinearBase):
         lora_dtype: torch.dtype | None = None,
         init_lora_weights: bool = True,
     ) -> MergedLinear:
-        """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy)."""
-        shape = cast(Tensor, base.weight).shape
-        in_f, out_f = shape[::-1] if not fan_in_fan_out else shape
+        """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy); the
+        weight's layout as for :meth:`Linear.from_base`."""
+        fan_in_fan_out = stores_in_out(base, fan_in_fan_out)
+        in_f, out_f = cls.linear_dims(base, fan_in_fan_out)
         layer = cls(
             in_f,
             out_f,
@@ -329,7 +357,7 @@ class MergedLinear(_LinearBase):
         return {
             "enable_lora": enable_lora,
             "split_sizes": split_sizes,
-            "fan_in_fan_out": fan_in_fan_out or is_gpt2_conv1d(module),
+            "fan_in_fan_out": fan_in_fan_out,
         }
 
     @property
