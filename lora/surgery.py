@@ -23,7 +23,7 @@ from torch import nn
 from . import model_state
 from .config import LoRAConfig
 from .layers.saved import saved_modules
-from .layers.utils import lora_layers, mark_only_lora_as_trainable
+from .layers.utils import lora_layers, mark_only_lora_as_trainable, mark_shared_weights
 from .targets import (
     InjectionError,
     SavedTargetWarning,
@@ -116,6 +116,7 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
         wrapper.activate_adapter("default")
         for p in cast(nn.Module, wrapper.get_adapter("default")).parameters():
             p.requires_grad_(True)
+    mark_shared_weights(model)  # a tied head merges into a weight of its own
     model_state.set_active_config(model, config)
     return model
 
@@ -132,10 +133,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its plain layer holding ``W + scaling·ΔW``; returns ``model``.
 
     The plain layer is the module that :func:`inject` replaced (same class, same attributes), or
-    for layers built by hand the torch base class. No extra copy of the weights is made. A
-    modules_to_save wrapper gives way to the active adapter's copy (the original when it has none).
-    A copy that broke a tie (``ensure_weight_tying=False`` on Phi-4-mini's tied ``lm_head``) leaves
-    the two modules untied, so ``model.config.tie_word_embeddings`` becomes False: a later
+    for layers built by hand the torch base class. No extra copy of the weights is made, but for
+    a weight that another module holds too (a tied ``lm_head`` with an adapter): that layer gets
+    W + ΔW in a weight of its own and the other module keeps W. A modules_to_save wrapper gives
+    way to the active adapter's copy (the original when it has none). Either way a tie broken
+    (also a copy under ``ensure_weight_tying=False`` on Phi-4-mini's tied ``lm_head``) leaves the
+    two modules untied, so ``model.config.tie_word_embeddings`` becomes False: a later
     ``save_pretrained`` then writes both weights instead of dropping the trained one.
     After this the model is an ordinary torch model, ready for ``save_pretrained``. A 4-bit (NF4)
     base is first dequantised to its compute dtype (``lora.dequantize``), every Linear of it:
@@ -148,17 +151,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     wrappers = list(saved_modules(model))
     for name, wrapper in wrappers:
         set_submodule(model, name, wrapper.unwrap())
-    if wrappers:
-        _untie_config_if_untied(model)
+    mark_shared_weights(model)
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
-        if layer.has_adapter:
-            layer.weight.add_(layer.delta_weight().to(layer.weight.dtype))
+        if layer.has_adapter:  # a weight tied to another module's gets a Parameter of its own
+            layer.add_delta_to_weight()
         plain = layer.unwrap()
         if name:
             set_submodule(model, name, plain)
         else:
             model = plain
+    _untie_config_if_untied(model)
     model_state.clear(model)
     return model
 

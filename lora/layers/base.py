@@ -9,6 +9,12 @@ unmerging copies it back. That costs one extra copy of each merged weight while 
 bit-exact unmerge in every dtype (subtracting ΔW again, as loralib does, drifts in bf16/fp16 and
 even fp32), and a ``state_dict()`` that always holds the base weight, so a checkpoint saved in
 eval mode is never merged a second time when loaded.
+
+A weight Parameter that another module holds too (``shares_weight``: a tied ``lm_head`` and
+``embed_tokens``) is never written: merging puts W + ΔW in a Parameter of the layer's own and
+unmerging puts the shared one back, so the partner keeps computing with W. (Writing into it, as
+PEFT does, would change the embedding as well, and merging both tied layers would add each ΔW to
+both.) :func:`lora.layers.utils.mark_shared_weights` sets the flag from the model.
 """
 
 from __future__ import annotations
@@ -90,6 +96,9 @@ class LoRALayer(_ModuleBase):
     scaling: float
     merged: bool
     merge_weights: bool
+    # Whether another module of the model holds this layer's weight Parameter too (a tied head):
+    # merging then never writes into it (see the module docstring; set by mark_shared_weights).
+    shares_weight: bool = False
     # Several adapters (lora/multi.py) only: the name of the adapter the layer's LoRA parameters hold.
     adapter_name: str | None = "default"
     # The attributes that, with lora_A, lora_B and lora_dropout, make up one adapter (see pop_adapter).
@@ -341,18 +350,43 @@ class LoRALayer(_ModuleBase):
                 "into it would lose the adapter's precision. Keep merge_weights=False, or call "
                 "lora.merge_and_unload(model), which dequantises to 16 bits first"
             )
-        self._unmerged_weight = self.weight.detach().clone()
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        if self.shares_weight:  # the shared Parameter itself is put back by unmerge
+            self.__dict__["_shared_weight"] = self.weight
+            self._unmerged_weight = self.weight.detach()
+        else:
+            self._unmerged_weight = self.weight.detach().clone()
+        self.add_delta_to_weight()
         self.merged = True
+
+    @torch.no_grad()
+    def add_delta_to_weight(self) -> None:
+        """``weight += scaling·ΔW``: in place, or, where the weight is shared with another module
+        (:attr:`shares_weight`), into a new Parameter of this layer's own (same requires_grad)."""
+        delta = self.delta_weight().to(self.weight.dtype)
+        if self.shares_weight:
+            grad = self.weight.requires_grad
+            self.weight = nn.Parameter(self.weight.detach() + delta, requires_grad=grad)
+        else:
+            self.weight.add_(delta)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight bit-exactly. Idempotent."""
         if not self.merged:
             return
-        self.weight.copy_(cast(Tensor, self._unmerged_weight))
+        shared = self.__dict__.pop("_shared_weight", None)
+        if shared is not None:
+            self.weight = shared
+        else:
+            self.weight.copy_(cast(Tensor, self._unmerged_weight))
         self._unmerged_weight = None
         self.merged = False
+
+    @property
+    def base_weight(self) -> Tensor:
+        """The base weight Parameter: ``weight`` unmerged, or the shared Parameter that a merged
+        layer with :attr:`shares_weight` puts back on unmerge."""
+        return self.__dict__.get("_shared_weight", self.weight)
 
     def train(self, mode: bool = True):
         super().train(mode)

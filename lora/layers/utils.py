@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..checks import BIAS_MODES, check_choice
 from .base import LoRALayer
 from .saved import ModulesToSaveWrapper, saved_modules
 
-__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "merge", "unmerge", "lora_layers"]
+__all__ = [
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "merge",
+    "unmerge",
+    "lora_layers",
+    "mark_shared_weights",
+]
 
 
 def _check_bias(bias) -> None:
@@ -103,8 +112,23 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     return {k: v for k, v in state.items() if wanted(k)}
 
 
+def mark_shared_weights(model: nn.Module) -> None:
+    """Set each LoRA layer's ``shares_weight``: whether another module of ``model`` holds the very
+    Parameter of its base weight (a tied ``lm_head`` and ``embed_tokens``, a weight two layers
+    share), so that merging leaves that Parameter alone (docs/layers.md)."""
+    holders: Counter[int] = Counter()
+    for m in model.modules():
+        base = m.base_weight if isinstance(m, LoRALayer) else m._parameters.get("weight")
+        if isinstance(base, Tensor):
+            holders[id(base)] += 1
+    for _, layer in lora_layers(model):
+        layer.shares_weight = holders[id(layer.base_weight)] > 1
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer of ``model`` (``layer.merge()``); returns ``model``."""
+    """Merge every LoRA layer of ``model`` (``layer.merge()``); returns ``model``. A weight another
+    module shares (a tied head) is left alone: the layer merges into a Parameter of its own."""
+    mark_shared_weights(model)
     for _, m in lora_layers(model):
         m.merge()
     return model
