@@ -48,7 +48,7 @@ from .layers import LAYER_KINDS, AdapterWeights, LoRALayer
 from .layers.base import AdapterKey, adapter_state_keys, peft_named_problem, route_adapter_key
 from .layers.saved import ModulesToSaveWrapper, copy_state, saved_modules
 from .layers.utils import lora_layers, saved_prefixes
-from .surgery import inject
+from .surgery import inject, settle
 from .targets import (
     InjectionError,
     SavedTargetWarning,
@@ -984,6 +984,7 @@ def _apply(model, adapter_name, config, mode, loads, base, modules) -> None:
         model_state.set_registered_configs(model, {adapter_name: config})
     if mode == "add":
         _add_adapter(model, adapter_name, config, loads, modules)
+        settle(model)
         multi.register_adapter(model, adapter_name, config)
     else:
         for load in loads:

@@ -48,6 +48,52 @@ __all__ = [
 ]
 
 
+def _calls_its_submodules(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: its presence is torch's own reason to take
+    nn.TransformerEncoderLayer's module-calling path (see :func:`settle`)."""
+    return None
+
+
+_NESTED = "_lora_use_nested_tensor"  # an encoder's use_nested_tensor before settle turned it off
+
+
+def _holds_lora(module: nn.Module) -> bool:
+    return any(True for _ in lora_layers(module))
+
+
+def settle(model: nn.Module) -> None:
+    """What a model needs once LoRA layers are in it (called by inject and load_adapter):
+
+    - each layer's ``shares_weight`` (:func:`~lora.layers.utils.mark_shared_weights`), so that
+      merging a tied head leaves the embedding alone;
+    - torch's fused encoder paths off where they would skip a LoRA layer. In eval mode
+      ``nn.TransformerEncoderLayer`` runs one fused kernel over the weights of ``linear1``,
+      ``linear2`` and ``self_attn.out_proj`` without calling those modules (and
+      ``nn.TransformerEncoder`` with a padding mask packs a nested tensor for it): the adapters
+      would be silently left out of every evaluation. A no-op forward pre-hook on such a layer
+      (torch's own condition for its module-calling path) and ``use_nested_tensor = False`` on
+      such an encoder make them call their submodules; :func:`merge_and_unload` undoes both.
+    Idempotent."""
+    mark_shared_weights(model)
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and _holds_lora(m):
+            if _calls_its_submodules not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_calls_its_submodules)
+        elif isinstance(m, nn.TransformerEncoder) and _holds_lora(m) and _NESTED not in m.__dict__:
+            m.__dict__[_NESTED] = getattr(m, "use_nested_tensor", False)
+            m.use_nested_tensor = False
+
+
+def _unsettle(model: nn.Module) -> None:
+    # merge_and_unload: plain layers again, so torch's fused paths compute the merged model.
+    for m in model.modules():
+        hooks = m._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if h is _calls_its_submodules]:
+            del hooks[key]
+        if _NESTED in m.__dict__:
+            m.use_nested_tensor = m.__dict__.pop(_NESTED)
+
+
 def build_layer(
     name: str, base: nn.Module, slices, config: LoRAConfig, plan: TargetPlan, lora_dtype="auto"
 ) -> nn.Module:
@@ -116,7 +162,7 @@ def inject(model: nn.Module, config: LoRAConfig | dict, lora_dtype="auto") -> nn
         wrapper.activate_adapter("default")
         for p in cast(nn.Module, wrapper.get_adapter("default")).parameters():
             p.requires_grad_(True)
-    mark_shared_weights(model)  # a tied head merges into a weight of its own
+    settle(model)  # a tied head merges into a weight of its own; torch's encoder calls its layers
     model_state.set_active_config(model, config)
     return model
 
@@ -162,6 +208,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         else:
             model = plain
     _untie_config_if_untied(model)
+    _unsettle(model)
     model_state.clear(model)
     return model
 

@@ -149,6 +149,19 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
+def uncalled_linears(modules: dict[str, nn.Module]) -> list[str]:
+    """The names of the Linear modules whose parent computes with their weight without calling
+    them: the ``out_proj`` of every ``nn.MultiheadAttention`` (its forward hands
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``). A LoRA layer there would change
+    nothing and get no gradient (PEFT wraps it all the same), so ``"all-linear"`` leaves them out
+    and naming one is an :class:`InjectionError`."""
+    return [
+        f"{n}.out_proj" if n else "out_proj"
+        for n, m in modules.items()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at dotted ``name`` in ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
@@ -221,6 +234,7 @@ class TargetPlan:
             and (isinstance(m, ModulesToSaveWrapper) or (existing_ok and isinstance(m, LoRALayer)))
         )
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
+        self.uncalled = uncalled_linears(self.modules)
         self.splits = fused_splits(model)
         self.targets: dict[str, tuple[str, ...] | None] = {}
         self.saved_targets: dict[str, str] = {}
@@ -246,8 +260,9 @@ class TargetPlan:
             )
         if targets == "all-linear":
             heads = output_head_names(self.model)
+            skip = heads | set(self.uncalled)
             self.targets = {
-                n: None for n in self.names if self._linear(self.modules[n]) and n not in heads
+                n: None for n in self.names if self._linear(self.modules[n]) and n not in skip
             }
             if not self.targets:
                 raise InjectionError(
@@ -364,6 +379,14 @@ class TargetPlan:
     def _check_types(self) -> None:
         bad = []
         splits = self.splits
+        uncalled = [n for n in self.targets if n in self.uncalled]
+        if uncalled:
+            raise InjectionError(
+                f"target_modules match {listing(uncalled)}: the out_proj of nn.MultiheadAttention, "
+                "which computes with out_proj.weight itself and never calls out_proj, so a LoRA "
+                "layer there would change nothing and train nothing; leave them out "
+                f"(exclude_modules={uncalled!r}), or use an attention that calls its projections"
+            )
         for n, slices in self.targets.items():
             m = self.modules[n]
             if isinstance(m, LoRALayer) and not self.existing_ok:
