@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -86,6 +86,26 @@ class _LinearBase(LoRALayer, nn.Linear):
         in_f, out_f = cls.linear_dims(module, fan_in_fan_out)
         rank = r * sum(enable_lora) if enable_lora else r
         return (rank, in_f), (out_f, rank)
+
+    @classmethod
+    def _over_base(
+        cls, base: nn.Module, fan_in_fan_out: bool, lora_dtype, init_lora_weights: bool, **options
+    ):
+        # from_base's work for both kinds: shapes and layout read from ``base`` (stores_in_out),
+        # built on meta, then given base's weight and bias (_adopt_base).
+        fan_in_fan_out = stores_in_out(base, fan_in_fan_out)
+        in_f, out_f = cls.linear_dims(base, fan_in_fan_out)
+        build = cast(Callable[..., _LinearBase], cls)  # Linear's or MergedLinear's __init__
+        layer = build(
+            in_f,
+            out_f,
+            fan_in_fan_out=fan_in_fan_out,
+            bias=False,
+            device="meta",
+            dtype=cast(Tensor, base.weight).dtype,
+            **options,
+        )
+        return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     def _plain_like(self) -> nn.Module:
         return nn.Linear(
@@ -199,22 +219,17 @@ class Linear(_LinearBase):
         """Wrap an existing ``nn.Linear`` (or an (in, out)-weight layer with ``fan_in_fan_out``),
         sharing its weight and bias tensors: no copy, same device and dtype. The layout of a torch
         ``nn.Linear`` and of GPT-2's Conv1D is read from the module (:func:`stores_in_out`)."""
-        fan_in_fan_out = stores_in_out(base, fan_in_fan_out)
-        in_f, out_f = cls.linear_dims(base, fan_in_fan_out)
-        layer = cls(
-            in_f,
-            out_f,
+        return cls._over_base(
+            base,
+            fan_in_fan_out,
+            lora_dtype,
+            init_lora_weights,
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
-            fan_in_fan_out=fan_in_fan_out,
             merge_weights=merge_weights,
-            bias=False,
-            device="meta",
-            dtype=base.weight.dtype,
             use_rslora=use_rslora,
         )
-        return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @classmethod
     def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
@@ -331,24 +346,19 @@ class MergedLinear(_LinearBase):
     ) -> MergedLinear:
         """Wrap an existing fused ``nn.Linear``, sharing its weight and bias tensors (no copy); the
         weight's layout as for :meth:`Linear.from_base`."""
-        fan_in_fan_out = stores_in_out(base, fan_in_fan_out)
-        in_f, out_f = cls.linear_dims(base, fan_in_fan_out)
-        layer = cls(
-            in_f,
-            out_f,
+        return cls._over_base(
+            base,
+            fan_in_fan_out,
+            lora_dtype,
+            init_lora_weights,
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             enable_lora=enable_lora,
-            fan_in_fan_out=fan_in_fan_out,
-            merge_weights=merge_weights,
-            bias=False,
             split_sizes=split_sizes,
-            device="meta",
-            dtype=base.weight.dtype,
+            merge_weights=merge_weights,
             use_rslora=use_rslora,
         )
-        return layer._adopt_base(base, lora_dtype, init_lora_weights)
 
     @classmethod
     def _kind_options(cls, module: nn.Module, fan_in_fan_out, enable_lora, split_sizes) -> dict:
