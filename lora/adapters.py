@@ -54,6 +54,7 @@ from .targets import (
     SavedTargetWarning,
     TargetPlan,
     layer_class_for,
+    module_aliases,
     modules_to_save_for,
     resolve_lora_dtype,
     saved_copies,
@@ -402,7 +403,10 @@ def _plain_names(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def _as_peft_reads(
-    config: LoRAConfig, files: AdapterFiles, modules: dict[str, nn.Module]
+    config: LoRAConfig,
+    files: AdapterFiles,
+    modules: dict[str, nn.Module],
+    aliases: list[str] | None = None,
 ) -> LoRAConfig:
     """The file's config with its module lists meaning what PEFT made of them when it wrote it.
 
@@ -410,8 +414,9 @@ def _as_peft_reads(
     ``["q_proj", "k_proj", "v_proj"]`` fits many architectures; its sequence-classification models
     write ``["classifier", "score"]``): such entries are dropped here (unless none matches: then
     the error says so). The file is still checked strictly against the result. Warns where PEFT
-    wrapped a modules_to_save module again inside its parent's wrapper (:func:`_peft_wrapped`)."""
-    names = list(_plain_names(modules))
+    wrapped a modules_to_save module again inside its parent's wrapper (:func:`_peft_wrapped`).
+    ``aliases``: the other names of modules registered under several (they match, as in inject)."""
+    names = list(_plain_names(modules)) + (aliases or [])
     changes: dict[str, Any] = {}
     targets = config.target_modules
     if isinstance(targets, list):
@@ -880,7 +885,8 @@ def load_adapter(
     files = read_adapter(p)
     # One walk of the module tree for every check below (the model is not changed until _apply).
     modules = dict(model.named_modules())
-    config = _as_peft_reads(config_from_files(files), files, modules)
+    aliases = [a for names in module_aliases(model).values() for a in names]
+    config = _as_peft_reads(config_from_files(files), files, modules, aliases)
     layers = {n: m for n, m in modules.items() if isinstance(m, LoRALayer)}
     existing = multi.names_in_layers(model, layers.values())
     has_layers = bool(layers)

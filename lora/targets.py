@@ -163,10 +163,31 @@ def uncalled_linears(modules: dict[str, nn.Module]) -> list[str]:
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted ``name`` in ``model`` (replacing what is there)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    """Put ``module`` at dotted ``name`` in ``model``, replacing what is there, and at every other
+    name that same module object is registered under (one module reachable by two names, as
+    T5's shared embedding): a path through the other name would otherwise skip the new module."""
+    old = model.get_submodule(name)
+    places = [
+        (parent, child)
+        for parent in model.modules()
+        for child, m in parent._modules.items()
+        if m is old
+    ]
+    for parent, child in places:
+        setattr(parent, child, module)
+
+
+def module_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """First name (as ``named_modules`` gives it) -> the other names of each module that is
+    registered under more than one; empty for most models."""
+    first: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if id(m) not in first:
+            first[id(m)] = n
+        elif n:
+            aliases.setdefault(first[id(m)], []).append(n)
+    return aliases
 
 
 # --- fused projections -----------------------------------------------------------------------
@@ -234,6 +255,8 @@ class TargetPlan:
             and (isinstance(m, ModulesToSaveWrapper) or (existing_ok and isinstance(m, LoRALayer)))
         )
         self.names = [n for n in self.modules if n and not (inside and n.startswith(inside))]
+        # A module under several names is one target: any of its names matches it.
+        self.aliases = module_aliases(model)
         self.uncalled = uncalled_linears(self.modules)
         self.splits = fused_splits(model)
         self.targets: dict[str, tuple[str, ...] | None] = {}
@@ -242,6 +265,9 @@ class TargetPlan:
         self._drop_excluded()
         self._drop_saved()
         self._check_types()
+
+    def _names_of(self, name: str) -> list[str]:
+        return [name, *self.aliases.get(name, ())]
 
     def split_for(self, name: str) -> dict[str, int]:
         """The declared slices of the fused module ``name`` (a targeted one with slices)."""
@@ -270,7 +296,11 @@ class TargetPlan:
                 )
             return
         if isinstance(targets, str):
-            self.targets = {n: None for n in self.names if re.fullmatch(targets, n)}
+            self.targets = {
+                n: None
+                for n in self.names
+                if any(re.fullmatch(targets, a) for a in self._names_of(n))
+            }
             if not self.targets:
                 raise InjectionError(
                     f"target_modules={targets!r}: the regex matches no module name"
@@ -279,7 +309,9 @@ class TargetPlan:
         unmatched = []
         for entry in targets:
             suffix, slices = parse_target(entry)
-            hits = [n for n in self.names if suffix_match(n, suffix)]
+            hits = [
+                n for n in self.names if any(suffix_match(a, suffix) for a in self._names_of(n))
+            ]
             if not hits:
                 unmatched.append(entry)
             for n in hits:
@@ -303,9 +335,15 @@ class TargetPlan:
         if excl is None:
             return
         if isinstance(excl, str):
-            drop = {n for n in self.targets if re.fullmatch(excl, n)}
+            drop = {
+                n for n in self.targets if any(re.fullmatch(excl, a) for a in self._names_of(n))
+            }
         else:
-            drop = {n for n in self.targets if any(suffix_match(n, e) for e in excl)}
+            drop = {
+                n
+                for n in self.targets
+                if any(suffix_match(a, e) for a in self._names_of(n) for e in excl)
+            }
         for n in drop:
             del self.targets[n]
         if not self.targets:
