@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .checks import listing
 from .config import LoRAConfig, parse_target
@@ -427,6 +428,10 @@ class TargetPlan:
             )
         for n, slices in self.targets.items():
             m = self.modules[n]
+            computed = _computed_weight(m)
+            if computed is not None:
+                bad.append(f"{n} ({type(m).__name__}: {computed})")
+                continue
             if isinstance(m, LoRALayer) and not self.existing_ok:
                 raise InjectionError(
                     f"module {n!r} is already a LoRA layer: lora.inject was applied to this model before"
@@ -463,6 +468,24 @@ class TargetPlan:
                 "target_modules match modules that cannot take LoRA (supported: Linear, Embedding, Conv1d/2d/3d): "
                 + ", ".join(bad)
             )
+
+
+def _computed_weight(m: nn.Module) -> str | None:
+    """Why ``m``'s weight is not a Parameter a LoRA layer can share, or None: a parametrization
+    (``torch.nn.utils.parametrizations.weight_norm``, ...) or an old-style hook (``spectral_norm``)
+    computes it from other parameters on every forward."""
+    if parametrize.is_parametrized(m, "weight"):
+        return (
+            "its weight is computed by a parametrization (weight_norm, orthogonal, ...); remove it "
+            "first (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))"
+        )
+    weight = m.__dict__.get("weight")  # spectral_norm keeps a plain tensor here, beside weight_orig
+    if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
+        return (
+            "its weight is a tensor computed by a forward hook (spectral_norm, ...), not a "
+            "Parameter; remove the hook first (torch.nn.utils.remove_spectral_norm)"
+        )
+    return None
 
 
 def _out_rows(m: nn.Module) -> int:

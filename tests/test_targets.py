@@ -94,3 +94,35 @@ def test_phi3_declares_the_split_its_attention_uses():
     )
     attention = model.model.layers[0].self_attn
     assert attention.split_sizes == list(model.fused_splits["qkv_proj"].values()) == [32, 16, 16]
+
+
+@pytest.mark.parametrize(
+    "wrap,match",
+    [
+        (
+            lambda m: nn.utils.parametrizations.weight_norm(m),
+            r"net\.1 .*parametrization.*remove_parametrizations",
+        ),
+        (lambda m: nn.utils.spectral_norm(m), r"net\.1 .*forward hook.*remove_spectral_norm"),
+    ],
+    ids=["weight_norm", "spectral_norm"],
+)
+def test_a_target_whose_weight_is_computed_is_refused_and_the_model_untouched(wrap, match):
+    # A LoRA layer shares the stored weight; over a computed one it would adapt a stale tensor
+    # (spectral_norm) or fail deep in torch (a parametrization's weight is not a Parameter).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), wrap(nn.Linear(6, 3)))
+    model = nn.ModuleDict(
+        {"net": net}
+    ).eval()  # spectral_norm's power iteration runs in training only
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 4)
+    y = model["net"](x)
+    with pytest.raises(lora.InjectionError, match=match):
+        lora.inject(model, lora.LoRAConfig(r=2, target_modules=["net.0", "net.1"]))
+    assert type(model["net"][0]) is nn.Linear and not any(
+        isinstance(m, lora.LoRALayer) for m in model.modules()
+    )
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(model["net"](x), y, rtol=0, atol=0)
