@@ -190,6 +190,35 @@ def test_a_second_derivative_is_refused_not_silently_wrong():
         torch.autograd.grad(loss, h, create_graph=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_rows", [1, 3, 7])
+def test_the_softmax_s_row_blocks_do_not_change_the_result(monkeypatch, dtype, block_rows):
+    """The softmax runs a few rows at a time (in fp32 for 16-bit, inside the CPU's cache); every
+    op is a row's own, so the gradient is bitwise that of one block per chunk, and the loss
+    differs only in the order its fp32 sum adds rows. 37 rows in chunks of 20: the first chunk
+    is padded to 32 rows (zero rows the blocks never touch), the last one is 17 rows."""
+    g = torch.Generator().manual_seed(6)
+    W = (torch.randn(V, 8, generator=g) * 0.5).to(dtype)
+    h = torch.randn(37, 8, generator=g).to(dtype)
+    t = torch.randint(0, V, (37,), generator=g)
+    out = {}
+    for elements in (V * block_rows, 1 << 30):
+        monkeypatch.setattr(phi3, "_SOFTMAX_BLOCK_ELEMENTS", elements)
+        x = h.clone().requires_grad_(True)
+        loss = linear_cross_entropy(x, W, t, chunk=20)
+        loss.backward()
+        out[elements] = (loss.detach(), x.grad)
+    (blocked, blocked_grad), (whole, whole_grad) = out.values()
+    assert torch.equal(blocked_grad, whole_grad)
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
+    x = h.double().requires_grad_(True)
+    want = F.cross_entropy(x @ W.double().T, t, reduction="sum")
+    want.backward()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    torch.testing.assert_close(blocked.double(), want.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(blocked_grad.double(), x.grad, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_models_match_the_plain_path_to_round_off(dtype):
     """fp32 and bf16 models: chunked against the plain path (fp32 logits), to each dtype's
