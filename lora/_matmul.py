@@ -20,7 +20,6 @@ are never touched. :func:`mode` sets it for a block of code (tests use it).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
@@ -58,13 +57,20 @@ def mode(value: str) -> Iterator[None]:
         _override.pop()
 
 
-@functools.cache
+_NATIVE: dict[torch.dtype, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # a property of the machine: torch.compile reads it once
 def _native(dtype: torch.dtype) -> bool:
-    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
-    try:
-        return bool(getattr(torch.ops.mkldnn, name)())
-    except (AttributeError, RuntimeError):  # cannot tell: leave torch's kernel alone
-        return True
+    if dtype not in _NATIVE:
+        name = (
+            "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+        )
+        try:
+            _NATIVE[dtype] = bool(getattr(torch.ops.mkldnn, name)())
+        except (AttributeError, RuntimeError):  # cannot tell: leave torch's kernel alone
+            _NATIVE[dtype] = True
+    return _NATIVE[dtype]
 
 
 def upcasts(t: Tensor) -> bool:
