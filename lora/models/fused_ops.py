@@ -13,7 +13,7 @@ silu(gate) again and runs autograd's own backward ops, so its gradient is bitwis
 composite's.
 
 The rotary embedding (:func:`rotary`) keeps nothing the composite did not (cos and sin, shared by
-every layer) but writes its output in three passes over the heads where the composite's
+every layer) but writes its output in four whole-row passes over the heads where the composite's
 ``x·cos + rotate_half(x)·sin`` and its concatenations make six, and backward likewise; it too is
 bitwise the composite (:func:`rotary_reference`), forward and backward.
 
@@ -257,22 +257,27 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
 
 
+def _swap_halves(t: Tensor) -> Tensor:
+    """``cat(t2, t1)`` for the halves ``t1, t2`` of the last dim: a contiguous copy."""
+    h = t.shape[-1] // 2
+    return torch.cat((t[..., h:], t[..., :h]), dim=-1)
+
+
 class _Rotary(torch.autograd.Function):
-    # The composite's arithmetic op for op, into one output: x·cos, then (-x2)·s1 = -(x2·s1) and
-    # x1·s2 (negation is exact), added; in backward g·cos, plus (g·sin)'s second half into the
-    # first and minus its first half from the second (a - b = a + (-b), and a sum does not depend
-    # on its order), which is what autograd adds up through the composite's cat, neg and chunk.
+    # The composite's arithmetic op for op, into one output, on whole rows: x·cos, plus the
+    # swapped halves (x2, x1) times (-s1, s2) (a product with -s is the negated product, bitwise),
+    # added; in backward g·cos plus the swapped halves of g·(-s1, s2): (g·sin)'s second half into
+    # the first and minus its first half from the second (a - b = a + (-b), and a sum does not
+    # depend on its order), which is what autograd adds up through the composite's cat, neg and
+    # chunk. Whole-row ops instead of half-row ones: the rotary of a (2, 32, 512, 96) bf16 q out of
+    # the CPU's cache 2.9 ms against 6.0 (the AMX Xeon, 2026-12-04).
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         r = cos.shape[-1]
-        h = r // 2
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as cat's is
         rot = out[..., :r]
         torch.mul(x[..., :r], cos, out=rot)
-        u = torch.empty(rot.shape, dtype=x.dtype, device=x.device)
-        torch.mul(x[..., h:r], sin[..., :h], out=u[..., :h]).neg_()
-        torch.mul(x[..., :h], sin[..., h:], out=u[..., h:])
-        rot.add_(u)
+        rot.add_(_swap_halves(x[..., :r]).mul_(_signed_sin(sin)))
         if r < x.shape[-1]:
             out[..., r:] = x[..., r:]
         ctx.save_for_backward(cos, sin)
@@ -285,24 +290,27 @@ class _Rotary(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             return None, None, None
         r = cos.shape[-1]
-        h = r // 2
         g = grad_out[..., :r]
         grad = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
         torch.mul(g, cos, out=grad[..., :r])
-        gs = g * sin
-        grad[..., :h].add_(gs[..., h:])
-        grad[..., h:r].sub_(gs[..., :h])
+        grad[..., :r].add_(_swap_halves(g * _signed_sin(sin)))
         if r < grad_out.shape[-1]:
             grad[..., r:] = grad_out[..., r:]
         return grad, None, None
+
+
+def _signed_sin(sin: Tensor) -> Tensor:
+    """``cat(-s1, s2)`` for the halves of sin: what the swapped halves of x are multiplied by."""
+    h = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Phi-3's rotary embedding on the first r channels of each head (rotate-half layout).
 
     x (b, heads, s, d); cos, sin (b|1, s, r), r even and ≤ d -> (b, heads, s, d), contiguous.
-    Bitwise equal to :func:`rotary_reference`, forward and backward, in three passes over x where
-    the composite makes six (and as many fewer temporaries); it saves only cos and sin, as the
+    Bitwise equal to :func:`rotary_reference`, forward and backward, in four whole-row passes over
+    x where the composite makes six (and as many fewer temporaries); it saves only cos and sin, as the
     composite does. cos and sin that need a gradient, or of another dtype than x (the composite
     then promotes), take the composite, as does anything else the fused path does not cover.
     """
