@@ -31,7 +31,8 @@ GRAD_TOL = {
 
 @contextlib.contextmanager
 def chunk_elements(n: int):
-    """Backward's chunk size (elements), so that small cases run over several chunks."""
+    """The row chunks' size (elements; RMSNorm's forward and backward, SwiGLU's backward), so
+    that small cases run over several chunks."""
     with mock.patch.object(FO, "CHUNK_ELEMENTS", n):
         yield
 

@@ -96,13 +96,25 @@ class _RMSNorm(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, weight: Tensor, eps: float, compute_dtype: torch.dtype
     ) -> Tensor:
-        # The composite's ops in its order (bitwise equal output), with in-place ops only on a
-        # fresh copy of x.
+        # The composite's ops in its order (bitwise equal output: each is a row's own), a chunk
+        # of rows at a time so that the compute_dtype copy stays in the CPU's cache, with in-place
+        # ops only on that fresh copy (whole bf16 steps at Phi-3-mini's shapes: -0.5%).
         dtype = x.dtype
-        h = x.to(compute_dtype)
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        h = h.mul_(rstd) if h is not x else h * rstd
-        out = weight * h.to(dtype)
+        hidden = x.shape[-1]
+        xs = x.reshape(-1, hidden)
+        rows = xs.shape[0]
+        out = torch.empty(x.shape, dtype=torch.result_type(weight, xs[:0]), device=x.device)
+        outs = out.view(-1, hidden)
+        rstd = torch.empty((*x.shape[:-1], 1), dtype=compute_dtype, device=x.device)
+        rstds = rstd.view(-1, 1)
+        step = min(_chunk_rows(hidden), max(rows, 1))
+        for start in range(0, rows, step):
+            r = slice(start, min(start + step, rows))
+            h = xs[r].to(compute_dtype)
+            rs = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            rstds[r] = rs
+            h = h.mul_(rs) if dtype != compute_dtype else h * rs
+            torch.mul(weight, h.to(dtype), out=outs[r])
         ctx.save_for_backward(x, weight, rstd)
         ctx.compute_dtype = compute_dtype  # type: ignore[attr-defined]
         return out
