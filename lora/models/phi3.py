@@ -945,7 +945,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # instead of a (c + pad, V) fp32 temporary (a 512-row bf16 chunk of Phi-3's head:
             # 160 against 127 ms, on a CPU with AMX); every op is a row's own, so the result does
             # not depend on the block size.
-            step = max(1, _SOFTMAX_BLOCK_ELEMENTS // logits.shape[1])
+            on_cpu = logits.device.type == "cpu"  # elsewhere one block: no extra kernel launches
+            step = max(1, _SOFTMAX_BLOCK_ELEMENTS // logits.shape[1]) if on_cpu else max(c, 1)
             for b in range(0, c, step):
                 view = logits[b : min(b + step, c)]
                 blk = view.to(acc)  # a copy for 16-bit; the rows themselves otherwise
