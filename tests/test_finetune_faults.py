@@ -256,24 +256,19 @@ def test_a_second_run_on_a_locked_output_dir_refuses_naming_the_holder(ckpt, dat
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]
 
 
-def test_the_cli_refuses_a_locked_output_dir_before_loading_anything(tmp_path, capsys):
-    out = tmp_path / "out"
+def _cli_without_inputs(tmp_path, output, *extra: str) -> int:
+    """lora-finetune on a model and data that do not exist, writing to ``output``: whatever it
+    refuses about the output has to come before it looks for them."""
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"training_config": {}, "peft_config": PEFT}))
+    args = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl")]
+    return cli_main([*args, "--output", str(output), "--config", str(cfg), *extra])
+
+
+def test_the_cli_refuses_a_locked_output_dir_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "out"
     with OutputDirLock.acquire(out):
-        rc = cli_main(
-            [
-                "--model",
-                str(tmp_path / "no-model"),
-                "--data",
-                str(tmp_path / "no.jsonl"),
-                "--output",
-                str(out),
-                "--config",
-                str(cfg),
-                "--no-progress",
-            ]
-        )
+        rc = _cli_without_inputs(tmp_path, out, "--no-progress")
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and f"(pid {os.getpid()})" in err
 
@@ -581,20 +576,7 @@ def test_a_full_disk_names_the_last_complete_checkpoint_and_keeps_it(
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
     out = tmp_path / "out"
     out.write_text("not a dir")
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"training_config": {}, "peft_config": PEFT}))
-    rc = cli_main(
-        [
-            "--model",
-            str(tmp_path / "no-model"),
-            "--data",
-            str(tmp_path / "no.jsonl"),
-            "--output",
-            str(out),
-            "--config",
-            str(cfg),
-        ]
-    )
+    rc = _cli_without_inputs(tmp_path, out)
     err = capsys.readouterr().err
     assert (
         rc == 2 and err == f"lora-finetune: --output '{out}' is an existing file, not a directory\n"
@@ -604,20 +586,7 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, ca
 def test_an_output_that_cannot_be_created_is_refused(tmp_path, capsys):
     parent = tmp_path / "file"
     parent.write_text("x")
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"training_config": {}, "peft_config": PEFT}))
-    rc = cli_main(
-        [
-            "--model",
-            str(tmp_path / "no-model"),
-            "--data",
-            str(tmp_path / "no.jsonl"),
-            "--output",
-            str(parent / "out"),
-            "--config",
-            str(cfg),
-        ]
-    )
+    rc = _cli_without_inputs(tmp_path, parent / "out")
     err = capsys.readouterr().err
     assert rc == 2 and "cannot create the directory" in err and err.count("\n") == 1
 
