@@ -291,15 +291,7 @@ def test_merged_phi3_saves_and_reloads_with_equal_logits(tmp_path):
 def test_peft_trainable_count_matches_ours_on_transformers_phi3():
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    cfg = transformers.Phi3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
+    cfg = transformers.Phi3Config(**ADAPTER_PHI3)
     torch.manual_seed(0)
     theirs = peft.get_peft_model(
         transformers.Phi3ForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
@@ -312,15 +304,7 @@ def test_peft_trainable_count_matches_ours_on_transformers_phi3():
 
 def test_works_on_transformers_phi3_inject_train_merge():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Phi3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
+    cfg = transformers.Phi3Config(**ADAPTER_PHI3)
     torch.manual_seed(0)
     model = transformers.Phi3ForCausalLM(cfg)
     lora.inject(
