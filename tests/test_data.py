@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny import write_tokenizer
 
 import lora.data as data
 from lora.data import (
@@ -26,7 +27,6 @@ from lora.data import (
     tokenize_conversation,
 )
 
-PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 CORPUS = [
     "the cat sat on the mat and the dog ran to the park",
     "hello world, how are you today? I am fine, thank you.",
@@ -36,39 +36,15 @@ CORPUS = [
 
 
 def _write_tiny_checkpoint(directory: Path) -> Path:
-    """A small byte-level BPE with Phi-3's chat tokens, and Phi-3's tokenizer/generation configs."""
+    """tests/tiny.py's tokenizer over this file's corpus (accents, CJK, an emoji, tabs), digits
+    split, with a generation config of three end tokens."""
+    write_tokenizer(directory, 400, corpus=CORPUS, split_digits=True)
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    tok.add_special_tokens(PHI3_SPECIALS)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    config = {
-        "bos_token": "<s>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<unk>",
-        "chat_template": data.PHI3_CHAT_TEMPLATE,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    eos = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
     (directory / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": ids, "bos_token_id": 1})
+        json.dumps({"eos_token_id": eos, "bos_token_id": 1})
     )
     return directory
 

@@ -32,14 +32,26 @@ CORPUS = [
 ]
 
 
-def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
-    """A small byte-level BPE with Phi-3's chat tokens and the Phi-3 chat template."""
+def write_tokenizer(
+    directory: Path,
+    vocab_size: int = 300,
+    *,
+    corpus: list[str] = CORPUS,
+    split_digits: bool = False,
+) -> Path:
+    """A small byte-level BPE with Phi-3's chat tokens and the Phi-3 chat template, trained on
+    ``corpus``; ``split_digits``: every digit its own token (as Phi-3's tokenizer does)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lora.data import PHI3_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -47,7 +59,7 @@ def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.train_from_iterator(corpus * 20, trainer)
     tok.add_special_tokens(PHI3_SPECIALS)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
