@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from killing import train_until_killed
-from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
-from tiny import write_checkpoint as write_tiny_checkpoint
+from tiny import TINY_PEFT, chat_records, tiny_training
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -20,16 +19,6 @@ from lora.finetune.state import list_checkpoints, write_checkpoint
 from lora.models import Phi3ForCausalLM
 
 PEFT = TINY_PEFT
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def training(tmp_path, **over) -> dict:

@@ -18,7 +18,6 @@ import pytest
 import torch
 from killing import Killed, train_until_killed
 from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
-from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -33,16 +32,6 @@ from lora.models import Phi3ForCausalLM
 
 PEFT = TINY_PEFT
 TIMING = ("tokens_per_second", "elapsed", "memory_mb")  # measured, so never equal run to run
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def training(root, **over) -> dict:

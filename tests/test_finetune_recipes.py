@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_PEFT, chat_records, tiny_training, write_jsonl
-from tiny import write_checkpoint as write_tiny_checkpoint
+from tiny import TINY_PEFT, tiny_training
 
 import lora
 from lora.data import Tokenizer, prepare_chat_data
@@ -25,16 +24,6 @@ from lora.models import Phi3ForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = json.loads((Path(__file__).parent / "fixtures" / "phi3_sample_finetune.json").read_text())
 PEFT = TINY_PEFT
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def config(tmp_path, **over) -> dict:

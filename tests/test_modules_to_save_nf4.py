@@ -10,7 +10,6 @@ import torch
 from killing import train_until_killed
 from safetensors.torch import load_file
 from test_finetune import losses, training
-from tiny import chat_records, write_jsonl
 from tiny import write_checkpoint as write_tiny_checkpoint
 
 import lora
@@ -189,11 +188,6 @@ def test_combining_adapters_over_a_4bit_original_starts_from_its_dequantised_wei
         assert got.requires_grad
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
         assert not torch.equal(got, orig)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def _trainer(ckpt, data_file, cfg_dict) -> Trainer:
