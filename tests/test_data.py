@@ -38,9 +38,9 @@ CORPUS = [
 def _write_tiny_checkpoint(directory: Path) -> Path:
     """tests/tiny.py's tokenizer over this file's corpus (accents, CJK, an emoji, tabs), digits
     split, with a generation config of three end tokens."""
-    write_tokenizer(directory, 400, corpus=CORPUS, split_digits=True)
     from tokenizers import Tokenizer as HFTokenizer
 
+    write_tokenizer(directory, 400, corpus=CORPUS, split_digits=True)
     tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
     eos = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
     (directory / "generation_config.json").write_text(

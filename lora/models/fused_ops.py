@@ -108,8 +108,7 @@ class _RMSNorm(torch.autograd.Function):
         outs = out.view(-1, hidden)
         rstd = torch.empty((*x.shape[:-1], 1), dtype=compute_dtype, device=x.device)
         rstds = rstd.view(-1, 1)
-        step = min(_chunk_rows(hidden), rows) if x.device.type == "cpu" else rows
-        step = max(step, 1)
+        step = max(1, min(_chunk_rows(hidden), rows) if x.device.type == "cpu" else rows)
         for start in range(0, rows, step):
             r = slice(start, min(start + step, rows))
             h = xs[r].to(compute_dtype)
