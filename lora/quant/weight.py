@@ -56,7 +56,8 @@ __all__ = [
 ]
 
 # Elements of the weight dequantised at once in forward/backward (a slab of output rows): bounds the
-# transient fp32 copy to 32 MiB whatever the layer's size.
+# decoded copy (16 MiB in bf16) whatever the layer's size. (The fp32 transients of decoding are
+# smaller still: lora.quant.nf4 decodes a slab in passes that stay in the cache.)
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 _IN_PLACE_DUNDER = re.compile(
     r"^__i(add|sub|mul|matmul|truediv|floordiv|mod|pow|and|or|xor|lshift|rshift)__$"
