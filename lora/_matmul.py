@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["upcasts", "linear", "mm", "addmm_", "frozen_linear", "sdpa_inputs", "mode"]
+__all__ = [
+    "upcasts",
+    "linear",
+    "mm",
+    "addmm_",
+    "frozen_linear",
+    "sdpa_inputs",
+    "mode",
+    "autocast_dtype",
+]
 
 _ENV = "LORA_LOWP_MATMUL"
 _MODES = ("auto", "fp32", "native")
@@ -79,6 +88,21 @@ def upcasts(t: Tensor) -> bool:
         return False
     chosen = _mode()
     return chosen == "fp32" or (chosen == "auto" and not _native(t.dtype))
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device: torch.device, *tensors: Tensor | None) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of ``tensors`` in on ``device``, for an autograd
+    function to cast them to itself (and run with autocast off); None where autocast is off there,
+    or where it would leave one alone (float64: the caller's composite then takes autocast's own
+    per-op rules). ``None`` entries (no bias) are skipped."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    if any(t is not None and t.dtype not in _AUTOCAST_CASTS for t in tensors):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 def _slab(rows: int, cols: int) -> int:

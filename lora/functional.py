@@ -337,7 +337,7 @@ class _LoRALinear(torch.autograd.Function):
         # save (its decoded self in a checkpoint's recomputation: backward then decodes nothing).
         quantized = not isinstance(weight, Tensor)
         slot = weight.backward_slot(x.dtype, ctx.needs_input_grad[0]) if quantized else None
-        y = base_linear(x, weight, bias, fan_in_fan_out, slot)
+        y = base_linear(x, _in_dtype(weight, x.dtype), bias, fan_in_fan_out, slot)
         if p > 0:
             c = scaling / (1.0 - realised_dropout_p(p, x.device))
             v = x.new_empty(x.shape[0], A.shape[0])
@@ -432,7 +432,7 @@ class _LoRALinear(torch.autograd.Function):
                 if need_A:
                     grad_A = grad_A.to(lora_A.dtype)
         if need_x:
-            grad_x = base_linear_input_grad(g, weight, fifo, slot, out=grad_x)
+            grad_x = base_linear_input_grad(g, _in_dtype(weight, x.dtype), fifo, slot, out=grad_x)
         del slot  # a decoded 4-bit weight: freed as soon as it has served
         if need_w:
             gw = _matmul.mm(g.T, x)  # (out, in)
@@ -440,6 +440,14 @@ class _LoRALinear(torch.autograd.Function):
         if need_b and ctx.bias_dtype is not None:
             grad_b = grad_y.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None
+
+
+def _in_dtype(weight, dtype: torch.dtype):
+    """A Tensor weight in ``dtype`` for one matmul (a transient cast under autocast: the weight
+    itself is what is saved); a quantised weight as it is (it decodes into the input's dtype)."""
+    if not isinstance(weight, Tensor) or weight.dtype == dtype:
+        return weight
+    return weight.to(dtype)
 
 
 def _blocks(blocks, v: Tensor, B: Tensor, out_features: int):
@@ -485,20 +493,45 @@ def lora_linear_fused(
     adds ``v[:, a_start:a_stop] @ B[b_start:b_start + out_stop - out_start]ᵀ`` to those output
     columns; the (out, r·k) expanded B is never built or saved.
 
-    Under ``torch.compile`` (and under autocast) this calls the plain composite :func:`lora_linear`
-    instead, so that inductor fuses it (with its own RNG for dropout).
-    Raises ``ValueError`` for ``dropout_p`` outside [0, 1).
+    Under autocast it runs in autocast's dtype, as ``F.linear`` would there: x and the bias are
+    cast to it (differentiably), the weight is cast for each matmul and saved as it is (not a
+    16-bit copy of a frozen fp32 weight for every layer, which autocast's ``F.linear`` keeps), and
+    autocast is off inside; the result is in that dtype. Under ``torch.compile`` (and under
+    autocast for float64 inputs) this calls the plain composite :func:`lora_linear` instead, so
+    that inductor fuses it (with its own RNG for dropout).
+    Raises ``ValueError`` for ``dropout_p`` outside [0, 1), ``RuntimeError`` outside autocast for a
+    weight whose dtype is not x's (as ``F.linear`` would).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r}: expected a float in [0, 1)")
+    autocast = None
+    if not torch.compiler.is_compiling():  # (a quantised weight decodes into x's dtype itself)
+        w = weight if isinstance(weight, Tensor) else None
+        autocast = _matmul.autocast_dtype(x.device, x, w, bias)
+    if autocast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(autocast)
+            bias = bias.to(autocast) if bias is not None else None
+            return _fused(
+                x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, seed, blocks
+            )
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
-        # Compiled: let inductor fuse it. Autocast: its per-op casting rules apply to the composite.
+        # Compiled: let inductor fuse it. Autocast on float64: its per-op rules, on the composite.
         drop = (lambda t: F.dropout(t, dropout_p, training=True)) if dropout_p > 0 else None
         if blocks is not None:
             lora_B = _expand_blocks(
                 lora_B, blocks, weight.shape[1 if fan_in_fan_out else 0], lora_A.shape[0]
             )
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, drop, fan_in_fan_out)
+    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
+        raise RuntimeError(
+            f"lora_linear_fused: weight dtype {weight.dtype} and input dtype {x.dtype}; expected "
+            "the same (cast one, or run under torch.autocast)"
+        )
+    return _fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, seed, blocks)
+
+
+def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, seed, blocks):
     if dropout_p > 0 and seed is None:
         seed = _draw_seed()
     lead = x.shape[:-1]

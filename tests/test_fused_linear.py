@@ -513,15 +513,102 @@ def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plai
         torch.testing.assert_close(grad, model.get_parameter(n).grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_autocast_takes_the_composite_path_and_trains():
-    layer = lora.Linear(16, 8, r=2, lora_dropout=0.1)
+# --- autocast: the fast path in autocast's dtype ------------------------------------------------
+
+
+def _fp32_lora_layer(kind, p):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = lora.Linear(64, 96, r=4, lora_alpha=8, lora_dropout=p)
+    else:
+        layer = lora.MergedLinear(
+            64, 96, r=4, lora_alpha=8, lora_dropout=p, enable_lora=[True, False, True]
+        )
     randomize_lora(layer)
-    x = torch.randn(4, 16, requires_grad=True)
+    with torch.no_grad():
+        layer.bias.normal_()
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_under_autocast_a_layer_computes_bitwise_what_it_computes_on_bf16_inputs(kind, p):
+    """Autocast over an fp32 layer gives bitwise what the layer gives with its base (W, b) and
+    input in bf16 outside autocast (the fast path both times, A and B fp32: it casts them), the
+    same dropout mask from the same RNG state, and the same gradients, in fp32."""
+    layer = _fp32_lora_layer(kind, p)
+    ref = _fp32_lora_layer(kind, p)
+    ref.weight.data = ref.weight.data.bfloat16()
+    ref.bias.data = ref.bias.data.bfloat16()
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    xb = x.detach().bfloat16().requires_grad_(True)
+    torch.manual_seed(7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16
+    torch.manual_seed(7)
+    want = ref(xb)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    g = torch.randn(y.shape).bfloat16()
+    y.backward(g)
+    want.backward(g)
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, xb.grad.float())
+    for name in ("lora_A", "lora_B", "bias"):
+        got, exp = getattr(layer, name).grad, getattr(ref, name).grad
+        assert got.dtype == torch.float32, name
+        assert torch.equal(got, exp.float()), name
+
+
+def test_under_autocast_no_16_bit_copy_of_the_weight_is_kept_for_backward():
+    # autocast's own F.linear keeps the bf16 copy of a frozen fp32 weight for the input gradient:
+    # for a whole model, the base in 16 bits once more. The fast path casts it again in backward.
+    layer = _fp32_lora_layer("linear", 0.1)
+    x = torch.randn(24, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, y = saved_bytes(lambda: layer(x), exclude=list(layer.parameters()) + [x])
+    # the bf16 input (for dA) and the (tokens, r) activation, nothing the weight's size
+    assert got <= 24 * 64 * 2 + 24 * 4 * 2, got
     y.float().sum().backward()
-    assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
+    assert layer.lora_A.grad is not None and x.grad is not None
+
+
+def test_a_weight_of_another_dtype_is_refused_outside_autocast_and_float64_keeps_its_dtype():
+    layer = _fp32_lora_layer("linear", 0.0)
+    with pytest.raises(
+        RuntimeError, match=r"weight dtype torch\.float32 and input dtype torch\.bfloat16"
+    ):
+        layer(torch.randn(3, 64).bfloat16())
+    layer.double()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, layer(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_phi3_model_trains_under_autocast_with_the_chunked_loss():
+    """An fp32 model under CPU autocast: the chunked loss computes the logits in bf16 (as
+    autocast's head would) and the softmax in fp32, so it equals the plain head's loss there."""
+    model = _decoder_layer_with_lora(dropout=0.0)
+    ids = torch.randint(3, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    results = []
+    for chunked in (True, False):
+        model.chunked_loss = chunked
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (loss, grads), (plain_loss, plain_grads) = results
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for n, grad in grads.items():
+        assert grad.dtype == torch.float32, n
+        torch.testing.assert_close(grad, plain_grads[n], rtol=2e-2, atol=2e-3, msg=n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

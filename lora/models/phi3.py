@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora._heap import reuse_freed_pages, trim_heap
 from lora._io import atomic_write_json
-from lora._matmul import frozen_linear, linear, mm, sdpa_inputs
+from lora._matmul import autocast_dtype, frozen_linear, linear, mm, sdpa_inputs
 from lora.checks import IGNORE_INDEX, check_checkpoint_layers
 from lora.models import checkpoint as ckpt
 from lora.models import recompute
@@ -1010,6 +1010,11 @@ def linear_cross_entropy(
         RuntimeError: in backward with ``create_graph=True`` (not twice differentiable)."""
     if targets.numel() == 0:
         return hidden.sum() * 0.0
+    dtype = autocast_dtype(hidden.device, hidden, weight)
+    if dtype is not None:  # the logits in autocast's dtype, as autocast's lm_head would give them
+        with torch.autocast(hidden.device.type, enabled=False):
+            # the weight's cast is a transient: only forward multiplies by it
+            return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, chunk)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
@@ -1244,7 +1249,9 @@ class Phi3ForCausalLM(nn.Module):
             # A frozen plain head, chunked, never the whole (N, V) logits: exact to round-off
             # (tests/test_chunked_loss.py), faster and smaller (docs/performance.md).
             with _whole_weight(head) as weight:
-                rows = loss_chunk_rows(hidden.dtype)
+                rows = loss_chunk_rows(
+                    autocast_dtype(hidden.device, hidden, weight) or hidden.dtype
+                )
                 total = linear_cross_entropy(
                     hidden[:, :-1][counted], weight, targets[counted], chunk=rows
                 )
