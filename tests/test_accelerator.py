@@ -6,8 +6,8 @@ the CPU, which is how they are kept honest between sessions that have a GPU. The
 computed on the CPU (fp64 where it matters), so a device-specific branch that computes something
 else fails here: the fused LoRA linear (its seeded dropout mask drawn on the device), the fused
 MergedLinear blocks, the fused RMSNorm and SwiGLU, Phi-3 with LoRA (logits, loss, gradients,
-chunked and plain loss), greedy generation with the KV cache, a 4-bit base, and the trainer's bf16
-loop with checkpoint and resume.
+chunked and plain loss), the layer and Phi-3 under autocast, greedy generation with the KV cache,
+a 4-bit base, and the trainer's bf16 loop with checkpoint and resume.
 """
 
 from __future__ import annotations
@@ -183,6 +183,47 @@ def test_phi3_with_lora_gives_the_cpu_logits_loss_and_gradients(device, chunked)
     assert grads_c.keys() == grads_d.keys() and grads_c
     for n in grads_c:
         torch.testing.assert_close(grads_d[n], grads_c[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_under_autocast_on_the_device_a_layer_is_the_layer_on_16_bit_inputs(device):
+    """The fast path under autocast: bitwise the layer with its base and input in autocast's dtype
+    (outside autocast, the same mask from the same RNG state), gradients in fp32; an fp32 Phi-3
+    under autocast trains (chunked loss) close to the fp32 loss on the CPU."""
+    kind = torch.device(device).type
+    dtypes = [torch.bfloat16] + ([torch.float16] if kind == "cuda" else [])
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        layer = lora.Linear(64, 48, r=4, lora_alpha=8, lora_dropout=0.1).to(device)
+        randomize_lora(layer)
+        layer.weight.requires_grad_(False)
+        ref = copy.deepcopy(layer)
+        ref.weight.data, ref.bias.data = ref.weight.data.to(dtype), ref.bias.data.to(dtype)
+        x = torch.randn(2, 9, 64, device=device, requires_grad=True)
+        xh = x.detach().to(dtype).requires_grad_(True)
+        torch.manual_seed(3)
+        with torch.autocast(kind, dtype=dtype):
+            y = layer(x)
+        torch.manual_seed(3)
+        want = ref(xh)
+        assert y.dtype == dtype and torch.equal(y, want), dtype
+        y.float().sum().backward()
+        want.float().sum().backward()
+        assert torch.equal(x.grad, xh.grad.float()), dtype
+        assert torch.equal(layer.lora_A.grad, ref.lora_A.grad), dtype
+    cpu = _tiny()
+    dev = copy.deepcopy(cpu).to(device)
+    ids = torch.randint(
+        3, TINY_PHI3["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        want_loss = cpu(ids, labels=ids).loss
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        out = dev(ids.to(device), labels=ids.to(device))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.detach().cpu(), want_loss, rtol=2e-2, atol=2e-2)
+    grads = [p.grad for p in dev.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_bf16_phi3_on_the_device_stays_close_to_fp32_on_the_cpu(device):
