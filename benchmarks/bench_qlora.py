@@ -10,6 +10,8 @@
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py keep --layers 2 --rounds 4
     # demo held-out loss, nf4 vs bf16 base:
     flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py quality [--max-steps 400]
+    # ours beside transformers + bitsandbytes + PEFT, interleaved steps in one process:
+    flock /tmp/lora-heavy.lock python benchmarks/bench_qlora.py peft --layers 2 [--json FILE]
 
 ``step``: Phi-3-mini's shapes (vocab 32064, hidden 3072, intermediate 8192, 32 heads; --layers
 of them) with random weights, built on the meta device and materialised tensor by tensor, each
@@ -20,12 +22,24 @@ tokens/s. ``speed`` runs ``step`` once per base in separate processes and prints
 ``keep``: the same step on one 4-bit model, alternating rounds with and without
 ``lora.quant.keep_decoded_on_recompute`` (without it, backward decodes each weight a third time);
 the fastest step of each counts, so load from elsewhere hurts both alike.
+``peft``: the QLoRA step side by side with the peer: ours (``lora.quantize(model, "nf4")`` then
+``lora.inject``) beside transformers' Phi-3 whose decoder Linears are bitsandbytes'
+``Linear4bit`` (NF4, double quantisation, bf16 compute) under PEFT's LoRA, the same bf16 weights,
+the same LoRA A matrices (B zero), r=16, alpha=32, dropout 0.05, every decoder Linear, the
+embedding and head in bf16 on both sides, non-reentrant activation checkpointing in both; batch
+1 × --seq, every token labelled. (PEFT's ``prepare_model_for_kbit_training`` is not applied: it
+would cast the embedding, head and norms to fp32, a slower and larger model than ours.) The losses
+of the first step are compared, then --repeat interleaved steps each (medians); then each side's
+peak RSS over two steps in a process of its own (``--variant``, run first; the high-water mark
+reset once the model is built, so the peak is the steps' with the model resident). Both reuse the heap's freed
+pages (what ours sets itself in 16-bit training).
 Nothing here asserts: these are measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -157,6 +171,8 @@ def cmd_step(args) -> dict:
     model = build(dims, args.base, torch.bfloat16)
     lora.inject(model, LORA)  # fp32 adapters over the bf16 / NF4 base
     model.gradient_checkpointing_enable()
+    if args.release_heap_every is not None:
+        model.model.release_heap_every = args.release_heap_every
     model.train()
     built_s = time.perf_counter() - t0
     rss_built = peak_rss_bytes()
@@ -175,6 +191,7 @@ def cmd_step(args) -> dict:
     step_s = min(times[1:]) if len(times) > 1 else times[0]
     result = {
         "base": args.base,
+        "release_heap_every": model.model.release_heap_every,
         "layers": args.layers,
         "seq": args.seq,
         "steps": args.steps,
@@ -264,6 +281,172 @@ def cmd_speed(args) -> dict:
     return res
 
 
+# --- ours beside transformers + bitsandbytes + PEFT ----------------------------------------------
+PEER_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # all-linear but the head
+
+
+def _peer_shape(args) -> argparse.Namespace:
+    """bench_step's shape arguments (its builders and model_dims read them): Phi-3-mini's widths."""
+    return argparse.Namespace(
+        vocab=MINI["vocab_size"],
+        hidden=MINI["hidden_size"],
+        intermediate=MINI["intermediate_size"],
+        layers=args.layers,
+        heads=MINI["num_attention_heads"],
+        kv_heads=MINI["num_key_value_heads"],
+        batch=1,
+        seq=args.seq,
+    )
+
+
+def build_ours_nf4(args):
+    import bench_step as BS
+
+    from lora.models.phi3 import Phi3Config as Config
+
+    model = Phi3ForCausalLM(Config(**BS.model_dims(_peer_shape(args))))
+    BS.fill_base_weights(model)
+    model.to(torch.bfloat16)
+    lora.quantize(model, "nf4")
+    lora.inject(model, lora.LoRAConfig(**LORA))  # fp32 adapters over the NF4 base
+    model.gradient_checkpointing_enable()
+    BS.fill_lora_A(model)
+    return model.train()
+
+
+def build_peft_nf4(args):
+    import bench_step as BS
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+
+    dims = BS.model_dims(_peer_shape(args))
+    model = transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(**dims, attn_implementation="sdpa")
+    )
+    BS.fill_base_weights(model)
+    model.to(torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,  # double quantisation, as ours
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                setattr(parent, name, q.to("cpu"))  # .to() quantises
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft.LoraConfig(**{**LORA, "target_modules": PEER_TARGETS}, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)
+    BS.fill_lora_A(model)
+    return model.train()
+
+
+def _vm_hwm_bytes() -> int:
+    """This process's peak RSS since exec (or since the last reset): Linux's VmHWM."""
+    with open("/proc/self/status") as f:
+        line = next(r for r in f if r.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _peer_step(model, opt, ids) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def cmd_peft(args) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common as C
+
+    import lora._heap
+
+    builders = {"ours": build_ours_nf4, "peft": build_peft_nf4}
+    ids = torch.randint(0, 32000, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    if args.variant != "both":  # one side alone: its peak RSS over two steps
+        import bench_step as BS
+
+        torch.manual_seed(0)
+        model = builders[args.variant](args)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        lora._heap.reuse_freed_pages()
+        built = BS.rss_mb() * 2**20
+        if not BS.reset_peak_rss():  # the high-water mark from here: the build's own left out
+            raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs)")
+        for _ in range(2):
+            _peer_step(model, opt, ids)
+        peak = _vm_hwm_bytes()  # (ru_maxrss would keep the forking parent's peak too)
+        print("JSON " + json.dumps({"peak_rss_bytes": peak, "built_rss_bytes": built}))
+        return {}
+    memory = {}  # first, while this process is small
+    for name in builders:
+        cmd = [sys.executable, __file__, "peft", "--variant", name, "--layers", str(args.layers)]
+        cmd += ["--seq", str(args.seq)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        memory[name] = json.loads(next(r for r in out.splitlines() if r.startswith("JSON "))[5:])
+    models, opts = {}, {}
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        models[name] = build(args)
+        opts[name] = torch.optim.AdamW(
+            [p for p in models[name].parameters() if p.requires_grad], lr=1e-4
+        )
+    lora._heap.reuse_freed_pages()  # the 16-bit setting ours makes itself, for both
+    first = {}
+    for name in models:
+        torch.manual_seed(1)
+        first[name] = _peer_step(models[name], opts[name], ids)
+    rel = abs(first["ours"] - first["peft"]) / abs(first["peft"])
+    print(f"loss, step 1: ours {first['ours']:.6f}  peft {first['peft']:.6f}  rel diff {rel:.2e}")
+    fns = {n: functools.partial(_peer_step, models[n], opts[n], ids) for n in models}
+    times = C.interleaved(fns, repeat=args.repeat, warmup=1)
+    med = {n: C.median(t) for n, t in times.items()}
+    print(
+        f"\nPhi-3-mini width, {args.layers} layers, 1 x {args.seq}, NF4 base (bf16 compute), r=16 "
+        f"all decoder Linears, checkpointing; medians of {len(times['ours'])} interleaved steps"
+    )
+    print(
+        f"{'variant':8s} {'step s':>7s} {'tokens/s':>9s} {'spread':>7s} {'peak RSS GiB':>13s} "
+        f"{'built GiB':>10s}"
+    )
+    for name in builders:
+        mem = memory[name]
+        print(
+            f"{name:8s} {med[name]:7.2f} {args.seq / med[name]:9.1f} "
+            f"{100 * C.spread(times[name]):6.1f}% {mem['peak_rss_bytes'] / 2**30:13.2f} "
+            f"{mem['built_rss_bytes'] / 2**30:10.2f}"
+        )
+    ratio = med["peft"] / med["ours"]
+    mem = memory["ours"]["peak_rss_bytes"] / memory["peft"]["peak_rss_bytes"]
+    print(f"ours/peft: {ratio:.2f}x tokens/s, {mem:.2f}x peak RSS")
+    result = {
+        "layers": args.layers,
+        "seq": args.seq,
+        "first_losses": first,
+        "step_times": times,
+        "median_step_s": med,
+        "tokens_per_s_ratio": ratio,
+        "memory": memory,
+        "machine": C.machine(),
+    }
+    if args.json:
+        C.write_json(args.json, result)
+    return result
+
+
 # --- quality on the demo data ---------------------------------------------------------------------
 def cmd_quality(args) -> dict:
     from lora.demo.run import run_demo
@@ -305,10 +488,22 @@ def main(argv=None) -> int:
         if name == "step":
             p.add_argument("--base", choices=["nf4", "bf16"], default="nf4")
             p.add_argument("--json", action="store_true")
+            p.add_argument(
+                "--release-heap-every",
+                type=int,
+                default=None,
+                help="model.model.release_heap_every (default: the model's own)",
+            )
     k = sub.add_parser("keep")
     k.add_argument("--layers", type=int, default=2)
     k.add_argument("--seq", type=int, default=512)
     k.add_argument("--rounds", type=int, default=4)
+    pp = sub.add_parser("peft")
+    pp.add_argument("--layers", type=int, default=2)
+    pp.add_argument("--seq", type=int, default=512)
+    pp.add_argument("--repeat", type=int, default=7)
+    pp.add_argument("--variant", choices=["both", "ours", "peft"], default="both")
+    pp.add_argument("--json", default=None, help="write the figures here")
     q = sub.add_parser("quality")
     q.add_argument("--max-steps", type=int, default=400)
     args = ap.parse_args(argv)
@@ -319,6 +514,7 @@ def main(argv=None) -> int:
         "speed": cmd_speed,
         "keep": cmd_keep,
         "quality": cmd_quality,
+        "peft": cmd_peft,
     }[args.cmd](args)
     return 0
 
