@@ -15,7 +15,7 @@ ROOT = Path(lora.__file__).resolve().parent
 
 # Lower layers first (docs/architecture.md). A module imports only modules of its own layer or below.
 LAYERS = [
-    ("lora.checks", "lora._io", "lora._regex_guard", "lora._heap", "lora._matmul"),
+    ("lora.checks", "lora._io", "lora._regex_guard", "lora._heap", "lora._matmul", "lora._dropout"),
     ("lora.functional", "lora.quant"),
     ("lora.layers",),
     ("lora.config", "lora.data", "lora.models"),

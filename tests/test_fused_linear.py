@@ -18,6 +18,7 @@ from tiny import TINY_PHI3
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
+import lora._dropout as D
 import lora.functional as LF
 from lora import _matmul
 
@@ -57,7 +58,7 @@ def fused_case(draw):
 @settings(max_examples=60, deadline=None)
 def test_fused_forward_and_gradients_match_autograd_on_dense_reference(case, kind):
     """Both ways of drawing the mask (the CPU's positions, CUDA's bits, here on the CPU)."""
-    with mock.patch.object(LF, "_draws_positions", lambda device: kind == "positions"):
+    with mock.patch.object(D, "_draws_positions", lambda device: kind == "positions"):
         _check_fused_against_dense_reference(case)
 
 
@@ -113,14 +114,14 @@ def test_fused_rejects_a_bad_dropout_p():
 
 def _use_mask_kind(monkeypatch, kind):
     """Make the CPU draw its mask as ``kind``: "positions" (its own way) or "bits" (CUDA's)."""
-    monkeypatch.setattr(LF, "_draws_positions", lambda device: kind == "positions")
+    monkeypatch.setattr(D, "_draws_positions", lambda device: kind == "positions")
 
 
 @pytest.mark.parametrize("kind", ["positions", "bits"])
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_dropout_mask_drops_each_element_with_probability_p(p, kind, monkeypatch):
     _use_mask_kind(monkeypatch, kind)
-    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 1 << 16)  # several chunks, cheaply
+    monkeypatch.setattr(D, "_CPU_CHUNK_ELEMENTS", 1 << 16)  # several chunks, cheaply
     shape = (300, 1000)
     n = math.prod(shape)
     p_real = LF.realised_dropout_p(p)
@@ -144,9 +145,9 @@ def test_dropout_mask_drops_each_element_with_probability_p(p, kind, monkeypatch
 @pytest.mark.parametrize("kind", ["positions", "bits"])
 def test_dropout_chunks_are_distinct_and_seeds_differ(kind, monkeypatch):
     _use_mask_kind(monkeypatch, kind)
-    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(D, "_CPU_CHUNK_ELEMENTS", 1 << 16)
     shape = (1024, 512)
-    chunk = LF._chunk_rows(shape[0], shape[1], torch.device("cpu"))
+    chunk = D._chunk_rows(shape[0], shape[1], torch.device("cpu"))
     assert chunk < shape[0]  # the test spans chunks
     m = LF.dropout_keep_mask(shape, 0.5, seed=11)
     assert not torch.equal(m[:chunk], m[chunk : 2 * chunk])
@@ -160,7 +161,7 @@ def test_dropped_positions_are_a_bernoulli_sequence_exactly():
     p, seeds = 0.3, 6000
     counts = torch.zeros(8)
     for seed in range(seeds):
-        pos = LF._dropped_positions(3, p, LF._position_rng(seed))
+        pos = D._dropped_positions(3, p, D._position_rng(seed))
         counts[int(sum(1 << int(i) for i in pos))] += 1
     for pattern in range(8):
         k = bin(pattern).count("1")
@@ -172,10 +173,10 @@ def test_dropped_positions_are_a_bernoulli_sequence_exactly():
 @pytest.mark.parametrize("p", [0.001, 0.05, 0.9])
 def test_dropped_positions_gaps_are_geometric_and_a_short_draw_draws_on(p, monkeypatch):
     n = 400_000
-    full = LF._dropped_positions(n, p, LF._position_rng(1))
+    full = D._dropped_positions(n, p, D._position_rng(1))
     # no margin: the first batch of gaps falls short of n about half the time, then more are drawn
-    monkeypatch.setattr(LF, "_GAP_MARGIN", (0.0, 0.0))
-    short = [LF._dropped_positions(n, p, LF._position_rng(s)) for s in range(4)]
+    monkeypatch.setattr(D, "_GAP_MARGIN", (0.0, 0.0))
+    short = [D._dropped_positions(n, p, D._position_rng(s)) for s in range(4)]
     for pos in [full, *short]:
         assert pos.dtype == torch.int64 and int(pos.min()) >= 0 and int(pos.max()) < n
         assert bool((pos[1:] > pos[:-1]).all())  # sorted, no position twice
@@ -193,9 +194,9 @@ def test_dropped_positions_at_extreme_p_stay_in_range():
     """A tiny p makes gaps of ~1e300 elements (capped before the integer sums), a p near 1
     drops nearly everything; either way the positions are sorted, unique and in range."""
     n = 5000
-    assert LF._dropped_positions(n, 1e-300, LF._position_rng(0)).numel() == 0
+    assert D._dropped_positions(n, 1e-300, D._position_rng(0)).numel() == 0
     for p in (1e-9, 1 - 1e-12):
-        pos = LF._dropped_positions(n, p, LF._position_rng(1))
+        pos = D._dropped_positions(n, p, D._position_rng(1))
         assert bool(((pos >= 0) & (pos < n)).all()) and bool((pos[1:] > pos[:-1]).all())
     assert pos.numel() == n  # p = 1 - 1e-12: all dropped but for a ~5e-9 chance
 
@@ -243,7 +244,7 @@ def test_same_rng_state_gives_bit_identical_output_and_gradients(kind):
 def test_reused_chunk_buffer_is_per_thread_and_per_dtype(monkeypatch):
     """The masked chunks go through one reused scratch buffer (per thread and dtype): layers of
     other shapes and dtypes in between, or in another thread at the same time, change nothing."""
-    monkeypatch.setattr(LF, "_CPU_CHUNK_ELEMENTS", 64 * 40)  # several chunks of 64 rows
+    monkeypatch.setattr(D, "_CPU_CHUNK_ELEMENTS", 64 * 40)  # several chunks of 64 rows
 
     def run(fin, dtype, seed):
         g = torch.Generator().manual_seed(seed)
@@ -258,7 +259,7 @@ def test_reused_chunk_buffer_is_per_thread_and_per_dtype(monkeypatch):
     jobs = [(40, torch.float32, 1), (25, torch.bfloat16, 2), (40, torch.float64, 3)]
     alone = []
     for job in jobs:
-        LF._scratch.buffers.clear()
+        D._scratch.buffers.clear()
         alone.append(run(*job))
     results: dict[int, list] = {}
 
