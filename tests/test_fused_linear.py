@@ -519,8 +519,9 @@ def test_model_loss_with_a_frozen_head_uses_the_chunked_path_and_equals_the_plai
 
 def _fp32_lora_layer(kind, p):
     torch.manual_seed(0)
-    if kind == "linear":
-        layer = lora.Linear(64, 96, r=4, lora_alpha=8, lora_dropout=p)
+    if kind in ("linear", "linear-fan-in-fan-out"):
+        fifo = kind == "linear-fan-in-fan-out"  # weight stored (in, out), as GPT-2's Conv1D
+        layer = lora.Linear(64, 96, r=4, lora_alpha=8, lora_dropout=p, fan_in_fan_out=fifo)
     else:
         layer = lora.MergedLinear(
             64, 96, r=4, lora_alpha=8, lora_dropout=p, enable_lora=[True, False, True]
@@ -533,7 +534,7 @@ def _fp32_lora_layer(kind, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("kind", ["linear", "merged"])
+@pytest.mark.parametrize("kind", ["linear", "linear-fan-in-fan-out", "merged"])
 def test_under_autocast_a_layer_computes_bitwise_what_it_computes_on_bf16_inputs(kind, p):
     """Autocast over an fp32 layer gives bitwise what the layer gives with its base (W, b) and
     input in bf16 outside autocast (the fast path both times, A and B fp32: it casts them), the
