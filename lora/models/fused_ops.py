@@ -17,10 +17,12 @@ every layer) but writes its output in four whole-row passes over the heads where
 ``x·cos + rotate_half(x)·sin`` and its concatenations make six, and backward likewise; it too is
 bitwise the composite (:func:`rotary_reference`), forward and backward.
 
-Pure torch ops, device agnostic. Under ``torch.compile`` and under autocast they call the plain
-composite (as :func:`lora.functional.lora_linear_fused` does), so that inductor fuses it and
-autocast's rules apply. None of them supports a second derivative (``create_graph=True`` through
-them raises).
+Pure torch ops, device agnostic. Under ``torch.compile`` they call the plain composite (as
+:func:`lora.functional.lora_linear_fused` does), so that inductor fuses it. Under autocast they
+run as they are: the composites' ops are none that autocast casts (``pow`` and ``rsqrt``, on its
+fp32 list on CUDA, get fp32 already), so autocast computes the composites as it would without it,
+and the functions are bitwise them there too. None of them supports a second derivative
+(``create_graph=True`` through them raises).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ CHUNK_ELEMENTS = 1 << 19
 
 
 def _composite_path(x: Tensor) -> bool:
-    # Compiled: let inductor fuse the plain ops. Autocast: its per-op rules apply to the composite.
-    return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+    # Compiled: let inductor fuse the plain ops. (Under autocast the functions run as they are: no
+    # op of the composites is one autocast casts, or it gets fp32 already, so autocast leaves them
+    # as they are, and the functions are bitwise them there too.)
+    return torch.compiler.is_compiling()
 
 
 def _chunk_rows(width: int) -> int:
