@@ -20,8 +20,9 @@ bitwise the composite (:func:`rotary_reference`), forward and backward.
 Pure torch ops, device agnostic. Under ``torch.compile`` they call the plain composite (as
 :func:`lora.functional.lora_linear_fused` does), so that inductor fuses it. Under autocast they
 run as they are: the composites' ops are none that autocast casts (``pow`` and ``rsqrt``, on its
-fp32 list on CUDA, get fp32 already), so autocast computes the composites as it would without it,
-and the functions are bitwise them there too. None of them supports a second derivative
+fp32 list on CUDA, get fp32 already; an RMSNorm asked to normalise in 16 bits takes the composite
+there), so autocast computes the composites as it would without it, and the functions are
+bitwise them there too. None of them supports a second derivative
 (``create_graph=True`` through them raises).
 """
 
@@ -185,7 +186,10 @@ def rms_norm(
             not floating point.
     """
     _check_norm_args(x, weight, compute_dtype)
-    if _composite_path(x):
+    # (A 16-bit compute_dtype under autocast: CUDA's autocast runs the composite's pow and rsqrt
+    # in fp32, which the function would not.)
+    sixteen = compute_dtype in (torch.float16, torch.bfloat16)
+    if _composite_path(x) or (sixteen and torch.is_autocast_enabled(x.device.type)):
         return rms_norm_reference(x, weight, eps, compute_dtype)
     return _RMSNorm.apply(x, weight, float(eps), compute_dtype)
 
