@@ -104,11 +104,31 @@ def fill_lora_A(model: torch.nn.Module) -> None:
         p.uniform_(-bound, bound, generator=gen)
 
 
+class UnderAutocast:
+    """A model whose calls run under ``torch.autocast(device, bf16)`` (``--autocast``: fp32
+    weights, bf16 compute, as transformers' Trainer runs ``bf16=True`` on a model loaded in
+    fp32); everything else is the model's."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device, dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def build(variant: str, args, device: str | torch.device = "cpu"):
     """(model in train mode, AdamW over its trainable parameters), built on ``device``: the same
-    weights for both variants on one device type (each tensor's generator is on its device)."""
+    weights for both variants on one device type (each tensor's generator is on its device).
+    With ``args.autocast`` the model is called under bf16 autocast (:class:`UnderAutocast`)."""
     with torch.device(device):
-        return _build(variant, args)
+        model, opt = _build(variant, args)
+    if getattr(args, "autocast", False):
+        model = UnderAutocast(model, torch.device(device).type)
+    return model, opt
 
 
 def _build(variant: str, args):
@@ -167,7 +187,7 @@ def set_heap(args) -> bool:
     temporaries are not kept. Returns whether the setting is in effect."""
     import lora._heap
 
-    sixteen = args.torch_dtype in (torch.bfloat16, torch.float16)
+    sixteen = args.compute_dtype in (torch.bfloat16, torch.float16)
     if args.heap == "reuse" or (args.heap == "shipped" and sixteen):
         return lora._heap.reuse_freed_pages()
     return lora._heap.reusing_freed_pages()
@@ -304,6 +324,8 @@ def memory_in_subprocess(variant: str, args) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.checkpointing:
         cmd.append("--checkpointing")
+    if args.autocast:
+        cmd.append("--autocast")
     if args.checkpoint_layers is not None:
         cmd += ["--checkpoint-layers", str(args.checkpoint_layers)]
     cmd += ["--release-heap-every", str(args.release_heap_every), "--heap", args.heap]
@@ -368,6 +390,12 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument(
+        "--autocast",
+        action="store_true",
+        help="fp32 weights, each step under torch.autocast(bf16) for both (transformers' "
+        "Trainer's bf16=True on a model loaded in fp32); MFU over the bf16 matmul peak",
+    )
     ap.add_argument(
         "--labels",
         choices=("all", "chat"),
@@ -443,6 +471,10 @@ def parse_args(argv=None):
         )
         args.time_in_subprocess = True
     args.torch_dtype = getattr(torch, args.dtype)
+    if args.autocast and args.torch_dtype != torch.float32:
+        ap.error(f"--autocast runs an fp32 model under bf16 autocast; got --dtype {args.dtype}")
+    # the dtype the matmuls run in: the MFU's peak
+    args.compute_dtype = torch.bfloat16 if args.autocast else args.torch_dtype
     return args
 
 
@@ -462,7 +494,8 @@ def main() -> None:
         f"layers={args.layers} heads={args.heads}/{args.kv_heads}; batch={args.batch} seq={args.seq} "
         f"({n_labelled} of {args.batch * (args.seq - 1)} targets labelled); "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} all-linear; "
-        f"{args.dtype}{'; checkpointing' if args.checkpointing else ''}; heap {args.heap}"
+        f"{args.dtype}{' under bf16 autocast' if args.autocast else ''}"
+        f"{'; checkpointing' if args.checkpointing else ''}; heap {args.heap}"
         f"{f' (ours: the first {args.checkpoint_layers} layers)' if args.checkpoint_layers is not None else ''}; "
         f"torch {torch.__version__}, threads={torch.get_num_threads()}",
         flush=True,
@@ -474,7 +507,7 @@ def main() -> None:
         models = {v: build(v, args) for v in variants}
         set_heap(args)
         losses = check_losses(models, input_ids, labels)
-        tol = 1e-4 if args.dtype == "float32" else 3e-2
+        tol = 1e-4 if args.compute_dtype == torch.float32 else 3e-2
         for step in range(2):
             line = "  ".join(f"{v} {losses[v][step]:.6f}" for v in variants)
             if len(variants) == 2:
@@ -499,7 +532,7 @@ def main() -> None:
             warmup=1,
         )
     med = {v: C.median(t) for v, t in times.items()}
-    peak = args.peak_flops or C.matmul_peak(args.torch_dtype)["flops"]
+    peak = args.peak_flops or C.matmul_peak(args.compute_dtype)["flops"]
     # Ours computes logits only at labelled positions; transformers at every position.
     n_logits = {"ours": n_labelled, "peft": args.batch * args.seq}
     flops = model_flops(args, n_labelled)
@@ -558,6 +591,7 @@ def main() -> None:
                 profiles=profiles,
                 machine=C.machine(),
                 dtype=args.dtype,
+                autocast=args.autocast,
                 labels=args.labels,
                 checkpointing=args.checkpointing,
                 heap=args.heap,

@@ -83,6 +83,7 @@ def test_after_reuse_a_freed_large_tensor_s_pages_come_back_without_faults():
         (torch.bfloat16, "train", 1),
         (torch.float16, "train", 1),
         (torch.float32, "train", 0),  # fp32 trims between layers instead (release_heap_every)
+        (torch.float32, "autocast", 1),  # an fp32 model whose steps run in bf16
         (torch.bfloat16, "eval", 0),
         (torch.bfloat16, "no_grad", 0),
         (torch.bfloat16, "off", 0),
@@ -97,6 +98,7 @@ def test_a_16_bit_training_forward_on_cpu_asks_for_reuse(monkeypatch, dtype, mod
     if mode == "off":
         model.model.reuse_heap = False
     ids = torch.randint(3, 60, (2, 9))
-    with torch.set_grad_enabled(mode != "no_grad"):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
+    with torch.set_grad_enabled(mode != "no_grad"), autocast:
         model(ids, labels=ids)
     assert len(calls) == expected

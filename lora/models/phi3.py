@@ -752,17 +752,20 @@ class Phi3Model(nn.Module):
         only in fp32: there the re-faulted pages cost ~2% of a step for a third of its working
         set; a bf16 step is ~4x faster and they cost ~11% (docs/performance.md, "The fp32 peak").
         Under ``layers_release_heap`` the trims between layers step aside; the loss's stays.
-        A 16-bit training forward on CPU also makes the heap keep freed pages (``reuse_heap``)."""
+        A 16-bit training forward on CPU also makes the heap keep freed pages (``reuse_heap``).
+        Under autocast the dtype that counts is autocast's (the layers compute in it)."""
         cpu_training = (
             self.training
             and torch.is_grad_enabled()
             and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
         )
-        if cpu_training and self.reuse_heap and x.dtype in (torch.bfloat16, torch.float16):
+        # the dtype the layers compute in: autocast's where it is on (an fp32 model, bf16 steps)
+        compute = autocast_dtype(x.device, x) or x.dtype
+        if cpu_training and self.reuse_heap and compute in (torch.bfloat16, torch.float16):
             reuse_freed_pages()  # once per process; idempotent
         on = cpu_training and self.release_heap_every > 0
-        plain = on and x.dtype == torch.float32
+        plain = on and compute == torch.float32
         checkpointed = on and self.gradient_checkpointing
         between = not self.layers_release_heap
         return _HeapTrims(checkpointed and between, plain and between, plain or checkpointed)
