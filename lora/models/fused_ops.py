@@ -49,7 +49,7 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 19
 
 
-def _composite_path(x: Tensor) -> bool:
+def _composite_path() -> bool:
     # Compiled: let inductor fuse the plain ops. (Under autocast the functions run as they are: no
     # op of the composites is one autocast casts, or it gets fp32 already, so autocast leaves them
     # as they are, and the functions are bitwise them there too.)
@@ -189,7 +189,7 @@ def rms_norm(
     # (A 16-bit compute_dtype under autocast: CUDA's autocast runs the composite's pow and rsqrt
     # in fp32, which the function would not.)
     sixteen = compute_dtype in (torch.float16, torch.bfloat16)
-    if _composite_path(x) or (sixteen and torch.is_autocast_enabled(x.device.type)):
+    if _composite_path() or (sixteen and torch.is_autocast_enabled(x.device.type)):
         return rms_norm_reference(x, weight, eps, compute_dtype)
     return _RMSNorm.apply(x, weight, float(eps), compute_dtype)
 
@@ -256,7 +256,7 @@ def swiglu(gate_up: Tensor) -> Tensor:
             f"swiglu: gate_up has dtype {gate_up.dtype} and shape {tuple(gate_up.shape)}; "
             "expected a floating-point tensor (..., 2 * intermediate_size), [gate | up]"
         )
-    if _composite_path(gate_up):
+    if _composite_path():
         return swiglu_reference(gate_up)
     return _SwiGLU.apply(gate_up)
 
@@ -337,7 +337,7 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     if (
         cos.dim() != 3
-        or _composite_path(x)
+        or _composite_path()
         or cos.requires_grad
         or sin.requires_grad
         or cos.dtype != x.dtype
