@@ -49,12 +49,23 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    ap.add_argument(
+        "--autocast",
+        action="store_true",
+        help="fp32 weights, each step under torch.autocast(bf16) for both (transformers' Trainer's "
+        "bf16=True on a model loaded in fp32); MFU over the bf16 matmul rate",
+    )
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.autocast:
+        args.dtype = "float32"  # the weights; the matmuls run in bf16
     args.torch_dtype = getattr(torch, args.dtype)
+    args.compute_dtype = torch.bfloat16 if args.autocast else args.torch_dtype
     args.labels = "all"
+    # what bench_step's builders read besides: the model's own heap and checkpointing settings
+    args.checkpoint_layers, args.release_heap_every, args.heap = None, 4, "shipped"
     return args
 
 
@@ -96,12 +107,13 @@ def main(argv=None) -> dict:
         f"{card}; torch {torch.__version__}; Phi-3 hidden={args.hidden} intermediate="
         f"{args.intermediate} layers={args.layers} heads={args.heads}/{args.kv_heads} vocab="
         f"{args.vocab}; batch {args.batch} x {args.seq}; {args.dtype}"
+        f"{' under bf16 autocast' if args.autocast else ''}"
         f"{'; checkpointing' if args.checkpointing else ''}; LoRA {S.LORA}",
         flush=True,
     )
     built = {v: build_measured(v, args, device) for v in S.VARIANTS}
     models = {v: (m, o) for v, (m, o, _) in built.items()}
-    peak = C.matmul_peak(args.torch_dtype, device=device, tokens=args.batch * args.seq)["flops"]
+    peak = C.matmul_peak(args.compute_dtype, device=device, tokens=args.batch * args.seq)["flops"]
     tokens = args.batch * args.seq
     results: dict = {}
     for labels in LABELS:
@@ -110,7 +122,7 @@ def main(argv=None) -> dict:
         n_labelled = int((lab[:, 1:] != -100).sum())
         losses = S.check_losses(models, ids, lab)  # also the warm-up: 2 steps each
         a, b = (losses[v][0] for v in S.VARIANTS)
-        tol = 1e-4 if args.dtype == "float32" else 3e-2
+        tol = 1e-4 if args.compute_dtype == torch.float32 else 3e-2
         if abs(a - b) > tol * max(abs(a), 1e-12):
             raise SystemExit(f"first-step losses differ ({losses}): timing them means nothing")
         mem = {v: step_peak(*models[v], ids, lab, device) for v in S.VARIANTS}
@@ -156,6 +168,7 @@ def main(argv=None) -> dict:
         device=card,
         torch=torch.__version__,
         dtype=args.dtype,
+        autocast=args.autocast,
         checkpointing=args.checkpointing,
         shape=S.shape_of(args),
         lora=S.LORA,
