@@ -300,6 +300,29 @@ def _net_pair(order: str):
     return a, b
 
 
+def test_a_lora_layer_on_a_4bit_base_under_autocast_computes_what_it_does_on_bf16_inputs():
+    # The 4-bit weight decodes into the input's dtype: under bf16 autocast the fast path casts x
+    # to bf16 and the layer computes bitwise what it computes on a bf16 x outside autocast.
+    torch.manual_seed(0)
+    layer = lora.Linear(64, 48, r=4, lora_alpha=8, lora_dropout=0.1, bias=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.weight.requires_grad_(False)
+    net = lora.quantize(nn.Sequential(layer), "nf4")
+    assert is_quantized(net[0].weight)
+    x = torch.randn(5, 64, requires_grad=True)
+    xb = x.detach().bfloat16().requires_grad_(True)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    grads = torch.autograd.grad(y.float().square().sum(), (x, net[0].lora_A))
+    torch.manual_seed(3)
+    want = net(xb)
+    want_grads = torch.autograd.grad(want.float().square().sum(), (xb, net[0].lora_A))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    assert torch.equal(grads[0], want_grads[0].float()) and torch.equal(grads[1], want_grads[1])
+
+
 @pytest.mark.parametrize("order", ["quantize-first", "inject-first"])
 def test_lora_on_a_4bit_base_trains_exactly_as_on_its_dequantised_weights(order):
     a, b = _net_pair(order)
