@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -46,6 +47,21 @@ def median(xs: list[float]) -> float:
 def spread(xs: list[float]) -> float:
     """(max - min) / median: how noisy a figure was."""
     return (max(xs) - min(xs)) / statistics.median(xs)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: Linux's VmHWM, which starts anew at exec (and at a reset through
+    /proc/self/clear_refs). ``ru_maxrss`` does not: it keeps the RSS the parent had when it forked,
+    so a child of a big parent would report the parent's. ``ru_maxrss`` where there is no
+    /proc/self/status."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def synchronize(device: str | torch.device = "cpu") -> None:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common as C  # noqa: E402
 
 
 def _tokenizer():
@@ -138,19 +139,6 @@ def synthesise(directory: Path, n: int, tokens: int, shards: int, seed: int = 0)
     }
 
 
-def _peak_rss_gib() -> float:
-    """This process's peak RSS. Linux's VmHWM, which starts anew at exec: ``ru_maxrss`` does not
-    (it keeps the RSS the parent had when it forked), so a child of a big parent would report the
-    parent's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # KiB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> None:
     """The measured part, in its own process: prints one JSON line."""
     t0 = time.perf_counter()
@@ -170,7 +158,7 @@ def _prepare(directory: str, cache: str, max_seq_length: int, packing: bool) -> 
     )
     batch = data.collate(data.train[:4])  # the first batch the trainer would take
     seconds = time.perf_counter() - t0
-    rss = _peak_rss_gib()
+    rss = C.peak_rss_bytes() / 2**30
     print(
         json.dumps(
             {

@@ -353,13 +353,6 @@ def build_peft_nf4(args):
     return model.train()
 
 
-def _vm_hwm_bytes() -> int:
-    """This process's peak RSS since exec (or since the last reset): Linux's VmHWM."""
-    with open("/proc/self/status") as f:
-        line = next(r for r in f if r.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 def _peer_step(model, opt, ids) -> float:
     opt.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
@@ -388,7 +381,7 @@ def cmd_peft(args) -> dict:
             raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs)")
         for _ in range(2):
             _peer_step(model, opt, ids)
-        peak = _vm_hwm_bytes()  # (ru_maxrss would keep the forking parent's peak too)
+        peak = C.peak_rss_bytes()  # VmHWM: ru_maxrss would keep the forking parent's peak too
         print("JSON " + json.dumps({"peak_rss_bytes": peak, "built_rss_bytes": built}))
         return {}
     memory = {}  # first, while this process is small

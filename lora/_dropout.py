@@ -102,7 +102,7 @@ def _position_rng(seed: int) -> np.random.Generator:
 
 def _dropped_positions(numel: int, p: float, rng: np.random.Generator) -> Tensor:
     """The sorted flat indices in [0, numel) that a Bernoulli(p) sequence drops (int64), drawn
-    from ``rng`` as geometric gaps (see above). Deterministic in (numel, p, rng's state)."""
+    from ``rng`` as geometric gaps (the module's docstring). Deterministic in (numel, p, rng's state)."""
     scale = -1.0 / math.log1p(-p)  # E · scale, floored, plus 1: a Geometric(p) gap
     parts = []
     last = -1  # the last position drawn so far

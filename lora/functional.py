@@ -328,8 +328,8 @@ def lora_linear_fused(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p!r}: expected a float in [0, 1)")
     autocast = None
-    if not torch.compiler.is_compiling():  # (a quantised weight decodes into x's dtype itself)
-        w = weight if isinstance(weight, Tensor) else None
+    if not torch.compiler.is_compiling():
+        w = weight if isinstance(weight, Tensor) else None  # a 4-bit weight decodes into x's dtype
         autocast = _matmul.autocast_dtype(x.device, x, w, bias)
     if autocast is not None:
         with torch.autocast(x.device.type, enabled=False):
@@ -355,6 +355,7 @@ def lora_linear_fused(
 
 
 def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, seed, blocks):
+    # the autograd function on the 2-D rows of x, its arguments checked by lora_linear_fused
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
     lead = x.shape[:-1]
